@@ -1,0 +1,29 @@
+"""Backends: how the model is placed, sharded and stepped. The trainer sees only `Backend`."""
+
+from __future__ import annotations
+
+from dtrain.backends.base import Backend
+from dtrain.config import Config
+from dtrain.dist import DistEnv
+from dtrain.errors import ConfigError
+
+
+def create(cfg: Config, env: DistEnv) -> Backend:
+    """The backend named by `backend.name`."""
+    name = cfg.backend.name
+    if name == "none":
+        if env.world_size > 1:
+            raise ConfigError(
+                f"backend.name = none runs on one process, but the launcher started {env.world_size}; "
+                "use fsdp or deepspeed"
+            )
+        from dtrain.backends.single import SingleBackend
+
+        return SingleBackend(cfg, env)
+    if name == "fsdp":
+        from dtrain.backends.fsdp import FSDPBackend
+
+        return FSDPBackend(cfg, env)
+    from dtrain.backends.deepspeed import DeepSpeedBackend
+
+    return DeepSpeedBackend(cfg, env)

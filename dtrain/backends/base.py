@@ -1,0 +1,155 @@
+"""The one interface the trainer talks to. Each backend owns process groups, sharding,
+optimizer, backward and step, and the gathering of LoRA tensors.
+
+Public methods are the lifecycle; subclasses fill in the `_`-prefixed steps.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dtrain import lora, model as model_lib
+from dtrain.config import Config
+from dtrain.dist import DistEnv
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Backend(ABC):
+    """Single process, FSDP2 or DeepSpeed ZeRO-3 behind the same calls."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """Build the model empty, add LoRA, shard, then fill the weights; returns the module."""
+        config = model_lib.hf_config(self.cfg.model)
+        self.model = self._build(config)
+        return self.model
+
+    def prepare(self, model: nn.Module) -> None:
+        """Quantize, add the adapter and freeze the base (mode lora), in place, before sharding."""
+        cfg = self.cfg
+        if cfg.quantization.bits in (8, 4):
+            from dtrain import quant
+
+            skip = None if cfg.quantization.include_head else quant.default_skip
+            quant.quantize_model(model, cfg.quantization.bits, skip=skip)
+        if cfg.mode == "lora":
+            names = lora.select_targets(model, cfg.lora.targets, cfg.lora.target_regex)
+            lora.inject(model, names, adapter_spec(cfg))
+            lora.freeze_base(model)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(p.is_floating_point())
+        if cfg.model.gradient_checkpointing:
+            model_lib.enable_gradient_checkpointing(model)
+
+    def setup_optimizer(self, total_steps: int) -> None:
+        """AdamW over the trainable (LoRA) parameters only, with warmup + cosine."""
+        self._setup_optimizer(total_steps, self.schedule(total_steps))
+
+    def schedule(self, total_steps: int) -> Callable[[int], float]:
+        t = self.cfg.training
+        return lambda s: lr_factor(s, t.warmup_steps, total_steps, t.min_lr_ratio)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---- per step ---------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits for a micro-batch (autocast to bf16 where the config asks and the device has it)."""
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        with self.autocast():
+            return self.model(**batch, use_cache=False).logits
+
+    def autocast(self):
+        wants = self.cfg.model.dtype == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=wants)
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of `loss` (already scaled by the trainer)."""
+
+    @abstractmethod
+    def step(self) -> float:
+        """Clip, optimizer step, scheduler step, zero grads; returns the grad norm before clipping."""
+
+    @abstractmethod
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of `t` over ranks (returned, every rank)."""
+
+    @abstractmethod
+    def full_state(self, names: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """Full (unsharded) CPU tensors of the parameters whose names pass the filter, every rank."""
+
+    @abstractmethod
+    def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set parameters (by model name) from full tensors, each rank keeping its shard."""
+
+    @abstractmethod
+    def optimizer_state(self) -> dict:
+        """This rank's optimizer and scheduler state (tensors and plain data)."""
+
+    @abstractmethod
+    def load_optimizer_state(self, state: dict) -> None: ...
+
+    @abstractmethod
+    def barrier(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Tear down process groups; safe to call twice."""
+
+    # ---- subclass steps ---------------------------------------------------------------------
+    @abstractmethod
+    def _build(self, config) -> nn.Module: ...
+
+    @abstractmethod
+    def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None: ...
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's local storage of every parameter (shards where sharded), for the memory report."""
+        return {n: p.data for n, p in self.model.named_parameters()}
+
+
+def adapter_spec(cfg: Config) -> lora.AdapterSpec:
+    c = cfg.lora
+    return lora.AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed)
+
+
+def make_adamw(params: list[nn.Parameter], cfg: Config) -> torch.optim.AdamW:
+    t = cfg.training
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                             weight_decay=t.weight_decay)

@@ -1,0 +1,74 @@
+"""One process, one device: no sharding. The reference the sharded backends must match."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dtrain import model as model_lib
+from dtrain.backends.base import Backend, make_adamw
+
+
+class SingleBackend(Backend):
+    def _build(self, config) -> nn.Module:
+        model = model_lib.build_empty(config, model_lib.DTYPES[self.cfg.model.dtype],
+                                      trust_remote_code=self.cfg.model.trust_remote_code)
+        self.prepare(model)
+        base = model_lib.base_source(self.cfg.model, model, self.cfg.training.seed)
+        model.to_empty(device=self.device)
+        model_lib.restore_buffers(model, self.device)
+        model_lib.fill_full(model, model_lib.ModelSource(base, model))
+        model.tie_weights()
+        return model
+
+    def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
+        self.optimizer = make_adamw(self.trainable_parameters(), self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = self.trainable_parameters()
+        norm = clip_grad_norm(params, self.cfg.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def full_state(self, names: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if names(n)}
+
+    def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+
+    def optimizer_state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Total L2 norm of the gradients, clipped to max_norm when max_norm > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))

@@ -1,0 +1,74 @@
+"""`dtrain` command line: train | memory | estimate | merge | slurm | config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from dtrain.errors import DtrainError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dtrain import config, trainer
+
+    return trainer.run(config.load(args.config, args.overrides))
+
+
+def _config(args: argparse.Namespace) -> int:
+    from dtrain import config
+
+    if args.config:
+        cfg = config.load(args.config, args.overrides)
+        print(config.yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
+        return 0
+    for key, default, help_ in config.describe_schema():
+        print(f"{key:32} {default:28} {help_}")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("config", nargs=None if required else "?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, typed by the schema")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtrain", description="Distributed LoRA training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a LoRA adapter (or fully fine-tune) from a config")
+    _add_config_args(p)
+    p.set_defaults(func=_train)
+    p = sub.add_parser("config", help="print the resolved config, or the schema with defaults")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=_config)
+    for register in _optional_commands():
+        register(sub)
+    return parser
+
+
+def _optional_commands() -> list[Callable]:
+    """Subcommands living in their own modules: each registers a sub-parser that sets `func`."""
+    return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DtrainError as e:
+        print(f"dtrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError) as e:
+        if getattr(args, "command", None) in ("estimate", "slurm", "merge"):
+            print(f"dtrain: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("dtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

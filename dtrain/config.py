@@ -1,0 +1,315 @@
+"""Typed config schema, loaded from YAML with `key.sub=value` overrides.
+
+Every field has a default and a one-line description (the `help` metadata). `load()` turns bad
+input into one `ConfigError` line naming the file, the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dtrain.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = _f(None, "local directory of a Hugging Face causal LM (safetensors)")
+    arch: dict | None = _f(None, "inline HF config (model_type, sizes) for a random-weight model")
+    dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the frozen base weights and compute")
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(8, "rank of the update B A", min=1)
+    alpha: float = _f(16.0, "scaling numerator: the update is (alpha / r) B A", gt=0)
+    dropout: float = _f(0.0, "dropout on the LoRA input path, in [0, 1)", lo=0.0, hi_open=1.0)
+    targets: list[str] | str = _f(["q_proj", "v_proj"], "module-name suffixes, or 'all-linear'")
+    target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
+    adapter_name: str = _f("default", "name of the adapter being trained")
+    init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("data/tiny_shakespeare.txt", "local dataset file: jsonl, json, csv, parquet, txt")
+    format: Literal["text", "instruction"] = _f("text", "plain text (packed) or prompt/response pairs")
+    text_field: str = _f("text", "field holding the text (format: text, non-txt files)")
+    prompt_field: str = _f("prompt", "field holding the prompt (format: instruction)")
+    response_field: str = _f("response", "field holding the response (format: instruction)")
+    tokenizer: str | None = _f(None, "local tokenizer directory; default: model.path, else built-in")
+    seq_len: int = _f(128, "tokens per training sequence", min=2)
+    eval_fraction: float = _f(0.1, "fraction of examples held out for evaluation", lo=0.0, hi_open=1.0)
+    bad_records: Literal["skip", "error"] = _f("skip", "missing/empty fields: skip and count, or fail")
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = _f(1234, "seed for data order, dropout and init")
+    lr: float = _f(3e-4, "peak learning rate (AdamW)", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon", gt=0)
+    warmup_steps: int = _f(10, "linear warmup steps", lo=0)
+    min_lr_ratio: float = _f(0.1, "cosine decays to lr * min_lr_ratio", lo=0.0)
+    max_steps: int = _f(100, "optimizer steps; 0 means run `epochs` epochs", lo=0)
+    epochs: int = _f(1, "epochs, used when max_steps is 0", min=1)
+    micro_batch_size: int = _f(4, "sequences per rank per forward", min=1)
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step", min=1)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables", lo=0.0)
+    eval_every: int = _f(50, "evaluate every N steps; 0 disables", lo=0)
+    eval_batches: int = _f(8, "micro-batches per evaluation", min=1)
+    log_every: int = _f(1, "write metrics every N steps", min=1)
+    memory_every: int = _f(0, "log memory every N steps; 0 disables", lo=0)
+    save_every: int = _f(0, "training checkpoint every N steps; 0: only at the end", lo=0)
+    keep_last: int = _f(2, "training checkpoints kept", min=1)
+    resume: Literal["auto", "never"] = _f("never", "auto: continue from the newest checkpoint")
+
+
+@dataclass
+class BackendConfig:
+    name: Literal["none", "fsdp", "deepspeed"] = _f("none", "sharding backend")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available, else cpu")
+    dist_backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on cuda, gloo on cpu")
+    deepspeed_config: str | None = _f(None, "user DeepSpeed JSON merged over the generated one")
+
+
+@dataclass
+class QuantizationConfig:
+    bits: Literal[16, 8, 4] = _f(16, "frozen base weights: 16 (as dtype), 8 (int8) or 4 (NF4)")
+    include_head: bool = _f(False, "also quantize the output head")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/default", "run directory: config, metrics, checkpoints, adapter")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    mode: Literal["lora", "full"] = field(
+        default="lora", metadata={"help": "lora: train A and B only; full: train every weight"}
+    )
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or defaults when path is None), apply overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item, source)
+    cfg = _build(Config, raw, "", source)
+    _resolve_paths(cfg, path)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str, source: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}': expected key.sub=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{item}': '{part}' is not a section")
+    node[parts[-1]] = _OverrideValue(value)
+
+
+class _OverrideValue(str):
+    """A command-line value: a string, parsed as YAML when the schema wants another type."""
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            allowed = ", ".join(fields)
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint} (allowed: {allowed})")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        t = hints[name]
+        if dataclasses.is_dataclass(t):
+            values[name] = _build(t, raw[name], f"{prefix}{name}.", source)
+        else:
+            values[name] = _check(raw[name], t, f, f"{prefix}{name}", source)
+    return cls(**values)
+
+
+def _check(value: Any, t: Any, f: dataclasses.Field, key: str, source: str) -> Any:
+    value = _coerce(value, t)
+    if not _matches(value, t):
+        raise ConfigError(f"{source}: {key} = {value!r}: expected {_describe(t)}")
+    m = f.metadata
+    bad = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "min" in m and value < m["min"]:
+            bad = f">= {m['min']}"
+        elif "gt" in m and value <= m["gt"]:
+            bad = f"> {m['gt']}"
+        elif "lo" in m and value < m["lo"]:
+            bad = f">= {m['lo']}" + (f" and < {m['hi_open']}" if "hi_open" in m else "")
+        elif "hi_open" in m and value >= m["hi_open"]:
+            bad = f"in [{m.get('lo', 0)}, {m['hi_open']})"
+    if bad:
+        raise ConfigError(f"{source}: {key} = {value!r} is out of range: must be {bad}")
+    return value
+
+
+def _coerce(value: Any, t: Any) -> Any:
+    """Parse command-line strings as YAML scalars; accept ints where floats are expected."""
+    if isinstance(value, _OverrideValue):
+        if _matches(str(value), t) and not _wants_number(t):
+            return str(value)
+        try:
+            value = yaml.safe_load(str(value))
+        except yaml.YAMLError:
+            return str(value)
+    if isinstance(value, str) and _wants_float(t):
+        try:
+            return float(value)  # YAML 1.1 reads '1e-2' as a string
+        except ValueError:
+            return value
+    if isinstance(value, int) and not isinstance(value, bool) and _wants_float(t):
+        return float(value)
+    if isinstance(value, list) and _wants_float_list(t):
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+def _options(t: Any) -> tuple:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return typing.get_args(t)
+    return (t,)
+
+
+def _wants_number(t: Any) -> bool:
+    return any(o in (int, float) or typing.get_origin(o) is Literal for o in _options(t))
+
+
+def _wants_float(t: Any) -> bool:
+    return float in _options(t)
+
+
+def _wants_float_list(t: Any) -> bool:
+    return any(typing.get_origin(o) is list and typing.get_args(o) == (float,) for o in _options(t))
+
+
+def _matches(value: Any, t: Any) -> bool:
+    for o in _options(t):
+        origin = typing.get_origin(o)
+        if o is type(None) and value is None:
+            return True
+        if origin is Literal and value in typing.get_args(o) and type(value) is not bool:
+            return True
+        if origin is list and isinstance(value, list):
+            (item,) = typing.get_args(o)
+            if all(_matches(v, item) for v in value):
+                return True
+        if o is bool and isinstance(value, bool):
+            return True
+        if o in (int, float, str, dict) and isinstance(value, o) and not isinstance(value, bool):
+            return True
+    return False
+
+
+def _describe(t: Any) -> str:
+    parts = []
+    for o in _options(t):
+        origin = typing.get_origin(o)
+        if o is type(None):
+            parts.append("null")
+        elif origin is Literal:
+            parts.append("one of " + ", ".join(repr(a) for a in typing.get_args(o)))
+        elif origin is list:
+            parts.append(f"a list of {typing.get_args(o)[0].__name__}")
+        else:
+            parts.append({"dict": "a mapping"}.get(o.__name__, f"a {o.__name__}"))
+    return " or ".join(parts)
+
+
+def _resolve_paths(cfg: Config, path: str | Path | None) -> None:
+    """Check that the local files the config names exist; a missing one is a clear error."""
+    source = str(path) if path else "<defaults>"
+    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
+        raise ConfigError(f"{source}: model.path = '{cfg.model.path}': directory not found")
+    if cfg.model.path is None and cfg.model.arch is None:
+        raise ConfigError(f"{source}: model: set model.path (local dir) or model.arch (inline)")
+    if cfg.model.arch is not None and "model_type" not in cfg.model.arch:
+        raise ConfigError(f"{source}: model.arch: needs 'model_type' (e.g. llama)")
+    if not Path(cfg.data.path).is_file():
+        raise ConfigError(f"{source}: data.path = '{cfg.data.path}': file not found")
+    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir():
+        raise ConfigError(f"{source}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")
+    ds = cfg.backend.deepspeed_config
+    if ds is not None and not Path(ds).is_file():
+        raise ConfigError(f"{source}: backend.deepspeed_config = '{ds}': file not found")
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (written to the run directory)."""
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg: Config, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe_schema() -> list[tuple[str, str, str]]:
+    """(key, default, description) rows for every field, for the README and `dtrain config`."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((prefix + f.name, json.dumps(default), f.metadata.get("help", "")))
+
+    walk(Config, "")
+    return rows

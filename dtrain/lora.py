@@ -1,0 +1,280 @@
+r"""LoRA as in Hu et al. (2021): a frozen weight plus a trainable low-rank update.
+
+        x ──────────────┬──────────────► W0 x ──────┐
+                        │                           (+) ──► h = W0 x + (alpha / r) B A x
+                        └─► dropout ─► A ─► B ─► × (alpha / r)
+
+W0 (the wrapped `base_layer`) is frozen. A (r x in) is random, B (out x r) is zero, so the model's
+output is unchanged before the first step. `merge()` folds (alpha / r) B A into W0 (no added
+latency at inference); `unmerge()` takes it out again. Several named adapters may sit on one base;
+`set_adapter()` switches which one is active. Plain torch: no distributed code in this file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dtrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter's hyper-parameters."""
+
+    name: str = "default"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init_seed: int = 0
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus named low-rank adapters (PEFT's parameter naming)."""
+
+    def __init__(self, base_layer: nn.Module, qualified_name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.qualified_name = qualified_name
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+
+    def add_adapter(self, spec: AdapterSpec) -> None:
+        """Add an adapter: A from a generator seeded by (seed, module name), B zero.
+
+        A and B are float32 whatever the base's dtype (the trainable part keeps full precision).
+        """
+        a = nn.Linear(self.in_features, spec.r, bias=False)
+        b = nn.Linear(spec.r, self.out_features, bias=False)
+        self.lora_A[spec.name] = a
+        self.lora_B[spec.name] = b
+        self.specs[spec.name] = spec
+        if a.weight.device.type != "meta":
+            self.reset_adapter(spec.name)
+        self.lora_dropout[spec.name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.scaling[spec.name] = spec.alpha / spec.r
+        if self.active_adapter is None:
+            self.active_adapter = spec.name
+
+    def reset_adapter(self, name: str) -> None:
+        """A from its name-seeded init, B zero: the adapter's exact starting point."""
+        with torch.no_grad():
+            self.lora_A[name].weight.copy_(self.initial_value("lora_A", name))
+            self.lora_B[name].weight.zero_()
+
+    def initial_value(self, kind: str, name: str) -> torch.Tensor:
+        """The full initial tensor of `lora_A` or `lora_B` of adapter `name`."""
+        spec = self.specs[name]
+        if kind == "lora_B":
+            return torch.zeros(self.out_features, spec.r)
+        return init_lora_A(self.qualified_name, spec, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        name = self.active_adapter
+        if name is None or self.merged_adapter is not None:
+            return out
+        a, b = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x.to(a.weight.dtype))
+        return out + (b(a(h)) * self.scaling[name]).to(out.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """(alpha / r) B A as a full [out, in] tensor."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return (b.float() @ a.float()) * self.scaling[name]
+
+    def merge(self) -> None:
+        """Fold the active adapter into the base weight (float bases only)."""
+        if self.merged_adapter is not None:
+            raise RuntimeError(f"{self.qualified_name}: adapter '{self.merged_adapter}' is already merged")
+        w = _float_weight(self.base_layer, self.qualified_name)
+        with torch.no_grad():
+            w.add_(self.delta_weight(self.active_adapter).to(w.dtype))
+        self.merged_adapter = self.active_adapter
+
+    def unmerge(self) -> None:
+        """Take the merged adapter out of the base weight again."""
+        if self.merged_adapter is None:
+            raise RuntimeError(f"{self.qualified_name}: no adapter is merged")
+        w = _float_weight(self.base_layer, self.qualified_name)
+        with torch.no_grad():
+            w.sub_(self.delta_weight(self.merged_adapter).to(w.dtype))
+        self.merged_adapter = None
+
+
+def _float_weight(layer: nn.Module, name: str) -> torch.Tensor:
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+        raise RuntimeError(f"{name}: merge needs a float base weight; dequantize the base first")
+    return w.data
+
+
+def init_lora_A(qualified_name: str, spec: AdapterSpec, in_features: int) -> torch.Tensor:
+    """A's initial value: Kaiming-uniform (as nn.Linear) from a name-seeded generator.
+
+    Every rank and every backend computes the same tensor without communicating.
+    """
+    seed = zlib.crc32(f"{spec.init_seed}:{spec.name}:{qualified_name}".encode())
+    g = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)) on a [r, in] weight
+    return (torch.rand(spec.r, in_features, generator=g) * 2 - 1) * bound
+
+
+# ---- model-level helpers -------------------------------------------------------------------
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the linear layers a LoRA adapter may target (not the output head)."""
+    head = _head_names(model)
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            names.append(name)
+        elif _is_linear(module) and name not in head and ".lora_" not in name and not name.endswith(".base_layer"):
+            names.append(name)
+    return names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or hasattr(module, "dequantized_weight")
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return {n for n, m in model.named_modules() if head is not None and m is head} | {"lm_head"}
+
+
+def select_targets(model: nn.Module, targets: list[str] | str, regex: str | None) -> list[str]:
+    """Names of the linear modules chosen by suffix list, 'all-linear' or a regex."""
+    names = linear_names(model)
+    if regex:
+        chosen = [n for n in names if re.search(regex, n)]
+        what = f"lora.target_regex = '{regex}'"
+    elif targets == "all-linear":
+        chosen, what = names, "lora.targets = all-linear"
+    else:
+        suffixes = [targets] if isinstance(targets, str) else list(targets)
+        chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
+        what = f"lora.targets = {suffixes}"
+    if not chosen:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ConfigError(f"{what} matches no linear module; the model has: {', '.join(kinds)}")
+    return chosen
+
+
+def inject(model: nn.Module, names: list[str], spec: AdapterSpec) -> list[LoRALinear]:
+    """Wrap the named linear layers in LoRALinear (if not yet) and add adapter `spec`."""
+    wrapped = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        if not isinstance(module, LoRALinear):
+            module = LoRALinear(module, qualified_name=name)
+            setattr(parent, child, module)
+        if spec.name in module.lora_A:
+            raise ValueError(f"{name}: adapter '{spec.name}' already exists")
+        module.add_adapter(spec)
+        wrapped.append(module)
+    return wrapped
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def is_lora_param(name: str) -> bool:
+    """True for the names of LoRA A/B parameters (one rule, used everywhere)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def freeze_base(model: nn.Module, adapter: str | None = None) -> None:
+    """requires_grad only for the LoRA parameters (of `adapter`, or of every adapter)."""
+    for name, p in model.named_parameters():
+        trainable = is_lora_param(name) and (adapter is None or f".{adapter}." in name)
+        p.requires_grad_(trainable)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make `name` the active adapter in every LoRA layer (task switching)."""
+    layers = list(lora_modules(model))
+    if not layers or any(name not in m.lora_A for _, m in layers):
+        have = sorted({k for _, m in layers for k in m.lora_A})
+        raise ValueError(f"adapter '{name}' not found; have: {', '.join(have) or 'none'}")
+    for _, m in layers:
+        if m.merged_adapter is not None:
+            raise RuntimeError(f"{m.qualified_name}: unmerge before switching adapters")
+        m.active_adapter = name
+
+
+def merge(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, m in lora_modules(model):
+        m.unmerge()
+
+
+def unwrap(model: nn.Module) -> None:
+    """Replace every LoRALinear by its base layer (after merge: exactly the base model's modules)."""
+    for name, m in list(lora_modules(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, m.base_layer)
+
+
+def adapter_state_dict(model: nn.Module, adapter: str, peft_keys: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter's A and B tensors, keyed as PEFT saves them (or as dtrain names them)."""
+    out = {}
+    for name, m in lora_modules(model):
+        for kind in ("lora_A", "lora_B"):
+            t = getattr(m, kind)[adapter].weight
+            key = to_peft_key(f"{name}.{kind}.{adapter}.weight", adapter) if peft_keys else f"{name}.{kind}.{adapter}.weight"
+            out[key] = t
+    return out
+
+
+def to_peft_key(name: str, adapter: str) -> str:
+    """'model.layers.0.q_proj.lora_A.x.weight' -> 'base_model.model.model.layers.0.q_proj.lora_A.weight'."""
+    return "base_model.model." + name.replace(f".{adapter}.weight", ".weight")
+
+
+def from_peft_key(key: str, adapter: str) -> str:
+    """Inverse of to_peft_key."""
+    name = key.removeprefix("base_model.model.")
+    for kind in ("lora_A", "lora_B"):
+        name = name.replace(f".{kind}.weight", f".{kind}.{adapter}.weight")
+    return name
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, from the parameters' logical sizes."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _logical_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    ds = getattr(p, "ds_numel", None)  # a ZeRO-3 partitioned parameter reports its full size here
+    return int(ds) if ds is not None else p.numel()

@@ -1,0 +1,192 @@
+"""Build a Hugging Face causal LM without materializing it, and fill its weights from a source.
+
+A model is built empty (on the meta device, or under a backend's sharding context), then every
+parameter is filled from a `WeightSource`: a local safetensors checkpoint (read tensor by tensor,
+rows by rows, so a rank reads only its shard) or a name-seeded random init for inline-config
+models. The LoRA parameters come from their own init. No code here knows about ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from dtrain.config import ModelConfig
+from dtrain.errors import ConfigError
+from dtrain.lora import LoRALinear, is_lora_param
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def hf_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The architecture config: from model.path's config.json, or model.arch inline."""
+    if cfg.path is not None:
+        if not (Path(cfg.path) / "config.json").is_file():
+            raise ConfigError(f"model.path = '{cfg.path}': no config.json in that directory")
+        return AutoConfig.from_pretrained(
+            cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+        )
+    arch = dict(cfg.arch)
+    model_type = arch.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **arch)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"model.arch: {str(e).splitlines()[0]}") from None
+
+
+def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "meta",
+                trust_remote_code: bool = False) -> nn.Module:
+    """The model's modules with uninitialized (meta by default) parameters."""
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    return model
+
+
+def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
+    """Recompute non-persistent buffers (rotary inv_freq) that a meta build left empty."""
+    for module in model.modules():
+        if not any(b is not None for b in module._buffers.values()):
+            continue
+        fresh = None
+        for name, buf in module._buffers.items():
+            if name in module._non_persistent_buffers_set and buf is not None:
+                if fresh is None:
+                    fresh = _rebuild(module, model.config)
+                module._buffers[name] = getattr(fresh, name).to(device)
+
+
+def _rebuild(module: nn.Module, config: PretrainedConfig) -> nn.Module:
+    with torch.device("cpu"):
+        try:
+            return type(module)(config=config)
+        except TypeError:
+            return type(module)(config)
+
+
+def checkpoint_key(param_name: str) -> str:
+    """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
+    return param_name.replace(".base_layer.", ".")
+
+
+class WeightSource(Protocol):
+    """Gives the full value, or a range of rows, of a parameter by its model name."""
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor: ...
+
+
+class SafetensorsSource:
+    """A local HF checkpoint: one `model.safetensors` or shards with `model.safetensors.index.json`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {k: self.path / v for k, v in weight_map.items()}
+        elif (self.path / "model.safetensors").is_file():
+            f = self.path / "model.safetensors"
+            with safe_open(f, "pt") as h:
+                self.files = {k: f for k in h.keys()}
+        else:
+            raise ConfigError(f"model.path = '{path}': no model.safetensors or index file")
+        self._open: dict[Path, object] = {}
+
+    def has(self, name: str) -> bool:
+        return checkpoint_key(name) in self.files
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        key = checkpoint_key(name)
+        if key not in self.files:
+            raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{key}'")
+        f = self.files[key]
+        if f not in self._open:
+            self._open[f] = safe_open(f, "pt")
+        handle = self._open[f]
+        if rows is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[rows]
+
+
+class RandomSource:
+    """A name-seeded random init (normal(0, std) for matrices, ones for norms, zeros for biases).
+
+    The same name always gives the same tensor, so every backend builds the same model.
+    """
+
+    def __init__(self, seed: int, std: float, shapes: dict[str, torch.Size]) -> None:
+        self.seed, self.std, self.shapes = seed, std, shapes
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        key = checkpoint_key(name)
+        shape = self.shapes[name]
+        if key.endswith(".bias"):
+            full = torch.zeros(shape)
+        elif "norm" in key or len(shape) == 1:
+            full = torch.ones(shape)
+        else:
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{key}".encode()))
+            full = torch.randn(shape, generator=g) * self.std
+        return full if rows is None else full[rows]
+
+
+class LoraInitSource:
+    """Initial values of LoRA A and B, from the LoRA layers themselves."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        layer_name, kind, adapter, _ = name.rsplit(".", 3)
+        full = self.layers[layer_name].initial_value(kind, adapter)
+        return full if rows is None else full[rows]
+
+
+class ModelSource:
+    """The base weights from `base`, the LoRA weights from their init, casting to the target dtype."""
+
+    def __init__(self, base: WeightSource, model: nn.Module) -> None:
+        self.base, self.lora = base, LoraInitSource(model)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        return (self.lora if is_lora_param(name) else self.base).read(name, rows)
+
+
+def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
+    """Where the frozen base's weights come from: model.path's checkpoint, or a random init."""
+    if cfg.path is not None:
+        return SafetensorsSource(cfg.path)
+    shapes = {n: _logical_shape(p) for n, p in model.named_parameters()}
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    return RandomSource(seed, std, shapes)
+
+
+def _logical_shape(p: torch.Tensor) -> torch.Size:
+    ds = getattr(p, "ds_shape", None)  # a ZeRO-3 partitioned parameter keeps its full shape here
+    return torch.Size(ds) if ds is not None else p.shape
+
+
+def parameter_names(model: nn.Module) -> list[str]:
+    """Unique parameter names (tied weights appear once)."""
+    return [n for n, _ in model.named_parameters()]
+
+
+def fill_full(model: nn.Module, source: WeightSource) -> None:
+    """Copy every parameter's full value from `source` (single-process models)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(source.read(name).to(p.dtype))
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing in every decoder layer (HF's switch)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

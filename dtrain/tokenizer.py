@@ -1,0 +1,51 @@
+"""Tokenizer from a local directory, or a small byte-level BPE built from the training text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from dtrain.errors import ConfigError
+
+BUILTIN_VOCAB = 512
+SPECIALS = ["<pad>", "<s>", "</s>"]
+
+
+def load_tokenizer(directory: str | Path | None, corpus: str | Path,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """A local tokenizer, or (directory None) one built at run time from `corpus`."""
+    if directory is None:
+        return build_tokenizer(corpus)
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"tokenizer directory '{d}' not found")
+    try:
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"tokenizer directory '{d}': {str(e).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    d = Path(directory)
+    return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def build_tokenizer(corpus: str | Path, vocab_size: int = BUILTIN_VOCAB) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the corpus file (deterministic, about a second for small files)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train([str(corpus)], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )

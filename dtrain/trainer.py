@@ -1,0 +1,201 @@
+"""The training recipe: setup, train, cleanup. Never branches on the backend's name.
+
+Loss normalization: every micro-batch's loss is (sum of its token losses) * world / (tokens with a
+label in the whole global batch). Backends average gradients over ranks, so the gradient is that of
+the mean token loss over the global batch, whatever the split into ranks and micro-batches: one
+process and N ranks give the same loss and the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dtrain import backends, checkpoint, config as config_lib, data as data_lib, dist, lora
+from dtrain.config import Config
+from dtrain.tokenizer import has_tokenizer, load_tokenizer
+
+log = logging.getLogger("dtrain")
+PREEMPT_EXIT = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM/SIGUSR1, requeue and resume
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    tokens_seen: int = 0
+    preempt: bool = False
+    losses: list[float] = field(default_factory=list)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens)."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=data_lib.IGNORE, reduction="sum")
+    return total, int((shift_labels != data_lib.IGNORE).sum())
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.env = dist.detect(cfg.backend.device, cfg.backend.dist_backend)
+        self.out = Path(cfg.output.dir)
+        self.state = RunState()
+        self.backend = backends.create(cfg, self.env)
+
+    # ---- setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, env = self.cfg, self.env
+        setup_logging(env.is_main)
+        torch.manual_seed(cfg.training.seed + env.rank)  # dropout differs per rank, as in DDP
+        self.out.mkdir(parents=True, exist_ok=True)
+        tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
+        self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
+        examples = data_lib.tokenize(cfg.data, data_lib.load_records(cfg.data), self.tokenizer)
+        self.train_data, self.eval_data = examples.split(cfg.data.eval_fraction, cfg.training.seed)
+        t = cfg.training
+        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
+        data_lib.check_plan(self.plan, "training")
+        self.total_steps = data_lib.total_steps(t.max_steps, t.epochs, self.plan)
+        self.backend.build()
+        self._check_vocab()
+        self.backend.setup_optimizer(self.total_steps)
+        self.state.step = checkpoint.maybe_resume(self.backend, self.cfg, self.out)
+        if env.is_main:
+            config_lib.save(cfg, self.out / "config.yaml")
+            self.tokenizer.save_pretrained(self.out / "tokenizer")
+            self._log_start(examples.skipped)
+
+    def _check_vocab(self) -> None:
+        vocab = self.backend.model.config.vocab_size
+        if len(self.tokenizer) > vocab:
+            raise config_lib.ConfigError(
+                f"tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}"
+            )
+
+    def _log_start(self, skipped: int) -> None:
+        trainable, total = lora.count_parameters(self.backend.model)
+        log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        log.info("data: %d train / %d eval sequences of %d tokens, %d record(s) skipped; %d steps on %d rank(s)",
+                 len(self.train_data), len(self.eval_data), self.cfg.data.seq_len, skipped,
+                 self.total_steps, self.env.world_size)
+
+    # ---- train ------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Run to the last step; returns the process exit code (0, or PREEMPT_EXIT)."""
+        self._install_signal_handlers()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.env.is_main,
+                   desc="train", dynamic_ncols=True)
+        metrics = (self.out / "metrics.jsonl").open("a") if self.env.is_main else None
+        try:
+            while self.state.step < self.total_steps:
+                row = self._train_step()
+                self.state.step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                self._after_step(row, metrics)
+                if self._preempt_requested():
+                    checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan)
+                    log.warning("preempted: checkpoint at step %d written; exit %d to requeue",
+                                self.state.step, PREEMPT_EXIT)
+                    return PREEMPT_EXIT
+            checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan)
+            checkpoint.save_adapter(self.backend, self.cfg, self.out / "adapter")
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+        if self.env.is_main:
+            log.info("done: adapter in %s, metrics in %s", self.out / "adapter", self.out / "metrics.jsonl")
+        return 0
+
+    def _train_step(self) -> dict:
+        start, backend, accum = time.perf_counter(), self.backend, self.cfg.training.grad_accum
+        batches = [self.train_data.take(self.plan.indices(self.state.step, m, self.env.rank)) for m in range(accum)]
+        local_tokens = sum(int((b["labels"][:, 1:] != data_lib.IGNORE).sum()) for b in batches)
+        global_tokens = int(backend.all_reduce_sum(torch.tensor(float(local_tokens))).item())
+        loss_sum = torch.zeros(())
+        for batch in batches:
+            total, _ = token_loss(backend.forward(batch), batch["labels"])
+            backend.backward(total * self.env.world_size / max(global_tokens, 1))
+            loss_sum += total.detach().float().cpu()
+        lr = backend.lr
+        norm = backend.step()
+        loss = float(backend.all_reduce_sum(loss_sum).item()) / max(global_tokens, 1)
+        elapsed = time.perf_counter() - start
+        seq_tokens = self.plan.global_batch * self.cfg.data.seq_len
+        self.state.tokens_seen += seq_tokens
+        self.state.losses.append(loss)
+        return {"step": self.state.step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                "tokens_per_s": seq_tokens / elapsed, "step_time_s": elapsed}
+
+    def _after_step(self, row: dict, metrics) -> None:
+        step, t = self.state.step, self.cfg.training
+        if t.eval_every and step % t.eval_every == 0 and len(self.eval_data):
+            row["eval_loss"] = self.evaluate()
+        if t.memory_every and step % t.memory_every == 0:
+            from dtrain.memory import measure
+
+            row["memory"] = measure.snapshot(self.backend)
+        if metrics and (step % t.log_every == 0 or "eval_loss" in row):
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        if t.save_every and step % t.save_every == 0 and step < self.total_steps:
+            checkpoint.save_training(self.backend, self.cfg, self.out, step, self.plan)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss on the held-out split (same for every rank count)."""
+        n, mb, world = len(self.eval_data), self.cfg.training.micro_batch_size, self.env.world_size
+        total, tokens = torch.zeros(()), torch.zeros(())
+        self.backend.model.eval()
+        rounds = min(self.cfg.training.eval_batches, -(-n // (mb * world)))
+        for i in range(rounds):  # every rank runs the same number of forwards (sharded collectives)
+            start = (i * world + self.env.rank) * mb
+            idx = torch.arange(start, min(start + mb, n)) if start < n else torch.tensor([0])
+            batch = self.eval_data.take(idx)
+            s, c = token_loss(self.backend.forward(batch), batch["labels"])
+            if start < n:
+                total += s.float().cpu()
+                tokens += c
+        self.backend.model.train()
+        return float(self.backend.all_reduce_sum(total)) / max(float(self.backend.all_reduce_sum(tokens)), 1.0)
+
+    # ---- preemption -------------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, _frame):
+            self.state.preempt = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _preempt_requested(self) -> bool:
+        """All ranks agree: any rank signalled means every rank checkpoints now."""
+        flag = torch.tensor(1.0 if self.state.preempt else 0.0)
+        return bool(self.backend.all_reduce_sum(flag).item() > 0)
+
+    def cleanup(self) -> None:
+        self.backend.close()
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def run(cfg: Config) -> int:
+    """setup -> train -> cleanup; the exit code of the run."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.cleanup()
