@@ -200,12 +200,12 @@ def _check(value: Any, t: Any, f: dataclasses.Field, key: str, source: str) -> A
 def _coerce(value: Any, t: Any) -> Any:
     """Parse command-line strings as YAML scalars; accept ints where floats are expected."""
     if isinstance(value, _OverrideValue):
-        if _matches(str(value), t) and not _wants_number(t):
-            return str(value)
+        raw = str(value)
         try:
-            value = yaml.safe_load(str(value))
+            parsed = yaml.safe_load(raw)
         except yaml.YAMLError:
-            return str(value)
+            parsed = raw
+        value = parsed if _matches(parsed, t) or not _matches(raw, t) else raw
     if isinstance(value, str) and _wants_float(t):
         try:
             return float(value)  # YAML 1.1 reads '1e-2' as a string
@@ -223,10 +223,6 @@ def _options(t: Any) -> tuple:
     if origin in (typing.Union, types.UnionType):
         return typing.get_args(t)
     return (t,)
-
-
-def _wants_number(t: Any) -> bool:
-    return any(o in (int, float) or typing.get_origin(o) is Literal for o in _options(t))
 
 
 def _wants_float(t: Any) -> bool:

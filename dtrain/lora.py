@@ -59,8 +59,9 @@ class LoRALinear(nn.Module):
 
         A and B are float32 whatever the base's dtype (the trainable part keeps full precision).
         """
-        a = nn.Linear(self.in_features, spec.r, bias=False)
-        b = nn.Linear(spec.r, self.out_features, bias=False)
+        device = next(self.base_layer.parameters()).device  # meta when the model is built empty
+        a = nn.Linear(self.in_features, spec.r, bias=False, device=device)
+        b = nn.Linear(spec.r, self.out_features, bias=False, device=device)
         self.lora_A[spec.name] = a
         self.lora_B[spec.name] = b
         self.specs[spec.name] = spec

@@ -1,0 +1,143 @@
+"""PyTorch FSDP2 (`fully_shard`): each decoder block, then the root; frozen and LoRA parameters in
+the same units. The model is built on the meta device, sharded, then each rank reads only its
+rows of every tensor from the weight source, so no rank holds the full model in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from dtrain import model as model_lib
+from dtrain.backends.base import Backend, make_adamw
+
+
+class FSDPBackend(Backend):
+    def __init__(self, cfg, env) -> None:
+        super().__init__(cfg, env)
+        if not dist.is_initialized():
+            dist.init_process_group(backend=env.dist_backend, rank=env.rank, world_size=env.world_size,
+                                    device_id=env.device if env.device.type == "cuda" else None)
+
+    def _build(self, config) -> nn.Module:
+        cfg = self.cfg
+        model = model_lib.build_empty(config, model_lib.DTYPES[cfg.model.dtype],
+                                      trust_remote_code=cfg.model.trust_remote_code)
+        self.prepare(model)
+        base = model_lib.base_source(cfg.model, model, cfg.training.seed)
+        source = model_lib.ModelSource(base, model)
+        self._shard(model)
+        model.to_empty(device=self.device)
+        model_lib.restore_buffers(model, self.device)
+        self._fill(model, source)
+        return model
+
+    def _shard(self, model: nn.Module) -> None:
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.cfg.model.dtype == "bf16" else MixedPrecisionPolicy()
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+
+    def _fill(self, model: nn.Module, source: model_lib.WeightSource) -> None:
+        """Each rank reads only the rows of its own shard (FSDP2 shards dim 0 like torch.chunk)."""
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                local = p.to_local() if isinstance(p, DTensor) else p
+                rows = self._rows(p)
+                if rows.stop > rows.start:
+                    local.copy_(source.read(name, rows).to(local.dtype))
+
+    def _rows(self, p: torch.Tensor) -> slice:
+        if not isinstance(p, DTensor):
+            return slice(0, p.shape[0] if p.dim() else 1)
+        n = p.shape[0]
+        chunk = math.ceil(n / self.world_size)
+        start = min(self.rank * chunk, n)
+        stop = start + p.to_local().shape[0]
+        return slice(start, stop)
+
+    def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
+        self.optimizer = make_adamw(self.trainable_parameters(), self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # FSDP2 reduce-scatters and averages the gradients over ranks
+
+    def step(self) -> float:
+        params = self.trainable_parameters()
+        max_norm = self.cfg.training.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().clone().to(self._comm_device())
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if self.env.dist_backend == "nccl" else torch.device("cpu")
+
+    def full_state(self, names: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, p in self.model.named_parameters():  # same order on every rank: collectives match
+            if names(n):
+                full = p.full_tensor() if isinstance(p, DTensor) else p
+                out[n] = full.detach().cpu().clone()
+        return out
+
+    def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n, t in tensors.items():
+                p = params[n]
+                local = p.to_local() if isinstance(p, DTensor) else p
+                rows = self._rows(p)
+                local.copy_(t[rows].to(local.dtype))
+
+    def optimizer_state(self) -> dict:
+        sd = self.optimizer.state_dict()
+        state = {i: {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in s.items()}
+                 for i, s in sd["state"].items()}
+        return {"optimizer": {"state": state, "param_groups": sd["param_groups"]},
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        params = self.trainable_parameters()
+        opt = state["optimizer"]
+        restored = {}
+        for i, s in opt["state"].items():
+            p = params[int(i)]
+            restored[int(i)] = {k: _like(p, v) for k, v in s.items()}
+        self.optimizer.load_state_dict({"state": restored, "param_groups": opt["param_groups"]})
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: (p.to_local() if isinstance(p, DTensor) else p).data for n, p in self.model.named_parameters()}
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An optimizer-state tensor saved as a local shard, as a DTensor laid out like its parameter."""
+    if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.dim() > 0:
+        return DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+    return v

@@ -1,0 +1,78 @@
+"""Shared test helpers: run dtrain as real processes (1 process, or N ranks under a launcher)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+PY = sys.executable
+
+# A fast, deterministic tiny run used by many tests (q_proj/v_proj, no dropout, fp32).
+FAST = [
+    "lora.targets=[q_proj,v_proj]", "training.max_steps=4", "training.warmup_steps=2",
+    "training.micro_batch_size=4", "training.eval_every=0", "data.seq_len=32",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for_tests(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.update(extra or {})
+    return env
+
+
+def launch_cmd(nproc: int, launcher: str = "torchrun") -> list[str]:
+    """The command prefix that starts `nproc` dtrain processes."""
+    port = str(free_port())
+    if nproc == 1 and launcher == "python":
+        return [PY, "-m", "dtrain"]
+    if launcher == "deepspeed":
+        return [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", port, "--module", "dtrain"]
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", port, "-m", "dtrain"]
+
+
+def run_dtrain(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 300,
+               env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = launch_cmd(nproc, launcher) + args
+    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(env), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train(out: Path, overrides: list[str] = (), nproc: int = 1, launcher: str = "python",
+          config: Path = TINY, **kw) -> subprocess.CompletedProcess:
+    """dtrain train on the tiny config (FAST overrides first) into `out`."""
+    args = ["train", str(config), *FAST, *overrides, f"output.dir={out}"]
+    return run_dtrain(args, nproc=nproc, launcher=launcher, **kw)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> list[float]:
+    return [row["loss"] for row in metrics(out) if "loss" in row]
+
+
+def adapter(out: Path) -> dict:
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
