@@ -1,0 +1,41 @@
+"""Run under a launcher: build the configured backend, take one step, print this rank's storage as JSON to <output.dir>/probe-rank<r>.json.
+
+Usage: torchrun --nproc_per_node 2 tests/distributed/probe_backend.py CONFIG [overrides]
+"""
+
+import json
+import sys
+
+import torch
+
+from dtrain import config as config_lib, data as data_lib, trainer as trainer_lib
+from dtrain.lora import is_lora_param
+
+
+def main() -> None:
+    cfg = config_lib.load(sys.argv[1], sys.argv[2:])
+    t = trainer_lib.Trainer(cfg)
+    t.setup()
+    t._train_step()
+    b = t.backend
+    local = b.local_tensors()
+    params = dict(b.model.named_parameters())
+    frozen = {n: v.numel() * v.element_size() for n, v in local.items() if not params[n].requires_grad}
+    trainable = {n: v.numel() * v.element_size() for n, v in local.items() if params[n].requires_grad}
+    opt = b.optimizer_state()["optimizer"]["state"]
+    opt_bytes = sum(v.numel() * v.element_size() for s in opt.values() for v in s.values()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+    row = {
+        "rank": b.rank, "world": b.world_size,
+        "frozen_bytes": sum(frozen.values()), "trainable_bytes": sum(trainable.values()),
+        "trainable_names": sorted(n for n in trainable),
+        "all_trainable_are_lora": all(is_lora_param(n) for n in trainable),
+        "optimizer_state_entries": len(opt), "optimizer_state_bytes": opt_bytes,
+        "full_frozen_bytes": sum(p.numel() * 4 for n, p in params.items() if not p.requires_grad),
+    }
+    (t.out / f"probe-rank{b.rank}.json").write_text(json.dumps(row))
+    t.cleanup()
+
+
+if __name__ == "__main__":
+    main()
