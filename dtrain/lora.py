@@ -267,12 +267,18 @@ def from_peft_key(key: str, adapter: str) -> str:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, from the parameters' logical sizes."""
+    """(trainable, total) parameter counts: logical sizes, so a sharded or quantized weight
+    counts as its [out, in] elements."""
     trainable = total = 0
-    for p in model.parameters():
-        n = _logical_numel(p)
-        total += n
-        trainable += n if p.requires_grad else 0
+    for module in model.modules():
+        if hasattr(module, "dequantized_weight"):  # quantized storage: count the weight it encodes
+            total += module.in_features * module.out_features
+            total += _logical_numel(module.bias) if getattr(module, "bias", None) is not None else 0
+            continue
+        for p in module.parameters(recurse=False):
+            n = _logical_numel(p)
+            total += n
+            trainable += n if p.requires_grad else 0
     return trainable, total
 
 

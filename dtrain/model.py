@@ -160,13 +160,50 @@ class ModelSource:
         return (self.lora if is_lora_param(name) else self.base).read(name, rows)
 
 
+class QuantSource:
+    """Quantized storage computed from the float weight, one tensor at a time, while loading.
+
+    Row r of int8 storage depends on row r of the weight only, but NF4 blocks run across rows,
+    so the full float tensor of one layer is read and quantized, then the requested rows returned.
+    """
+
+    def __init__(self, base: WeightSource, model: nn.Module) -> None:
+        self.base = base
+        self.bits = {n: m.bits for n, m in model.named_modules() if hasattr(m, "dequantized_weight")}
+        self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        module, _, leaf = name.rpartition(".")
+        if module not in self.bits or leaf not in quant_storage_names():
+            return self.base.read(name, rows)
+        if self._cache is None or self._cache[0] != module:
+            from dtrain.quant import quantize_rows
+
+            self._cache = (module, quantize_rows(self.base.read(f"{module}.weight").float(), self.bits[module]))
+        full = self._cache[1][leaf]
+        return full if rows is None else full[rows]
+
+
+def quant_storage_names() -> tuple[str, ...]:
+    from dtrain.quant import STORAGE_NAMES
+
+    return STORAGE_NAMES
+
+
 def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
-    """Where the frozen base's weights come from: model.path's checkpoint, or a random init."""
+    """Where the frozen base's weights come from: model.path's checkpoint, or a random init;
+    quantized on the fly where the model has quantized layers."""
     if cfg.path is not None:
-        return SafetensorsSource(cfg.path)
-    shapes = {n: _logical_shape(p) for n, p in model.named_parameters()}
-    std = float(getattr(model.config, "initializer_range", 0.02))
-    return RandomSource(seed, std, shapes)
+        source: WeightSource = SafetensorsSource(cfg.path)
+    else:
+        shapes = {n: _logical_shape(p) for n, p in model.named_parameters()}
+        for n, m in model.named_modules():
+            if hasattr(m, "dequantized_weight"):  # the float weight a quantized layer is made from
+                shapes[f"{n}.weight"] = torch.Size((m.out_features, m.in_features))
+        std = float(getattr(model.config, "initializer_range", 0.02))
+        source = RandomSource(seed, std, shapes)
+    quantized = any(hasattr(m, "dequantized_weight") for m in model.modules())
+    return QuantSource(source, model) if quantized else source
 
 
 def _logical_shape(p: torch.Tensor) -> torch.Size:

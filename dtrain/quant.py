@@ -344,9 +344,32 @@ def quantize_model(model: nn.Module, bits: int, skip: Callable[[str], bool] | No
             if skip_fn(parent_name if child_name == "base_layer" else name):
                 continue
             if id(child) not in done:
-                done[id(child)] = QuantLinear.from_linear(child, bits)
+                done[id(child)] = _quantized(child, bits)
             setattr(parent, child_name, done[id(child)])
     return len(done)
+
+
+def _quantized(linear: nn.Linear, bits: int) -> QuantLinear:
+    """The QuantLinear for a Linear: quantized now, or empty storage when the weight is not loaded
+    yet (a meta tensor, or a ZeRO-3 placeholder carrying `ds_shape`): the loader fills it later."""
+    w = linear.weight
+    if not (w.is_meta or hasattr(w, "ds_shape")):
+        return QuantLinear.from_linear(linear, bits)
+    device = "meta" if w.is_meta else "cpu"
+    return QuantLinear(linear.in_features, linear.out_features, bits, linear.bias is not None,
+                       device=device)
+
+
+def quantize_rows(weight: Tensor, bits: int) -> dict[str, Tensor]:
+    """{storage name: tensor} of a float weight, named as QuantLinear's parameters."""
+    if bits == 8:
+        q, s = quantize_int8(weight)
+        return {"weight_int8": q, "weight_scale": s}
+    q, s = quantize_nf4(weight)
+    return {"weight_nf4": q, "weight_absmax": s}
+
+
+STORAGE_NAMES = ("weight_int8", "weight_scale", "weight_nf4", "weight_absmax")
 
 
 def _logical_bytes(t: Tensor) -> int:
