@@ -1,0 +1,1 @@
+"""Memory accounting: real-tensor breakdowns (measure) and arithmetic estimates (estimate)."""

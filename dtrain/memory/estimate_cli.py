@@ -1,0 +1,216 @@
+"""`dtrain estimate`: resolve --model, build the plan, print the estimate as a table or JSON.
+
+Wire-up: ``add_estimate_parser(subparsers)`` registers the ``estimate`` sub-command and sets
+``func=run_estimate``. Every user error raises ``ValueError`` with one line; the CLI prints it
+and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from dtrain.memory.estimate import (
+    ATTENTION,
+    BACKENDS,
+    CATEGORIES,
+    DTYPE_BYTES,
+    GIB,
+    PRESETS,
+    Estimate,
+    Plan,
+    estimate,
+    paper_comparison_markdown,
+    paper_gpt3_comparison,
+    parse_targets,
+    spec_from_config,
+)
+
+_LABELS = {
+    "frozen_weights": "frozen weights",
+    "trainable_params": "trainable parameters",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "gathered_unit": "gathered unit (transient)",
+    "activations": "activations",
+    "model_states": "model states (sharded)",
+    "total": "total per GPU",
+}
+
+
+def add_estimate_parser(subparsers: Any) -> None:
+    """Register ``estimate`` on an argparse sub-parsers object; sets ``func=run_estimate``."""
+    p = subparsers.add_parser(
+        "estimate", help="per-GPU memory for full fine-tuning vs LoRA, without loading the model",
+        description="Per-GPU memory by category (frozen weights, trainable parameters, "
+                    "gradients, optimizer state, gathered unit, activations) for full "
+                    "fine-tuning and for LoRA. Sizes in GiB (2^30 B); --json gives bytes.")
+    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), model directory with "
+                                   "config.json, a config.json, or a dtrain YAML config")
+    p.add_argument("--gpus", help="GPUs per node (required)")
+    p.add_argument("--nodes", default="1", help="nodes (default 1); N = gpus * nodes")
+    p.add_argument("--backend", choices=BACKENDS, default="fsdp", help="default fsdp")
+    p.add_argument("--bits", default="16", help="LoRA frozen weights: 16 (param dtype), 8, 4")
+    p.add_argument("--rank", default="8", help="LoRA rank r (default 8)")
+    p.add_argument("--targets", default="q_proj,v_proj",
+                   help="comma-separated module-name suffixes, or all-linear")
+    p.add_argument("--batch", default="1", help="micro-batch per GPU (default 1)")
+    p.add_argument("--seq-len", default="2048", help="tokens per sequence (default 2048)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
+                   help="parameter / compute dtype (default bf16; mixed precision unless fp32)")
+    p.add_argument("--fp32-grads", action="store_true",
+                   help="keep gradients in fp32 (DeepSpeed grad_accum_dtype fp32)")
+    p.add_argument("--attention", choices=ATTENTION, default="sdpa",
+                   help="sdpa/flash (no s^2 scores saved, default) or eager")
+    p.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
+    p.add_argument("--paper", action="store_true",
+                   help="print the GPT-3 175B comparison with the LoRA paper and exit")
+    p.set_defaults(func=run_estimate)
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """Print the estimate (or the paper comparison); return 0. Raises ValueError on bad input."""
+    if args.paper:
+        result = paper_gpt3_comparison()
+        print(json.dumps(result, indent=2) if args.json else paper_comparison_markdown(result))
+        return 0
+    if not args.model:
+        raise ValueError("estimate: --model is required (a preset, model directory, config.json "
+                         "or YAML config), or use --paper")
+    plan = plan_from_args(args)
+    name, cfg = resolve_model(args.model)
+    est = estimate(spec_from_config(cfg, name), plan)
+    print(json.dumps(est.to_dict(), indent=2) if args.json else format_table(est))
+    return 0
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """Plan from parsed arguments; numbers are parsed here so bad ones raise ValueError."""
+    if args.gpus is None:
+        raise ValueError("estimate: --gpus is required (GPUs per node)")
+    return Plan(
+        gpus=_positive_int("--gpus", args.gpus), nodes=_positive_int("--nodes", args.nodes),
+        backend=args.backend, bits=_positive_int("--bits", args.bits),
+        rank=_positive_int("--rank", args.rank), targets=parse_targets(args.targets),
+        batch=_positive_int("--batch", args.batch),
+        seq_len=_positive_int("--seq-len", args.seq_len),
+        grad_checkpointing=bool(args.grad_checkpointing), param_dtype=args.dtype,
+        fp32_grads=bool(args.fp32_grads), attention=args.attention,
+    )
+
+
+def _positive_int(flag: str, text: Any) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"estimate: {flag} must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"estimate: {flag} must be a positive integer, got {text!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------- model sources
+
+
+def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
+    """(name, HF config dict) for --model: a preset, a YAML config, a directory or a JSON file."""
+    if arg in PRESETS:
+        return arg, dict(PRESETS[arg])
+    path = Path(arg)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ValueError(f"estimate: config file not found: {arg}")
+        return path.stem, load_yaml_model_config(path)
+    if path.is_dir():
+        return path.resolve().name, read_config_json(path)
+    if path.is_file() and path.suffix == ".json":
+        return path.resolve().parent.name, read_config_json(path)
+    if not path.exists() and ("/" in arg or arg.startswith(".")):
+        raise ValueError(f"estimate: --model {arg!r}: no such directory or file")
+    raise ValueError(f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "
+                     "model directory, a config.json or a YAML config")
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """The HF config of a model directory (its config.json) or of a JSON file."""
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"estimate: {path} has no config.json" if path.is_dir()
+                         else f"estimate: file not found: {path}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"estimate: cannot read {file}: {_one_line(err)}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"estimate: {file} is not a JSON object")
+    return data
+
+
+def load_yaml_model_config(path: Path) -> dict[str, Any]:
+    """HF config dict named by a dtrain YAML's ``model`` section: ``model.arch`` (inline HF
+    config with ``model_type``) or ``model.path`` (a directory with config.json; relative to
+    the working directory, else to the YAML's directory).
+
+    Swap point: once ``dtrain.config.load`` is used everywhere, this can read its
+    ``cfg.model.arch`` / ``cfg.model.path`` instead.
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"estimate: cannot read {path}: {_one_line(err)}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict):
+        raise ValueError(f"estimate: {path}: no 'model' section")
+    arch = model.get("arch")
+    if isinstance(arch, dict):
+        if not arch.get("model_type"):
+            raise ValueError(f"estimate: {path}: model.arch needs 'model_type' (e.g. llama)")
+        return dict(arch)
+    if isinstance(model.get("path"), str):
+        target = Path(model["path"])
+        if not target.is_dir() and not target.is_absolute():
+            target = path.parent / target
+        if not target.is_dir():
+            raise ValueError(f"estimate: {path}: model.path = {model['path']!r}: directory "
+                             "not found")
+        return read_config_json(target)
+    raise ValueError(f"estimate: {path}: set model.arch (inline HF config) or model.path")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def format_table(est: Estimate) -> str:
+    """Human-readable report: header lines, then per-GPU GiB by category, then cluster."""
+    s, p = est.spec, est.plan
+    source = "exact, meta-device build" if s.source == "meta" else "Llama-style arithmetic"
+    lines = [
+        f"{s.name}: {s.total_params:,} parameters ({source}), {s.num_layers} layers, "
+        f"hidden {s.hidden_size}, vocab {s.vocab_size}",
+        f"plan: {p.world_size} GPUs ({p.nodes} node(s) x {p.gpus}), {p.backend}, "
+        f"{p.param_dtype}{' + fp32 grads' if p.fp32_grads else ''}, micro-batch {p.batch} x "
+        f"{p.seq_len} tokens, grad checkpointing {'on' if p.grad_checkpointing else 'off'}, "
+        f"attention {p.attention}",
+        f"LoRA: r={p.rank} on {','.join(p.targets)}: {est.lora_params:,} trainable "
+        f"({est.lora_params / s.total_params:.3%}), frozen weights {p.bits}-bit",
+        "",
+        f"{'per GPU (GiB)':<28}{'full FT':>12}{'LoRA':>12}{'full/LoRA':>11}",
+    ]
+    ratios = est.category_ratios()
+    for key in CATEGORIES + ("model_states", "total"):
+        full, lora, ratio = getattr(est.full, key), getattr(est.lora, key), ratios[key]
+        shown = f"{ratio:.1f}x" if ratio else "-"
+        lines.append(f"{_LABELS[key]:<28}{full / GIB:>12.2f}{lora / GIB:>12.2f}{shown:>11}")
+    n = p.world_size
+    lines.append(f"{f'cluster total (x {n})':<28}{est.cluster('full').total / GIB:>12.2f}"
+                 f"{est.cluster('lora').total / GIB:>12.2f}{est.ratio:>10.1f}x")
+    return "\n".join(lines)
