@@ -12,6 +12,9 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dtrain import preempt
+
+    preempt.install()  # before importing torch: a SIGUSR1 during start-up must not be lost
     from dtrain import config, trainer
 
     return trainer.run(config.load(args.config, args.overrides))
@@ -36,6 +39,7 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtrain", description="Distributed LoRA training.")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed`
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a LoRA adapter (or fully fine-tune) from a config")
     _add_config_args(p)
@@ -50,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands() -> list[Callable]:
     """Subcommands living in their own modules: each registers a sub-parser that sets `func`."""
-    return []
+    from dtrain import merge_cli, slurm
+    from dtrain.memory import estimate_cli, measure_cli
+
+    return [measure_cli.add_parser, estimate_cli.add_estimate_parser, merge_cli.add_parser,
+            slurm.add_slurm_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

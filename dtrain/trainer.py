@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,19 +18,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dtrain import backends, checkpoint, config as config_lib, data as data_lib, dist, lora
+from dtrain import backends, checkpoint, config as config_lib, data as data_lib, dist, lora, preempt
 from dtrain.config import Config
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
 log = logging.getLogger("dtrain")
-PREEMPT_EXIT = 75  # EX_TEMPFAIL: checkpoint written on SIGTERM/SIGUSR1, requeue and resume
+PREEMPT_EXIT = preempt.EXIT_CODE
 
 
 @dataclass
 class RunState:
     step: int = 0
     tokens_seen: int = 0
-    preempt: bool = False
     losses: list[float] = field(default_factory=list)
 
 
@@ -68,7 +66,7 @@ class Trainer:
         self.backend.build()
         self._check_vocab()
         self.backend.setup_optimizer(self.total_steps)
-        self.state.step = checkpoint.maybe_resume(self.backend, self.cfg, self.out)
+        self.state.step = checkpoint.maybe_resume(self.backend, self.cfg, self.out, self.plan)
         if env.is_main:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
@@ -91,7 +89,6 @@ class Trainer:
     # ---- train ------------------------------------------------------------------------------
     def train(self) -> int:
         """Run to the last step; returns the process exit code (0, or PREEMPT_EXIT)."""
-        self._install_signal_handlers()
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.env.is_main,
                    desc="train", dynamic_ncols=True)
         metrics = (self.out / "metrics.jsonl").open("a") if self.env.is_main else None
@@ -103,7 +100,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
                 self._after_step(row, metrics)
                 if self._preempt_requested():
-                    checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan)
+                    checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan,
+                                             preempted=True)
                     log.warning("preempted: checkpoint at step %d written; exit %d to requeue",
                                 self.state.step, PREEMPT_EXIT)
                     return PREEMPT_EXIT
@@ -113,8 +111,12 @@ class Trainer:
             bar.close()
             if metrics:
                 metrics.close()
+        from dtrain.memory import measure
+
+        memory = measure.summary_line(measure.snapshot(self.backend))  # collective: every rank
         if self.env.is_main:
             log.info("done: adapter in %s, metrics in %s", self.out / "adapter", self.out / "metrics.jsonl")
+            log.info("memory at end of run: %s", memory)
         return 0
 
     def _train_step(self) -> dict:
@@ -170,16 +172,9 @@ class Trainer:
         return float(self.backend.all_reduce_sum(total)) / max(float(self.backend.all_reduce_sum(tokens)), 1.0)
 
     # ---- preemption -------------------------------------------------------------------------
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
-            self.state.preempt = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, handler)
-
     def _preempt_requested(self) -> bool:
         """All ranks agree: any rank signalled means every rank checkpoints now."""
-        flag = torch.tensor(1.0 if self.state.preempt else 0.0)
+        flag = torch.tensor(1.0 if preempt.requested() else 0.0)
         return bool(self.backend.all_reduce_sum(flag).item() > 0)
 
     def cleanup(self) -> None:
@@ -193,6 +188,7 @@ def setup_logging(is_main: bool) -> None:
 
 def run(cfg: Config) -> int:
     """setup -> train -> cleanup; the exit code of the run."""
+    preempt.install()  # idempotent; `dtrain train` installed it already before the heavy imports
     trainer = Trainer(cfg)
     try:
         trainer.setup()
