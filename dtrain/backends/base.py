@@ -6,6 +6,7 @@ Public methods are the lifecycle; subclasses fill in the `_`-prefixed steps.
 
 from __future__ import annotations
 
+import gc
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -142,6 +143,41 @@ class Backend(ABC):
     def local_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's local storage of every parameter (shards where sharded), for the memory report."""
         return {n: p.data for n, p in self.model.named_parameters()}
+
+    # ---- memory report (dtrain/memory/measure.py) ----------------------------------------------
+    def local_grads(self) -> dict[str, torch.Tensor]:
+        """This rank's gradient storage, by parameter name, as it stands after backward and before
+        `step()` (local shards of DTensor grads). Backends that keep gradients outside `.grad`
+        (ZeRO-3's partitioned fp32 grads) override this."""
+        return {n: _local(p.grad) for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def local_optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's optimizer-held tensors, keyed `param_name/state_key`: every tensor in
+        `optimizer.state` (local shards), plus fp32 master copies where a backend keeps them
+        (override: ZeRO-3, or bf16 with fp32 masters)."""
+        if self.optimizer is None:
+            return {}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out = {}
+        for p, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    out[f"{names.get(id(p), id(p))}/{key}"] = _local(value)
+        return out
+
+    def release(self) -> None:
+        """Drop the model, optimizer and scheduler but keep the process group, so that another
+        model can be built in this process (`dtrain memory` runs several modes one after the
+        other). Backends holding more (a DeepSpeed engine) override and call super()."""
+        self.model = self.optimizer = self.scheduler = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (its `to_local()`), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def adapter_spec(cfg: Config) -> lora.AdapterSpec:

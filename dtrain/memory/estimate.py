@@ -544,15 +544,21 @@ def activation_bytes(spec: ModelSpec, plan: Plan, lora: tuple[LinearModule, ...]
     return layers + tokens * spec.vocab_size * 4
 
 
+def optimizer_bytes_per_param(plan: Plan, trained_dtype: str) -> int:
+    """AdamW m + v (8 B) plus an fp32 master copy (4 B) when one is kept: for 16-bit trained
+    parameters, and always under ZeRO-3, whose optimizer keeps its own fp32 partition even for fp32
+    parameters (measured with DeepSpeed 0.19: `dtrain memory` shows 12 B per trainable parameter)."""
+    return 12 if plan.backend == "deepspeed" or trained_dtype != "fp32" else 8
+
+
 def full_ft_breakdown(spec: ModelSpec, plan: Plan) -> Breakdown:
     """Full fine-tuning with AdamW; everything sharded over N except the gathered unit."""
     n, p, pb = plan.world_size, spec.total_params, plan.param_bytes
-    optimizer = 8 if plan.param_dtype == "fp32" else 12  # (+ fp32 master) + m + v
     return Breakdown(
         frozen_weights=0.0,
         trainable_params=pb * p / n,
         gradients=plan.grad_bytes * p / n,
-        optimizer_state=optimizer * p / n,
+        optimizer_state=optimizer_bytes_per_param(plan, plan.param_dtype) * p / n,
         gathered_unit=2 * pb * unit_params(spec, plan.backend),
         activations=activation_bytes(spec, plan),
     )
@@ -587,7 +593,7 @@ def lora_breakdown(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...
         frozen_weights=frozen_bytes(spec, plan.bits, plan.param_bytes) / n,
         trainable_params=4 * trainable / n,
         gradients=4 * trainable / n,
-        optimizer_state=8 * trainable / n,
+        optimizer_state=optimizer_bytes_per_param(plan, "fp32") * trainable / n,
         gathered_unit=_lora_unit_bytes(spec, plan, targets),
         activations=activation_bytes(spec, plan, targets),
     )
