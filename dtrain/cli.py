@@ -15,9 +15,12 @@ def _train(args: argparse.Namespace) -> int:
     from dtrain import preempt
 
     preempt.install()  # before importing torch: a SIGUSR1 during start-up must not be lost
-    from dtrain import config, trainer
+    from dtrain import config
 
-    return trainer.run(config.load(args.config, args.overrides))
+    cfg = config.load(args.config, args.overrides)  # light imports: config errors come back fast
+    from dtrain import trainer
+
+    return trainer.run(cfg)
 
 
 def _config(args: argparse.Namespace) -> int:

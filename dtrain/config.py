@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class TrainingConfig:
     seed: int = _f(1234, "seed for data order, dropout and init")
     lr: float = _f(3e-4, "peak learning rate (AdamW)", gt=0)
     weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas", length=2, lo=0.0, hi_open=1.0)
     eps: float = _f(1e-8, "AdamW epsilon", gt=0)
     warmup_steps: int = _f(10, "linear warmup steps", lo=0)
     min_lr_ratio: float = _f(0.1, "cosine decays to lr * min_lr_ratio", lo=0.0)
@@ -161,8 +162,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     for key in raw:
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            close = _closest(str(key), list(fields))
+            hint = f"; did you mean '{prefix}{close}'?" if close else ""
             allowed = ", ".join(fields)
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint} (allowed: {allowed})")
     values = {}
@@ -177,28 +178,53 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     return cls(**values)
 
 
+def _closest(key: str, options: list[str]) -> str | None:
+    """The valid key the user most likely meant ('rnak' -> 'r', 'trainig' -> 'training')."""
+    close = difflib.get_close_matches(key, options, n=1)
+    if close:
+        return close[0]
+    prefixed = [o for o in options if key.startswith(o) or o.startswith(key)]
+    if prefixed:
+        return max(prefixed, key=len)
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.4)
+    return close[0] if close else None
+
+
 def _check(value: Any, t: Any, f: dataclasses.Field, key: str, source: str) -> Any:
     value = _coerce(value, t)
     if not _matches(value, t):
         raise ConfigError(f"{source}: {key} = {value!r}: expected {_describe(t)}")
     m = f.metadata
-    bad = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "min" in m and value < m["min"]:
-            bad = f">= {m['min']}"
-        elif "gt" in m and value <= m["gt"]:
-            bad = f"> {m['gt']}"
-        elif "lo" in m and value < m["lo"]:
-            bad = f">= {m['lo']}" + (f" and < {m['hi_open']}" if "hi_open" in m else "")
-        elif "hi_open" in m and value >= m["hi_open"]:
-            bad = f"in [{m.get('lo', 0)}, {m['hi_open']})"
-    if bad:
-        raise ConfigError(f"{source}: {key} = {value!r} is out of range: must be {bad}")
+    if isinstance(value, list) and "length" in m and len(value) != m["length"]:
+        raise ConfigError(f"{source}: {key} = {value!r}: expected {m['length']} values")
+    for v in value if isinstance(value, list) else [value]:
+        bad = _range_error(v, m)
+        if bad:
+            raise ConfigError(f"{source}: {key} = {value!r} is out of range: must be {bad}")
     return value
+
+
+def _range_error(value: Any, m: Any) -> str | None:
+    """What the number must be, when it breaks the field's range (min, gt, lo, hi_open)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if any(k in m for k in ("min", "gt", "lo", "hi_open")) and not math.isfinite(value):
+        return "a finite number"
+    if "min" in m and value < m["min"]:
+        return f">= {m['min']}"
+    if "gt" in m and value <= m["gt"]:
+        return f"> {m['gt']}"
+    if "lo" in m and value < m["lo"]:
+        return f">= {m['lo']}" + (f" and < {m['hi_open']}" if "hi_open" in m else "")
+    if "hi_open" in m and value >= m["hi_open"]:
+        return f"in [{m.get('lo', 0)}, {m['hi_open']})"
+    return None
 
 
 def _coerce(value: Any, t: Any) -> Any:
     """Parse command-line strings as YAML scalars; accept ints where floats are expected."""
+    if isinstance(value, dict):  # a free-form mapping (model.arch): its overridden leaves as YAML
+        return {k: _parse_leaves(v) for k, v in value.items()}
     if isinstance(value, _OverrideValue):
         raw = str(value)
         try:
@@ -215,6 +241,18 @@ def _coerce(value: Any, t: Any) -> Any:
         return float(value)
     if isinstance(value, list) and _wants_float_list(t):
         return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+def _parse_leaves(value: Any) -> Any:
+    """`model.arch.hidden_size=32` inside a free-form mapping: parse the value as YAML."""
+    if isinstance(value, dict):
+        return {k: _parse_leaves(v) for k, v in value.items()}
+    if isinstance(value, _OverrideValue):
+        try:
+            return yaml.safe_load(str(value))
+        except yaml.YAMLError:
+            return str(value)
     return value
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def load_records(cfg: DataConfig) -> list[dict]:
     if builder is None:
         raise ConfigError(f"data.path = '{path}': unsupported file type (allowed: {', '.join(BUILDERS)})")
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    if builder == "csv":  # keep the fields as written: an answer "4" must not become the int 4
+        kwargs["converters"] = {f: str for f in (cfg.text_field, cfg.prompt_field, cfg.response_field)}
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
@@ -69,7 +72,7 @@ def tokenize(cfg: DataConfig, records: list[dict], tokenizer) -> Examples:
     fields = [cfg.text_field] if cfg.format == "text" else [cfg.prompt_field, cfg.response_field]
     good, bad = [], []
     for i, rec in enumerate(records):
-        if Path(cfg.path).suffix == ".txt":
+        if Path(cfg.path).suffix.lower() == ".txt":
             rec = {cfg.text_field: rec.get("text")}
         missing = [f for f in fields if not isinstance(rec.get(f), str) or not rec[f].strip()]
         if missing:
@@ -139,7 +142,8 @@ class BatchPlan:
 
     def indices(self, step: int, micro: int, rank: int) -> torch.Tensor:
         epoch, within = divmod(step, self.steps_per_epoch)
-        perm = torch.randperm(self.n_examples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{epoch}".encode()))
+        perm = torch.randperm(self.n_examples, generator=g)
         start = within * self.global_batch + (micro * self.world + rank) * self.micro_batch
         return perm[start: start + self.micro_batch]
 

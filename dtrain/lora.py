@@ -100,10 +100,15 @@ class LoRALinear(nn.Module):
         return (b.float() @ a.float()) * self.scaling[name]
 
     def merge(self) -> None:
-        """Fold the active adapter into the base weight (float bases only)."""
+        """Fold the active adapter into the base weight. A quantized base is dequantized first:
+        the layer then holds a float weight (the merged model has no quantized storage)."""
         if self.merged_adapter is not None:
             raise RuntimeError(f"{self.qualified_name}: adapter '{self.merged_adapter}' is already merged")
-        w = _float_weight(self.base_layer, self.qualified_name)
+        if self.active_adapter is None:
+            return  # this layer is not adapted by the active adapter
+        if not _has_float_weight(self.base_layer):
+            self.base_layer = _dequantized_linear(self.base_layer)
+        w = self.base_layer.weight.data
         with torch.no_grad():
             w.add_(self.delta_weight(self.active_adapter).to(w.dtype))
         self.merged_adapter = self.active_adapter
@@ -111,18 +116,30 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         """Take the merged adapter out of the base weight again."""
         if self.merged_adapter is None:
+            if self.active_adapter is None:
+                return
             raise RuntimeError(f"{self.qualified_name}: no adapter is merged")
-        w = _float_weight(self.base_layer, self.qualified_name)
+        w = self.base_layer.weight.data
         with torch.no_grad():
             w.sub_(self.delta_weight(self.merged_adapter).to(w.dtype))
         self.merged_adapter = None
 
 
-def _float_weight(layer: nn.Module, name: str) -> torch.Tensor:
+def _has_float_weight(layer: nn.Module) -> bool:
     w = getattr(layer, "weight", None)
-    if not isinstance(w, torch.Tensor) or not w.is_floating_point():
-        raise RuntimeError(f"{name}: merge needs a float base weight; dequantize the base first")
-    return w.data
+    return isinstance(w, torch.Tensor) and w.is_floating_point()
+
+
+def _dequantized_linear(layer: nn.Module) -> nn.Linear:
+    """A float32 nn.Linear holding a quantized layer's dequantized weight (and its bias)."""
+    bias = getattr(layer, "bias", None)
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(layer.dequantized_weight())
+        if bias is not None:
+            linear.bias.copy_(bias.float())
+    linear.requires_grad_(False)
+    return linear
 
 
 def init_lora_A(qualified_name: str, spec: AdapterSpec, in_features: int) -> torch.Tensor:
@@ -213,15 +230,16 @@ def freeze_base(model: nn.Module, adapter: str | None = None) -> None:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Make `name` the active adapter in every LoRA layer (task switching)."""
+    """Make `name` the active adapter (task switching). Layers that `name` does not adapt run
+    as the plain base layer."""
     layers = list(lora_modules(model))
-    if not layers or any(name not in m.lora_A for _, m in layers):
+    if not any(name in m.lora_A for _, m in layers):
         have = sorted({k for _, m in layers for k in m.lora_A})
         raise ValueError(f"adapter '{name}' not found; have: {', '.join(have) or 'none'}")
     for _, m in layers:
         if m.merged_adapter is not None:
             raise RuntimeError(f"{m.qualified_name}: unmerge before switching adapters")
-        m.active_adapter = name
+        m.active_adapter = name if name in m.lora_A else None
 
 
 def merge(model: nn.Module) -> None:
@@ -270,12 +288,16 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts: logical sizes, so a sharded or quantized weight
     counts as its [out, in] elements."""
     trainable = total = 0
+    seen: set[int] = set()  # a tied parameter (lm_head = embed_tokens) belongs to two modules: count it once
     for module in model.modules():
         if hasattr(module, "dequantized_weight"):  # quantized storage: count the weight it encodes
             total += module.in_features * module.out_features
             total += _logical_numel(module.bias) if getattr(module, "bias", None) is not None else 0
             continue
         for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
             n = _logical_numel(p)
             total += n
             trainable += n if p.requires_grad else 0

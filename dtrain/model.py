@@ -218,6 +218,8 @@ def parameter_names(model: nn.Module) -> list[str]:
 
 def fill_full(model: nn.Module, source: WeightSource) -> None:
     """Copy every parameter's full value from `source` (single-process models)."""
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # `to_empty` breaks ties: re-tie so a tied head is read once, as its source
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(source.read(name).to(p.dtype))
@@ -225,5 +227,9 @@ def fill_full(model: nn.Module, source: WeightSource) -> None:
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant activation checkpointing in every decoder layer (HF's switch)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model.config.use_cache = False
