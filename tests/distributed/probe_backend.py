@@ -31,6 +31,8 @@ def main() -> None:
         "trainable_names": sorted(n for n in trainable),
         "all_trainable_are_lora": all(is_lora_param(n) for n in trainable),
         "optimizer_state_entries": len(opt), "optimizer_state_bytes": opt_bytes,
+        "quant_storage_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_int8", "weight_nf4"))),
+        "quant_scale_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_scale", "weight_absmax"))),
         "full_frozen_bytes": sum(p.numel() * 4 for n, p in params.items() if not p.requires_grad),
     }
     (t.out / f"probe-rank{b.rank}.json").write_text(json.dumps(row))

@@ -55,10 +55,11 @@ def test_masked_instruction_loss_equal_across_rank_counts(tmp_path):
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
-def probe(tmp_path, backend: str) -> list[dict]:
+def probe(tmp_path, backend: str, overrides: list[str] = ()) -> list[dict]:
+    """Per-rank storage after one step (tests/distributed/probe_backend.py under torchrun)."""
     cmd = launch_cmd(2, "torchrun")[:-2] + [str(REPO / "tests/distributed/probe_backend.py"), str(TINY), QV,
                                              f"backend.name={backend}", "training.micro_batch_size=2",
-                                             f"output.dir={tmp_path}"]
+                                             f"output.dir={tmp_path}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((tmp_path / f"probe-rank{r}.json").read_text()) for r in range(2)]
