@@ -132,6 +132,14 @@ def dequantize_nf4(
     return out.reshape(shape).to(dtype)
 
 
+def round_trip(weight: Tensor, bits: int) -> Tensor:
+    """deq(q(weight)) in float32: the weight a layer quantized to `bits` computes with."""
+    if bits == 8:
+        return dequantize_int8(*quantize_int8(weight))
+    packed, absmax = quantize_nf4(weight)
+    return dequantize_nf4(packed, absmax, tuple(weight.shape))
+
+
 # ----------------------------------------------------------------------------- autograd
 
 

@@ -4,6 +4,12 @@ Loss normalization: every micro-batch's loss is (sum of its token losses) * worl
 label in the whole global batch). Backends average gradients over ranks, so the gradient is that of
 the mean token loss over the global batch, whatever the split into ranks and micro-batches: one
 process and N ranks give the same loss and the same update.
+
+Preemption: SIGTERM or SIGUSR1 on any rank sets a flag; at the next step boundary all ranks agree
+(one all-reduce), write a training checkpoint (checkpoint.save_training; rank 0 also writes
+`<output.dir>/PREEMPTED`) and the process exits with PREEMPT_EXIT = 75 (EX_TEMPFAIL: "requeue me";
+`training.resume=auto` continues bit-exactly). Launched directly (srun, `python -m dtrain`) the job
+sees 75; torchrun reports its own failure (exit 1) instead, so test for the PREEMPTED file there.
 """
 
 from __future__ import annotations

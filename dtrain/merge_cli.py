@@ -1,0 +1,208 @@
+"""`dtrain merge --base MODEL --adapter DIR --out DIR [--dtype bf16|fp32]`: fold a LoRA adapter
+into its base and write a plain Hugging Face model (safetensors) that `transformers` loads with
+`AutoModelForCausalLM.from_pretrained(out)`, no PEFT and no dtrain needed.
+
+The base is streamed tensor by tensor (one safetensors shard in memory at a time, same shard
+layout and index as the base): every adapted weight becomes W + (alpha / r) B A, computed in fp32
+and cast to the output dtype (the base's unless --dtype). config.json is copied with its dtype
+updated; tokenizer and other non-weight files are copied as they are. The output is written to a
+temporary directory next to --out and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dtrain.errors import DtrainError
+
+if TYPE_CHECKING:  # torch and safetensors are imported when merging, not when the CLI starts
+    import torch
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+_HF_DTYPES = ("float32", "bfloat16", "float16")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+INDEX = "model.safetensors.index.json"
+
+
+def add_parser(subparsers) -> None:
+    """Register `dtrain merge`."""
+    p = subparsers.add_parser("merge", help="fold a LoRA adapter into its base: a plain HF model",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="base model directory (HF format, safetensors)")
+    p.add_argument("--adapter", required=True, help="adapter directory (dtrain's or PEFT's LoRA)")
+    p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the merged weights (default: the base's)")
+    p.add_argument("--base-bits", type=int, choices=(8, 4), default=None,
+                   help="the adapter was trained on dtrain's 8-/4-bit base: merge into the dequantized "
+                        "weights it saw (every linear but the head) and write bf16")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = merge(args.base, args.adapter, args.out, args.dtype, args.base_bits)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None,
+          base_bits: int | None = None) -> Path:
+    """Write base + adapter as a plain HF model into `out`; returns `out`.
+
+    `base_bits` (8 or 4): the adapter was trained on dtrain's quantized base, so it is merged into
+    deq(q(W)) of every quantized layer (dequantize, then merge), and the result is written in bf16.
+    """
+    import torch
+
+    from dtrain import checkpoint
+
+    base, adapter, out = Path(base), Path(adapter), Path(out)
+    _check_dirs(base, adapter, out)
+    config = json.loads((base / "config.json").read_text())
+    _check_not_quantized(config, base)
+    adapter_config, tensors = checkpoint.read_adapter(adapter)
+    spec = checkpoint.adapter_spec_from_peft(adapter_config, "merge", adapter)
+    deltas = {f"{m}.weight": ab for m, ab in checkpoint.adapter_modules(tensors, adapter).items()}
+    files, index = _weight_files(base)
+    _check_targets(base, files, deltas)
+    if base_bits:
+        dtype = "bf16"
+    name = DTYPES[dtype] if dtype else config.get("dtype") or config.get("torch_dtype")
+    target = getattr(torch, name) if name in _HF_DTYPES else None
+    tmp = checkpoint.staging_dir(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        quantized = _quantized_keys(base, base_bits) if base_bits else {}
+        nbytes = _merge_files(base, files, tmp, deltas, spec.alpha / spec.r, target, quantized)
+        _copy_rest(base, tmp, config, target, index, nbytes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        out.rmdir()  # checked empty above
+    tmp.rename(out)
+    return out
+
+
+def _check_dirs(base: Path, adapter: Path, out: Path) -> None:
+    if not base.is_dir():
+        raise DtrainError(f"--base '{base}': directory not found")
+    if not (base / "config.json").is_file():
+        raise DtrainError(f"--base '{base}': no config.json (not a Hugging Face model directory)")
+    if not adapter.is_dir():
+        raise DtrainError(f"--adapter '{adapter}': directory not found")
+    if out.resolve() in (base.resolve(), adapter.resolve()):
+        raise DtrainError(f"--out '{out}': must differ from --base and --adapter")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DtrainError(f"--out '{out}': exists and is not an empty directory")
+
+
+def _check_not_quantized(config: dict, base: Path) -> None:
+    """HOOK for 8-/4-bit bases (dtrain/quant.py, another engineer's): merging there means, for each
+    adapted weight, dequantize (QuantLinear.dequantized_weight / quant's dequantize of
+    weight_int8 * weight_scale), add the fp32 delta and write bf16 (the default --dtype for a
+    quantized base), and drop `quantization_config` from config.json. Until then: a clear error."""
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise DtrainError(f"--base '{base}': a quantized base ({method}); merging into it "
+                          "(dequantize + merge to bf16) is not implemented yet: merge into the float base")
+
+
+def _weight_files(base: Path) -> tuple[list[str], dict | None]:
+    """The base's safetensors files (one, or the shards of the index) and the index, if any."""
+    if (base / INDEX).is_file():
+        index = json.loads((base / INDEX).read_text())
+        return sorted(set(index["weight_map"].values())), index
+    if (base / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    raise DtrainError(f"--base '{base}': no model.safetensors or {INDEX} (merge reads safetensors; "
+                      "convert a .bin checkpoint with save_pretrained first)")
+
+
+def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> None:
+    """Every adapted weight exists in the base with the shape B A has."""
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in files:
+        with safe_open(base / f, "pt") as h:
+            for key in h.keys():
+                shapes[key] = tuple(h.get_slice(key).get_shape())
+    for key, ab in deltas.items():
+        want = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
+        if key not in shapes:
+            raise DtrainError(f"--base '{base}': no tensor '{key}' for the adapter (adapter for another base?)")
+        if shapes[key] != want:
+            raise DtrainError(f"--base '{base}': '{key}' has shape {list(shapes[key])}, the adapter's "
+                              f"B A is {list(want)} (adapter for another base?)")
+
+
+def _quantized_keys(base: Path, bits: int) -> dict[str, int]:
+    """{checkpoint key: bits} of the weights dtrain stores quantized: every Linear but the head
+    (found on a meta-device build of the base's config; nothing is allocated)."""
+    import torch
+    from torch import nn
+    from transformers import AutoConfig
+
+    from dtrain import model as model_lib, quant
+
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    model = model_lib.build_empty(config, torch.float32)
+    return {f"{n}.weight": bits for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not quant.default_skip(n)}
+
+
+def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,
+                 dtype: torch.dtype | None, quantized: dict[str, int] | None = None) -> int:
+    """Stream every tensor of every file: W + scaling * B A for adapted weights, cast floats.
+    Returns the bytes of all tensors written."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    total, nbytes = 0, 0
+    for f in files:
+        with safe_open(base / f, "pt") as h:
+            total += len(list(h.keys()))
+    with tqdm(total=total, desc="merge", unit="tensor", disable=None) as bar:
+        for f in files:
+            merged = {}
+            with safe_open(base / f, "pt") as h:
+                metadata = h.metadata() or {"format": "pt"}
+                for key in h.keys():
+                    t = h.get_tensor(key)
+                    if key in (quantized or {}):
+                        from dtrain.quant import round_trip
+
+                        t = round_trip(t.float(), quantized[key])
+                    cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                    if key in deltas:
+                        ab = deltas[key]
+                        t = t.float() + (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
+                    merged[key] = t.to(cast).contiguous()
+                    nbytes += merged[key].numel() * merged[key].element_size()
+                    bar.update(1)
+            save_file(merged, str(out / f), metadata)
+    return nbytes
+
+
+def _copy_rest(base: Path, out: Path, config: dict, dtype: torch.dtype | None, index: dict | None,
+               nbytes: int) -> None:
+    """config.json (dtype updated), the index (sizes updated), tokenizer and other non-weight files."""
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        config["dtype"] = name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = name
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if index is not None:
+        index.setdefault("metadata", {})["total_size"] = nbytes
+        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    for p in base.iterdir():
+        if p.is_file() and p.name not in ("config.json", INDEX) and not p.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(p, out / p.name)
