@@ -41,9 +41,10 @@ class RunState:
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens)."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=data_lib.IGNORE, reduction="sum")
+    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=data_lib.IGNORE).reshape(-1).to(logits.device)
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    total = F.cross_entropy(flat, shift_labels, ignore_index=data_lib.IGNORE, reduction="sum")
     return total, int((shift_labels != data_lib.IGNORE).sum())
 
 
