@@ -12,13 +12,7 @@
 # launcher stops the rest. Run again with training.resume=auto. Under SLURM use `dtrain slurm`.
 set -euo pipefail
 CONFIG="${CONFIG:-configs/tiny.yaml}"
-if command -v nvidia-smi >/dev/null 2>&1; then
-    GPUS="$(nvidia-smi -L | grep -c '^GPU' || true)"
-else
-    GPUS=0
-    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-fi
-if [ "$GPUS" -gt 0 ]; then NPROC="${NPROC:-$GPUS}"; else NPROC="${NPROC:-2}"; fi
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 exec "${PYTHON:-python}" -m deepspeed.launcher.runner --num_gpus "$NPROC" \
     --master_port "${MASTER_PORT:-29500}" --no_local_rank --module dtrain \
     train "$CONFIG" "backend.name=${BACKEND:-deepspeed}" "$@"

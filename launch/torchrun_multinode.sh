@@ -14,13 +14,7 @@ set -euo pipefail
 : "${NNODES:?set NNODES}" "${NODE_RANK:?set NODE_RANK}" "${MASTER_ADDR:?set MASTER_ADDR}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 CONFIG="${CONFIG:-configs/tiny.yaml}"
-if command -v nvidia-smi >/dev/null 2>&1; then
-    GPUS="$(nvidia-smi -L | grep -c '^GPU' || true)"
-else
-    GPUS=0
-    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
-fi
-if [ "$GPUS" -gt 0 ]; then NPROC="${NPROC:-$GPUS}"; else NPROC="${NPROC:-2}"; fi
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 export PET_SIGNALS_TO_HANDLE="${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}"
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}"
 EXTRA=()

@@ -52,7 +52,7 @@ def launch_cmd(nproc: int, launcher: str = "torchrun") -> list[str]:
 def run_dtrain(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 300,
                env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = launch_cmd(nproc, launcher) + args
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(env), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(env), capture_output=True, text=True, errors="replace",
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -42,7 +42,7 @@ def start(kind: str, out: Path, extra: list[str] = ()) -> subprocess.Popen:
     """A run in its own session (process group): torchrun and its workers are killed together."""
     log = open(out.parent / f"{out.name}.log", "w")
     return subprocess.Popen(command(kind, out, extra), cwd=REPO, env=env_for_tests(), stdout=log,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, out: Path, timeout: float = 300) -> tuple[int, str]:
@@ -51,7 +51,7 @@ def finish(proc: subprocess.Popen, out: Path, timeout: float = 300) -> tuple[int
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    return rc, (out.parent / f"{out.name}.log").read_text()
+    return rc, (out.parent / f"{out.name}.log").read_text(errors="replace")
 
 
 def run(kind: str, out: Path, extra: list[str] = ()) -> str:
@@ -66,7 +66,7 @@ def wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: f
     while not target.is_dir():
         if proc.poll() is not None:
             raise AssertionError(f"run exited {proc.returncode} before checkpoint {step}\n"
-                                 f"{(out.parent / f'{out.name}.log').read_text()[-4000:]}")
+                                 f"{(out.parent / f'{out.name}.log').read_text(errors='replace')[-4000:]}")
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"no checkpoint {step} after {timeout} s")
@@ -173,7 +173,7 @@ def test_fsdp_sigusr1_then_sigkill_then_resume_is_bit_exact(reference, tmp_path)
         print(f"fsdp: preempted at step {preempted_at}, SIGKILL after the checkpoint of step {k}")
         kill_after("fsdp", out, k, ["training.resume=auto"])
         assert not (out / checkpoint.PREEMPTED).exists()  # removed by the resumed start
-        assert f"resumed from {marker['checkpoint']}" in (out.parent / "run.log").read_text()
+        assert f"resumed from {marker['checkpoint']}" in (out.parent / "run.log").read_text(errors="replace")
     log = run("fsdp", out, ["training.resume=auto"])
     assert "resumed from" in log
     assert_same_run(out, ref)

@@ -60,7 +60,7 @@ def probe(tmp_path, backend: str, overrides: list[str] = ()) -> list[dict]:
     cmd = launch_cmd(2, "torchrun")[:-2] + [str(REPO / "tests/distributed/probe_backend.py"), str(TINY), QV,
                                              f"backend.name={backend}", "training.micro_batch_size=2",
                                              f"output.dir={tmp_path}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((tmp_path / f"probe-rank{r}.json").read_text()) for r in range(2)]
 
@@ -81,7 +81,7 @@ def test_a_killed_rank_fails_the_job_quickly(tmp_path):
     cmd = launch_cmd(2, "torchrun") + ["train", str(TINY), QV, "backend.name=fsdp", "training.max_steps=100000",
                                        "training.eval_every=0", f"output.dir={tmp_path}"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+                            text=True, errors="replace", start_new_session=True)
     try:
         deadline = time.time() + 120
         while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
@@ -102,7 +102,7 @@ def test_a_killed_rank_fails_the_job_quickly(tmp_path):
 def worker_pids(launcher_pid: int) -> list[int]:
     """The launcher's child processes (the ranks), oldest first."""
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid), "--sort=start_time"],
-                         capture_output=True, text=True).stdout
+                         capture_output=True, text=True, errors="replace").stdout
     pids = [int(p) for p in out.split()]
     assert len(pids) == 2, out
     return pids

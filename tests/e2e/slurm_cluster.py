@@ -226,12 +226,12 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         return self
 
     def _run_ok(self, argv: Sequence[str], needle: str) -> bool:
-        r = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=10)
+        r = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, errors="replace", timeout=10)
         return r.returncode == 0 and needle in r.stdout
 
     def _node_ready(self) -> bool:
         r = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True, timeout=10
+            ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True, errors="replace", timeout=10
         )
         state = r.stdout.strip().lower()
         return r.returncode == 0 and state.startswith(("idle", "mixed", "allocated"))
@@ -291,7 +291,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
     # --------------------------------------------------------------- commands
     def run(self, argv: Sequence[str], check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """Run a SLURM client command against this cluster."""
-        r = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, errors="replace", timeout=timeout)
         if check and r.returncode != 0:
             raise SlurmClusterError(f"{' '.join(argv)} -> {r.returncode}: {r.stderr.strip()}")
         return r
@@ -308,7 +308,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             ["sbatch", "--parsable", *extra_args, str(script_path)],
             env=full_env,
             capture_output=True,
-            text=True,
+            text=True, errors="replace",
             timeout=30,
         )
         if r.returncode != 0:

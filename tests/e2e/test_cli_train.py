@@ -41,7 +41,7 @@ START = re.compile(r"trainable params: ([\d,]+) / ([\d,]+) \(([\d.]+)%\)")
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(launch_cmd(1, "python") + args, cwd=REPO, env=env_for_tests(), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, errors="replace", timeout=300)
 
 
 FORK_RUNNER = r"""
@@ -80,7 +80,7 @@ def _run_forked(cases: dict[str, list[str]], tmp: Path) -> dict[str, subprocess.
     (tmp / "cases.json").write_text(json.dumps(cases))
     (tmp / "forked").mkdir()
     proc = subprocess.run([PY, "-c", FORK_RUNNER, str(tmp / "cases.json"), str(tmp / "forked")], cwd=REPO,
-                          env=env_for_tests(), capture_output=True, text=True, timeout=300)
+                          env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return {name: subprocess.CompletedProcess(["dtrain", *cases[name]], r["rc"], r["stdout"], r["stderr"])
             for name, r in json.loads(proc.stdout.splitlines()[-1]).items()}

@@ -49,7 +49,7 @@ def _write_script(out: Path, script: Path) -> Path:
             "--signal-seconds=60", f"--log={out.parent}/slurm-%j.out", f"--out={script}"]
     has_cli = subprocess.run([PY, "-m", "dtrain", "slurm", "--help"], cwd=REPO, capture_output=True).returncode == 0
     cmd = [PY, "-m", "dtrain", "slurm", *args] if has_cli else [PY, "-m", "dtrain.slurm", *args]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, errors="replace", timeout=60)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == script.resolve(), r.stdout
     return script
