@@ -109,6 +109,11 @@ class SafetensorsSource:
             raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{key}'")
         f = self.files[key]
         if f not in self._open:
+            # One file open at a time: a handle keeps its mmap, and every page read through it
+            # counts in this process's RSS until it is closed (a whole checkpoint's worth by the
+            # end of a fill, when all shards stay open). Fills read in module order, so files
+            # are rarely reopened.
+            self._open.clear()
             self._open[f] = safe_open(f, "pt")
         handle = self._open[f]
         if rows is None:

@@ -1,0 +1,454 @@
+"""DeepSpeed ZeRO stage 3: every parameter (frozen base and LoRA A/B) partitioned over the ranks.
+
+Build. The model is constructed under `deepspeed.zero.Init`, so each module's parameters are
+partitioned as soon as the module exists and no rank ever holds the whole model. The LoRA layers
+are injected afterwards (outside zero.Init: their A is computed from a name-seeded generator, the
+same on every rank) and immediately converted to ZeRO parameters with `zero.Init(module=...)`.
+Then every parameter is filled from the model's `WeightSource` one module at a time: the
+module's parameters are gathered (`GatheredParameters(modifier_rank=0)`), rank 0 copies the full
+tensors, and on exit they are broadcast and partitioned again. Peak memory per rank: its
+partitions plus one module's full parameters (plus, on rank 0, the tensors read for it).
+
+Precision. dtrain's contract (the single-process backend's) is: the frozen base is stored in
+`model.dtype`, LoRA A/B, their gradients and AdamW states are float32, compute runs under
+`torch.autocast` when the dtype is bf16. zero.Init takes the base dtype from the config's
+`bf16.enabled` (never from its `dtype=` argument: in deepspeed 0.19 `Init._set_dtype` evaluates
+`dtype or fp16 if accel.is_fp16_supported() else bf16 if ...`, so on a CPU without fp16 support an
+explicit `dtype=torch.float32` becomes bf16). LoRA parameters are converted to ZeRO parameters
+without a cast and stay float32; the generated config reduces and accumulates gradients in fp32.
+
+Step. The config sets `managed_gradient_accumulation: false`: `engine.backward(loss,
+scale_wrt_gas=False)` only accumulates (the trainer already divides by the global token count),
+and each `engine.step()` is an optimizer step: gradients are averaged over ranks, clipped to
+`gradient_clipping` (DeepSpeed's and torch's clip both scale by max_norm / (norm + 1e-6)), AdamW
+(`torch.optim.AdamW` via `torch_adam`) updates the fp32 partitions, the scheduler steps.
+
+Schedule. dtrain's warmup + cosine (`base.lr_factor`) is given to `deepspeed.initialize` as the
+client `lr_scheduler` (a callable building `torch.optim.lr_scheduler.LambdaLR` on DeepSpeed's
+basic optimizer), not DeepSpeed's `WarmupCosineLR`: in deepspeed/runtime/lr_schedules.py that
+scheduler starts at `last_batch_iteration = -1`, where `get_lr()` returns 0, and at iteration 0
+its warmup ratio is `warmup_min_ratio + (1 - warmup_min_ratio) * log(1) / log(warmup)` (log
+warmup) or `0 / warmup` (linear), i.e. `warmup_min_ratio` (default 0): the first two optimizer
+steps run at lr 0, where dtrain's first step runs at lr / warmup_steps.
+
+Checkpointing never uses DeepSpeed's 16-bit consolidated save (it gathers every parameter of each
+module, frozen ones included): `full_state` gathers only the parameters the filter selects, and
+`optimizer_state` returns this rank's partition of the AdamW state keyed by parameter name.
+
+Gradient checkpointing (`model.gradient_checkpointing`) is HF's non-reentrant checkpointing and
+works under ZeRO-3 as is: transformers 5 checkpoints each decoder layer's `forward` (not its
+`__call__`), so the layer's submodules are called again during recomputation and ZeRO-3's
+pre-forward hooks gather their frozen weights to full size again: the recomputed tensors have
+the metadata of the first forward. tests/distributed checks equal losses and updates with and
+without it, and that the attention really runs twice.
+
+Memory: zero.Init replaces torch.nn.functional.linear process-wide by DeepSpeed's
+LinearFunctionForZeroStage3 (`memory_efficient_linear`, kept on): it saves the weight Parameter for
+backward, so ZeRO-3 can release the gathered weight after the module's forward and gather it again
+in backward. With plain F.linear autograd saves the view `weight.t()`, which pins every gathered
+frozen weight until backward: each rank would hold the whole model during forward/backward.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dtrain import model as model_lib
+from dtrain.backends import ds_config
+from dtrain.backends.base import Backend
+from dtrain.config import Config
+from dtrain.dist import DistEnv
+
+GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
+ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
+TRIM_EVERY_BYTES = 64 * 2**20  # _fill hands freed heap back to the OS after this much gathered
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    ZeRO-3 gathers one full module at a time and frees it, in many sizes; glibc keeps the freed
+    chunks (its mmap threshold rises to the largest freed block, so later blocks come from the
+    heap) and a rank's RSS ends up far above what it holds. On a 162M-parameter fp32 checkpoint,
+    2 CPU ranks: RSS after loading 860-950 MB untrimmed, 700 MB trimmed (baseline 276 MB + the
+    rank's 325 MB of partitions); during training it grew by 100-300 MB per step untrimmed
+    (1.2 GB -> 1.9 GB over 5 steps) and stayed at 760 MB after each step trimmed. Called after
+    loading and, on CPU, after each optimizer step (about a millisecond).
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _import_deepspeed(device: torch.device):
+    """Import deepspeed with the accelerator matching `device` (DeepSpeed picks it at import)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if device.type == "cpu" and get_accelerator().device_name() != "cpu":
+        # deepspeed was imported before with another accelerator: switch to the CPU one
+        from deepspeed.accelerator import set_accelerator
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+    if device.type == "cpu":
+        _skip_shm_comm_op(deepspeed)
+    return deepspeed
+
+
+def _skip_shm_comm_op(deepspeed) -> None:
+    """Keep init_distributed from JIT-compiling DeepSpeed's CPU shared-memory all-reduce.
+
+    On the CPU accelerator, `deepspeed.comm.torch.TorchBackend` builds the `deepspeed_shm_comm` op
+    (g++, 2-4 minutes on 2 cores, and seen rebuilt by later runs) whenever
+    `deepspeed.ops.__compatible_ops__` says it can; the op serves only `inference_all_reduce`,
+    which training never calls (ZeRO's all-gathers and reduce-scatters go through gloo). Marking it
+    incompatible in that dict (documented as persistent in deepspeed/ops/__init__.py) makes
+    `build_shm_op()` return None.
+    """
+    try:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except (AttributeError, TypeError):  # a DeepSpeed without the dict: let it build
+        pass
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _ensure_rendezvous_env(env: DistEnv) -> None:
+    """One process started without a launcher: give init_distributed a one-rank rendezvous."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
+
+
+class DeepSpeedBackend(Backend):
+    """ZeRO-3 through a DeepSpeed engine; `self.model` is the bare module (names without `module.`)."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        super().__init__(cfg, env)
+        self.ds = _import_deepspeed(env.device)
+        self.ds_config = ds_config.build(cfg, env.world_size)
+        _ensure_rendezvous_env(env)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False)
+        self.engine = None
+        self._closed = False
+
+    # ---- build ------------------------------------------------------------------------------
+    def _build(self, config) -> nn.Module:
+        cfg, ds = self.cfg, self.ds
+        dtype = model_lib.DTYPES[cfg.model.dtype]
+        # no_init_weights: every weight is filled from the source below, so skip HF's random init
+        # (transformers' own from_pretrained does the same under DeepSpeed).
+        with ds.zero.Init(config_dict_or_path=self.ds_config), _no_init_weights():
+            model = model_lib.build_empty(config, dtype, device="cpu",
+                                          trust_remote_code=cfg.model.trust_remote_code)
+        _trim_heap()
+        self.prepare(model)
+        # LoRA (and any other new) parameters: partition them too, from rank 0's values.
+        ds.zero.Init(module=model, config_dict_or_path=self.ds_config)
+        model_lib.restore_buffers(model, self.device)
+        for module in model.modules():  # zero.Init moves parameters only; the engine leaves buffers
+            for key, buf in module._buffers.items():
+                if buf is not None and buf.device != self.device:
+                    module._buffers[key] = buf.to(self.device)
+        self._fill(model, model_lib.ModelSource(
+            model_lib.base_source(cfg.model, model, cfg.training.seed), model))
+        return model
+
+    def _fill(self, model: nn.Module, source: model_lib.WeightSource) -> None:
+        """Every parameter from `source`, one module at a time (rank 0 reads, all ranks keep a shard)."""
+        names = {id(p): n for n, p in model.named_parameters()}  # first name of tied parameters
+        done: set[int] = set()
+        since_trim = 0
+        for module in model.modules():
+            params = [p for p in module.parameters(recurse=False) if id(p) not in done]
+            if not params:
+                continue
+            done.update(id(p) for p in params)
+            with self.ds.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+                if self.rank == 0:
+                    for p in params:
+                        p.copy_(source.read(names[id(p)]).to(p.dtype))
+            since_trim += sum(int(p.ds_numel) * p.element_size() for p in params)
+            if since_trim >= TRIM_EVERY_BYTES:
+                _trim_heap()
+                since_trim = 0
+        _trim_heap()
+
+    # ---- optimizer --------------------------------------------------------------------------
+    def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
+        def make_scheduler(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+        engine, optimizer, _, scheduler = self.ds.initialize(
+            model=self.model, model_parameters=self.trainable_parameters(), config=self.ds_config,
+            lr_scheduler=make_scheduler, dist_init_required=False)
+        self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
+
+    # ---- per step ---------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.engine is None:  # the ZeRO-3 gather hooks are installed by deepspeed.initialize
+            raise RuntimeError("DeepSpeedBackend.forward needs setup_optimizer() first")
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
+        with self.autocast():
+            return self.engine(**batch, use_cache=False).logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if self.device.type == "cpu":
+            _trim_heap()  # host RAM is where the model lives: see _trim_heap
+        return float(norm) if norm is not None else 0.0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        out = t.detach().clone().to(self.device)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    # ---- state ------------------------------------------------------------------------------
+    def full_state(self, names: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        chosen = [(n, p) for n, p in self.model.named_parameters() if names(n)]
+        out: dict[str, torch.Tensor] = {}
+        for chunk in _chunks(chosen, GATHER_BUDGET_BYTES):
+            with self.ds.zero.GatheredParameters([p for _, p in chunk]):
+                for n, p in chunk:
+                    out[n] = p.detach().to("cpu", copy=True)
+        return out
+
+    def load_full_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set parameters (by model name) from full tensors; rank 0's values are broadcast.
+
+        Before setup_optimizer (loading an adapter) the optimizer later copies its fp32 masters
+        from the parameters. After it (resume: the trainer creates the optimizer first, then the
+        checkpoint loads the adapter, then `load_optimizer_state`) the masters are refreshed from
+        the parameters' partitions here: DeepSpeed keeps them as a separate fp32 copy (see
+        `local_optimizer_tensors`) that would otherwise overwrite the loaded values at the next step.
+        """
+        params = dict(self.model.named_parameters())
+        missing = [n for n in tensors if n not in params]
+        if missing:
+            raise KeyError(f"no parameter named {missing[0]!r} in the model")
+        chosen = [(n, params[n]) for n in sorted(tensors)]
+        for chunk in _chunks(chosen, GATHER_BUDGET_BYTES):
+            with self.ds.zero.GatheredParameters([p for _, p in chunk], modifier_rank=0), torch.no_grad():
+                if self.rank == 0:
+                    for n, p in chunk:
+                        p.copy_(tensors[n].to(p.dtype))
+        self._refresh_masters()
+
+    def _refresh_masters(self) -> None:
+        opt = self.optimizer
+        if opt is None or not hasattr(opt, "fp32_partitioned_groups_flat"):
+            return
+        for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
+            if lp.data_ptr() != hp.data_ptr():
+                hp.data.copy_(lp.data)
+
+    def optimizer_state(self) -> dict:
+        """This rank's ZeRO-3 partition of the AdamW state, by parameter name, plus the scheduler.
+
+        {"optimizer": {"state": {param name: {"exp_avg": T, "exp_avg_sq": T[, "master": T]}},
+                       "param_groups": [hyper-parameters], "zero3": {world_size, rank, steps (AdamW's
+                       step of each flat group), partitions ({param name: [offset, numel]})}},
+         "scheduler": LambdaLR state, "engine": DeepSpeed's step counters}
+        T are 1-D fp32 CPU copies of this rank's partition (numel = the parameter's partition size,
+        padding included), so only LoRA parameters appear. "master" appears only when the fp32
+        master is not a copy of the parameter's own partition (a 16-bit trainable parameter):
+        dtrain's LoRA parameters are fp32, their masters equal them after every step and come back
+        through `load_full_state` (the adapter).
+        """
+        opt, names = self.optimizer, self._names
+        state_out: dict[str, dict[str, torch.Tensor]] = {}
+        partitions: dict[str, list[int]] = {}
+        steps = []
+        for i, (group, flat) in enumerate(_subgroups(opt)):
+            state = opt.optimizer.state.get(flat, {})
+            steps.append(_plain(state.get("step", 0)))
+            master_is_param = opt.fp16_partitioned_groups_flat[i].dtype == flat.dtype
+            offset = 0
+            for p in group:
+                name, n = names[id(p)], p.ds_tensor.ds_numel
+                partitions[name] = [offset, n]
+                entry = {key: state[key].narrow(0, offset, n).detach().cpu().clone()
+                         for key in ("exp_avg", "exp_avg_sq") if key in state}
+                if not master_is_param:
+                    entry["master"] = flat.narrow(0, offset, n).detach().cpu().clone()
+                state_out[name] = entry
+                offset += n
+        groups = [{k: _plain(v) for k, v in g.items() if k != "params"} for g in opt.optimizer.param_groups]
+        zero3 = {"world_size": self.world_size, "rank": self.rank, "steps": steps, "partitions": partitions}
+        engine = {k: getattr(self.engine, k) for k in ENGINE_COUNTERS}
+        return {"optimizer": {"state": state_out, "param_groups": groups, "zero3": zero3},
+                "scheduler": _plain(self.scheduler.state_dict()), "engine": engine}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Restore what `optimizer_state` returned on this rank (same world size and parameters)."""
+        opt, names = self.optimizer, self._names
+        saved = state["optimizer"]
+        zero3 = saved.get("zero3")
+        if zero3 is None or zero3["world_size"] != self.world_size:
+            where = f"{zero3['world_size']} ZeRO-3 rank(s)" if zero3 else "another backend"
+            raise ValueError(f"optimizer state is from {where}; this run is ZeRO-3 on {self.world_size}")
+        for i, (group, flat) in enumerate(_subgroups(opt)):
+            state_i = opt.optimizer.state.setdefault(flat, {})
+            offset = 0
+            for p in group:
+                name, n = names[id(p)], p.ds_tensor.ds_numel
+                if zero3["partitions"].get(name) != [offset, n]:
+                    raise ValueError(f"optimizer state: partition of {name!r} differs "
+                                     f"({zero3['partitions'].get(name)} saved, {[offset, n]} now)")
+                entry = saved["state"].get(name, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in entry:
+                        if key not in state_i:
+                            state_i[key] = torch.zeros_like(flat)
+                        state_i[key].narrow(0, offset, n).copy_(entry[key])
+                if "master" in entry:
+                    flat.data.narrow(0, offset, n).copy_(entry["master"])
+                offset += n
+            if "exp_avg" in state_i:
+                old = state_i.get("step")
+                dtype = old.dtype if isinstance(old, torch.Tensor) else torch.float32
+                state_i["step"] = torch.tensor(float(zero3["steps"][i]), dtype=dtype)
+        for g, hyper in zip(opt.optimizer.param_groups, saved["param_groups"]):
+            for k, v in hyper.items():
+                g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
+        self.scheduler.load_state_dict(state["scheduler"])
+        for k, v in state.get("engine", {}).items():
+            setattr(self.engine, k, v)
+
+    @property
+    def _names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.model.named_parameters()}
+
+    # ---- collectives / teardown -------------------------------------------------------------
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def release(self) -> None:
+        """Drop the engine too (it holds the module, the optimizer and the gradient buffers)."""
+        if self.engine is not None:
+            self.engine.destroy()  # removes ZeRO-3's hooks and frees the optimizer's buffers
+        self.engine = None
+        super().release()
+        _trim_heap()
+
+    # ---- memory report ----------------------------------------------------------------------
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """Each parameter's local partition on this rank (`p.ds_tensor`)."""
+        return {n: getattr(p, "ds_tensor", p.data) for n, p in self.model.named_parameters()}
+
+    def local_grads(self) -> dict[str, torch.Tensor]:
+        """This rank's gradient partitions: ZeRO-3 (no offload) accumulates them in one flat
+        `grad_accum_dtype` buffer, `grad_partitions_flat_buffer`, `partition_numel()` elements per
+        trainable parameter in `fp16_groups` order; `.grad` stays None. The buffer exists from
+        setup_optimizer on (zeroed after each step)."""
+        opt = self.optimizer
+        flat = getattr(opt, "grad_partitions_flat_buffer", None)
+        if flat is None:
+            return super().local_grads()
+        names, out, offset = self._names, {}, 0
+        for group in opt.fp16_groups:
+            for p in group:
+                n = p.partition_numel()
+                out[names[id(p)]] = flat.narrow(0, offset, n)
+                offset += n
+        return out
+
+    def local_optimizer_tensors(self) -> dict[str, torch.Tensor]:
+        """`param/exp_avg`, `param/exp_avg_sq`, `param/master` (views of this rank's flat fp32
+        partitions) and `param/step` (one per flat group, keyed by its first parameter).
+
+        The fp32 master is a real separate copy even for fp32 parameters: deepspeed 0.19's
+        stage3 aliases it only when `partition.device == self.device`, which compares a
+        torch.device with a string and is False in torch >= 2.11 (4 extra bytes per trainable
+        parameter, on CPU and CUDA alike)."""
+        opt = self.optimizer
+        if opt is None or not hasattr(opt, "fp32_partitioned_groups_flat"):
+            return {}
+        names, out = self._names, {}
+        for i, (group, flat) in enumerate(_subgroups(opt)):
+            state = opt.optimizer.state.get(flat, {})
+            separate_master = flat.data_ptr() != opt.fp16_partitioned_groups_flat[i].data_ptr()
+            offset = 0
+            for j, p in enumerate(group):
+                name, n = names[id(p)], p.ds_tensor.ds_numel
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == flat.numel():
+                        out[f"{name}/{key}"] = value.narrow(0, offset, n)
+                    elif isinstance(value, torch.Tensor) and j == 0:
+                        out[f"{name}/{key}"] = value
+                if separate_master:
+                    out[f"{name}/master"] = flat.narrow(0, offset, n)
+                offset += n
+        return out
+
+
+def _subgroups(opt):
+    """(params of sub-group i, its flat fp32 partition) for a ZeRO-3 optimizer."""
+    return list(zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat))
+
+
+def _chunks(items: list[tuple[str, nn.Parameter]], budget: int):
+    chunk, size = [], 0
+    for n, p in items:
+        nbytes = int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+        if chunk and size + nbytes > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((n, p))
+        size += nbytes
+    if chunk:
+        yield chunk
+
+
+def _plain(v):
+    """JSON-able plain data from optimizer/scheduler state values."""
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
