@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -66,6 +67,16 @@ def _optional_commands() -> list[Callable]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = _run(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_PROCID" in os.environ:
+        from dtrain.dist import exit_now
+
+        exit_now(code)  # a rank of a multi-process run: skip the interpreter teardown
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit code; errors a user can cause become one line on stderr."""
     try:
         return int(args.func(args) or 0)
     except DtrainError as e:

@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported when a model is built, not when the CLI starts
+    from torch import nn
 
 GIB = 2**30
 BACKENDS = ("fsdp", "deepspeed")
@@ -372,6 +373,8 @@ def _is_llama_like(cfg: Mapping[str, Any]) -> bool:
 
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     """(in, out, has_bias) of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight is in x out)."""
+    from torch import nn
+
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, module.bias is not None
     if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
@@ -382,6 +385,8 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
 
 def _decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
     """The ModuleList of ``num_layers`` decoder blocks (the largest such list)."""
+    from torch import nn
+
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
     if not lists:
         raise ValueError(f"cannot find the {num_layers} decoder blocks of {type(model).__name__}")
@@ -411,6 +416,8 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
     params = {id(p): p.numel() for p in model.parameters()}
     blocks = _decoder_blocks(model, dims["num_layers"])
     linears, linear_ids = _block_linears(blocks)
+    from torch import nn
+
     emb = {id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
            for p in m.parameters(recurse=False)}
     head = model.get_output_embeddings()

@@ -14,12 +14,16 @@ import torch
 from tests.helpers import REPO, TINY, adapter, env_for_tests, launch_cmd, losses, run_dtrain, train
 
 QV = "lora.targets=[q_proj,v_proj]"
+# Equality runs use lr 1e-3: at 1e-2 Adam's normalized step turns a summation-order difference of
+# 1e-7 in a near-zero gradient into a 1e-6 difference of a weight (one process split two ways
+# differs just as much), which says nothing about the backends.
+LR = "training.lr=1e-3"
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    train(out, ["backend.name=none", "training.micro_batch_size=4"])
+    train(out, ["backend.name=none", "training.micro_batch_size=4", LR])
     return out
 
 
@@ -36,21 +40,21 @@ def assert_same_run(a, b) -> None:
 
 
 def test_fsdp_two_ranks_equals_single_process(single, tmp_path):
-    train(tmp_path, ["backend.name=fsdp", "training.micro_batch_size=2"], nproc=2, launcher="torchrun")
+    train(tmp_path, ["backend.name=fsdp", "training.micro_batch_size=2", LR], nproc=2, launcher="torchrun")
     assert_same_run(single, tmp_path)
 
 
 def test_fsdp_grad_accum_and_gradient_checkpointing_equal_single(single, tmp_path):
     overrides = ["backend.name=fsdp", "training.micro_batch_size=1", "training.grad_accum=2",
-                 "model.gradient_checkpointing=true"]
+                 "model.gradient_checkpointing=true", LR]
     train(tmp_path, overrides, nproc=2, launcher="torchrun")
     assert_same_run(single, tmp_path)
 
 
 def test_masked_instruction_loss_equal_across_rank_counts(tmp_path):
     data = ["data.path=dtrain/assets/tiny_instructions.jsonl", "data.format=instruction"]
-    train(tmp_path / "one", [*data, "training.micro_batch_size=4"])
-    train(tmp_path / "two", [*data, "backend.name=fsdp", "training.micro_batch_size=2"], nproc=2,
+    train(tmp_path / "one", [*data, "training.micro_batch_size=4", LR])
+    train(tmp_path / "two", [*data, "backend.name=fsdp", "training.micro_batch_size=2", LR], nproc=2,
           launcher="torchrun")
     assert_same_run(tmp_path / "one", tmp_path / "two")
 

@@ -131,11 +131,11 @@ def test_slurm_signal_during_setup_is_not_lost(
     out = tmp_path / "run"
     job = slurm.sbatch(_write_script(out, tmp_path / "train.sbatch"), env=JOB_ENV)
     deadline = time.monotonic() + 120
-    while f"{job}.0" not in slurm.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], check=False).stdout:
+    while not out.is_dir():  # the ranks have started dtrain and are loading data / building the model
         assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), _log(out, job)[-4000:]
         assert time.monotonic() < deadline, "the training step never started"
         time.sleep(0.1)
-    slurm.signal(job, "USR1")  # the ranks are still importing / building the model
+    slurm.signal(job, "USR1")  # the ranks are still loading data / building the model
     state = slurm.wait(job, timeout=240)
     info, log = slurm.job_info(job), _log(out, job)
     assert state == "COMPLETED" and info["Restarts"] == "1", f"{state}: {info}\n{log[-6000:]}"
