@@ -16,10 +16,14 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     pip install "torch==$TORCH_VERSION"
   else
-    # A CPU wheel: from a local wheel directory if pip is configured with one, else PyTorch's CPU index.
-    pip install --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-      || pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-           --extra-index-url https://pypi.org/simple
+    # A CPU wheel: from a local wheel directory if pip is configured with one (torch alone, offline;
+    # its dependencies then come from the usual index), else from PyTorch's CPU index.
+    if pip install --no-deps --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+      pip install "torch==$TORCH_VERSION"
+    else
+      pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+        --extra-index-url https://pypi.org/simple
+    fi
   fi
 fi
 if [ "${1:-}" = "--test" ]; then
