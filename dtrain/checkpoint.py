@@ -216,12 +216,32 @@ def save_adapter(backend, cfg: Config, out: Path) -> None:
                         cfg.lora.adapter_name, cfg.mode)
         backend.barrier()
         return
-    if backend.rank == 0:
+    def write() -> None:
         tmp = staging_dir(out)
         _fresh_dir(tmp)
         write_adapter(backend.model, cfg, tensors, tmp)
         publish(tmp, out, {"kind": "adapter"})
-    backend.barrier()
+
+    together(backend, write)
+
+
+def together(backend, fn, every_rank: bool = False) -> None:
+    """Run `fn` on rank 0 (or on every rank), then let all ranks learn whether it failed, so that a
+    write error on one rank (disk full, permissions) ends every rank instead of leaving the others
+    waiting at the next collective. Also a barrier."""
+    error: BaseException | None = None
+    if every_rank or backend.rank == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+    failed = int(backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
+    if error is not None:
+        if isinstance(error, OSError):
+            raise DtrainError(f"checkpoint write failed: {error}") from None
+        raise error
+    if failed:
+        raise DtrainError(f"checkpoint write failed on {failed} other rank(s); see their error")
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -449,21 +469,22 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
         return None
     final = checkpoint_dir(out, step)
     tmp = staging_dir(final)
-    if backend.rank == 0:
-        _fresh_dir(tmp)
-    backend.barrier()
-    _write_rank_state(backend, tmp)
-    if backend.rank == 0:
+    together(backend, lambda: _fresh_dir(tmp))
+    together(backend, lambda: _write_rank_state(backend, tmp), every_rank=True)
+
+    def write_shared() -> None:
         (tmp / "adapter").mkdir()
         write_adapter(backend.model, cfg, tensors, tmp / "adapter")
         write_json(tmp / TRAINER_STATE, trainer_state(cfg, backend, step, plan))
-    backend.barrier()
-    if backend.rank == 0:
+
+    def finish() -> None:
         publish(tmp, final, {"kind": "training", "step": step, "world_size": backend.world_size})
         prune(out, cfg.training.keep_last, step)
         if preempted:
             write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": str(final)})
-    backend.barrier()
+
+    together(backend, write_shared)
+    together(backend, finish)
     return final
 
 

@@ -67,11 +67,18 @@ def _optional_commands() -> list[Callable]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code = _run(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_PROCID" in os.environ:
-        from dtrain.dist import exit_now
+    code = 1
+    try:
+        code = _run(args)
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_PROCID" in os.environ:
+            import traceback
 
-        exit_now(code)  # a rank of a multi-process run: skip the interpreter teardown
+            from dtrain.dist import exit_now
+
+            if sys.exc_info()[0] is not None:
+                traceback.print_exc()  # a bug in dtrain: show it, then leave without the teardown
+            exit_now(code)  # a rank of a multi-process run: skip the interpreter teardown
     return code
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
+
+from dtrain.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -32,16 +36,47 @@ def detect(device: str = "auto", dist_backend: str = "auto") -> DistEnv:
         local = int(env.get("SLURM_LOCALID", "0"))
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
         os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = _first_slurm_host()
     else:
         rank, world, local = 0, 1, 0
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("backend.device = cuda, but torch sees no CUDA device (allowed: auto, cpu)")
     dev = torch.device(f"cuda:{local}") if device == "cuda" else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if dist_backend == "auto":
         dist_backend = "nccl" if dev.type == "cuda" else "gloo"
     return DistEnv(rank, world, local, dev, dist_backend)
+
+
+def _first_slurm_host() -> str:
+    """The allocation's first node (the rendezvous host) when srun started the ranks directly."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if nodes:
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
+                                 text=True, timeout=30, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    raise ConfigError("started by srun without MASTER_ADDR, and the first node of the allocation "
+                      "could not be found: export MASTER_ADDR (or use `dtrain slurm`)")
+
+
+def ensure_rendezvous(env: DistEnv) -> None:
+    """One process started without a launcher: a one-rank rendezvous on a free local port."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(port))
 
 
 def exit_now(code: int) -> None:

@@ -130,12 +130,12 @@ class Trainer:
         start, backend, accum = time.perf_counter(), self.backend, self.cfg.training.grad_accum
         batches = [self.train_data.take(self.plan.indices(self.state.step, m, self.env.rank)) for m in range(accum)]
         local_tokens = sum(int((b["labels"][:, 1:] != data_lib.IGNORE).sum()) for b in batches)
-        global_tokens = int(backend.all_reduce_sum(torch.tensor(float(local_tokens))).item())
-        loss_sum = torch.zeros(())
+        global_tokens = int(backend.all_reduce_sum(torch.tensor(local_tokens, dtype=torch.float64)).item())
+        loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
             total, _ = token_loss(backend.forward(batch), batch["labels"])
             backend.backward(total * self.env.world_size / max(global_tokens, 1))
-            loss_sum += total.detach().float().cpu()
+            loss_sum += total.detach().double().cpu()
         lr = backend.lr
         norm = backend.step()
         loss = float(backend.all_reduce_sum(loss_sum).item()) / max(global_tokens, 1)

@@ -52,7 +52,6 @@ frozen weight until backward: each rank would hold the whole model during forwar
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 
 import torch
@@ -62,6 +61,7 @@ from dtrain import model as model_lib
 from dtrain.backends import ds_config
 from dtrain.backends.base import Backend
 from dtrain.config import Config
+from dtrain import dist as dist_env
 from dtrain.dist import DistEnv
 
 GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
@@ -130,18 +130,6 @@ def _no_init_weights():
     return no_init_weights()
 
 
-def _ensure_rendezvous_env(env: DistEnv) -> None:
-    """One process started without a launcher: give init_distributed a one-rank rendezvous."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(port))
-
-
 class DeepSpeedBackend(Backend):
     """ZeRO-3 through a DeepSpeed engine; `self.model` is the bare module (names without `module.`)."""
 
@@ -149,7 +137,7 @@ class DeepSpeedBackend(Backend):
         super().__init__(cfg, env)
         self.ds = _import_deepspeed(env.device)
         self.ds_config = ds_config.build(cfg, env.world_size)
-        _ensure_rendezvous_env(env)
+        dist_env.ensure_rendezvous(env)
         import torch.distributed as dist
 
         if not dist.is_initialized():

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import model as model_lib
+from dtrain import dist as dist_env, model as model_lib
 from dtrain.backends.base import Backend, make_adamw
 
 
@@ -22,6 +22,7 @@ class FSDPBackend(Backend):
     def __init__(self, cfg, env) -> None:
         super().__init__(cfg, env)
         if not dist.is_initialized():
+            dist_env.ensure_rendezvous(env)
             dist.init_process_group(backend=env.dist_backend, rank=env.rank, world_size=env.world_size,
                                     device_id=env.device if env.device.type == "cuda" else None)
 
