@@ -74,7 +74,7 @@ def run_cell(layers: int, backend: str, repeats: int) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000 + layers), __file__, "--worker",
                "--layers", str(layers), "--backends", backend, "--repeats", str(repeats), "--out", tmp]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, errors="replace")
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 or not rows:
         raise SystemExit(f"{backend} with {layers} layers failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
