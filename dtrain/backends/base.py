@@ -137,8 +137,10 @@ class Backend(ABC):
     @abstractmethod
     def _build(self, config) -> nn.Module: ...
 
-    @abstractmethod
-    def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None: ...
+    def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
+        """torch AdamW over the trainable parameters and a LambdaLR (DeepSpeed hands both to its engine)."""
+        self.optimizer = make_adamw(self.trainable_parameters(), self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         """This rank's local storage of every parameter (shards where sharded), for the memory report."""

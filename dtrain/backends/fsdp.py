@@ -15,7 +15,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dtrain import dist as dist_env, model as model_lib
-from dtrain.backends.base import Backend, make_adamw
+from dtrain.backends.base import Backend
 
 
 class FSDPBackend(Backend):
@@ -65,10 +65,6 @@ class FSDPBackend(Backend):
         start = min(self.rank * chunk, n)
         stop = start + p.to_local().shape[0]
         return slice(start, stop)
-
-    def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
-        self.optimizer = make_adamw(self.trainable_parameters(), self.cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()  # FSDP2 reduce-scatters and averages the gradients over ranks

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dtrain import model as model_lib
-from dtrain.backends.base import Backend, make_adamw
+from dtrain.backends.base import Backend
 
 
 class SingleBackend(Backend):
@@ -22,10 +22,6 @@ class SingleBackend(Backend):
         model_lib.fill_full(model, model_lib.ModelSource(base, model))
         model.tie_weights()
         return model
-
-    def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
-        self.optimizer = make_adamw(self.trainable_parameters(), self.cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

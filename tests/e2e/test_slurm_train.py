@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,17 @@ def test_slurm_train_two_tasks(slurm: SlurmCluster, reference_run: tuple[Path, s
     assert slurm.job_info(job)["Restarts"] == "0"
 
 
+def _wait_while_running(slurm: SlurmCluster, job: str, out: Path, timeout: float, what: str,
+                        done: Callable[[], bool]) -> None:
+    """Poll until `done()`; fail at once if the job left the queue, or after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (
+            f"{slurm.job_info(job)}\n{_log(out, job)[-4000:]}")
+        assert time.monotonic() < deadline, f"{what}\n{_log(out, job)[-4000:]}"
+        time.sleep(0.1)
+
+
 def test_slurm_preemption_resumes_exactly(
     slurm: SlurmCluster, reference_run: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -104,12 +116,8 @@ def test_slurm_preemption_resumes_exactly(
     out = tmp_path / "run"
     job = slurm.sbatch(_write_script(out, tmp_path / "train.sbatch"), env=JOB_ENV)
     metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (
-            f"{slurm.job_info(job)}\n{_log(out, job)[-4000:]}")
-        assert time.monotonic() < deadline, f"no training progress\n{_log(out, job)[-4000:]}"
-        time.sleep(0.1)
+    _wait_while_running(slurm, job, out, 180, "no training progress",
+                        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
     slurm.signal(job, "USR1")  # the job steps' tasks: each rank, as --signal=USR1@S does
     state = slurm.wait(job, timeout=240)
     info, log = slurm.job_info(job), _log(out, job)
@@ -130,11 +138,8 @@ def test_slurm_signal_during_setup_is_not_lost(
     ref_out, _ = reference_run
     out = tmp_path / "run"
     job = slurm.sbatch(_write_script(out, tmp_path / "train.sbatch"), env=JOB_ENV)
-    deadline = time.monotonic() + 120
-    while not out.is_dir():  # the ranks have started dtrain and are loading data / building the model
-        assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), _log(out, job)[-4000:]
-        assert time.monotonic() < deadline, "the training step never started"
-        time.sleep(0.1)
+    # the ranks have started dtrain and are loading data / building the model
+    _wait_while_running(slurm, job, out, 120, "the training step never started", out.is_dir)
     slurm.signal(job, "USR1")  # the ranks are still loading data / building the model
     state = slurm.wait(job, timeout=240)
     info, log = slurm.job_info(job), _log(out, job)
