@@ -365,7 +365,7 @@ def dtrain_config(v: Variant, p: Preset, data: dict, out: Path, dtype: str) -> d
 
 
 def run_dtrain(v: Variant, p: Preset, data: dict, work: Path, nproc: int, dtype: str, cuda: bool,
-               timeout: int) -> Outcome:
+               timeout: int, overrides: list[str] = ()) -> Outcome:
     import yaml
 
     o = Outcome(v, world=nproc, tokens_per_step=p.micro_batch * p.seq_len * nproc)
@@ -373,7 +373,7 @@ def run_dtrain(v: Variant, p: Preset, data: dict, work: Path, nproc: int, dtype:
     vdir.mkdir(parents=True, exist_ok=True)
     cfg_path = vdir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(dtrain_config(v, p, data, vdir / "run", dtype), sort_keys=False))
-    cmd = torchrun(nproc) + ["-m", "dtrain", "train", str(cfg_path)]
+    cmd = torchrun(nproc) + ["-m", "dtrain", "train", str(cfg_path), *overrides]
     rc, o.wall_s = run_logged(cmd, vdir / "log.txt", child_env(cuda), timeout)
     metrics = vdir / "run" / "metrics.jsonl"
     rows = [json.loads(ln) for ln in metrics.read_text().splitlines()] if metrics.is_file() else []
@@ -691,6 +691,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="append to bench/RESULTS.md (default: yes, except with --quick)")
     p.add_argument("--no-record", dest="record", action="store_false")
     p.add_argument("--results", type=Path, default=RESULTS, help="results file (default bench/RESULTS.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dtrain config override for every dtrain variant (repeatable), e.g. "
+                        "backend.deepspeed_config=ds.json")
     p.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (configs, logs, metrics)")
     return p.parse_args(argv)
 
@@ -753,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"bench: {v.name} ...", flush=True)
         if v.kind == "dtrain":
-            o = run_dtrain(v, p, data, work, nproc, dtype, cuda, timeout)
+            o = run_dtrain(v, p, data, work, nproc, dtype, cuda, timeout, args.overrides)
         elif v.kind == "peft":
             o = run_peft(v, p, data, work, nproc, dtype, cuda, timeout, arch_file)
         else:

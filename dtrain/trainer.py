@@ -165,17 +165,16 @@ class Trainer:
         """Mean token loss on the held-out split (same for every rank count)."""
         n, mb, world = len(self.eval_data), self.cfg.training.micro_batch_size, self.env.world_size
         total, tokens = torch.zeros(()), torch.zeros(())
-        self.backend.model.eval()
-        rounds = min(self.cfg.training.eval_batches, -(-n // (mb * world)))
-        for i in range(rounds):  # every rank runs the same number of forwards (sharded collectives)
-            start = (i * world + self.env.rank) * mb
-            idx = torch.arange(start, min(start + mb, n)) if start < n else torch.tensor([0])
-            batch = self.eval_data.take(idx)
-            s, c = token_loss(self.backend.forward(batch), batch["labels"])
-            if start < n:
-                total += s.float().cpu()
-                tokens += c
-        self.backend.model.train()
+        with self.backend.evaluating():
+            rounds = min(self.cfg.training.eval_batches, -(-n // (mb * world)))
+            for i in range(rounds):  # every rank runs the same number of forwards (sharded collectives)
+                start = (i * world + self.env.rank) * mb
+                idx = torch.arange(start, min(start + mb, n)) if start < n else torch.tensor([0])
+                batch = self.eval_data.take(idx)
+                s, c = token_loss(self.backend.forward(batch), batch["labels"])
+                if start < n:
+                    total += s.float().cpu()
+                    tokens += c
         return float(self.backend.all_reduce_sum(total)) / max(float(self.backend.all_reduce_sum(tokens)), 1.0)
 
     # ---- preemption -------------------------------------------------------------------------

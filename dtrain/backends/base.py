@@ -6,6 +6,7 @@ Public methods are the lifecycle; subclasses fill in the `_`-prefixed steps.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 from abc import ABC, abstractmethod
@@ -94,6 +95,15 @@ class Backend(ABC):
         batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         with self.autocast():
             return self.model(**batch, use_cache=False).logits
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Forward-only passes: the model in eval mode inside, back in train mode after."""
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
 
     def autocast(self):
         wants = self.cfg.model.dtype == "bf16"

@@ -47,10 +47,15 @@ LinearFunctionForZeroStage3 (`memory_efficient_linear`, kept on): it saves the w
 backward, so ZeRO-3 can release the gathered weight after the module's forward and gather it again
 in backward. With plain F.linear autograd saves the view `weight.t()`, which pins every gathered
 frozen weight until backward: each rank would hold the whole model during forward/backward.
+How long gathered weights stay (for their reuse in backward) and how far ahead ZeRO-3 prefetches
+is sized from the model once its architecture is known (`ds_config.gather_limits`: at most one
+rank's share of the parameters kept gathered). On CPU, freed host memory goes back to the OS
+after loading and when it piles up between steps (backends/heap.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -58,7 +63,7 @@ import torch
 from torch import nn
 
 from dtrain import model as model_lib
-from dtrain.backends import ds_config
+from dtrain.backends import ds_config, heap
 from dtrain.backends.base import Backend
 from dtrain.config import Config
 from dtrain import dist as dist_env
@@ -66,26 +71,7 @@ from dtrain.dist import DistEnv
 
 GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
-TRIM_EVERY_BYTES = 64 * 2**20  # _fill hands freed heap back to the OS after this much gathered
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    ZeRO-3 gathers one full module at a time and frees it, in many sizes; glibc keeps the freed
-    chunks (its mmap threshold rises to the largest freed block, so later blocks come from the
-    heap) and a rank's RSS ends up far above what it holds. On a 162M-parameter fp32 checkpoint,
-    2 CPU ranks: RSS after loading 860-950 MB untrimmed, 700 MB trimmed (baseline 276 MB + the
-    rank's 325 MB of partitions); during training it grew by 100-300 MB per step untrimmed
-    (1.2 GB -> 1.9 GB over 5 steps) and stayed at 760 MB after each step trimmed. Called after
-    loading and, on CPU, after each optimizer step (about a millisecond).
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+TRIM_EVERY_BYTES = 64 * 2**20  # _fill hands freed heap back to the OS after this much gathered (see heap.py)
 
 
 def _import_deepspeed(device: torch.device):
@@ -144,17 +130,20 @@ class DeepSpeedBackend(Backend):
             self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False)
         self.engine = None
         self._closed = False
+        self._trimmer = heap.StepTrimmer()
 
     # ---- build ------------------------------------------------------------------------------
     def _build(self, config) -> nn.Module:
         cfg, ds = self.cfg, self.ds
         dtype = model_lib.DTYPES[cfg.model.dtype]
+        # now that the architecture is known: gather limits sized from the model (ds_config.py)
+        self.ds_config = ds_config.build(cfg, self.env.world_size, ds_config.ModelSize.of(config))
         # no_init_weights: every weight is filled from the source below, so skip HF's random init
         # (transformers' own from_pretrained does the same under DeepSpeed).
         with ds.zero.Init(config_dict_or_path=self.ds_config), _no_init_weights():
             model = model_lib.build_empty(config, dtype, device="cpu",
                                           trust_remote_code=cfg.model.trust_remote_code)
-        _trim_heap()
+        heap.trim()
         self.prepare(model)
         # LoRA (and any other new) parameters: partition them too, from rank 0's values.
         ds.zero.Init(module=model, config_dict_or_path=self.ds_config)
@@ -183,9 +172,9 @@ class DeepSpeedBackend(Backend):
                         p.copy_(source.read(names[id(p)]).to(p.dtype))
             since_trim += sum(int(p.ds_numel) * p.element_size() for p in params)
             if since_trim >= TRIM_EVERY_BYTES:
-                _trim_heap()
+                heap.trim()
                 since_trim = 0
-        _trim_heap()
+        heap.trim()
 
     # ---- optimizer --------------------------------------------------------------------------
     def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
@@ -212,8 +201,26 @@ class DeepSpeedBackend(Backend):
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         if self.device.type == "cpu":
-            _trim_heap()  # host RAM is where the model lives: see _trim_heap
+            self._trimmer.after_step()  # host RAM is where the model lives: see backends/heap.py
         return float(norm) if norm is not None else 0.0
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        with super().evaluating():
+            yield
+        self._release_gathered()
+
+    def _release_gathered(self) -> None:
+        """Wait for and release every gathered or prefetched weight.
+
+        ZeRO-3 prefetches the modules its trace of a training step predicts. A forward-only pass
+        (evaluation, where gradient checkpointing does not recompute) ends with the prefetched
+        modules still in flight, and GatheredParameters on one of them then fails ("Cannot
+        partition a param in flight"). Called after evaluation and before the gathers of
+        checkpointing.
+        """
+        if self.engine is not None:
+            self.engine.empty_partition_cache()
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -226,6 +233,7 @@ class DeepSpeedBackend(Backend):
     def full_state(self, names: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         chosen = [(n, p) for n, p in self.model.named_parameters() if names(n)]
         out: dict[str, torch.Tensor] = {}
+        self._release_gathered()
         for chunk in _chunks(chosen, GATHER_BUDGET_BYTES):
             with self.ds.zero.GatheredParameters([p for _, p in chunk]):
                 for n, p in chunk:
@@ -246,6 +254,7 @@ class DeepSpeedBackend(Backend):
         if missing:
             raise KeyError(f"no parameter named {missing[0]!r} in the model")
         chosen = [(n, params[n]) for n in sorted(tensors)]
+        self._release_gathered()
         for chunk in _chunks(chosen, GATHER_BUDGET_BYTES):
             with self.ds.zero.GatheredParameters([p for _, p in chunk], modifier_rank=0), torch.no_grad():
                 if self.rank == 0:
@@ -360,7 +369,7 @@ class DeepSpeedBackend(Backend):
             self.engine.destroy()  # removes ZeRO-3's hooks and frees the optimizer's buffers
         self.engine = None
         super().release()
-        _trim_heap()
+        heap.trim()
 
     # ---- memory report ----------------------------------------------------------------------
     def local_tensors(self) -> dict[str, torch.Tensor]:

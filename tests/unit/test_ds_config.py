@@ -68,6 +68,34 @@ def test_user_keys_we_do_not_set_pass_through_and_defaults_can_be_tuned(tmp_path
     assert c["optimizer"]["params"]["lr"] == cfg.training.lr
 
 
+def test_gather_limits_sized_from_the_model(tmp_path):
+    """Live / reuse limits = one rank's share of the parameters (at most DeepSpeed's 1e9);
+    prefetch = 0.9 x hidden^2; without a size nothing is kept gathered."""
+    from dtrain import model as model_lib
+
+    cfg = cfg_with(tmp_path)
+    size = ds_config.ModelSize.of(model_lib.hf_config(cfg.model))
+    arch = cfg.model.arch
+    assert size.hidden == arch["hidden_size"]
+    # the tiny Llama: embeddings, untied head, per layer q k v o (k/v by kv heads), MLP, 2 norms; final norm
+    h, inter, vocab, layers = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_hidden_layers"]
+    kv = h * arch["num_key_value_heads"] // arch["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+    assert size.params == 2 * vocab * h + layers * per_layer + h
+    z = ds_config.generate(cfg, world_size=2, size=size)["zero_optimization"]
+    assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == -(-size.params // 2)
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
+    assert ds_config.gather_limits(ds_config.ModelSize(hidden=8192, params=70_000_000_000), 8) == {
+        "stage3_prefetch_bucket_size": int(0.9 * 8192 ** 2),
+        "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
+    z0 = ds_config.generate(cfg, world_size=2)["zero_optimization"]
+    assert (z0["stage3_prefetch_bucket_size"], z0["stage3_max_live_parameters"], z0["stage3_max_reuse_distance"]) == (0, 0, 0)
+    user = {"zero_optimization": {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}}
+    z = ds_config.build(cfg_with(tmp_path, [], user), 2, size)["zero_optimization"]
+    assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == 0  # the user's JSON wins
+    assert z["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
+
+
 def test_equal_values_in_another_spelling_are_not_conflicts(tmp_path):
     user = {"gradient_clipping": 1, "optimizer": {"type": "adamw", "params": {"lr": 0.01, "betas": [0.9, 0.999]}},
             "bfloat16": {"enabled": False}}
