@@ -1,5 +1,5 @@
-"""PyTorch FSDP2 (`fully_shard`): each decoder block, then the root; frozen and LoRA parameters in
-the same units. The model is built on the meta device, sharded, then each rank reads only its
+"""PyTorch FSDP2 (`fully_shard`): each decoder block, the embeddings and the head, then the root;
+frozen and LoRA parameters in the same units. The model is built on the meta device, sharded, then each rank reads only its
 rows of every tensor from the weight source, so no rank holds the full model in memory.
 """
 
@@ -40,12 +40,23 @@ class FSDPBackend(Backend):
         return model
 
     def _shard(self, model: nn.Module) -> None:
+        """Units: each decoder block, the input embeddings, the output head, then the root.
+
+        Embeddings and head get units of their own (when untied) so that they are not left in the
+        root unit, which FSDP2 keeps gathered from forward to the end of backward: the input
+        embeddings are resharded after forward; the head is not (backward starts with it). Tied
+        embeddings share one tensor and stay in the root unit.
+        """
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.cfg.model.dtype == "bf16" else MixedPrecisionPolicy()
         blocks = set(getattr(model, "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module, mp_policy=policy)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if embed is not None and head is not None and not _shares_parameters(embed, head):
+            fully_shard(embed, mp_policy=policy)
+            fully_shard(head, mp_policy=policy, reshard_after_forward=False)
         fully_shard(model, mp_policy=policy)
 
     def _fill(self, model: nn.Module, source: model_lib.WeightSource) -> None:
@@ -130,6 +141,10 @@ class FSDPBackend(Backend):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
+    return bool({id(p) for p in a.parameters()} & {id(p) for p in b.parameters()})
 
 
 def _like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,8 @@ Assumptions (derivations and references in docs/memory_estimate.md):
   embeddings, head, norms and biases stay in the parameter dtype. Adapters have r*(in+out)
   parameters per target, in fp32, trained by fp32 AdamW: 4 + 4 + 8 = 16 B per parameter.
 * Gathered unit (transient, unsharded): FSDP gathers one unit at a time (a unit per decoder
-  block plus a root unit holding the rest); DeepSpeed gathers module by module (its own
-  estimator's "largest layer"). Full FT holds the unit's 16-bit parameters and gradients;
+  block, the embeddings and the head each a unit when untied, a root unit holding the rest);
+  DeepSpeed gathers module by module (its own estimator's "largest layer"). Full FT holds the unit's 16-bit parameters and gradients;
   LoRA holds the unit's frozen storage, its adapters' fp32 parameters and gradients and,
   when quantized, one dequantized weight of the largest linear.
 * Activations (per GPU, ``batch`` is the per-GPU micro-batch): Korthikanti et al. 2022 per
@@ -84,7 +84,7 @@ ASSUMPTIONS = (
     "LoRA: r*(in+out) fp32 params per target, 4 B param + 4 B grad + 8 B Adam = 16 B/param",
     "frozen: 16-bit 2 B/param; 8-bit 1 B + fp32 scale per row; 4-bit NF4 0.5 B + fp32 absmax "
     "per 64; embeddings, head, norms, biases unquantized",
-    "gathered unit: fsdp = largest of decoder block / root rest; deepspeed = largest module",
+    "gathered unit: fsdp = largest of decoder block / embeddings / head / root rest; deepspeed = largest module",
     "activations: Korthikanti et al. 2022 per layer (GQA, gated MLP), s^2 scores only for "
     "eager attention; checkpointing keeps layer inputs + one layer; logits fp32 b*s*V*4",
     "not counted: CUDA context, fragmentation, comm buckets, optimizer-step transients",
@@ -512,7 +512,21 @@ def unit_params(spec: ModelSpec, backend: str) -> int:
     """Parameters gathered unsharded at once: one FSDP unit, or one DeepSpeed module."""
     if backend == "deepspeed":
         return spec.largest_module_params
-    return max(spec.block_params, spec.non_block_params)
+    return fsdp_unit_params(spec)
+
+
+def fsdp_unit_params(spec: ModelSpec) -> int:
+    """Largest of dtrain's FSDP2 units: a decoder block or one of the units outside the blocks."""
+    return max(spec.block_params, fsdp_outer_unit_params(spec))
+
+
+def fsdp_outer_unit_params(spec: ModelSpec) -> int:
+    """Largest FSDP2 unit outside the decoder blocks: the embeddings and the head are units of
+    their own when untied; the root holds the rest (final norm; tied embeddings stay in it)."""
+    if spec.tied_embeddings:
+        return spec.non_block_params
+    rest = spec.non_block_params - spec.embedding_params - spec.head_params
+    return max(spec.embedding_params, spec.head_params, rest)
 
 
 def layer_activation_bytes(spec: ModelSpec, plan: Plan) -> float:
@@ -588,7 +602,7 @@ def _lora_unit_bytes(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, .
         linears = sum(lin.count * layer_bytes(lin) for lin in spec.linears) / spec.num_layers
         linear_params = sum(lin.count * lin.params for lin in spec.linears) / spec.num_layers
         block = linears + (spec.block_params - linear_params) * pb
-        unit = max(block, spec.non_block_params * pb)
+        unit = max(block, fsdp_outer_unit_params(spec) * pb)
     largest_weight = max((lin.weight_params for lin in spec.linears), default=0)
     return unit + (largest_weight * pb if plan.bits < 16 else 0)
 

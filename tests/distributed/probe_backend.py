@@ -12,6 +12,13 @@ from dtrain import config as config_lib, data as data_lib, trainer as trainer_li
 from dtrain.lora import is_lora_param
 
 
+def fsdp_units(model: torch.nn.Module) -> list[str]:
+    """Names of the modules FSDP2 made units of ("" is the root); empty for other backends."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule))
+
+
 def main() -> None:
     cfg = config_lib.load(sys.argv[1], sys.argv[2:])
     t = trainer_lib.Trainer(cfg)
@@ -34,6 +41,7 @@ def main() -> None:
         "quant_storage_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_int8", "weight_nf4"))),
         "quant_scale_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_scale", "weight_absmax"))),
         "full_frozen_bytes": sum(p.numel() * 4 for n, p in params.items() if not p.requires_grad),
+        "fsdp_units": fsdp_units(b.model),
     }
     (t.out / f"probe-rank{b.rank}.json").write_text(json.dumps(row))
     t.cleanup()

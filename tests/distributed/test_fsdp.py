@@ -81,6 +81,24 @@ def test_each_rank_holds_half_the_frozen_bytes_and_lora_only_optimizer_state(tmp
         assert r["optimizer_state_bytes"] == 2 * r["trainable_bytes"]  # exp_avg + exp_avg_sq
 
 
+def test_units_are_blocks_embeddings_head_and_root(tmp_path):
+    units = probe(tmp_path, "fsdp")[0]["fsdp_units"]
+    layers = [f"model.layers.{i}" for i in range(2)]
+    assert units == sorted(["", "lm_head", "model.embed_tokens", *layers])
+    tied = probe(tmp_path / "tied", "fsdp", ["model.arch.tie_word_embeddings=true"])
+    assert tied[0]["fsdp_units"] == sorted(["", *layers])  # one shared tensor: it stays in the root unit
+    full = tied[0]["full_frozen_bytes"]
+    assert [r["frozen_bytes"] for r in tied] == [full // 2, full // 2]
+
+
+def test_tied_embeddings_two_ranks_equal_single_process(tmp_path):
+    tie = "model.arch.tie_word_embeddings=true"
+    train(tmp_path / "one", [tie, "backend.name=none", "training.micro_batch_size=4", LR])
+    train(tmp_path / "two", [tie, "backend.name=fsdp", "training.micro_batch_size=2", LR], nproc=2,
+          launcher="torchrun")
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
 def test_a_killed_rank_fails_the_job_quickly(tmp_path):
     cmd = launch_cmd(2, "torchrun") + ["train", str(TINY), QV, "backend.name=fsdp", "training.max_steps=100000",
                                        "training.eval_every=0", f"output.dir={tmp_path}"]

@@ -238,16 +238,20 @@ def test_gathered_unit_by_hand() -> None:
     spec = spec_from_config(TINY_LLAMA, "tiny")
     h, f, kv, vocab = 64, 176, 32, 512
     block = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h  # q, o; k, v; gate, up, down; 2 norms
-    root = 2 * vocab * h + h  # embeddings, head, final norm
+    non_block = 2 * vocab * h + h  # embeddings, head, final norm
+    emb = vocab * h  # FSDP units of their own: the embeddings, the head (untied); the root: final norm
     lora_block = 8 * (h + h) + 8 * (h + kv)  # q_proj, v_proj at r=8
-    assert (spec.block_params, spec.non_block_params) == (block, root)
+    assert (spec.block_params, spec.non_block_params) == (block, non_block)
     fsdp, ds = estimate(spec, Plan()), estimate(spec, Plan(backend="deepspeed"))
-    assert fsdp.full.gathered_unit == 2 * 2 * max(block, root)
+    assert fsdp.full.gathered_unit == 2 * 2 * max(block, emb)
     assert ds.full.gathered_unit == 2 * 2 * vocab * h  # largest module: the embedding
-    assert fsdp.lora.gathered_unit == max(2 * block + 8 * lora_block, 2 * root)
+    assert fsdp.lora.gathered_unit == max(2 * block + 8 * lora_block, 2 * emb)
     q4 = estimate(spec, Plan(bits=4))
     dequant = 2 * h * f  # one bf16 copy of the largest linear weight
-    assert q4.lora.gathered_unit == 2 * root + dequant  # the root unit is the larger here
+    assert q4.lora.gathered_unit == 2 * emb + dequant  # the embedding unit is the larger here
+    tied = spec_from_config({**TINY_LLAMA, "tie_word_embeddings": True}, "tied")
+    assert tied.non_block_params == vocab * h + h
+    assert estimate(tied, Plan()).full.gathered_unit == 2 * 2 * max(block, vocab * h + h)  # all in the root
 
 
 # ----------------------------------------------------------------------------- activations
