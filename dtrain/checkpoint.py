@@ -52,6 +52,7 @@ from torch import nn
 from dtrain import lora
 from dtrain.config import Config
 from dtrain.errors import ConfigError, DtrainError
+from dtrain.files import fsync_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -64,15 +65,6 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 # ---- files ----------------------------------------------------------------------------------
-
-def _fsync(path: Path) -> None:
-    """fsync a file or a directory by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON and fsync it."""
@@ -93,7 +85,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
             raise ValueError(f"refusing to write '{key}' of shape {list(t.shape)} to {path.name}: an empty "
                              "(unmaterialized) tensor; gather the full parameter first")
     save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata)
-    _fsync(path)
+    fsync_path(path)
 
 
 def sha256_file(path: Path) -> str:
@@ -119,16 +111,16 @@ def publish(tmp: Path, final: Path, info: dict) -> None:
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
     sums = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
     for d in sorted({p.parent for p in files} | {tmp}, key=lambda p: -len(p.parts)):
-        _fsync(d)
+        fsync_path(d)
     write_json(tmp / MARKER, {**info, "format": FORMAT_VERSION, "files": sums})
-    _fsync(tmp)
+    fsync_path(tmp)
     old = None
     if final.exists():  # a stale or corrupt checkpoint of the same step: replace it
         old = final.parent / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -479,13 +471,23 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
 
     def finish() -> None:
         publish(tmp, final, {"kind": "training", "step": step, "world_size": backend.world_size})
+        log.info("checkpoint of step %d written: %s", step, final)
         prune(out, cfg.training.keep_last, step)
         if preempted:
-            write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": str(final)})
+            _write_preempted(out, step)
 
     together(backend, write_shared)
     together(backend, finish)
     return final
+
+
+def _write_preempted(out: Path, step: int) -> None:
+    write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": str(checkpoint_dir(out, step))})
+
+
+def mark_preempted(backend, out: Path, step: int) -> None:
+    """Write the PREEMPTED marker for the checkpoint of `step`, already saved (every rank calls it)."""
+    together(backend, lambda: _write_preempted(out, step))
 
 
 def prune(out: Path, keep: int, current: int) -> None:
@@ -550,9 +552,7 @@ def trim_metrics(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     keep = [line for line in lines if _row_step(line) <= step]
     if len(keep) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(keep))
 
 
 def _row_step(line: str) -> int:

@@ -328,8 +328,10 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save(cfg: Config, path: Path) -> None:
-    """Write the resolved config as YAML."""
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a crash leaves the old file or the new)."""
+    from dtrain import files
+
+    files.write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def describe_schema() -> list[tuple[str, str, str]]:

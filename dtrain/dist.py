@@ -30,7 +30,7 @@ def detect(device: str = "auto", dist_backend: str = "auto") -> DistEnv:
     env = os.environ
     if "RANK" in env:
         rank, world = int(env["RANK"]), int(env.get("WORLD_SIZE", "1"))
-        local = int(env.get("LOCAL_RANK", rank))
+        local = _local_rank(rank)
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", "0"))
@@ -50,6 +50,21 @@ def detect(device: str = "auto", dist_backend: str = "auto") -> DistEnv:
     if dist_backend == "auto":
         dist_backend = "nccl" if dev.type == "cuda" else "gloo"
     return DistEnv(rank, world, local, dev, dist_backend)
+
+
+def _local_rank(rank: int) -> int:
+    """LOCAL_RANK; a launcher that sets only RANK: from LOCAL_WORLD_SIZE or the GPUs of this node.
+
+    Ranks are numbered node by node (torchrun, deepspeed and srun all do), so rank modulo the
+    ranks per node is the local rank. Without either, as before: the rank (one node).
+    """
+    env = os.environ
+    if "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"])
+    per_node = int(env.get("LOCAL_WORLD_SIZE") or 0)
+    if not per_node and torch.cuda.is_available():
+        per_node = torch.cuda.device_count()
+    return rank % per_node if per_node > 0 else rank
 
 
 def _first_slurm_host() -> str:

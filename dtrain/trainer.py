@@ -55,6 +55,7 @@ class Trainer:
         self.out = Path(cfg.output.dir)
         self.state = RunState()
         self.backend = backends.create(cfg, self.env)
+        self._saved_step = -1  # last step a save_every checkpoint was written for
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -107,8 +108,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
                 self._after_step(row, metrics)
                 if self._preempt_requested():
-                    checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan,
-                                             preempted=True)
+                    if self._saved_step == self.state.step:  # save_every just wrote this step's checkpoint
+                        checkpoint.mark_preempted(self.backend, self.out, self.state.step)
+                    else:
+                        checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan,
+                                                 preempted=True)
                     log.warning("preempted: checkpoint at step %d written; exit %d to requeue",
                                 self.state.step, PREEMPT_EXIT)
                     return PREEMPT_EXIT
@@ -159,6 +163,7 @@ class Trainer:
             metrics.flush()
         if t.save_every and step % t.save_every == 0 and step < self.total_steps:
             checkpoint.save_training(self.backend, self.cfg, self.out, step, self.plan)
+            self._saved_step = step
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -71,8 +71,8 @@ def gather_limits(size: ModelSize | None, world_size: int | None) -> dict[str, i
     With all three at 0 each module's weights are gathered when it runs and released right after
     (FSDP2's reshard after forward); backward gathers them again. Keeping gathered weights for
     their reuse in backward (live + reuse distance) and prefetching the next module's overlap
-    and save gathers: on the benchmark's 58M-parameter model (2 CPU ranks) 3.2 s per step against
-    3.7 s, for +4% peak RSS. The live limit is one rank's share of the model (params / ranks,
+    and save gathers: on the benchmark's 58M-parameter model (2 CPU ranks) 3.3 s per step against
+    3.7 s, for about +9% peak RSS (bench/RESULTS.md, follow-up on the 15:47 run). The live limit is one rank's share of the model (params / ranks,
     at most DeepSpeed's 1e9): a rank never holds more than twice its share of the base, where
     DeepSpeed's 1e9 keeps a whole model of under 1e9 parameters gathered from forward to backward.
     The prefetch bucket is 0.9 x hidden^2 (about one attention projection), the size accelerate
