@@ -137,7 +137,8 @@ class DeepSpeedBackend(Backend):
         cfg, ds = self.cfg, self.ds
         dtype = model_lib.DTYPES[cfg.model.dtype]
         # now that the architecture is known: gather limits sized from the model (ds_config.py)
-        self.ds_config = ds_config.build(cfg, self.env.world_size, ds_config.ModelSize.of(config))
+        size = ds_config.ModelSize.of(config, cfg.model.trust_remote_code)
+        self.ds_config = ds_config.build(cfg, self.env.world_size, size)
         # no_init_weights: every weight is filled from the source below, so skip HF's random init
         # (transformers' own from_pretrained does the same under DeepSpeed).
         with ds.zero.Init(config_dict_or_path=self.ds_config), _no_init_weights():

@@ -56,11 +56,11 @@ class ModelSize:
     params: int
 
     @classmethod
-    def of(cls, config) -> "ModelSize":
+    def of(cls, config, trust_remote_code: bool = False) -> "ModelSize":
         """From a transformers config, counting parameters on a meta-device build (no memory)."""
         from dtrain import model as model_lib
 
-        empty = model_lib.build_empty(config, torch.float32, device="meta")
+        empty = model_lib.build_empty(config, torch.float32, device="meta", trust_remote_code=trust_remote_code)
         return cls(hidden=int(getattr(config, "hidden_size", 0) or 0),
                    params=sum(p.numel() for p in empty.parameters()))
 
