@@ -232,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
     except Exception:
         traceback.print_exc()
-        sys.stderr.flush()
-        sys.exit(1)
+        code = 1
+    # A rank leaves without the interpreter teardown, as dtrain's own ranks do: after the gloo
+    # process group, C++ teardown can abort ("terminate called without an active exception").
+    from dtrain.dist import exit_now
+
+    exit_now(code)
