@@ -4,7 +4,7 @@
 
 The adapter is the same for both bases (r=8 on layer 0's q_proj and v_proj, via lora.target_regex);
 the base grows by its number of layers. Printed per (base, backend), medians of wall time:
-gathering the LoRA tensors (`checkpoint.gather_adapter`), `checkpoint.save_adapter` (that gather +
+gathering the LoRA tensors (`adapter.gather_adapter`), `adapter.save_adapter` (that gather +
 rank 0 writes atomically), a whole training checkpoint (`save_training`: + optimizer shards, RNG,
 checksums), and for contrast gathering the whole model (`backend.full_state` of every parameter:
 what a save that gathered the base would pay). The first three stay flat as the base grows; the
@@ -31,7 +31,7 @@ ARCH = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8,
 
 def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
     """One cell, on every rank: build, then time the saves; rank 0 prints one JSON line."""
-    from dtrain import backends, checkpoint, config, data, dist, lora
+    from dtrain import adapter, backends, checkpoint, config, data, dist, lora
 
     overrides = [f"model.arch.{k}={v}" for k, v in {**ARCH, "num_hidden_layers": layers}.items()]
     cfg = config.load(REPO / "configs" / "tiny.yaml", [
@@ -56,11 +56,11 @@ def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
     trainable, total = lora.count_parameters(backend.model)
     row = {
         "base_params": total - trainable, "lora_params": trainable, "backend": backend_name,
-        "gather_s": timed(lambda: checkpoint.gather_adapter(backend, cfg.lora.adapter_name)),
-        "adapter_s": timed(lambda: checkpoint.save_adapter(backend, cfg, out / "adapter")),
+        "gather_s": timed(lambda: adapter.gather_adapter(backend, cfg.lora.adapter_name)),
+        "adapter_s": timed(lambda: adapter.save_adapter(backend, cfg, out / "adapter")),
         "checkpoint_s": timed(lambda: checkpoint.save_training(backend, cfg, out, 1, plan)),
         "full_gather_s": timed(lambda: backend.full_state(lambda n: True)),
-        "adapter_file_bytes": (out / "adapter" / checkpoint.ADAPTER_WEIGHTS).stat().st_size
+        "adapter_file_bytes": (out / "adapter" / adapter.ADAPTER_WEIGHTS).stat().st_size
         if env.rank == 0 else 0,
     }
     if env.rank == 0:

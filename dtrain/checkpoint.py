@@ -1,14 +1,7 @@
-"""Adapter-only checkpoints in PEFT's format, and training checkpoints for exact resume.
+"""Training checkpoints, for an exact resume.
 
-Nothing of the frozen base is ever written: only the LoRA A and B tensors (gathered by
-`backend.full_state` with a LoRA-only filter, so ZeRO-3 gathers and FSDP2 unshards only those),
-the optimizer state of the LoRA parameters, the scheduler, RNG states and the step.
-
-An adapter directory (`<output.dir>/adapter/`, and `adapter/` inside each training checkpoint) is
-what PEFT's `save_pretrained` writes: `adapter_config.json` + `adapter_model.safetensors` with
-PEFT's key names (`base_model.model.<module>.lora_A.weight`), so
-`peft.PeftModel.from_pretrained(base, dir)` loads it, and `load_adapter` loads PEFT's adapters.
-
+Nothing of the frozen base is ever written: only the adapter (adapter.py, PEFT's format), the
+optimizer state of the LoRA parameters, the scheduler, RNG states and the step.
 A training checkpoint, `<output.dir>/checkpoints/step-00000042/`:
 
     adapter/adapter_config.json        PEFT LoraConfig
@@ -20,10 +13,10 @@ A training checkpoint, `<output.dir>/checkpoints/step-00000042/`:
     rng-rank{r}.json                   rank r's python `random` and numpy states
     COMPLETE                           written last: step, world size, sha256 of every file above
 
-Writes are atomic: every rank writes into `checkpoints/.tmp-step-00000042/` (each file fsynced),
-then rank 0 checksums, writes COMPLETE, fsyncs and renames the directory into place and fsyncs
-`checkpoints/`. `training.resume: auto` takes the newest checkpoint whose COMPLETE marker lists
-files that exist with matching checksums; a truncated or corrupted one is reported in one log
+Writes are atomic (files.publish): every rank writes into `checkpoints/.tmp-step-00000042/` (each
+file fsynced), then rank 0 checksums, writes COMPLETE, fsyncs and renames the directory into place
+and fsyncs `checkpoints/`. `training.resume: auto` takes the newest checkpoint whose COMPLETE marker
+lists files that exist with matching checksums; a truncated or corrupted one is reported in one log
 line and skipped. `training.keep_last` newest are kept. Only safetensors and JSON: no pickle.
 
 On preemption (see trainer.PREEMPT_EXIT) rank 0 also writes `<output.dir>/PREEMPTED` (JSON: step,
@@ -33,11 +26,8 @@ where a launcher (torchrun) replaces the worker's exit code 75 by its own; the n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-import os
 import random
 import re
 import shutil
@@ -46,286 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import load_file
 
-from dtrain import lora
+from dtrain import files, lora
+from dtrain.adapter import ADAPTER_FILES, ADAPTER_WEIGHTS, gather_adapter, write_adapter
 from dtrain.config import Config
-from dtrain.errors import ConfigError, DtrainError
-from dtrain.files import fsync_path, write_text_atomic
+from dtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-MARKER = "COMPLETE"
 PREEMPTED = "PREEMPTED"
 TRAINER_STATE = "trainer_state.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-# ---- files ----------------------------------------------------------------------------------
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON and fsync it."""
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file and fsync it. An empty tensor is refused, never written.
-
-    An empty tensor in a state to save is an unmaterialized shard (a ZeRO-3 parameter read outside
-    a gather is a shape-[0] placeholder): writing it would silently produce a broken file.
-    """
-    for key, t in tensors.items():
-        if t.numel() == 0:
-            raise ValueError(f"refusing to write '{key}' of shape {list(t.shape)} to {path.name}: an empty "
-                             "(unmaterialized) tensor; gather the full parameter first")
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata)
-    fsync_path(path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def staging_dir(final: Path) -> Path:
-    """The temporary directory, next to `final`, that is renamed to `final` when complete."""
-    return final.parent / f".tmp-{final.name}"
-
-
-def _fresh_dir(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-
-
-def publish(tmp: Path, final: Path, info: dict) -> None:
-    """Write COMPLETE (info + sha256 of every file) into `tmp`, fsync, rename `tmp` to `final`."""
-    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MARKER)
-    sums = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in files}
-    for d in sorted({p.parent for p in files} | {tmp}, key=lambda p: -len(p.parts)):
-        fsync_path(d)
-    write_json(tmp / MARKER, {**info, "format": FORMAT_VERSION, "files": sums})
-    fsync_path(tmp)
-    old = None
-    if final.exists():  # a stale or corrupt checkpoint of the same step: replace it
-        old = final.parent / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _required_files(info: dict) -> list[str]:
-    """The files a checkpoint of this kind must hold (every rank's, for a training checkpoint)."""
-    adapter = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
-    if info.get("kind") != "training":
-        return adapter
-    ranks = [f for r in range(int(info.get("world_size", 1))) for f in _rank_files(r)]
-    return [f"adapter/{f}" for f in adapter] + [TRAINER_STATE, *ranks]
-
-
-def verify(directory: Path) -> str | None:
-    """None when `directory` is complete and intact, else the reason it is not (one line)."""
-    marker = directory / MARKER
-    if not marker.is_file():
-        return f"no {MARKER} marker (interrupted write?)"
-    try:
-        info = json.loads(marker.read_text())
-        files = info["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"unreadable {MARKER} marker"
-    if not isinstance(files, dict) or not files:
-        return f"{MARKER} lists no files"
-    missing = [f for f in _required_files(info) if f not in files]
-    if missing:
-        return f"{MARKER} does not list {missing[0]}"
-    for rel, digest in sorted(files.items()):
-        p = directory / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if sha256_file(p) != digest:
-            return f"{rel} does not match its checksum (truncated or corrupted)"
-    return None
-
-
-# ---- adapters (PEFT format) -----------------------------------------------------------------
-
-def _is_adapter_param(param_name: str, adapter: str) -> bool:
-    return lora.is_lora_param(param_name) and param_name.endswith(f".{adapter}.weight")
-
-
-def gather_adapter(backend, adapter: str) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of adapter `adapter`'s A and B only, by dtrain name (collective)."""
-    return backend.full_state(lambda n: _is_adapter_param(n, adapter))
-
-
-def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
-    """PEFT's `target_modules` for exactly `modules`: name suffixes when they select exactly these
-    modules in `model`, else a regex that PEFT full-matches against module names."""
-    suffixes = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    same_suffix = {n for n in lora.linear_names(model) if n.rsplit(".", 1)[-1] in suffixes}
-    if same_suffix == set(modules):
-        return suffixes
-    return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
-
-
-def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None) -> dict:
-    """adapter_config.json as PEFT writes it for a LoRA adapter."""
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
-        "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
-        "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
-    }
-
-
-def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor], out: Path) -> None:
-    """Write gathered A/B tensors (dtrain names) into directory `out` in PEFT's format (one rank)."""
-    name = cfg.lora.adapter_name
-    peft = {lora.to_peft_key(k, name): t for k, t in tensors.items()}
-    write_tensors(out / ADAPTER_WEIGHTS, peft, {"format": "pt"})
-    modules = sorted({k.split(".lora_")[0] for k in tensors})
-    write_json(out / ADAPTER_CONFIG, peft_config(cfg, target_modules(model, modules), cfg.model.path))
-
-
-def save_adapter(backend, cfg: Config, out: Path) -> None:
-    """Gather only the LoRA tensors of the adapter being trained; rank 0 writes `out` atomically."""
-    tensors = gather_adapter(backend, cfg.lora.adapter_name)
-    if not tensors:
-        if backend.rank == 0:
-            log.warning("no LoRA parameters for adapter '%s' (mode %s): no adapter written",
-                        cfg.lora.adapter_name, cfg.mode)
-        backend.barrier()
-        return
-    def write() -> None:
-        tmp = staging_dir(out)
-        _fresh_dir(tmp)
-        write_adapter(backend.model, cfg, tensors, tmp)
-        publish(tmp, out, {"kind": "adapter"})
-
-    together(backend, write)
-
-
-def together(backend, fn, every_rank: bool = False) -> None:
-    """Run `fn` on rank 0 (or on every rank), then let all ranks learn whether it failed, so that a
-    write error on one rank (disk full, permissions) ends every rank instead of leaving the others
-    waiting at the next collective. Also a barrier."""
-    error: BaseException | None = None
-    if every_rank or backend.rank == 0:
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-            error = e
-    failed = int(backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
-    if error is not None:
-        if isinstance(error, OSError):
-            raise DtrainError(f"checkpoint write failed: {error}") from None
-        raise error
-    if failed:
-        raise DtrainError(f"checkpoint write failed on {failed} other rank(s); see their error")
-
-
-def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json, tensors by PEFT key) of a PEFT LoRA adapter directory."""
-    d = Path(directory)
-    if not d.is_dir():
-        raise DtrainError(f"adapter directory '{d}' not found")
-    for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (d / f).is_file():
-            raise DtrainError(f"adapter directory '{d}': no {f} (a PEFT LoRA adapter has "
-                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    try:
-        config = json.loads((d / ADAPTER_CONFIG).read_text())
-    except ValueError as e:
-        raise DtrainError(f"{d / ADAPTER_CONFIG}: not valid JSON ({e})") from None
-    return config, load_file(str(d / ADAPTER_WEIGHTS))
-
-
-_UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
-                "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters")
-
-
-def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> lora.AdapterSpec:
-    """The AdapterSpec of a PEFT LoraConfig dict; a clear error for what dtrain does not support."""
-    if config.get("peft_type", "LORA") != "LORA":
-        raise DtrainError(f"{source}: peft_type {config.get('peft_type')!r} is not LoRA")
-    used = [k for k in _UNSUPPORTED if config.get(k)]
-    if config.get("bias", "none") != "none":
-        used.append(f"bias={config['bias']}")
-    if used:
-        raise DtrainError(f"{source}: PEFT option(s) {', '.join(used)} not supported by dtrain's LoRA layer")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    if config.get("use_rslora"):
-        alpha *= math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r) = (alpha * sqrt(r)) / r
-    return lora.AdapterSpec(name=name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0))
-
-
-def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {"lora_A": A, "lora_B": B}} from PEFT-keyed adapter tensors."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
-        if m is None:
-            raise DtrainError(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
-        out.setdefault(m.group(1), {})[m.group(2)] = t
-    for module, ab in out.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise DtrainError(f"{source}: module '{module}' has only {', '.join(ab)}")
-    return out
-
-
-def _check_shapes(model: nn.Module, modules: dict, spec: lora.AdapterSpec, source: str | Path) -> None:
-    for name, ab in modules.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise DtrainError(f"{source}: the model has no module '{name}' (adapter for another base?)") from None
-        if not hasattr(layer, "in_features"):
-            raise DtrainError(f"{source}: module '{name}' is a {type(layer).__name__}, not a linear layer")
-        want = {"lora_A": (spec.r, layer.in_features), "lora_B": (layer.out_features, spec.r)}
-        for kind, t in ab.items():
-            if tuple(t.shape) != want[kind]:
-                raise DtrainError(f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "
-                                  f"{list(want[kind])} (adapter for another base?)")
-
-
-def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> lora.AdapterSpec:
-    """Add the PEFT LoRA adapter in `directory` to `model` as adapter `name` (dtrain's or PEFT's).
-
-    The model is a materialized plain (unsharded) model; the adapter's modules are wrapped in
-    LoRALinear where not yet. The first adapter loaded becomes active; loading another keeps the
-    active one (everywhere); `lora.set_adapter` switches (task switching).
-    """
-    config, tensors = read_adapter(directory)
-    spec = adapter_spec_from_peft(config, name, directory)
-    modules = adapter_modules(tensors, directory)
-    _check_shapes(model, modules, spec, directory)
-    for layer_name in modules:
-        layer = model.get_submodule(layer_name)
-        if isinstance(layer, lora.LoRALinear) and name in layer.lora_A:
-            raise DtrainError(f"{directory}: the model already has an adapter named '{name}'")
-    active = next((m.active_adapter for _, m in lora.lora_modules(model) if m.active_adapter), None)
-    lora.inject(model, sorted(modules), spec)
-    if active is not None and not any(m.merged_adapter for _, m in lora.lora_modules(model)):
-        lora.set_adapter(model, active)  # layers new to this adapter must not switch on their own
-    model.train(model.training)  # new LoRA modules (dropout) follow the model's train/eval mode
-    with torch.no_grad():
-        for layer_name, ab in modules.items():
-            layer = model.get_submodule(layer_name)
-            layer.lora_A[name].weight.copy_(ab["lora_A"])
-            layer.lora_B[name].weight.copy_(ab["lora_B"])
-    return spec
 
 
 # ---- nested state <-> (JSON tree, tensors) --------------------------------------------------
@@ -440,15 +162,29 @@ def _rank_files(rank: int) -> tuple[str, str, str, str]:
     return f"optim-rank{rank}.safetensors", f"optim-rank{rank}.json", f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"
 
 
+def _required_files(info: dict) -> list[str]:
+    """The files a checkpoint of this kind must hold (every rank's, for a training checkpoint)."""
+    if info.get("kind") != "training":
+        return list(ADAPTER_FILES)
+    ranks = [f for r in range(int(info.get("world_size", 1))) for f in _rank_files(r)]
+    return [f"adapter/{f}" for f in ADAPTER_FILES] + [TRAINER_STATE, *ranks]
+
+
+def verify(directory: Path) -> str | None:
+    """None when training checkpoint or adapter `directory` is complete and intact, else the
+    reason it is not (one line)."""
+    return files.verify(directory, _required_files)
+
+
 def _write_rank_state(backend, tmp: Path) -> None:
     """This rank's optimizer/scheduler and RNG state into `tmp` (every rank)."""
     opt_tree, opt_tensors = flatten_state(backend.optimizer_state())
     rng_plain, rng_tensors = rng_state()
     opt_st, opt_js, rng_st, rng_js = _rank_files(backend.rank)
-    write_tensors(tmp / opt_st, opt_tensors)
-    write_json(tmp / opt_js, opt_tree)
-    write_tensors(tmp / rng_st, rng_tensors)
-    write_json(tmp / rng_js, rng_plain)
+    files.write_tensors(tmp / opt_st, opt_tensors)
+    files.write_json(tmp / opt_js, opt_tree)
+    files.write_tensors(tmp / rng_st, rng_tensors)
+    files.write_json(tmp / rng_js, rng_plain)
 
 
 def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: bool = False) -> Path | None:
@@ -460,34 +196,34 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
             log.warning("mode %s has no LoRA adapter: training checkpoint of step %d skipped", cfg.mode, step)
         return None
     final = checkpoint_dir(out, step)
-    tmp = staging_dir(final)
-    together(backend, lambda: _fresh_dir(tmp))
-    together(backend, lambda: _write_rank_state(backend, tmp), every_rank=True)
+    tmp = files.staging_dir(final)
+    files.together(backend, lambda: files.fresh_dir(tmp))
+    files.together(backend, lambda: _write_rank_state(backend, tmp), every_rank=True)
 
     def write_shared() -> None:
         (tmp / "adapter").mkdir()
         write_adapter(backend.model, cfg, tensors, tmp / "adapter")
-        write_json(tmp / TRAINER_STATE, trainer_state(cfg, backend, step, plan))
+        files.write_json(tmp / TRAINER_STATE, trainer_state(cfg, backend, step, plan))
 
     def finish() -> None:
-        publish(tmp, final, {"kind": "training", "step": step, "world_size": backend.world_size})
+        files.publish(tmp, final, {"kind": "training", "step": step, "world_size": backend.world_size})
         log.info("checkpoint of step %d written: %s", step, final)
         prune(out, cfg.training.keep_last, step)
         if preempted:
             _write_preempted(out, step)
 
-    together(backend, write_shared)
-    together(backend, finish)
+    files.together(backend, write_shared)
+    files.together(backend, finish)
     return final
 
 
 def _write_preempted(out: Path, step: int) -> None:
-    write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": str(checkpoint_dir(out, step))})
+    files.write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": str(checkpoint_dir(out, step))})
 
 
 def mark_preempted(backend, out: Path, step: int) -> None:
     """Write the PREEMPTED marker for the checkpoint of `step`, already saved (every rank calls it)."""
-    together(backend, lambda: _write_preempted(out, step))
+    files.together(backend, lambda: _write_preempted(out, step))
 
 
 def prune(out: Path, keep: int, current: int) -> None:
@@ -552,7 +288,7 @@ def trim_metrics(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     keep = [line for line in lines if _row_step(line) <= step]
     if len(keep) != len(lines):
-        write_text_atomic(path, "".join(keep))
+        files.write_text_atomic(path, "".join(keep))
 
 
 def _row_step(line: str) -> int:

@@ -58,24 +58,24 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     """
     import torch
 
-    from dtrain import checkpoint
+    from dtrain import adapter as adapter_lib
+    from dtrain.files import fresh_dir, staging_dir
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
     _check_dirs(base, adapter, out)
     config = json.loads((base / "config.json").read_text())
     _check_not_quantized(config, base)
-    adapter_config, tensors = checkpoint.read_adapter(adapter)
-    spec = checkpoint.adapter_spec_from_peft(adapter_config, "merge", adapter)
-    deltas = {f"{m}.weight": ab for m, ab in checkpoint.adapter_modules(tensors, adapter).items()}
+    adapter_config, tensors = adapter_lib.read_adapter(adapter)
+    spec = adapter_lib.adapter_spec_from_peft(adapter_config, "merge", adapter)
+    deltas = {f"{m}.weight": ab for m, ab in adapter_lib.adapter_modules(tensors, adapter).items()}
     files, index = _weight_files(base)
     _check_targets(base, files, deltas)
     if base_bits:
         dtype = "bf16"
     name = DTYPES[dtype] if dtype else config.get("dtype") or config.get("torch_dtype")
     target = getattr(torch, name) if name in _HF_DTYPES else None
-    tmp = checkpoint.staging_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
+    fresh_dir(tmp)
     try:
         quantized = _quantized_keys(base, base_bits) if base_bits else {}
         nbytes = _merge_files(base, files, tmp, deltas, spec.alpha / spec.r, target, quantized)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dtrain import backends, checkpoint, config as config_lib, data as data_lib, dist, lora, preempt
+from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, lora, preempt
 from dtrain.config import Config
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
@@ -117,7 +117,7 @@ class Trainer:
                                 self.state.step, PREEMPT_EXIT)
                     return PREEMPT_EXIT
             checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan)
-            checkpoint.save_adapter(self.backend, self.cfg, self.out / "adapter")
+            adapter.save_adapter(self.backend, self.cfg, self.out / "adapter")
         finally:
             bar.close()
             if metrics:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain import checkpoint, config as config_lib, data as data_lib, dist, lora
+from dtrain import adapter, checkpoint, config as config_lib, data as data_lib, dist, files, lora
 from dtrain.backends.single import SingleBackend
 from dtrain.errors import ConfigError
 from dtrain.trainer import token_loss
@@ -64,8 +64,8 @@ def trained(tmp_path_factory) -> tuple[config_lib.Config, SingleBackend]:
 def test_adapter_file_is_lora_tensors_plus_a_small_header(trained, tmp_path):
     cfg, backend = trained
     out = tmp_path / "adapter"
-    checkpoint.save_adapter(backend, cfg, out)
-    f = out / checkpoint.ADAPTER_WEIGHTS
+    adapter.save_adapter(backend, cfg, out)
+    f = out / adapter.ADAPTER_WEIGHTS
     raw = f.read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + header_len])
@@ -76,7 +76,7 @@ def test_adapter_file_is_lora_tensors_plus_a_small_header(trained, tmp_path):
     assert set(header) - {"__metadata__"} == {lora.to_peft_key(n, "default") for n in params}
     trainable, _ = lora.count_parameters(backend.model)
     assert tensor_bytes == trainable * 4  # fp32 A and B, nothing else
-    cfg_json = json.loads((out / checkpoint.ADAPTER_CONFIG).read_text())
+    cfg_json = json.loads((out / adapter.ADAPTER_CONFIG).read_text())
     assert cfg_json["target_modules"] == ["q_proj", "v_proj"] and cfg_json["r"] == cfg.lora.r
     assert checkpoint.verify(out) is None  # published atomically, with checksums
     assert not list(tmp_path.glob(".tmp-*"))
@@ -103,10 +103,10 @@ class _EmptyShardBackend:
 def test_an_empty_tensor_is_never_written(trained, tmp_path):
     cfg, backend = trained
     with pytest.raises(ValueError, match="empty"):
-        checkpoint.write_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2), "b": torch.empty(0)})
+        files.write_tensors(tmp_path / "x.safetensors", {"a": torch.ones(2), "b": torch.empty(0)})
     assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ValueError, match="empty"):
-        checkpoint.save_adapter(_EmptyShardBackend(backend.model), cfg, tmp_path / "adapter")
+        adapter.save_adapter(_EmptyShardBackend(backend.model), cfg, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
 
@@ -116,8 +116,8 @@ def test_state_round_trip_without_pickle(trained, tmp_path):
              "odd": {3: (1, 2.5, None), "__x__": [torch.empty(0, 4), torch.tensor(7.0)], "dt": torch.bfloat16,
                      "inf": math.inf, "np": np.float32(1.5)}}
     tree, tensors = checkpoint.flatten_state(state)
-    checkpoint.write_tensors(tmp_path / "s.safetensors", tensors)
-    checkpoint.write_json(tmp_path / "s.json", tree)
+    files.write_tensors(tmp_path / "s.safetensors", tensors)
+    files.write_json(tmp_path / "s.json", tree)
     back = checkpoint.unflatten_state(json.loads((tmp_path / "s.json").read_text()),
                                       checkpoint.load_file(str(tmp_path / "s.safetensors")))
     assert back["odd"][3] == (1, 2.5, None) and back["odd"]["dt"] is torch.bfloat16 and back["odd"]["inf"] == math.inf
@@ -154,7 +154,7 @@ def test_corrupt_or_unmarked_checkpoints_are_skipped(tmp_path, caplog):
     cfg = make_cfg(out, "training.keep_last=5", "training.resume=auto")
     backend = make_backend(cfg)
     states = _save_steps(cfg, backend, out, range(1, 4))
-    newest = checkpoint.checkpoint_dir(out, 3) / "adapter" / checkpoint.ADAPTER_WEIGHTS
+    newest = checkpoint.checkpoint_dir(out, 3) / "adapter" / adapter.ADAPTER_WEIGHTS
     raw = bytearray(newest.read_bytes())
     raw[-5] ^= 0xFF  # one flipped bit pattern in the tensor bytes
     newest.write_bytes(bytes(raw))
@@ -163,7 +163,7 @@ def test_corrupt_or_unmarked_checkpoints_are_skipped(tmp_path, caplog):
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 1 and "step-00000003" in skipped[0] and "checksum" in skipped[0]
     assert all(torch.equal(lora_state(backend)[n], t) for n, t in states[2].items())
-    (checkpoint.checkpoint_dir(out, 2) / checkpoint.MARKER).unlink()
+    (checkpoint.checkpoint_dir(out, 2) / files.MARKER).unlink()
     opt1 = checkpoint.checkpoint_dir(out, 1) / "optim-rank0.safetensors"
     assert checkpoint.maybe_resume(backend, cfg, out) == 1
     assert all(torch.equal(lora_state(backend)[n], t) for n, t in states[1].items())
@@ -185,8 +185,8 @@ def test_layout_keep_last_and_leftovers(tmp_path):
     assert [s for s, _ in checkpoint.list_checkpoints(out)] == [3, 4]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
     ckpt = checkpoint.checkpoint_dir(out, 4)
-    files = json.loads((ckpt / checkpoint.MARKER).read_text())["files"]
-    assert sorted(files) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+    listed = json.loads((ckpt / files.MARKER).read_text())["files"]
+    assert sorted(listed) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
                              "optim-rank0.json", "optim-rank0.safetensors", "rng-rank0.json",
                              "rng-rank0.safetensors", "trainer_state.json"]
     state = json.loads((ckpt / "trainer_state.json").read_text())

@@ -17,7 +17,7 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtrain import checkpoint, cli, config as config_lib, dist, lora, merge_cli
+from dtrain import adapter, cli, config as config_lib, dist, lora, merge_cli
 from dtrain.backends.single import SingleBackend
 from dtrain.errors import DtrainError
 from dtrain.tokenizer import build_tokenizer
@@ -66,7 +66,7 @@ def train_dtrain(base_dir: Path, out: Path, *overrides: str) -> torch.Tensor:
         total, n = token_loss(backend.forward({"input_ids": IDS}), IDS)
         backend.backward(total / n)
         backend.step()
-    checkpoint.save_adapter(backend, cfg, out)
+    adapter.save_adapter(backend, cfg, out)
     backend.model.eval()
     return logits(backend.model)
 
@@ -96,7 +96,7 @@ def peft_adapter(base_dir, tmp_path_factory) -> tuple[Path, torch.Tensor]:
 
 def test_peft_loads_dtrain_adapter(base_dir, dtrain_adapter):
     adapter_dir, want = dtrain_adapter
-    saved = json.loads((adapter_dir / checkpoint.ADAPTER_CONFIG).read_text())
+    saved = json.loads((adapter_dir / adapter.ADAPTER_CONFIG).read_text())
     assert saved["target_modules"] == ALL_LINEAR
     model = peft.PeftModel.from_pretrained(load_base(base_dir), adapter_dir).eval()
     assert not torch.allclose(logits(load_base(base_dir)), want, atol=1e-3)  # the adapter matters
@@ -107,7 +107,7 @@ def test_peft_loads_a_regex_targeted_adapter(base_dir, tmp_path):
     """Targets that are not every module of a suffix are written as a regex PEFT full-matches."""
     out = tmp_path / "adapter"
     want = train_dtrain(base_dir, out, r"lora.target_regex=layers\.0\.self_attn\.(q|v)_proj")
-    saved = json.loads((out / checkpoint.ADAPTER_CONFIG).read_text())
+    saved = json.loads((out / adapter.ADAPTER_CONFIG).read_text())
     assert isinstance(saved["target_modules"], str)
     model = peft.PeftModel.from_pretrained(load_base(base_dir), out).eval()
     names = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
@@ -118,7 +118,7 @@ def test_peft_loads_a_regex_targeted_adapter(base_dir, tmp_path):
 def test_dtrain_loads_peft_adapter(base_dir, peft_adapter):
     adapter_dir, want = peft_adapter
     model = load_base(base_dir)
-    spec = checkpoint.load_adapter(model, adapter_dir, "peft")
+    spec = adapter.load_adapter(model, adapter_dir, "peft")
     assert spec.r == 4 and len(list(lora.lora_modules(model))) == 3 * 2
     torch.testing.assert_close(logits(model), want, atol=ATOL, rtol=0)
 
@@ -126,17 +126,17 @@ def test_dtrain_loads_peft_adapter(base_dir, peft_adapter):
 def test_load_adapter_errors(base_dir, peft_adapter, tmp_path):
     model = load_base(base_dir)
     with pytest.raises(DtrainError, match="not found"):
-        checkpoint.load_adapter(model, tmp_path / "nope")
+        adapter.load_adapter(model, tmp_path / "nope")
     bad = tmp_path / "dora"
     bad.mkdir()
-    cfg = json.loads((peft_adapter[0] / checkpoint.ADAPTER_CONFIG).read_text())
-    (bad / checkpoint.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "use_dora": True}))
-    (bad / checkpoint.ADAPTER_WEIGHTS).write_bytes((peft_adapter[0] / checkpoint.ADAPTER_WEIGHTS).read_bytes())
+    cfg = json.loads((peft_adapter[0] / adapter.ADAPTER_CONFIG).read_text())
+    (bad / adapter.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "use_dora": True}))
+    (bad / adapter.ADAPTER_WEIGHTS).write_bytes((peft_adapter[0] / adapter.ADAPTER_WEIGHTS).read_bytes())
     with pytest.raises(DtrainError, match="use_dora"):
-        checkpoint.load_adapter(model, bad)
-    checkpoint.load_adapter(model, peft_adapter[0], "a")
+        adapter.load_adapter(model, bad)
+    adapter.load_adapter(model, peft_adapter[0], "a")
     with pytest.raises(DtrainError, match="already has an adapter named 'a'"):
-        checkpoint.load_adapter(model, peft_adapter[0], "a")
+        adapter.load_adapter(model, peft_adapter[0], "a")
 
 
 def test_merge_writes_a_plain_hf_model(base_dir, dtrain_adapter, tmp_path):
@@ -174,7 +174,7 @@ def test_task_switching_matches_each_merged_model(base_dir, dtrain_adapter, peft
     set_adapter gives each adapter's own merged model's logits."""
     model = load_base(base_dir)
     for name, (adapter_dir, _) in {"mine": dtrain_adapter, "theirs": peft_adapter}.items():
-        checkpoint.load_adapter(model, adapter_dir, name)
+        adapter.load_adapter(model, adapter_dir, name)
         merge_cli.merge(base_dir, adapter_dir, tmp_path / name)
     torch.testing.assert_close(logits(model), dtrain_adapter[1], atol=ATOL, rtol=0)  # first stays active
     for name in ["theirs", "mine", "theirs"]:

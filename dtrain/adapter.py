@@ -1,0 +1,183 @@
+"""Adapters in PEFT's format: what PEFT's `save_pretrained` writes, and what it loads.
+
+Nothing of the frozen base is ever written: only the LoRA A and B tensors, gathered by
+`backend.full_state` with a LoRA-only filter (so ZeRO-3 gathers and FSDP2 unshards only those).
+An adapter directory (`<output.dir>/adapter/`, and `adapter/` inside each training checkpoint,
+see checkpoint.py) holds:
+
+    adapter_config.json        PEFT LoraConfig
+    adapter_model.safetensors  LoRA A and B (full tensors, PEFT keys: `base_model.model.<module>.lora_A.weight`)
+
+so `peft.PeftModel.from_pretrained(base, dir)` loads it, and `load_adapter` loads PEFT's adapters.
+`save_adapter` publishes the directory atomically with a checksummed COMPLETE marker (files.publish).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from dtrain import files, lora
+from dtrain.config import Config
+from dtrain.errors import DtrainError
+
+log = logging.getLogger(__name__)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+
+
+def _is_adapter_param(param_name: str, adapter: str) -> bool:
+    return lora.is_lora_param(param_name) and param_name.endswith(f".{adapter}.weight")
+
+
+def gather_adapter(backend, adapter: str) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of adapter `adapter`'s A and B only, by dtrain name (collective)."""
+    return backend.full_state(lambda n: _is_adapter_param(n, adapter))
+
+
+def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
+    """PEFT's `target_modules` for exactly `modules`: name suffixes when they select exactly these
+    modules in `model`, else a regex that PEFT full-matches against module names."""
+    suffixes = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    same_suffix = {n for n in lora.linear_names(model) if n.rsplit(".", 1)[-1] in suffixes}
+    if same_suffix == set(modules):
+        return suffixes
+    return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
+
+
+def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None) -> dict:
+    """adapter_config.json as PEFT writes it for a LoRA adapter."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+    }
+
+
+def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor], out: Path) -> None:
+    """Write gathered A/B tensors (dtrain names) into directory `out` in PEFT's format (one rank)."""
+    name = cfg.lora.adapter_name
+    peft = {lora.to_peft_key(k, name): t for k, t in tensors.items()}
+    files.write_tensors(out / ADAPTER_WEIGHTS, peft, {"format": "pt"})
+    modules = sorted({k.split(".lora_")[0] for k in tensors})
+    files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, target_modules(model, modules), cfg.model.path))
+
+
+def save_adapter(backend, cfg: Config, out: Path) -> None:
+    """Gather only the LoRA tensors of the adapter being trained; rank 0 writes `out` atomically."""
+    tensors = gather_adapter(backend, cfg.lora.adapter_name)
+    if not tensors:
+        if backend.rank == 0:
+            log.warning("no LoRA parameters for adapter '%s' (mode %s): no adapter written",
+                        cfg.lora.adapter_name, cfg.mode)
+        backend.barrier()
+        return
+    def write() -> None:
+        tmp = files.staging_dir(out)
+        files.fresh_dir(tmp)
+        write_adapter(backend.model, cfg, tensors, tmp)
+        files.publish(tmp, out, {"kind": "adapter"})
+
+    files.together(backend, write)
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors by PEFT key) of a PEFT LoRA adapter directory."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DtrainError(f"adapter directory '{d}' not found")
+    for f in ADAPTER_FILES:
+        if not (d / f).is_file():
+            raise DtrainError(f"adapter directory '{d}': no {f} (a PEFT LoRA adapter has "
+                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    try:
+        config = json.loads((d / ADAPTER_CONFIG).read_text())
+    except ValueError as e:
+        raise DtrainError(f"{d / ADAPTER_CONFIG}: not valid JSON ({e})") from None
+    return config, load_file(str(d / ADAPTER_WEIGHTS))
+
+
+_UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
+                "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters")
+
+
+def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> lora.AdapterSpec:
+    """The AdapterSpec of a PEFT LoraConfig dict; a clear error for what dtrain does not support."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise DtrainError(f"{source}: peft_type {config.get('peft_type')!r} is not LoRA")
+    used = [k for k in _UNSUPPORTED if config.get(k)]
+    if config.get("bias", "none") != "none":
+        used.append(f"bias={config['bias']}")
+    if used:
+        raise DtrainError(f"{source}: PEFT option(s) {', '.join(used)} not supported by dtrain's LoRA layer")
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    if config.get("use_rslora"):
+        alpha *= math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r) = (alpha * sqrt(r)) / r
+    return lora.AdapterSpec(name=name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0))
+
+
+def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {"lora_A": A, "lora_B": B}} from PEFT-keyed adapter tensors."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
+        if m is None:
+            raise DtrainError(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
+        out.setdefault(m.group(1), {})[m.group(2)] = t
+    for module, ab in out.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise DtrainError(f"{source}: module '{module}' has only {', '.join(ab)}")
+    return out
+
+
+def _check_shapes(model: nn.Module, modules: dict, spec: lora.AdapterSpec, source: str | Path) -> None:
+    for name, ab in modules.items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise DtrainError(f"{source}: the model has no module '{name}' (adapter for another base?)") from None
+        if not hasattr(layer, "in_features"):
+            raise DtrainError(f"{source}: module '{name}' is a {type(layer).__name__}, not a linear layer")
+        want = {"lora_A": (spec.r, layer.in_features), "lora_B": (layer.out_features, spec.r)}
+        for kind, t in ab.items():
+            if tuple(t.shape) != want[kind]:
+                raise DtrainError(f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "
+                                  f"{list(want[kind])} (adapter for another base?)")
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> lora.AdapterSpec:
+    """Add the PEFT LoRA adapter in `directory` to `model` as adapter `name` (dtrain's or PEFT's).
+
+    The model is a materialized plain (unsharded) model; the adapter's modules are wrapped in
+    LoRALinear where not yet. The first adapter loaded becomes active; loading another keeps the
+    active one (everywhere); `lora.set_adapter` switches (task switching).
+    """
+    config, tensors = read_adapter(directory)
+    spec = adapter_spec_from_peft(config, name, directory)
+    modules = adapter_modules(tensors, directory)
+    _check_shapes(model, modules, spec, directory)
+    for layer_name in modules:
+        layer = model.get_submodule(layer_name)
+        if isinstance(layer, lora.LoRALinear) and name in layer.lora_A:
+            raise DtrainError(f"{directory}: the model already has an adapter named '{name}'")
+    active = next((m.active_adapter for _, m in lora.lora_modules(model) if m.active_adapter), None)
+    lora.inject(model, sorted(modules), spec)
+    if active is not None and not any(m.merged_adapter for _, m in lora.lora_modules(model)):
+        lora.set_adapter(model, active)  # layers new to this adapter must not switch on their own
+    model.train(model.training)  # new LoRA modules (dropout) follow the model's train/eval mode
+    with torch.no_grad():
+        for layer_name, ab in modules.items():
+            layer = model.get_submodule(layer_name)
+            layer.lora_A[name].weight.copy_(ab["lora_A"])
+            layer.lora_B[name].weight.copy_(ab["lora_B"])
+    return spec
