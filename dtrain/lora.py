@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dtrain.errors import ConfigError
+from dtrain.shapes import logical_numel
 
 
 @dataclass(frozen=True)
@@ -292,18 +293,13 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     for module in model.modules():
         if hasattr(module, "dequantized_weight"):  # quantized storage: count the weight it encodes
             total += module.in_features * module.out_features
-            total += _logical_numel(module.bias) if getattr(module, "bias", None) is not None else 0
+            total += logical_numel(module.bias) if getattr(module, "bias", None) is not None else 0
             continue
         for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            n = _logical_numel(p)
+            n = logical_numel(p)
             total += n
             trainable += n if p.requires_grad else 0
     return trainable, total
-
-
-def _logical_numel(p: torch.Tensor) -> int:
-    ds = getattr(p, "ds_numel", None)  # a ZeRO-3 partitioned parameter reports its full size here
-    return int(ds) if ds is not None else p.numel()

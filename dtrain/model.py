@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain.lora import LoRALinear, is_lora_param
+from dtrain.shapes import logical_shape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -201,7 +202,7 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     if cfg.path is not None:
         source: WeightSource = SafetensorsSource(cfg.path)
     else:
-        shapes = {n: _logical_shape(p) for n, p in model.named_parameters()}
+        shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
         for n, m in model.named_modules():
             if hasattr(m, "dequantized_weight"):  # the float weight a quantized layer is made from
                 shapes[f"{n}.weight"] = torch.Size((m.out_features, m.in_features))
@@ -209,11 +210,6 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
         source = RandomSource(seed, std, shapes)
     quantized = any(hasattr(m, "dequantized_weight") for m in model.modules())
     return QuantSource(source, model) if quantized else source
-
-
-def _logical_shape(p: torch.Tensor) -> torch.Size:
-    ds = getattr(p, "ds_shape", None)  # a ZeRO-3 partitioned parameter keeps its full shape here
-    return torch.Size(ds) if ds is not None else p.shape
 
 
 def parameter_names(model: nn.Module) -> list[str]:

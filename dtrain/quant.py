@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dtrain.shapes import logical_numel
+
 __all__ = [
     "NF4_BLOCKSIZE",
     "HEAD_NAMES",
@@ -381,9 +383,8 @@ STORAGE_NAMES = ("weight_int8", "weight_scale", "weight_nf4", "weight_absmax")
 
 
 def _logical_bytes(t: Tensor) -> int:
-    """Bytes of the whole tensor, sharded or not (DTensor numel is global; ZeRO-3 has ds_numel)."""
-    numel = getattr(t, "ds_numel", None)
-    return (t.numel() if numel is None else int(numel)) * t.element_size()
+    """Bytes of the whole tensor, sharded or not."""
+    return logical_numel(t) * t.element_size()
 
 
 def quantized_bytes(module: nn.Module) -> dict[str, int]:

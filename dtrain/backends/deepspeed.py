@@ -68,6 +68,7 @@ from dtrain.backends.base import Backend
 from dtrain.config import Config
 from dtrain import dist as dist_env
 from dtrain.dist import DistEnv
+from dtrain.shapes import logical_numel
 
 GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
@@ -431,7 +432,7 @@ def _subgroups(opt):
 def _chunks(items: list[tuple[str, nn.Parameter]], budget: int):
     chunk, size = [], 0
     for n, p in items:
-        nbytes = int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+        nbytes = logical_numel(p) * p.element_size()
         if chunk and size + nbytes > budget:
             yield chunk
             chunk, size = [], 0

@@ -18,15 +18,13 @@ from dtrain.memory.estimate import (
     CATEGORIES,
     DTYPE_BYTES,
     GIB,
-    PRESETS,
     Estimate,
     Plan,
     estimate,
-    paper_comparison_markdown,
-    paper_gpt3_comparison,
     parse_targets,
-    spec_from_config,
 )
+from dtrain.memory.model_spec import PRESETS, spec_from_config
+from dtrain.memory.paper import paper_comparison_markdown, paper_gpt3_comparison
 
 _LABELS = {
     "frozen_weights": "frozen weights",

@@ -71,11 +71,12 @@ def _plan_kwargs(cfg: Config, world_size: int) -> dict[str, Any]:
 def estimates(cfg: Config, world_size: int, modes: dict[str, dict]) -> tuple[dict | None, str | None]:
     """Per-GPU estimate (bytes by category) for each mode, or (None, why it cannot be made)."""
     from dtrain.memory import estimate as est
+    from dtrain.memory.model_spec import spec_from_config
 
     if cfg.lora.target_regex is not None:
         return None, "lora.target_regex: the estimator takes module-name suffixes only"
     try:
-        spec = est.spec_from_config(_arch(cfg), "model")
+        spec = spec_from_config(_arch(cfg), "model")
         out = {}
         for mode, info in modes.items():
             plan = est.Plan(bits=info["bits"], **_plan_kwargs(cfg, world_size))

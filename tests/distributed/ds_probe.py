@@ -1,7 +1,8 @@
 """Run under torchrun (2 ranks) by test_deepspeed.py: builds DeepSpeedBackend directly and writes
 `<out>/rank<r>.json` with what the test asserts on.
 
-  sharding   local (partition) bytes of frozen and LoRA parameters vs their logical bytes
+  sharding   probe_backend.storage() of the freshly built backend: this rank's (partition) bytes of
+             frozen and LoRA parameters, and the whole frozen base's bytes
   optimizer  names and bytes of this rank's optimizer-state tensors
   resume     losses/LoRA after step 3 of an uninterrupted run vs a fresh backend that loaded the
              step-2 adapter + optimizer state (same next step expected, bit for bit)
@@ -22,6 +23,7 @@ import torch
 from dtrain import config as config_lib, dist, lora
 from dtrain.backends.deepspeed import DeepSpeedBackend
 from dtrain.trainer import token_loss
+from probe_backend import storage  # this folder is sys.path[0]: the file runs as a script
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = [
@@ -86,17 +88,7 @@ def main(out: Path) -> None:
     # ---- sharding and optimizer state of a freshly built run --------------------------------
     a = make_backend(env)
     report["training_mode"] = a.model.training
-    local = a.local_tensors()
-    frozen_local = frozen_logical = lora_local = 0
-    for name, p in a.model.named_parameters():
-        size = p.element_size()
-        if p.requires_grad:
-            lora_local += local[name].numel() * size
-        else:
-            frozen_local += local[name].numel() * size
-            frozen_logical += int(getattr(p, "ds_numel", p.numel())) * size
-    report["sharding"] = {"frozen_local_bytes": frozen_local, "frozen_logical_bytes": frozen_logical,
-                          "lora_local_bytes": lora_local, "lora_local_numel": lora_local // 4}
+    report["sharding"] = storage(a)
 
     # ---- two steps, save, third step (the uninterrupted reference) --------------------------
     losses = [train_step(a, s) for s in range(2)]

@@ -1,5 +1,7 @@
 """Run under a launcher: build the configured backend, take one step, print this rank's storage as JSON to <output.dir>/probe-rank<r>.json.
 
+`storage(backend)` is the per-rank measure of frozen and trainable bytes; ds_probe.py uses it too.
+
 Usage: torchrun --nproc_per_node 2 tests/distributed/probe_backend.py CONFIG [overrides]
 """
 
@@ -8,8 +10,26 @@ import sys
 
 import torch
 
-from dtrain import config as config_lib, data as data_lib, trainer as trainer_lib
+from dtrain import config as config_lib, trainer as trainer_lib
 from dtrain.lora import is_lora_param
+from dtrain.shapes import logical_numel
+
+
+def storage(backend) -> dict:
+    """This rank's bytes of frozen and of trainable parameters (its shards), the whole frozen base's
+    bytes (logical sizes, however sharded) and the quantized storage among the frozen bytes."""
+    local = backend.local_tensors()
+    params = dict(backend.model.named_parameters())
+    frozen = {n: v.numel() * v.element_size() for n, v in local.items() if not params[n].requires_grad}
+    trainable = {n: v.numel() * v.element_size() for n, v in local.items() if params[n].requires_grad}
+    return {
+        "frozen_bytes": sum(frozen.values()), "trainable_bytes": sum(trainable.values()),
+        "trainable_names": sorted(trainable),
+        "all_trainable_are_lora": all(is_lora_param(n) for n in trainable),
+        "quant_storage_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_int8", "weight_nf4"))),
+        "quant_scale_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_scale", "weight_absmax"))),
+        "full_frozen_bytes": sum(logical_numel(p) * p.element_size() for p in params.values() if not p.requires_grad),
+    }
 
 
 def fsdp_units(model: torch.nn.Module) -> list[str]:
@@ -25,22 +45,12 @@ def main() -> None:
     t.setup()
     t._train_step()
     b = t.backend
-    local = b.local_tensors()
-    params = dict(b.model.named_parameters())
-    frozen = {n: v.numel() * v.element_size() for n, v in local.items() if not params[n].requires_grad}
-    trainable = {n: v.numel() * v.element_size() for n, v in local.items() if params[n].requires_grad}
     opt = b.optimizer_state()["optimizer"]["state"]
     opt_bytes = sum(v.numel() * v.element_size() for s in opt.values() for v in s.values()
                     if isinstance(v, torch.Tensor) and v.dim() > 0)
     row = {
-        "rank": b.rank, "world": b.world_size,
-        "frozen_bytes": sum(frozen.values()), "trainable_bytes": sum(trainable.values()),
-        "trainable_names": sorted(n for n in trainable),
-        "all_trainable_are_lora": all(is_lora_param(n) for n in trainable),
+        "rank": b.rank, "world": b.world_size, **storage(b),
         "optimizer_state_entries": len(opt), "optimizer_state_bytes": opt_bytes,
-        "quant_storage_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_int8", "weight_nf4"))),
-        "quant_scale_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_scale", "weight_absmax"))),
-        "full_frozen_bytes": sum(p.numel() * 4 for n, p in params.items() if not p.requires_grad),
         "fsdp_units": fsdp_units(b.model),
     }
     (t.out / f"probe-rank{b.rank}.json").write_text(json.dumps(row))

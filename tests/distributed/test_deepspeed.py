@@ -80,11 +80,11 @@ def probe(tmp_path_factory) -> list[dict]:
 def test_each_rank_holds_half_of_the_frozen_bytes(probe):
     for row in probe:
         s = row["sharding"]
-        assert s["frozen_logical_bytes"] > 0
-        assert abs(s["frozen_local_bytes"] - s["frozen_logical_bytes"] / 2) <= 0.01 * s["frozen_logical_bytes"], s
+        assert s["full_frozen_bytes"] > 0
+        assert abs(s["frozen_bytes"] - s["full_frozen_bytes"] / 2) <= 0.01 * s["full_frozen_bytes"], s
     # the two ranks' partitions add up to the whole (up to the alignment padding of each tensor)
-    total = sum(row["sharding"]["frozen_local_bytes"] for row in probe)
-    assert 0 <= total - probe[0]["sharding"]["frozen_logical_bytes"] < 4096
+    total = sum(row["sharding"]["frozen_bytes"] for row in probe)
+    assert 0 <= total - probe[0]["sharding"]["full_frozen_bytes"] < 4096
 
 
 def test_optimizer_state_is_lora_only_and_two_fp32_tensors_per_parameter(probe):
@@ -96,7 +96,7 @@ def test_optimizer_state_is_lora_only_and_two_fp32_tensors_per_parameter(probe):
         assert {n.rsplit(".", 1)[1] for n in opt["names"]} == {"exp_avg", "exp_avg_sq"}
         assert len(params) == 8
         assert opt["dtypes"] == ["torch.float32"]
-        assert opt["bytes"] == 2 * 4 * row["sharding"]["lora_local_numel"]
+        assert opt["bytes"] == 2 * row["sharding"]["trainable_bytes"]  # fp32 m and v per local LoRA element
         assert opt["meta_is_json"]
 
 

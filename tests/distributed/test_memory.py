@@ -107,12 +107,13 @@ def test_lora_model_states_far_below_full(measured: tuple[str, Path, dict]) -> N
 
 def test_estimate_within_10_percent_for_model_states(measured: tuple[str, Path, dict]) -> None:
     from dtrain.memory import estimate as est
+    from dtrain.memory.model_spec import spec_from_llama_arithmetic
 
     backend, _, report = measured
     arch = yaml.safe_load(TINY.read_text())["model"]["arch"]
     plan = est.Plan(gpus=WORLD, backend=backend, rank=R, targets=TARGETS, batch=4, seq_len=32,
                     param_dtype="fp32")
-    e = est.estimate(est.spec_from_llama_arithmetic(arch), plan)
+    e = est.estimate(spec_from_llama_arithmetic(arch), plan)
     for entry in report["ranks"]:
         for mode, breakdown in (("full", e.full), ("lora", e.lora)):
             row = entry["measured"][mode]

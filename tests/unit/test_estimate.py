@@ -1,4 +1,4 @@
-"""Unit tests for dtrain.memory.estimate and estimate_cli.
+"""Unit tests for dtrain.memory.model_spec, estimate, paper and estimate_cli.
 
 Checked: parameter counts against real ``nn.Parameter``s of models built by transformers,
 LoRA trainable counts against an independent sum over ``nn.Linear`` layers and against PEFT,
@@ -20,19 +20,10 @@ import pytest
 import torch
 from torch import nn
 
-from dtrain.memory.estimate import (
-    CATEGORIES,
-    PRESETS,
-    Plan,
-    estimate,
-    frozen_bytes,
-    layer_activation_bytes,
-    paper_comparison_markdown,
-    paper_gpt3_comparison,
-    spec_from_config,
-    spec_from_llama_arithmetic,
-)
+from dtrain.memory.estimate import CATEGORIES, Plan, estimate, frozen_bytes, layer_activation_bytes
 from dtrain.memory.estimate_cli import add_estimate_parser, run_estimate
+from dtrain.memory.model_spec import PRESETS, spec_from_config, spec_from_llama_arithmetic
+from dtrain.memory.paper import paper_comparison_markdown, paper_gpt3_comparison
 
 TINY_LLAMA = {
     "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176,
