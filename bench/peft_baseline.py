@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         say(f"prepared {type(model).__name__}; trainable {n_trainable:,} / {n_total:,}")
 
-    ids = torch.load(args.data)
+    ids = torch.load(args.data, weights_only=True)
     n, seq_len = ids.shape
     mb, device = args.micro_batch, accelerator.device
     # Peak memory is counted from process start (model build included), as dtrain's snapshot does.

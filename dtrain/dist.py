@@ -31,6 +31,7 @@ def detect(device: str = "auto", dist_backend: str = "auto") -> DistEnv:
     if "RANK" in env:
         rank, world = int(env["RANK"]), int(env.get("WORLD_SIZE", "1"))
         local = _local_rank(rank)
+        os.environ.setdefault("LOCAL_RANK", str(local))  # DeepSpeed's engine reads it
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", "0"))

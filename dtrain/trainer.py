@@ -162,8 +162,8 @@ class Trainer:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
         if t.save_every and step % t.save_every == 0 and step < self.total_steps:
-            checkpoint.save_training(self.backend, self.cfg, self.out, step, self.plan)
-            self._saved_step = step
+            if checkpoint.save_training(self.backend, self.cfg, self.out, step, self.plan) is not None:
+                self._saved_step = step
 
     @torch.no_grad()
     def evaluate(self) -> float:

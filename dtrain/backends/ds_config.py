@@ -1,11 +1,12 @@
 """The DeepSpeed config dtrain generates from its own YAML, and the merge of a user's JSON over it.
 
-`generate(cfg, world_size)` turns the YAML's training keys into DeepSpeed's (ZeRO stage 3, AdamW,
-clipping, micro batch, accumulation). `build(cfg, world_size)` deep-merges the JSON file named by
+`generate(cfg, world_size, size)` turns the YAML's training keys into DeepSpeed's (ZeRO stage 3,
+AdamW, clipping, micro batch, accumulation) and sizes ZeRO-3's gather limits from the model
+(`size`, see `gather_limits`). `build(cfg, world_size, size)` deep-merges the JSON file named by
 `backend.deepspeed_config` over it: keys dtrain does not set pass through unchanged (offload,
 bucket sizes, logging...), keys dtrain sets only as a default (the `zero_optimization` tuning
-below, the gather limits sized from the model by `gather_limits`) may be changed, and a key whose value comes from the YAML (or that the backend depends on)
-must agree: a different value is a `ConfigError` naming the file, the key path, both values and
+below and the gather limits) may be changed, and a key whose value comes from the YAML (or that
+the backend depends on) must agree: a different value is a `ConfigError` naming the file, the key path, both values and
 the YAML key to change instead.
 
 No `scheduler` is generated: dtrain's warmup + cosine (`backends.base.lr_factor`) is handed to
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ import torch
 
 from dtrain.config import Config
 from dtrain.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Tuning defaults for the ZeRO-3 partitioning (a user JSON may override any of them).
 ZERO_DEFAULTS: dict[str, Any] = {
@@ -56,11 +60,18 @@ class ModelSize:
     params: int
 
     @classmethod
-    def of(cls, config, trust_remote_code: bool = False) -> "ModelSize":
-        """From a transformers config, counting parameters on a meta-device build (no memory)."""
+    def of(cls, config, trust_remote_code: bool = False) -> "ModelSize | None":
+        """From a transformers config, counting parameters on a meta-device build (no memory).
+        None when the model cannot be built on the meta device (the limits then stay 0)."""
         from dtrain import model as model_lib
 
-        empty = model_lib.build_empty(config, torch.float32, device="meta", trust_remote_code=trust_remote_code)
+        try:
+            empty = model_lib.build_empty(config, torch.float32, device="meta",
+                                          trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - some remote code cannot run on meta; sizing is optional
+            log.warning("ZeRO-3 gather limits left at 0: the model did not build on the meta device (%s)",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return None
         return cls(hidden=int(getattr(config, "hidden_size", 0) or 0),
                    params=sum(p.numel() for p in empty.parameters()))
 
@@ -72,16 +83,18 @@ def gather_limits(size: ModelSize | None, world_size: int | None) -> dict[str, i
     (FSDP2's reshard after forward); backward gathers them again. Keeping gathered weights for
     their reuse in backward (live + reuse distance) and prefetching the next module's overlap
     and save gathers: on the benchmark's 58M-parameter model (2 CPU ranks) 3.3 s per step against
-    3.7 s, for about +9% peak RSS (bench/RESULTS.md, follow-up on the 15:47 run). The live limit is one rank's share of the model (params / ranks,
-    at most DeepSpeed's 1e9): a rank never holds more than twice its share of the base, where
-    DeepSpeed's 1e9 keeps a whole model of under 1e9 parameters gathered from forward to backward.
-    The prefetch bucket is 0.9 x hidden^2 (about one attention projection), the size accelerate
-    picks for DeepSpeed's "auto".
+    3.7 s, for about +9% peak RSS (bench/RESULTS.md, follow-up on the 15:47 run). The live limit
+    is one rank's share of the model (params / ranks, at most DeepSpeed's 1e9), so a rank holds
+    about twice its share of the base at most, where DeepSpeed's 1e9 keeps a whole model of under
+    1e9 parameters gathered from forward to backward. The prefetch bucket is 0.9 x hidden^2
+    (about one attention projection), the size accelerate picks for DeepSpeed's "auto". One rank
+    (or an unknown count, or no size): all 0, since there is nothing to gather from other ranks
+    and a kept copy would only double the memory.
     """
-    if size is None or size.params <= 0:
+    if size is None or size.params <= 0 or not world_size or world_size <= 1:
         return {"stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0,
                 "stage3_max_reuse_distance": 0}
-    live = min(DEEPSPEED_MAX_LIVE, math.ceil(size.params / max(world_size or 1, 1)))
+    live = min(DEEPSPEED_MAX_LIVE, math.ceil(size.params / world_size))
     return {"stage3_prefetch_bucket_size": int(0.9 * size.hidden * size.hidden),
             "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live}
 

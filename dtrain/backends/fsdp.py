@@ -45,7 +45,8 @@ class FSDPBackend(Backend):
         Embeddings and head get units of their own (when untied) so that they are not left in the
         root unit, which FSDP2 keeps gathered from forward to the end of backward: the input
         embeddings are resharded after forward; the head is not (backward starts with it). Tied
-        embeddings share one tensor and stay in the root unit.
+        embeddings share one tensor and stay in the root unit; so does whatever a model does not
+        name as its input / output embeddings.
         """
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.cfg.model.dtype == "bf16" else MixedPrecisionPolicy()
@@ -53,10 +54,11 @@ class FSDPBackend(Backend):
         for module in model.modules():
             if type(module).__name__ in blocks:
                 fully_shard(module, mp_policy=policy)
-        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-        if embed is not None and head is not None and not _shares_parameters(embed, head):
+        embed, head = _embeddings(model)
+        if embed is not None and not (head is not None and _shares_parameters(embed, head)):
             fully_shard(embed, mp_policy=policy)
-            fully_shard(head, mp_policy=policy, reshard_after_forward=False)
+            if head is not None:
+                fully_shard(head, mp_policy=policy, reshard_after_forward=False)
         fully_shard(model, mp_policy=policy)
 
     def _fill(self, model: nn.Module, source: model_lib.WeightSource) -> None:
@@ -141,6 +143,18 @@ class FSDPBackend(Backend):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """The model's input embeddings and output head (None where the model does not say)."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            module = None
+        found.append(module if isinstance(module, nn.Module) and any(True for _ in module.parameters()) else None)
+    return found[0], found[1]
 
 
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:

@@ -17,9 +17,12 @@ Assumptions (derivations and references in docs/memory_estimate.md):
   parameters per target, in fp32, trained by fp32 AdamW: 4 + 4 + 8 = 16 B per parameter.
 * Gathered unit (transient, unsharded): FSDP gathers one unit at a time (a unit per decoder
   block, the embeddings and the head each a unit when untied, a root unit holding the rest);
-  DeepSpeed gathers module by module (its own estimator's "largest layer"). Full FT holds the unit's 16-bit parameters and gradients;
-  LoRA holds the unit's frozen storage, its adapters' fp32 parameters and gradients and,
-  when quantized, one dequantized weight of the largest linear.
+  DeepSpeed gathers module by module (its own estimator's "largest layer") and, with dtrain's
+  generated limits on more than one rank, keeps up to one rank's share of the parameters
+  gathered for their reuse in backward (``ds_live_params``); the larger counts. Full FT holds
+  the gathered 16-bit parameters and one unit's gradients; LoRA holds the unit's frozen storage
+  (average bytes per parameter for the kept share), its adapters' fp32 parameters and gradients
+  and, when quantized, one dequantized weight of the largest linear.
 * Activations (per GPU, ``batch`` is the per-GPU micro-batch): Korthikanti et al. 2022 per
   layer, generalised to GQA and gated MLPs; logits in fp32 (b*s*vocab*4); see
   ``layer_activation_bytes``. LoRA adds its rank-r intermediate per target.
@@ -33,6 +36,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from dtrain.backends.ds_config import ModelSize, gather_limits
 from dtrain.memory.model_spec import LinearModule, ModelSpec
 
 GIB = 2**30
@@ -322,9 +326,19 @@ def full_ft_breakdown(spec: ModelSpec, plan: Plan) -> Breakdown:
         trainable_params=pb * p / n,
         gradients=plan.grad_bytes * p / n,
         optimizer_state=optimizer_bytes_per_param(plan, plan.param_dtype) * p / n,
-        gathered_unit=2 * pb * unit_params(spec, plan.backend),
+        gathered_unit=pb * max(unit_params(spec, plan.backend), ds_live_params(spec, plan))
+        + pb * unit_params(spec, plan.backend),  # gathered parameters + one unit's gradients
         activations=activation_bytes(spec, plan),
     )
+
+
+def ds_live_params(spec: ModelSpec, plan: Plan) -> int:
+    """Parameters ZeRO-3 may keep gathered for their reuse in backward: dtrain's generated
+    `stage3_max_live_parameters` (one rank's share of the model; 0 on one rank or with FSDP)."""
+    if plan.backend != "deepspeed":
+        return 0
+    limits = gather_limits(ModelSize(hidden=spec.hidden_size, params=spec.total_params), plan.world_size)
+    return limits["stage3_max_live_parameters"]
 
 
 def _lora_unit_bytes(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...]) -> float:
@@ -339,7 +353,8 @@ def _lora_unit_bytes(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, .
 
     if plan.backend == "deepspeed":
         biggest = max((layer_bytes(lin) for lin in spec.linears), default=0)
-        unit = max(spec.largest_other_module_params * pb, biggest)
+        kept = ds_live_params(spec, plan) * frozen_bytes(spec, plan.bits, pb) / spec.total_params
+        unit = max(spec.largest_other_module_params * pb, biggest, kept)
     else:
         linears = sum(lin.count * layer_bytes(lin) for lin in spec.linears) / spec.num_layers
         linear_params = sum(lin.count * lin.params for lin in spec.linears) / spec.num_layers

@@ -189,6 +189,7 @@ def test_sigterm_single_process_exits_75(tmp_path):
     assert rc == PREEMPT_EXIT, log[-3000:]
     assert (out / checkpoint.PREEMPTED).is_file() and not (out / "adapter").exists()
     step = json.loads((out / checkpoint.PREEMPTED).read_text())["step"]
+    assert step < STEPS  # before the last step: save_every wrote it, so mark_preempted ran
     # save_every=1 already wrote that step's checkpoint: the preemption only marks it
     assert log.count(f"checkpoint of step {step} written") == 1, log[-3000:]
     assert checkpoint.verify(checkpoint.checkpoint_dir(out, step)) is None

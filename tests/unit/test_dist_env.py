@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 from dtrain import dist, files
 
@@ -16,6 +19,7 @@ def env(monkeypatch):
         # setenv first so that monkeypatch restores the key even when it was unset (detect() sets some)
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answers on a GPU host
     return monkeypatch
 
 
@@ -33,6 +37,14 @@ def test_local_rank_from_ranks_per_node_when_the_launcher_sets_only_rank(env):
 def test_local_rank_is_the_rank_when_nothing_says_how_many_per_node(env):
     env.setenv("RANK", "1"), env.setenv("WORLD_SIZE", "2")
     assert dist.detect("cpu", "gloo").local_rank == 1
+    assert os.environ["LOCAL_RANK"] == "1"  # set for DeepSpeed's engine, which reads it
+
+
+def test_local_rank_from_the_gpus_of_the_node(env):
+    env.setenv("RANK", "9"), env.setenv("WORLD_SIZE", "16")
+    env.setattr(torch.cuda, "is_available", lambda: True)
+    env.setattr(torch.cuda, "device_count", lambda: 8)
+    assert dist._local_rank(9) == 1
 
 
 def test_srun_started_ranks(env):
@@ -40,8 +52,6 @@ def test_srun_started_ranks(env):
     env.setenv("MASTER_ADDR", "node7")
     e = dist.detect("cpu", "gloo")
     assert (e.rank, e.world_size, e.local_rank) == (3, 4, 1)
-    import os
-
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
 
 

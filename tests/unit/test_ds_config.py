@@ -88,6 +88,7 @@ def test_gather_limits_sized_from_the_model(tmp_path):
     assert ds_config.gather_limits(ds_config.ModelSize(hidden=8192, params=70_000_000_000), 8) == {
         "stage3_prefetch_bucket_size": int(0.9 * 8192 ** 2),
         "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
+    assert set(ds_config.gather_limits(size, 1).values()) == {0}  # one rank: nothing to gather
     z0 = ds_config.generate(cfg, world_size=2)["zero_optimization"]
     assert (z0["stage3_prefetch_bucket_size"], z0["stage3_max_live_parameters"], z0["stage3_max_reuse_distance"]) == (0, 0, 0)
     user = {"zero_optimization": {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}}
