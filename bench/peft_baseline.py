@@ -64,29 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def peak_host_bytes() -> int:
-    """This process's peak resident set size (VmHWM), bytes."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
+def host_memory() -> dict:
+    """RSS now and its peak (VmHWM), read the way dtrain's own memory snapshot reads them."""
+    import torch
+    from dtrain.memory.measure import process_memory
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return process_memory(torch.device("cpu"))
 
 
 T0 = time.perf_counter()
@@ -151,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = json.loads(Path(args.arch).read_text())
     model_type = arch.pop("model_type")
     config = AutoConfig.for_model(model_type, **arch)
-    rss_before_model = rss_bytes()
+    rss_before_model = host_memory()["rss_bytes"]
     # Under the DeepSpeed plugin with zero3_init_flag, transformers builds this under zero.Init.
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
@@ -199,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         if accelerator.is_main_process:
             say(f"step {step + 1}/{total} loss {loss:.4f} time {elapsed:.3f}s")
 
-    peak = torch.cuda.max_memory_allocated(device) if use_cuda else peak_host_bytes()
-    mem = torch.tensor([float(peak), float(peak_host_bytes()), float(rss_before_model)], dtype=torch.float64)
+    host_peak = host_memory()["rss_peak_bytes"]
+    peak = torch.cuda.max_memory_allocated(device) if use_cuda else host_peak
+    mem = torch.tensor([float(peak), float(host_peak), float(rss_before_model)], dtype=torch.float64)
     gathered = accelerator.gather(mem.to(device).reshape(1, -1)).cpu().reshape(world, -1)
     if accelerator.is_main_process:
         timed = times[args.warmup:]

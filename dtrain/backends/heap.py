@@ -14,7 +14,11 @@ to the slack.
 
 from __future__ import annotations
 
-import os
+import math
+
+import torch
+
+from dtrain.memory import measure
 
 MIN_SLACK_BYTES = 64 * 2**20
 SLACK_FRACTION = 0.10
@@ -30,15 +34,6 @@ def trim() -> None:
         pass
 
 
-def rss_bytes() -> int | None:
-    """Resident set size of this process (None off Linux)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 class StepTrimmer:
     """Trim after a step only when RSS has grown past the settled level by more than the slack."""
 
@@ -49,8 +44,8 @@ class StepTrimmer:
 
     def after_step(self) -> bool:
         """Call after each optimizer step; True when it trimmed."""
-        rss = rss_bytes()
-        if rss is None:
+        rss = measure.process_memory(torch.device("cpu"))["rss_bytes"]
+        if not math.isfinite(rss):
             return False
         if self.settled is None:
             self.settled = rss

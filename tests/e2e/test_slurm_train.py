@@ -109,18 +109,28 @@ def _wait_while_running(slurm: SlurmCluster, job: str, out: Path, timeout: float
         time.sleep(0.1)
 
 
+def _signalled_job(slurm: SlurmCluster, tmp_path: Path, timeout: float, what: str,
+                   ready: Callable[[Path], bool]) -> tuple[Path, str, dict, str]:
+    """Submit the training job, send USR1 once `ready(out)`, wait for the end: (out, state, info, log)."""
+    out = tmp_path / "run"
+    job = slurm.sbatch(_write_script(out, tmp_path / "train.sbatch"), env=JOB_ENV)
+    _wait_while_running(slurm, job, out, timeout, what, lambda: ready(out))
+    slurm.signal(job, "USR1")  # the job steps' tasks: each rank, as --signal=USR1@S does
+    state = slurm.wait(job, timeout=240)
+    return out, state, slurm.job_info(job), _log(out, job)
+
+
+def _trained_steps(out: Path, n: int) -> bool:
+    metrics = out / "metrics.jsonl"
+    return metrics.exists() and len(metrics.read_text().splitlines()) >= n
+
+
 def test_slurm_preemption_resumes_exactly(
     slurm: SlurmCluster, reference_run: tuple[Path, str], tmp_path: Path
 ) -> None:
     ref_out, _ = reference_run
-    out = tmp_path / "run"
-    job = slurm.sbatch(_write_script(out, tmp_path / "train.sbatch"), env=JOB_ENV)
-    metrics = out / "metrics.jsonl"
-    _wait_while_running(slurm, job, out, 180, "no training progress",
-                        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
-    slurm.signal(job, "USR1")  # the job steps' tasks: each rank, as --signal=USR1@S does
-    state = slurm.wait(job, timeout=240)
-    info, log = slurm.job_info(job), _log(out, job)
+    out, state, info, log = _signalled_job(slurm, tmp_path, 180, "no training progress",
+                                           lambda o: _trained_steps(o, 3))
     assert state == "COMPLETED", f"{state}: {info}\n{log[-6000:]}"
     assert "preempted: checkpoint at step" in log, log[-6000:]
     assert "requeueing job" in log and info["Restarts"] == "1", f"{info}\n{log[-6000:]}"
@@ -136,13 +146,9 @@ def test_slurm_signal_during_setup_is_not_lost(
     slurm: SlurmCluster, reference_run: tuple[Path, str], tmp_path: Path
 ) -> None:
     ref_out, _ = reference_run
-    out = tmp_path / "run"
-    job = slurm.sbatch(_write_script(out, tmp_path / "train.sbatch"), env=JOB_ENV)
-    # the ranks have started dtrain and are loading data / building the model
-    _wait_while_running(slurm, job, out, 120, "the training step never started", out.is_dir)
-    slurm.signal(job, "USR1")  # the ranks are still loading data / building the model
-    state = slurm.wait(job, timeout=240)
-    info, log = slurm.job_info(job), _log(out, job)
+    # USR1 as soon as dtrain made its output dir: the ranks are still loading data / building the model
+    out, state, info, log = _signalled_job(slurm, tmp_path, 120, "the training step never started",
+                                           lambda o: o.is_dir())
     assert state == "COMPLETED" and info["Restarts"] == "1", f"{state}: {info}\n{log[-6000:]}"
     got, want = _adapter(out), _adapter(ref_out)
     assert all(torch.equal(got[k], want[k]) for k in want) and got.keys() == want.keys()
