@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -69,11 +68,12 @@ def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
 
 
 def run_cell(layers: int, backend: str, repeats: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    from run import child_env, torchrun  # bench/run.py: the same launch and environment as the benchmark
+
+    env = dict(child_env(cuda=False), PYTHONWARNINGS="ignore")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000 + layers), __file__, "--worker",
-               "--layers", str(layers), "--backends", backend, "--repeats", str(repeats), "--out", tmp]
+        cmd = torchrun(2) + [__file__, "--worker", "--layers", str(layers), "--backends", backend,
+                             "--repeats", str(repeats), "--out", tmp]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, errors="replace")
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 or not rows:
@@ -90,7 +90,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        return worker(a.layers[0], a.backends[0], a.repeats, a.out)
+        worker(a.layers[0], a.backends[0], a.repeats, a.out)
+        from dtrain.dist import exit_now
+
+        exit_now(0)  # a rank leaves without interpreter teardown (gloo can abort there)
     rows = [run_cell(n, b, a.repeats) for b in a.backends for n in a.layers]
     print(f"{'base params':>12} {'lora params':>11} {'backend':>9} {'lora gather s':>13} {'adapter save s':>14} "
           f"{'checkpoint s':>12} {'full gather s':>13} {'adapter file B':>14}")

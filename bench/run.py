@@ -32,7 +32,8 @@ every linear layer (the output head included, the embedding lookup not; attentio
 the LoRA matmuls not counted).
 
 Results are printed and appended to bench/RESULTS.md (`--quick` runs only with `--record`).
-A benchmark: never part of the test suite.
+A benchmark: its timings are never asserted by the test suite (tests/bench runs `--quick` only to
+check that every part still runs).
 """
 
 from __future__ import annotations

@@ -34,13 +34,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
-def _is_adapter_param(param_name: str, adapter: str) -> bool:
-    return lora.is_lora_param(param_name) and param_name.endswith(f".{adapter}.weight")
-
-
 def gather_adapter(backend, adapter: str) -> dict[str, torch.Tensor]:
     """Full CPU tensors of adapter `adapter`'s A and B only, by dtrain name (collective)."""
-    return backend.full_state(lambda n: _is_adapter_param(n, adapter))
+    return backend.full_state(lambda n: lora.is_adapter_param(n, adapter))
 
 
 def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
@@ -73,9 +69,10 @@ def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor
     files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, target_modules(model, modules), cfg.model.path))
 
 
-def save_adapter(backend, cfg: Config, out: Path) -> None:
-    """Gather only the LoRA tensors of the adapter being trained; rank 0 writes `out` atomically."""
-    tensors = gather_adapter(backend, cfg.lora.adapter_name)
+def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Gather only the LoRA tensors of the adapter being trained (unless `tensors` are the ones
+    already gathered); rank 0 writes `out` atomically."""
+    tensors = gather_adapter(backend, cfg.lora.adapter_name) if tensors is None else tensors
     if not tensors:
         if backend.rank == 0:
             log.warning("no LoRA parameters for adapter '%s' (mode %s): no adapter written",

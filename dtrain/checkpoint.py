@@ -187,10 +187,12 @@ def _write_rank_state(backend, tmp: Path) -> None:
     files.write_json(tmp / rng_js, rng_plain)
 
 
-def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: bool = False) -> Path | None:
+def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: bool = False,
+                  tensors: dict[str, torch.Tensor] | None = None) -> Path | None:
     """Training checkpoint of `step` (adapter, optimizer, scheduler, RNG, data position); every rank
-    calls it. Returns its directory (None when there is no adapter to save: mode full)."""
-    tensors = gather_adapter(backend, cfg.lora.adapter_name)
+    calls it. Returns its directory (None when there is no adapter to save: mode full). `tensors`:
+    the adapter's, when the caller has already gathered them."""
+    tensors = gather_adapter(backend, cfg.lora.adapter_name) if tensors is None else tensors
     if not tensors:
         if backend.rank == 0:
             log.warning("mode %s has no LoRA adapter: training checkpoint of step %d skipped", cfg.mode, step)

@@ -223,10 +223,15 @@ def is_lora_param(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+def is_adapter_param(name: str, adapter: str) -> bool:
+    """True for the LoRA A/B parameters of adapter `adapter` (`...lora_A.<adapter>.weight`)."""
+    return is_lora_param(name) and name.endswith(f".{adapter}.weight")
+
+
 def freeze_base(model: nn.Module, adapter: str | None = None) -> None:
     """requires_grad only for the LoRA parameters (of `adapter`, or of every adapter)."""
     for name, p in model.named_parameters():
-        trainable = is_lora_param(name) and (adapter is None or f".{adapter}." in name)
+        trainable = is_lora_param(name) and (adapter is None or is_adapter_param(name, adapter))
         p.requires_grad_(trainable)
 
 

@@ -28,7 +28,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-PREEMPT_EXIT = 75  # must match dtrain.trainer.PREEMPT_EXIT
+from dtrain.preempt import EXIT_CODE
+
+PREEMPT_EXIT = EXIT_CODE  # the exit code of a preempted run: requeue
 
 _TEMPLATE = """\
 #!/bin/bash

@@ -116,8 +116,9 @@ class Trainer:
                     log.warning("preempted: checkpoint at step %d written; exit %d to requeue",
                                 self.state.step, PREEMPT_EXIT)
                     return PREEMPT_EXIT
-            checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan)
-            adapter.save_adapter(self.backend, self.cfg, self.out / "adapter")
+            final = adapter.gather_adapter(self.backend, self.cfg.lora.adapter_name)  # once, for both saves
+            checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan, tensors=final)
+            adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final)
         finally:
             bar.close()
             if metrics:

@@ -137,15 +137,14 @@ class DeepSpeedBackend(Backend):
     def _build(self, config) -> nn.Module:
         cfg, ds = self.cfg, self.ds
         dtype = model_lib.DTYPES[cfg.model.dtype]
-        # now that the architecture is known: gather limits sized from the model (ds_config.py)
-        size = ds_config.ModelSize.of(config, cfg.model.trust_remote_code)
-        self.ds_config = ds_config.build(cfg, self.env.world_size, size)
         # no_init_weights: every weight is filled from the source below, so skip HF's random init
         # (transformers' own from_pretrained does the same under DeepSpeed).
         with ds.zero.Init(config_dict_or_path=self.ds_config), _no_init_weights():
             model = model_lib.build_empty(config, dtype, device="cpu",
                                           trust_remote_code=cfg.model.trust_remote_code)
         heap.trim()
+        # gather limits sized from the model just built (zero.Init above does not read them)
+        self.ds_config = ds_config.build(cfg, self.env.world_size, ds_config.ModelSize.of(model, config))
         self.prepare(model)
         # LoRA (and any other new) parameters: partition them too, from rank 0's values.
         ds.zero.Init(module=model, config_dict_or_path=self.ds_config)

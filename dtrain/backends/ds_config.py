@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from dtrain.config import Config
 from dtrain.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 # Tuning defaults for the ZeRO-3 partitioning (a user JSON may override any of them).
 ZERO_DEFAULTS: dict[str, Any] = {
@@ -60,20 +56,12 @@ class ModelSize:
     params: int
 
     @classmethod
-    def of(cls, config, trust_remote_code: bool = False) -> "ModelSize | None":
-        """From a transformers config, counting parameters on a meta-device build (no memory).
-        None when the model cannot be built on the meta device (the limits then stay 0)."""
-        from dtrain import model as model_lib
+    def of(cls, model, config) -> "ModelSize":
+        """From a built model (ZeRO-3 partitioned or not) and its transformers config."""
+        from dtrain.shapes import logical_numel
 
-        try:
-            empty = model_lib.build_empty(config, torch.float32, device="meta",
-                                          trust_remote_code=trust_remote_code)
-        except Exception as e:  # noqa: BLE001 - some remote code cannot run on meta; sizing is optional
-            log.warning("ZeRO-3 gather limits left at 0: the model did not build on the meta device (%s)",
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
-            return None
         return cls(hidden=int(getattr(config, "hidden_size", 0) or 0),
-                   params=sum(p.numel() for p in empty.parameters()))
+                   params=sum(logical_numel(p) for p in model.parameters()))
 
 
 def gather_limits(size: ModelSize | None, world_size: int | None) -> dict[str, int]:
@@ -88,7 +76,7 @@ def gather_limits(size: ModelSize | None, world_size: int | None) -> dict[str, i
     about twice its share of the base at most, where DeepSpeed's 1e9 keeps a whole model of under
     1e9 parameters gathered from forward to backward. The prefetch bucket is 0.9 x hidden^2
     (about one attention projection), the size accelerate picks for DeepSpeed's "auto". One rank
-    (or an unknown count, or no size): all 0, since there is nothing to gather from other ranks
+    (or an unknown count, or no size, as when zero.Init builds the model: it does not read them): all 0, since there is nothing to gather from other ranks
     and a kept copy would only double the memory.
     """
     if size is None or size.params <= 0 or not world_size or world_size <= 1:

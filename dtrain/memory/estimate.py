@@ -36,7 +36,6 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from dtrain.backends.ds_config import ModelSize, gather_limits
 from dtrain.memory.model_spec import LinearModule, ModelSpec
 
 GIB = 2**30
@@ -337,6 +336,8 @@ def ds_live_params(spec: ModelSpec, plan: Plan) -> int:
     `stage3_max_live_parameters` (one rank's share of the model; 0 on one rank or with FSDP)."""
     if plan.backend != "deepspeed":
         return 0
+    from dtrain.backends.ds_config import ModelSize, gather_limits  # not at import: keeps the CLI light
+
     limits = gather_limits(ModelSize(hidden=spec.hidden_size, params=spec.total_params), plan.world_size)
     return limits["stage3_max_live_parameters"]
 

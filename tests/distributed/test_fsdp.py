@@ -20,13 +20,6 @@ QV = "lora.targets=[q_proj,v_proj]"
 LR = "training.lr=1e-3"
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    train(out, ["backend.name=none", "training.micro_batch_size=4", LR])
-    return out
-
-
 def assert_same_run(a, b) -> None:
     la, lb = losses(a), losses(b)
     assert len(la) == len(lb) == 4
@@ -69,8 +62,13 @@ def probe(tmp_path, backend: str, overrides: list[str] = ()) -> list[dict]:
     return [json.loads((tmp_path / f"probe-rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_each_rank_holds_half_the_frozen_bytes_and_lora_only_optimizer_state(tmp_path):
-    rows = probe(tmp_path, "fsdp")
+@pytest.fixture(scope="module")
+def fsdp_rows(tmp_path_factory) -> list[dict]:
+    return probe(tmp_path_factory.mktemp("fsdp_probe"), "fsdp")
+
+
+def test_each_rank_holds_half_the_frozen_bytes_and_lora_only_optimizer_state(fsdp_rows):
+    rows = fsdp_rows
     assert len(rows) == 2
     full = rows[0]["full_frozen_bytes"]
     # tiny config: every frozen tensor has an even first dimension, so the halves are exact
@@ -81,8 +79,8 @@ def test_each_rank_holds_half_the_frozen_bytes_and_lora_only_optimizer_state(tmp
         assert r["optimizer_state_bytes"] == 2 * r["trainable_bytes"]  # exp_avg + exp_avg_sq
 
 
-def test_units_are_blocks_embeddings_head_and_root(tmp_path):
-    units = probe(tmp_path, "fsdp")[0]["fsdp_units"]
+def test_units_are_blocks_embeddings_head_and_root(fsdp_rows, tmp_path):
+    units = fsdp_rows[0]["fsdp_units"]
     layers = [f"model.layers.{i}" for i in range(2)]
     assert units == sorted(["", "lm_head", "model.embed_tokens", *layers])
     tied = probe(tmp_path / "tied", "fsdp", ["model.arch.tie_word_embeddings=true"])

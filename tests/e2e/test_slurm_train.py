@@ -150,5 +150,6 @@ def test_slurm_signal_during_setup_is_not_lost(
     out, state, info, log = _signalled_job(slurm, tmp_path, 120, "the training step never started",
                                            lambda o: o.is_dir())
     assert state == "COMPLETED" and info["Restarts"] == "1", f"{state}: {info}\n{log[-6000:]}"
+    assert "preempted: checkpoint at step 1 " in log, log[-6000:]  # taken during setup, acted on at step 1
     got, want = _adapter(out), _adapter(ref_out)
     assert all(torch.equal(got[k], want[k]) for k in want) and got.keys() == want.keys()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dtrain import config as config_lib
 from dtrain.backends import ds_config
@@ -74,7 +75,8 @@ def test_gather_limits_sized_from_the_model(tmp_path):
     from dtrain import model as model_lib
 
     cfg = cfg_with(tmp_path)
-    size = ds_config.ModelSize.of(model_lib.hf_config(cfg.model))
+    config = model_lib.hf_config(cfg.model)
+    size = ds_config.ModelSize.of(model_lib.build_empty(config, torch.float32), config)
     arch = cfg.model.arch
     assert size.hidden == arch["hidden_size"]
     # the tiny Llama: embeddings, untied head, per layer q k v o (k/v by kv heads), MLP, 2 norms; final norm
