@@ -40,21 +40,27 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base-bits", type=int, choices=(8, 4), default=None,
                    help="the adapter was trained on dtrain's 8-/4-bit base: merge into the dequantized "
                         "weights it saw (every linear but the head) and write bf16")
+    p.add_argument("--quantized-head", action="store_true",
+                   help="with --base-bits: the run had quantization.include_head = true (the head was "
+                        "quantized too)")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = merge(args.base, args.adapter, args.out, args.dtype, args.base_bits)
+    if args.quantized_head and not args.base_bits:
+        raise DtrainError("--quantized-head needs --base-bits 8 or 4")
+    out = merge(args.base, args.adapter, args.out, args.dtype, args.base_bits, args.quantized_head)
     print(f"merged model written to {out}")
     return 0
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None,
-          base_bits: int | None = None) -> Path:
+          base_bits: int | None = None, quantized_head: bool = False) -> Path:
     """Write base + adapter as a plain HF model into `out`; returns `out`.
 
     `base_bits` (8 or 4): the adapter was trained on dtrain's quantized base, so it is merged into
     deq(q(W)) of every quantized layer (dequantize, then merge), and the result is written in bf16.
+    `quantized_head`: that run quantized the output head too (`quantization.include_head`).
     """
     import torch
 
@@ -77,7 +83,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     tmp = staging_dir(out)
     fresh_dir(tmp)
     try:
-        quantized = _quantized_keys(base, base_bits) if base_bits else {}
+        quantized = _quantized_keys(base, base_bits, quantized_head) if base_bits else {}
         nbytes = _merge_files(base, files, tmp, deltas, spec.alpha / spec.r, target, quantized)
         _copy_rest(base, tmp, config, target, index, nbytes)
     except BaseException:
@@ -142,9 +148,10 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
                               f"B A is {list(want)} (adapter for another base?)")
 
 
-def _quantized_keys(base: Path, bits: int) -> dict[str, int]:
-    """{checkpoint key: bits} of the weights dtrain stores quantized: every Linear but the head
-    (found on a meta-device build of the base's config; nothing is allocated)."""
+def _quantized_keys(base: Path, bits: int, include_head: bool = False) -> dict[str, int]:
+    """{checkpoint key: bits} of the weights dtrain stores quantized: every Linear, the head only
+    with `include_head` (the rule of `Backend.prepare`; found on a meta-device build of the base's
+    config, nothing is allocated)."""
     import torch
     from torch import nn
     from transformers import AutoConfig
@@ -153,8 +160,8 @@ def _quantized_keys(base: Path, bits: int) -> dict[str, int]:
 
     config = AutoConfig.from_pretrained(base, local_files_only=True)
     model = model_lib.build_empty(config, torch.float32)
-    return {f"{n}.weight": bits for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not quant.default_skip(n)}
+    skip = quant.skip_rule(include_head)
+    return {f"{n}.weight": bits for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skip(n)}
 
 
 def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,

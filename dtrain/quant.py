@@ -48,6 +48,7 @@ __all__ = [
     "HEAD_NAMES",
     "QuantLinear",
     "default_skip",
+    "skip_rule",
     "quantize_model",
     "quantized_bytes",
     "quant_error_bounds",
@@ -312,6 +313,15 @@ class QuantLinear(nn.Module):
 def default_skip(name: str) -> bool:
     """True for output heads: the last component of ``name`` is in ``HEAD_NAMES``."""
     return name.rsplit(".", 1)[-1] in HEAD_NAMES
+
+
+def _never(name: str) -> bool:
+    return False
+
+
+def skip_rule(include_head: bool) -> Callable[[str], bool]:
+    """The layers dtrain keeps unquantized (`quantization.include_head`): the output heads, or none."""
+    return _never if include_head else default_skip
 
 
 def _is_float_linear(module: nn.Module) -> bool:

@@ -62,7 +62,7 @@ class Backend(ABC):
         if cfg.quantization.bits in (8, 4):
             from dtrain import quant
 
-            skip = None if cfg.quantization.include_head else quant.default_skip
+            skip = quant.skip_rule(cfg.quantization.include_head)
             quant.quantize_model(model, cfg.quantization.bits, skip=skip)
         if cfg.mode == "lora":
             names = lora.select_targets(model, cfg.lora.targets, cfg.lora.target_regex)

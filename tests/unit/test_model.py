@@ -208,3 +208,12 @@ def test_token_loss_is_summed_cross_entropy() -> None:
     expect = sum(-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] for b, t in pairs)
     assert n == len(pairs) == 6
     torch.testing.assert_close(total, expect, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("include_head", [False, True])
+def test_quantization_include_head(include_head: bool) -> None:
+    from dtrain.quant import QuantLinear
+
+    model = build("quantization.bits=8", f"quantization.include_head={str(include_head).lower()}").model
+    assert isinstance(model.lm_head, QuantLinear) is include_head
+    assert isinstance(model.model.layers[0].mlp.down_proj.base_layer, QuantLinear)  # LoRA-wrapped

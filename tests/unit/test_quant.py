@@ -301,3 +301,24 @@ def test_quantize_tiny_llama(bits: int, rel_tol: float) -> None:
     quant = [m for m in qmodel.modules() if isinstance(m, QuantLinear)]
     n_weights = sum(m.in_features * m.out_features for m in quant)
     assert stats["int_bytes"] == (n_weights if bits == 8 else n_weights // 2)
+
+
+@pytest.mark.parametrize("include_head", [False, True])
+def test_merge_finds_the_layers_the_trainer_quantized(tmp_path, include_head: bool) -> None:
+    """`dtrain merge --base-bits` (and --quantized-head) names exactly the weights that
+    quantize_model quantized under the same quantization.include_head."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dtrain.merge_cli import _quantized_keys
+    from dtrain.quant import QuantLinear, quantize_model, skip_rule
+    from tests.helpers import TINY
+
+    arch = dict(yaml.safe_load(TINY.read_text())["model"]["arch"])
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    config.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_config(config)
+    quantize_model(model, 8, skip=skip_rule(include_head))  # as Backend.prepare does
+    quantized = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert ("lm_head.weight" in quantized) is include_head
+    assert _quantized_keys(tmp_path, 8, include_head) == dict.fromkeys(quantized, 8)
