@@ -109,13 +109,26 @@ class Backend(ABC):
         wants = self.cfg.model.dtype == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=wants)
 
-    @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of `loss` (already scaled by the trainer)."""
+        """Accumulate gradients of `loss` (already scaled by the trainer; FSDP2 reduce-scatters
+        and averages them over ranks during backward)."""
+        loss.backward()
 
-    @abstractmethod
     def step(self) -> float:
-        """Clip, optimizer step, scheduler step, zero grads; returns the grad norm before clipping."""
+        """Clip, optimizer step, scheduler step, zero grads; returns the grad norm before clipping.
+
+        The torch optimizer's path (single process, FSDP2). `max_grad_norm` 0 clips at infinity:
+        the scale clamps to 1, so the gradients are unchanged and the norm is still reported. Under
+        FSDP2 the norm is a DTensor: its full value is the same on every rank.
+        """
+        max_norm = self.cfg.training.max_grad_norm
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm if max_norm > 0 else math.inf)
+        full = getattr(norm, "full_tensor", None)
+        norm = full() if callable(full) else norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     @abstractmethod
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -79,19 +79,6 @@ class FSDPBackend(Backend):
         stop = start + p.to_local().shape[0]
         return slice(start, stop)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()  # FSDP2 reduce-scatters and averages the gradients over ranks
-
-    def step(self) -> float:
-        params = self.trainable_parameters()
-        max_norm = self.cfg.training.max_grad_norm
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().clone().to(self._comm_device())
         dist.all_reduce(t)

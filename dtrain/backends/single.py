@@ -23,17 +23,6 @@ class SingleBackend(Backend):
         model.tie_weights()
         return model
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> float:
-        params = self.trainable_parameters()
-        norm = clip_grad_norm(params, self.cfg.training.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
@@ -58,13 +47,3 @@ class SingleBackend(Backend):
 
     def close(self) -> None:
         pass
-
-
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Total L2 norm of the gradients, clipped to max_norm when max_norm > 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
