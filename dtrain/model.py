@@ -42,14 +42,65 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         raise ConfigError(f"model.arch: {str(e).splitlines()[0]}") from None
 
 
+def import_model_code(config: PretrainedConfig, trust_remote_code: bool = False) -> None:
+    """Import every module that building `config`'s model imports, before any sharding context.
+
+    transformers imports model code and its own machinery lazily, on first use. A build inside
+    `deepspeed.zero.Init` (which patches `torch.Tensor.__new__`) must not be that first use:
+    importing `torch._dynamo` there fails on the patched signature (transformers 5.24 pulls it in
+    from `modeling_utils`). So the build's imports all happen here, outside; tests check that a
+    ZeRO-3 build imports nothing new.
+    """
+    import torch._dynamo  # noqa: F401  (its polyfills check Tensor.__new__ at import)
+    import transformers.modeling_utils  # noqa: F401
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        import transformers.initialization  # noqa: F401  (no_init_weights, transformers >= 5)
+    except ImportError:
+        pass
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports the architecture's modeling module
+    elif trust_remote_code:  # custom code: one throwaway build on meta imports all it needs
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+
+
 def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "meta",
                 trust_remote_code: bool = False) -> nn.Module:
-    """The model's modules with uninitialized (meta by default) parameters."""
+    """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code
         )
+    tie_embeddings(model)
     return model
+
+
+def ties_embeddings(model: nn.Module) -> bool:
+    """Whether the config asks for the output head to be the input embedding matrix."""
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def tie_embeddings(model: nn.Module) -> None:
+    """Make head and input embeddings one parameter when the config ties them, and check it.
+
+    Done explicitly: whether `from_config` ties depends on the transformers release and on the
+    context (5.24 leaves them untied under `no_init_weights`). Afterwards the tied weight is one
+    tensor: counted once, sharded once, read once from the checkpoint (under the embedding's name).
+    """
+    if not ties_embeddings(model):
+        return
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embed is None or head is None:
+        return
+    if head.weight is not embed.weight:
+        head.weight = embed.weight
+    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+        raise ConfigError("model: tie_word_embeddings is set but the head could not be tied to the embeddings")
 
 
 def restore_buffers(model: nn.Module, device: torch.device | str) -> None:

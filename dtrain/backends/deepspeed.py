@@ -139,6 +139,7 @@ class DeepSpeedBackend(Backend):
         dtype = model_lib.DTYPES[cfg.model.dtype]
         # no_init_weights: every weight is filled from the source below, so skip HF's random init
         # (transformers' own from_pretrained does the same under DeepSpeed).
+        model_lib.import_model_code(config, cfg.model.trust_remote_code)  # nothing imports inside zero.Init
         with ds.zero.Init(config_dict_or_path=self.ds_config), _no_init_weights():
             model = model_lib.build_empty(config, dtype, device="cpu",
                                           trust_remote_code=cfg.model.trust_remote_code)
