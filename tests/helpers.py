@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,3 +77,16 @@ def losses(out: Path) -> list[float]:
 
 def adapter(out: Path) -> dict:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def assert_same_losses_and_adapter(a: Path, b: Path, rel: float = 1e-5, atol: float = 2e-6) -> None:
+    """Two runs of the same training: equal losses (relative `rel`) and adapters (absolute `atol`)."""
+    la, lb = losses(a), losses(b)
+    assert la and len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert abs(x - y) <= rel * abs(x), (la, lb)
+    A, B = adapter(a), adapter(b)
+    assert A.keys() == B.keys() and A
+    for k in A:
+        torch.testing.assert_close(A[k], B[k], rtol=0, atol=atol)
+    assert any(A[k].abs().sum() > 0 for k in A if "lora_B" in k)  # B moved off zero

@@ -52,6 +52,7 @@ def main() -> None:
         "rank": b.rank, "world": b.world_size, **storage(b),
         "optimizer_state_entries": len(opt), "optimizer_state_bytes": opt_bytes,
         "fsdp_units": fsdp_units(b.model),
+        "head_is_embedding": b.model.get_output_embeddings().weight is b.model.get_input_embeddings().weight,
     }
     (t.out / f"probe-rank{b.rank}.json").write_text(json.dumps(row))
     t.cleanup()

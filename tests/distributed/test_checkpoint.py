@@ -28,13 +28,14 @@ from tests.helpers import FAST, REPO, TINY, adapter, env_for_tests, launch_cmd, 
 STEPS = 6
 COMMON = [*FAST, f"training.max_steps={STEPS}", "training.save_every=1", "training.keep_last=3",
           "lora.dropout=0.1", "data.eval_fraction=0.95"]
-BACKENDS = {"single": ("none", 1), "fsdp": ("fsdp", 2), "zero3": ("deepspeed", 2)}
+BACKENDS = {"single": ("none", 1), "fsdp": ("fsdp", 2), "zero3": ("deepspeed", 2), "zero3_tied": ("deepspeed", 2)}
 
 
 def command(kind: str, out: Path, extra: list[str] = ()) -> list[str]:
     name, nproc = BACKENDS[kind]
     launcher = "python" if nproc == 1 else "torchrun"
-    return launch_cmd(nproc, launcher) + ["train", str(TINY), *COMMON, f"backend.name={name}",
+    tie = ["model.arch.tie_word_embeddings=true"] if kind.endswith("_tied") else []
+    return launch_cmd(nproc, launcher) + ["train", str(TINY), *COMMON, f"backend.name={name}", *tie,
                                           *extra, f"output.dir={out}"]
 
 
@@ -110,10 +111,11 @@ def _needs(kind: str) -> None:
             pytest.skip("dtrain/backends/deepspeed.py not there yet")
 
 
-def kill_step(lowest: int) -> int:
-    """A random step in [lowest, STEPS - 2]; DTRAIN_TEST_KILL_STEP=k reproduces a given one."""
+def kill_step(lowest: int, key: str) -> int:
+    """A step in [lowest, STEPS - 2] drawn from a generator seeded by `key` (the same step on every
+    run of one test, different steps across tests); DTRAIN_TEST_KILL_STEP=k forces a given one."""
     forced = os.environ.get("DTRAIN_TEST_KILL_STEP")
-    return max(lowest, int(forced)) if forced else random.randint(lowest, STEPS - 2)
+    return max(lowest, int(forced)) if forced else random.Random(key).randint(lowest, STEPS - 2)
 
 
 def kill_after(kind: str, out: Path, k: int, extra: list[str] = ()) -> None:
@@ -126,11 +128,11 @@ def kill_after(kind: str, out: Path, k: int, extra: list[str] = ()) -> None:
     assert checkpoint.find_latest(out)[0] >= k
 
 
-@pytest.mark.parametrize("kind", ["single", "zero3"])  # FSDP: in the SIGUSR1 test below
+@pytest.mark.parametrize("kind", ["single", "zero3", "zero3_tied"])  # FSDP: in the SIGUSR1 test below
 def test_sigkill_at_a_random_step_then_resume_is_bit_exact(kind, reference, tmp_path):
     _needs(kind)
     ref = reference(kind)
-    k = kill_step(1)
+    k = kill_step(1, kind)
     print(f"{kind}: SIGKILL after the checkpoint of step {k}")
     out = tmp_path / "run"
     kill_after(kind, out, k)
@@ -169,7 +171,7 @@ def test_fsdp_sigusr1_then_sigkill_then_resume_is_bit_exact(reference, tmp_path)
     assert not (out / "adapter").exists()
     preempted_at = marker["step"]
     if preempted_at + 1 <= STEPS - 2:
-        k = kill_step(preempted_at + 1)
+        k = kill_step(preempted_at + 1, f"fsdp-{preempted_at}")
         print(f"fsdp: preempted at step {preempted_at}, SIGKILL after the checkpoint of step {k}")
         kill_after("fsdp", out, k, ["training.resume=auto"])
         assert not (out / checkpoint.PREEMPTED).exists()  # removed by the resumed start
