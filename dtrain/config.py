@@ -29,7 +29,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, "local directory of a Hugging Face causal LM (safetensors)")
+    path: str | None = _f(None, "local directory of a Hugging Face causal LM (safetensors), or a built-in "
+                                "model's name (smollm2-135m-instruct)")
     arch: dict | None = _f(None, "inline HF config (model_type, sizes) for a random-weight model")
     dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the frozen base weights and compute")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
@@ -307,6 +308,7 @@ def _describe(t: Any) -> str:
 def _resolve_paths(cfg: Config, path: str | Path | None) -> None:
     """Check that the local files the config names exist; a missing one is a clear error."""
     source = str(path) if path else "<defaults>"
+    _resolve_builtin_models(cfg)
     if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
         raise ConfigError(f"{source}: model.path = '{cfg.model.path}': directory not found")
     if cfg.model.path is None and cfg.model.arch is None:
@@ -320,6 +322,17 @@ def _resolve_paths(cfg: Config, path: str | Path | None) -> None:
     ds = cfg.backend.deepspeed_config
     if ds is not None and not Path(ds).is_file():
         raise ConfigError(f"{source}: backend.deepspeed_config = '{ds}': file not found")
+
+
+def _resolve_builtin_models(cfg: Config) -> None:
+    """model.path / data.tokenizer may name a built-in model (dtrain import --list): its local
+    directory, imported on first use."""
+    from dtrain import importer
+
+    for section, key in ((cfg.model, "path"), (cfg.data, "tokenizer")):
+        value = getattr(section, key)
+        if importer.is_builtin(value) and not Path(value).is_dir():
+            setattr(section, key, str(importer.resolve(value)))
 
 
 def to_dict(cfg: Config) -> dict:

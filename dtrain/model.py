@@ -138,8 +138,10 @@ class WeightSource(Protocol):
 class SafetensorsSource:
     """A local HF checkpoint: one `model.safetensors` or shards with `model.safetensors.index.json`."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, prefix: str = "") -> None:
+        """`prefix`: the model's `base_model_prefix` ("model", "bert"), which checkpoints saved
+        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without."""
+        self.path, self.prefix = Path(path), prefix
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -152,13 +154,24 @@ class SafetensorsSource:
             raise ConfigError(f"model.path = '{path}': no model.safetensors or index file")
         self._open: dict[Path, object] = {}
 
+    def key(self, name: str) -> str | None:
+        """The checkpoint key holding model parameter `name`, as stored or without the prefix."""
+        key = checkpoint_key(name)
+        if key in self.files:
+            return key
+        if self.prefix and key.startswith(self.prefix + "."):
+            bare = key[len(self.prefix) + 1:]
+            if bare in self.files:
+                return bare
+        return None
+
     def has(self, name: str) -> bool:
-        return checkpoint_key(name) in self.files
+        return self.key(name) is not None
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        key = checkpoint_key(name)
-        if key not in self.files:
-            raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{key}'")
+        key = self.key(name)
+        if key is None:
+            raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{checkpoint_key(name)}'")
         f = self.files[key]
         if f not in self._open:
             # One file open at a time: a handle keeps its mmap, and every page read through it
@@ -251,7 +264,8 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     """Where the frozen base's weights come from: model.path's checkpoint, or a random init;
     quantized on the fly where the model has quantized layers."""
     if cfg.path is not None:
-        source: WeightSource = SafetensorsSource(cfg.path)
+        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""))
+        check_complete(source, model)
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
         for n, m in model.named_modules():
@@ -261,6 +275,36 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
         source = RandomSource(seed, std, shapes)
     quantized = any(hasattr(m, "dequantized_weight") for m in model.modules())
     return QuantSource(source, model) if quantized else source
+
+
+def base_weight_names(model: nn.Module) -> list[str]:
+    """The checkpoint tensors the frozen base needs: each parameter once (tied ones under their
+    first name), a quantized layer's float `weight` instead of its storage, no LoRA tensors."""
+    quantized = {n for n, m in model.named_modules() if hasattr(m, "dequantized_weight")}
+    names: list[str] = []
+    for name, _ in model.named_parameters():
+        if is_lora_param(name):
+            continue
+        module, _, leaf = name.rpartition(".")
+        if module in quantized and leaf in quant_storage_names():
+            name = f"{module}.weight"
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def check_complete(source: SafetensorsSource, model: nn.Module) -> None:
+    """Every base tensor is in the checkpoint; else one line saying what is missing and why."""
+    missing = [checkpoint_key(n) for n in base_weight_names(model) if not source.has(n)]
+    if not missing:
+        return
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    where = f"model.path = '{source.path}': checkpoint has no tensor '{missing[0]}'{more}"
+    archs = getattr(model.config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ConfigError(f"{where}: the checkpoint is a {'/'.join(archs)}, a model without a language-modeling "
+                          "head, which cannot be trained as a causal LM (dtrain needs a *ForCausalLM checkpoint)")
+    raise ConfigError(where)
 
 
 def parameter_names(model: nn.Module) -> list[str]:

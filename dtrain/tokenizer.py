@@ -24,6 +24,9 @@ def load_tokenizer(directory: str | Path | None, corpus: str | Path,
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"tokenizer directory '{d}': {str(e).splitlines()[0]}") from None
+    if tok.eos_token_id is None:
+        raise ConfigError(f"tokenizer directory '{d}' has no EOS token: dtrain ends every document and "
+                          "response with one (a causal LM's tokenizer has it; set data.tokenizer to such a tokenizer)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

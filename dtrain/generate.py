@@ -1,0 +1,97 @@
+"""Text generation from a base model, the base plus LoRA adapters (switched by name), or a merged
+model: the model's chat template applied, greedy or sampled decoding, one prompt or a batch.
+
+One process, no sharding: generation is for checking what an adapter learned, not for serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dtrain.errors import DtrainError
+
+
+@dataclass
+class Sampling:
+    """Decoding settings: temperature 0 is greedy (deterministic)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class Generator:
+    """A loaded model + tokenizer; `generate` answers prompts (or whole conversations)."""
+
+    def __init__(self, model: nn.Module, tokenizer, chat_template: bool = True, system: str | None = None) -> None:
+        self.model, self.tok, self.system = model.eval(), tokenizer, system
+        self.use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # batched decoding continues every row from its last token
+
+    def render(self, conversation: list[dict] | str) -> str:
+        """The text the model continues: the chat template with the assistant turn opened."""
+        if isinstance(conversation, str):
+            conversation = [{"role": "user", "content": conversation}]
+        if not self.use_template:
+            return "\n".join(m["content"] for m in conversation)
+        if self.system is not None and conversation[0]["role"] != "system":
+            conversation = [{"role": "system", "content": self.system}, *conversation]
+        return self.tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict] | str], sampling: Sampling = Sampling(),
+                 batch_size: int = 8) -> list[str]:
+        """One completion per prompt (text only, special tokens dropped)."""
+        out: list[str] = []
+        for i in range(0, len(prompts), batch_size):
+            out += self._batch([self.render(p) for p in prompts[i: i + batch_size]], sampling)
+        return out
+
+    def _batch(self, texts: list[str], s: Sampling) -> list[str]:
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=not self.use_template)
+        enc = {k: v.to(_device(self.model)) for k, v in enc.items()}
+        kwargs = {"do_sample": False}
+        if s.temperature > 0:
+            torch.manual_seed(s.seed)
+            kwargs = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
+        ids = self.model.generate(**enc, max_new_tokens=s.max_new_tokens, pad_token_id=self.tok.pad_token_id,
+                                  top_k=None, **kwargs)
+        new = ids[:, enc["input_ids"].shape[1]:]
+        return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def load(model_dir: str | Path, adapters: list[str] = (), use: str | None = None,
+         dtype: str = "fp32", device: str = "cpu") -> tuple[nn.Module, object]:
+    """(model, tokenizer) from an HF directory, with adapters loaded as `DIR` or `NAME=DIR`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dtrain import adapter as adapter_lib, lora
+    from dtrain.model import DTYPES
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise DtrainError(f"--model '{model_dir}': no config.json in that directory")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    names = []
+    for spec in adapters:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or ("default" if not names else Path(path).name)
+        adapter_lib.load_adapter(model, path, name)
+        names.append(name)
+    if use is not None:
+        if use not in names:
+            raise DtrainError(f"--use '{use}': no adapter of that name (loaded: {', '.join(names) or 'none'})")
+        lora.set_adapter(model, use)
+    return model, tok
