@@ -42,6 +42,14 @@ def add_parsers(subparsers) -> None:
     p = subparsers.add_parser("chat", help="interactive chat with a model (+ adapters)")
     _common(p)
     p.set_defaults(func=_chat)
+    p = subparsers.add_parser("eval", help="exact-match accuracy of a model (+ adapters) on held-out prompts")
+    _common(p)
+    p.add_argument("--data", required=True, help="jsonl: 'messages' ending with the expected assistant "
+                                                 "turn, or 'prompt' + 'response'")
+    p.add_argument("--limit", type=int, help="only the first N records")
+    p.add_argument("--out", help="jsonl written with prompt, expected, got, correct per record")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_eval)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -80,6 +88,22 @@ def _generate(args: argparse.Namespace) -> int:
     lines = [json.dumps({**r, "output": o}, ensure_ascii=False) for r, o in zip(records, outputs)]
     files.write_text_atomic(Path(args.output), "\n".join(lines) + "\n")
     print(f"{len(outputs)} output(s) written to {args.output}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dtrain import evaluate, files
+
+    if args.out is not None and Path(args.out).exists():
+        raise DtrainError(f"--out '{args.out}': file exists (choose a new name)")
+    records = evaluate.read_jsonl(Path(args.data), args.limit)
+    evaluate.expected_pairs(records, f"--data '{args.data}'")  # bad records fail before the model loads
+    gen, sampling = _load(args)
+    result = evaluate.exact_match(gen, records, sampling, f"--data '{args.data}'")
+    if args.out is not None:
+        lines = [json.dumps(r, ensure_ascii=False) for r in result.records]
+        files.write_text_atomic(Path(args.out), "\n".join(lines) + "\n")
+    print(json.dumps({"exact_match": result.accuracy, "correct": result.correct, "total": result.total}))
     return 0
 
 

