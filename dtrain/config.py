@@ -51,14 +51,27 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: str = _f("data/tiny_shakespeare.txt", "local dataset file: jsonl, json, csv, parquet, txt")
-    format: Literal["text", "instruction"] = _f("text", "plain text (packed) or prompt/response pairs")
+    format: Literal["text", "instruction", "messages", "sharegpt", "alpaca"] = _f(
+        "text", "text (packed stream), instruction (prompt/response), messages, sharegpt or alpaca")
     text_field: str = _f("text", "field holding the text (format: text, non-txt files)")
     prompt_field: str = _f("prompt", "field holding the prompt (format: instruction)")
     response_field: str = _f("response", "field holding the response (format: instruction)")
+    messages_field: str | None = _f(None, "field holding the turns; null: messages / conversations")
+    turn_keys: list[str] | None = _f(None, "[role key, text key] of a turn; null: [role, content] / [from, value]")
+    role_map: dict | None = _f(None, "dataset role -> system/user/assistant, over the format's defaults")
+    alpaca_fields: list[str] = _f(["instruction", "input", "output"], "alpaca: instruction, input, output fields",
+                                  length=3)
+    chat_template: str | None = _f(None, "Jinja chat template (or a .jinja file); null: the tokenizer's")
     tokenizer: str | None = _f(None, "local tokenizer directory; default: model.path, else built-in")
     seq_len: int = _f(128, "tokens per training sequence", min=2)
+    truncation: Literal["drop", "truncate", "error"] = _f(
+        "drop", "examples over seq_len: drop, keep their last seq_len tokens, or fail")
+    packing: bool = _f(False, "several examples per row (attention never crosses examples)")
+    mix: list[dict] | None = _f(None, "several datasets: [{path, format, weight, <data keys>}]; replaces path")
+    eval_path: str | None = _f(None, "evaluation file (same format); eval_fraction is then unused")
     eval_fraction: float = _f(0.1, "fraction of examples held out for evaluation", lo=0.0, hi_open=1.0)
     bad_records: Literal["skip", "error"] = _f("skip", "missing/empty fields: skip and count, or fail")
+    cache_dir: str | None = _f(None, "token cache directory; null: $DTRAIN_CACHE/tokens (~/.cache/dtrain)")
 
 
 @dataclass
@@ -315,8 +328,7 @@ def _resolve_paths(cfg: Config, path: str | Path | None) -> None:
         raise ConfigError(f"{source}: model: set model.path (local dir) or model.arch (inline)")
     if cfg.model.arch is not None and "model_type" not in cfg.model.arch:
         raise ConfigError(f"{source}: model.arch: needs 'model_type' (e.g. llama)")
-    if not Path(cfg.data.path).is_file():
-        raise ConfigError(f"{source}: data.path = '{cfg.data.path}': file not found")
+    _check_data_files(cfg.data, source)
     if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir():
         raise ConfigError(f"{source}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")
     ds = cfg.backend.deepspeed_config
@@ -333,6 +345,33 @@ def _resolve_builtin_models(cfg: Config) -> None:
         value = getattr(section, key)
         if importer.is_builtin(value) and not Path(value).is_dir():
             setattr(section, key, str(importer.resolve(value)))
+
+
+MIX_KEYS = {"path", "weight"} | {f.name for f in dataclasses.fields(DataConfig)} - {
+    "mix", "eval_path", "eval_fraction", "cache_dir", "seq_len", "packing", "tokenizer"}
+
+
+def _check_data_files(data: DataConfig, source: str) -> None:
+    """data.path (or every data.mix entry's path) and data.eval_path exist; mix entries are well formed."""
+    if data.mix is None:
+        if not Path(data.path).is_file():
+            raise ConfigError(f"{source}: data.path = '{data.path}': file not found")
+    for i, entry in enumerate(data.mix or []):
+        where = f"{source}: data.mix[{i}]"
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise ConfigError(f"{where}: expected a mapping with 'path' (and format, weight, ...)")
+        unknown = sorted(set(entry) - MIX_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(MIX_KEYS))})")
+        w = entry.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not math.isfinite(w):
+            raise ConfigError(f"{where}.weight = {w!r}: must be a number > 0")
+        if not Path(str(entry["path"])).is_file():
+            raise ConfigError(f"{where}.path = '{entry['path']}': file not found")
+    if data.mix is not None and not data.mix:
+        raise ConfigError(f"{source}: data.mix: empty list (omit it, or list datasets)")
+    if data.eval_path is not None and not Path(data.eval_path).is_file():
+        raise ConfigError(f"{source}: data.eval_path = '{data.eval_path}': file not found")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -65,8 +65,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
-        examples = data_lib.tokenize(cfg.data, data_lib.load_records(cfg.data), self.tokenizer)
-        self.train_data, self.eval_data = examples.split(cfg.data.eval_fraction, cfg.training.seed)
+        data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
+        self.train_data, self.eval_data = data.train, data.eval
         t = cfg.training
         self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
         data_lib.check_plan(self.plan, "training")
@@ -78,7 +78,7 @@ class Trainer:
         if env.is_main:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
-            self._log_start(examples.skipped)
+            self._log_start(data.skipped)
 
     def _check_vocab(self) -> None:
         vocab = self.backend.model.config.vocab_size
@@ -90,9 +90,10 @@ class Trainer:
     def _log_start(self, skipped: int) -> None:
         trainable, total = lora.count_parameters(self.backend.model)
         log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-        log.info("data: %d train / %d eval sequences of %d tokens, %d record(s) skipped; %d steps on %d rank(s)",
-                 len(self.train_data), len(self.eval_data), self.cfg.data.seq_len, skipped,
-                 self.total_steps, self.env.world_size)
+        pad = 1 - float(self.train_data.attention_mask.float().mean()) if len(self.train_data) else 0.0
+        log.info("data: %d train / %d eval sequences of %d tokens (%.1f%% padding), %d record(s) skipped; "
+                 "%d steps on %d rank(s)", len(self.train_data), len(self.eval_data), self.cfg.data.seq_len,
+                 100 * pad, skipped, self.total_steps, self.env.world_size)
 
     # ---- train ------------------------------------------------------------------------------
     def train(self) -> int:
@@ -136,8 +137,10 @@ class Trainer:
     def _train_step(self) -> dict:
         start, backend, accum = time.perf_counter(), self.backend, self.cfg.training.grad_accum
         batches = [self.train_data.take(self.plan.indices(self.state.step, m, self.env.rank)) for m in range(accum)]
-        local_tokens = sum(int((b["labels"][:, 1:] != data_lib.IGNORE).sum()) for b in batches)
-        global_tokens = int(backend.all_reduce_sum(torch.tensor(local_tokens, dtype=torch.float64)).item())
+        local = [sum(int((b["labels"][:, 1:] != data_lib.IGNORE).sum()) for b in batches),
+                 sum(self.train_data.real_tokens(self.plan.indices(self.state.step, m, self.env.rank))
+                     for m in range(accum))]
+        global_tokens, real_tokens = (int(v) for v in backend.all_reduce_sum(torch.tensor(local, dtype=torch.float64)))
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
             total, _ = token_loss(backend.forward(batch), batch["labels"])
@@ -151,7 +154,8 @@ class Trainer:
         self.state.tokens_seen += seq_tokens
         self.state.losses.append(loss)
         return {"step": self.state.step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                "tokens_per_s": seq_tokens / elapsed, "step_time_s": elapsed}
+                "tokens_per_s": real_tokens / elapsed, "padding_fraction": 1 - real_tokens / seq_tokens,
+                "step_time_s": elapsed}
 
     def _evaluates(self) -> bool:
         return bool(self.cfg.training.eval_every) and len(self.eval_data) > 0

@@ -84,28 +84,46 @@ def test_prompt_mask_on_shipped_instructions(tok) -> None:
 def test_prompt_mask_hand_made(tmp_path, tok) -> None:
     path = tmp_path / "pairs.jsonl"
     write_jsonl(path, RECORDS)
-    cfg = instruction_cfg(path, seq_len=24)
+    lengths = [len(encode(tok, r["prompt"])) + len(encode(tok, r["response"])) + 1 for r in RECORDS]
+    assert lengths[0] <= 24 < lengths[1] and lengths[2] <= 24
+    cfg = instruction_cfg(path, seq_len=24)  # data.truncation: drop (the default)
     ex = data.tokenize(cfg, data.load_records(cfg), tok)
-    check_mask(ex, RECORDS, tok, 24)
-    # exact label counts: response tokens + 1 EOS, where it fits
-    n_resp = [len(encode(tok, r["response"])) + 1 for r in RECORDS]
-    got = (ex.labels != IGNORE).sum(1).tolist()
-    for rec, n, g in zip(RECORDS, n_resp, got):
-        room = 24 - len(encode(tok, rec["prompt"]))
-        assert g == min(n, room)
-    assert got[1] < n_resp[1]  # the long response was truncated (and lost its EOS)
-    assert ex.labels[1, -1] != IGNORE and ex.labels[1, -1] != tok.eos_token_id
+    check_mask(ex, [RECORDS[0], RECORDS[2]], tok, 24)  # the long record was dropped
+    n_resp = [len(encode(tok, r["response"])) + 1 for r in (RECORDS[0], RECORDS[2])]
+    assert (ex.labels != IGNORE).sum(1).tolist() == n_resp  # exactly response + EOS
 
 
-def test_prompt_longer_than_seq_len_has_no_labels(tmp_path, tok) -> None:
+def test_truncate_keeps_the_end(tmp_path, tok) -> None:
+    path = tmp_path / "pairs.jsonl"
+    write_jsonl(path, RECORDS)
+    cfg = instruction_cfg(path, seq_len=24, truncation="truncate")
+    ex = data.tokenize(cfg, data.load_records(cfg), tok)
+    assert len(ex) == 3
+    p, r = encode(tok, RECORDS[1]["prompt"]), encode(tok, RECORDS[1]["response"]) + [tok.eos_token_id]
+    full = p + r
+    assert ex.input_ids[1].tolist() == full[-24:]  # the prompt's start was cut, the answer and EOS kept
+    assert ex.labels[1].tolist() == ([IGNORE] * len(p) + r)[-24:]
+    assert ex.labels[1, -1] == tok.eos_token_id
+    cfg = instruction_cfg(path, seq_len=24, truncation="error")
+    with pytest.raises(ConfigError, match=rf"record 1 has {len(full)} tokens, more than data.seq_len = 24"):
+        data.tokenize(cfg, data.load_records(cfg), tok)
+
+
+def test_prompt_longer_than_seq_len_never_reaches_training(tmp_path, tok) -> None:
     path = tmp_path / "long.jsonl"
     rec = {"prompt": "one two three four five six seven eight nine ten eleven twelve", "response": " ok"}
     write_jsonl(path, [rec])
     cfg = instruction_cfg(path, seq_len=4)
     assert len(encode(tok, rec["prompt"])) > 4
+    with pytest.raises(ConfigError) as e:
+        data.tokenize(cfg, data.load_records(cfg), tok)
+    assert str(e.value) == (f"data.path = '{path}': no example has a labelled token within data.seq_len = 4 "
+                            "(1 records -> 0 examples; dropped 1 over seq_len; data.truncation = drop)")
+    cfg = instruction_cfg(path, seq_len=4, truncation="truncate")
     ex = data.tokenize(cfg, data.load_records(cfg), tok)
-    assert ex.input_ids[0].tolist() == encode(tok, rec["prompt"])[:4]
-    assert ex.labels[0].tolist() == [IGNORE] * 4 and ex.attention_mask[0].tolist() == [1] * 4
+    full = encode(tok, rec["prompt"]) + encode(tok, rec["response"]) + [tok.eos_token_id]
+    assert ex.input_ids[0].tolist() == full[-4:]
+    assert int((ex.labels[0] != IGNORE).sum()) == len(encode(tok, " ok")) + 1
 
 
 def test_custom_field_names(tmp_path, tok) -> None:

@@ -1,0 +1,102 @@
+"""The token cache: rank 0 tokenizes once and writes the token tensors; later runs (and the other
+ranks) read them. An entry is keyed by a hash of the data files' bytes, the tokenizer (its full
+serialization and chat template) and the data settings that change tokenization.
+
+Layout: `<cache_dir>/<key>/tokens.safetensors` (per dataset `{i}.ids`, `{i}.labels` flat int32 and
+`{i}.offsets`) and `counts.json` (per dataset: path and counts). Written aside, then renamed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from dtrain.config import DataConfig
+from dtrain.data import chat
+from dtrain.data.encode import Encoded
+
+log = logging.getLogger("dtrain.data")
+VERSION = "dtrain-tokens-1"
+NOT_IN_KEY = {"mix", "eval_path", "eval_fraction", "cache_dir", "packing", "tokenizer", "chat_template"}
+
+
+def cache_dir(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("DTRAIN_CACHE") or Path.home() / ".cache" / "dtrain") / "tokens"
+
+
+def file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(json.dumps([tokenizer.eos_token_id, tokenizer.pad_token_id, str(tokenizer.chat_template)]).encode())
+    return h.hexdigest()
+
+
+def key(cfgs: list[DataConfig], tokenizer) -> str:
+    h = hashlib.sha256(VERSION.encode())
+    h.update(tokenizer_hash(tokenizer).encode())
+    for c in cfgs:
+        settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_IN_KEY}
+        settings["template"] = chat.template_of(c, tokenizer) if c.format != "instruction" else None
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        h.update(file_hash(c.path).encode())
+    return h.hexdigest()[:32]
+
+
+def load(root: Path, k: str) -> list[Encoded] | None:
+    d = root / k
+    if not (d / "counts.json").is_file():
+        return None
+    from safetensors.torch import load_file
+
+    meta = json.loads((d / "counts.json").read_text())
+    t = load_file(str(d / "tokens.safetensors"))
+    out = []
+    for i, m in enumerate(meta["datasets"]):
+        ids, labels, offsets = t[f"{i}.ids"].tolist(), t[f"{i}.labels"].tolist(), t[f"{i}.offsets"].tolist()
+        seqs = [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+        out.append(Encoded(seqs, Counter(m["counts"])))
+    return out
+
+
+def save(root: Path, k: str, cfgs: list[DataConfig], encoded: list[Encoded]) -> None:
+    """Write the entry (aside, then renamed into place); a failure only costs a warning."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"key": k, "datasets": []}
+    for i, (c, e) in enumerate(zip(cfgs, encoded)):
+        lengths = torch.tensor([0] + [len(s) for s, _ in e.seqs], dtype=torch.long)
+        tensors[f"{i}.ids"] = torch.tensor([t for s, _ in e.seqs for t in s], dtype=torch.int32)
+        tensors[f"{i}.labels"] = torch.tensor([t for _, lab in e.seqs for t in lab], dtype=torch.int32)
+        tensors[f"{i}.offsets"] = lengths.cumsum(0)
+        meta["datasets"].append({"path": c.path, "format": c.format, "counts": dict(e.counts)})
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{k}.", dir=root))
+        save_file(tensors, str(tmp / "tokens.safetensors"))
+        (tmp / "counts.json").write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            tmp.rename(root / k)
+        except OSError:  # another process wrote the same entry meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        log.warning("data: could not write the token cache under %s: %s", root, e)

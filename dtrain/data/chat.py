@@ -1,0 +1,102 @@
+"""Conversations (messages, sharegpt, alpaca) rendered with a chat template, with the loss mask.
+
+The assistant spans come from rendering prefixes of the conversation: for assistant turn k, the
+text between render(messages[:k], add_generation_prompt=True) and render(messages[:k+1]) is that
+turn's content and end-of-turn marker (for ChatML: `content<|im_end|>\n`). Trailing whitespace is
+cut from the span, so the newline the template writes after `<|im_end|>` carries no loss (the model
+stops at `<|im_end|>`; what follows is the template's separator). Each rendered prefix must be a
+prefix of the full rendering, else the template cannot be split into turns and the data is rejected.
+Tokens overlapping a span are labelled, as transformers does for `{% generation %}` blocks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dtrain.config import DataConfig
+from dtrain.errors import ConfigError
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_TURN_KEYS = {"messages": ["role", "content"], "sharegpt": ["from", "value"]}
+DEFAULT_FIELD = {"messages": "messages", "sharegpt": "conversations"}
+DEFAULT_ROLES = {"messages": {r: r for r in ROLES},
+                 "sharegpt": {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
+                              "assistant": "assistant"}}
+
+
+def template_of(cfg: DataConfig, tokenizer) -> str | None:
+    """data.chat_template (a string, or a .jinja file), else the tokenizer's, else None."""
+    t = cfg.chat_template
+    if t is not None:
+        return Path(t).read_text() if t.endswith(".jinja") and Path(t).is_file() else t
+    return getattr(tokenizer, "chat_template", None) or None
+
+
+def to_messages(rec: dict, cfg: DataConfig) -> list[dict] | str:
+    """The record's conversation as [{role, content}], or why it cannot be one."""
+    if cfg.format == "alpaca":
+        instr, inp, out = (rec.get(f) for f in cfg.alpaca_fields)
+        user = instr if not (isinstance(inp, str) and inp.strip()) else f"{instr}\n\n{inp}"
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
+    field = cfg.messages_field or DEFAULT_FIELD[cfg.format]
+    turns = rec.get(field)
+    if not isinstance(turns, list) or not turns:
+        return f"a missing or empty '{field}'"
+    role_key, text_key = cfg.turn_keys or DEFAULT_TURN_KEYS[cfg.format]
+    roles = {**DEFAULT_ROLES[cfg.format], **(cfg.role_map or {})}
+    out = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"'{field}'[{j}] is not a mapping"
+        role, text = roles.get(turn.get(role_key)), turn.get(text_key)
+        if role not in ROLES:
+            return f"'{field}'[{j}] has role {turn.get(role_key)!r} (known: {', '.join(roles)}; see data.role_map)"
+        if not isinstance(text, str) or not text.strip():
+            return f"'{field}'[{j}] has a missing or empty '{text_key}'"
+        out.append({"role": role, "content": text})
+    first = next((m["role"] for m in out if m["role"] != "system"), None)
+    if first != "user":
+        return f"'{field}' must start with a user turn (after any system turn)"
+    if not any(m["role"] == "assistant" for m in out):
+        return f"'{field}' has no assistant turn"
+    return out
+
+
+def render(tokenizer, template: str, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans that carry the loss."""
+    full = render(tokenizer, template, messages)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(tokenizer, template, messages[:k], generation_prompt=True)
+        after = render(tokenizer, template, messages[: k + 1])
+        if not (after.startswith(before) and full.startswith(after)):
+            raise ConfigError("data.chat_template: rendering a conversation's first turns is not a prefix of "
+                              "rendering all of them, so assistant turns cannot be located (a template that "
+                              "changes earlier turns depending on later ones is not supported)")
+        spans.append((len(before), len(after.rstrip())))
+    return full, spans
+
+
+def encode_chat(tokenizer, template: str, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """(token ids, loss mask): tokens overlapping an assistant span are learned."""
+    text, spans = assistant_spans(tokenizer, template, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], overlap_mask(enc["offset_mapping"], spans)
+
+
+def overlap_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    mask, k = [False] * len(offsets), 0
+    for i, (start, end) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        mask[i] = end > spans[k][0]
+    return mask
