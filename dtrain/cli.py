@@ -19,6 +19,9 @@ def _train(args: argparse.Namespace) -> int:
     from dtrain import config
 
     cfg = config.load(args.config, args.overrides)  # light imports: config errors come back fast
+    from dtrain import outdir
+
+    outdir.check_run_dir(cfg)  # every rank, before any writes: an earlier run is never lost
     from dtrain import trainer
 
     return trainer.run(cfg)

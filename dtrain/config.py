@@ -100,6 +100,7 @@ class QuantizationConfig:
 @dataclass
 class OutputConfig:
     dir: str = _f("runs/default", "run directory: config, metrics, checkpoints, adapter")
+    overwrite: bool = _f(False, "replace an earlier run in output.dir (its files are removed first)")
 
 
 @dataclass

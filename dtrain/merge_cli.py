@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dtrain.errors import DtrainError
+from dtrain.outdir import check_target
 
 if TYPE_CHECKING:  # torch and safetensors are imported when merging, not when the CLI starts
     import torch
@@ -35,6 +36,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base", required=True, help="base model directory (HF format, safetensors)")
     p.add_argument("--adapter", required=True, help="adapter directory (dtrain's or PEFT's LoRA)")
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what a non-empty --out holds (only once the merge has succeeded)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the merged weights (default: the base's)")
     p.add_argument("--base-bits", type=int, choices=(8, 4), default=None,
@@ -49,18 +52,20 @@ def add_parser(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.quantized_head and not args.base_bits:
         raise DtrainError("--quantized-head needs --base-bits 8 or 4")
-    out = merge(args.base, args.adapter, args.out, args.dtype, args.base_bits, args.quantized_head)
+    out = merge(args.base, args.adapter, args.out, args.dtype, args.base_bits, args.quantized_head,
+                args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None,
-          base_bits: int | None = None, quantized_head: bool = False) -> Path:
+          base_bits: int | None = None, quantized_head: bool = False, overwrite: bool = False) -> Path:
     """Write base + adapter as a plain HF model into `out`; returns `out`.
 
     `base_bits` (8 or 4): the adapter was trained on dtrain's quantized base, so it is merged into
     deq(q(W)) of every quantized layer (dequantize, then merge), and the result is written in bf16.
     `quantized_head`: that run quantized the output head too (`quantization.include_head`).
+    `overwrite`: a non-empty `out` is replaced once the merged model is complete (else refused).
     """
     import torch
 
@@ -68,7 +73,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     from dtrain.files import fresh_dir, staging_dir
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    _check_dirs(base, adapter, out)
+    _check_dirs(base, adapter, out, overwrite)
     config = json.loads((base / "config.json").read_text())
     _check_not_quantized(config, base)
     adapter_config, tensors = adapter_lib.read_adapter(adapter)
@@ -89,13 +94,24 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        out.rmdir()  # checked empty above
-    tmp.rename(out)
+    _replace(tmp, out)
     return out
 
 
-def _check_dirs(base: Path, adapter: Path, out: Path) -> None:
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an existing `out` (empty, or --overwrite) is moved aside
+    first and removed only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".old-{out.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_dirs(base: Path, adapter: Path, out: Path, overwrite: bool = False) -> None:
     if not base.is_dir():
         raise DtrainError(f"--base '{base}': directory not found")
     if not (base / "config.json").is_file():
@@ -104,8 +120,7 @@ def _check_dirs(base: Path, adapter: Path, out: Path) -> None:
         raise DtrainError(f"--adapter '{adapter}': directory not found")
     if out.resolve() in (base.resolve(), adapter.resolve()):
         raise DtrainError(f"--out '{out}': must differ from --base and --adapter")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DtrainError(f"--out '{out}': exists and is not an empty directory")
+    check_target(out, "--out", overwrite, kind="dir")
 
 
 def _check_not_quantized(config: dict, base: Path) -> None:
