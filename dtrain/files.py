@@ -69,6 +69,18 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     fsync_path(path)
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or malformed file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise DtrainError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
+                          f"{str(e).splitlines()[0]}") from None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

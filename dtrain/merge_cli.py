@@ -74,11 +74,13 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
     _check_dirs(base, adapter, out, overwrite)
-    config = json.loads((base / "config.json").read_text())
+    config = _read_json(base / "config.json", "--base")
     _check_not_quantized(config, base)
     adapter_config, tensors = adapter_lib.read_adapter(adapter)
     spec = adapter_lib.adapter_spec_from_peft(adapter_config, "merge", adapter)
-    deltas = {f"{m}.weight": ab for m, ab in adapter_lib.adapter_modules(tensors, adapter).items()}
+    modules = adapter_lib.adapter_modules(tensors, adapter)
+    adapter_lib.check_rank(modules, spec.r, adapter)
+    deltas = {f"{m}.weight": ab for m, ab in modules.items()}
     files, index = _weight_files(base)
     _check_targets(base, files, deltas)
     if base_bits:
@@ -111,6 +113,17 @@ def _replace(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _read_json(path: Path, flag: str) -> dict:
+    """A JSON object from `path`, or one line naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DtrainError(f"{flag} '{path}': not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DtrainError(f"{flag} '{path}': not a JSON object")
+    return data
+
+
 def _check_dirs(base: Path, adapter: Path, out: Path, overwrite: bool = False) -> None:
     if not base.is_dir():
         raise DtrainError(f"--base '{base}': directory not found")
@@ -137,7 +150,9 @@ def _check_not_quantized(config: dict, base: Path) -> None:
 def _weight_files(base: Path) -> tuple[list[str], dict | None]:
     """The base's safetensors files (one, or the shards of the index) and the index, if any."""
     if (base / INDEX).is_file():
-        index = json.loads((base / INDEX).read_text())
+        index = _read_json(base / INDEX, "--base")
+        if not isinstance(index.get("weight_map"), dict):
+            raise DtrainError(f"--base '{base / INDEX}': no 'weight_map' mapping")
         return sorted(set(index["weight_map"].values())), index
     if (base / "model.safetensors").is_file():
         return ["model.safetensors"], None
@@ -151,9 +166,13 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
 
     shapes = {}
     for f in files:
-        with safe_open(base / f, "pt") as h:
-            for key in h.keys():
-                shapes[key] = tuple(h.get_slice(key).get_shape())
+        try:
+            with safe_open(base / f, "pt") as h:
+                for key in h.keys():
+                    shapes[key] = tuple(h.get_slice(key).get_shape())
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated or missing shard
+            raise DtrainError(f"--base '{base / f}': not a readable safetensors file (truncated or "
+                              f"corrupted?): {str(e).splitlines()[0]}") from None
     for key, ab in deltas.items():
         want = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
         if key not in shapes:
