@@ -1,0 +1,87 @@
+"""Checks of a built Config that go beyond one field's type and range: files the config names,
+keys that exclude each other, regexes, names, and the sizes of an inline model architecture.
+
+Each failure is one ConfigError line naming where the value came from (the config file, or the
+command-line override that set it), the key, and what is allowed. Nothing here imports torch or
+transformers: `dtrain train` reports these before its heavy imports.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from dtrain.errors import ConfigError
+
+Where = Callable[[str], str]  # dotted key -> "<config file>" or "override 'key=value'"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# model.arch keys that are sizes or counts: positive integers when given
+_SIZE_KEY = re.compile(r"(.*_size|num_.*|n_.*|.*_dim|max_position_embeddings|head_dim)")
+_NOT_SIZES = ("num_labels", "num_experts_per_tok")  # may legitimately be absent or zero-like
+
+
+def validate(cfg, where: Where) -> None:
+    """Every cross-field check, in the order a user would fix them."""
+    _check_model(cfg.model, where)
+    _check_lora(cfg.lora, where)
+    _check_paths(cfg, where)
+
+
+def _check_model(model, where: Where) -> None:
+    if model.path is not None and model.arch is not None:
+        raise ConfigError(f"{where('model.arch')}: model.path and model.arch are both set; set one: model.path "
+                          "(a local model directory) or model.arch (an inline architecture, random weights)")
+    if model.path is None and model.arch is None:
+        raise ConfigError(f"{where('model')}: model: set model.path (local dir) or model.arch (inline)")
+    if model.path is not None and not Path(model.path).is_dir():
+        raise ConfigError(f"{where('model.path')}: model.path = '{model.path}': directory not found")
+    if model.arch is not None:
+        check_arch(model.arch, where)
+
+
+def check_arch(arch: dict, where: Where) -> None:
+    """model_type present; sizes positive integers; heads dividing the hidden size."""
+    if not isinstance(arch.get("model_type"), str) or not arch["model_type"]:
+        raise ConfigError(f"{where('model.arch.model_type')}: model.arch: needs 'model_type' (e.g. llama)")
+    for key, value in arch.items():
+        if not _SIZE_KEY.fullmatch(str(key)) or key in _NOT_SIZES or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where(f'model.arch.{key}')}: model.arch.{key} = {value!r}: must be a positive "
+                              "integer")
+    hidden, heads = arch.get("hidden_size"), arch.get("num_attention_heads")
+    if hidden and heads and hidden % heads and "head_dim" not in arch:
+        raise ConfigError(f"{where('model.arch.num_attention_heads')}: model.arch.num_attention_heads = {heads} "
+                          f"does not divide model.arch.hidden_size = {hidden}")
+    kv = arch.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ConfigError(f"{where('model.arch.num_key_value_heads')}: model.arch.num_key_value_heads = {kv} "
+                          f"does not divide model.arch.num_attention_heads = {heads}")
+
+
+def _check_lora(lora, where: Where) -> None:
+    if lora.target_regex is not None:
+        try:
+            re.compile(lora.target_regex)
+        except re.error as e:
+            raise ConfigError(f"{where('lora.target_regex')}: lora.target_regex = {lora.target_regex!r}: not a "
+                              f"valid regular expression ({e})") from None
+    if not ADAPTER_NAME.fullmatch(lora.adapter_name):
+        raise ConfigError(f"{where('lora.adapter_name')}: lora.adapter_name = {lora.adapter_name!r}: use letters, "
+                          "digits, _ and - only (it becomes part of parameter names; no dots)")
+    targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
+    if not targets or any(not t for t in targets):
+        raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
+                          "suffixes (e.g. [q_proj, v_proj]) or 'all-linear'")
+
+
+def _check_paths(cfg, where: Where) -> None:
+    """The local files the config names exist."""
+    if not Path(cfg.data.path).is_file():
+        raise ConfigError(f"{where('data.path')}: data.path = '{cfg.data.path}': file not found")
+    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir():
+        raise ConfigError(f"{where('data.tokenizer')}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")
+    ds = cfg.backend.deepspeed_config
+    if ds is not None and not Path(ds).is_file():
+        raise ConfigError(f"{where('backend.deepspeed_config')}: backend.deepspeed_config = '{ds}': file not found")
