@@ -45,7 +45,11 @@ def build_tokenizer(corpus: str | Path, vocab_size: int = BUILTIN_VOCAB) -> PreT
         vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train([str(corpus)], trainer)
+    try:
+        tok.train([str(corpus)], trainer)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise ConfigError(f"data.path = '{corpus}': cannot build the built-in tokenizer from it "
+                          f"({str(e).splitlines()[0]}; a binary file?)") from None
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
