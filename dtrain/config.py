@@ -155,9 +155,11 @@ class _Where:
         self.source, self.cli = source, cli
 
     def __call__(self, key: str) -> str:
-        for k, item in self.cli.items():
-            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
-                return f"override '{item}'"
+        """The override that set `key` (or a section above it, or else a key below it), else the file."""
+        for match in (lambda k: k == key, lambda k: key.startswith(k + "."), lambda k: k.startswith(key + ".")):
+            found = [item for k, item in self.cli.items() if match(k)]
+            if found:
+                return f"override '{found[-1]}'"
         return self.source
 
 

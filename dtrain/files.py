@@ -161,7 +161,10 @@ def together(backend, fn, every_rank: bool = False) -> None:
     failed = int(backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
     if error is not None:
         if isinstance(error, OSError):
-            raise DtrainError(f"checkpoint write failed: {error}") from None
+            error = DtrainError(f"checkpoint write failed: {error}")
+        if isinstance(error, DtrainError):
+            error.local = backend.rank != 0  # this rank's own failure: printed here, not only on rank 0
+            raise error from None
         raise error
     if failed:
         raise DtrainError(f"checkpoint write failed on {failed} other rank(s); see their error")

@@ -20,6 +20,10 @@ def load_tokenizer(directory: str | Path | None, corpus: str | Path,
     d = Path(directory)
     if not d.is_dir():
         raise ConfigError(f"tokenizer directory '{d}' not found")
+    if not has_tokenizer(d) and not (d / "tokenizer_config.json").is_file():
+        raise ConfigError(f"tokenizer directory '{d}': no tokenizer files (tokenizer.json, tokenizer.model, "
+                          "vocab.json or tokenizer_config.json); set data.tokenizer to a saved tokenizer, or "
+                          "leave it unset for the built-in one")
     try:
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

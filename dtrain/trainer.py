@@ -65,7 +65,7 @@ class Trainer:
         self._prepare_out()
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
-        examples = data_lib.tokenize(cfg.data, data_lib.load_records(cfg.data), self.tokenizer)
+        examples = data_lib.tokenize(cfg.data, self._load_records(), self.tokenizer)
         self.train_data, self.eval_data = examples.split(cfg.data.eval_fraction, cfg.training.seed)
         t = cfg.training
         self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
@@ -79,6 +79,26 @@ class Trainer:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
             self._log_start(examples.skipped)
+
+    def _load_records(self) -> list[dict]:
+        """The data file's records; a file that cannot be read is explained in one line (and
+        `datasets` does not log its own version of it)."""
+        import datasets  # noqa: F401  (its import sets its logger's level: import first, then quieten)
+
+        quiet = logging.getLogger("datasets")
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            return data_lib.load_records(self.cfg.data)
+        except config_lib.ConfigError:
+            from dtrain.data_checks import explain
+
+            reason = explain(self.cfg.data.path)
+            if reason:
+                raise config_lib.ConfigError(reason) from None
+            raise
+        finally:
+            quiet.setLevel(level)
 
     def _prepare_out(self) -> None:
         """Create output.dir; with output.overwrite, remove the earlier run's files (rank 0)."""
