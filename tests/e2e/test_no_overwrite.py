@@ -7,7 +7,10 @@ afterwards; the explicit overwrite really starts afresh.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import TINY, metrics, run_dtrain, train
 from tests.e2e.user_errors import assert_one_line, make_adapter, make_base, snapshot
@@ -55,6 +58,17 @@ def test_train_output_dir_is_a_file(tmp_path: Path) -> None:
     assert_one_line(train(f, check=False), f"output.dir = '{f}': exists and is not a directory")
     assert_one_line(train(f / "sub", check=False), f"output.dir = '{f / 'sub'}': '{f}' is a file")
     assert f.read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_train_output_dir_read_only(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert_one_line(train(ro / "run", check=False), f"output.dir = '{ro / 'run'}': '{ro}' is not writable")
+    finally:
+        ro.chmod(0o755)
 
 
 def test_merge_refuses_a_non_empty_out(tmp_path: Path) -> None:
