@@ -16,9 +16,11 @@ from dtrain.errors import ConfigError
 
 Where = Callable[[str], str]  # dotted key -> "<config file>" or "override 'key=value'"
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
-# model.arch keys that are sizes or counts: positive integers when given
-_SIZE_KEY = re.compile(r"(.*_size|num_.*|n_.*|.*_dim|max_position_embeddings|head_dim)")
-_NOT_SIZES = ("num_labels", "num_experts_per_tok")  # may legitimately be absent or zero-like
+# model.arch keys that size the model: positive integers when given; other `*_size` keys (an MoE
+# expert's size, ...) may be 0 but never negative or fractional
+_CORE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "head_dim", "n_embd", "n_head", "n_layer",
+               "n_positions", "n_inner")
 
 
 def validate(cfg, where: Where) -> None:
@@ -45,11 +47,12 @@ def check_arch(arch: dict, where: Where) -> None:
     if not isinstance(arch.get("model_type"), str) or not arch["model_type"]:
         raise ConfigError(f"{where('model.arch.model_type')}: model.arch: needs 'model_type' (e.g. llama)")
     for key, value in arch.items():
-        if not _SIZE_KEY.fullmatch(str(key)) or key in _NOT_SIZES or value is None:
+        core = key in _CORE_SIZES
+        if not (core or str(key).endswith("_size")) or value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where(f'model.arch.{key}')}: model.arch.{key} = {value!r}: must be a positive "
-                              "integer")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if core else 0):
+            need = "a positive integer" if core else "an integer >= 0"
+            raise ConfigError(f"{where(f'model.arch.{key}')}: model.arch.{key} = {value!r}: must be {need}")
     hidden, heads = arch.get("hidden_size"), arch.get("num_attention_heads")
     if hidden and heads and hidden % heads and "head_dim" not in arch:
         raise ConfigError(f"{where('model.arch.num_attention_heads')}: model.arch.num_attention_heads = {heads} "
