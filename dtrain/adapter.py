@@ -21,7 +21,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from dtrain import files, lora
@@ -97,11 +96,17 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if not (d / f).is_file():
             raise DtrainError(f"adapter directory '{d}': no {f} (a PEFT LoRA adapter has "
                               f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    if (d / files.MARKER).is_file():  # written by dtrain: its checksums must match
+        reason = files.verify(d, lambda info: list(ADAPTER_FILES))
+        if reason is not None:
+            raise DtrainError(f"adapter directory '{d}': {reason}")
     try:
         config = json.loads((d / ADAPTER_CONFIG).read_text())
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise DtrainError(f"{d / ADAPTER_CONFIG}: not valid JSON ({e})") from None
-    return config, load_file(str(d / ADAPTER_WEIGHTS))
+    if not isinstance(config, dict):
+        raise DtrainError(f"{d / ADAPTER_CONFIG}: not a JSON object (a PEFT LoraConfig)")
+    return config, files.read_tensors(d / ADAPTER_WEIGHTS)
 
 
 _UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
@@ -117,10 +122,32 @@ def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> lora.
         used.append(f"bias={config['bias']}")
     if used:
         raise DtrainError(f"{source}: PEFT option(s) {', '.join(used)} not supported by dtrain's LoRA layer")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    r, alpha = _number(config, "r", int, source), _number(config, "lora_alpha", float, source)
     if config.get("use_rslora"):
         alpha *= math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r) = (alpha * sqrt(r)) / r
     return lora.AdapterSpec(name=name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0))
+
+
+def _number(config: dict, key: str, kind: type, source: str | Path) -> int | float:
+    """A positive number of adapter_config.json (r: an integer), or one line naming the key."""
+    value = config.get(key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok:
+        what = "missing" if value is None else f"{value!r}"
+        need = "a positive integer" if kind is int else "a positive number"
+        raise DtrainError(f"{Path(source) / ADAPTER_CONFIG}: '{key}' is {what}; needs {need}")
+    return kind(value)
+
+
+def check_rank(modules: dict[str, dict[str, torch.Tensor]], r: int, source: str | Path) -> None:
+    """Every A is (r, in) and every B (out, r), with the config's r."""
+    for name, ab in sorted(modules.items()):
+        a, b = ab["lora_A"].shape, ab["lora_B"].shape
+        if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+            raise DtrainError(f"{Path(source) / ADAPTER_CONFIG}: 'r' = {r}, but {name}.lora_A has shape {list(a)} "
+                              f"and lora_B {list(b)} in {ADAPTER_WEIGHTS} (rank {a[0]})")
 
 
 def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -162,6 +189,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     config, tensors = read_adapter(directory)
     spec = adapter_spec_from_peft(config, name, directory)
     modules = adapter_modules(tensors, directory)
+    check_rank(modules, spec.r, directory)
     _check_shapes(model, modules, spec, directory)
     for layer_name in modules:
         layer = model.get_submodule(layer_name)

@@ -19,6 +19,9 @@ def _train(args: argparse.Namespace) -> int:
     from dtrain import config
 
     cfg = config.load(args.config, args.overrides)  # light imports: config errors come back fast
+    from dtrain import outdir
+
+    outdir.check_run_dir(cfg)  # every rank, before any writes: an earlier run is never lost
     from dtrain import trainer
 
     return trainer.run(cfg)
@@ -87,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except DtrainError as e:
-        print(f"dtrain: error: {e}", file=sys.stderr)
+        if _rank() == 0 or e.local:  # every rank raises the same error: one line, not one per rank
+            print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except (ValueError, FileNotFoundError) as e:
         if getattr(args, "command", None) in ("estimate", "slurm", "merge"):
@@ -97,6 +101,15 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("dtrain: interrupted", file=sys.stderr)
         return 130
+
+
+def _rank() -> int:
+    """This process's rank under a launcher (torchrun, deepspeed, srun), 0 when alone."""
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 if __name__ == "__main__":

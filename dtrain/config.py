@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ class QuantizationConfig:
 @dataclass
 class OutputConfig:
     dir: str = _f("runs/default", "run directory: config, metrics, checkpoints, adapter")
+    overwrite: bool = _f(False, "replace an earlier run in output.dir (its files are removed first)")
 
 
 @dataclass
@@ -133,62 +135,97 @@ class Config:
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or defaults when path is None), apply overrides, validate."""
     source = str(path) if path else "<defaults>"
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{source}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections")
+    raw: dict = _read_yaml(Path(path)) if path is not None else {}
+    cli: dict[str, str] = {}  # dotted key -> the override that set it: errors name the override
     for item in overrides:
-        _apply_override(raw, item, source)
-    cfg = _build(Config, raw, "", source)
-    _resolve_paths(cfg, path)
+        cli[_apply_override(raw, item)] = item
+    where = _Where(source, cli)
+    cfg = _build(Config, raw, "", where)
+    from dtrain import config_checks
+
+    config_checks.validate(cfg, where)
     return cfg
 
 
-def _apply_override(raw: dict, item: str, source: str) -> None:
+def _read_yaml(p: Path) -> dict:
+    source = str(p)
+    if not p.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections")
+    return raw
+
+
+class _Where:
+    """Where a key's value came from, for error messages: the config file, or an override."""
+
+    def __init__(self, source: str, cli: dict[str, str]) -> None:
+        self.source, self.cli = source, cli
+
+    def __call__(self, key: str) -> str:
+        """The override that set `key` (or a section above it, or else a key below it), else the file."""
+        for match in (lambda k: k == key, lambda k: key.startswith(k + "."), lambda k: k.startswith(key + ".")):
+            found = [item for k, item in self.cli.items() if match(k)]
+            if found:
+                return f"override '{found[-1]}'"
+        return self.source
+
+
+_KEY_PART = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    """Set `key.sub=value` in `raw`; returns the dotted key."""
     if "=" not in item:
-        raise ConfigError(f"override '{item}': expected key.sub=value")
+        raise ConfigError(f"override '{item}': expected key.sub=value (e.g. lora.r=16)")
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
+    if not all(_KEY_PART.fullmatch(p) for p in parts):
+        raise ConfigError(f"override '{item}': '{key}' is not a key: expected dot-separated names "
+                          "before '=' (e.g. lora.r=16); `dtrain config` lists the keys")
     node = raw
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{item}': '{part}' is not a section")
+            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is not a section")
     node[parts[-1]] = _OverrideValue(value)
+    return key.strip()
 
 
 class _OverrideValue(str):
     """A command-line value: a string, parsed as YAML when the schema wants another type."""
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
-    where = prefix.rstrip(".") or "top level"
+def _build(cls: type, raw: Any, prefix: str, where: _Where) -> Any:
+    key = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))
+        shown = str(raw) if isinstance(raw, _OverrideValue) else repr(raw)
+        raise ConfigError(f"{where(key)}: {key} = {shown}: {key} is a section, not a value; set its keys "
+                          f"({key}.<key>=...; keys: {keys})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            close = _closest(str(key), list(fields))
+    for k in raw:
+        if k not in fields:
+            close = _closest(str(k), list(fields))
             hint = f"; did you mean '{prefix}{close}'?" if close else ""
             allowed = ", ".join(fields)
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint} (allowed: {allowed})")
+            raise ConfigError(f"{where(prefix + str(k))}: unknown key '{prefix}{k}'{hint} (allowed: {allowed})")
     values = {}
     for name, f in fields.items():
         if name not in raw:
             continue
         t = hints[name]
         if dataclasses.is_dataclass(t):
-            values[name] = _build(t, raw[name], f"{prefix}{name}.", source)
+            values[name] = _build(t, raw[name], f"{prefix}{name}.", where)
         else:
-            values[name] = _check(raw[name], t, f, f"{prefix}{name}", source)
+            values[name] = _check(raw[name], t, f, f"{prefix}{name}", where(f"{prefix}{name}"))
     return cls(**values)
 
 
@@ -314,64 +351,8 @@ def _describe(t: Any) -> str:
         elif origin is list:
             parts.append(f"a list of {typing.get_args(o)[0].__name__}")
         else:
-            parts.append({"dict": "a mapping"}.get(o.__name__, f"a {o.__name__}"))
+            parts.append({"dict": "a mapping", "int": "an integer"}.get(o.__name__, f"a {o.__name__}"))
     return " or ".join(parts)
-
-
-def _resolve_paths(cfg: Config, path: str | Path | None) -> None:
-    """Check that the local files the config names exist; a missing one is a clear error."""
-    source = str(path) if path else "<defaults>"
-    _resolve_builtin_models(cfg)
-    if cfg.model.path is not None and not Path(cfg.model.path).is_dir():
-        raise ConfigError(f"{source}: model.path = '{cfg.model.path}': directory not found")
-    if cfg.model.path is None and cfg.model.arch is None:
-        raise ConfigError(f"{source}: model: set model.path (local dir) or model.arch (inline)")
-    if cfg.model.arch is not None and "model_type" not in cfg.model.arch:
-        raise ConfigError(f"{source}: model.arch: needs 'model_type' (e.g. llama)")
-    _check_data_files(cfg.data, source)
-    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir():
-        raise ConfigError(f"{source}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")
-    ds = cfg.backend.deepspeed_config
-    if ds is not None and not Path(ds).is_file():
-        raise ConfigError(f"{source}: backend.deepspeed_config = '{ds}': file not found")
-
-
-def _resolve_builtin_models(cfg: Config) -> None:
-    """model.path / data.tokenizer may name a built-in model (dtrain import --list): its local
-    directory, imported on first use."""
-    from dtrain import importer
-
-    for section, key in ((cfg.model, "path"), (cfg.data, "tokenizer")):
-        value = getattr(section, key)
-        if importer.is_builtin(value) and not Path(value).is_dir():
-            setattr(section, key, str(importer.resolve(value)))
-
-
-MIX_KEYS = {"path", "weight"} | {f.name for f in dataclasses.fields(DataConfig)} - {
-    "mix", "eval_path", "eval_fraction", "cache_dir", "seq_len", "packing", "tokenizer"}
-
-
-def _check_data_files(data: DataConfig, source: str) -> None:
-    """data.path (or every data.mix entry's path) and data.eval_path exist; mix entries are well formed."""
-    if data.mix is None:
-        if not Path(data.path).is_file():
-            raise ConfigError(f"{source}: data.path = '{data.path}': file not found")
-    for i, entry in enumerate(data.mix or []):
-        where = f"{source}: data.mix[{i}]"
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise ConfigError(f"{where}: expected a mapping with 'path' (and format, weight, ...)")
-        unknown = sorted(set(entry) - MIX_KEYS)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(MIX_KEYS))})")
-        w = entry.get("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not math.isfinite(w):
-            raise ConfigError(f"{where}.weight = {w!r}: must be a number > 0")
-        if not Path(str(entry["path"])).is_file():
-            raise ConfigError(f"{where}.path = '{entry['path']}': file not found")
-    if data.mix is not None and not data.mix:
-        raise ConfigError(f"{source}: data.mix: empty list (omit it, or list datasets)")
-    if data.eval_path is not None and not Path(data.eval_path).is_file():
-        raise ConfigError(f"{source}: data.eval_path = '{data.eval_path}': file not found")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -5,6 +5,9 @@ class DtrainError(Exception):
     """An error the user can fix (bad config, missing file, bad data). Printed as one line."""
 
     exit_code = 2
+    # Under a launcher every rank reads the same config and data and raises the same error, so
+    # only rank 0 prints it. An error that happened on this rank alone sets `local` (files.together).
+    local = False
 
 
 class ConfigError(DtrainError):

@@ -69,6 +69,18 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     fsync_path(path)
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or malformed file is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise DtrainError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
+                          f"{str(e).splitlines()[0]}") from None
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -149,7 +161,10 @@ def together(backend, fn, every_rank: bool = False) -> None:
     failed = int(backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
     if error is not None:
         if isinstance(error, OSError):
-            raise DtrainError(f"checkpoint write failed: {error}") from None
+            error = DtrainError(f"checkpoint write failed: {error}")
+        if isinstance(error, DtrainError):
+            error.local = backend.rank != 0  # this rank's own failure: printed here, not only on rank 0
+            raise error from None
         raise error
     if failed:
         raise DtrainError(f"checkpoint write failed on {failed} other rank(s); see their error")

@@ -189,14 +189,30 @@ def select_targets(model: nn.Module, targets: list[str] | str, regex: str | None
         suffixes = [targets] if isinstance(targets, str) else list(targets)
         chosen = [n for n in names if any(n == s or n.endswith("." + s) for s in suffixes)]
         what = f"lora.targets = {suffixes}"
+    kinds = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names}))
     if not chosen:
-        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
-        raise ConfigError(f"{what} matches no linear module; the model has: {', '.join(kinds)}")
+        raise ConfigError(f"{what} matches no linear module; the model has: {kinds}")
+    if not regex and targets != "all-linear":
+        unmatched = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
+        if unmatched:
+            raise ConfigError(f"{what}: {', '.join(unmatched)} matches no linear module a LoRA adapter can "
+                              f"target (never the output head); the model has: {kinds}")
     return chosen
+
+
+def check_rank(model: nn.Module, names: list[str], r: int) -> None:
+    """lora.r is at most min(in, out) of every targeted layer (a larger rank adds nothing but cost)."""
+    for name in names:
+        layer = model.get_submodule(name)
+        fan_in, fan_out = layer.in_features, layer.out_features
+        if r > min(fan_in, fan_out):
+            raise ConfigError(f"lora.r = {r} is larger than min(in, out) = {min(fan_in, fan_out)} of {name} "
+                              f"({fan_in} -> {fan_out}); use lora.r <= {min(fan_in, fan_out)} or other targets")
 
 
 def inject(model: nn.Module, names: list[str], spec: AdapterSpec) -> list[LoRALinear]:
     """Wrap the named linear layers in LoRALinear (if not yet) and add adapter `spec`."""
+    check_rank(model, names, spec.r)
     wrapped = []
     for name in names:
         parent_name, _, child = name.rpartition(".")

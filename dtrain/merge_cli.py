@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dtrain.errors import DtrainError
+from dtrain.outdir import check_target
 
 if TYPE_CHECKING:  # torch and safetensors are imported when merging, not when the CLI starts
     import torch
@@ -35,6 +36,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--base", required=True, help="base model directory (HF format, safetensors)")
     p.add_argument("--adapter", required=True, help="adapter directory (dtrain's or PEFT's LoRA)")
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what a non-empty --out holds (only once the merge has succeeded)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype of the merged weights (default: the base's)")
     p.add_argument("--base-bits", type=int, choices=(8, 4), default=None,
@@ -49,18 +52,20 @@ def add_parser(subparsers) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.quantized_head and not args.base_bits:
         raise DtrainError("--quantized-head needs --base-bits 8 or 4")
-    out = merge(args.base, args.adapter, args.out, args.dtype, args.base_bits, args.quantized_head)
+    out = merge(args.base, args.adapter, args.out, args.dtype, args.base_bits, args.quantized_head,
+                args.overwrite)
     print(f"merged model written to {out}")
     return 0
 
 
 def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None,
-          base_bits: int | None = None, quantized_head: bool = False) -> Path:
+          base_bits: int | None = None, quantized_head: bool = False, overwrite: bool = False) -> Path:
     """Write base + adapter as a plain HF model into `out`; returns `out`.
 
     `base_bits` (8 or 4): the adapter was trained on dtrain's quantized base, so it is merged into
     deq(q(W)) of every quantized layer (dequantize, then merge), and the result is written in bf16.
     `quantized_head`: that run quantized the output head too (`quantization.include_head`).
+    `overwrite`: a non-empty `out` is replaced once the merged model is complete (else refused).
     """
     import torch
 
@@ -68,12 +73,14 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     from dtrain.files import fresh_dir, staging_dir
 
     base, adapter, out = Path(base), Path(adapter), Path(out)
-    _check_dirs(base, adapter, out)
-    config = json.loads((base / "config.json").read_text())
+    _check_dirs(base, adapter, out, overwrite)
+    config = _read_json(base / "config.json", "--base")
     _check_not_quantized(config, base)
     adapter_config, tensors = adapter_lib.read_adapter(adapter)
     spec = adapter_lib.adapter_spec_from_peft(adapter_config, "merge", adapter)
-    deltas = {f"{m}.weight": ab for m, ab in adapter_lib.adapter_modules(tensors, adapter).items()}
+    modules = adapter_lib.adapter_modules(tensors, adapter)
+    adapter_lib.check_rank(modules, spec.r, adapter)
+    deltas = {f"{m}.weight": ab for m, ab in modules.items()}
     files, index = _weight_files(base)
     _check_targets(base, files, deltas)
     if base_bits:
@@ -89,13 +96,35 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        out.rmdir()  # checked empty above
-    tmp.rename(out)
+    _replace(tmp, out)
     return out
 
 
-def _check_dirs(base: Path, adapter: Path, out: Path) -> None:
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename the finished `tmp` to `out`; an existing `out` (empty, or --overwrite) is moved aside
+    first and removed only once the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.parent / f".old-{out.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_json(path: Path, flag: str) -> dict:
+    """A JSON object from `path`, or one line naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DtrainError(f"{flag} '{path}': not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DtrainError(f"{flag} '{path}': not a JSON object")
+    return data
+
+
+def _check_dirs(base: Path, adapter: Path, out: Path, overwrite: bool = False) -> None:
     if not base.is_dir():
         raise DtrainError(f"--base '{base}': directory not found")
     if not (base / "config.json").is_file():
@@ -104,8 +133,7 @@ def _check_dirs(base: Path, adapter: Path, out: Path) -> None:
         raise DtrainError(f"--adapter '{adapter}': directory not found")
     if out.resolve() in (base.resolve(), adapter.resolve()):
         raise DtrainError(f"--out '{out}': must differ from --base and --adapter")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DtrainError(f"--out '{out}': exists and is not an empty directory")
+    check_target(out, "--out", overwrite, kind="dir")
 
 
 def _check_not_quantized(config: dict, base: Path) -> None:
@@ -122,7 +150,9 @@ def _check_not_quantized(config: dict, base: Path) -> None:
 def _weight_files(base: Path) -> tuple[list[str], dict | None]:
     """The base's safetensors files (one, or the shards of the index) and the index, if any."""
     if (base / INDEX).is_file():
-        index = json.loads((base / INDEX).read_text())
+        index = _read_json(base / INDEX, "--base")
+        if not isinstance(index.get("weight_map"), dict):
+            raise DtrainError(f"--base '{base / INDEX}': no 'weight_map' mapping")
         return sorted(set(index["weight_map"].values())), index
     if (base / "model.safetensors").is_file():
         return ["model.safetensors"], None
@@ -136,9 +166,13 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
 
     shapes = {}
     for f in files:
-        with safe_open(base / f, "pt") as h:
-            for key in h.keys():
-                shapes[key] = tuple(h.get_slice(key).get_shape())
+        try:
+            with safe_open(base / f, "pt") as h:
+                for key in h.keys():
+                    shapes[key] = tuple(h.get_slice(key).get_shape())
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated or missing shard
+            raise DtrainError(f"--base '{base / f}': not a readable safetensors file (truncated or "
+                              f"corrupted?): {str(e).splitlines()[0]}") from None
     for key, ab in deltas.items():
         want = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
         if key not in shapes:

@@ -9,6 +9,7 @@ models. The LoRA parameters come from their own init. No code here knows about r
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from pathlib import Path
 from typing import Protocol
@@ -31,15 +32,27 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     if cfg.path is not None:
         if not (Path(cfg.path) / "config.json").is_file():
             raise ConfigError(f"model.path = '{cfg.path}': no config.json in that directory")
-        return AutoConfig.from_pretrained(
-            cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
-        )
+        try:
+            return AutoConfig.from_pretrained(
+                cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
+            )
+        except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
+            raise ConfigError(f"model.path = '{cfg.path}': config.json: {_first_line(e)}") from None
     arch = dict(cfg.arch)
     model_type = arch.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **arch)
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"model.arch: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's validation errors
+        raise ConfigError(f"model.arch: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    """The gist of a transformers error: its first informative line, without the list of every
+    model type it knows."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[-1] if lines and lines[0].rstrip().endswith(":") else (lines[0] if lines else type(e).__name__)
+    text = re.sub(r"^\w+(Error|Exception): ", "", text)
+    return text.split(". Should contain one of")[0][:300]
 
 
 def import_model_code(config: PretrainedConfig, trust_remote_code: bool = False) -> None:
@@ -148,7 +161,7 @@ class SafetensorsSource:
             self.files = {k: self.path / v for k, v in weight_map.items()}
         elif (self.path / "model.safetensors").is_file():
             f = self.path / "model.safetensors"
-            with safe_open(f, "pt") as h:
+            with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
         else:
             raise ConfigError(f"model.path = '{path}': no model.safetensors or index file")
@@ -179,11 +192,20 @@ class SafetensorsSource:
             # end of a fill, when all shards stay open). Fills read in module order, so files
             # are rarely reopened.
             self._open.clear()
-            self._open[f] = safe_open(f, "pt")
+            self._open[f] = _safe_open(f)
         handle = self._open[f]
         if rows is None:
             return handle.get_tensor(key)
         return handle.get_slice(key)[rows]
+
+
+def _safe_open(f: Path):
+    """safe_open, with a truncated or malformed file reported in one line."""
+    try:
+        return safe_open(f, "pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+        raise ConfigError(f"model.path: '{f}' is not a readable safetensors file (truncated or corrupted?): "
+                          f"{_first_line(e)}") from None
 
 
 class RandomSource:

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dtrain.errors import DtrainError
 from dtrain.preempt import EXIT_CODE
 
 PREEMPT_EXIT = EXIT_CODE  # the exit code of a preempted run: requeue
@@ -122,31 +124,13 @@ def render_sbatch(
     tasks_per_node: training processes per node; defaults to gpus_per_node (1 when 0, CPU-only).
     extra: more sbatch options, e.g. ["--account=proj", "--qos=high"] (each becomes an #SBATCH line).
     """
-    if nodes < 1:
-        raise ValueError(f"--nodes must be >= 1, got {nodes}")
-    if gpus_per_node < 0:
-        raise ValueError(f"--gpus-per-node must be >= 0, got {gpus_per_node}")
-    if cpus_per_task < 1:
-        raise ValueError(f"--cpus-per-task must be >= 1, got {cpus_per_task}")
-    if signal_seconds < 0 or signal_seconds > 65535:
-        raise ValueError(f"--signal-seconds must be in 0..65535, got {signal_seconds}")
-    tasks = tasks_per_node if tasks_per_node is not None else max(gpus_per_node, 1)
-    if tasks < 1:
-        raise ValueError(f"--tasks-per-node must be >= 1, got {tasks}")
-    if gpus_per_node and tasks != gpus_per_node:
-        raise ValueError(f"one process per GPU: --tasks-per-node {tasks} != --gpus-per-node {gpus_per_node}")
-    for o in overrides:
-        if "=" not in o:
-            raise ValueError(f"override '{o}' is not key.sub=value")
+    tasks = _check_numbers(nodes, gpus_per_node, cpus_per_task, signal_seconds, tasks_per_node)
+    _check_text(partition=partition, time=time, job_name=job_name, output=output, workdir=workdir,
+                config=config_path, overrides=overrides, extra=extra)
     ov = list(overrides)
     if not any(o.split("=", 1)[0] == "training.resume" for o in ov):
         ov.append("training.resume=auto")
-    extra_lines = ""
-    for e in extra:
-        e = e.strip()
-        if not e.startswith("-") or "\n" in e:
-            raise ValueError(f"extra sbatch option '{e}' must look like --name=value")
-        extra_lines += f"#SBATCH {e}\n"
+    extra_lines = "".join(f"#SBATCH {e.strip()}\n" for e in extra)
     return _TEMPLATE.format(
         script_hint="<this file>",
         job_name=job_name,
@@ -165,6 +149,58 @@ def render_sbatch(
         config=shlex.quote(str(config_path)),
         overrides="".join(f" \\\n    {shlex.quote(o)}" for o in ov),
     )
+
+
+def _check_numbers(nodes: int, gpus_per_node: int, cpus_per_task: int, signal_seconds: int,
+                   tasks_per_node: int | None) -> int:
+    """The numeric options in range; returns the training processes per node."""
+    if nodes < 1:
+        raise DtrainError(f"--nodes must be >= 1, got {nodes}")
+    if gpus_per_node < 0:
+        raise DtrainError(f"--gpus-per-node must be >= 0, got {gpus_per_node}")
+    if cpus_per_task < 1:
+        raise DtrainError(f"--cpus-per-task must be >= 1, got {cpus_per_task}")
+    if signal_seconds < 0 or signal_seconds > 65535:
+        raise DtrainError(f"--signal-seconds must be in 0..65535, got {signal_seconds}")
+    tasks = tasks_per_node if tasks_per_node is not None else max(gpus_per_node, 1)
+    if tasks < 1:
+        raise DtrainError(f"--tasks-per-node must be >= 1, got {tasks}")
+    if gpus_per_node and tasks != gpus_per_node:
+        raise DtrainError(f"one process per GPU: --tasks-per-node {tasks} != --gpus-per-node {gpus_per_node}")
+    return tasks
+
+
+# SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (or no limit).
+_TIME = re.compile(r"(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|INFINITE)")
+_NAME = re.compile(r"[A-Za-z0-9_.+@%-]+")  # job name: no spaces, quotes, slashes or shell characters
+_PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")  # one partition, or a comma list
+_UNSAFE = re.compile(r"[\x00-\x20\x7f\"'\\]")  # in an #SBATCH line: controls, whitespace, quotes
+
+
+def _check_text(partition: str | None, time: str | None, job_name: str, output: str, workdir,
+                config, overrides: Sequence[str], extra: Sequence[str]) -> None:
+    """Values pasted into the script: refused when they could break or change it (one line)."""
+    if time is not None and not _TIME.fullmatch(time):
+        raise DtrainError(f"--time {time!r}: not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                          "D-HH:MM:SS)")
+    if not _NAME.fullmatch(job_name):
+        raise DtrainError(f"--job-name {job_name!r}: use letters, digits and _ . + @ % - only")
+    if partition is not None and not _PARTITION.fullmatch(partition):
+        raise DtrainError(f"--partition {partition!r}: use letters, digits, _ . - (a comma-separated list)")
+    for flag, value in (("--log", output), ("working directory", workdir)):
+        if value is not None and _UNSAFE.search(str(value)):
+            raise DtrainError(f"{flag} {str(value)!r}: no whitespace, quotes, backslashes or control "
+                              "characters in an #SBATCH line")
+    for e in extra:
+        if not e.strip().startswith("-") or _UNSAFE.search(e.strip()):
+            raise DtrainError(f"--extra {e!r}: must look like --name=value (no whitespace, quotes or "
+                              "control characters)")
+    for value in (str(config), *overrides):
+        if re.search(r"[\x00-\x1f\x7f]", value):
+            raise DtrainError(f"{value!r}: control characters (newlines) are not allowed in the script's command")
+    for o in overrides:
+        if "=" not in o:
+            raise DtrainError(f"override '{o}': expected key.sub=value")
 
 
 def add_slurm_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -189,35 +225,42 @@ def add_slurm_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--extra", action="append", default=[], metavar="OPT",
                    help="extra sbatch option, e.g. --extra=--account=proj (repeatable)")
     p.add_argument("--out", default=None, help="script path (default: dtrain-<job name>.sbatch)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out script")
     p.set_defaults(func=run_slurm)
     return p
 
 
 def run_slurm(args: argparse.Namespace) -> int:
-    """Write the script (config made absolute, workdir = cwd) and print its path."""
+    """Validate the config as the job will run it, write the script (config made absolute,
+    workdir = cwd) and print its path."""
+    from dtrain import config as config_lib
+    from dtrain.outdir import check_target
+
+    overrides = list(args.overrides)
+    if not any(o.split("=", 1)[0].strip() == "training.resume" for o in overrides if "=" in o):
+        overrides.append("training.resume=auto")  # what the script passes
+    config_lib.load(args.config, overrides)  # the job would fail on it: fail now, with its line
     config = Path(args.config)
-    if not config.is_file():
-        raise FileNotFoundError(f"config file not found: {config}")
-    out = Path(args.out or f"dtrain-{args.job_name}.sbatch").resolve()
+    out = Path(args.out) if args.out else Path(f"dtrain-{args.job_name}.sbatch")
+    if not _NAME.fullmatch(args.job_name):
+        raise DtrainError(f"--job-name {args.job_name!r}: use letters, digits and _ . + @ % - only")
+    check_target(out, "--out", args.overwrite)
+    out = out.resolve()
     log = args.log or str(out.parent / "%x-%j.out")
     text = render_sbatch(
-        config.resolve(),
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        cpus_per_task=args.cpus_per_task,
-        partition=args.partition,
-        time=args.time,
-        output=log,
-        signal_seconds=args.signal_seconds,
-        overrides=args.overrides,
-        extra=args.extra,
-        tasks_per_node=args.tasks_per_node,
-        job_name=args.job_name,
+        config.resolve(), nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+        partition=args.partition, time=args.time, output=log, signal_seconds=args.signal_seconds,
+        overrides=overrides, extra=args.extra, tasks_per_node=args.tasks_per_node, job_name=args.job_name,
         workdir=Path.cwd(),
     ).replace("sbatch <this file>", f"sbatch {shlex.quote(str(out))}", 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    out.chmod(0o755)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        from dtrain.files import write_text_atomic
+
+        write_text_atomic(out, text)
+        out.chmod(0o755)
+    except OSError as e:
+        raise DtrainError(f"--out '{out}': cannot write it ({e.strerror})") from None
     print(out)
     return 0
 

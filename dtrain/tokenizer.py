@@ -20,6 +20,10 @@ def load_tokenizer(directory: str | Path | None, corpus: str | Path,
     d = Path(directory)
     if not d.is_dir():
         raise ConfigError(f"tokenizer directory '{d}' not found")
+    if not has_tokenizer(d) and not (d / "tokenizer_config.json").is_file():
+        raise ConfigError(f"tokenizer directory '{d}': no tokenizer files (tokenizer.json, tokenizer.model, "
+                          "vocab.json or tokenizer_config.json); set data.tokenizer to a saved tokenizer, or "
+                          "leave it unset for the built-in one")
     try:
         tok = AutoTokenizer.from_pretrained(d, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -48,7 +52,11 @@ def build_tokenizer(corpus: str | Path, vocab_size: int = BUILTIN_VOCAB) -> PreT
         vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train([str(corpus)], trainer)
+    try:
+        tok.train([str(corpus)], trainer)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+        raise ConfigError(f"data.path = '{corpus}': cannot build the built-in tokenizer from it "
+                          f"({str(e).splitlines()[0]}; a binary file?)") from None
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, lora, preempt
+from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
 from dtrain.config import Config
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
@@ -62,7 +62,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         setup_logging(env.is_main)
         torch.manual_seed(cfg.training.seed + env.rank)  # dropout differs per rank, as in DDP
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._prepare_out()
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
         data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
@@ -79,6 +79,15 @@ class Trainer:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
             self._log_start(data.skipped)
+
+    def _prepare_out(self) -> None:
+        """Create output.dir; with output.overwrite, remove the earlier run's files (rank 0)."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise config_lib.ConfigError(f"output.dir = '{self.out}': cannot create it ({e.strerror})") from None
+        if self.cfg.output.overwrite:
+            files.together(self.backend, lambda: outdir.clear_run(self.out))
 
     def _check_vocab(self) -> None:
         vocab = self.backend.model.config.vocab_size

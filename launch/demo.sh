@@ -10,9 +10,9 @@ NPROC=${NPROC:-2}
 BACKEND=${BACKEND:-fsdp}
 OUT=${OUT:-runs/quickstart}
 .venv/bin/torchrun --nproc_per_node "$NPROC" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29511}" \
-  -m dtrain train configs/tiny.yaml backend.name="$BACKEND" output.dir="$OUT"
+  -m dtrain train configs/tiny.yaml backend.name="$BACKEND" output.dir="$OUT" output.overwrite=true
 .venv/bin/torchrun --nproc_per_node "$NPROC" --master_addr 127.0.0.1 --master_port "${MASTER_PORT:-29511}" \
-  -m dtrain memory configs/tiny.yaml backend.name="$BACKEND" output.dir="$OUT"
+  -m dtrain memory configs/tiny.yaml backend.name="$BACKEND" output.dir="$OUT" --overwrite
 echo
 echo "adapter (PEFT format):  $OUT/adapter/"
 echo "metrics:                $OUT/metrics.jsonl"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from dtrain.config import DataConfig
@@ -23,10 +24,18 @@ def load_records(cfg: DataConfig) -> list[dict]:
         names = (cfg.text_field, cfg.prompt_field, cfg.response_field, *cfg.alpaca_fields)
         kwargs["converters"] = {f: str for f in names}
     datasets.disable_progress_bars()
+    quiet = logging.getLogger("datasets")  # its own log line would repeat ours, less clearly
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as e:  # datasets raises many types for a malformed file
-        raise ConfigError(f"data.path = '{path}': cannot read as {builder}: {str(e).splitlines()[0]}") from None
+        from dtrain.data.explain import explain
+
+        reason = explain(path) or f"data.path = '{path}': cannot read as {builder}: {str(e).splitlines()[0]}"
+        raise ConfigError(reason) from None
+    finally:
+        quiet.setLevel(level)
     return ds.to_list()
 
 

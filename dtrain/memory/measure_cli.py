@@ -41,6 +41,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"optimizer steps per mode, >= 2 (default {DEFAULT_STEPS})")
     p.add_argument("--out", default=None, help="report directory (default: output.dir/memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
     p.add_argument("--with-8bit", action="store_true",
                    help="also measure LoRA on an int8 base (needs dtrain/quant.py, bitsandbytes)")
     p.set_defaults(func=run)
@@ -81,6 +82,18 @@ def _derive(cfg: Config, mode: str, bits: int, run_dir: Path, steps: int) -> Con
     return c
 
 
+def check_report_dir(out: Path, overwrite: bool) -> None:
+    """`out` can take the report: a directory (or none yet) without report files, or --overwrite."""
+    from dtrain.memory.report import REPORT_FILES
+    from dtrain.outdir import check_target
+
+    check_target(out, "--out", overwrite=True, kind="dir")
+    found = [name for name in REPORT_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(f"--out '{out}': holds an earlier report ({', '.join(found)}); pass --overwrite "
+                          "to replace it, or another --out")
+
+
 def run(args: argparse.Namespace) -> int:
     """Measure each mode, then (rank 0) write the report; returns 0."""
     from dtrain.memory import measure, report
@@ -89,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise ConfigError(f"--steps {args.steps}: needs >= 2 (Adam's state appears at the first step)")
     out = Path(args.out) if args.out else Path(cfg.output.dir) / "memory"
+    check_report_dir(out, args.overwrite)
     modes = mode_configs(cfg, out, args.steps, args.with_8bit)
     measured = measure.measure_modes({name: c for name, (c, _) in modes.items()}, args.steps)
     if measured.rank == 0:

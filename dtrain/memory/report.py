@@ -17,6 +17,7 @@ from dtrain.memory.measure import CATEGORIES, MODEL_STATES, Measured
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
+REPORT_FILES = ("memory_report.md", "memory_report.json", "memory_report.png")
 TOLERANCE = 0.10  # relative difference above which a category is flagged
 LABELS = {
     "frozen_weights": "frozen weights", "trainable_params": "trainable parameters",
@@ -274,8 +275,7 @@ def _stack(ax: "Axes", x: float, values: dict, hatch: str | None) -> None:
 def write(report: dict, out: Path) -> dict[str, Path]:
     """memory_report.md / .json / .png into `out` (created); returns the paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "memory_report.md", "json": out / "memory_report.json",
-             "png": out / "memory_report.png"}
+    paths = {kind: out / name for kind, name in zip(("md", "json", "png"), REPORT_FILES)}
     paths["md"].write_text(markdown(report))
     paths["json"].write_text(json.dumps(report, indent=2, default=str) + "\n")
     chart(report, paths["png"])

@@ -114,26 +114,30 @@ def start_line(stderr: str) -> tuple[int, int, float]:
 
 def _error_cases(tmp: Path) -> dict[str, tuple[list[str], str, str]]:
     """name -> (dtrain args, file the error must name, expected text after 'dtrain: error: ')."""
-    t = str(TINY)
     bad_records = tmp / "bad.jsonl"
     bad_records.write_text("".join(json.dumps(r) + "\n" for r in [
         {"prompt": "a", "response": " b"}, {"prompt": "c", "response": ""}, {"prompt": "d", "response": " e"}]))
+
+    def ov(args: list[str], expected: str) -> tuple[list[str], str, str]:
+        """A case whose error comes from the override args[-1]: the line names that override."""
+        where = f"override '{args[-1]}'"
+        return args, where, f"{where}: {expected}"
+
     return {
-        "unknown_key": (["lora.rnak=4"], t, f"{t}: unknown key 'lora.rnak'; did you mean 'lora.r'? (allowed: "),
-        "unknown_section": (["trainig.lr=1"], t, f"{t}: unknown key 'trainig'; did you mean 'training'?"),
-        "wrong_type": (["training.lr=fast"], t, f"{t}: training.lr = 'fast': expected a float"),
-        "wrong_type_bool": (["model.gradient_checkpointing=maybe"], t,
-                            f"{t}: model.gradient_checkpointing = 'maybe': expected a bool"),
-        "r_zero": (["lora.r=0"], t, f"{t}: lora.r = 0 is out of range: must be >= 1"),
-        "alpha_zero": (["lora.alpha=0"], t, f"{t}: lora.alpha = 0.0 is out of range: must be > 0"),
-        "dropout_one": (["lora.dropout=1.0"], t, f"{t}: lora.dropout = 1.0 is out of range: must be in [0.0, 1.0)"),
-        "dropout_neg": (["lora.dropout=-0.1"], t,
-                        f"{t}: lora.dropout = -0.1 is out of range: must be >= 0.0 and < 1.0"),
-        "lr_zero": (["training.lr=0"], t, f"{t}: training.lr = 0.0 is out of range: must be > 0"),
+        "unknown_key": ov(["lora.rnak=4"], "unknown key 'lora.rnak'; did you mean 'lora.r'? (allowed: "),
+        "unknown_section": ov(["trainig.lr=1"], "unknown key 'trainig'; did you mean 'training'?"),
+        "wrong_type": ov(["training.lr=fast"], "training.lr = 'fast': expected a float"),
+        "wrong_type_bool": ov(["model.gradient_checkpointing=maybe"],
+                              "model.gradient_checkpointing = 'maybe': expected a bool"),
+        "r_zero": ov(["lora.r=0"], "lora.r = 0 is out of range: must be >= 1"),
+        "alpha_zero": ov(["lora.alpha=0"], "lora.alpha = 0.0 is out of range: must be > 0"),
+        "dropout_one": ov(["lora.dropout=1.0"], "lora.dropout = 1.0 is out of range: must be in [0.0, 1.0)"),
+        "dropout_neg": ov(["lora.dropout=-0.1"], "lora.dropout = -0.1 is out of range: must be >= 0.0 and < 1.0"),
+        "lr_zero": ov(["training.lr=0"], "training.lr = 0.0 is out of range: must be > 0"),
         "missing_config": ([], str(tmp / "none.yaml"), f"{tmp / 'none.yaml'}: config file not found"),
-        "missing_data": ([f"data.path={tmp / 'none.txt'}"], t, f"{t}: data.path = '{tmp / 'none.txt'}': file not found"),
-        "missing_model_dir": ([f"model.path={tmp / 'nodir'}"], t,
-                              f"{t}: model.path = '{tmp / 'nodir'}': directory not found"),
+        "missing_data": ov([f"data.path={tmp / 'none.txt'}"], f"data.path = '{tmp / 'none.txt'}': file not found"),
+        "missing_model_dir": ov(["model.arch=null", f"model.path={tmp / 'nodir'}"],
+                                f"model.path = '{tmp / 'nodir'}': directory not found"),
         "bad_record": ([f"data.path={bad_records}", "data.format=instruction", "data.bad_records=error"],
                        str(bad_records), f"data.path = '{bad_records}': record 1 has a missing or empty 'response'"),
     }

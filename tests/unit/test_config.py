@@ -113,7 +113,7 @@ def test_schema_rows_cover_every_field() -> None:
 ])
 def test_unknown_key_suggests_closest(override: str, key: str, suggestion: str | None) -> None:
     msg = error(override)
-    assert msg.startswith(f"{TINY}: unknown key '{key}'"), msg
+    assert msg.startswith(f"override '{override}': unknown key '{key}'"), msg
     if suggestion:
         assert f"did you mean '{suggestion}'?" in msg, msg
     else:
@@ -142,7 +142,7 @@ def test_unknown_key_in_yaml_file_names_the_file(tmp_path) -> None:
 ])
 def test_wrong_type(override: str, expected: str) -> None:
     msg = error(override)
-    assert msg.startswith(f"{TINY}: {expected}"), msg
+    assert msg.startswith(f"override '{override}': {expected}"), msg
 
 
 @pytest.mark.parametrize("override, key, bound", [
@@ -161,14 +161,14 @@ def test_wrong_type(override: str, expected: str) -> None:
 ])
 def test_out_of_range(override: str, key: str, bound: str) -> None:
     msg = error(override)
-    assert msg.startswith(f"{TINY}: {key} = "), msg
+    assert msg.startswith(f"override '{override}': {key} = "), msg
     assert msg.endswith(f"is out of range: must be {bound}"), msg
 
 
 def test_betas_length_and_range() -> None:
-    assert error("training.betas=[0.9]") == f"{TINY}: training.betas = [0.9]: expected 2 values"
+    assert error("training.betas=[0.9]") == "override 'training.betas=[0.9]': training.betas = [0.9]: expected 2 values"
     assert error("training.betas=[0.9,1.0]") == \
-        f"{TINY}: training.betas = [0.9, 1.0] is out of range: must be in [0.0, 1.0)"
+        "override 'training.betas=[0.9,1.0]': training.betas = [0.9, 1.0] is out of range: must be in [0.0, 1.0)"
 
 
 def test_missing_files_and_dirs(tmp_path) -> None:
@@ -176,9 +176,11 @@ def test_missing_files_and_dirs(tmp_path) -> None:
     with pytest.raises(ConfigError) as e:
         config.load(missing / "c.yaml")
     assert str(e.value) == f"{missing / 'c.yaml'}: config file not found"
-    assert error(f"data.path={missing}.txt") == f"{TINY}: data.path = '{missing}.txt': file not found"
-    assert error(f"model.path={missing}") == f"{TINY}: model.path = '{missing}': directory not found"
-    assert error(f"data.tokenizer={missing}") == f"{TINY}: data.tokenizer = '{missing}': directory not found"
+    assert error(f"data.path={missing}.txt") == f"override 'data.path={missing}.txt': data.path = '{missing}.txt': file not found"
+    assert error("model.arch=null", f"model.path={missing}") == \
+        f"override 'model.path={missing}': model.path = '{missing}': directory not found"
+    assert error(f"data.tokenizer={missing}") == \
+        f"override 'data.tokenizer={missing}': data.tokenizer = '{missing}': directory not found"
 
 
 def test_bad_yaml_and_bad_override_syntax(tmp_path) -> None:
@@ -188,7 +190,8 @@ def test_bad_yaml_and_bad_override_syntax(tmp_path) -> None:
     assert msg.startswith(f"{p}: not valid YAML"), msg
     p.write_text("- 1\n- 2\n")
     assert error(path=p) == f"{p}: top level must be a mapping of sections"
-    assert error("lora.r") == "override 'lora.r': expected key.sub=value"
-    assert error("lora.targets.x=1") == "override 'lora.targets.x=1': 'targets' is not a section"
-    msg = error("lora=3")
-    assert msg.startswith(f"{TINY}: lora: expected a mapping"), msg
+    assert error("lora.r") == "override 'lora.r': expected key.sub=value (e.g. lora.r=16)"
+    assert error("lora.targets.x=1") == "override 'lora.targets.x=1': 'lora.targets' is not a section"
+    assert error("lora=3") == ("override 'lora=3': lora = 3: lora is a section, not a value; set its keys "
+                               "(lora.<key>=...; keys: r, alpha, dropout, targets, target_regex, adapter_name, "
+                               "init_seed)")

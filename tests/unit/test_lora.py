@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -292,3 +293,20 @@ def test_targets_no_match_lists_the_models_modules(plain) -> None:
     assert msg.split("the model has: ")[1] == ", ".join(sorted(KINDS))
     with pytest.raises(ConfigError, match=r"lora.target_regex = 'attn\\.qkv' matches no linear module; the model has: down_proj"):
         lora.select_targets(plain, "all-linear", r"attn\.qkv")
+
+
+def test_targets_partly_unmatched_are_refused(plain) -> None:
+    with pytest.raises(ConfigError) as e:
+        lora.select_targets(plain, ["q_proj", "lm_head", "qkv"], None)
+    assert str(e.value) == ("lora.targets = ['q_proj', 'lm_head', 'qkv']: lm_head, qkv matches no linear module a "
+                            "LoRA adapter can target (never the output head); the model has: " + ", ".join(sorted(KINDS)))
+
+
+def test_rank_above_a_layers_size_is_refused(plain) -> None:
+    names = lora.select_targets(plain, ["k_proj"], None)
+    layer = plain.get_submodule(names[0])
+    small = min(layer.in_features, layer.out_features)
+    lora.check_rank(plain, names, small)  # full rank: allowed
+    with pytest.raises(ConfigError, match=rf"lora.r = {small + 1} is larger than min\(in, out\) = {small} of "
+                                          rf"{re.escape(names[0])} \({layer.in_features} -> {layer.out_features}\)"):
+        lora.inject(copy.deepcopy(plain), names, AdapterSpec(r=small + 1))

@@ -1,0 +1,134 @@
+"""Checks of a built Config that go beyond one field's type and range: files the config names,
+keys that exclude each other, regexes, names, and the sizes of an inline model architecture.
+
+Each failure is one ConfigError line naming where the value came from (the config file, or the
+command-line override that set it), the key, and what is allowed. Nothing here imports torch or
+transformers: `dtrain train` reports these before its heavy imports.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from dtrain.errors import ConfigError
+
+Where = Callable[[str], str]  # dotted key -> "<config file>" or "override 'key=value'"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# model.arch keys that size the model: positive integers when given; other `*_size` keys (an MoE
+# expert's size, ...) may be 0 but never negative or fractional
+_CORE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings", "head_dim", "n_embd", "n_head", "n_layer",
+               "n_positions", "n_inner")
+
+
+def validate(cfg, where: Where) -> None:
+    """Every cross-field check, in the order a user would fix them."""
+    resolve_builtin_models(cfg)
+    _check_model(cfg.model, where)
+    _check_lora(cfg.lora, where)
+    _check_paths(cfg, where)
+
+
+def _check_model(model, where: Where) -> None:
+    if model.path is not None and model.arch is not None:
+        raise ConfigError(f"{where('model.arch')}: model.path and model.arch are both set; set one: model.path "
+                          "(a local model directory) or model.arch (an inline architecture, random weights)")
+    if model.path is None and model.arch is None:
+        raise ConfigError(f"{where('model')}: model: set model.path (local dir) or model.arch (inline)")
+    if model.path is not None and not Path(model.path).is_dir():
+        raise ConfigError(f"{where('model.path')}: model.path = '{model.path}': directory not found")
+    if model.arch is not None:
+        check_arch(model.arch, where)
+
+
+def check_arch(arch: dict, where: Where) -> None:
+    """model_type present; sizes positive integers; heads dividing the hidden size."""
+    if not isinstance(arch.get("model_type"), str) or not arch["model_type"]:
+        raise ConfigError(f"{where('model.arch.model_type')}: model.arch: needs 'model_type' (e.g. llama)")
+    for key, value in arch.items():
+        core = key in _CORE_SIZES
+        if not (core or str(key).endswith("_size")) or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if core else 0):
+            need = "a positive integer" if core else "an integer >= 0"
+            raise ConfigError(f"{where(f'model.arch.{key}')}: model.arch.{key} = {value!r}: must be {need}")
+    hidden, heads = arch.get("hidden_size"), arch.get("num_attention_heads")
+    if hidden and heads and hidden % heads and "head_dim" not in arch:
+        raise ConfigError(f"{where('model.arch.num_attention_heads')}: model.arch.num_attention_heads = {heads} "
+                          f"does not divide model.arch.hidden_size = {hidden}")
+    kv = arch.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise ConfigError(f"{where('model.arch.num_key_value_heads')}: model.arch.num_key_value_heads = {kv} "
+                          f"does not divide model.arch.num_attention_heads = {heads}")
+
+
+def _check_lora(lora, where: Where) -> None:
+    if lora.target_regex is not None:
+        try:
+            re.compile(lora.target_regex)
+        except re.error as e:
+            raise ConfigError(f"{where('lora.target_regex')}: lora.target_regex = {lora.target_regex!r}: not a "
+                              f"valid regular expression ({e})") from None
+    if not ADAPTER_NAME.fullmatch(lora.adapter_name):
+        raise ConfigError(f"{where('lora.adapter_name')}: lora.adapter_name = {lora.adapter_name!r}: use letters, "
+                          "digits, _ and - only (it becomes part of parameter names; no dots)")
+    targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
+    if not targets or any(not t for t in targets):
+        raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
+                          "suffixes (e.g. [q_proj, v_proj]) or 'all-linear'")
+
+
+def resolve_builtin_models(cfg) -> None:
+    """model.path / data.tokenizer may name a built-in model (`dtrain import --list`): its local
+    directory, imported on first use."""
+    from dtrain import importer
+
+    for section, key in ((cfg.model, "path"), (cfg.data, "tokenizer")):
+        value = getattr(section, key)
+        if importer.is_builtin(value) and not Path(value).is_dir():
+            setattr(section, key, str(importer.resolve(value)))
+
+
+def _check_paths(cfg, where: Where) -> None:
+    """The local files the config names exist."""
+    _check_data_files(cfg.data, where)
+    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir():
+        raise ConfigError(f"{where('data.tokenizer')}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")
+    ds = cfg.backend.deepspeed_config
+    if ds is not None and not Path(ds).is_file():
+        raise ConfigError(f"{where('backend.deepspeed_config')}: backend.deepspeed_config = '{ds}': file not found")
+
+
+def _mix_keys() -> set[str]:
+    from dataclasses import fields
+
+    from dtrain.config import DataConfig
+
+    return {"path", "weight"} | {f.name for f in fields(DataConfig)} - {
+        "mix", "eval_path", "eval_fraction", "cache_dir", "seq_len", "packing", "tokenizer"}
+
+
+def _check_data_files(data, where: Where) -> None:
+    """data.path (or every data.mix entry's path) and data.eval_path exist; mix entries are well formed."""
+    if data.mix is None and not Path(data.path).is_file():
+        raise ConfigError(f"{where('data.path')}: data.path = '{data.path}': file not found")
+    if data.mix is not None and not data.mix:
+        raise ConfigError(f"{where('data.mix')}: data.mix: empty list (omit it, or list datasets)")
+    allowed = _mix_keys()
+    for i, entry in enumerate(data.mix or []):
+        at = f"{where('data.mix')}: data.mix[{i}]"
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise ConfigError(f"{at}: expected a mapping with 'path' (and format, weight, ...)")
+        unknown = sorted(set(entry) - allowed)
+        if unknown:
+            raise ConfigError(f"{at}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(allowed))})")
+        w = entry.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not math.isfinite(w):
+            raise ConfigError(f"{at}.weight = {w!r}: must be a number > 0")
+        if not Path(str(entry["path"])).is_file():
+            raise ConfigError(f"{at}.path = '{entry['path']}': file not found")
+    if data.eval_path is not None and not Path(data.eval_path).is_file():
+        raise ConfigError(f"{where('data.eval_path')}: data.eval_path = '{data.eval_path}': file not found")
