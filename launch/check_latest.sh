@@ -27,8 +27,9 @@ else
   # The newest release with a CPU build: try X.Y.Z+cpu for the newest releases in turn (pip's
   # constraint file, if any, rules some out). An exact +cpu pin, so that no CUDA build can slip in.
   got=
-  for v in $(pip index versions torch 2>/dev/null | sed -n 's/^Available versions: //p' \
-      | tr -d ',' | tr ' ' '\n' | head -n 8); do
+  for v in $("$VENV/bin/python" -m pip index versions torch 2>/dev/null \
+      | sed -n 's/^Available versions: //p' | tr -d ',' | tr ' ' '\n' | sed 's/+.*//' | uniq \
+      | head -n 8); do
     if pip install --no-deps "torch==$v+cpu" --index-url https://download.pytorch.org/whl/cpu \
         --timeout 20 --retries 0 2>/dev/null; then got=$v; break; fi
   done
