@@ -1,4 +1,4 @@
-"""`dtrain` command line: train | memory | estimate | merge | slurm | config."""
+"""`dtrain` command line: train | memory | estimate | merge | slurm | config | env."""
 
 from __future__ import annotations
 
@@ -61,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands() -> list[Callable]:
     """Subcommands living in their own modules: each registers a sub-parser that sets `func`."""
-    from dtrain import generate_cli, import_cli, merge_cli, slurm
+    from dtrain import env_cli, generate_cli, import_cli, merge_cli, slurm
     from dtrain.memory import estimate_cli, measure_cli
 
     return [measure_cli.add_parser, estimate_cli.add_estimate_parser, merge_cli.add_parser,
-            slurm.add_slurm_parser, import_cli.add_parser, generate_cli.add_parsers]
+            slurm.add_slurm_parser, import_cli.add_parser, generate_cli.add_parsers, env_cli.add_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
