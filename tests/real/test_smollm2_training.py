@@ -1,0 +1,109 @@
+"""LoRA on the real SmolLM2-135M-Instruct (imported once, shared): the backends agree on real
+weights, the 8-bit and NF4 bases stay close to the float one, a merged model equals PEFT's base +
+adapter, and the adapter learns the shipped date task that the base cannot do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dtrain import quant
+from tests.helpers import REPO, adapter, assert_same_losses_and_adapter, losses, metrics, run_dtrain
+
+pytestmark = pytest.mark.slow
+CONFIG = REPO / "configs" / "smollm2_dates.yaml"
+EVAL = REPO / "dtrain" / "assets" / "dates_eval.jsonl"
+
+
+def train_real(out, overrides=(), nproc=1, launcher="python"):
+    args = ["train", str(CONFIG), "training.max_steps=2", "training.warmup_steps=1", "training.eval_every=0",
+            "data.seq_len=64", "lora.targets=[q_proj,v_proj]", *overrides, f"output.dir={out}"]
+    return run_dtrain(args, nproc=nproc, launcher=launcher, timeout=600)
+
+
+def test_one_process_fsdp_and_zero3_agree_on_the_real_weights(smollm2_dir, tmp_path):
+    """Same global batch (4): 1 process x 4 vs 2 ranks x 2, lr 1e-3 (see test_deepspeed.py)."""
+    common = [f"model.path={smollm2_dir}", "training.lr=1e-3"]
+    train_real(tmp_path / "one", [*common, "backend.name=none", "training.micro_batch_size=4"])
+    for name in ("fsdp", "deepspeed"):
+        train_real(tmp_path / name, [*common, f"backend.name={name}", "training.micro_batch_size=2"], nproc=2,
+                   launcher="torchrun")
+        assert_same_losses_and_adapter(tmp_path / "one", tmp_path / name, rel=1e-5, atol=1e-6)
+    assert len(adapter(tmp_path / "one")) == 2 * 2 * 30  # A and B of q_proj and v_proj in 30 layers
+
+
+def test_quantized_bases_on_the_real_weight_distribution(smollm2_dir, tmp_path):
+    """Relative Frobenius error of every projection of the 30 blocks after the int8 / NF4 round
+    trip, and the training losses of LoRA on those bases next to the float base's."""
+    errors = {8: [], 4: []}
+    with safe_open(str(smollm2_dir / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if ".layers." in key and key.endswith("proj.weight"):
+                w = f.get_tensor(key)
+                for bits in errors:
+                    errors[bits].append(float((quant.round_trip(w, bits) - w).norm() / w.norm()))
+    assert len(errors[8]) == 30 * 7
+    assert max(errors[8]) < 0.015 and sum(errors[8]) / len(errors[8]) < 0.01   # measured 0.0116 / 0.0085
+    assert max(errors[4]) < 0.12 and sum(errors[4]) / len(errors[4]) < 0.10    # measured 0.102 / 0.094
+    runs = {}
+    for bits in (16, 8, 4):
+        train_real(tmp_path / f"b{bits}", [f"model.path={smollm2_dir}", f"quantization.bits={bits}",
+                                           "training.micro_batch_size=4"])
+        runs[bits] = losses(tmp_path / f"b{bits}")
+    for a, b in zip(runs[16], runs[8]):
+        assert abs(a - b) <= 0.02 * a, runs
+    for a, b in zip(runs[16], runs[4]):
+        assert abs(a - b) <= 0.10 * a, runs
+
+
+@pytest.fixture(scope="module")
+def trained(smollm2_dir, tmp_path_factory):
+    """The Quickstart's training, in one process and 12 steps of 8 conversations."""
+    out = tmp_path_factory.mktemp("dates") / "run"
+    run_dtrain(["train", str(CONFIG), f"model.path={smollm2_dir}", "backend.name=none", "training.max_steps=12",
+                "training.micro_batch_size=8", "training.eval_every=12", f"output.dir={out}"], timeout=900)
+    return out
+
+
+def exact_match(smollm2_dir, out, limit, adapter_dir=None):
+    args = ["eval", "--model", str(smollm2_dir), "--data", str(EVAL), "--limit", str(limit),
+            "--max-new-tokens", "16", "--batch-size", str(limit), "--out", str(out)]
+    proc = run_dtrain([*args, *(["--adapter", str(adapter_dir)] if adapter_dir else [])], timeout=600)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def test_the_adapter_learns_the_date_task_the_base_cannot_do(smollm2_dir, trained, tmp_path):
+    rows = metrics(trained)
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < 0.25 * evals[0], evals  # before the first step, after the last
+    base, _ = exact_match(smollm2_dir, tmp_path / "base.jsonl", 20)
+    tuned, records = exact_match(smollm2_dir, tmp_path / "tuned.jsonl", 20, trained / "adapter")
+    assert base["total"] == tuned["total"] == 20
+    assert base["correct"] <= 1, base
+    assert tuned["correct"] >= 14, tuned  # 45 / 50 measured on the Quickstart's run
+    first = records[0]
+    assert first["correct"] == (first["got"] == first["expected"])
+
+
+def test_merged_model_equals_peft_base_plus_adapter(smollm2_dir, trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dtrain(["merge", "--base", str(smollm2_dir), "--adapter", str(trained / "adapter"),
+                "--out", str(tmp_path / "merged")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
+                                     trained / "adapter").eval()
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    prompts = [[{"role": "user", "content": f"Convert the date {d}."}] for d in ("1999-12-31", "2024-02-29")]
+    for chat in prompts:
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True).input_ids
+        with torch.no_grad():
+            torch.testing.assert_close(merged(ids).logits, peft(ids).logits, rtol=0, atol=2e-4)
+            a = merged.generate(ids, max_new_tokens=12, do_sample=False)
+            b = peft.generate(ids, max_new_tokens=12, do_sample=False)
+        assert torch.equal(a, b)
+    assert tok.decode(a[0, ids.shape[1]:], skip_special_tokens=True).strip() == "29.02.2024"
