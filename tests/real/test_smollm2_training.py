@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from dtrain import quant
-from tests.helpers import REPO, adapter, assert_same_losses_and_adapter, losses, metrics, run_dtrain
+from tests.helpers import REPO, adapter, losses, metrics, run_dtrain
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "configs" / "smollm2_dates.yaml"
@@ -25,14 +25,29 @@ def train_real(out, overrides=(), nproc=1, launcher="python"):
 
 
 def test_one_process_fsdp_and_zero3_agree_on_the_real_weights(smollm2_dir, tmp_path):
-    """Same global batch (4): 1 process x 4 vs 2 ranks x 2, lr 1e-3 (see test_deepspeed.py)."""
+    """Same global batch (4): 1 process x 4 vs 2 ranks x 2, lr 1e-3: equal losses (1e-5 relative)
+    and adapters.
+
+    The ranks sum the same gradients in another order (~1e-7 relative). B starts at zero, so A's
+    first nonzero gradient comes at step 2, where AdamW's update is lr * g / (|g| + eps): for the
+    few elements whose gradient is near eps (1e-8) that ratio, and so the update, is sensitive to
+    the last bits of g. Hence: every element within 5% of one step's lr, and all but 0.1% of them
+    within 1e-6 (seen: 1 of 4608 elements of one A at 1.2e-6 to 8.4e-6)."""
     common = [f"model.path={smollm2_dir}", "training.lr=1e-3"]
     train_real(tmp_path / "one", [*common, "backend.name=none", "training.micro_batch_size=4"])
+    ref = adapter(tmp_path / "one")
+    assert len(ref) == 2 * 2 * 30  # A and B of q_proj and v_proj in 30 layers
     for name in ("fsdp", "deepspeed"):
         train_real(tmp_path / name, [*common, f"backend.name={name}", "training.micro_batch_size=2"], nproc=2,
                    launcher="torchrun")
-        assert_same_losses_and_adapter(tmp_path / "one", tmp_path / name, rel=1e-5, atol=1e-6)
-    assert len(adapter(tmp_path / "one")) == 2 * 2 * 30  # A and B of q_proj and v_proj in 30 layers
+        for x, y in zip(losses(tmp_path / "one"), losses(tmp_path / name), strict=True):
+            assert abs(x - y) <= 1e-5 * x, (name, x, y)
+        got = adapter(tmp_path / name)
+        assert got.keys() == ref.keys()
+        diff = torch.cat([(got[k] - ref[k]).abs().flatten() for k in ref])
+        assert diff.max() <= 5e-5, (name, float(diff.max()))
+        assert (diff > 1e-6).float().mean() <= 1e-3, (name, int((diff > 1e-6).sum()), diff.numel())
+        assert any(got[k].abs().sum() > 0 for k in got if "lora_B" in k)
 
 
 def test_quantized_bases_on_the_real_weight_distribution(smollm2_dir, tmp_path):
