@@ -64,7 +64,7 @@ class Plan:
     @classmethod
     def make(cls, dry_run: bool, out: Path) -> Plan:
         if dry_run:
-            return cls(True, out, steps=2, seq_len=32, micro_batch=2, timeout_s=300)
+            return cls(True, out, steps=2, seq_len=32, micro_batch=2, timeout_s=900)
         return cls(False, out)
 
 
@@ -164,7 +164,7 @@ def summary(results: list[Result], plan: Plan) -> str:
              "", f"machine: {platform.node()}, {device_name()}", "",
              "| check | ok | s | median step s | tokens/s | first -> last loss |", "|---|---|---:|---:|---:|---|"]
     for r in results:
-        n, status = r.numbers, "yes" if r.ok else "NO: " + r.error[:80]
+        n, status = r.numbers, "yes" if r.ok else "NO: " + r.error[:80].replace("|", "/")
         step = f"{n['median_step_s']:.4g}" if "median_step_s" in n else ""
         tok = f"{n['tokens_per_s']:.0f}" if "tokens_per_s" in n else ""
         loss = f"{n['losses'][0]:.4f} -> {n['losses'][-1]:.4f}" if n.get("losses") else ""
