@@ -51,10 +51,10 @@ def launch_cmd(nproc: int, launcher: str = "torchrun") -> list[str]:
 
 
 def run_dtrain(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 300,
-               env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+               env: dict | None = None, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
     cmd = launch_cmd(nproc, launcher) + args
     proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(env), capture_output=True, text=True, errors="replace",
-                          timeout=timeout)
+                          timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
