@@ -329,11 +329,6 @@ def check_complete(source: SafetensorsSource, model: nn.Module) -> None:
     raise ConfigError(where)
 
 
-def parameter_names(model: nn.Module) -> list[str]:
-    """Unique parameter names (tied weights appear once)."""
-    return [n for n, _ in model.named_parameters()]
-
-
 def fill_full(model: nn.Module, source: WeightSource) -> None:
     """Copy every parameter's full value from `source` (single-process models)."""
     if hasattr(model, "tie_weights"):

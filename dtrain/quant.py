@@ -25,8 +25,8 @@ all-gathers before a unit's forward and ZeRO-3 before a module's forward; outsid
 caller gathers (FSDP2 ``unshard()``, ZeRO-3 ``GatheredParameters``), except that a DTensor
 parameter is gathered here by ``full_tensor()`` (a collective: call it on every rank).
 
-Error bounds (see ``quant_error_bounds``): int8 ``|w - deq(w)| <= scale_row / 2``; NF4
-``|w - deq(w)| <= (max NF4 code gap / 2) * absmax_block``; both plus a few float32 ulps of the
+Error bounds (checked by tests/unit/quant_bounds.py): int8 ``|w - deq(w)| <= scale_row / 2``;
+NF4 ``|w - deq(w)| <= (max NF4 code gap / 2) * absmax_block``; both plus a few float32 ulps of the
 row/block absmax. This file holds no distributed code.
 """
 
@@ -43,19 +43,6 @@ from torch import Tensor, nn
 
 from dtrain.shapes import logical_numel
 
-__all__ = [
-    "NF4_BLOCKSIZE",
-    "HEAD_NAMES",
-    "QuantLinear",
-    "default_skip",
-    "skip_rule",
-    "quantize_model",
-    "quantized_bytes",
-    "quant_error_bounds",
-    "quant_error_bound",
-    "nf4_code",
-]
-
 NF4_BLOCKSIZE = 64
 SUPPORTED_BITS = (8, 4)
 # Last name components of Linear layers that are output heads and stay in full precision.
@@ -63,8 +50,6 @@ HEAD_NAMES = frozenset(
     {"lm_head", "embed_out", "output", "output_layer", "score", "classifier", "qa_outputs", "head"}
 )
 _BNB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Float32 slack added to the bounds, in units of eps32 * absmax (the analysis needs about 4).
-_FP_SLACK_ULPS = 8.0
 
 
 def _check_bits(bits: int) -> None:
@@ -411,47 +396,3 @@ def quantized_bytes(module: nn.Module) -> dict[str, int]:
             out["bias_bytes"] += 0 if m.bias is None else _logical_bytes(m.bias)
             out["layers"] += 1
     return out
-
-
-# ----------------------------------------------------------------------------- error bounds
-
-
-def _nf4_half_max_gap() -> float:
-    code = nf4_code("cpu")
-    return float((code[1:] - code[:-1]).max()) / 2.0
-
-
-def quant_error_bounds(weight: Tensor, bits: int) -> Tensor:
-    """Per-element bound on ``|w - deq(quant(w))|``, float32, broadcastable to ``weight``.
-
-    * 8 bits: ``absmax_row / 127 / 2`` (half a quantization step: rounding to nearest), i.e.
-      ``weight_scale[:, None] / 2``.
-    * 4 bits (NF4): ``absmax_block * max_gap / 2`` where ``max_gap`` is the largest distance
-      between adjacent NF4 code values (``1 - 0.6962`` near -1, so ``0.1519 * absmax``): the
-      scaled value lies in ``[-1, 1]`` and is mapped to the nearest code value. Blocks are 64
-      consecutive elements of the row-major flattened weight.
-
-    Both add ``8 * eps32 * absmax`` for float32 rounding of the scale, the division and the
-    product. For weights on CUDA and 8 bits (rounded to float16 before quantization), the
-    float16 rounding ``2**-11 * |w| + 2**-25`` is added too.
-    """
-    _check_bits(bits)
-    w = weight.detach().to(torch.float32)
-    eps = torch.finfo(torch.float32).eps
-    if bits == 8:
-        absmax = w.abs().amax(dim=1, keepdim=True)
-        bound = absmax / 254.0 + _FP_SLACK_ULPS * eps * absmax
-        if weight.is_cuda:
-            bound = bound + w.abs() * 2.0**-11 + 2.0**-25
-        return bound.expand_as(w)
-    flat = w.reshape(-1)
-    pad = (-flat.numel()) % NF4_BLOCKSIZE
-    blocks = F.pad(flat, (0, pad)).reshape(-1, NF4_BLOCKSIZE)
-    absmax = blocks.abs().amax(dim=1, keepdim=True)
-    per_block = absmax * (_nf4_half_max_gap() + _FP_SLACK_ULPS * eps)
-    return per_block.expand_as(blocks).reshape(-1)[: flat.numel()].reshape(w.shape)
-
-
-def quant_error_bound(weight: Tensor, bits: int) -> float:
-    """Largest element of ``quant_error_bounds(weight, bits)``: ``max |w - deq(w)|`` is below it."""
-    return float(quant_error_bounds(weight, bits).max())

@@ -25,7 +25,6 @@ import argparse
 import os
 import re
 import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -263,10 +262,3 @@ def run_slurm(args: argparse.Namespace) -> int:
         raise DtrainError(f"--out '{out}': cannot write it ({e.strerror})") from None
     print(out)
     return 0
-
-
-if __name__ == "__main__":  # python -m dtrain.slurm CONFIG ... (before the CLI wires it in)
-    _parser = argparse.ArgumentParser(prog="dtrain")
-    add_slurm_parser(_parser.add_subparsers(dest="command", required=True))
-    _args = _parser.parse_args(["slurm", *sys.argv[1:]])
-    sys.exit(_args.func(_args))

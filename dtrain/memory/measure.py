@@ -85,16 +85,6 @@ def held_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     return total
 
 
-def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Sum of the sizes of the distinct storages behind `tensors` (each storage once)."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        s = _storage(t)
-        if s is not None:
-            seen[(str(t.device), s.data_ptr())] = s.nbytes()
-    return sum(seen.values())
-
-
 def model_state_bytes(backend: "Backend") -> dict[str, int]:
     """This rank's frozen / trainable / gradient / optimizer bytes, and frozen / trainable numel."""
     trainable = {n: p.requires_grad for n, p in backend.model.named_parameters()}

@@ -4,18 +4,15 @@ Launched like `dtrain train` (directly for one process, under torchrun / deepspe
 ranks). Each mode runs in the same processes one after the other, with the same backend, world
 size, batch and sequence length: build, a few optimizer steps, measure, gather, release the
 model and optimizer (the process group stays up). Modes: `full` (every base weight trainable,
-same AdamW), `lora` (as configured), and with `--with-8bit` (when dtrain/quant.py and
-bitsandbytes are importable) `lora_8bit` (int8 frozen base). Every rank measures; rank 0 writes
-memory_report.md / .json / .png into `--out` (default: output.dir/memory).
-
-Wire-up: ``add_parser(subparsers)`` registers the sub-command and sets ``func=run``.
+same AdamW), `lora` (as configured), and with `--with-8bit` `lora_8bit` (an int8 frozen base).
+Every rank measures; rank 0 writes memory_report.md / .json / .png into `--out` (default:
+output.dir/memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -43,13 +40,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", default=None, help="report directory (default: output.dir/memory)")
     p.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
     p.add_argument("--with-8bit", action="store_true",
-                   help="also measure LoRA on an int8 base (needs dtrain/quant.py, bitsandbytes)")
+                   help="also measure LoRA on an int8 base")
     p.set_defaults(func=run)
-
-
-def quant_available() -> bool:
-    """dtrain.quant (the 8-bit base) and bitsandbytes can be imported."""
-    return all(importlib.util.find_spec(m) is not None for m in ("dtrain.quant", "bitsandbytes"))
 
 
 def mode_configs(cfg: Config, out: Path, steps: int, with_8bit: bool) -> dict[str, tuple[Config, dict]]:
@@ -63,10 +55,7 @@ def mode_configs(cfg: Config, out: Path, steps: int, with_8bit: bool) -> dict[st
     wanted = {"full": ("full", 16, "full FT"),
               lora_name: ("lora", lora_bits, "LoRA" if lora_bits == 16 else f"LoRA {lora_bits}-bit")}
     if with_8bit and lora_bits != 8:
-        if quant_available():
-            wanted["lora_8bit"] = ("lora", 8, "LoRA 8-bit")
-        else:
-            log.warning("--with-8bit: dtrain.quant or bitsandbytes is not available; skipped")
+        wanted["lora_8bit"] = ("lora", 8, "LoRA 8-bit")
     return {name: (_derive(cfg, mode, bits, out / "runs" / name, steps),
                    {"label": label, "mode": mode, "bits": bits})
             for name, (mode, bits, label) in wanted.items()}

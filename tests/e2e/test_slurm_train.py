@@ -45,11 +45,10 @@ JOB_ENV = {
 
 
 def _write_script(out: Path, script: Path) -> Path:
-    """`dtrain slurm` (or `python -m dtrain.slurm` until the CLI has the subcommand) writes the script."""
+    """`dtrain slurm` writes the script."""
     args = [str(TINY), *OVERRIDES, f"output.dir={out}", "--tasks-per-node=2", "--cpus-per-task=1",
             "--signal-seconds=60", f"--log={out.parent}/slurm-%j.out", f"--out={script}"]
-    has_cli = subprocess.run([PY, "-m", "dtrain", "slurm", "--help"], cwd=REPO, capture_output=True).returncode == 0
-    cmd = [PY, "-m", "dtrain", "slurm", *args] if has_cli else [PY, "-m", "dtrain.slurm", *args]
+    cmd = [PY, "-m", "dtrain", "slurm", *args]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, errors="replace", timeout=60)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()) == script.resolve(), r.stdout

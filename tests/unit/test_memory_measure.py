@@ -10,7 +10,6 @@ import logging
 import math
 from pathlib import Path
 
-import pytest
 import torch
 from torch import nn
 
@@ -30,7 +29,6 @@ def test_held_bytes_counts_shared_bytes_once() -> None:
     assert measure.held_bytes([a[2:4]]) == 80  # a view into a larger buffer: its own range only
     assert measure.held_bytes([a[0:3], a[2:5], a[8:]]) == (5 + 2) * 40  # union of row ranges
     assert measure.held_bytes([a, torch.zeros(3, dtype=torch.int8), None]) == 403
-    assert measure.storage_bytes([a[2:4], a[5:]]) == 400  # a saved view keeps its storage alive
 
 
 def test_saved_tensor_counter_excludes_parameters_and_dedups_views() -> None:
@@ -99,8 +97,7 @@ def test_mode_configs(tmp_path: Path) -> None:
     assert (full.mode, full.quantization.bits, lora.mode) == ("full", 16, "lora")
     assert full.training.max_steps == 3 and full.training.eval_every == 0
     assert full.output.dir == str(tmp_path / "runs" / "full")
-    if measure_cli.quant_available():
-        assert modes["lora_8bit"][0].quantization.bits == 8
+    assert modes["lora_8bit"][0].quantization.bits == 8
 
 
 def _row(frozen: int, trainable: int, acts: int) -> dict:

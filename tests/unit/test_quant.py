@@ -27,11 +27,10 @@ from dtrain.quant import (
     QuantLinear,
     default_skip,
     nf4_code,
-    quant_error_bound,
-    quant_error_bounds,
     quantize_model,
     quantized_bytes,
 )
+from tests.unit.quant_bounds import quant_error_bound, quant_error_bounds
 
 EPS32 = torch.finfo(torch.float32).eps
 OUT, IN = 48, 128  # out * in divisible by 64 and by 2
