@@ -102,12 +102,11 @@ def _check_paths(cfg, where: Where) -> None:
         raise ConfigError(f"{where('backend.deepspeed_config')}: backend.deepspeed_config = '{ds}': file not found")
 
 
-def _mix_keys() -> set[str]:
+def _mix_keys(data) -> set[str]:
+    """Keys a data.mix entry may set: the data section's own, per dataset, plus path and weight."""
     from dataclasses import fields
 
-    from dtrain.config import DataConfig
-
-    return {"path", "weight"} | {f.name for f in fields(DataConfig)} - {
+    return {"path", "weight"} | {f.name for f in fields(type(data))} - {
         "mix", "eval_path", "eval_fraction", "cache_dir", "seq_len", "packing", "tokenizer"}
 
 
@@ -117,7 +116,7 @@ def _check_data_files(data, where: Where) -> None:
         raise ConfigError(f"{where('data.path')}: data.path = '{data.path}': file not found")
     if data.mix is not None and not data.mix:
         raise ConfigError(f"{where('data.mix')}: data.mix: empty list (omit it, or list datasets)")
-    allowed = _mix_keys()
+    allowed = _mix_keys(data)
     for i, entry in enumerate(data.mix or []):
         at = f"{where('data.mix')}: data.mix[{i}]"
         if not isinstance(entry, dict) or "path" not in entry:

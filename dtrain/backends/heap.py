@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from dtrain.memory import measure
+from dtrain.memory.process import process_memory
 
 MIN_SLACK_BYTES = 64 * 2**20
 SLACK_FRACTION = 0.10
@@ -44,7 +44,7 @@ class StepTrimmer:
 
     def after_step(self) -> bool:
         """Call after each optimizer step; True when it trimmed."""
-        rss = measure.process_memory(torch.device("cpu"))["rss_bytes"]
+        rss = process_memory(torch.device("cpu"))["rss_bytes"]
         if not math.isfinite(rss):
             return False
         if self.settled is None:
