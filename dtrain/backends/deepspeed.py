@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from dtrain import model as model_lib
-from dtrain.backends import ds_config, heap
+from dtrain.backends import ds_config, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.config import Config
 from dtrain import dist as dist_env
@@ -128,7 +128,8 @@ class DeepSpeedBackend(Backend):
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False)
+            self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False,
+                                     timeout=dist_env.pg_timeout(cfg))
         self.engine = None
         self._closed = False
         self._trimmer = heap.StepTrimmer()
@@ -344,6 +345,12 @@ class DeepSpeedBackend(Backend):
         self.scheduler.load_state_dict(state["scheduler"])
         for k, v in state.get("engine", {}).items():
             setattr(self.engine, k, v)
+
+    def full_optimizer_state(self) -> dict:
+        return zero3_state.full_state(self, _subgroups(self.optimizer))
+
+    def load_full_optimizer_state(self, state: dict) -> None:
+        zero3_state.load_full_state(self, _subgroups(self.optimizer), state)
 
     @property
     def _names(self) -> dict[int, str]:
