@@ -2,9 +2,12 @@
 resharded on load (checkpoint format 2, docs/resume.md).
 
 One chain per 2-rank backend, all with the same global batch of 4 sequences: 1 process (micro-batch
-4) is SIGKILLed after checkpoint K1, resumed on 2 ranks of FSDP2 or ZeRO-3 (micro-batch 2) and
-SIGKILLed after checkpoint K2, then resumed on 1 process again to the end. Every rank-count change
-is crossed once in each direction, and the end must be the uninterrupted 1-process run's adapter.
+4) is preempted (SIGUSR1) once checkpoint 1 exists, resumed on 2 ranks of FSDP2 or ZeRO-3
+(micro-batch 2) and preempted again after a later checkpoint, then resumed on 1 process to the end.
+Preemption, not SIGKILL: the run stops at the next step boundary, so each leg trains at least one
+step (a SIGKILL lands after however many steps the tiny model runs while the test polls), and the
+test asserts that each resume starts earlier than the next. Every rank-count change is crossed once
+in each direction, and the end must be the uninterrupted 1-process run's adapter.
 
 Tolerance: the chain is not bit-exact, only equal up to the order of floating-point reductions
 (2 ranks sum two half-batch gradients, 1 process one full batch): ~1e-7 relative per gradient.
@@ -17,23 +20,37 @@ dropout masks are drawn per rank, so with dropout no run on another rank count c
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import pytest
 
 from dtrain import checkpoint
-from tests.distributed.test_checkpoint import STEPS, finish, kill_after, start
+from tests.distributed.test_checkpoint import STEPS, _workers, finish, start, wait_for_checkpoint
 from tests.helpers import assert_same_losses_and_adapter, metrics
 
 # kill_after / start take a kind from test_checkpoint.BACKENDS: "single", "fsdp", "zero3"
 SAME = ["lora.dropout=0.0", "training.lr=1e-3"]
 MICRO = {"single": ["training.micro_batch_size=4"], "fsdp": ["training.micro_batch_size=2"],
          "zero3": ["training.micro_batch_size=2"]}
-K1, K2 = 2, 4
 
 
 def _run(kind: str, out, extra: list[str]) -> str:
     rc, log = finish(start(kind, out, [*SAME, *MICRO[kind], *extra]), out)
     assert rc == 0, f"{kind} exited {rc}\n{log[-4000:]}"
     return log
+
+
+def preempt_after(kind: str, out, k: int, extra: list[str]) -> tuple[int, str]:
+    """Start a run, SIGUSR1 its rank(s) once checkpoint `k` is in place; (step it stopped at, log)."""
+    proc = start(kind, out, [*SAME, *MICRO[kind], *extra])
+    wait_for_checkpoint(proc, out, k)
+    for pid in [proc.pid] if kind == "single" else _workers(proc.pid):
+        os.kill(pid, signal.SIGUSR1)
+    rc, log = finish(proc, out)
+    assert "preempted: checkpoint at step" in log, f"{kind} exited {rc}\n{log[-4000:]}"
+    return json.loads((out / checkpoint.PREEMPTED).read_text())["step"], log
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +67,13 @@ def test_resume_1_to_2_to_1_ranks_ends_with_the_uninterrupted_adapter(kind, unin
     if kind == "zero3":
         pytest.importorskip("deepspeed")
     out = tmp_path / "run"
-    kill_after("single", out, K1, [*SAME, *MICRO["single"]])
-    kill_after(kind, out, K2, [*SAME, *MICRO[kind], "training.resume=auto"])
-    two_rank_log = (out.parent / "run.log").read_text(errors="replace")
-    assert "optimizer state resharded" in two_rank_log and "resumed from" in two_rank_log
-    assert checkpoint.find_latest(out)[0] >= K2
+    first, _ = preempt_after("single", out, 1, [])
+    second, two_rank_log = preempt_after(kind, out, first + 1, ["training.resume=auto"])
+    print(f"{kind}: 1 process stopped at step {first}, 2 ranks at step {second}")
+    assert f"resumed from {checkpoint.checkpoint_dir(out, first)}" in two_rank_log
+    assert "1 rank(s) wrote" in two_rank_log and "optimizer state resharded" in two_rank_log
+    assert first < second < STEPS, "a leg trained no step: the test proves nothing"
     log = _run("single", out, ["training.resume=auto"])
-    assert "2 rank(s) wrote" in log and "resumed from" in log
+    assert f"resumed from {checkpoint.checkpoint_dir(out, second)}" in log and "2 rank(s) wrote" in log
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, STEPS + 1))
     assert_same_losses_and_adapter(out, uninterrupted, rel=1e-5, atol=1e-6)
