@@ -6,9 +6,11 @@ A training checkpoint, `<output.dir>/checkpoints/step-00000042/`:
 
     adapter/adapter_config.json        PEFT LoraConfig
     adapter/adapter_model.safetensors  LoRA A and B (full tensors, PEFT keys)
-    trainer_state.json                 step, epoch, step_in_epoch, world size, backend, data plan
-    optim-rank{r}.safetensors          rank r's optimizer-state tensors (its shard under FSDP2/ZeRO-3)
-    optim-rank{r}.json                 rank r's optimizer + scheduler state (plain data; tensors by key)
+    trainer_state.json                 step, epoch, step_in_epoch, world size, backend, data plan, and
+                                       the settings a resume must match (resume_check.py)
+    optimizer.safetensors              AdamW exp_avg / exp_avg_sq of every LoRA parameter, FULL tensors
+                                       (unsharded, by parameter name: any backend, any world size)
+    optimizer.json                     AdamW step per parameter, hyper-parameters, scheduler state
     rng-rank{r}.safetensors            rank r's torch CPU (and its CUDA device's) generator states
     rng-rank{r}.json                   rank r's python `random` and numpy states
     COMPLETE                           written last: step, world size, sha256 of every file above
@@ -38,15 +40,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from dtrain import files, lora
+from dtrain import files, lora, resume_check
 from dtrain.adapter import ADAPTER_FILES, ADAPTER_WEIGHTS, gather_adapter, write_adapter
 from dtrain.config import Config
-from dtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PREEMPTED = "PREEMPTED"
 TRAINER_STATE = "trainer_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: per-rank optimizer shards (refused on resume, see resume_check)
+OPTIM_TENSORS, OPTIM_JSON = "optimizer.safetensors", "optimizer.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -152,22 +154,28 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 def trainer_state(cfg: Config, backend, step: int, plan) -> dict:
     """Step, data position and the facts a resume must agree with."""
     position = plan.position(step) if plan is not None else {}
-    data = {"n_examples": plan.n_examples, "global_batch": plan.global_batch, "seed": plan.seed} if plan else {}
+    data = {"n_examples": plan.n_examples, "global_batch": plan.global_batch, "seed": plan.seed,
+            "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world": plan.world} if plan else {}
     return {"format": FORMAT_VERSION, "step": step, **position, "world_size": backend.world_size,
             "backend": cfg.backend.name, "adapter_name": cfg.lora.adapter_name, "data": data,
+            "settings": resume_check.settings(cfg, backend.model),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def _rank_files(rank: int) -> tuple[str, str, str, str]:
-    return f"optim-rank{rank}.safetensors", f"optim-rank{rank}.json", f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"
+def _rank_files(rank: int) -> tuple[str, str]:
+    return f"rng-rank{rank}.safetensors", f"rng-rank{rank}.json"
 
 
 def _required_files(info: dict) -> list[str]:
-    """The files a checkpoint of this kind must hold (every rank's, for a training checkpoint)."""
+    """The files a checkpoint of this kind must hold (every rank's RNG, for a training checkpoint)."""
     if info.get("kind") != "training":
         return list(ADAPTER_FILES)
-    ranks = [f for r in range(int(info.get("world_size", 1))) for f in _rank_files(r)]
-    return [f"adapter/{f}" for f in ADAPTER_FILES] + [TRAINER_STATE, *ranks]
+    world = range(int(info.get("world_size", 1)))
+    if int(info.get("checkpoint_format", 1)) < 2:  # verified as written, so that resume can name the format
+        ranks = [f"{k}-rank{r}.{e}" for r in world for k in ("optim", "rng") for e in ("safetensors", "json")]
+        return [f"adapter/{f}" for f in ADAPTER_FILES] + [TRAINER_STATE, *ranks]
+    ranks = [f for r in world for f in _rank_files(r)]
+    return [f"adapter/{f}" for f in ADAPTER_FILES] + [TRAINER_STATE, OPTIM_TENSORS, OPTIM_JSON, *ranks]
 
 
 def verify(directory: Path) -> str | None:
@@ -177,12 +185,9 @@ def verify(directory: Path) -> str | None:
 
 
 def _write_rank_state(backend, tmp: Path) -> None:
-    """This rank's optimizer/scheduler and RNG state into `tmp` (every rank)."""
-    opt_tree, opt_tensors = flatten_state(backend.optimizer_state())
+    """This rank's RNG state into `tmp` (every rank)."""
     rng_plain, rng_tensors = rng_state()
-    opt_st, opt_js, rng_st, rng_js = _rank_files(backend.rank)
-    files.write_tensors(tmp / opt_st, opt_tensors)
-    files.write_json(tmp / opt_js, opt_tree)
+    rng_st, rng_js = _rank_files(backend.rank)
     files.write_tensors(tmp / rng_st, rng_tensors)
     files.write_json(tmp / rng_js, rng_plain)
 
@@ -201,14 +206,18 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
     tmp = files.staging_dir(final)
     files.together(backend, lambda: files.fresh_dir(tmp))
     files.together(backend, lambda: _write_rank_state(backend, tmp), every_rank=True)
+    optim_tree, optim_tensors = flatten_state(backend.full_optimizer_state())  # collective: every rank
 
     def write_shared() -> None:
         (tmp / "adapter").mkdir()
         write_adapter(backend.model, cfg, tensors, tmp / "adapter")
+        files.write_tensors(tmp / OPTIM_TENSORS, optim_tensors)
+        files.write_json(tmp / OPTIM_JSON, optim_tree)
         files.write_json(tmp / TRAINER_STATE, trainer_state(cfg, backend, step, plan))
 
     def finish() -> None:
-        files.publish(tmp, final, {"kind": "training", "step": step, "world_size": backend.world_size})
+        files.publish(tmp, final, {"kind": "training", "step": step, "world_size": backend.world_size,
+                                   "checkpoint_format": FORMAT_VERSION})
         log.info("checkpoint of step %d written: %s", step, final)
         prune(out, cfg.training.keep_last, step)
         if preempted:
@@ -257,29 +266,22 @@ def _agree_on_step(backend, step: int) -> int:
     return int(round(float(backend.all_reduce_sum(mine).item())))
 
 
-def _check_compatible(state: dict, cfg: Config, backend, plan, path: Path) -> None:
-    saved = (state.get("world_size"), state.get("backend"), state.get("adapter_name"))
-    now = (backend.world_size, cfg.backend.name, cfg.lora.adapter_name)
-    if saved != now:
-        raise ConfigError(f"training.resume = auto: {path} was written by {saved[0]} rank(s) of backend "
-                          f"'{saved[1]}' for adapter '{saved[2]}', this run is {now[0]} rank(s) of '{now[1]}' "
-                          f"for '{now[2]}'; launch it the same way, or use a new output.dir")
-    data = state.get("data") or {}
-    if plan is not None and data and data != {"n_examples": plan.n_examples,
-                                              "global_batch": plan.global_batch, "seed": plan.seed}:
-        log.warning("resume: the data plan differs from %s's (%s): batches after the resume differ "
-                    "from an uninterrupted run's", path.name, data)
-
-
-def load_training_state(backend, cfg: Config, path: Path) -> None:
-    """Restore LoRA parameters, this rank's optimizer/scheduler and RNG from checkpoint `path`."""
+def load_training_state(backend, cfg: Config, path: Path, state: dict) -> None:
+    """Restore LoRA parameters, the optimizer/scheduler (resharded for this run's backend and world
+    size) and this rank's RNG from checkpoint `path`, whose trainer_state.json is `state`."""
     name = cfg.lora.adapter_name
     adapter = load_file(str(path / "adapter" / ADAPTER_WEIGHTS))
     backend.load_full_state({lora.from_peft_key(k, name): t for k, t in adapter.items()})
-    opt_st, opt_js, rng_st, rng_js = _rank_files(backend.rank)
-    tree = json.loads((path / opt_js).read_text())
-    backend.load_optimizer_state(unflatten_state(tree, load_file(str(path / opt_st))))
-    set_rng_state(json.loads((path / rng_js).read_text()), load_file(str(path / rng_st)))
+    optim = unflatten_state(json.loads((path / OPTIM_JSON).read_text()), load_file(str(path / OPTIM_TENSORS)))
+    backend.load_full_optimizer_state({**optim, "step": state["step"], "world_size": state["world_size"]})
+    saved_world = int(state["world_size"])
+    if backend.rank < saved_world:
+        rng_st, rng_js = _rank_files(backend.rank)
+        set_rng_state(json.loads((path / rng_js).read_text()), load_file(str(path / rng_st)))
+    if saved_world != backend.world_size and backend.rank == 0:
+        log.warning("resume: %d rank(s) wrote %s, this run has %d: optimizer state resharded; ranks without "
+                    "a saved RNG state keep their seed (dropout masks differ from an uninterrupted run's)",
+                    saved_world, path.name, backend.world_size)
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -316,8 +318,8 @@ def maybe_resume(backend, cfg: Config, out: Path, plan=None) -> int:
         return 0
     path = checkpoint_dir(out, step)
     state = json.loads((path / TRAINER_STATE).read_text())
-    _check_compatible(state, cfg, backend, plan, path)
-    load_training_state(backend, cfg, path)
+    resume_check.check(state, cfg, backend.model, plan, path)
+    load_training_state(backend, cfg, path, state)
     if backend.rank == 0:
         trim_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s: step %d (epoch %s, step %s of the epoch)", path, step,

@@ -104,6 +104,8 @@ class BackendConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available, else cpu")
     dist_backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on cuda, gloo on cpu")
     deepspeed_config: str | None = _f(None, "user DeepSpeed JSON merged over the generated one")
+    timeout_s: int = _f(1800, "seconds a collective may wait for the other ranks before the job fails "
+                              "(process-group timeout: raise it for long saves or evaluations)", min=1)
 
 
 @dataclass

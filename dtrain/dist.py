@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -81,6 +82,12 @@ def _first_slurm_host() -> str:
             pass
     raise ConfigError("started by srun without MASTER_ADDR, and the first node of the allocation "
                       "could not be found: export MASTER_ADDR (or use `dtrain slurm`)")
+
+
+def pg_timeout(cfg) -> timedelta:
+    """`backend.timeout_s` as the process group's timeout: how long a collective (a save, an
+    evaluation, a rank that died) may keep the other ranks waiting before the job fails."""
+    return timedelta(seconds=cfg.backend.timeout_s)
 
 
 def ensure_rendezvous(env: DistEnv) -> None:

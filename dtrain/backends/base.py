@@ -149,6 +149,42 @@ class Backend(ABC):
     @abstractmethod
     def load_optimizer_state(self, state: dict) -> None: ...
 
+    def full_optimizer_state(self) -> dict:
+        """The optimizer and scheduler state in a form independent of backend and world size (every
+        rank calls it: it may gather). {"params": {param name: {"exp_avg": full T, "exp_avg_sq": full
+        T, "step": float}}, "hyper": lr, betas, ... of the (single) group, "scheduler": LambdaLR state}.
+        This implementation serves torch optimizers (single process, FSDP2); ZeRO-3 overrides it."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        params = {}
+        for p in self.trainable_parameters():  # same order on every rank: gathers match
+            st = self.optimizer.state.get(p, {})
+            if "exp_avg" in st:
+                params[names[id(p)]] = {"step": float(st["step"]), **{k: self._full_tensor(st[k]).detach().cpu().clone()
+                                                                      for k in ("exp_avg", "exp_avg_sq")}}
+        return {"params": params, "hyper": _hyper(self.optimizer.param_groups[0]),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_full_optimizer_state(self, state: dict) -> None:
+        """Restore what `full_optimizer_state` returned, written by any backend on any world size
+        (plus "step" and "world_size" of the checkpoint), each rank taking its shard."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p in self.trainable_parameters():
+            saved = state["params"].get(names[id(p)])
+            if saved is not None:
+                self.optimizer.state[p] = {"step": torch.tensor(float(saved["step"]), dtype=torch.float32),
+                                           **{k: self._local_like(p, saved[k].to(p.dtype)) for k in ("exp_avg", "exp_avg_sq")}}
+        for group in self.optimizer.param_groups:
+            _set_hyper(group, state["hyper"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def _full_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """An optimizer-state tensor in full (FSDP2 gathers its DTensor)."""
+        return t
+
+    def _local_like(self, p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full optimizer-state tensor of parameter `p`, laid out like `p`."""
+        return full.to(p.device)
+
     @abstractmethod
     def barrier(self) -> None: ...
 
@@ -203,6 +239,19 @@ class Backend(ABC):
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor (its `to_local()`), else the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+
+
+def _hyper(group: dict) -> dict:
+    """AdamW's hyper-parameters of a param group, plain data."""
+    return {k: (list(group[k]) if isinstance(group[k], tuple) else float(group[k])) for k in HYPER if k in group}
+
+
+def _set_hyper(group: dict, hyper: dict) -> None:
+    for k, v in hyper.items():
+        group[k] = tuple(v) if isinstance(v, list) else v
 
 
 def adapter_spec(cfg: Config) -> lora.AdapterSpec:

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from dtrain import model as model_lib
-from dtrain.backends import ds_config, heap
+from dtrain.backends import ds_config, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.config import Config
 from dtrain import dist as dist_env
@@ -71,7 +71,6 @@ from dtrain.dist import DistEnv
 from dtrain.shapes import logical_numel
 
 GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
-ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
 TRIM_EVERY_BYTES = 64 * 2**20  # _fill hands freed heap back to the OS after this much gathered (see heap.py)
 
 
@@ -128,7 +127,8 @@ class DeepSpeedBackend(Backend):
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False)
+            self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False,
+                                     timeout=dist_env.pg_timeout(cfg))
         self.engine = None
         self._closed = False
         self._trimmer = heap.StepTrimmer()
@@ -273,77 +273,19 @@ class DeepSpeedBackend(Backend):
                 hp.data.copy_(lp.data)
 
     def optimizer_state(self) -> dict:
-        """This rank's ZeRO-3 partition of the AdamW state, by parameter name, plus the scheduler.
-
-        {"optimizer": {"state": {param name: {"exp_avg": T, "exp_avg_sq": T[, "master": T]}},
-                       "param_groups": [hyper-parameters], "zero3": {world_size, rank, steps (AdamW's
-                       step of each flat group), partitions ({param name: [offset, numel]})}},
-         "scheduler": LambdaLR state, "engine": DeepSpeed's step counters}
-        T are 1-D fp32 CPU copies of this rank's partition (numel = the parameter's partition size,
-        padding included), so only LoRA parameters appear. "master" appears only when the fp32
-        master is not a copy of the parameter's own partition (a 16-bit trainable parameter):
-        dtrain's LoRA parameters are fp32, their masters equal them after every step and come back
-        through `load_full_state` (the adapter).
-        """
-        opt, names = self.optimizer, self._names
-        state_out: dict[str, dict[str, torch.Tensor]] = {}
-        partitions: dict[str, list[int]] = {}
-        steps = []
-        for i, (group, flat) in enumerate(_subgroups(opt)):
-            state = opt.optimizer.state.get(flat, {})
-            steps.append(_plain(state.get("step", 0)))
-            master_is_param = opt.fp16_partitioned_groups_flat[i].dtype == flat.dtype
-            offset = 0
-            for p in group:
-                name, n = names[id(p)], p.ds_tensor.ds_numel
-                partitions[name] = [offset, n]
-                entry = {key: state[key].narrow(0, offset, n).detach().cpu().clone()
-                         for key in ("exp_avg", "exp_avg_sq") if key in state}
-                if not master_is_param:
-                    entry["master"] = flat.narrow(0, offset, n).detach().cpu().clone()
-                state_out[name] = entry
-                offset += n
-        groups = [{k: _plain(v) for k, v in g.items() if k != "params"} for g in opt.optimizer.param_groups]
-        zero3 = {"world_size": self.world_size, "rank": self.rank, "steps": steps, "partitions": partitions}
-        engine = {k: getattr(self.engine, k) for k in ENGINE_COUNTERS}
-        return {"optimizer": {"state": state_out, "param_groups": groups, "zero3": zero3},
-                "scheduler": _plain(self.scheduler.state_dict()), "engine": engine}
+        """This rank's ZeRO-3 partition of the AdamW state, by parameter name, plus the scheduler
+        (zero3_state.rank_state; checkpoints use `full_optimizer_state`)."""
+        return zero3_state.rank_state(self, _subgroups(self.optimizer))
 
     def load_optimizer_state(self, state: dict) -> None:
         """Restore what `optimizer_state` returned on this rank (same world size and parameters)."""
-        opt, names = self.optimizer, self._names
-        saved = state["optimizer"]
-        zero3 = saved.get("zero3")
-        if zero3 is None or zero3["world_size"] != self.world_size:
-            where = f"{zero3['world_size']} ZeRO-3 rank(s)" if zero3 else "another backend"
-            raise ValueError(f"optimizer state is from {where}; this run is ZeRO-3 on {self.world_size}")
-        for i, (group, flat) in enumerate(_subgroups(opt)):
-            state_i = opt.optimizer.state.setdefault(flat, {})
-            offset = 0
-            for p in group:
-                name, n = names[id(p)], p.ds_tensor.ds_numel
-                if zero3["partitions"].get(name) != [offset, n]:
-                    raise ValueError(f"optimizer state: partition of {name!r} differs "
-                                     f"({zero3['partitions'].get(name)} saved, {[offset, n]} now)")
-                entry = saved["state"].get(name, {})
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if key in entry:
-                        if key not in state_i:
-                            state_i[key] = torch.zeros_like(flat)
-                        state_i[key].narrow(0, offset, n).copy_(entry[key])
-                if "master" in entry:
-                    flat.data.narrow(0, offset, n).copy_(entry["master"])
-                offset += n
-            if "exp_avg" in state_i:
-                old = state_i.get("step")
-                dtype = old.dtype if isinstance(old, torch.Tensor) else torch.float32
-                state_i["step"] = torch.tensor(float(zero3["steps"][i]), dtype=dtype)
-        for g, hyper in zip(opt.optimizer.param_groups, saved["param_groups"]):
-            for k, v in hyper.items():
-                g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
-        self.scheduler.load_state_dict(state["scheduler"])
-        for k, v in state.get("engine", {}).items():
-            setattr(self.engine, k, v)
+        zero3_state.load_rank_state(self, _subgroups(self.optimizer), state)
+
+    def full_optimizer_state(self) -> dict:
+        return zero3_state.full_state(self, _subgroups(self.optimizer))
+
+    def load_full_optimizer_state(self, state: dict) -> None:
+        zero3_state.load_full_state(self, _subgroups(self.optimizer), state)
 
     @property
     def _names(self) -> dict[int, str]:
@@ -440,14 +382,3 @@ def _chunks(items: list[tuple[str, nn.Parameter]], budget: int):
         size += nbytes
     if chunk:
         yield chunk
-
-
-def _plain(v):
-    """JSON-able plain data from optimizer/scheduler state values."""
-    if isinstance(v, torch.Tensor):
-        return v.item() if v.numel() == 1 else v.tolist()
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v

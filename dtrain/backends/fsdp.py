@@ -24,6 +24,7 @@ class FSDPBackend(Backend):
         if not dist.is_initialized():
             dist_env.ensure_rendezvous(env)
             dist.init_process_group(backend=env.dist_backend, rank=env.rank, world_size=env.world_size,
+                                    timeout=dist_env.pg_timeout(cfg),
                                     device_id=env.device if env.device.type == "cuda" else None)
 
     def _build(self, config) -> nn.Module:
@@ -120,6 +121,13 @@ class FSDPBackend(Backend):
             restored[int(i)] = {k: _like(p, v) for k, v in s.items()}
         self.optimizer.load_state_dict({"state": restored, "param_groups": opt["param_groups"]})
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def _full_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
+    def _local_like(self, p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """The rows of this rank's shard, as a DTensor laid out like `p` (any saved world size)."""
+        return _like(p, full[self._rows(p)].contiguous()) if isinstance(p, DTensor) else full.to(p.device)
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         return {n: (p.to_local() if isinstance(p, DTensor) else p).data for n, p in self.model.named_parameters()}

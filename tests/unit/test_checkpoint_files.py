@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain import adapter, checkpoint, config as config_lib, data as data_lib, dist, files, lora
+from dtrain import adapter, checkpoint, config as config_lib, data as data_lib, dist, files, lora, resume_check
+from dtrain.data import BatchPlan
 from dtrain.backends.single import SingleBackend
 from dtrain.errors import ConfigError
 from dtrain.trainer import token_loss
@@ -164,7 +165,7 @@ def test_corrupt_or_unmarked_checkpoints_are_skipped(tmp_path, caplog):
     assert len(skipped) == 1 and "step-00000003" in skipped[0] and "checksum" in skipped[0]
     assert all(torch.equal(lora_state(backend)[n], t) for n, t in states[2].items())
     (checkpoint.checkpoint_dir(out, 2) / files.MARKER).unlink()
-    opt1 = checkpoint.checkpoint_dir(out, 1) / "optim-rank0.safetensors"
+    opt1 = checkpoint.checkpoint_dir(out, 1) / "optimizer.safetensors"
     assert checkpoint.maybe_resume(backend, cfg, out) == 1
     assert all(torch.equal(lora_state(backend)[n], t) for n, t in states[1].items())
     opt1.write_bytes(opt1.read_bytes()[:-7])  # truncated
@@ -187,7 +188,7 @@ def test_layout_keep_last_and_leftovers(tmp_path):
     ckpt = checkpoint.checkpoint_dir(out, 4)
     listed = json.loads((ckpt / files.MARKER).read_text())["files"]
     assert sorted(listed) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                             "optim-rank0.json", "optim-rank0.safetensors", "rng-rank0.json",
+                             "optimizer.json", "optimizer.safetensors", "rng-rank0.json",
                              "rng-rank0.safetensors", "trainer_state.json"]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 4 and {k: state[k] for k in ("epoch", "step_in_epoch")} == PLAN.position(4)
@@ -217,12 +218,17 @@ def test_resume_in_process_is_exact_with_dropout(tmp_path):
     assert resumed.scheduler.state_dict() == ref.scheduler.state_dict()
 
 
-def test_resume_refuses_another_world_size(trained, tmp_path):
+def test_resume_refuses_another_global_batch_but_not_another_world_size(trained, tmp_path):
+    """Another world size with the same global batch (2 ranks x 2 after 1 x 4) is resumable; another
+    global batch is refused in one line naming both products."""
     cfg, backend = trained
     state = checkpoint.trainer_state(cfg, backend, 3, PLAN)
-    other = type("B", (), {"world_size": 2, "rank": 0})()
-    with pytest.raises(ConfigError, match="1 rank"):
-        checkpoint._check_compatible(state, cfg, other, PLAN, tmp_path)
+    same = BatchPlan(PLAN.n_examples, PLAN.micro_batch // 2, PLAN.grad_accum, 2, PLAN.seed)
+    resume_check.check(state, cfg, backend.model, same, tmp_path)
+    other = BatchPlan(PLAN.n_examples, PLAN.micro_batch, PLAN.grad_accum, 2, PLAN.seed)
+    with pytest.raises(ConfigError, match=f"global batch of {PLAN.global_batch} sequences .* this run's is "
+                                          f"{2 * PLAN.global_batch}"):
+        resume_check.check(state, cfg, backend.model, other, tmp_path)
 
 
 def test_resume_trims_metrics_rows_after_the_checkpoint(tmp_path):
