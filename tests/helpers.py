@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,3 +91,18 @@ def assert_same_losses_and_adapter(a: Path, b: Path, rel: float = 1e-5, atol: fl
     for k in A:
         torch.testing.assert_close(A[k], B[k], rtol=0, atol=atol)
     assert any(A[k].abs().sum() > 0 for k in A if "lora_B" in k)  # B moved off zero
+
+
+def tiny_shapes(r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(base parameter shapes, LoRA A/B shapes) of the tiny Llama, from the YAML's arch."""
+    a = yaml.safe_load(TINY.read_text())["model"]["arch"]
+    v, h, f, layers = a["vocab_size"], a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"]
+    hd = h // a["num_attention_heads"]
+    dq, dkv = a["num_attention_heads"] * hd, a["num_key_value_heads"] * hd
+    linears = {"q_proj": (dq, h), "k_proj": (dkv, h), "v_proj": (dkv, h), "o_proj": (h, dq),
+               "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+    assert not a["tie_word_embeddings"]
+    base = [(v, h), (v, h), (h,)] + layers * [*linears.values(), (h,), (h,)]
+    lora = [s for _ in range(layers) for t in targets
+            for s in ((r, linears[t][1]), (linears[t][0], r))]
+    return base, lora

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ import time
 import pytest
 import torch
 
+from tests.distributed.runs import probe
 from tests.helpers import REPO, TINY, adapter, env_for_tests, launch_cmd, losses, run_dtrain, train
 
 QV = "lora.targets=[q_proj,v_proj]"
@@ -50,16 +50,6 @@ def test_masked_instruction_loss_equal_across_rank_counts(tmp_path):
     train(tmp_path / "two", [*data, "backend.name=fsdp", "training.micro_batch_size=2", LR], nproc=2,
           launcher="torchrun")
     assert_same_run(tmp_path / "one", tmp_path / "two")
-
-
-def probe(tmp_path, backend: str, overrides: list[str] = ()) -> list[dict]:
-    """Per-rank storage after one step (tests/distributed/probe_backend.py under torchrun)."""
-    cmd = launch_cmd(2, "torchrun")[:-2] + [str(REPO / "tests/distributed/probe_backend.py"), str(TINY), QV,
-                                             f"backend.name={backend}", "training.micro_batch_size=2",
-                                             f"output.dir={tmp_path}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((tmp_path / f"probe-rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.fixture(scope="module")

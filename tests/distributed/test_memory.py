@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, TINY, run_dtrain
+from tests.helpers import REPO, TINY, run_dtrain, tiny_shapes
 
 WORLD = 2
 R = 8
@@ -29,21 +29,6 @@ ARGS = ["lora.targets=[q_proj,v_proj]", "training.micro_batch_size=4", "data.seq
 BACKENDS = ["fsdp", pytest.param("deepspeed", marks=pytest.mark.skipif(
     not (REPO / "dtrain/backends/deepspeed.py").exists(), reason="no DeepSpeed backend yet"))]
 MODEL_STATES = ("frozen_weights", "trainable_params", "gradients", "optimizer_state")
-
-
-def tiny_shapes() -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    """(base parameter shapes, LoRA A/B shapes) of the tiny Llama, from the YAML's arch."""
-    a = yaml.safe_load(TINY.read_text())["model"]["arch"]
-    v, h, f, layers = a["vocab_size"], a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"]
-    hd = h // a["num_attention_heads"]
-    dq, dkv = a["num_attention_heads"] * hd, a["num_key_value_heads"] * hd
-    linears = {"q_proj": (dq, h), "k_proj": (dkv, h), "v_proj": (dkv, h), "o_proj": (h, dq),
-               "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
-    assert not a["tie_word_embeddings"]
-    base = [(v, h), (v, h), (h,)] + layers * [*linears.values(), (h,), (h,)]
-    lora = [s for _ in range(layers) for t in TARGETS
-            for s in ((R, linears[t][1]), (linears[t][0], R))]
-    return base, lora
 
 
 def local_numel(shape: tuple[int, ...], rank: int, backend: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed.test_fsdp import probe
+from tests.distributed.runs import probe
 from tests.helpers import TINY, losses, metrics, train
 
 # configs/tiny.yaml: hidden 64, intermediate 128, 4 heads of 16, 2 kv heads, 2 layers.
@@ -106,11 +106,11 @@ def test_adapter_trained_on_8bit_base_merges_into_the_full_precision_base(tmp_pa
 def test_quantized_base_kill_and_resume_is_bit_exact(tmp_path, kind, bits):
     """As for the float base (tests/distributed/test_checkpoint.py): SIGKILL after a random step's
     checkpoint, resume, and the adapter equals an uninterrupted run's bit for bit."""
-    from tests.distributed.test_checkpoint import assert_same_run, kill_after, kill_step, run
+    from tests.distributed.runs import assert_same_run, kill_after, kill_step, run
 
     extra = [f"quantization.bits={bits}"]
     run(kind, tmp_path / "ref", extra)
     out = tmp_path / "run"
-    kill_after(kind, out, kill_step(1), extra)
+    kill_after(kind, out, kill_step(1, kind), extra)
     assert "resumed from" in run(kind, out, [*extra, "training.resume=auto"])
     assert_same_run(out, tmp_path / "ref")

@@ -27,7 +27,7 @@ import signal
 import pytest
 
 from dtrain import checkpoint
-from tests.distributed.test_checkpoint import STEPS, _workers, finish, start, wait_for_checkpoint
+from tests.distributed.runs import STEPS, finish, start, wait_for_checkpoint, workers
 from tests.helpers import assert_same_losses_and_adapter, metrics
 
 # kill_after / start take a kind from test_checkpoint.BACKENDS: "single", "fsdp", "zero3"
@@ -46,7 +46,7 @@ def preempt_after(kind: str, out, k: int, extra: list[str]) -> tuple[int, str]:
     """Start a run, SIGUSR1 its rank(s) once checkpoint `k` is in place; (step it stopped at, log)."""
     proc = start(kind, out, [*SAME, *MICRO[kind], *extra])
     wait_for_checkpoint(proc, out, k)
-    for pid in [proc.pid] if kind == "single" else _workers(proc.pid):
+    for pid in [proc.pid] if kind == "single" else workers(proc.pid):
         os.kill(pid, signal.SIGUSR1)
     rc, log = finish(proc, out)
     assert "preempted: checkpoint at step" in log, f"{kind} exited {rc}\n{log[-4000:]}"

@@ -127,7 +127,7 @@ def test_report_files_and_flags(tmp_path: Path) -> None:
 
 def test_train_logs_memory_every_n_steps_and_at_the_end(tmp_path: Path) -> None:
     from dtrain.trainer import Trainer
-    from tests.distributed.test_memory import tiny_shapes
+    from tests.helpers import tiny_shapes
 
     cfg = _cfg("lora.targets=[q_proj,v_proj]", "training.micro_batch_size=4", "data.seq_len=32",
                "training.max_steps=2", "training.memory_every=2", "training.eval_every=0",
