@@ -147,6 +147,14 @@ class DeepSpeedBackend(Backend):
         # gather limits sized from the model just built (zero.Init above does not read them)
         self.ds_config = ds_config.build(cfg, self.env.world_size, ds_config.ModelSize.of(model, config))
         self.prepare(model)
+        if cfg.mode == "lora" and cfg.lora.use_dora:
+            # DoRA's norm reads the base weight after the base layer's forward: gather a LoRA layer's
+            # parameters (base, A, B, magnitude) together, for its whole forward (dtrain/dora.py)
+            from deepspeed.utils import set_z3_leaf_modules
+
+            from dtrain.lora import LoRALinear
+
+            set_z3_leaf_modules(model, [LoRALinear])
         # LoRA (and any other new) parameters: partition them too, from rank 0's values.
         ds.zero.Init(module=model, config_dict_or_path=self.ds_config)
         model_lib.restore_buffers(model, self.device)
@@ -184,7 +192,7 @@ class DeepSpeedBackend(Backend):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
         engine, optimizer, _, scheduler = self.ds.initialize(
-            model=self.model, model_parameters=self.trainable_parameters(), config=self.ds_config,
+            model=self.model, model_parameters=self.optimizer_groups(), config=self.ds_config,
             lr_scheduler=make_scheduler, dist_init_required=False)
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
 
