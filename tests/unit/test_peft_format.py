@@ -132,7 +132,10 @@ def test_load_adapter_errors(base_dir, peft_adapter, tmp_path):
     cfg = json.loads((peft_adapter[0] / adapter.ADAPTER_CONFIG).read_text())
     (bad / adapter.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "use_dora": True}))
     (bad / adapter.ADAPTER_WEIGHTS).write_bytes((peft_adapter[0] / adapter.ADAPTER_WEIGHTS).read_bytes())
-    with pytest.raises(DtrainError, match="use_dora"):
+    with pytest.raises(DtrainError, match="has only lora_A, lora_B"):  # DoRA without its magnitudes
+        adapter.load_adapter(model, bad)
+    (bad / adapter.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 8}}))
+    with pytest.raises(DtrainError, match="rank_pattern"):
         adapter.load_adapter(model, bad)
     adapter.load_adapter(model, peft_adapter[0], "a")
     with pytest.raises(DtrainError, match="already has an adapter named 'a'"):
