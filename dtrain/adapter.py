@@ -7,7 +7,7 @@ see checkpoint.py) holds:
 
     adapter_config.json        PEFT LoraConfig
     adapter_model.safetensors  LoRA A and B (full tensors, PEFT keys: `base_model.model.<module>.lora_A.weight`),
-                               and DoRA's magnitude (`<module>.lora_magnitude_vector.weight`)
+                               and DoRA's magnitude (`<module>.lora_magnitude_vector`, no `.weight`, as PEFT)
 
 so `peft.PeftModel.from_pretrained(base, dir)` loads it, and `load_adapter` loads PEFT's adapters.
 `save_adapter` publishes the directory atomically with a checksummed COMPLETE marker (files.publish).
@@ -156,10 +156,14 @@ def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path,
     adapter tensors; `dora`: every module has its magnitude (else none has one)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B|lora_magnitude_vector)\.weight", key)
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)(\.weight)?",
+                         key)
         if m is None:
             raise DtrainError(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
-        out.setdefault(m.group(1), {})[m.group(2)] = t
+        kind = m.group(2).removesuffix(".weight")
+        if m.group(3) and kind != "lora_magnitude_vector":
+            raise DtrainError(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
+        out.setdefault(m.group(1), {})[kind] = t
     want = {"lora_A", "lora_B", "lora_magnitude_vector"} if dora else {"lora_A", "lora_B"}
     for module, ab in out.items():
         if set(ab) != want:

@@ -350,13 +350,17 @@ def adapter_state_dict(model: nn.Module, adapter: str, peft_keys: bool = True) -
 
 
 def to_peft_key(name: str, adapter: str) -> str:
-    """'model.layers.0.q_proj.lora_A.x.weight' -> 'base_model.model.model.layers.0.q_proj.lora_A.weight'."""
-    return "base_model.model." + name.replace(f".{adapter}.weight", ".weight")
+    """'model.layers.0.q_proj.lora_A.x.weight' -> 'base_model.model.model.layers.0.q_proj.lora_A.weight';
+    DoRA's '...lora_magnitude_vector.x.weight' -> '...lora_magnitude_vector' (PEFT saves it without '.weight')."""
+    name = "base_model.model." + name.replace(f".{adapter}.weight", ".weight")
+    return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
 
 
 def from_peft_key(key: str, adapter: str) -> str:
-    """Inverse of to_peft_key."""
+    """Inverse of to_peft_key (a magnitude key with '.weight' is read as well)."""
     name = key.removeprefix("base_model.model.")
+    if name.endswith(".lora_magnitude_vector"):
+        name += ".weight"
     for kind in ADAPTER_KINDS:
         name = name.replace(f".{kind}.weight", f".{kind}.{adapter}.weight")
     return name
