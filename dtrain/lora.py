@@ -75,8 +75,8 @@ class LoRALinear(nn.Module):
         A and B are float32 whatever the base's dtype (the trainable part keeps full precision).
         """
         device = next(self.base_layer.parameters()).device  # meta when the model is built empty
-        a = nn.Linear(self.in_features, spec.r, bias=False, device=device)
-        b = nn.Linear(spec.r, self.out_features, bias=False, device=device)
+        a = dora.AdapterLinear(self.in_features, spec.r, bias=False, device=device)
+        b = dora.AdapterLinear(spec.r, self.out_features, bias=False, device=device)
         self.lora_A[spec.name] = a
         self.lora_B[spec.name] = b
         self.specs[spec.name] = spec
@@ -91,12 +91,15 @@ class LoRALinear(nn.Module):
 
     def reset_adapter(self, name: str) -> None:
         """A from its name-seeded init, B zero (and DoRA's m = ||W0||_row): the adapter's exact
-        starting point. Needs the base weight materialized (whole) for DoRA."""
+        starting point. DoRA's magnitude is left to the loader where the base weight is not whole."""
         with torch.no_grad():
             self.lora_A[name].weight.copy_(self.initial_value("lora_A", name))
             self.lora_B[name].weight.zero_()
-            if name in self.lora_magnitude_vector:
-                self.lora_magnitude_vector[name].weight.copy_(dora.row_norms(dora.base_weight(self.base_layer)))
+            w0 = dora.whole_base_weight(self.base_layer) if name in self.lora_magnitude_vector else None
+            if w0 is not None:
+                magnitude = self.lora_magnitude_vector[name]
+                magnitude.weight.copy_(dora.row_norms(w0))
+                magnitude.base_norm.copy_(magnitude.weight)
 
     def initial_value(self, kind: str, name: str) -> torch.Tensor:
         """The full initial tensor of `lora_A` or `lora_B` of adapter `name` (DoRA's magnitude
@@ -114,8 +117,8 @@ class LoRALinear(nn.Module):
         x, h = _inputs(x, a.weight.dtype)
         out = self.base_layer(x)
         if name in self.lora_magnitude_vector:
-            return dora.forward(h, out, self.base_layer, a, b, self.lora_dropout[name],
-                                self.lora_magnitude_vector[name].weight, self.scaling[name])
+            return dora.forward(h, x, out, self.base_layer, a, b, self.lora_dropout[name],
+                                self.lora_magnitude_vector[name], self.scaling[name])
         return out + (b(a(self.lora_dropout[name](h))) * self.scaling[name]).to(out.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -299,9 +302,10 @@ def is_adapter_param(name: str, adapter: str) -> bool:
 
 
 def freeze_base(model: nn.Module, adapter: str | None = None) -> None:
-    """requires_grad only for the LoRA parameters (of `adapter`, or of every adapter)."""
+    """requires_grad only for the adapter parameters (of `adapter`, or of every adapter; not DoRA's
+    frozen `base_norm`)."""
     for name, p in model.named_parameters():
-        trainable = is_lora_param(name) and (adapter is None or is_adapter_param(name, adapter))
+        trainable = is_lora_param(name) and name.endswith(".weight") and (adapter is None or is_adapter_param(name, adapter))
         p.requires_grad_(trainable)
 
 

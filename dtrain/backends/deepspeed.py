@@ -147,14 +147,6 @@ class DeepSpeedBackend(Backend):
         # gather limits sized from the model just built (zero.Init above does not read them)
         self.ds_config = ds_config.build(cfg, self.env.world_size, ds_config.ModelSize.of(model, config))
         self.prepare(model)
-        if cfg.mode == "lora" and cfg.lora.use_dora:
-            # DoRA's norm reads the base weight after the base layer's forward: gather a LoRA layer's
-            # parameters (base, A, B, magnitude) together, for its whole forward (dtrain/dora.py)
-            from deepspeed.utils import set_z3_leaf_modules
-
-            from dtrain.lora import LoRALinear
-
-            set_z3_leaf_modules(model, [LoRALinear])
         # LoRA (and any other new) parameters: partition them too, from rank 0's values.
         ds.zero.Init(module=model, config_dict_or_path=self.ds_config)
         model_lib.restore_buffers(model, self.device)
