@@ -4,6 +4,7 @@ with a float and an 8-/4-bit base; what the LoRA forward keeps for backward."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from dtrain.lora import AdapterSpec, LoRALinear
 
 peft = pytest.importorskip("peft")
 
+REPO = Path(__file__).resolve().parents[2]
+TINY, CORPUS = REPO / "configs" / "tiny.yaml", REPO / "dtrain" / "assets" / "tiny_corpus.txt"
 ARCH = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -195,3 +198,52 @@ def test_lora_forward_keeps_one_copy_of_its_input(autocast):
     dropped = {t.untyped_storage().data_ptr() for t in saved_tensors(_layer(0.1), x, autocast)
                if t.numel() == x.numel()}
     assert len(dropped) == 2
+
+
+# ---- LoRA+ and the config keys ----------------------------------------------------------------
+
+def test_loraplus_moves_B_by_lr_times_ratio():
+    """LoRA+ (ratio 16): two parameter groups; after one step A moved by AdamW's first update at the
+    scheduled lr and B (and DoRA's magnitude) at 16 x that lr."""
+    from dtrain import config as config_lib, dist
+    from dtrain.backends.single import SingleBackend
+    from dtrain.trainer import token_loss
+
+    cfg = config_lib.load(TINY, [f"data.path={CORPUS}", "lora.loraplus_lr_ratio=16", "lora.use_dora=true",
+                                 "lora.targets=[q_proj,v_proj]", "training.max_grad_norm=0",
+                                 "training.warmup_steps=2", "training.lr=1e-3"])
+    backend = SingleBackend(cfg, dist.detect("cpu", "gloo"))
+    backend.build()
+    backend.setup_optimizer(4)
+    groups = backend.optimizer.param_groups
+    names = {id(p): n for n, p in backend.model.named_parameters()}
+    slow, fast = ({names[id(p)].split(".")[-3] for p in g["params"]} for g in groups)
+    assert slow == {"lora_A"} and fast == {"lora_B", "lora_magnitude_vector"}
+    assert [g["lr"] for g in groups] == pytest.approx([0.5e-3, 16 * 0.5e-3])  # warmup step 1 of 2
+    assert backend.lr == pytest.approx(0.5e-3)
+    before = {n: p.detach().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    total, n = token_loss(backend.forward({"input_ids": ids}), ids)
+    backend.backward(total / n)
+    grads = {n: p.grad.detach().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
+    backend.step()
+    eps = cfg.training.eps
+    for name, p in backend.model.named_parameters():
+        if name not in grads:
+            continue
+        lr = 0.5e-3 * (16 if lora.is_loraplus_fast(name) else 1)
+        want = before[name] - lr * grads[name] / (grads[name].abs() + eps)  # AdamW's first step, no decay
+        torch.testing.assert_close(p.detach(), want, atol=1e-9, rtol=1e-6)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 16e-3])  # the schedule scales both
+
+
+@pytest.mark.parametrize("override", ["lora.use_dora=true", "lora.use_rslora=true", "lora.loraplus_lr_ratio=4"])
+def test_variants_need_lora_mode(override):
+    from dtrain import config as config_lib
+    from dtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"lora\.\w+ = .* needs mode: lora"):
+        config_lib.load(TINY, [f"data.path={CORPUS}", "mode=full", override])
+    config_lib.load(TINY, [f"data.path={CORPUS}", override])  # fine with LoRA
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio"):
+        config_lib.load(TINY, [f"data.path={CORPUS}", "lora.loraplus_lr_ratio=0"])
