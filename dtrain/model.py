@@ -245,9 +245,10 @@ class LoraInitSource:
 class ModelSource:
     """The base weights from `base`, the LoRA weights from their init, casting to the target dtype.
 
-    DoRA's magnitude starts at the row norms of the base weight the layer computes with (as it is
-    stored in the model's dtype, or dequantized): computed here from `base`, for the requested rows
-    only where the storage is row-wise (a float weight, int8), so a rank reads only its own rows.
+    DoRA's magnitude `weight` and its frozen `base_norm` both start at the row norms of the base
+    weight the layer computes with (as stored in the model's dtype, or dequantized): computed here
+    from `base`, for the requested rows only where the storage is row-wise (a float weight, int8,
+    NF4 with whole blocks per row), so a rank reads only its own rows.
     """
 
     def __init__(self, base: WeightSource, model: nn.Module) -> None:
