@@ -76,6 +76,9 @@ def main() -> None:
     args = p.parse_args()
     variants = ["lora", "dora", "peft_dora"]
     layers = {v: build(args, v) for v in variants}
+    with torch.no_grad():  # the same A everywhere (B is seeded alike; m starts at ||W0||_row in both)
+        for v in ("lora", "peft_dora"):
+            layers[v].lora_A["default"].weight.copy_(layers["dora"].lora_A["default"].weight)
     x = torch.randn(args.tokens, args.in_features, generator=torch.Generator().manual_seed(2), requires_grad=True)
     times = {v: [] for v in variants}
     for i in range(args.iters + 2):
