@@ -11,7 +11,7 @@ latency at inference); `unmerge()` takes it out again. Several named adapters ma
 
 Variants (docs/lora_variants.md): rsLoRA scales by alpha / sqrt(r) instead of alpha / r
 (`AdapterSpec.use_rslora`); DoRA adds a learned magnitude per output row (`use_dora`, dtrain/dora.py);
-LoRA+ is an optimizer setting (`loraplus_groups`).
+LoRA+ is an optimizer setting (`is_loraplus_fast`, backends.base.Backend.optimizer_groups).
 """
 
 from __future__ import annotations
@@ -166,8 +166,9 @@ class LoRALinear(nn.Module):
 
 def _inputs(x: torch.Tensor, lora_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(the base layer's input, the LoRA path's input). Under autocast both are x cast once to the
-    autocast dtype (each linear layer would cast it again, and backward would keep two copies);
-    else x and x in the LoRA weights' dtype (the same tensor when the dtypes agree)."""
+    autocast dtype (not by each linear layer again, nor a bf16 x first up to the float32 LoRA dtype
+    and back down), so A saves that one cast for backward; else x and x in the LoRA weights' dtype
+    (the same tensor when the dtypes agree: the frozen base saves no input, A saves x itself)."""
     if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
         x = x.to(torch.get_autocast_dtype(x.device.type))
         return x, x
