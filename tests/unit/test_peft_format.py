@@ -224,3 +224,21 @@ def test_dtrain_loads_a_peft_dora_adapter(base_dir, tmp_path):
     mine = load_base(base_dir)
     assert adapter.load_adapter(mine, tmp_path / "peft").use_dora
     torch.testing.assert_close(logits(mine), logits(model), atol=ATOL, rtol=0)
+
+
+def test_dora_adapter_of_an_8bit_base_merges_into_the_dequantized_weights(base_dir, tmp_path):
+    """`dtrain merge --base-bits 8` of a DoRA adapter trained on the int8 base: every adapted weight is
+    m / ||deq(W) + s B A||_row * (deq(W) + s B A), what lora.merge computes on the quantized model."""
+    from dtrain import quant
+
+    out = tmp_path / "adapter"
+    train_dtrain(base_dir, out, "lora.use_dora=true", "quantization.bits=8", "lora.targets=[q_proj,v_proj]")
+    merge_cli.merge(base_dir, out, tmp_path / "merged", base_bits=8)
+    model = load_base(base_dir)
+    quant.quantize_model(model, 8)
+    adapter.load_adapter(model, out)
+    lora.merge(model)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    for name, m in lora.lora_modules(model):
+        want = m.base_layer.weight.to(torch.bfloat16).float()  # --base-bits writes bf16
+        torch.testing.assert_close(merged.get_submodule(name).weight, want, atol=0, rtol=0)
