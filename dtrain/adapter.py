@@ -6,7 +6,8 @@ An adapter directory (`<output.dir>/adapter/`, and `adapter/` inside each traini
 see checkpoint.py) holds:
 
     adapter_config.json        PEFT LoraConfig
-    adapter_model.safetensors  LoRA A and B (full tensors, PEFT keys: `base_model.model.<module>.lora_A.weight`)
+    adapter_model.safetensors  LoRA A and B (full tensors, PEFT keys: `base_model.model.<module>.lora_A.weight`),
+                               and DoRA's magnitude (`<module>.lora_magnitude_vector`, no `.weight`, as PEFT)
 
 so `peft.PeftModel.from_pretrained(base, dir)` loads it, and `load_adapter` loads PEFT's adapters.
 `save_adapter` publishes the directory atomically with a checksummed COMPLETE marker (files.publish).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from pathlib import Path
 
@@ -34,7 +34,7 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
 def gather_adapter(backend, adapter: str) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of adapter `adapter`'s A and B only, by dtrain name (collective)."""
+    """Full CPU tensors of adapter `adapter`'s A and B (and DoRA magnitude) only, by dtrain name (collective)."""
     return backend.full_state(lambda n: lora.is_adapter_param(n, adapter))
 
 
@@ -54,7 +54,8 @@ def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None) ->
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "use_rslora": False, "use_dora": False,
+        "init_lora_weights": True, "modules_to_save": None, "use_rslora": bool(cfg.lora.use_rslora),
+        "use_dora": bool(cfg.lora.use_dora),
         "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
     }
 
@@ -109,7 +110,7 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, files.read_tensors(d / ADAPTER_WEIGHTS)
 
 
-_UNSUPPORTED = ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
+_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
                 "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters")
 
 
@@ -123,9 +124,8 @@ def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> lora.
     if used:
         raise DtrainError(f"{source}: PEFT option(s) {', '.join(used)} not supported by dtrain's LoRA layer")
     r, alpha = _number(config, "r", int, source), _number(config, "lora_alpha", float, source)
-    if config.get("use_rslora"):
-        alpha *= math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r) = (alpha * sqrt(r)) / r
-    return lora.AdapterSpec(name=name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0))
+    return lora.AdapterSpec(name=name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
+                            use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
 
 
 def _number(config: dict, key: str, kind: type, source: str | Path) -> int | float:
@@ -150,17 +150,26 @@ def check_rank(modules: dict[str, dict[str, torch.Tensor]], r: int, source: str 
                               f"and lora_B {list(b)} in {ADAPTER_WEIGHTS} (rank {a[0]})")
 
 
-def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {"lora_A": A, "lora_B": B}} from PEFT-keyed adapter tensors."""
+def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path,
+                    dora: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {"lora_A": A, "lora_B": B[, "lora_magnitude_vector": m]}} from PEFT-keyed
+    adapter tensors; `dora`: every module has its magnitude (else none has one)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)(\.weight)?",
+                         key)
         if m is None:
             raise DtrainError(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
-        out.setdefault(m.group(1), {})[m.group(2)] = t
+        kind = m.group(2).removesuffix(".weight")
+        if m.group(3) and kind != "lora_magnitude_vector":
+            raise DtrainError(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
+        out.setdefault(m.group(1), {})[kind] = t
+    want = {"lora_A", "lora_B", "lora_magnitude_vector"} if dora else {"lora_A", "lora_B"}
     for module, ab in out.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise DtrainError(f"{source}: module '{module}' has only {', '.join(ab)}")
+        if set(ab) != want:
+            what = f"has only {', '.join(sorted(ab))}" if set(ab) < want else \
+                "has a DoRA magnitude but use_dora is not set in adapter_config.json"
+            raise DtrainError(f"{source}: module '{module}' {what}")
     return out
 
 
@@ -172,7 +181,8 @@ def _check_shapes(model: nn.Module, modules: dict, spec: lora.AdapterSpec, sourc
             raise DtrainError(f"{source}: the model has no module '{name}' (adapter for another base?)") from None
         if not hasattr(layer, "in_features"):
             raise DtrainError(f"{source}: module '{name}' is a {type(layer).__name__}, not a linear layer")
-        want = {"lora_A": (spec.r, layer.in_features), "lora_B": (layer.out_features, spec.r)}
+        want = {"lora_A": (spec.r, layer.in_features), "lora_B": (layer.out_features, spec.r),
+                "lora_magnitude_vector": (layer.out_features,)}
         for kind, t in ab.items():
             if tuple(t.shape) != want[kind]:
                 raise DtrainError(f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "
@@ -188,7 +198,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     """
     config, tensors = read_adapter(directory)
     spec = adapter_spec_from_peft(config, name, directory)
-    modules = adapter_modules(tensors, directory)
+    modules = adapter_modules(tensors, directory, spec.use_dora)
     check_rank(modules, spec.r, directory)
     _check_shapes(model, modules, spec, directory)
     for layer_name in modules:
@@ -203,6 +213,6 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     with torch.no_grad():
         for layer_name, ab in modules.items():
             layer = model.get_submodule(layer_name)
-            layer.lora_A[name].weight.copy_(ab["lora_A"])
-            layer.lora_B[name].weight.copy_(ab["lora_B"])
+            for kind, t in ab.items():
+                getattr(layer, kind)[name].weight.copy_(t)
     return spec

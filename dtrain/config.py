@@ -47,6 +47,10 @@ class LoraConfig:
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")
+    use_rslora: bool = _f(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
+    use_dora: bool = _f(False, "DoRA: learn a magnitude per output row (docs/lora_variants.md)")
+    loraplus_lr_ratio: float | None = _f(None, "LoRA+: B (and DoRA's magnitude) train at lr x this ratio; "
+                                               "null: one lr for all", gt=0)
 
 
 @dataclass

@@ -29,6 +29,7 @@ def validate(cfg, where: Where) -> None:
     resolve_builtin_models(cfg)
     _check_model(cfg.model, where)
     _check_lora(cfg.lora, where)
+    _check_variants(cfg, where)
     _check_paths(cfg, where)
 
 
@@ -79,6 +80,17 @@ def _check_lora(lora, where: Where) -> None:
     if not targets or any(not t for t in targets):
         raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
                           "suffixes (e.g. [q_proj, v_proj]) or 'all-linear'")
+
+
+def _check_variants(cfg, where: Where) -> None:
+    """The LoRA variants (docs/lora_variants.md) change the adapter: mode full has none."""
+    if cfg.mode == "lora":
+        return
+    for key in ("use_rslora", "use_dora", "loraplus_lr_ratio"):
+        value = getattr(cfg.lora, key)
+        if value not in (None, False):
+            raise ConfigError(f"{where('lora.' + key)}: lora.{key} = {value!r} needs mode: lora "
+                              f"(mode is {cfg.mode}: every weight trains, there is no adapter)")
 
 
 def resolve_builtin_models(cfg) -> None:

@@ -8,6 +8,10 @@ W0 (the wrapped `base_layer`) is frozen. A (r x in) is random, B (out x r) is ze
 output is unchanged before the first step. `merge()` folds (alpha / r) B A into W0 (no added
 latency at inference); `unmerge()` takes it out again. Several named adapters may sit on one base;
 `set_adapter()` switches which one is active. Plain torch: no distributed code in this file.
+
+Variants (docs/lora_variants.md): rsLoRA scales by alpha / sqrt(r) instead of alpha / r
+(`AdapterSpec.use_rslora`); DoRA adds a learned magnitude per output row (`use_dora`, dtrain/dora.py);
+LoRA+ is an optimizer setting (`is_loraplus_fast`, backends.base.Backend.optimizer_groups).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dtrain import dora
 from dtrain.errors import ConfigError
 from dtrain.shapes import logical_numel
 
@@ -34,6 +39,13 @@ class AdapterSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     init_seed: int = 0
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 class LoRALinear(nn.Module):
@@ -48,6 +60,8 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (PEFT's name)
+        self._merged_norm: torch.Tensor | None = None  # DoRA: ||W0 + s B A||_row of the merge
         self.scaling: dict[str, float] = {}
         self.specs: dict[str, AdapterSpec] = {}
         self.active_adapter: str | None = None
@@ -61,42 +75,54 @@ class LoRALinear(nn.Module):
         A and B are float32 whatever the base's dtype (the trainable part keeps full precision).
         """
         device = next(self.base_layer.parameters()).device  # meta when the model is built empty
-        a = nn.Linear(self.in_features, spec.r, bias=False, device=device)
-        b = nn.Linear(spec.r, self.out_features, bias=False, device=device)
+        a = dora.AdapterLinear(self.in_features, spec.r, bias=False, device=device)
+        b = dora.AdapterLinear(spec.r, self.out_features, bias=False, device=device)
         self.lora_A[spec.name] = a
         self.lora_B[spec.name] = b
         self.specs[spec.name] = spec
+        self.scaling[spec.name] = spec.scaling
+        if spec.use_dora:
+            self.lora_magnitude_vector[spec.name] = dora.Magnitude(self.out_features, device=device)
         if a.weight.device.type != "meta":
             self.reset_adapter(spec.name)
         self.lora_dropout[spec.name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
-        self.scaling[spec.name] = spec.alpha / spec.r
         if self.active_adapter is None:
             self.active_adapter = spec.name
 
     def reset_adapter(self, name: str) -> None:
-        """A from its name-seeded init, B zero: the adapter's exact starting point."""
+        """A from its name-seeded init, B zero (and DoRA's m = ||W0||_row): the adapter's exact
+        starting point. DoRA's magnitude is left to the loader where the base weight is not whole."""
         with torch.no_grad():
             self.lora_A[name].weight.copy_(self.initial_value("lora_A", name))
             self.lora_B[name].weight.zero_()
+            w0 = dora.whole_base_weight(self.base_layer) if name in self.lora_magnitude_vector else None
+            if w0 is not None:
+                magnitude = self.lora_magnitude_vector[name]
+                magnitude.weight.copy_(dora.row_norms(w0))
+                magnitude.base_norm.copy_(magnitude.weight)
 
     def initial_value(self, kind: str, name: str) -> torch.Tensor:
-        """The full initial tensor of `lora_A` or `lora_B` of adapter `name`."""
+        """The full initial tensor of `lora_A` or `lora_B` of adapter `name` (DoRA's magnitude
+        depends on the base weight: model.ModelSource computes it from the weight source)."""
         spec = self.specs[name]
         if kind == "lora_B":
             return torch.zeros(self.out_features, spec.r)
         return init_lora_A(self.qualified_name, spec, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         name = self.active_adapter
         if name is None or self.merged_adapter is not None:
-            return out
+            return self.base_layer(x)
         a, b = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x.to(a.weight.dtype))
-        return out + (b(a(h)) * self.scaling[name]).to(out.dtype)
+        x, h = _inputs(x, a.weight.dtype)
+        out = self.base_layer(x)
+        if name in self.lora_magnitude_vector:
+            return dora.forward(h, x, out, self.base_layer, a, b, self.lora_dropout[name],
+                                self.lora_magnitude_vector[name], self.scaling[name])
+        return out + (b(a(self.lora_dropout[name](h))) * self.scaling[name]).to(out.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """(alpha / r) B A as a full [out, in] tensor."""
+        """s B A as a full [out, in] float32 tensor (s = alpha / r, or alpha / sqrt(r))."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return (b.float() @ a.float()) * self.scaling[name]
 
@@ -110,9 +136,15 @@ class LoRALinear(nn.Module):
         if not _has_float_weight(self.base_layer):
             self.base_layer = _dequantized_linear(self.base_layer)
         w = self.base_layer.weight.data
+        name = self.active_adapter
         with torch.no_grad():
-            w.add_(self.delta_weight(self.active_adapter).to(w.dtype))
-        self.merged_adapter = self.active_adapter
+            if name in self.lora_magnitude_vector:  # DoRA: m / ||W0 + s B A||_row * (W0 + s B A)
+                merged, self._merged_norm = dora.merged_weight(
+                    w, self.delta_weight(name), self.lora_magnitude_vector[name].weight)
+                w.copy_(merged.to(w.dtype))
+            else:
+                w.add_(self.delta_weight(name).to(w.dtype))
+        self.merged_adapter = name
 
     def unmerge(self) -> None:
         """Take the merged adapter out of the base weight again."""
@@ -121,9 +153,26 @@ class LoRALinear(nn.Module):
                 return
             raise RuntimeError(f"{self.qualified_name}: no adapter is merged")
         w = self.base_layer.weight.data
+        name = self.merged_adapter
         with torch.no_grad():
-            w.sub_(self.delta_weight(self.merged_adapter).to(w.dtype))
+            if name in self.lora_magnitude_vector:
+                g = self.lora_magnitude_vector[name].weight.float() / self._merged_norm
+                w.copy_((w.float() / g.unsqueeze(1) - self.delta_weight(name)).to(w.dtype))
+                self._merged_norm = None
+            else:
+                w.sub_(self.delta_weight(name).to(w.dtype))
         self.merged_adapter = None
+
+
+def _inputs(x: torch.Tensor, lora_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the base layer's input, the LoRA path's input). Under autocast both are x cast once to the
+    autocast dtype (not by each linear layer again, nor a bf16 x first up to the float32 LoRA dtype
+    and back down), so A saves that one cast for backward; else x and x in the LoRA weights' dtype
+    (the same tensor when the dtypes agree: the frozen base saves no input, A saves x itself)."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+        return x, x
+    return x, x.to(lora_dtype)
 
 
 def _has_float_weight(layer: nn.Module) -> bool:
@@ -234,20 +283,30 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+ADAPTER_KINDS = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+
 def is_lora_param(name: str) -> bool:
-    """True for the names of LoRA A/B parameters (one rule, used everywhere)."""
-    return ".lora_A." in name or ".lora_B." in name
+    """True for the names of adapter parameters: LoRA A/B and DoRA's magnitude (one rule, used everywhere)."""
+    return any(f".{kind}." in name for kind in ADAPTER_KINDS)
+
+
+def is_loraplus_fast(name: str) -> bool:
+    """LoRA+: the parameters trained at lr x lora.loraplus_lr_ratio: B, and DoRA's magnitude
+    (a 1-D adapter parameter, grouped with B as PEFT's create_loraplus_optimizer does)."""
+    return ".lora_B." in name or ".lora_magnitude_vector." in name
 
 
 def is_adapter_param(name: str, adapter: str) -> bool:
-    """True for the LoRA A/B parameters of adapter `adapter` (`...lora_A.<adapter>.weight`)."""
+    """True for the parameters of adapter `adapter` (`...lora_A.<adapter>.weight`, ...)."""
     return is_lora_param(name) and name.endswith(f".{adapter}.weight")
 
 
 def freeze_base(model: nn.Module, adapter: str | None = None) -> None:
-    """requires_grad only for the LoRA parameters (of `adapter`, or of every adapter)."""
+    """requires_grad only for the adapter parameters (of `adapter`, or of every adapter; not DoRA's
+    frozen `base_norm`)."""
     for name, p in model.named_parameters():
-        trainable = is_lora_param(name) and (adapter is None or is_adapter_param(name, adapter))
+        trainable = is_lora_param(name) and name.endswith(".weight") and (adapter is None or is_adapter_param(name, adapter))
         p.requires_grad_(trainable)
 
 
@@ -283,10 +342,12 @@ def unwrap(model: nn.Module) -> None:
 
 
 def adapter_state_dict(model: nn.Module, adapter: str, peft_keys: bool = True) -> dict[str, torch.Tensor]:
-    """The adapter's A and B tensors, keyed as PEFT saves them (or as dtrain names them)."""
+    """The adapter's A and B (and DoRA magnitude) tensors, keyed as PEFT saves them (or as dtrain names them)."""
     out = {}
     for name, m in lora_modules(model):
-        for kind in ("lora_A", "lora_B"):
+        for kind in ADAPTER_KINDS:
+            if adapter not in getattr(m, kind):
+                continue
             t = getattr(m, kind)[adapter].weight
             key = to_peft_key(f"{name}.{kind}.{adapter}.weight", adapter) if peft_keys else f"{name}.{kind}.{adapter}.weight"
             out[key] = t
@@ -294,14 +355,18 @@ def adapter_state_dict(model: nn.Module, adapter: str, peft_keys: bool = True) -
 
 
 def to_peft_key(name: str, adapter: str) -> str:
-    """'model.layers.0.q_proj.lora_A.x.weight' -> 'base_model.model.model.layers.0.q_proj.lora_A.weight'."""
-    return "base_model.model." + name.replace(f".{adapter}.weight", ".weight")
+    """'model.layers.0.q_proj.lora_A.x.weight' -> 'base_model.model.model.layers.0.q_proj.lora_A.weight';
+    DoRA's '...lora_magnitude_vector.x.weight' -> '...lora_magnitude_vector' (PEFT saves it without '.weight')."""
+    name = "base_model.model." + name.replace(f".{adapter}.weight", ".weight")
+    return name.removesuffix(".weight") if name.endswith(".lora_magnitude_vector.weight") else name
 
 
 def from_peft_key(key: str, adapter: str) -> str:
-    """Inverse of to_peft_key."""
+    """Inverse of to_peft_key (a magnitude key with '.weight' is read as well)."""
     name = key.removeprefix("base_model.model.")
-    for kind in ("lora_A", "lora_B"):
+    if name.endswith(".lora_magnitude_vector"):
+        name += ".weight"
+    for kind in ADAPTER_KINDS:
         name = name.replace(f".{kind}.weight", f".{kind}.{adapter}.weight")
     return name
 

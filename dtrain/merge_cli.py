@@ -3,7 +3,8 @@ into its base and write a plain Hugging Face model (safetensors) that `transform
 `AutoModelForCausalLM.from_pretrained(out)`, no PEFT and no dtrain needed.
 
 The base is streamed tensor by tensor (one safetensors shard in memory at a time, same shard
-layout and index as the base): every adapted weight becomes W + (alpha / r) B A, computed in fp32
+layout and index as the base): every adapted weight becomes W + s B A (s = alpha / r, or
+alpha / sqrt(r) for rsLoRA; DoRA: m / ||W + s B A||_row * (W + s B A)), computed in fp32
 and cast to the output dtype (the base's unless --dtype). config.json is copied with its dtype
 updated; tokenizer and other non-weight files are copied as they are. The output is written to a
 temporary directory next to --out and renamed when complete.
@@ -78,7 +79,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     _check_not_quantized(config, base)
     adapter_config, tensors = adapter_lib.read_adapter(adapter)
     spec = adapter_lib.adapter_spec_from_peft(adapter_config, "merge", adapter)
-    modules = adapter_lib.adapter_modules(tensors, adapter)
+    modules = adapter_lib.adapter_modules(tensors, adapter, spec.use_dora)
     adapter_lib.check_rank(modules, spec.r, adapter)
     deltas = {f"{m}.weight": ab for m, ab in modules.items()}
     files, index = _weight_files(base)
@@ -91,7 +92,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     fresh_dir(tmp)
     try:
         quantized = _quantized_keys(base, base_bits, quantized_head) if base_bits else {}
-        nbytes = _merge_files(base, files, tmp, deltas, spec.alpha / spec.r, target, quantized)
+        nbytes = _merge_files(base, files, tmp, deltas, spec.scaling, target, quantized)
         _copy_rest(base, tmp, config, target, index, nbytes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -199,8 +200,8 @@ def _quantized_keys(base: Path, bits: int, include_head: bool = False) -> dict[s
 
 def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,
                  dtype: torch.dtype | None, quantized: dict[str, int] | None = None) -> int:
-    """Stream every tensor of every file: W + scaling * B A for adapted weights, cast floats.
-    Returns the bytes of all tensors written."""
+    """Stream every tensor of every file: W + scaling * B A for adapted weights (DoRA's when the
+    adapter has a magnitude), cast floats. Returns the bytes of all tensors written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm import tqdm
@@ -223,12 +224,22 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
                     cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
                     if key in deltas:
                         ab = deltas[key]
-                        t = t.float() + (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
+                        t = _merged(t, ab, scaling)
                     merged[key] = t.to(cast).contiguous()
                     nbytes += merged[key].numel() * merged[key].element_size()
                     bar.update(1)
             save_file(merged, str(out / f), metadata)
     return nbytes
+
+
+def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
+    """One adapted weight, merged in float32: W + s B A, or DoRA's m / ||W + s B A||_row * (W + s B A)."""
+    delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
+    if "lora_magnitude_vector" in ab:
+        from dtrain import dora
+
+        return dora.merged_weight(w, delta, ab["lora_magnitude_vector"])[0]
+    return w.float() + delta
 
 
 def _copy_rest(base: Path, out: Path, config: dict, dtype: torch.dtype | None, index: dict | None,

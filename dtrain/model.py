@@ -243,13 +243,40 @@ class LoraInitSource:
 
 
 class ModelSource:
-    """The base weights from `base`, the LoRA weights from their init, casting to the target dtype."""
+    """The base weights from `base`, the LoRA weights from their init, casting to the target dtype.
+
+    DoRA's magnitude `weight` and its frozen `base_norm` both start at the row norms of the base
+    weight the layer computes with (as stored in the model's dtype, or dequantized): computed here
+    from `base`, for the requested rows only where the storage is row-wise (a float weight, int8,
+    NF4 with whole blocks per row), so a rank reads only its own rows.
+    """
 
     def __init__(self, base: WeightSource, model: nn.Module) -> None:
         self.base, self.lora = base, LoraInitSource(model)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        if ".lora_magnitude_vector." in name:
+            return self._magnitude(name, rows)
         return (self.lora if is_lora_param(name) else self.base).read(name, rows)
+
+    def _magnitude(self, name: str, rows: slice | None) -> torch.Tensor:
+        from dtrain import dora
+
+        layer_name = name.split(".lora_magnitude_vector.")[0]
+        base = self.lora.layers[layer_name].base_layer
+        bits = getattr(base, "bits", None)
+        if bits is None:  # a float weight, as the model stores it
+            w = self.base.read(f"{layer_name}.base_layer.weight", rows).to(base.weight.dtype)
+            return dora.row_norms(w)
+        from dtrain.quant import round_trip
+
+        row_wise = bits == 8 or base.in_features % NF4_ROW_BLOCK == 0  # NF4 blocks of 64 may cross rows
+        w = self.base.read(f"{layer_name}.base_layer.weight", rows if row_wise else None).float()
+        norms = dora.row_norms(round_trip(w, bits))
+        return norms if row_wise or rows is None else norms[rows]
+
+
+NF4_ROW_BLOCK = 64  # dtrain.quant.NF4_BLOCKSIZE (not imported here: quant needs bitsandbytes)
 
 
 class QuantSource:

@@ -85,6 +85,18 @@ class Backend(ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def optimizer_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one (every trainable parameter at training.lr), or
+        with LoRA+ (`lora.loraplus_lr_ratio`) two: A at lr, then B and DoRA's magnitude at
+        lr x ratio. The schedule scales both alike (LambdaLR multiplies each group's initial lr)."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        ratio = self.cfg.lora.loraplus_lr_ratio
+        if self.cfg.mode != "lora" or ratio is None or ratio == 1:
+            return [{"params": [p for _, p in named]}]
+        lr = self.cfg.training.lr
+        return [{"params": [p for n, p in named if not lora.is_loraplus_fast(n)], "lr": lr},
+                {"params": [p for n, p in named if lora.is_loraplus_fast(n)], "lr": lr * ratio}]
+
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -198,7 +210,7 @@ class Backend(ABC):
 
     def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
         """torch AdamW over the trainable parameters and a LambdaLR (DeepSpeed hands both to its engine)."""
-        self.optimizer = make_adamw(self.trainable_parameters(), self.cfg)
+        self.optimizer = make_adamw(self.optimizer_groups(), self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
@@ -256,10 +268,11 @@ def _set_hyper(group: dict, hyper: dict) -> None:
 
 def adapter_spec(cfg: Config) -> lora.AdapterSpec:
     c = cfg.lora
-    return lora.AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed)
+    return lora.AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed,
+                            use_rslora=c.use_rslora, use_dora=c.use_dora)
 
 
-def make_adamw(params: list[nn.Parameter], cfg: Config) -> torch.optim.AdamW:
+def make_adamw(params: list[nn.Parameter] | list[dict], cfg: Config) -> torch.optim.AdamW:
     t = cfg.training
     return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                              weight_decay=t.weight_decay)

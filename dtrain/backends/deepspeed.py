@@ -184,7 +184,7 @@ class DeepSpeedBackend(Backend):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
         engine, optimizer, _, scheduler = self.ds.initialize(
-            model=self.model, model_parameters=self.trainable_parameters(), config=self.ds_config,
+            model=self.model, model_parameters=self.optimizer_groups(), config=self.ds_config,
             lr_scheduler=make_scheduler, dist_init_required=False)
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
 

@@ -113,7 +113,7 @@ class FSDPBackend(Backend):
                 "scheduler": self.scheduler.state_dict()}
 
     def load_optimizer_state(self, state: dict) -> None:
-        params = self.trainable_parameters()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]  # state_dict's numbering
         opt = state["optimizer"]
         restored = {}
         for i, s in opt["state"].items():

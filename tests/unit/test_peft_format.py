@@ -132,7 +132,10 @@ def test_load_adapter_errors(base_dir, peft_adapter, tmp_path):
     cfg = json.loads((peft_adapter[0] / adapter.ADAPTER_CONFIG).read_text())
     (bad / adapter.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "use_dora": True}))
     (bad / adapter.ADAPTER_WEIGHTS).write_bytes((peft_adapter[0] / adapter.ADAPTER_WEIGHTS).read_bytes())
-    with pytest.raises(DtrainError, match="use_dora"):
+    with pytest.raises(DtrainError, match="has only lora_A, lora_B"):  # DoRA without its magnitudes
+        adapter.load_adapter(model, bad)
+    (bad / adapter.ADAPTER_CONFIG).write_text(json.dumps({**cfg, "rank_pattern": {"q_proj": 8}}))
+    with pytest.raises(DtrainError, match="rank_pattern"):
         adapter.load_adapter(model, bad)
     adapter.load_adapter(model, peft_adapter[0], "a")
     with pytest.raises(DtrainError, match="already has an adapter named 'a'"):
@@ -181,3 +184,61 @@ def test_task_switching_matches_each_merged_model(base_dir, dtrain_adapter, peft
         lora.set_adapter(model, name)
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
         torch.testing.assert_close(logits(model), logits(merged), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["use_rslora", "use_dora"])
+def test_variant_adapters_round_trip_with_peft(base_dir, tmp_path, variant):
+    """A dtrain-trained rsLoRA / DoRA adapter: PEFT loads it with dtrain's logits, dtrain loads it
+    back, and `dtrain merge` writes PEFT's merge_and_unload weights."""
+    out = tmp_path / "adapter"
+    want = train_dtrain(base_dir, out, f"lora.{variant}=true", "lora.targets=[q_proj,v_proj,down_proj]")
+    saved = json.loads((out / adapter.ADAPTER_CONFIG).read_text())
+    assert saved[variant] is True and saved["use_dora" if variant == "use_rslora" else "use_rslora"] is False
+    with safe_open(out / adapter.ADAPTER_WEIGHTS, "pt") as h:
+        magnitudes = [k for k in h.keys() if k.endswith(".lora_magnitude_vector")]  # PEFT: no .weight
+    assert len(magnitudes) == (6 if variant == "use_dora" else 0)
+    theirs = peft.PeftModel.from_pretrained(load_base(base_dir), out).eval()
+    torch.testing.assert_close(logits(theirs), want, atol=ATOL, rtol=0)
+    mine = load_base(base_dir)
+    spec = adapter.load_adapter(mine, out, "back")
+    assert getattr(spec, variant) is True
+    torch.testing.assert_close(logits(mine), want, atol=ATOL, rtol=0)
+    merge_cli.merge(base_dir, out, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    reference = theirs.merge_and_unload()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(merged.get_parameter(name), p, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(merged), want, atol=ATOL, rtol=0)
+
+
+def test_dtrain_loads_a_peft_dora_adapter(base_dir, tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["k_proj", "up_proj"])
+    model = peft.get_peft_model(load_base(base_dir), cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.eval()
+    model.save_pretrained(tmp_path / "peft")
+    mine = load_base(base_dir)
+    assert adapter.load_adapter(mine, tmp_path / "peft").use_dora
+    torch.testing.assert_close(logits(mine), logits(model), atol=ATOL, rtol=0)
+
+
+def test_dora_adapter_of_an_8bit_base_merges_into_the_dequantized_weights(base_dir, tmp_path):
+    """`dtrain merge --base-bits 8` of a DoRA adapter trained on the int8 base: every adapted weight is
+    m / ||deq(W) + s B A||_row * (deq(W) + s B A), what lora.merge computes on the quantized model."""
+    from dtrain import quant
+
+    out = tmp_path / "adapter"
+    train_dtrain(base_dir, out, "lora.use_dora=true", "quantization.bits=8", "lora.targets=[q_proj,v_proj]")
+    merge_cli.merge(base_dir, out, tmp_path / "merged", base_bits=8)
+    model = load_base(base_dir)
+    quant.quantize_model(model, 8)
+    adapter.load_adapter(model, out)
+    lora.merge(model)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    for name, m in lora.lora_modules(model):
+        want = m.base_layer.weight.to(torch.bfloat16).float()  # --base-bits writes bf16
+        torch.testing.assert_close(merged.get_submodule(name).weight, want, atol=0, rtol=0)
