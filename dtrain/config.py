@@ -118,6 +118,22 @@ class OutputConfig:
     overwrite: bool = _f(False, "replace an earlier run in output.dir (its files are removed first)")
 
 
+LOGGER_NAMES = ("jsonl", "tensorboard", "mlflow", "wandb")
+
+
+@dataclass
+class LoggingConfig:
+    backends: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] | Literal[
+        "jsonl", "tensorboard", "mlflow", "wandb"] = _f(
+        ["jsonl"], "metric loggers, several at once: jsonl (always on), tensorboard, mlflow, wandb")
+    project: str = _f("dtrain", "experiment / project name (mlflow, wandb)")
+    run_name: str | None = _f(None, "run name (mlflow, wandb); null: output.dir's last part")
+    mlflow_uri: str | None = _f(None, "MLflow tracking URI; null: a file store in <output.dir>/mlruns")
+    wandb_mode: Literal["offline", "online"] = _f("offline", "wandb: offline writes <output.dir>/wandb only")
+    peak_tflops: float | None = _f(None, "peak dense TFLOP/s of one GPU for MFU; null: known GPUs only", gt=0)
+    loss_curve: bool = _f(True, "write <output.dir>/loss_curve.png at the end of the run")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,6 +143,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     mode: Literal["lora", "full"] = field(
         default="lora", metadata={"help": "lora: train A and B only; full: train every weight"}
     )

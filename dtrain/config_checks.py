@@ -30,6 +30,14 @@ def validate(cfg, where: Where) -> None:
     _check_model(cfg.model, where)
     _check_lora(cfg.lora, where)
     _check_paths(cfg, where)
+    _check_logging(cfg.logging, where)
+
+
+def _check_logging(logging_cfg, where: Where) -> None:
+    """Each configured metric logger's package is installed (found, not imported)."""
+    from dtrain import loggers
+
+    loggers.check_installed(logging_cfg.backends, f"{where('logging.backends')}: logging.backends")
 
 
 def _check_model(model, where: Where) -> None:
