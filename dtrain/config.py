@@ -43,7 +43,8 @@ class LoraConfig:
     r: int = _f(8, "rank of the update B A", min=1)
     alpha: float = _f(16.0, "scaling numerator: the update is (alpha / r) B A", gt=0)
     dropout: float = _f(0.0, "dropout on the LoRA input path, in [0, 1)", lo=0.0, hi_open=1.0)
-    targets: list[str] | str = _f(["q_proj", "v_proj"], "module-name suffixes, or 'all-linear'")
+    targets: list[str] | str = _f(["q_proj", "v_proj"], "module-name suffixes, or a preset: attention-qv, attention, "
+                                                          "mlp, all-linear (dtrain/presets.py)")
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")

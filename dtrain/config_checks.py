@@ -86,7 +86,7 @@ def _check_lora(lora, where: Where) -> None:
     targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
     if not targets or any(not t for t in targets):
         raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
-                          "suffixes (e.g. [q_proj, v_proj]) or 'all-linear'")
+                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear)")
 
 
 def resolve_builtin_models(cfg) -> None:
