@@ -131,3 +131,26 @@ def test_missing_logger_package_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "mlflow-skinny" in lines[0] and "logging.backends" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_log_once_and_overwrite_clears_logger_files(tmp_path):
+    out = tmp_path / "run"
+    train(out, ["backend.name=fsdp", "training.eval_every=2", "logging.backends=[tensorboard,mlflow]"], nproc=2,
+          launcher="torchrun")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert len(list((out / "tensorboard").iterdir())) == 1  # rank 0 only
+    assert len([p for p in (out / "mlruns").glob("*/*") if (p / "metrics").is_dir()]) == 1
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    table = expected(out)
+    assert {e.step: e.value for e in acc.Scalars("loss")} == {s: float(np.float32(v)) for s, v in table["loss"].items()}
+    first_png = (out / "loss_curve.png").read_bytes()
+    train(out, ["training.max_steps=2", "output.overwrite=true", "logging.backends=[tensorboard]"])
+    assert not (out / "mlruns").exists() and len(list((out / "tensorboard").iterdir())) == 1
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+    assert (out / "loss_curve.png").read_bytes() != first_png
