@@ -85,7 +85,7 @@ class Trainer:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
             self._log_start(data.skipped)
-            self.loggers = loggers_lib.create(cfg, self.out)
+            self.loggers = loggers_lib.create(cfg, self.out, self.state.step)
 
     def _prepare_out(self) -> None:
         """Create output.dir; with output.overwrite, remove the earlier run's files (rank 0)."""

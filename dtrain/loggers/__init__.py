@@ -38,8 +38,9 @@ def check_installed(backends: list[str] | str, where: str = "logging.backends") 
                                   "(or pip install 'dtrain[loggers]')")
 
 
-def create(cfg: Any, out: Path) -> MultiLogger:
-    """The run's loggers (rank 0 only): metrics.jsonl plus each configured backend."""
+def create(cfg: Any, out: Path, start_step: int = 0) -> MultiLogger:
+    """The run's loggers (rank 0 only): metrics.jsonl plus each configured backend. `start_step`:
+    the step a resumed run continues from (0: a new run)."""
     from dtrain import config as config_lib
     from dtrain.loggers.jsonl import JsonlLogger
 
@@ -54,7 +55,7 @@ def create(cfg: Any, out: Path) -> MultiLogger:
             elif name == "tensorboard":
                 from dtrain.loggers.tensorboard_logger import TensorBoardLogger
 
-                loggers.append(TensorBoardLogger(out / "tensorboard"))
+                loggers.append(TensorBoardLogger(out / "tensorboard", start_step + 1 if start_step else None))
             elif name == "mlflow":
                 from dtrain.loggers.mlflow_logger import MlflowLogger
 

@@ -154,3 +154,26 @@ def test_two_ranks_log_once_and_overwrite_clears_logger_files(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
     assert (out / "loss_curve.png").read_bytes() != first_png
+
+
+@pytest.mark.slow
+def test_resume_purges_tensorboard_steps_after_the_checkpoint(tmp_path):
+    """A run that dies after step 4's metrics but before its checkpoint resumes from step 2: TensorBoard,
+    like metrics.jsonl, then holds steps 1-4 once, the rerun's values."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = ["training.save_every=2", "training.keep_last=3", "logging.backends=[tensorboard]",
+            "lora.dropout=0.1"]  # dropout: the rerun's losses differ from the first run's
+    train(out, args)
+    first = {r["step"]: r["loss"] for r in metrics(out)}
+    shutil.rmtree(out / "checkpoints" / "step-00000004")
+    train(out, [*args, "training.resume=auto", "training.seed=7"])
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[3]["loss"] != first[4]
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    got = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert got == [(r["step"], float(np.float32(r["loss"]))) for r in rows]
