@@ -43,8 +43,7 @@ class LoraConfig:
     r: int = _f(8, "rank of the update B A", min=1)
     alpha: float = _f(16.0, "scaling numerator: the update is (alpha / r) B A", gt=0)
     dropout: float = _f(0.0, "dropout on the LoRA input path, in [0, 1)", lo=0.0, hi_open=1.0)
-    targets: list[str] | str = _f(["q_proj", "v_proj"], "module-name suffixes, or a preset: attention-qv, attention, "
-                                                          "mlp, all-linear (dtrain/presets.py)")
+    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear")
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")
@@ -119,14 +118,12 @@ class OutputConfig:
     overwrite: bool = _f(False, "replace an earlier run in output.dir (its files are removed first)")
 
 
-LOGGER_NAMES = ("jsonl", "tensorboard", "mlflow", "wandb")
+LoggerName = Literal["jsonl", "tensorboard", "mlflow", "wandb"]
 
 
 @dataclass
 class LoggingConfig:
-    backends: list[Literal["jsonl", "tensorboard", "mlflow", "wandb"]] | Literal[
-        "jsonl", "tensorboard", "mlflow", "wandb"] = _f(
-        ["jsonl"], "metric loggers, several at once: jsonl (always on), tensorboard, mlflow, wandb")
+    backends: list[LoggerName] | LoggerName = _f(["jsonl"], "loggers: jsonl (always on), tensorboard, mlflow, wandb")
     project: str = _f("dtrain", "experiment / project name (mlflow, wandb)")
     run_name: str | None = _f(None, "run name (mlflow, wandb); null: output.dir's last part")
     mlflow_uri: str | None = _f(None, "MLflow tracking URI; null: a file store in <output.dir>/mlruns")
