@@ -43,7 +43,7 @@ class LoraConfig:
     r: int = _f(8, "rank of the update B A", min=1)
     alpha: float = _f(16.0, "scaling numerator: the update is (alpha / r) B A", gt=0)
     dropout: float = _f(0.0, "dropout on the LoRA input path, in [0, 1)", lo=0.0, hi_open=1.0)
-    targets: list[str] | str = _f(["q_proj", "v_proj"], "module-name suffixes, or 'all-linear'")
+    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear")
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")
@@ -124,6 +124,20 @@ class OutputConfig:
     overwrite: bool = _f(False, "replace an earlier run in output.dir (its files are removed first)")
 
 
+LoggerName = Literal["jsonl", "tensorboard", "mlflow", "wandb"]
+
+
+@dataclass
+class LoggingConfig:
+    backends: list[LoggerName] | LoggerName = _f(["jsonl"], "loggers: jsonl (always on), tensorboard, mlflow, wandb")
+    project: str = _f("dtrain", "experiment / project name (mlflow, wandb)")
+    run_name: str | None = _f(None, "run name (mlflow, wandb); null: output.dir's last part")
+    mlflow_uri: str | None = _f(None, "MLflow tracking URI; null: a file store in <output.dir>/mlruns")
+    wandb_mode: Literal["offline", "online"] = _f("offline", "wandb: offline writes <output.dir>/wandb only")
+    peak_tflops: float | None = _f(None, "peak dense TFLOP/s of one GPU for MFU; null: known GPUs only", gt=0)
+    loss_curve: bool = _f(True, "write <output.dir>/loss_curve.png at the end of the run")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -133,6 +147,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     mode: Literal["lora", "full"] = field(
         default="lora", metadata={"help": "lora: train A and B only; full: train every weight"}
     )

@@ -31,6 +31,14 @@ def validate(cfg, where: Where) -> None:
     _check_lora(cfg.lora, where)
     _check_variants(cfg, where)
     _check_paths(cfg, where)
+    _check_logging(cfg.logging, where)
+
+
+def _check_logging(logging_cfg, where: Where) -> None:
+    """Each configured metric logger's package is installed (found, not imported)."""
+    from dtrain import loggers
+
+    loggers.check_installed(logging_cfg.backends, f"{where('logging.backends')}: logging.backends")
 
 
 def _check_model(model, where: Where) -> None:
@@ -79,7 +87,7 @@ def _check_lora(lora, where: Where) -> None:
     targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
     if not targets or any(not t for t in targets):
         raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
-                          "suffixes (e.g. [q_proj, v_proj]) or 'all-linear'")
+                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear)")
 
 
 def _check_variants(cfg, where: Where) -> None:

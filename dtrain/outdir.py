@@ -17,7 +17,8 @@ from pathlib import Path
 from dtrain.errors import ConfigError, DtrainError
 
 # What a run writes into output.dir (and its staging names: files.write_text_atomic, files.publish).
-RUN_FILES = ("checkpoints", "adapter", "config.yaml", "metrics.jsonl", "tokenizer", "PREEMPTED")
+RUN_FILES = ("checkpoints", "adapter", "config.yaml", "metrics.jsonl", "tokenizer", "PREEMPTED",
+             "tensorboard", "mlruns", "wandb", "loss_curve.png")  # the last four: dtrain.loggers
 _RUN_LEFTOVERS = (".tmp-adapter", ".old-adapter", ".config.yaml.tmp", ".metrics.jsonl.tmp", ".PREEMPTED.tmp")
 
 

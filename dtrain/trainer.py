@@ -14,7 +14,6 @@ sees 75; torchrun reports its own failure (exit 1) instead, so test for the PREE
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +24,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
+from dtrain import loggers as loggers_lib
+from dtrain.loggers import curve, flops
 from dtrain.config import Config
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
@@ -56,6 +57,8 @@ class Trainer:
         self.state = RunState()
         self.backend = backends.create(cfg, self.env)
         self._saved_step = -1  # last step a save_every checkpoint was written for
+        self.loggers: loggers_lib.MultiLogger | None = None  # rank 0 only
+        self._mfu: tuple[float, float] | None = None  # (flops per token, peak FLOP/s): CUDA only
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -75,10 +78,14 @@ class Trainer:
         self._check_vocab()
         self.backend.setup_optimizer(self.total_steps)
         self.state.step = checkpoint.maybe_resume(self.backend, self.cfg, self.out, self.plan)
+        peak = flops.peak_flops(self.backend.device, cfg.logging.peak_tflops)
+        if peak is not None:
+            self._mfu = (flops.flops_per_token(self.backend.model, cfg.data.seq_len), peak)
         if env.is_main:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
             self._log_start(data.skipped)
+            self.loggers = loggers_lib.create(cfg, self.out, self.state.step)
 
     def _prepare_out(self) -> None:
         """Create output.dir; with output.overwrite, remove the earlier run's files (rank 0)."""
@@ -109,7 +116,7 @@ class Trainer:
         """Run to the last step; returns the process exit code (0, or PREEMPT_EXIT)."""
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.env.is_main,
                    desc="train", dynamic_ncols=True)
-        metrics = (self.out / "metrics.jsonl").open("a") if self.env.is_main else None
+        metrics = self.loggers
         try:
             if self.state.step == 0 and self._evaluates():
                 self._write_metrics({"step": 0, "eval_loss": self.evaluate()}, metrics)  # the base's own loss
@@ -133,15 +140,22 @@ class Trainer:
             adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final)
         finally:
             bar.close()
-            if metrics:
-                metrics.close()
+            self._close_loggers()
         from dtrain.memory import measure
 
         memory = measure.summary_line(measure.snapshot(self.backend))  # collective: every rank
         if self.env.is_main:
             log.info("done: adapter in %s, metrics in %s", self.out / "adapter", self.out / "metrics.jsonl")
             log.info("memory at end of run: %s", memory)
+            if self.cfg.logging.loss_curve and curve.write_loss_curve(self.out / "metrics.jsonl",
+                                                                      self.out / "loss_curve.png"):
+                log.info("loss curve in %s", self.out / "loss_curve.png")
         return 0
+
+    def _close_loggers(self) -> None:
+        if self.loggers is not None:
+            self.loggers.close()
+            self.loggers = None
 
     def _train_step(self) -> dict:
         start, backend, accum = time.perf_counter(), self.backend, self.cfg.training.grad_accum
@@ -162,17 +176,19 @@ class Trainer:
         seq_tokens = self.plan.global_batch * self.cfg.data.seq_len
         self.state.tokens_seen += seq_tokens
         self.state.losses.append(loss)
-        return {"step": self.state.step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                "tokens_per_s": real_tokens / elapsed, "padding_fraction": 1 - real_tokens / seq_tokens,
-                "step_time_s": elapsed}
+        row = {"step": self.state.step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+               "tokens_per_s": real_tokens / elapsed, "padding_fraction": 1 - real_tokens / seq_tokens,
+               "step_time_s": elapsed}
+        if self._mfu is not None:
+            row["mfu"] = flops.mfu(self._mfu[0], seq_tokens, elapsed, self.env.world_size, self._mfu[1])
+        return row
 
     def _evaluates(self) -> bool:
         return bool(self.cfg.training.eval_every) and len(self.eval_data) > 0
 
     def _write_metrics(self, row: dict, metrics) -> None:
         if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            metrics.log(row, row["step"])
         if "eval_loss" in row and self.env.is_main:
             log.info("step %d: eval loss %.4f", row["step"], row["eval_loss"])
 
@@ -214,6 +230,7 @@ class Trainer:
         return bool(self.backend.all_reduce_sum(flag).item() > 0)
 
     def cleanup(self) -> None:
+        self._close_loggers()  # a run that failed before train() still ends its logger runs
         self.backend.close()
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import lora, model as model_lib
+from dtrain import lora, model as model_lib, presets
 from dtrain.config import Config
 from dtrain.dist import DistEnv
 
@@ -65,7 +65,8 @@ class Backend(ABC):
             skip = quant.skip_rule(cfg.quantization.include_head)
             quant.quantize_model(model, cfg.quantization.bits, skip=skip)
         if cfg.mode == "lora":
-            names = lora.select_targets(model, cfg.lora.targets, cfg.lora.target_regex)
+            targets = cfg.lora.targets if cfg.lora.target_regex else presets.expand(model, cfg.lora.targets)
+            names = lora.select_targets(model, targets, cfg.lora.target_regex)
             lora.inject(model, names, adapter_spec(cfg))
             lora.freeze_base(model)
         else:

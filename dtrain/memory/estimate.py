@@ -36,6 +36,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from dtrain import presets
+from dtrain.errors import ConfigError
 from dtrain.memory.model_spec import LinearModule, ModelSpec
 
 GIB = 2**30
@@ -215,9 +217,16 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 
 def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearModule, ...]:
-    """Block linears matched by ``targets`` (suffixes, or ``all-linear``: every block linear)."""
+    """Block linears matched by ``targets`` (suffixes, ``all-linear``: every block linear, or a
+    preset of dtrain.presets: attention-qv, attention, mlp, resolved from the linears' names)."""
     if ALL_LINEAR in targets:
         return spec.linears
+    if len(targets) == 1 and presets.is_preset(targets[0]):
+        try:
+            chosen = set(presets.resolve_names([lin.name for lin in spec.linears], targets[0]))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return tuple(lin for lin in spec.linears if lin.name in chosen)
     missing = [t for t in targets if not any(lin.matches(t) for lin in spec.linears)]
     if missing:
         names = ", ".join(sorted({lin.name.rsplit(".", 1)[-1] for lin in spec.linears}))

@@ -53,7 +53,8 @@ def add_estimate_parser(subparsers: Any) -> None:
     p.add_argument("--bits", default="16", help="LoRA frozen weights: 16 (param dtype), 8, 4")
     p.add_argument("--rank", default="8", help="LoRA rank r (default 8)")
     p.add_argument("--targets", default="q_proj,v_proj",
-                   help="comma-separated module-name suffixes, or all-linear")
+                   help="comma-separated module-name suffixes, all-linear, or a preset: "
+                        "attention-qv, attention, mlp")
     p.add_argument("--batch", default="1", help="micro-batch per GPU (default 1)")
     p.add_argument("--seq-len", default="2048", help="tokens per sequence (default 2048)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations")
