@@ -68,14 +68,14 @@ class Trainer:
         self._prepare_out()
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
+        self.backend.build()  # before the data: a model the config cannot build fails first, in one line
+        self._check_vocab()
         data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
         self.train_data, self.eval_data = data.train, data.eval
         t = cfg.training
         self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
         data_lib.check_plan(self.plan, "training")
         self.total_steps = data_lib.total_steps(t.max_steps, t.epochs, self.plan)
-        self.backend.build()
-        self._check_vocab()
         self.backend.setup_optimizer(self.total_steps)
         self.state.step = checkpoint.maybe_resume(self.backend, self.cfg, self.out, self.plan)
         peak = flops.peak_flops(self.backend.device, cfg.logging.peak_tflops)
