@@ -330,8 +330,6 @@ def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
 
 def _step(trainer: "Trainer", step: int, probe: bool) -> dict[str, float] | None:
     """One optimizer step as the trainer runs it; with `probe`, the breakdown before `step()`."""
-    from dtrain.trainer import token_loss
-
     backend = trainer.backend
     counter = None
     for micro in range(trainer.cfg.training.grad_accum):
@@ -339,7 +337,7 @@ def _step(trainer: "Trainer", step: int, probe: bool) -> dict[str, float] | None
         if probe and micro == 0:
             counter = SavedTensorCounter(backend.model, list(backend.local_tensors().values()))
         with counter if probe and micro == 0 else nullcontext():
-            total, tokens = token_loss(backend.forward(batch), batch["labels"])
+            total, tokens = backend.loss(batch)
         backend.backward(total / max(tokens, 1))  # memory does not depend on the loss scale
     row = None
     if probe:
