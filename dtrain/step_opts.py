@@ -108,9 +108,17 @@ def output_head(model: nn.Module) -> nn.Module | None:
 def apply(model: nn.Module, cfg) -> None:
     """Every choice of this module the config makes, in place (before sharding)."""
     m, t = cfg.model, cfg.training
-    apply_checkpointing(model, m.gradient_checkpointing, m.gradient_checkpointing_every)
+    chosen = apply_checkpointing(model, m.gradient_checkpointing, m.gradient_checkpointing_every)
+    if chosen:
+        log.info("gradient checkpointing (%s): blocks %s", "attention only" if m.gradient_checkpointing == "attention"
+                 else "whole blocks", _ranges(chosen, m.gradient_checkpointing_every))
     if m.compile_blocks:
-        compile_blocks(model)
+        log.info("torch.compile: %d decoder blocks", compile_blocks(model))
     head = output_head(model)
     if chunked_loss_wanted(t.chunked_loss, cfg.mode, head):
         loss_lib.install(head, t.loss_chunk_tokens)
+        log.info("chunked loss: on, %d tokens per chunk", t.loss_chunk_tokens)
+
+
+def _ranges(chosen: list[int], every: int) -> str:
+    return f"{chosen[0]}..{chosen[-1]} every {every}" if every > 1 and len(chosen) > 2 else str(chosen)
