@@ -33,10 +33,10 @@ ARCH_128K = ["model.arch.model_type=llama", "model.arch.vocab_size=128256", "mod
              "model.arch.max_position_embeddings=2048", "model.arch.tie_word_embeddings=false"]
 
 
-def build(model: list[str], chunked: bool, chunk: int) -> SingleBackend:
+def build(model: list[str], chunked: bool, chunk: int, extra: tuple[str, ...] = ()) -> SingleBackend:
     cfg = config.load(REPO / "configs" / "tiny.yaml", [
         "backend.device=cpu", "lora.targets=[q_proj,v_proj]", *model,
-        f"training.chunked_loss={str(chunked).lower()}", f"training.loss_chunk_tokens={chunk}"])
+        f"training.chunked_loss={str(chunked).lower()}", f"training.loss_chunk_tokens={chunk}", *extra])
     backend = SingleBackend(cfg, dist.detect("cpu", "gloo"))
     backend.build()
     return backend

@@ -75,6 +75,7 @@ def checkpoint_attention(attn: nn.Module) -> None:
         return plain(*args, **kwargs)
 
     attn.forward = forward
+    attn._dtrain_checkpointed = True  # dtrain memory counts its inputs (kept for the recompute)
 
 
 def compile_blocks(model: nn.Module) -> int:

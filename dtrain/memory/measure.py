@@ -206,8 +206,9 @@ def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # pragma: no cover - older transformers
         return []
-    return [m for m in model.modules()
-            if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
+    return [m for m in model.modules()  # HF's layers, and attention modules dtrain checkpoints (step_opts.py)
+            if (isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False))
+            or getattr(m, "_dtrain_checkpointed", False)]
 
 
 # ---- process memory --------------------------------------------------------------------------
