@@ -6,11 +6,12 @@ at a time, so that a step never holds the logits of the whole micro-batch.
 
 The largest activation of a LoRA step on a modern vocabulary is the logits: tokens x vocab in
 fp32 (plus the float copy for the loss); at vocab 128,256 and 8 x 2,048 tokens, 8 GiB. Here
-`ChunkedCE` computes, for `chunk` tokens at a time, the logits, their log-sum-exp and the label's
-logit, and keeps only the hidden states and one float per token for backward; backward recomputes
-each chunk's logits and turns them into the gradient of the hidden states (and of the head's weight
-when it trains) before moving to the next chunk. Peak extra memory: one chunk's logits (and their
-softmax) instead of the micro-batch's logits, their float copy and the softmax autograd saves.
+`ChunkedCE` computes, for `chunk` tokens at a time, the logits, the chunk's loss and at once the
+gradient of that loss with respect to the hidden states (and to the head's weight when it trains),
+then drops the chunk's logits. It keeps only that gradient (the size of the hidden states) for
+backward, which scales it by the upstream gradient: nothing is recomputed, and the matmuls are
+the logits path's. Peak extra memory: one chunk's logits instead of the micro-batch's logits,
+their float copy and the log-softmax that cross_entropy saves for backward.
 
 Where it runs: inside the head module's own call. `install(head)` replaces the head's `forward`
 (the instance attribute; the module, its parameters and their names stay) by one that, while a
@@ -52,53 +53,55 @@ def _compute_dtype(weight: torch.Tensor, device_type: str) -> torch.dtype:
 
 
 class ChunkedCE(torch.autograd.Function):
-    """sum over labelled tokens of cross_entropy(hidden @ weight.T (+ bias), labels), in chunks."""
+    """sum over labelled tokens of cross_entropy(hidden @ weight.T (+ bias), labels), in chunks.
+
+    The gradient is computed in forward, chunk by chunk, right after each chunk's loss: d loss /
+    d logits = softmax - onehot(label) needs only that chunk's logits, which are dropped before the
+    next chunk. What is kept for backward is the gradient itself (the size of the hidden states,
+    plus the head's when it trains); backward only scales it by the upstream gradient of the sum.
+    No logits are recomputed: the matmuls are those of the logits path (one for the logits, one
+    for the hidden states' gradient, one more for the head's weight when it trains).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk, dtype):
-        n = hidden.shape[0]
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for s in range(0, n, chunk):
-            logits = _logits(hidden[s:s + chunk], weight, bias, dtype)
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            y = labels[s:s + chunk]
-            keep = y != IGNORE
-            picked = logits.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
-            total += ((lse[s:s + chunk] - picked) * keep).sum()
+        w = weight.to(dtype) if need_h else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            logits = _logits(h, weight, bias, dtype)
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            keep = (y != IGNORE).unsqueeze(1)
+            index = y.clamp(min=0).unsqueeze(1)
+            total += ((lse - logits.gather(1, index)) * keep).sum()
+            if need_h or need_w or need_b:
+                g = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                g.scatter_add_(1, index, torch.full_like(g[:, :1], -1.0)).mul_(keep)
+                gd = g.to(dtype)
+                if need_h:
+                    grad_h[s:s + chunk] = (gd @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w.addmm_(gd.t().float(), h.to(dtype).float())
+                if need_b:
+                    grad_b += g.sum(0)
             del logits
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.chunk, ctx.dtype = chunk, dtype
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        chunk, dtype = ctx.chunk, ctx.dtype
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        w = weight.to(dtype)
-        for s in range(0, hidden.shape[0], chunk):
-            h = hidden[s:s + chunk]
-            y = labels[s:s + chunk]
-            keep = (y != IGNORE).unsqueeze(1)
-            # d loss / d logits = softmax - onehot(label), zero on unlabelled rows, times the upstream grad
-            g = _logits(h, weight, bias, dtype).sub_(lse[s:s + chunk].unsqueeze(1)).exp_()
-            g.scatter_add_(1, y.clamp(min=0).unsqueeze(1), torch.full_like(g[:, :1], -1.0))
-            g.mul_(keep).mul_(grad_total)
-            gd = g.to(dtype)
-            if need_h:
-                grad_h[s:s + chunk] = (gd @ w).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(gd.t().float(), h.to(dtype).float())
-            if need_b:
-                grad_b += g.sum(0)
-            del g, gd
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None, None, None, None)
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        scale = grad_total.float()
+        return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * scale).to(w_dtype) if grad_w is not None else None,
+                (grad_b * scale).to(b_dtype) if grad_b is not None else None, None, None, None)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
