@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plugin", choices=["fsdp", "deepspeed"], required=True)
     p.add_argument("--mode", choices=["lora", "full"], default="lora")
-    p.add_argument("--arch", required=True, help="JSON file: the inline HF config (model_type + sizes)")
+    p.add_argument("--arch", help="JSON file: the inline HF config (model_type + sizes)")
+    p.add_argument("--model-path", help="a pretrained HF model directory, loaded instead of --arch")
     p.add_argument("--data", required=True, help=".pt file: LongTensor [N, seq_len] of token ids")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
@@ -131,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = json.loads(Path(args.arch).read_text())
-    model_type = arch.pop("model_type")
-    config = AutoConfig.for_model(model_type, **arch)
     rss_before_model = host_memory()["rss_bytes"]
     # Under the DeepSpeed plugin with zero3_init_flag, transformers builds this under zero.Init.
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if args.model_path:
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype)
+    else:
+        arch = json.loads(Path(args.arch).read_text())
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model

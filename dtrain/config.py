@@ -34,7 +34,11 @@ class ModelConfig:
                                 "model's name (smollm2-135m-instruct)")
     arch: dict | None = _f(None, "inline HF config (model_type, sizes) for a random-weight model")
     dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the frozen base weights and compute")
-    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool | Literal["attention"] = _f(
+        False, "recompute activations in backward to save memory: true (whole decoder blocks) or "
+               "attention (only each block's attention)")
+    gradient_checkpointing_every: int = _f(1, "checkpoint every N-th decoder block (blocks 0, N, 2N, ...)", min=1)
+    compile_blocks: bool = _f(False, "torch.compile each decoder block (needs a C++ compiler on CPU)")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
 
 
@@ -100,6 +104,10 @@ class TrainingConfig:
     save_every: int = _f(0, "training checkpoint every N steps; 0: only at the end", lo=0)
     keep_last: int = _f(2, "training checkpoints kept", min=1)
     resume: Literal["auto", "never"] = _f("never", "auto: continue from the newest checkpoint")
+    chunked_loss: bool | Literal["auto"] = _f(
+        "auto", "loss from the hidden states in chunks of tokens, never all logits at once; "
+                "auto: on for LoRA with a plain linear head")
+    loss_chunk_tokens: int = _f(1024, "tokens per chunk of the chunked loss", min=1)
 
 
 @dataclass

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
 from dtrain import loggers as loggers_lib
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
+from dtrain.loss import token_loss  # noqa: F401  (re-exported: tests and tools import it from here)
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
 log = logging.getLogger("dtrain")
@@ -38,15 +38,6 @@ class RunState:
     step: int = 0
     tokens_seen: int = 0
     losses: list[float] = field(default_factory=list)
-
-
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens)."""
-    # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=data_lib.IGNORE).reshape(-1).to(logits.device)
-    flat = logits.reshape(-1, logits.shape[-1]).float()
-    total = F.cross_entropy(flat, shift_labels, ignore_index=data_lib.IGNORE, reduction="sum")
-    return total, int((shift_labels != data_lib.IGNORE).sum())
 
 
 class Trainer:
@@ -166,7 +157,7 @@ class Trainer:
         global_tokens, real_tokens = (int(v) for v in backend.all_reduce_sum(torch.tensor(local, dtype=torch.float64)))
         loss_sum = torch.zeros((), dtype=torch.float64)
         for batch in batches:
-            total, _ = token_loss(backend.forward(batch), batch["labels"])
+            total, _ = backend.loss(batch)
             backend.backward(total * self.env.world_size / max(global_tokens, 1))
             loss_sum += total.detach().double().cpu()
         lr = backend.lr
@@ -217,7 +208,7 @@ class Trainer:
                 start = (i * world + self.env.rank) * mb
                 idx = torch.arange(start, min(start + mb, n)) if start < n else torch.tensor([0])
                 batch = self.eval_data.take(idx)
-                s, c = token_loss(self.backend.forward(batch), batch["labels"])
+                s, c = self.backend.loss(batch)
                 if start < n:
                     total += s.float().cpu()
                     tokens += c

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import lora, model as model_lib, presets
+from dtrain import lora, loss as loss_lib, model as model_lib, presets, step_opts
 from dtrain.config import Config
 from dtrain.dist import DistEnv
 
@@ -72,8 +72,7 @@ class Backend(ABC):
         else:
             for p in model.parameters():
                 p.requires_grad_(p.is_floating_point())
-        if cfg.model.gradient_checkpointing:
-            model_lib.enable_gradient_checkpointing(model)
+        step_opts.apply(model, cfg)  # checkpointing policy, compiled blocks, chunked loss head
 
     def setup_optimizer(self, total_steps: int) -> None:
         """AdamW over the trainable (LoRA) parameters only, with warmup + cosine."""
@@ -108,6 +107,18 @@ class Backend(ABC):
         batch = {k: v.to(self.device) for k, v in batch.items() if k != "labels"}
         with self.autocast():
             return self.model(**batch, use_cache=False).logits
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(summed next-token loss, labelled tokens) of a micro-batch. With the chunked loss
+        installed in the head (dtrain/loss.py) the model's forward returns that sum itself and no
+        logits of the whole micro-batch ever exist; otherwise it is computed from the logits."""
+        head = step_opts.output_head(self.model)
+        if not loss_lib.installed(head):
+            return loss_lib.token_loss(self.forward(batch), batch["labels"])
+        shifted = loss_lib.shift(batch["labels"]).to(self.device)
+        with loss_lib.labels(head, shifted):
+            total = self.forward(batch)
+        return total, int((shifted != loss_lib.IGNORE).sum())
 
     @contextlib.contextmanager
     def evaluating(self):

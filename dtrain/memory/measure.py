@@ -196,8 +196,9 @@ def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # pragma: no cover - older transformers
         return []
-    return [m for m in model.modules()
-            if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
+    return [m for m in model.modules()  # HF's layers, and attention modules dtrain checkpoints (step_opts.py)
+            if (isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False))
+            or getattr(m, "_dtrain_checkpointed", False)]
 
 
 # ---- gathering -------------------------------------------------------------------------------
@@ -273,8 +274,6 @@ def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
 
 def _step(trainer: "Trainer", step: int, probe: bool) -> dict[str, float] | None:
     """One optimizer step as the trainer runs it; with `probe`, the breakdown before `step()`."""
-    from dtrain.trainer import token_loss
-
     backend = trainer.backend
     counter = None
     for micro in range(trainer.cfg.training.grad_accum):
@@ -282,7 +281,7 @@ def _step(trainer: "Trainer", step: int, probe: bool) -> dict[str, float] | None
         if probe and micro == 0:
             counter = SavedTensorCounter(backend.model, list(backend.local_tensors().values()))
         with counter if probe and micro == 0 else nullcontext():
-            total, tokens = token_loss(backend.forward(batch), batch["labels"])
+            total, tokens = backend.loss(batch)
         backend.backward(total / max(tokens, 1))  # memory does not depend on the loss scale
     row = None
     if probe:

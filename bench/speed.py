@@ -1,0 +1,191 @@
+"""Where a step spends memory and time: dtrain against PEFT + accelerate on a real model and on a
+128k-vocabulary shape, with the chunked loss, compiled blocks and checkpointing policies switched.
+
+    .venv/bin/python bench/speed.py                       # both presets, the default variants
+    .venv/bin/python bench/speed.py --preset smollm2 --only dtrain,peft --steps 4
+    .venv/bin/python bench/speed.py --only dtrain,dtrain-ckpt,dtrain-ckpt-attn,dtrain-ckpt-every4
+
+Presets (LoRA r=8, alpha 16 on q_proj, v_proj, dropout 0, fp32, 2 ranks, FSDP2 for both dtrain and
+PEFT + accelerate, the same random token ids for both):
+  smollm2    the real SmolLM2-135M-Instruct (`importer.resolve`), vocab 49,152, tied head
+  llama128k  a random Llama: hidden 512, 8 layers, intermediate 1376, 8 heads, vocab 128,256
+Each variant is one launch (bench/run.py's runners and result format); the table gives tokens/s and
+the largest rank's peak RSS, each with its ratio to PEFT + accelerate. Appends to bench/RESULTS.md
+with --record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+import run as base  # noqa: E402  (bench/run.py: runners, data, environment)
+
+LLAMA_128K = {**base.LLAMA_58M, "vocab_size": 128256}
+
+
+@dataclass(frozen=True)
+class SpeedVariant:
+    name: str
+    kind: str                    # dtrain | peft
+    mode: str = "lora"
+    overrides: tuple[str, ...] = ()
+    default: bool = True
+
+
+VARIANTS = [
+    SpeedVariant("dtrain", "dtrain"),  # chunked loss on (auto, LoRA)
+    SpeedVariant("dtrain-nochunk", "dtrain", overrides=("training.chunked_loss=false",)),
+    SpeedVariant("dtrain-full", "dtrain", mode="full"),
+    SpeedVariant("peft", "peft"),
+    SpeedVariant("dtrain-compile", "dtrain", overrides=("model.compile_blocks=true",), default=False),
+    SpeedVariant("dtrain-ckpt", "dtrain", overrides=("model.gradient_checkpointing=true",), default=False),
+    SpeedVariant("dtrain-ckpt-every4", "dtrain", default=False,
+                 overrides=("model.gradient_checkpointing=true", "model.gradient_checkpointing_every=4")),
+    SpeedVariant("dtrain-ckpt-attn", "dtrain", overrides=("model.gradient_checkpointing=attention",),
+                 default=False),
+]
+BY_NAME = {v.name: v for v in VARIANTS}
+
+
+@dataclass
+class SpeedPreset:
+    name: str
+    arch: dict | None            # None: the real model at `model_path`
+    vocab: int
+    model_path: str | None = None
+    seq_len: int = 128
+    micro_batch: int = 4
+    steps: int = 3
+    warmup: int = 1
+
+    def as_run_preset(self) -> base.Preset:
+        return base.Preset(self.name, self.arch or {}, seq_len=self.seq_len, micro_batch=self.micro_batch,
+                           steps=self.steps, warmup=self.warmup, n_sequences=0, lat_batch=1, lat_seq=1,
+                           lat_iters=1, lat_warmup=0, timeout_s=1800)
+
+
+def presets() -> dict[str, SpeedPreset]:
+    from dtrain import importer
+
+    return {"smollm2": SpeedPreset("smollm2", None, 49152, model_path=str(importer.resolve("smollm2-135m-instruct"))),
+            "llama128k": SpeedPreset("llama128k", LLAMA_128K, 128256)}
+
+
+def run_dtrain(v: SpeedVariant, p: SpeedPreset, data: dict, work: Path, nproc: int) -> base.Outcome:
+    rv = base.Variant(v.name, "dtrain", "fsdp", mode=v.mode)
+    extra = [*v.overrides] + ([f"model.path={p.model_path}", "model.arch=null"] if p.model_path else [])
+    return base.run_dtrain(rv, p.as_run_preset(), data, work, nproc, "fp32", False, 1800, extra)
+
+
+def run_peft(v: SpeedVariant, p: SpeedPreset, data: dict, work: Path, nproc: int) -> base.Outcome:
+    o = base.Outcome(base.Variant(v.name, "peft", "fsdp", mode=v.mode), world=nproc,
+                     tokens_per_step=p.micro_batch * p.seq_len * nproc)
+    vdir = work / v.name
+    vdir.mkdir(parents=True, exist_ok=True)
+    result = vdir / "result.json"
+    model = ["--model-path", p.model_path] if p.model_path else ["--arch", str(work / "arch.json")]
+    cmd = base.torchrun(nproc) + [str(BENCH / "peft_baseline.py"), "--plugin", "fsdp", "--mode", v.mode, *model,
+                                  "--data", str(data["ids"]), "--micro-batch", str(p.micro_batch),
+                                  "--steps", str(p.steps), "--warmup", str(p.warmup), "--lora-r", str(base.LORA_R),
+                                  "--lora-alpha", str(base.LORA_ALPHA), "--lora-targets", ",".join(base.LORA_TARGETS),
+                                  "--lr", str(base.LR), "--force-fsdp-on-cpu", "--out", str(result)]
+    rc, o.wall_s = base.run_logged(cmd, vdir / "log.txt", base.child_env(False), 1800)
+    if not result.is_file():
+        o.status, o.reason = "failed", f"exit {rc}: " + base.error_line(vdir / "log.txt")
+        return o
+    r = json.loads(result.read_text())
+    o.step_times, o.median_step_s = r["step_times"], r["median_step_time_s"]
+    o.peak_bytes, o.peak_kind = max(r["peak_bytes_per_rank"]), "rss_peak_bytes"
+    o.trainable, o.total = r["trainable_params"], r["total_params"]
+    o.loss_first, o.loss_last = r["losses"][0], r["losses"][-1]
+    o.status = "ok"
+    return o
+
+
+def run_preset(p: SpeedPreset, names: list[str], nproc: int, work: Path) -> dict[str, base.Outcome]:
+    work.mkdir(parents=True, exist_ok=True)
+    if p.arch:
+        (work / "arch.json").write_text(json.dumps(p.arch))
+    n_seq = nproc * p.micro_batch * (p.steps + p.warmup)
+    data = base.make_data(work, p.vocab, p.seq_len, n_seq)
+    out = {}
+    for name in names:
+        v = BY_NAME[name]
+        print(f"[speed] {p.name}: {name} ...", flush=True)
+        out[name] = (run_peft if v.kind == "peft" else run_dtrain)(v, p, data, work, nproc)
+        o = out[name]
+        print(f"[speed] {p.name}: {name} {o.status} {o.reason} median {o.median_step_s:.3f}s "
+              f"peak {base.mib(o.peak_bytes)} MiB", flush=True)
+    return out
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if a == a and b == b and b else "n/a"
+
+
+def table(p: SpeedPreset, res: dict[str, base.Outcome]) -> str:
+    peft = res.get("peft")
+    rows = [f"**{p.name}** ({'SmolLM2-135M-Instruct, real weights' if p.model_path else 'random Llama'}, "
+            f"vocab {p.vocab:,}, {p.micro_batch} x {p.seq_len} tokens per rank, 2 ranks, "
+            f"{p.warmup} warm-up + {p.steps} timed steps)", "",
+            "| variant | median step s | tokens/s | vs PEFT | peak RSS/rank MiB | vs PEFT | loss first -> last |",
+            "|---|---:|---:|---:|---:|---:|---|"]
+    for name, o in res.items():
+        if not o.ok:
+            rows.append(f"| {name} | {o.status}: {o.reason[:80]} | | | | | |")
+            continue
+        rows.append(f"| {name} | {o.median_step_s:.3f} | {o.tok_s:,.0f} | "
+                    f"{ratio(o.tok_s, peft.tok_s) if peft and peft.ok else 'n/a'} | {base.mib(o.peak_bytes)} | "
+                    f"{ratio(o.peak_bytes, peft.peak_bytes) if peft and peft.ok else 'n/a'} | "
+                    f"{o.loss_first:.3f} -> {o.loss_last:.3f} |")
+    lora, full = res.get("dtrain"), res.get("dtrain-full")
+    if lora and full and lora.ok and full.ok:
+        rows += ["", f"LoRA vs full fine-tuning (dtrain): tokens/s {ratio(lora.tok_s, full.tok_s)}, "
+                     f"peak RSS {ratio(lora.peak_bytes, full.peak_bytes)}."]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=["smollm2", "llama128k", "both"], default="both")
+    ap.add_argument("--only", help="comma-separated variants (default: " +
+                    ",".join(v.name for v in VARIANTS if v.default) + ")")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    names = args.only.split(",") if args.only else [v.name for v in VARIANTS if v.default]
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; known: {sorted(BY_NAME)}")
+    chosen = presets()
+    chosen = chosen if args.preset == "both" else {args.preset: chosen[args.preset]}
+    header = (f"### bench/speed.py, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+              f"Machine: {base.device_info()['text']}; load average at start {base.loadavg()} (shared, "
+              f"contended machine: noisy). Versions: {json.dumps(base.versions())}. dtrain {base.git_rev()}.\n")
+    parts = [header]
+    with tempfile.TemporaryDirectory(prefix="dtrain-speed-") as tmp:
+        for key, p in chosen.items():
+            p = dataclasses.replace(p, steps=args.steps or p.steps, warmup=args.warmup if args.warmup is not None
+                                    else p.warmup)
+            parts.append(table(p, run_preset(p, names, 2, Path(tmp) / key)))
+            print(parts[-1], flush=True)
+    text = "\n\n".join(parts) + "\n"
+    print(text)
+    if args.record:
+        base.append_results(text, base.RESULTS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

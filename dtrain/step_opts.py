@@ -1,0 +1,125 @@
+"""Where a step spends memory and time, chosen in the config and applied to the model before
+sharding (Backend.prepare): the gradient checkpointing policy, compiled decoder blocks, and the
+chunked loss in the output head (dtrain/loss.py). None of this depends on the backend.
+
+Checkpointing policy (`model.gradient_checkpointing`, `model.gradient_checkpointing_every: N`):
+  true       whole decoder blocks 0, N, 2N, ... recompute their forward in backward (HF's own
+             non-reentrant switch, turned off again on the other blocks)
+  attention  only the attention module of those blocks recomputes: the MLP's activations are kept
+             and the attention's (q, k, v, scores) are recomputed, a middle point between the two
+Both recompute through the module's `forward` (not `__call__`), so the submodules are called again
+and their sharding hooks (ZeRO-3's gathers) fire during recomputation.
+
+Compiled blocks (`model.compile_blocks`): each decoder block's `forward` goes through
+`torch.compile`; the module's hooks (FSDP2's unshard, ZeRO-3's gathers) stay outside the compiled
+code. On CPU, inductor needs a C++ compiler; the first step pays the compilation.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dtrain import loss as loss_lib
+
+log = logging.getLogger("dtrain")
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks, in order (the classes it names in `_no_split_modules`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def apply_checkpointing(model: nn.Module, policy: bool | str, every: int) -> list[int]:
+    """Turn on the checkpointing policy; returns the indices of the blocks that recompute."""
+    from dtrain import model as model_lib
+
+    if not policy:
+        return []
+    blocks = decoder_blocks(model)
+    chosen = [i for i in range(len(blocks)) if i % every == 0]
+    if policy == "attention":
+        for i in chosen:
+            checkpoint_attention(_attention(blocks[i]))
+        model.config.use_cache = False
+        return chosen
+    model_lib.enable_gradient_checkpointing(model)
+    for i, block in enumerate(blocks):
+        if i not in chosen and hasattr(block, "gradient_checkpointing"):
+            block.gradient_checkpointing = False
+    return chosen
+
+
+def _attention(block: nn.Module) -> nn.Module:
+    for name in ("self_attn", "attention", "attn", "self_attention"):
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    from dtrain.config import ConfigError
+
+    raise ConfigError(f"model.gradient_checkpointing = attention: {type(block).__name__} has no "
+                      f"self_attn / attention / attn submodule")
+
+
+def checkpoint_attention(attn: nn.Module) -> None:
+    """`attn` recomputes its forward in backward (non-reentrant), when training with grad."""
+    plain = attn.forward
+
+    def forward(*args, **kwargs):
+        if attn.training and torch.is_grad_enabled():
+            return checkpoint(plain, *args, use_reentrant=False, **kwargs)
+        return plain(*args, **kwargs)
+
+    attn.forward = forward
+    attn._dtrain_checkpointed = True  # dtrain memory counts its inputs (kept for the recompute)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each decoder block's forward; returns how many were compiled."""
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    return len(blocks)
+
+
+def chunked_loss_wanted(setting: bool | str, mode: str, head: nn.Module | None) -> bool:
+    """training.chunked_loss: true / false, or auto (LoRA with a plain linear head)."""
+    from dtrain.config import ConfigError
+
+    if setting is True and not loss_lib.supports(head):
+        raise ConfigError(f"training.chunked_loss = true needs a plain linear output head; this model's is "
+                          f"{type(head).__name__} (an adapted or quantized head): use auto or false")
+    if setting == "auto":
+        return mode == "lora" and loss_lib.supports(head)
+    return bool(setting)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    try:
+        head = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    return head if isinstance(head, nn.Module) else None
+
+
+def apply(model: nn.Module, cfg) -> None:
+    """Every choice of this module the config makes, in place (before sharding)."""
+    m, t = cfg.model, cfg.training
+    chosen = apply_checkpointing(model, m.gradient_checkpointing, m.gradient_checkpointing_every)
+    if chosen:
+        log.info("gradient checkpointing (%s): blocks %s", "attention only" if m.gradient_checkpointing == "attention"
+                 else "whole blocks", _ranges(chosen, m.gradient_checkpointing_every))
+    if m.compile_blocks:
+        log.info("torch.compile: %d decoder blocks", compile_blocks(model))
+    head = output_head(model)
+    if chunked_loss_wanted(t.chunked_loss, cfg.mode, head):
+        loss_lib.install(head, t.loss_chunk_tokens)
+        log.info("chunked loss: on, %d tokens per chunk", t.loss_chunk_tokens)
+
+
+def _ranges(chosen: list[int], every: int) -> str:
+    return f"{chosen[0]}..{chosen[-1]} every {every}" if every > 1 and len(chosen) > 2 else str(chosen)
