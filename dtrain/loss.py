@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100  # = dtrain.data.IGNORE: the label of tokens that carry no loss
+from dtrain.data.rows import IGNORE
+
 DEFAULT_CHUNK = 1024
 _LABELS = "_dtrain_chunked_labels"
 

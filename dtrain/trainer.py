@@ -1,9 +1,8 @@
 """The training recipe: setup, train, cleanup. Never branches on the backend's name.
 
-Loss normalization: every micro-batch's loss is (sum of its token losses) * world / (tokens with a
-label in the whole global batch). Backends average gradients over ranks, so the gradient is that of
-the mean token loss over the global batch, whatever the split into ranks and micro-batches: one
-process and N ranks give the same loss and the same update.
+One optimizer step is dtrain/step.py's `train_step` (shared with the memory profiler): the
+gradient of the mean token loss over the global batch, whatever the split into ranks and
+micro-batches, so one process and N ranks give the same loss and the same update.
 
 Preemption: SIGTERM or SIGUSR1 on any rank sets a flag; at the next step boundary all ranks agree
 (one all-reduce), write a training checkpoint (checkpoint.save_training; rank 0 also writes
@@ -16,17 +15,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
-from dtrain import loggers as loggers_lib
+from dtrain import loggers as loggers_lib, step as step_lib
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
-from dtrain.loss import token_loss  # noqa: F401  (re-exported: tests and tools import it from here)
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
 log = logging.getLogger("dtrain")
@@ -36,8 +34,6 @@ PREEMPT_EXIT = preempt.EXIT_CODE
 @dataclass
 class RunState:
     step: int = 0
-    tokens_seen: int = 0
-    losses: list[float] = field(default_factory=list)
 
 
 class Trainer:
@@ -149,27 +145,15 @@ class Trainer:
             self.loggers = None
 
     def _train_step(self) -> dict:
-        start, backend, accum = time.perf_counter(), self.backend, self.cfg.training.grad_accum
-        batches = [self.train_data.take(self.plan.indices(self.state.step, m, self.env.rank)) for m in range(accum)]
-        local = [sum(int((b["labels"][:, 1:] != data_lib.IGNORE).sum()) for b in batches),
-                 sum(self.train_data.real_tokens(self.plan.indices(self.state.step, m, self.env.rank))
-                     for m in range(accum))]
-        global_tokens, real_tokens = (int(v) for v in backend.all_reduce_sum(torch.tensor(local, dtype=torch.float64)))
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for batch in batches:
-            total, _ = backend.loss(batch)
-            backend.backward(total * self.env.world_size / max(global_tokens, 1))
-            loss_sum += total.detach().double().cpu()
-        lr = backend.lr
-        norm = backend.step()
-        loss = float(backend.all_reduce_sum(loss_sum).item()) / max(global_tokens, 1)
+        start, rank, accum = time.perf_counter(), self.env.rank, self.cfg.training.grad_accum
+        picks = [self.plan.indices(self.state.step, m, rank) for m in range(accum)]
+        real = sum(self.train_data.real_tokens(idx) for idx in picks)
+        result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real)
         elapsed = time.perf_counter() - start
         seq_tokens = self.plan.global_batch * self.cfg.data.seq_len
-        self.state.tokens_seen += seq_tokens
-        self.state.losses.append(loss)
-        row = {"step": self.state.step + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-               "tokens_per_s": real_tokens / elapsed, "padding_fraction": 1 - real_tokens / seq_tokens,
-               "step_time_s": elapsed}
+        row = {"step": self.state.step + 1, "loss": result["loss"], "lr": result["lr"],
+               "grad_norm": result["grad_norm"], "tokens_per_s": result["real_tokens"] / elapsed,
+               "padding_fraction": 1 - result["real_tokens"] / seq_tokens, "step_time_s": elapsed}
         if self._mfu is not None:
             row["mfu"] = flops.mfu(self._mfu[0], seq_tokens, elapsed, self.env.world_size, self._mfu[1])
         return row

@@ -8,6 +8,7 @@ creates loggers (the trainer decides; nothing here asks for the rank).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,6 @@ def check_installed(backends: list[str] | str, where: str = "logging.backends") 
 def create(cfg: Any, out: Path, start_step: int = 0) -> MultiLogger:
     """The run's loggers (rank 0 only): metrics.jsonl plus each configured backend. `start_step`:
     the step a resumed run continues from (0: a new run)."""
-    from dtrain import config as config_lib
     from dtrain.loggers.jsonl import JsonlLogger
 
     lc = cfg.logging
@@ -60,11 +60,11 @@ def create(cfg: Any, out: Path, start_step: int = 0) -> MultiLogger:
                 from dtrain.loggers.mlflow_logger import MlflowLogger
 
                 loggers.append(MlflowLogger(lc.mlflow_uri, out / "mlruns", lc.project, run_name,
-                                            config_lib.to_dict(cfg)))
+                                            dataclasses.asdict(cfg)))
             elif name == "wandb":
                 from dtrain.loggers.wandb_logger import WandbLogger
 
-                loggers.append(WandbLogger(out, lc.project, run_name, lc.wandb_mode, config_lib.to_dict(cfg)))
+                loggers.append(WandbLogger(out, lc.project, run_name, lc.wandb_mode, dataclasses.asdict(cfg)))
     except BaseException:
         MultiLogger(loggers).close()
         raise

@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from dtrain.memory.process import process_memory, reset_peaks  # noqa: F401  (re-exported)
+from dtrain import step as step_lib
+from dtrain.memory.process import process_memory
 
 if TYPE_CHECKING:
     from dtrain.backends.base import Backend
-    from dtrain.trainer import Trainer
+    from dtrain.trainer import Trainer  # the type only: measure_cli runs the trainer
 
 MODEL_STATES = ("frozen_weights", "trainable_params", "gradients", "optimizer_state")
 CATEGORIES = (*MODEL_STATES, "activations")
@@ -256,62 +256,36 @@ class Measured:
 
 
 def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
-    """Run `steps` (>= 2) optimizer steps of a set-up Trainer; this rank's row.
+    """Run `steps` (>= 2) optimizer steps of a set-up Trainer (dtrain.step.train_step, as
+    training runs them); this rank's row.
 
-    Model states are taken in the last step after backward and before `step()` (Adam's state
-    exists from the first step on, and the gradients are not yet zeroed); activations during
+    Model states are taken in the last step after backward and before the optimizer step (Adam's
+    state exists from the first step on, and the gradients are not yet zeroed); activations during
     that step's first micro-batch forward and loss.
     """
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (Adam's state appears at the first step), got {steps}")
-    row: dict[str, float] = {}
+    backend, accum = trainer.backend, trainer.cfg.training.grad_accum
+    watch = _Probe(backend)
     for step in range(steps):
-        row = _step(trainer, step, probe=step == steps - 1) or row
-    row.update(process_memory(trainer.backend.device))
+        batches = [trainer.train_data.take(trainer.plan.indices(step, m, backend.rank)) for m in range(accum)]
+        step_lib.train_step(backend, batches, watch=watch if step == steps - 1 else None)
+    row = {**watch.row, **process_memory(backend.device)}
     row["model_states"] = sum(row[k] for k in MODEL_STATES)
     return row
 
 
-def _step(trainer: "Trainer", step: int, probe: bool) -> dict[str, float] | None:
-    """One optimizer step as the trainer runs it; with `probe`, the breakdown before `step()`."""
-    backend = trainer.backend
-    counter = None
-    for micro in range(trainer.cfg.training.grad_accum):
-        batch = trainer.train_data.take(trainer.plan.indices(step, micro, backend.rank))
-        if probe and micro == 0:
-            counter = SavedTensorCounter(backend.model, list(backend.local_tensors().values()))
-        with counter if probe and micro == 0 else nullcontext():
-            total, tokens = backend.loss(batch)
-        backend.backward(total / max(tokens, 1))  # memory does not depend on the loss scale
-    row = None
-    if probe:
-        row = {**model_state_bytes(backend), "activations": counter.activation_bytes,
-               "saved_param_bytes": counter.param_bytes}
-    backend.step()
-    return row
+class _Probe(step_lib.StepWatch):
+    """Saved tensors of the first micro-batch's forward, model states before the optimizer step."""
 
+    def __init__(self, backend: "Backend") -> None:
+        self.backend, self.row = backend, {}
+        self.counter: SavedTensorCounter | None = None
 
-def measure_modes(cfgs: dict, steps: int) -> Measured:
-    """Each mode's config in turn in these processes: set up, `steps` steps, gather, release.
+    def forward(self):
+        self.counter = SavedTensorCounter(self.backend.model, list(self.backend.local_tensors().values()))
+        return self.counter
 
-    The process group stays up between modes (`backend.release()`); it is torn down after
-    the last mode, or on error. Every rank returns every rank's rows.
-    """
-    from dtrain.trainer import Trainer
-
-    modes: dict[str, list[dict[str, float | None]]] = {}
-    trainer = None
-    try:
-        for mode, cfg in cfgs.items():
-            if trainer is not None:
-                trainer.backend.release()
-            trainer = Trainer(cfg)
-            reset_peaks(trainer.env.device)
-            trainer.setup()
-            modes[mode] = gather_rows(trainer.backend, measured_steps(trainer, steps))
-        env = trainer.env
-        return Measured(env.rank, env.world_size, env.device.type, modes)
-    finally:
-        if trainer is not None:
-            trainer.backend.release()
-            trainer.cleanup()
+    def before_optimizer_step(self) -> None:
+        self.row = {**model_state_bytes(self.backend), "activations": self.counter.activation_bytes,
+                    "saved_param_bytes": self.counter.param_bytes}

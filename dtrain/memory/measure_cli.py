@@ -85,7 +85,7 @@ def check_report_dir(out: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure each mode, then (rank 0) write the report; returns 0."""
-    from dtrain.memory import measure, report
+    from dtrain.memory import report
 
     cfg = config_lib.load(args.config, args.overrides)
     if args.steps < 2:
@@ -93,10 +93,38 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(cfg.output.dir) / "memory"
     check_report_dir(out, args.overwrite)
     modes = mode_configs(cfg, out, args.steps, args.with_8bit)
-    measured = measure.measure_modes({name: c for name, (c, _) in modes.items()}, args.steps)
+    measured = measure_modes({name: c for name, (c, _) in modes.items()}, args.steps)
     if measured.rank == 0:
         data = report.build(cfg, measured, {name: info for name, (_, info) in modes.items()}, args.steps)
         paths = report.write(data, out)
         print(report.markdown(data))
         log.info("memory report: %s, %s, %s", paths["md"], paths["json"], paths["png"])
     return 0
+
+
+def measure_modes(cfgs: dict, steps: int):
+    """Each mode's config in turn in these processes: set up, `steps` steps, gather, release.
+
+    The process group stays up between modes (`backend.release()`); it is torn down after
+    the last mode, or on error. Every rank returns every rank's rows.
+    """
+    from dtrain.memory.measure import Measured, gather_rows, measured_steps
+    from dtrain.memory.process import reset_peaks
+    from dtrain.trainer import Trainer
+
+    modes: dict[str, list[dict[str, float | None]]] = {}
+    trainer = None
+    try:
+        for mode, cfg in cfgs.items():
+            if trainer is not None:
+                trainer.backend.release()
+            trainer = Trainer(cfg)
+            reset_peaks(trainer.env.device)
+            trainer.setup()
+            modes[mode] = gather_rows(trainer.backend, measured_steps(trainer, steps))
+        env = trainer.env
+        return Measured(env.rank, env.world_size, env.device.type, modes)
+    finally:
+        if trainer is not None:
+            trainer.backend.release()
+            trainer.cleanup()

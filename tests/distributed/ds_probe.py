@@ -22,7 +22,7 @@ import torch
 
 from dtrain import config as config_lib, dist, lora
 from dtrain.backends.deepspeed import DeepSpeedBackend
-from dtrain.trainer import token_loss
+from dtrain.loss import token_loss
 from probe_backend import storage  # this folder is sys.path[0]: the file runs as a script
 
 REPO = Path(__file__).resolve().parents[2]

@@ -63,7 +63,7 @@ def eval_loss(model_dir, run_dir, examples: int) -> float:
 
     from dtrain import config as config_lib, data as data_lib
     from dtrain.tokenizer import load_tokenizer
-    from dtrain.trainer import token_loss
+    from dtrain.loss import token_loss
 
     cfg = config_lib.load(run_dir / "config.yaml")
     tok = load_tokenizer(run_dir / "tokenizer", cfg.data.path)

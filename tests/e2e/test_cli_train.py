@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from dtrain import config, data, lora, trainer
+from dtrain import config, data, lora, loss as loss_lib
 from dtrain.tokenizer import build_tokenizer
 from tests.helpers import FAST, PY, REPO, TINY, env_for_tests, launch_cmd, metrics
 
@@ -307,6 +307,6 @@ def test_local_dir_weights_are_the_saved_ones(runs) -> None:
     batch = train_ex.take(plan.indices(0, 0, 0))
     with torch.no_grad():
         logits = runs["hf"](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    total, n = trainer.token_loss(logits, batch["labels"])
+    total, n = loss_lib.token_loss(logits, batch["labels"])
     assert m1[0]["loss"] == pytest.approx(float(total) / n, rel=1e-5, abs=1e-6)
     assert m1[1]["loss"] != m1[0]["loss"]

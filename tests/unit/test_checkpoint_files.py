@@ -19,7 +19,7 @@ from dtrain import adapter, checkpoint, config as config_lib, data as data_lib, 
 from dtrain.data import BatchPlan
 from dtrain.backends.single import SingleBackend
 from dtrain.errors import ConfigError
-from dtrain.trainer import token_loss
+from dtrain.loss import token_loss
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from dtrain.backends import heap
-from dtrain.memory import measure
+from dtrain.memory.process import process_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 
 
 def rss() -> float:
-    return measure.process_memory(torch.device("cpu"))["rss_bytes"]
+    return process_memory(torch.device("cpu"))["rss_bytes"]
 
 
 def test_rss_is_read():

@@ -207,7 +207,7 @@ def test_loraplus_moves_B_by_lr_times_ratio():
     scheduled lr and B (and DoRA's magnitude) at 16 x that lr."""
     from dtrain import config as config_lib, dist
     from dtrain.backends.single import SingleBackend
-    from dtrain.trainer import token_loss
+    from dtrain.loss import token_loss
 
     cfg = config_lib.load(TINY, [f"data.path={CORPUS}", "lora.loraplus_lr_ratio=16", "lora.use_dora=true",
                                  "lora.targets=[q_proj,v_proj]", "training.max_grad_norm=0",

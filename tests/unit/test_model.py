@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dtrain import config, dist, lora, model as model_lib, trainer
+from dtrain import config, dist, lora, loss as loss_lib, model as model_lib
 from dtrain.backends.single import SingleBackend
 from dtrain.errors import ConfigError
 from tests.helpers import REPO, TINY
@@ -153,7 +153,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     for gc in ("false", "true"):
         backend = build(f"model.gradient_checkpointing={gc}", "lora.targets=[q_proj,v_proj,down_proj]")
         b = batch(3)
-        total, _ = trainer.token_loss(backend.forward(b), b["labels"])
+        total, _ = loss_lib.token_loss(backend.forward(b), b["labels"])
         backend.backward(total)
         grads.append({n: p.grad for n, p in backend.model.named_parameters() if p.requires_grad})
     assert any(getattr(m, "gradient_checkpointing", False) for m in backend.model.modules())
@@ -177,7 +177,7 @@ def test_training_changes_only_A_and_B() -> None:
     losses = []
     for step in range(3):
         b = batch(step)
-        total, n_tok = trainer.token_loss(backend.forward(b), b["labels"])
+        total, n_tok = loss_lib.token_loss(backend.forward(b), b["labels"])
         assert n_tok == 4 * 15
         backend.backward(total / n_tok)
         losses.append(float(total.detach()) / n_tok)
@@ -203,7 +203,7 @@ def test_training_changes_only_A_and_B() -> None:
 def test_token_loss_is_summed_cross_entropy() -> None:
     logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([[1, 2, 3, -100, -100], [-100, 4, 5, 6, 0]])
-    total, n = trainer.token_loss(logits, labels)
+    total, n = loss_lib.token_loss(logits, labels)
     pairs = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != -100]
     expect = sum(-torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]] for b, t in pairs)
     assert n == len(pairs) == 6

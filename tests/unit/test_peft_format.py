@@ -21,7 +21,7 @@ from dtrain import adapter, cli, config as config_lib, dist, lora, merge_cli
 from dtrain.backends.single import SingleBackend
 from dtrain.errors import DtrainError
 from dtrain.tokenizer import build_tokenizer
-from dtrain.trainer import token_loss
+from dtrain.loss import token_loss
 
 peft = pytest.importorskip("peft")
 
