@@ -7,7 +7,7 @@ import typing
 
 import torch
 
-from dtrain import config as config_lib
+from dtrain import config_types
 from dtrain.config import DataConfig
 
 
@@ -20,7 +20,7 @@ def sources(cfg: DataConfig) -> list[tuple[DataConfig, float]]:
     fields = {f.name: f for f in dataclasses.fields(DataConfig)}
     out = []
     for i, entry in enumerate(cfg.mix):
-        values = {k: config_lib._check(v, hints[k], fields[k], f"data.mix[{i}].{k}", "data")
+        values = {k: config_types.check(v, hints[k], fields[k], f"data.mix[{i}].{k}", "data")
                   for k, v in entry.items() if k != "weight"}
         out.append((dataclasses.replace(cfg, mix=None, **values), float(entry.get("weight", 1.0))))
     return out
