@@ -11,7 +11,7 @@ latency at inference); `unmerge()` takes it out again. Several named adapters ma
 
 Variants (docs/lora_variants.md): rsLoRA scales by alpha / sqrt(r) instead of alpha / r
 (`AdapterSpec.use_rslora`); DoRA adds a learned magnitude per output row (`use_dora`, dtrain/dora.py);
-LoRA+ is an optimizer setting (`is_loraplus_fast`, backends.base.Backend.optimizer_groups).
+LoRA+ is an optimizer setting (`is_loraplus_fast`, optim.optimizer_groups).
 """
 
 from __future__ import annotations

@@ -1,7 +1,14 @@
-"""The one interface the trainer talks to. Each backend owns process groups, sharding,
-optimizer, backward and step, and the gathering of LoRA tensors.
+"""The one interface the trainer talks to. What a backend must do:
 
-Public methods are the lifecycle; subclasses fill in the `_`-prefixed steps.
+* place and shard: `_build` (build empty, `assembly.prepare`, shard, fill the weights);
+* step: `forward` / `loss`, `backward`, `step` (the torch optimizer path is here; `optim` makes
+  the optimizer and schedule);
+* gather LoRA tensors and save / load its state: `full_state`, `load_full_state`,
+  `full_optimizer_state`, `load_full_optimizer_state` (any world size);
+* collectives: `all_reduce_sum`, `barrier`, `close` (backends/collectives.py for process groups).
+
+What the memory profiler reads (local storage by name) is backends/memory_view.py's; model
+assembly is dtrain/assembly.py's. Subclasses fill in the `_`-prefixed steps.
 """
 
 from __future__ import annotations
@@ -15,20 +22,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import lora, loss as loss_lib, model as model_lib, presets, step_opts
+from dtrain import loss as loss_lib, model as model_lib, optim, step_opts
+from dtrain.backends.memory_view import TorchMemoryView
 from dtrain.config import Config
 from dtrain.dist import DistEnv
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class Backend(ABC):
+class Backend(TorchMemoryView, ABC):
     """Single process, FSDP2 or DeepSpeed ZeRO-3 behind the same calls."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
@@ -56,46 +56,15 @@ class Backend(ABC):
         self.model = self._build(config)
         return self.model
 
-    def prepare(self, model: nn.Module) -> None:
-        """Quantize, add the adapter and freeze the base (mode lora), in place, before sharding."""
-        cfg = self.cfg
-        if cfg.quantization.bits in (8, 4):
-            from dtrain import quant
-
-            skip = quant.skip_rule(cfg.quantization.include_head)
-            quant.quantize_model(model, cfg.quantization.bits, skip=skip)
-        if cfg.mode == "lora":
-            targets = cfg.lora.targets if cfg.lora.target_regex else presets.expand(model, cfg.lora.targets)
-            names = lora.select_targets(model, targets, cfg.lora.target_regex)
-            lora.inject(model, names, adapter_spec(cfg))
-            lora.freeze_base(model)
-        else:
-            for p in model.parameters():
-                p.requires_grad_(p.is_floating_point())
-        step_opts.apply(model, cfg)  # checkpointing policy, compiled blocks, chunked loss head
-
     def setup_optimizer(self, total_steps: int) -> None:
         """AdamW over the trainable (LoRA) parameters only, with warmup + cosine."""
         self._setup_optimizer(total_steps, self.schedule(total_steps))
 
     def schedule(self, total_steps: int) -> Callable[[int], float]:
-        t = self.cfg.training
-        return lambda s: lr_factor(s, t.warmup_steps, total_steps, t.min_lr_ratio)
+        return optim.schedule(self.cfg, total_steps)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
-
-    def optimizer_groups(self) -> list[dict]:
-        """The optimizer's parameter groups: one (every trainable parameter at training.lr), or
-        with LoRA+ (`lora.loraplus_lr_ratio`) two: A at lr, then B and DoRA's magnitude at
-        lr x ratio. The schedule scales both alike (LambdaLR multiplies each group's initial lr)."""
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        ratio = self.cfg.lora.loraplus_lr_ratio
-        if self.cfg.mode != "lora" or ratio is None or ratio == 1:
-            return [{"params": [p for _, p in named]}]
-        lr = self.cfg.training.lr
-        return [{"params": [p for n, p in named if not lora.is_loraplus_fast(n)], "lr": lr},
-                {"params": [p for n, p in named if lora.is_loraplus_fast(n)], "lr": lr * ratio}]
 
     @property
     def lr(self) -> float:
@@ -185,7 +154,7 @@ class Backend(ABC):
             if "exp_avg" in st:
                 params[names[id(p)]] = {"step": float(st["step"]), **{k: self._full_tensor(st[k]).detach().cpu().clone()
                                                                       for k in ("exp_avg", "exp_avg_sq")}}
-        return {"params": params, "hyper": _hyper(self.optimizer.param_groups[0]),
+        return {"params": params, "hyper": optim.hyper(self.optimizer.param_groups[0]),
                 "scheduler": self.scheduler.state_dict()}
 
     def load_full_optimizer_state(self, state: dict) -> None:
@@ -198,7 +167,7 @@ class Backend(ABC):
                 self.optimizer.state[p] = {"step": torch.tensor(float(saved["step"]), dtype=torch.float32),
                                            **{k: self._local_like(p, saved[k].to(p.dtype)) for k in ("exp_avg", "exp_avg_sq")}}
         for group in self.optimizer.param_groups:
-            _set_hyper(group, state["hyper"])
+            optim.set_hyper(group, state["hyper"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def _full_tensor(self, t: torch.Tensor) -> torch.Tensor:
@@ -222,33 +191,8 @@ class Backend(ABC):
 
     def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
         """torch AdamW over the trainable parameters and a LambdaLR (DeepSpeed hands both to its engine)."""
-        self.optimizer = make_adamw(self.optimizer_groups(), self.cfg)
+        self.optimizer = optim.make_adamw(optim.optimizer_groups(self.model, self.cfg), self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-
-    def local_tensors(self) -> dict[str, torch.Tensor]:
-        """This rank's local storage of every parameter (shards where sharded), for the memory report."""
-        return {n: p.data for n, p in self.model.named_parameters()}
-
-    # ---- memory report (dtrain/memory/measure.py) ----------------------------------------------
-    def local_grads(self) -> dict[str, torch.Tensor]:
-        """This rank's gradient storage, by parameter name, as it stands after backward and before
-        `step()` (local shards of DTensor grads). Backends that keep gradients outside `.grad`
-        (ZeRO-3's partitioned fp32 grads) override this."""
-        return {n: _local(p.grad) for n, p in self.model.named_parameters() if p.grad is not None}
-
-    def local_optimizer_tensors(self) -> dict[str, torch.Tensor]:
-        """This rank's optimizer-held tensors, keyed `param_name/state_key`: every tensor in
-        `optimizer.state` (local shards), plus fp32 master copies where a backend keeps them
-        (override: ZeRO-3, or bf16 with fp32 masters)."""
-        if self.optimizer is None:
-            return {}
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        out = {}
-        for p, state in self.optimizer.state.items():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    out[f"{names.get(id(p), id(p))}/{key}"] = _local(value)
-        return out
 
     def release(self) -> None:
         """Drop the model, optimizer and scheduler but keep the process group, so that another
@@ -260,31 +204,3 @@ class Backend(ABC):
             torch.cuda.empty_cache()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (its `to_local()`), else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")
-
-
-def _hyper(group: dict) -> dict:
-    """AdamW's hyper-parameters of a param group, plain data."""
-    return {k: (list(group[k]) if isinstance(group[k], tuple) else float(group[k])) for k in HYPER if k in group}
-
-
-def _set_hyper(group: dict, hyper: dict) -> None:
-    for k, v in hyper.items():
-        group[k] = tuple(v) if isinstance(v, list) else v
-
-
-def adapter_spec(cfg: Config) -> lora.AdapterSpec:
-    c = cfg.lora
-    return lora.AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed,
-                            use_rslora=c.use_rslora, use_dora=c.use_dora)
-
-
-def make_adamw(params: list[nn.Parameter] | list[dict], cfg: Config) -> torch.optim.AdamW:
-    t = cfg.training
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                             weight_decay=t.weight_decay)

@@ -23,7 +23,7 @@ and each `engine.step()` is an optimizer step: gradients are averaged over ranks
 `gradient_clipping` (DeepSpeed's and torch's clip both scale by max_norm / (norm + 1e-6)), AdamW
 (`torch.optim.AdamW` via `torch_adam`) updates the fp32 partitions, the scheduler steps.
 
-Schedule. dtrain's warmup + cosine (`base.lr_factor`) is given to `deepspeed.initialize` as the
+Schedule. dtrain's warmup + cosine (`optim.lr_factor`) is given to `deepspeed.initialize` as the
 client `lr_scheduler` (a callable building `torch.optim.lr_scheduler.LambdaLR` on DeepSpeed's
 basic optimizer), not DeepSpeed's `WarmupCosineLR`: in deepspeed/runtime/lr_schedules.py that
 scheduler starts at `last_batch_iteration = -1`, where `get_lr()` returns 0, and at iteration 0
@@ -62,9 +62,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import model as model_lib
+from dtrain import assembly, model as model_lib, optim
 from dtrain.backends import ds_config, heap, zero3_state
 from dtrain.backends.base import Backend
+from dtrain.backends.collectives import ProcessGroupCollectives
 from dtrain.config import Config
 from dtrain import dist as dist_env
 from dtrain.dist import DistEnv
@@ -116,7 +117,7 @@ def _no_init_weights():
     return no_init_weights()
 
 
-class DeepSpeedBackend(Backend):
+class DeepSpeedBackend(ProcessGroupCollectives, Backend):
     """ZeRO-3 through a DeepSpeed engine; `self.model` is the bare module (names without `module.`)."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
@@ -130,7 +131,6 @@ class DeepSpeedBackend(Backend):
             self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False,
                                      timeout=dist_env.pg_timeout(cfg))
         self.engine = None
-        self._closed = False
         self._trimmer = heap.StepTrimmer()
 
     # ---- build ------------------------------------------------------------------------------
@@ -146,7 +146,7 @@ class DeepSpeedBackend(Backend):
         heap.trim()
         # gather limits sized from the model just built (zero.Init above does not read them)
         self.ds_config = ds_config.build(cfg, self.env.world_size, ds_config.ModelSize.of(model, config))
-        self.prepare(model)
+        assembly.prepare(model, self.cfg)
         # LoRA (and any other new) parameters: partition them too, from rank 0's values.
         ds.zero.Init(module=model, config_dict_or_path=self.ds_config)
         model_lib.restore_buffers(model, self.device)
@@ -184,7 +184,7 @@ class DeepSpeedBackend(Backend):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
         engine, optimizer, _, scheduler = self.ds.initialize(
-            model=self.model, model_parameters=self.optimizer_groups(), config=self.ds_config,
+            model=self.model, model_parameters=optim.optimizer_groups(self.model, self.cfg), config=self.ds_config,
             lr_scheduler=make_scheduler, dist_init_required=False)
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
 
@@ -223,13 +223,6 @@ class DeepSpeedBackend(Backend):
         """
         if self.engine is not None:
             self.engine.empty_partition_cache()
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        out = t.detach().clone().to(self.device)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out.to(t.device)
 
     # ---- state ------------------------------------------------------------------------------
     def full_state(self, names: Callable[[str], bool]) -> dict[str, torch.Tensor]:
@@ -292,21 +285,6 @@ class DeepSpeedBackend(Backend):
         return {id(p): n for n, p in self.model.named_parameters()}
 
     # ---- collectives / teardown -------------------------------------------------------------
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
     def release(self) -> None:
         """Drop the engine too (it holds the module, the optimizer and the gradient buffers)."""
         if self.engine is not None:

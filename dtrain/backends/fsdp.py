@@ -14,11 +14,12 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import dist as dist_env, model as model_lib
+from dtrain import assembly, dist as dist_env, model as model_lib
 from dtrain.backends.base import Backend
+from dtrain.backends.collectives import ProcessGroupCollectives
 
 
-class FSDPBackend(Backend):
+class FSDPBackend(ProcessGroupCollectives, Backend):
     def __init__(self, cfg, env) -> None:
         super().__init__(cfg, env)
         if not dist.is_initialized():
@@ -31,7 +32,7 @@ class FSDPBackend(Backend):
         cfg = self.cfg
         model = model_lib.build_empty(config, model_lib.DTYPES[cfg.model.dtype],
                                       trust_remote_code=cfg.model.trust_remote_code)
-        self.prepare(model)
+        assembly.prepare(model, self.cfg)
         base = model_lib.base_source(cfg.model, model, cfg.training.seed)
         source = model_lib.ModelSource(base, model)
         self._shard(model)
@@ -80,14 +81,6 @@ class FSDPBackend(Backend):
         stop = start + p.to_local().shape[0]
         return slice(start, stop)
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().clone().to(self._comm_device())
-        dist.all_reduce(t)
-        return t.cpu()
-
-    def _comm_device(self) -> torch.device:
-        return self.device if self.env.dist_backend == "nccl" else torch.device("cpu")
-
     def full_state(self, names: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         out = {}
         for n, p in self.model.named_parameters():  # same order on every rank: collectives match
@@ -131,13 +124,6 @@ class FSDPBackend(Backend):
 
     def local_tensors(self) -> dict[str, torch.Tensor]:
         return {n: (p.to_local() if isinstance(p, DTensor) else p).data for n, p in self.model.named_parameters()}
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:

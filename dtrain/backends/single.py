@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import model as model_lib
+from dtrain import assembly, model as model_lib
 from dtrain.backends.base import Backend
 
 
@@ -15,7 +15,7 @@ class SingleBackend(Backend):
     def _build(self, config) -> nn.Module:
         model = model_lib.build_empty(config, model_lib.DTYPES[self.cfg.model.dtype],
                                       trust_remote_code=self.cfg.model.trust_remote_code)
-        self.prepare(model)
+        assembly.prepare(model, self.cfg)
         base = model_lib.base_source(self.cfg.model, model, self.cfg.training.seed)
         model.to_empty(device=self.device)
         model_lib.restore_buffers(model, self.device)

@@ -345,7 +345,7 @@ def ds_live_params(spec: ModelSpec, plan: Plan) -> int:
     `stage3_max_live_parameters` (one rank's share of the model; 0 on one rank or with FSDP)."""
     if plan.backend != "deepspeed":
         return 0
-    from dtrain.backends.ds_config import ModelSize, gather_limits  # not at import: keeps the CLI light
+    from dtrain.zero3_sizing import ModelSize, gather_limits
 
     limits = gather_limits(ModelSize(hidden=spec.hidden_size, params=spec.total_params), plan.world_size)
     return limits["stage3_max_live_parameters"]

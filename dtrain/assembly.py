@@ -1,0 +1,35 @@
+"""Model assembly for training, the same for every backend and run before any sharding: the
+quantized base, the LoRA adapter from the config, what is frozen, the step options. No rank here.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dtrain import lora, presets, step_opts
+from dtrain.config import Config
+
+
+def prepare(model: nn.Module, cfg: Config) -> None:
+    """Quantize, add the adapter and freeze the base (mode lora), in place, before sharding; then
+    the step options (checkpointing policy, compiled blocks, chunked-loss head)."""
+    if cfg.quantization.bits in (8, 4):
+        from dtrain import quant
+
+        skip = quant.skip_rule(cfg.quantization.include_head)
+        quant.quantize_model(model, cfg.quantization.bits, skip=skip)
+    if cfg.mode == "lora":
+        targets = cfg.lora.targets if cfg.lora.target_regex else presets.expand(model, cfg.lora.targets)
+        names = lora.select_targets(model, targets, cfg.lora.target_regex)
+        lora.inject(model, names, adapter_spec(cfg))
+        lora.freeze_base(model)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(p.is_floating_point())
+    step_opts.apply(model, cfg)
+
+
+def adapter_spec(cfg: Config) -> lora.AdapterSpec:
+    c = cfg.lora
+    return lora.AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed,
+                            use_rslora=c.use_rslora, use_dora=c.use_dora)
