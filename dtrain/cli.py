@@ -93,11 +93,6 @@ def _run(args: argparse.Namespace) -> int:
         if _rank() == 0 or e.local:  # every rank raises the same error: one line, not one per rank
             print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
-    except (ValueError, FileNotFoundError) as e:
-        if getattr(args, "command", None) in ("estimate", "slurm", "merge"):
-            print(f"dtrain: error: {e}", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         print("dtrain: interrupted", file=sys.stderr)
         return 130

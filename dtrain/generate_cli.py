@@ -163,5 +163,5 @@ def _switch(model, lora, command: str) -> None:
     try:
         lora.set_adapter(model, name)
         print(f"(adapter {name})", file=sys.stderr)
-    except ValueError as e:
+    except DtrainError as e:
         print(f"dtrain: {e}", file=sys.stderr)

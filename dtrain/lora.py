@@ -271,7 +271,7 @@ def inject(model: nn.Module, names: list[str], spec: AdapterSpec) -> list[LoRALi
             module = LoRALinear(module, qualified_name=name)
             setattr(parent, child, module)
         if spec.name in module.lora_A:
-            raise ValueError(f"{name}: adapter '{spec.name}' already exists")
+            raise ConfigError(f"{name}: adapter '{spec.name}' already exists")
         module.add_adapter(spec)
         wrapped.append(module)
     return wrapped
@@ -316,7 +316,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     layers = list(lora_modules(model))
     if not any(name in m.lora_A for _, m in layers):
         have = sorted({k for _, m in layers for k in m.lora_A})
-        raise ValueError(f"adapter '{name}' not found; have: {', '.join(have) or 'none'}")
+        raise ConfigError(f"adapter '{name}' not found; have: {', '.join(have) or 'none'}")
     for _, m in layers:
         if m.merged_adapter is not None:
             raise RuntimeError(f"{m.qualified_name}: unmerge before switching adapters")

@@ -96,13 +96,13 @@ class Plan:
         for name in ("gpus", "nodes", "rank", "batch", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("bits", self.bits, BITS)
         _check_choice("param_dtype", self.param_dtype, tuple(DTYPE_BYTES))
         _check_choice("attention", self.attention, ATTENTION)
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ValueError(f"targets must name at least one module, got {self.targets!r}")
+            raise ConfigError(f"targets must name at least one module, got {self.targets!r}")
 
     @property
     def world_size(self) -> int:
@@ -203,14 +203,14 @@ class Estimate:
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
     if value not in choices or isinstance(value, bool):
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def parse_targets(text: str) -> tuple[str, ...]:
     """``"q_proj, v_proj"`` -> ``("q_proj", "v_proj")``; ``"all-linear"`` stays one item."""
     targets = tuple(t.strip() for t in text.split(",") if t.strip())
     if not targets:
-        raise ValueError(f"targets must name at least one module, got {text!r}")
+        raise ConfigError(f"targets must name at least one module, got {text!r}")
     return targets
 
 # ----------------------------------------------------------------------------- arithmetic
@@ -222,15 +222,12 @@ def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearMod
     if ALL_LINEAR in targets:
         return spec.linears
     if len(targets) == 1 and presets.is_preset(targets[0]):
-        try:
-            chosen = set(presets.resolve_names([lin.name for lin in spec.linears], targets[0]))
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
+        chosen = set(presets.resolve_names([lin.name for lin in spec.linears], targets[0]))
         return tuple(lin for lin in spec.linears if lin.name in chosen)
     missing = [t for t in targets if not any(lin.matches(t) for lin in spec.linears)]
     if missing:
         names = ", ".join(sorted({lin.name.rsplit(".", 1)[-1] for lin in spec.linears}))
-        raise ValueError(f"LoRA targets {', '.join(missing)} match no linear layer of "
+        raise ConfigError(f"LoRA targets {', '.join(missing)} match no linear layer of "
                          f"{spec.name} (its linears: {names})")
     return tuple(lin for lin in spec.linears if any(lin.matches(t) for t in targets))
 

@@ -1,7 +1,7 @@
 """`dtrain estimate`: resolve --model, build the plan, print the estimate as a table or JSON.
 
 Wire-up: ``add_estimate_parser(subparsers)`` registers the ``estimate`` sub-command and sets
-``func=run_estimate``. Every user error raises ``ValueError`` with one line; the CLI prints it
+``func=run_estimate``. Every user error raises ``ConfigError`` with one line; the CLI prints it
 and exits 2.
 """
 
@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtrain.errors import ConfigError
 from dtrain.memory.estimate import (
     ATTENTION,
     BACKENDS,
@@ -71,13 +72,13 @@ def add_estimate_parser(subparsers: Any) -> None:
 
 
 def run_estimate(args: argparse.Namespace) -> int:
-    """Print the estimate (or the paper comparison); return 0. Raises ValueError on bad input."""
+    """Print the estimate (or the paper comparison); return 0. Raises ConfigError on bad input."""
     if args.paper:
         result = paper_gpt3_comparison()
         print(json.dumps(result, indent=2) if args.json else paper_comparison_markdown(result))
         return 0
     if not args.model:
-        raise ValueError("estimate: --model is required (a preset, model directory, config.json "
+        raise ConfigError("estimate: --model is required (a preset, model directory, config.json "
                          "or YAML config), or use --paper")
     plan = plan_from_args(args)
     name, cfg = resolve_model(args.model)
@@ -87,9 +88,9 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
-    """Plan from parsed arguments; numbers are parsed here so bad ones raise ValueError."""
+    """Plan from parsed arguments; numbers are parsed here so bad ones raise ConfigError."""
     if args.gpus is None:
-        raise ValueError("estimate: --gpus is required (GPUs per node)")
+        raise ConfigError("estimate: --gpus is required (GPUs per node)")
     return Plan(
         gpus=_positive_int("--gpus", args.gpus), nodes=_positive_int("--nodes", args.nodes),
         backend=args.backend, bits=_positive_int("--bits", args.bits),
@@ -105,9 +106,9 @@ def _positive_int(flag: str, text: Any) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
-        raise ValueError(f"estimate: {flag} must be a positive integer, got {text!r}") from None
+        raise ConfigError(f"estimate: {flag} must be a positive integer, got {text!r}") from None
     if value < 1:
-        raise ValueError(f"estimate: {flag} must be a positive integer, got {text!r}")
+        raise ConfigError(f"estimate: {flag} must be a positive integer, got {text!r}")
     return value
 
 
@@ -121,15 +122,15 @@ def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
     path = Path(arg)
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
-            raise ValueError(f"estimate: config file not found: {arg}")
+            raise ConfigError(f"estimate: config file not found: {arg}")
         return path.stem, load_yaml_model_config(path)
     if path.is_dir():
         return path.resolve().name, read_config_json(path)
     if path.is_file() and path.suffix == ".json":
         return path.resolve().parent.name, read_config_json(path)
     if not path.exists() and ("/" in arg or arg.startswith(".")):
-        raise ValueError(f"estimate: --model {arg!r}: no such directory or file")
-    raise ValueError(f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "
+        raise ConfigError(f"estimate: --model {arg!r}: no such directory or file")
+    raise ConfigError(f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "
                      "model directory, a config.json or a YAML config")
 
 
@@ -137,14 +138,14 @@ def read_config_json(path: Path) -> dict[str, Any]:
     """The HF config of a model directory (its config.json) or of a JSON file."""
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise ValueError(f"estimate: {path} has no config.json" if path.is_dir()
+        raise ConfigError(f"estimate: {path} has no config.json" if path.is_dir()
                          else f"estimate: file not found: {path}")
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"estimate: cannot read {file}: {_one_line(err)}") from None
+        raise ConfigError(f"estimate: cannot read {file}: {_one_line(err)}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"estimate: {file} is not a JSON object")
+        raise ConfigError(f"estimate: {file} is not a JSON object")
     return data
 
 
@@ -161,24 +162,24 @@ def load_yaml_model_config(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ValueError(f"estimate: cannot read {path}: {_one_line(err)}") from None
+        raise ConfigError(f"estimate: cannot read {path}: {_one_line(err)}") from None
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
-        raise ValueError(f"estimate: {path}: no 'model' section")
+        raise ConfigError(f"estimate: {path}: no 'model' section")
     arch = model.get("arch")
     if isinstance(arch, dict):
         if not arch.get("model_type"):
-            raise ValueError(f"estimate: {path}: model.arch needs 'model_type' (e.g. llama)")
+            raise ConfigError(f"estimate: {path}: model.arch needs 'model_type' (e.g. llama)")
         return dict(arch)
     if isinstance(model.get("path"), str):
         target = Path(model["path"])
         if not target.is_dir() and not target.is_absolute():
             target = path.parent / target
         if not target.is_dir():
-            raise ValueError(f"estimate: {path}: model.path = {model['path']!r}: directory "
+            raise ConfigError(f"estimate: {path}: model.path = {model['path']!r}: directory "
                              "not found")
         return read_config_json(target)
-    raise ValueError(f"estimate: {path}: set model.arch (inline HF config) or model.path")
+    raise ConfigError(f"estimate: {path}: set model.arch (inline HF config) or model.path")
 
 
 def _one_line(err: BaseException) -> str:

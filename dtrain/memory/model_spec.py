@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from dtrain.errors import ConfigError
+
 if TYPE_CHECKING:  # torch is imported when a model is built, not when the CLI starts
     from torch import nn
 
@@ -122,14 +124,14 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model") -> ModelSpec:
     (``source="arithmetic"``) when the config has the Llama size fields.
     """
     if not isinstance(cfg, Mapping) or not cfg.get("model_type"):
-        raise ValueError(f"{name}: the model config needs a 'model_type' (e.g. llama)")
+        raise ConfigError(f"{name}: the model config needs a 'model_type' (e.g. llama)")
     try:
         hf_cfg, model = _meta_build(cfg)
     except Exception as err:  # noqa: BLE001 - any build failure falls back to arithmetic
         if _is_llama_like(cfg):
             return spec_from_llama_arithmetic(cfg, name)
         reason = " ".join(str(err).split())[:200]
-        raise ValueError(
+        raise ConfigError(
             f"{name}: transformers cannot build model_type {cfg['model_type']!r} ({reason})"
         ) from err
     dims = _dims(lambda key: getattr(hf_cfg, key, None), name)
@@ -153,7 +155,7 @@ def _dims(get: Callable[[str], Any], name: str) -> dict[str, Any]:
     required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in required if not get(k)]
     if missing:
-        raise ValueError(f"{name}: the model config lacks {', '.join(missing)}")
+        raise ConfigError(f"{name}: the model config lacks {', '.join(missing)}")
     h, heads = int(get("hidden_size")), int(get("num_attention_heads"))
     ffn = next((get(k) for k in ("intermediate_size", "ffn_dim", "n_inner") if get(k)), 4 * h)
     return {
@@ -191,7 +193,7 @@ def _decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
 
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
     if not lists:
-        raise ValueError(f"cannot find the {num_layers} decoder blocks of {type(model).__name__}")
+        raise ConfigError(f"cannot find the {num_layers} decoder blocks of {type(model).__name__}")
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtrain.config import Config
+from dtrain.errors import DtrainError
 from dtrain.memory.measure import CATEGORIES, MODEL_STATES, Measured
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def estimates(cfg: Config, world_size: int, modes: dict[str, dict]) -> tuple[dic
             if cfg.backend.name == "none":  # one process, nothing sharded: nothing gathered
                 out[mode]["gathered_unit"] = 0
         return out, None
-    except (ValueError, OSError, KeyError) as err:
+    except (DtrainError, ValueError, OSError, KeyError) as err:
         return None, " ".join(str(err).split())[:300]
 
 

@@ -5,7 +5,7 @@ LoRA trainable counts against an independent sum over ``nn.Linear`` layers and a
 the arithmetic fallback against the meta build, quantized frozen bytes against hand
 arithmetic and ``dtrain.quant``, the activation formula against Korthikanti et al. for GPT-3
 shapes, agreement with DeepSpeed's ZeRO-3 estimator, the presets, JSON / table output, the
-LoRA-paper comparison and one-line ValueErrors.
+LoRA-paper comparison and one-line ConfigErrors.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from dtrain.errors import ConfigError
 from dtrain.memory.estimate import CATEGORIES, Plan, estimate, frozen_bytes, layer_activation_bytes
 from dtrain.memory.estimate_cli import add_estimate_parser, run_estimate
 from dtrain.memory.model_spec import PRESETS, spec_from_config, spec_from_llama_arithmetic
@@ -145,7 +146,7 @@ def test_unknown_model_type_falls_back_or_fails() -> None:
     spec = spec_from_config({**TINY_LLAMA, "model_type": "not-a-real-arch"}, "x")
     assert spec.source == "arithmetic"
     assert spec.total_params == spec_from_config(TINY_LLAMA).total_params
-    with pytest.raises(ValueError, match="cannot build model_type"):
+    with pytest.raises(ConfigError, match="cannot build model_type"):
         spec_from_config({"model_type": "not-a-real-arch", "n_embd": 8}, "x")
 
 
@@ -387,6 +388,6 @@ def test_cli_paper(capsys) -> None:
 def test_cli_errors_are_one_line(tmp_path, argv: list[str], message: str) -> None:
     (tmp_path / "bad.yaml").write_text("model:\n  arch:\n    hidden_size: 8\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    with pytest.raises(ValueError, match=re.escape(message)) as err:
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
         _cli(argv)
     assert "\n" not in str(err.value)

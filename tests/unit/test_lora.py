@@ -228,9 +228,9 @@ def test_two_adapters_switch(plain, ids) -> None:
     assert torch.equal(out_b, singles["task_b"])
     assert (out_a - out_b).abs().max() > 1e-2
 
-    with pytest.raises(ValueError, match=r"adapter 'task_c' not found; have: task_a, task_b"):
+    with pytest.raises(ConfigError, match=r"adapter 'task_c' not found; have: task_a, task_b"):
         lora.set_adapter(both, "task_c")
-    with pytest.raises(ValueError, match="adapter 'task_a' already exists"):
+    with pytest.raises(ConfigError, match="adapter 'task_a' already exists"):
         lora.inject(both, names, spec_a)
 
     lora.freeze_base(both, adapter="task_b")
@@ -245,7 +245,7 @@ def test_two_adapters_switch(plain, ids) -> None:
 
 
 def test_set_adapter_without_lora_layers(plain) -> None:
-    with pytest.raises(ValueError, match="adapter 'default' not found; have: none"):
+    with pytest.raises(ConfigError, match="adapter 'default' not found; have: none"):
         lora.set_adapter(copy.deepcopy(plain), "default")
 
 
