@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from dtrain import files, lora, resume_check
+from dtrain import files, lora, outdir, resume_check
 from dtrain.adapter import ADAPTER_FILES, ADAPTER_WEIGHTS, gather_adapter, write_adapter
 from dtrain.config import Config
 
@@ -321,7 +321,7 @@ def maybe_resume(backend, cfg: Config, out: Path, plan=None) -> int:
     resume_check.check(state, cfg, backend.model, plan, path)
     load_training_state(backend, cfg, path, state)
     if backend.rank == 0:
-        trim_metrics(out / "metrics.jsonl", step)
+        trim_metrics(out / outdir.METRICS, step)
         log.info("resumed from %s: step %d (epoch %s, step %s of the epoch)", path, step,
                  state.get("epoch"), state.get("step_in_epoch"))
     return step

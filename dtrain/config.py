@@ -57,7 +57,7 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("data/tiny_shakespeare.txt", "local dataset file: jsonl, json, csv, parquet, txt")
+    path: str = _f("dtrain/assets/tiny_corpus.txt", "local dataset file: jsonl, json, csv, parquet, txt")
     format: Literal["text", "instruction", "messages", "sharegpt", "alpaca"] = _f(
         "text", "text (packed stream), instruction (prompt/response), messages, sharegpt or alpaca")
     text_field: str = _f("text", "field holding the text (format: text, non-txt files)")

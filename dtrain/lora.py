@@ -27,6 +27,7 @@ from torch import nn
 
 from dtrain import dora
 from dtrain.errors import ConfigError
+from dtrain import layers
 from dtrain.shapes import logical_numel
 
 
@@ -218,12 +219,11 @@ def linear_names(model: nn.Module) -> list[str]:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or hasattr(module, "dequantized_weight")
+    return layers.is_linear(module)
 
 
 def _head_names(model: nn.Module) -> set[str]:
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    return {n for n, m in model.named_modules() if head is not None and m is head} | {"lm_head"}
+    return layers.head_names(model)
 
 
 def select_targets(model: nn.Module, targets: list[str] | str, regex: str | None) -> list[str]:
@@ -377,7 +377,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     seen: set[int] = set()  # a tied parameter (lm_head = embed_tokens) belongs to two modules: count it once
     for module in model.modules():
-        if hasattr(module, "dequantized_weight"):  # quantized storage: count the weight it encodes
+        if layers.is_quantized(module):  # quantized storage: count the weight it encodes
             total += module.in_features * module.out_features
             total += logical_numel(module.bias) if getattr(module, "bias", None) is not None else 0
             continue

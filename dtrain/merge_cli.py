@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dtrain.errors import DtrainError
+from dtrain.layers import INDEX_FILE, WEIGHTS_FILE
 from dtrain.outdir import check_target
 
 if TYPE_CHECKING:  # torch and safetensors are imported when merging, not when the CLI starts
@@ -27,7 +28,6 @@ if TYPE_CHECKING:  # torch and safetensors are imported when merging, not when t
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 _HF_DTYPES = ("float32", "bfloat16", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
-INDEX = "model.safetensors.index.json"
 
 
 def add_parser(subparsers) -> None:
@@ -149,14 +149,14 @@ def _check_not_quantized(config: dict, base: Path) -> None:
 
 def _weight_files(base: Path) -> tuple[list[str], dict | None]:
     """The base's safetensors files (one, or the shards of the index) and the index, if any."""
-    if (base / INDEX).is_file():
-        index = _read_json(base / INDEX, "--base")
+    if (base / INDEX_FILE).is_file():
+        index = _read_json(base / INDEX_FILE, "--base")
         if not isinstance(index.get("weight_map"), dict):
-            raise DtrainError(f"--base '{base / INDEX}': no 'weight_map' mapping")
+            raise DtrainError(f"--base '{base / INDEX_FILE}': no 'weight_map' mapping")
         return sorted(set(index["weight_map"].values())), index
-    if (base / "model.safetensors").is_file():
-        return ["model.safetensors"], None
-    raise DtrainError(f"--base '{base}': no model.safetensors or {INDEX} (merge reads safetensors; "
+    if (base / WEIGHTS_FILE).is_file():
+        return [WEIGHTS_FILE], None
+    raise DtrainError(f"--base '{base}': no model.safetensors or {INDEX_FILE} (merge reads safetensors; "
                       "convert a .bin checkpoint with save_pretrained first)")
 
 
@@ -253,7 +253,7 @@ def _copy_rest(base: Path, out: Path, config: dict, dtype: torch.dtype | None, i
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if index is not None:
         index.setdefault("metadata", {})["total_size"] = nbytes
-        (out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     for p in base.iterdir():
-        if p.is_file() and p.name not in ("config.json", INDEX) and not p.name.endswith(_WEIGHT_SUFFIXES):
+        if p.is_file() and p.name not in ("config.json", INDEX_FILE) and not p.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(p, out / p.name)

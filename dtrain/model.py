@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
+from dtrain import layers
 from dtrain.lora import LoRALinear, is_lora_param
 from dtrain.shapes import logical_shape
 
@@ -155,12 +156,12 @@ class SafetensorsSource:
         """`prefix`: the model's `base_model_prefix` ("model", "bert"), which checkpoints saved
         from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without."""
         self.path, self.prefix = Path(path), prefix
-        index = self.path / "model.safetensors.index.json"
+        index = self.path / layers.INDEX_FILE
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {k: self.path / v for k, v in weight_map.items()}
-        elif (self.path / "model.safetensors").is_file():
-            f = self.path / "model.safetensors"
+        elif (self.path / layers.WEIGHTS_FILE).is_file():
+            f = self.path / layers.WEIGHTS_FILE
             with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
         else:
@@ -270,13 +271,12 @@ class ModelSource:
             return dora.row_norms(w)
         from dtrain.quant import round_trip
 
-        row_wise = bits == 8 or base.in_features % NF4_ROW_BLOCK == 0  # NF4 blocks of 64 may cross rows
+        row_wise = bits == 8 or base.in_features % layers.NF4_BLOCKSIZE == 0  # NF4 blocks of 64 may cross rows
         w = self.base.read(f"{layer_name}.base_layer.weight", rows if row_wise else None).float()
         norms = dora.row_norms(round_trip(w, bits))
         return norms if row_wise or rows is None else norms[rows]
 
 
-NF4_ROW_BLOCK = 64  # dtrain.quant.NF4_BLOCKSIZE (not imported here: quant needs bitsandbytes)
 
 
 class QuantSource:
@@ -288,7 +288,7 @@ class QuantSource:
 
     def __init__(self, base: WeightSource, model: nn.Module) -> None:
         self.base = base
-        self.bits = {n: m.bits for n, m in model.named_modules() if hasattr(m, "dequantized_weight")}
+        self.bits = {n: m.bits for n, m in model.named_modules() if layers.is_quantized(m)}
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
@@ -318,18 +318,18 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
         for n, m in model.named_modules():
-            if hasattr(m, "dequantized_weight"):  # the float weight a quantized layer is made from
+            if layers.is_quantized(m):  # the float weight a quantized layer is made from
                 shapes[f"{n}.weight"] = torch.Size((m.out_features, m.in_features))
         std = float(getattr(model.config, "initializer_range", 0.02))
         source = RandomSource(seed, std, shapes)
-    quantized = any(hasattr(m, "dequantized_weight") for m in model.modules())
+    quantized = any(layers.is_quantized(m) for m in model.modules())
     return QuantSource(source, model) if quantized else source
 
 
 def base_weight_names(model: nn.Module) -> list[str]:
     """The checkpoint tensors the frozen base needs: each parameter once (tied ones under their
     first name), a quantized layer's float `weight` instead of its storage, no LoRA tensors."""
-    quantized = {n for n, m in model.named_modules() if hasattr(m, "dequantized_weight")}
+    quantized = {n for n, m in model.named_modules() if layers.is_quantized(m)}
     names: list[str] = []
     for name, _ in model.named_parameters():
         if is_lora_param(name):

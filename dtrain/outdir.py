@@ -16,8 +16,9 @@ from pathlib import Path
 
 from dtrain.errors import ConfigError, DtrainError
 
+METRICS = "metrics.jsonl"  # a run's metrics, one JSON row per logged step, in output.dir
 # What a run writes into output.dir (and its staging names: files.write_text_atomic, files.publish).
-RUN_FILES = ("checkpoints", "adapter", "config.yaml", "metrics.jsonl", "tokenizer", "PREEMPTED",
+RUN_FILES = ("checkpoints", "adapter", "config.yaml", METRICS, "tokenizer", "PREEMPTED",
              "tensorboard", "mlruns", "wandb", "loss_curve.png")  # the last four: dtrain.loggers
 _RUN_LEFTOVERS = (".tmp-adapter", ".old-adapter", ".config.yaml.tmp", ".metrics.jsonl.tmp", ".PREEMPTED.tmp")
 

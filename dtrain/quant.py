@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtrain.shapes import logical_numel
+from dtrain.layers import NF4_BLOCKSIZE  # noqa: F401  (quant.NF4_BLOCKSIZE for its users)
 
-NF4_BLOCKSIZE = 64
 SUPPORTED_BITS = (8, 4)
 # Last name components of Linear layers that are output heads and stay in full precision.
 HEAD_NAMES = frozenset(

@@ -132,9 +132,9 @@ class Trainer:
 
         memory = measure.summary_line(measure.snapshot(self.backend))  # collective: every rank
         if self.env.is_main:
-            log.info("done: adapter in %s, metrics in %s", self.out / "adapter", self.out / "metrics.jsonl")
+            log.info("done: adapter in %s, metrics in %s", self.out / "adapter", self.out / outdir.METRICS)
             log.info("memory at end of run: %s", memory)
-            if self.cfg.logging.loss_curve and curve.write_loss_curve(self.out / "metrics.jsonl",
+            if self.cfg.logging.loss_curve and curve.write_loss_curve(self.out / outdir.METRICS,
                                                                       self.out / "loss_curve.png"):
                 log.info("loss curve in %s", self.out / "loss_curve.png")
         return 0

@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from dtrain import outdir
 from dtrain.errors import ConfigError
 from dtrain.loggers.base import MetricLogger, MultiLogger, scalars
 
@@ -51,7 +52,7 @@ def create(cfg: Any, out: Path, start_step: int = 0) -> MultiLogger:
     try:
         for name in chosen(lc.backends):
             if name == "jsonl":
-                loggers.append(JsonlLogger(out / "metrics.jsonl"))
+                loggers.append(JsonlLogger(out / outdir.METRICS))
             elif name == "tensorboard":
                 from dtrain.loggers.tensorboard_logger import TensorBoardLogger
 

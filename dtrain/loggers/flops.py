@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dtrain import layers
+
 # Dense (not 2:4 sparse) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the
 # first substring of the device name that matches wins.
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
@@ -41,7 +43,7 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
     quantized weight counts as its [out, in] elements)."""
     frozen = trainable = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear) or hasattr(module, "dequantized_weight"):
+        if layers.is_linear(module):
             n = module.in_features * module.out_features
             w = getattr(module, "weight", None)
             trainable_weight = isinstance(w, torch.Tensor) and w.requires_grad
