@@ -1,0 +1,213 @@
+"""The prose of docs/paper.md around bench/paper_report.py's tables: each verdict is computed from
+the measured numbers, so a rerun on another machine rewrites it consistently."""
+
+from __future__ import annotations
+
+import numpy as np
+
+NAMES = {"t5_q": "W_q", "t5_k": "W_k", "t5_v": "W_v", "t5_o": "W_o", "t5_qk": "W_q+W_k", "t5_qv": "W_q+W_v",
+         "t5_all": "all four"}
+
+
+def _rank_key(x: dict) -> tuple:
+    return (-x["exact_match"], x["eval_loss"])
+
+
+def t5_verdict(results: dict) -> str:
+    runs = [results[n] for n in NAMES if n in results]
+    if len(runs) < 2:
+        return "(Too few Table 5 runs to compare.)"
+    order = sorted(runs, key=_rank_key)
+    place = {x["name"]: i + 1 for i, x in enumerate(order)}
+    n = len(runs)
+    where = "; ".join(f"{NAMES[x['name']]} {place[x['name']]}" for x in runs)
+    text = (f"Ranked by exact match, then eval loss ({n} of 7 configurations run), the best is "
+            f"**{NAMES[order[0]['name']]}** ({order[0]['exact_match']:.0%}, loss {order[0]['eval_loss']:.4f}); "
+            f"places: {where}. The paper (GPT-3) finds W_q+W_v and all four at the top and W_q or W_k alone at the "
+            "bottom. ")
+    multi = [results[k]["eval_loss"] for k in ("t5_qk", "t5_qv", "t5_all") if k in results]
+    single = [results[k]["eval_loss"] for k in ("t5_q", "t5_k", "t5_v", "t5_o") if k in results]
+    if multi and single:
+        text += (f"Mean eval loss of the multi-type choices run: {np.mean(multi):.4f}, of the single types run: "
+                 f"{np.mean(single):.4f}: " + ("**agrees** that spreading the budget over several types helps"
+                                                if np.mean(multi) < np.mean(single) else
+                                                "**disagrees**: single types do as well or better on average"))
+    qk = [place[k] for k in ("t5_q", "t5_k") if k in place]
+    if qk:
+        low = max(qk) > n / 2
+        text += ("; W_q/W_k alone in the lower half (**agrees**)." if low
+                 else "; W_q/W_k alone in the upper half (**disagrees**).")
+    return text
+
+
+def t6_verdict(results: dict) -> str:
+    names = {1: "t6_r1", 2: "t6_r2", 4: "t6_r4", 8: "t6_r8", 64: "t6_r64"}
+    rows = {r: results[n] for r, n in names.items() if n in results}
+    if 1 not in rows or len(rows) < 2:
+        return "(r=1 or the other ranks missing: no verdict.)"
+    best_r = min(rows, key=lambda r: _rank_key(rows[r]))
+    r1, best, top = rows[1], rows[best_r], max(rows)
+    close = best["exact_match"] - r1["exact_match"] <= 0.1
+    return (
+        f"Best rank here: r={best_r} ({best['exact_match']:.0%}, loss {best['eval_loss']:.4f}); r=1 reaches "
+        f"{r1['exact_match']:.0%} (loss {r1['eval_loss']:.4f}) with {r1['params']:,} trainable parameters against "
+        f"{rows[top]['params']:,} for r={top} ({rows[top]['exact_match']:.0%}, loss {rows[top]['eval_loss']:.4f}). "
+        "The paper finds r=1 on W_q+W_v within 0.5 points of the best rank (a very small r suffices): "
+        + ("**agrees** (r=1 within 10 points of exact match of the best rank)." if close else
+           "**disagrees**: with this short training r=1 trails the best rank by more than 10 points of exact match.")
+    )
+
+
+def subspace_verdict(pairs: dict) -> str:
+    out = []
+    p = pairs.get("t6_r8_vs_t6_r64")
+    if p:
+        parts = [f"{t}: phi(1,1) = {s['phi_11']:.2f}, mean phi(i,i) over i <= 8 = {s['phi_diag_mean']:.2f}, "
+                 f"phi(8, 64) = {s['phi_full']:.2f} (chance {s['chance_full']:.2f})" for t, s in p["by_type"].items()]
+        top = min(s["phi_11"] for s in p["by_type"].values())
+        out.append("**r=8 vs r=64** (Fig. 3): " + "; ".join(parts) + ". The paper finds the top direction shared "
+                   "(phi(1,1) > 0.5) and the others mostly not: " + ("**agrees** on the top direction."
+                   if top > 0.5 else "**disagrees**: the top directions overlap less than 0.5 here."))
+    p = pairs.get("t6_r64_vs_t6_r64_seed2")
+    if p:
+        bt = p["by_type"]
+        parts = [f"{t}: phi(1,1) = {s['phi_11']:.2f}, mean phi(i,i) over i <= 64 = {s['phi_diag_mean']:.2f} "
+                 f"(chance at i = 64: {s['chance_full']:.2f})" for t, s in bt.items()]
+        q_more = "q_proj" in bt and "v_proj" in bt and bt["q_proj"]["phi_diag_mean"] > bt["v_proj"]["phi_diag_mean"]
+        out.append("**two seeds of r=64** (Fig. 4): " + "; ".join(parts) + ". The paper finds a few top directions "
+                   "shared across seeds, more for ΔW_q than for ΔW_v (a higher 'intrinsic rank' of ΔW_q): "
+                   + ("**agrees** that ΔW_q shares more directions than ΔW_v." if q_more
+                      else "**disagrees**: here ΔW_v shares as many or more directions than ΔW_q."))
+    return "\n\n".join(out)
+
+
+def amp_verdict(single: dict) -> str:
+    if "t6_r4" not in single or "t6_r64" not in single:
+        return "(r=4 or r=64 missing.)"
+    a4, a64 = single["t6_r4"]["by_type"], single["t6_r64"]["by_type"]
+    lines = []
+    for t in a4:
+        s4, s64 = a4[t], a64[t]
+        lines.append(f"{t}: amplification {s4['amplification']:.2f} at r=4 and {s64['amplification']:.2f} at r=64; "
+                     f"‖UᵀWV‖_F is {s4['proj_delta'] / s4['proj_random']:.2f}x the random directions' at r=4 "
+                     f"and {s64['proj_delta'] / s64['proj_random']:.2f}x at r=64, and "
+                     f"{s4['proj_w'] / s4['proj_delta']:.0f}x below W's own top-4 directions")
+    bigger = all(a4[t]["amplification"] > a64[t]["amplification"] for t in a4)
+    large = all(a4[t]["amplification"] > 1 for t in a4)
+    correlated = all(a4[t]["proj_delta"] > 1.2 * a4[t]["proj_random"] for t in a4)
+    return ("; ".join(lines) + ". The paper (ΔW_q of GPT-3, layer 48) finds ΔW amplifying directions W does not "
+            "emphasize, by about 21.5 at r=4 and 1.9 at r=64, with ‖UᵀWV‖_F well above random (ΔW correlates with "
+            "W) and far below W's top directions. Here: "
+            + ("**agrees** that the amplification is larger at r=4 than at r=64" if bigger
+               else "**disagrees** on the amplification growing as r shrinks")
+            + ("; amplification above 1 at r=4" if large else
+               "; **disagrees** on its size: below 1 at r=4 (ΔW is smaller than W's own part on ΔW's directions)")
+            + ("; ΔW's directions correlate with W more than random ones (**agrees**)." if correlated else
+               "; ΔW's directions carry no more of W than random ones do (**disagrees**: no correlation measured)."))
+
+
+def missing_note(meta: dict) -> str:
+    if not meta.get("missing"):
+        return ""
+    return ("\n**Not run**: " + ", ".join(f"`{n}`" for n in meta["missing"]) + ". The shared machine ran each "
+            "training step several times slower than when quiet (mean seconds per step of each run: "
+            "results.json, `step_s`), and the study was cut at its time limit; `python bench/paper_study.py` "
+            "runs what is missing and rewrites this page.\n")
+
+
+def document(results: dict, single: dict, pairs: dict, meta: dict, tables: dict) -> str:
+    secs = meta["run_time_s"]
+    return f"""# The LoRA paper's Section 7, reproduced on SmolLM2-135M with dtrain
+
+The LoRA paper (Hu et al. 2021, arXiv:2106.09685) asks, on GPT-3 175B, which weights to adapt
+(Table 5), how small the rank can be (Table 6), how the subspaces adapters of different ranks and
+seeds learn relate (Sec. 7.2, Figures 3-4), and how the update ΔW relates to the frozen W (Sec. 7.3,
+Table 7). This page asks the same questions of a real 135M model, SmolLM2-135M-Instruct, learning
+dtrain's date task (ISO date -> DD.MM.YYYY, which the prompt never states), with adapters trained by
+`dtrain train` and analyzed by `dtrain analyze` (docs/analyze.md). It is one small model on one
+small task with one short training per configuration: where it differs from the paper, that is a
+finding about this setting, not a refutation.
+
+Made by:
+
+```bash
+{meta['command']}
+```
+
+Run time on this machine: {secs:.0f} s ({secs / 60:.1f} min) summed over the {len(results)} trainings and
+evaluations ({meta['wall_s'] / 60:.0f} min from the first run's start to the last one's end{meta.get('note', '')}), {meta['analysis_s']} s for the analyses (every adapted layer of {len(single)} adapters, with the base's
+singular values), the figures and this page. Machine: {meta['machine']}. The machine was shared
+with other jobs while this ran (a training step took {np.mean([x.get('step_s', 0) for x in results.values()]):.0f} s
+on average, against about 8 s on the quiet machine): the run times are upper bounds, not benchmarks.
+{missing_note(meta)}
+**Setup.** Each configuration: `dtrain train configs/smollm2_dates.yaml` with `backend.name=none`
+(one process), {meta['steps']} steps of 8 conversations (training.micro_batch_size=8), lr
+{meta['lr']:g} (3 warm-up steps, cosine), alpha = 16 for every r (as the paper: alpha fixed while r
+varies), dropout 0, seeds lora.init_seed = 0 and training.seed = 1234 unless stated. Eval loss: the
+mean over the first 32 of the 50 held-out conversations (4 batches of 8; metrics.jsonl, after the
+last step; the base's own loss there is {next(iter(results.values()))['base_eval_loss']:.4f}). Exact match: `dtrain eval --model
+smollm2-135m-instruct --adapter RUN/adapter --data dtrain/assets/dates_eval.jsonl
+--max-new-tokens 12` (greedy; the base model scores 0%). {meta['steps']} steps rather than the Quickstart's 16
+so the task is not solved by every configuration and the comparison can say something. The paper's
+GPT-3 numbers are validation accuracies on WikiSQL and MultiNLI-matched, quoted for the pattern,
+not for the values.
+
+![Tables 5 and 6](paper/tables.png)
+
+## Which weights to adapt, at one parameter budget (Table 5)
+
+In GPT-3 every attention projection is d x d, so one r per type fixes the budget. In SmolLM2
+(hidden 576, 9 query and 3 key/value heads of 64) W_q and W_o are 576 -> 576 (1,152 r parameters per
+layer) but W_k and W_v are 576 -> 192 (768 r). The budget here is 11,520 parameters per layer
+(345,600 over the 30 layers), the smallest that every choice meets exactly: W_q r=10, W_k r=15,
+W_v r=15, W_o r=10, W_q+W_k r=6 (1,920 r), W_q+W_v r=6, all four r=3 (3,840 r).
+
+{tables['t5']}
+
+{t5_verdict(results)}
+
+## Rank (Table 6, W_q+W_v)
+
+{tables['t6']}
+
+{t6_verdict(results)}
+
+Effective rank: exp of the entropy of ΔW's normalized singular values (k for k equal singular values);
+σ > 1% σ₁ counts the singular values above 1% of the largest. The spectrum of the r=64 adapter:
+
+![spectrum of the r=64 update](paper/spectrum_r64.png)
+
+## Subspace similarity (Sec. 7.2, Figures 3 and 4)
+
+phi(i, j) = ‖U_a[:, :i]ᵀ U_b[:, :j]‖²_F / min(i, j), with U the right-singular vectors of each
+adapter's A (the input directions it reads), averaged over the 30 layers; the chance level for two
+random subspaces is max(i, j) / 576.
+
+{tables['sub']}
+
+{subspace_verdict(pairs)}
+
+![phi(i, i)](paper/subspace_diagonal.png)
+
+| | W_q | W_v |
+|---|---|---|
+| r=8 vs r=64 | ![](paper/subspace_t6_r8_vs_t6_r64_q_proj.png) | ![](paper/subspace_t6_r8_vs_t6_r64_v_proj.png) |
+| r=64, two seeds | ![](paper/subspace_t6_r64_vs_t6_r64_seed2_q_proj.png) | ![](paper/subspace_t6_r64_vs_t6_r64_seed2_v_proj.png) |
+
+## How ΔW relates to W (Sec. 7.3, Table 7)
+
+U, V: the top-r left and right singular vectors of ΔW = (alpha/r) B A; ‖UᵀWV‖_F is W's part on
+ΔW's directions, against W's own top-r directions (‖σ_1..r(W)‖) and random orthonormal directions;
+amplification = ‖ΔW‖_F / ‖UᵀWV‖_F. Means over the 30 layers (the paper: layer 48 of 96).
+
+{tables['t7']}
+
+{amp_verdict(single)}
+
+## Reproduce, and every number
+
+`python bench/paper_study.py` (add `--report-only` to re-analyze finished runs in `runs/paper_study`
+and rewrite this page). All numbers, per run and per layer type: [paper/results.json](paper/results.json).
+Per layer: `dtrain analyze runs/paper_study/t6_r8/adapter runs/paper_study/t6_r64/adapter --base
+smollm2-135m-instruct --out DIR` writes analysis.json with every module.
+"""
