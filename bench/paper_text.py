@@ -116,6 +116,11 @@ def missing_note(meta: dict) -> str:
 
 
 def document(results: dict, single: dict, pairs: dict, meta: dict, tables: dict) -> str:
+    """docs/paper.md: the introduction and setup, then one section per question."""
+    return intro(results, single, meta) + sections(results, single, pairs, tables)
+
+
+def intro(results: dict, single: dict, meta: dict) -> str:
     secs = meta["run_time_s"]
     return f"""# The LoRA paper's Section 7, reproduced on SmolLM2-135M with dtrain
 
@@ -153,7 +158,11 @@ GPT-3 numbers are validation accuracies on WikiSQL and MultiNLI-matched, quoted 
 not for the values.
 
 ![Tables 5 and 6](paper/tables.png)
+"""
 
+
+def sections(results: dict, single: dict, pairs: dict, tables: dict) -> str:
+    return f"""
 ## Which weights to adapt, at one parameter budget (Table 5)
 
 In GPT-3 every attention projection is d x d, so one r per type fixes the budget. In SmolLM2
