@@ -23,6 +23,10 @@ PAPER_T6 = {1: (73.4, 91.3), 2: (73.3, 91.4), 4: (73.7, 91.3), 8: (73.8, 91.6), 
 # The paper's Table 7 (ΔW_q, layer 48): ||ΔW||_F, ||U^T W V||_F for ΔW's, W's and random directions.
 PAPER_T7 = {4: {"delta_norm": 6.91, "proj_delta": 0.32, "proj_w": 21.67, "proj_random": 0.02},
             64: {"delta_norm": 3.57, "proj_delta": 1.90, "proj_w": 37.71, "proj_random": 0.33}}
+# Sec. 7.2's comparisons: r=8 vs r=64 with the same lora.init_seed (dtrain's init then makes the
+# r=8 A start as the first 8 rows of the r=64 A), r=8 vs r=64 from independent inits, two seeds of r=64.
+PAIRS = (("t6_r8", "t6_r64"), ("t6_r8", "t6_r64_seed2"), ("t6_r64", "t6_r64_seed2"))
+SAME_INIT = {"t6_r8_vs_t6_r64": ", same init seed"}
 T6 = {"t6_r1": 1, "t6_r2": 2, "t6_r4": 4, "t6_r8": 8, "t6_r64": 64}
 
 
@@ -32,10 +36,25 @@ def analyze_runs(work: Path, results: dict) -> dict:
     adapters = {n: run.load_adapter(work / n / "adapter", n) for n in results}
     single = {n: run.analyze_one(ad, base) for n, ad in adapters.items()}
     pairs = {}
-    for a, b in (("t6_r8", "t6_r64"), ("t6_r64", "t6_r64_seed2")):
+    for a, b in PAIRS:
         if a in adapters and b in adapters:
             pairs[f"{a}_vs_{b}"] = run.compare(adapters[a], adapters[b])
+    for n, ad in adapters.items():
+        results[n]["a_drift"] = a_drift(ad, results[n]["init_seed"])
     return {"single": single, "pairs": pairs}
+
+
+def a_drift(ad: run.Adapter, init_seed: int) -> float:
+    """Mean over modules of ||A - A_0||_F / ||A_0||_F: how far training moved A from dtrain's
+    name-seeded init A_0 (lora.init_lora_A), which it recomputes exactly."""
+    from dtrain import lora
+
+    spec = lora.AdapterSpec(name="default", r=ad.r, alpha=ad.alpha, init_seed=init_seed)
+    out = []
+    for name, ab in ad.modules.items():
+        a0 = lora.init_lora_A(name, spec, ab["lora_A"].shape[1])
+        out.append(float((ab["lora_A"].float() - a0).norm() / a0.norm()))
+    return float(np.mean(out))
 
 
 def _pct(x: float) -> str:
@@ -60,7 +79,8 @@ def table5(results: dict, single: dict) -> list[str]:
 
 def table6(results: dict, single: dict) -> list[str]:
     lines = ["| r (W_q+W_v) | trainable params | eval loss | exact match (50) | eff. rank ΔW_q / ΔW_v "
-             "| σ > 1% σ₁ (q / v) | paper: WikiSQL | paper: MultiNLI |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| σ > 1% σ₁ (q / v) | ‖A−A₀‖/‖A₀‖ | paper: WikiSQL | paper: MultiNLI |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in T6.items():
         if name not in results:
             continue
@@ -68,7 +88,7 @@ def table6(results: dict, single: dict) -> list[str]:
         lines.append(f"| {r} | {x['params']:,} | {x['eval_loss']:.4f} | {_pct(x['exact_match'])} "
                      f"| {bt['q_proj']['effective_rank']:.2f} / {bt['v_proj']['effective_rank']:.2f} "
                      f"| {bt['q_proj']['rank_1pct']:.1f} / {bt['v_proj']['rank_1pct']:.1f} "
-                     f"| {PAPER_T6[r][0]} | {PAPER_T6[r][1]} |")
+                     f"| {x.get('a_drift', float('nan')):.2f} | {PAPER_T6[r][0]} | {PAPER_T6[r][1]} |")
     return lines
 
 
@@ -93,7 +113,7 @@ def subspace_table(pairs: dict) -> list[str]:
              "|---|---|---:|---:|---:|---:|"]
     for key, p in pairs.items():
         for t, s in p["by_type"].items():
-            lines.append(f"| r={p['r_a']} ({p['a']}) vs r={p['r_b']} ({p['b']}) | {t} | {s['phi_11']:.3f} "
+            lines.append(f"| r={p['r_a']} ({p['a']}) vs r={p['r_b']} ({p['b']}){SAME_INIT.get(key, '')} | {t} | {s['phi_11']:.3f} "
                          f"| {s['phi_diag_mean']:.3f} | {s['phi_full']:.3f} | {s['chance_full']:.3f} |")
     return lines
 

@@ -58,27 +58,50 @@ def t6_verdict(results: dict) -> str:
     )
 
 
+def _phi_parts(p: dict, upto: str) -> str:
+    return "; ".join(f"{t}: phi(1,1) = {s['phi_11']:.2f}, mean phi(i,i) over i <= {upto} = {s['phi_diag_mean']:.2f}, "
+                     f"phi(r_a, r_b) = {s['phi_full']:.2f} (chance {s['chance_full']:.2f})" for t, s in p["by_type"].items())
+
+
 def subspace_verdict(pairs: dict) -> str:
     out = []
+    p = pairs.get("t6_r8_vs_t6_r64_seed2")
+    if p:
+        top = min(s["phi_11"] for s in p["by_type"].values())
+        out.append("**r=8 vs r=64, independent inits** (the analogue of Fig. 3): " + _phi_parts(p, "8")
+                   + ". The paper finds the top direction shared (phi(1,1) > 0.5) and the others mostly not: "
+                   + ("**agrees** on the top direction." if top > 0.5 else
+                      f"**disagrees**: the top directions overlap {top:.2f} at most here, below the paper's 0.5 "
+                      "(though well above chance)."))
     p = pairs.get("t6_r8_vs_t6_r64")
     if p:
-        parts = [f"{t}: phi(1,1) = {s['phi_11']:.2f}, mean phi(i,i) over i <= 8 = {s['phi_diag_mean']:.2f}, "
-                 f"phi(8, 64) = {s['phi_full']:.2f} (chance {s['chance_full']:.2f})" for t, s in p["by_type"].items()]
-        top = min(s["phi_11"] for s in p["by_type"].values())
-        out.append("**r=8 vs r=64** (Fig. 3): " + "; ".join(parts) + ". The paper finds the top direction shared "
-                   "(phi(1,1) > 0.5) and the others mostly not: " + ("**agrees** on the top direction."
-                   if top > 0.5 else "**disagrees**: the top directions overlap less than 0.5 here."))
+        out.append("**r=8 vs r=64, same lora.init_seed**: " + _phi_parts(p, "8") + ". dtrain draws A row by row "
+                   "from a generator seeded by (init_seed, module name), so the r=8 A starts as the first 8 rows "
+                   "of the r=64 A, and after this short training the whole r=8 row space still lies in the r=64 "
+                   "one (phi(8, 64) near 1): a shared-init effect, not something learned. Compare adapters from "
+                   "different init seeds (as above) to ask the paper's question.")
     p = pairs.get("t6_r64_vs_t6_r64_seed2")
     if p:
         bt = p["by_type"]
-        parts = [f"{t}: phi(1,1) = {s['phi_11']:.2f}, mean phi(i,i) over i <= 64 = {s['phi_diag_mean']:.2f} "
-                 f"(chance at i = 64: {s['chance_full']:.2f})" for t, s in bt.items()]
         q_more = "q_proj" in bt and "v_proj" in bt and bt["q_proj"]["phi_diag_mean"] > bt["v_proj"]["phi_diag_mean"]
-        out.append("**two seeds of r=64** (Fig. 4): " + "; ".join(parts) + ". The paper finds a few top directions "
-                   "shared across seeds, more for ΔW_q than for ΔW_v (a higher 'intrinsic rank' of ΔW_q): "
-                   + ("**agrees** that ΔW_q shares more directions than ΔW_v." if q_more
-                      else "**disagrees**: here ΔW_v shares as many or more directions than ΔW_q."))
+        out.append("**two seeds of r=64** (Fig. 4): " + _phi_parts(p, "64") + ". The paper finds a few top "
+                   "directions shared across seeds, more for ΔW_q than for ΔW_v (a higher 'intrinsic rank' of "
+                   "ΔW_q): " + ("**agrees** that ΔW_q shares more directions than ΔW_v."
+                                if q_more else "**disagrees**: here ΔW_v shares as many or more directions than ΔW_q."))
     return "\n\n".join(out)
+
+
+def drift_note(results: dict) -> str:
+    drift = {x["r"]: x["a_drift"] for n, x in results.items() if n.startswith("t6_") and "seed" not in n and "a_drift" in x}
+    if not drift:
+        return ""
+    parts = ", ".join(f"{d:.2f} at r={r}" for r, d in sorted(drift.items()))
+    if max(drift.values()) >= 0.5:
+        return f"\n\nHow far A moved from its random init A₀: ‖A−A₀‖/‖A₀‖ = {parts}."
+    return (f"\n\nA is still dominated by its random init: ‖A−A₀‖/‖A₀‖ = {parts}. So ΔW = (alpha/r) B A reads the input "
+            "through directions that are still mostly A₀'s random ones, and W's part on them is near what random "
+            "directions give: with this short training, ΔW cannot yet pick out W's directions as the paper's "
+            "adapters (trained far longer on GPT-3) did.")
 
 
 def amp_verdict(single: dict) -> str:
@@ -182,7 +205,8 @@ W_v r=15, W_o r=10, W_q+W_k r=6 (1,920 r), W_q+W_v r=6, all four r=3 (3,840 r).
 {t6_verdict(results)}
 
 Effective rank: exp of the entropy of ΔW's normalized singular values (k for k equal singular values);
-σ > 1% σ₁ counts the singular values above 1% of the largest. The spectrum of the r=64 adapter:
+σ > 1% σ₁ counts the singular values above 1% of the largest; ‖A−A₀‖/‖A₀‖ is how far training moved
+A from its random init (mean over layers; dtrain's init is recomputed exactly from the seed). The spectrum of the r=64 adapter:
 
 ![spectrum of the r=64 update](paper/spectrum_r64.png)
 
@@ -200,18 +224,23 @@ random subspaces is max(i, j) / 576.
 
 | | W_q | W_v |
 |---|---|---|
-| r=8 vs r=64 | ![](paper/subspace_t6_r8_vs_t6_r64_q_proj.png) | ![](paper/subspace_t6_r8_vs_t6_r64_v_proj.png) |
+| r=8 vs r=64, independent inits | ![](paper/subspace_t6_r8_vs_t6_r64_seed2_q_proj.png) | ![](paper/subspace_t6_r8_vs_t6_r64_seed2_v_proj.png) |
+| r=8 vs r=64, same init seed | ![](paper/subspace_t6_r8_vs_t6_r64_q_proj.png) | ![](paper/subspace_t6_r8_vs_t6_r64_v_proj.png) |
 | r=64, two seeds | ![](paper/subspace_t6_r64_vs_t6_r64_seed2_q_proj.png) | ![](paper/subspace_t6_r64_vs_t6_r64_seed2_v_proj.png) |
 
 ## How ΔW relates to W (Sec. 7.3, Table 7)
 
 U, V: the top-r left and right singular vectors of ΔW = (alpha/r) B A; ‖UᵀWV‖_F is W's part on
 ΔW's directions, against W's own top-r directions (‖σ_1..r(W)‖) and random orthonormal directions;
-amplification = ‖ΔW‖_F / ‖UᵀWV‖_F. Means over the 30 layers (the paper: layer 48 of 96).
+amplification = ‖ΔW‖_F / ‖UᵀWV‖_F. Means over the 30 layers (the paper: layer 48 of 96). Sizes do
+not transfer between the models: random k-dimensional directions keep about k / √(out·in) of ‖W‖_F
+in expectation (squared: k² / (out·in)), a far larger share of a 576-wide layer than of GPT-3's
+12,288-wide one, so the same ΔW has a smaller amplification here; compare ΔW's column with the
+random one and with W's own, as the paper does.
 
 {tables['t7']}
 
-{amp_verdict(single)}
+{amp_verdict(single)}{drift_note(results)}
 
 ## Reproduce, and every number
 
