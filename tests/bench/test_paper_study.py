@@ -45,5 +45,8 @@ def test_verdicts_follow_the_numbers(study):
     ranks = {"t6_r1": row("t6_r1", 0.5, 0.2), "t6_r64": row("t6_r64", 0.55, 0.19)}
     assert "**agrees** (r=1 within 10 points" in text.t6_verdict(ranks)
     ranks["t6_r1"] = row("t6_r1", 0.1, 0.4)
-    assert "**disagrees**: with this short training r=1" in text.t6_verdict(ranks)
+    assert "**disagrees**: with this short training r=1 trails the best rank by more than 10" in text.t6_verdict(ranks)
+    ranks["t6_r64_seed2"] = row("t6_r64_seed2", 0.05, 0.3)  # seeds alone move it by 50 points
+    assert "**agrees** (r=1 within 50 points" in text.t6_verdict(ranks)
+    assert "moves by 50 points of exact match and 0.1100 of eval loss" in text.seed_note(ranks)
     assert text.t6_verdict({"t6_r8": row("t6_r8", 0.5, 0.2)}).startswith("(r=1")
