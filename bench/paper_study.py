@@ -174,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t1 = time.time()
     analyses = paper_report.analyze_runs(work, results)
-    meta = {"command": "python bench/paper_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    shown = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in shown:  # the note is printed on the page, not in its command
+        del shown[shown.index("--note"):shown.index("--note") + 2]
+    meta = {"command": " ".join(["python bench/paper_study.py", *shown]),
             "steps": args.steps, "lr": args.lr, "missing": [n for n in RUNS if n not in results], "machine": machine(), "run_time_s": round(train_time, 0),
             "wall_s": wall_seconds(work, results), "note": args.note,
             "analysis_s": round(time.time() - t1, 1), "this_call_s": round(time.time() - t0, 0)}

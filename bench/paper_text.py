@@ -51,6 +51,9 @@ def t5_verdict(results: dict) -> str:
                  f"{np.mean(single):.4f}: " + ("**agrees** that spreading the budget over several types helps"
                                                 if np.mean(multi) < np.mean(single) else
                                                 "**disagrees**: single types do as well or better on average"))
+    if "t5_qv" in place:
+        text += ("; W_q+W_v among the top two (**agrees**)" if place["t5_qv"] <= 2 else
+                 f"; W_q+W_v is not at the top here but {place['t5_qv']} of {n} (**disagrees**)")
     qk = [place[k] for k in ("t5_q", "t5_k") if k in place]
     if qk:
         low = max(qk) > n / 2
@@ -94,11 +97,12 @@ def subspace_verdict(pairs: dict) -> str:
     p = pairs.get("t6_r8_vs_t6_r64_seed2")
     if p:
         top = min(s["phi_11"] for s in p["by_type"].values())
+        hi = max(s["phi_11"] for s in p["by_type"].values())
         out.append("**r=8 vs r=64, independent inits** (the analogue of Fig. 3): " + _phi_parts(p, "8")
                    + ". The paper finds the top direction shared (phi(1,1) > 0.5) and the others mostly not: "
                    + ("**agrees** on the top direction." if top > 0.5 else
-                      f"**disagrees**: the top directions overlap {top:.2f} at most here, below the paper's 0.5 "
-                      "(though well above chance)."))
+                      f"**disagrees**: phi(1,1) is {top:.2f} to {hi:.2f} here, below the paper's 0.5 "
+                      "(though above chance)."))
     p = pairs.get("t6_r8_vs_t6_r64")
     if p:
         out.append("**r=8 vs r=64, same lora.init_seed**: " + _phi_parts(p, "8") + ". dtrain draws A row by row "
@@ -149,8 +153,10 @@ def amp_verdict(single: dict) -> str:
             "W) and far below W's top directions. Here: "
             + ("**agrees** that the amplification is larger at r=4 than at r=64" if bigger
                else "**disagrees** on the amplification growing as r shrinks")
-            + ("; amplification above 1 at r=4" if large else
-               "; **disagrees** on its size: below 1 at r=4 (ΔW is smaller than W's own part on ΔW's directions)")
+            + ("; amplification above 1 at r=4 for every type, though far from 21.5" if large else
+               "; **disagrees** on its size: at r=4 it is "
+               + ", ".join(f"{a4[t]['amplification']:.2f} ({t})" for t in a4) + ", far from 21.5, and below 1 "
+               "means ΔW is smaller than W's own part on ΔW's directions")
             + ("; ΔW's directions correlate with W more than random ones (**agrees**)." if correlated else
                "; ΔW's directions carry no more of W than random ones do (**disagrees**: no correlation measured)."))
 
@@ -192,7 +198,7 @@ Run time on this machine: {secs:.0f} s ({secs / 60:.1f} min) summed over the {le
 evaluations ({meta['wall_s'] / 60:.0f} min from the first run's start to the last one's end{meta.get('note', '')}), {meta['analysis_s']} s for the analyses (every adapted layer of {len(single)} adapters, with the base's
 singular values), the figures and this page. Machine: {meta['machine']}. The machine was shared
 with other jobs while this ran (a training step took {np.mean([x.get('step_s', 0) for x in results.values()]):.0f} s
-on average, against about 8 s on the quiet machine): the run times are upper bounds, not benchmarks.
+on average, {min(x.get('step_s', 0) for x in results.values()):.0f} s in the quietest run): the run times are upper bounds, not benchmarks.
 {missing_note(meta)}
 **Setup.** Each configuration: `dtrain train configs/smollm2_dates.yaml` with `backend.name=none`
 (one process), {meta['steps']} steps of 8 conversations (training.micro_batch_size=8), lr
