@@ -173,6 +173,7 @@ def _ab(adapter_dir: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
     return t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"]
 
 
+@pytest.mark.slow  # the fixture trains two adapters with `dtrain train` (~30 s on 2 cores)
 def test_analyze_cli_writes_tables_and_pictures(two_adapters, tiny_base, tmp_path, capsys):
     a8, a4 = two_adapters
     out = tmp_path / "an"
@@ -209,6 +210,7 @@ def test_analyze_cli_writes_tables_and_pictures(two_adapters, tiny_base, tmp_pat
     assert "| r8 | 8 | q_proj | 2 |" in (out / "analysis.md").read_text()
 
 
+@pytest.mark.slow
 def test_analyze_on_a_quantized_base_and_one_layer(two_adapters, tiny_base, tmp_path):
     a8, _ = two_adapters
     out = tmp_path / "an"
@@ -252,14 +254,14 @@ def test_analyze_reads_a_peft_adapter(tiny_base, tmp_path):
     (["A", "--quantized-head", "--base", "B"], "--quantized-head needs --base-bits 8 or 4"),
     (["A", "--base-bits", "8"], "--base-bits/--quantized-head need --base"),
 ])
-def test_analyze_bad_input_is_one_line(args, message, two_adapters, tmp_path, capsys):
-    a8, _ = two_adapters
-    args = [str(a8) if x == "A" else x for x in args]
+def test_analyze_bad_input_is_one_line(args, message, tmp_path, capsys):
+    args = [str(tmp_path) if x == "A" else x for x in args]  # the flags are checked before any adapter is read
     assert cli.main(["analyze", *args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"dtrain: error: {message}"]
 
 
+@pytest.mark.slow
 def test_analyze_refuses_a_layer_no_adapter_has(two_adapters, tiny_base, tmp_path, capsys):
     a8, a4 = two_adapters
     assert cli.main(["analyze", str(a8), str(a4), "--layer", "7", "--out", str(tmp_path / "o")]) == 2
