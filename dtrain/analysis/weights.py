@@ -1,0 +1,74 @@
+"""The frozen base's weights, read one tensor at a time from its safetensors file(s): no model is
+built and at most one weight is in memory. With `bits` (8 or 4), each weight dtrain would have
+quantized (every linear layer but the output head) comes back as deq(q(W)), the weight an adapter
+trained on that quantized base saw (dtrain/quant.py round_trip)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from dtrain.errors import DtrainError
+
+INDEX = "model.safetensors.index.json"
+
+
+class BaseWeights:
+    """Tensors of a Hugging Face model directory (single safetensors file or sharded with an index)."""
+
+    def __init__(self, directory: str | Path, bits: int | None = None, quantized_head: bool = False):
+        self.dir = Path(directory)
+        self.bits, self.quantized_head = bits, quantized_head
+        if not self.dir.is_dir():
+            raise DtrainError(f"--base '{self.dir}': directory not found")
+        self.files = self._key_files()
+        self._svdvals: dict[str, torch.Tensor] = {}
+
+    def _key_files(self) -> dict[str, str]:
+        """{tensor key: file name} of every tensor the base stores."""
+        if (self.dir / INDEX).is_file():
+            try:
+                weight_map = json.loads((self.dir / INDEX).read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DtrainError(f"--base '{self.dir / INDEX}': no readable weight_map ({e})") from None
+            return dict(weight_map)
+        if not (self.dir / "model.safetensors").is_file():
+            raise DtrainError(f"--base '{self.dir}': no model.safetensors or {INDEX} (analyze reads safetensors)")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(self.dir / "model.safetensors", "pt") as h:
+                return {k: "model.safetensors" for k in h.keys()}
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated file
+            raise DtrainError(f"--base '{self.dir}/model.safetensors': not readable ({str(e).splitlines()[0]})") from None
+
+    def key_for(self, module: str) -> str:
+        """The checkpoint key of `module`'s weight: `<module>.weight`, or without the module name's
+        first component (checkpoints saved without their wrapper's prefix, e.g. 'bert.')."""
+        for key in (f"{module}.weight", f"{module.split('.', 1)[-1]}.weight"):
+            if key in self.files:
+                return key
+        raise DtrainError(f"--base '{self.dir}': no weight for adapted module '{module}' "
+                          "(adapter for another base?)")
+
+    def weight(self, module: str) -> torch.Tensor:
+        """`module`'s weight in float32 (dequantized from `bits` where dtrain would quantize it)."""
+        from safetensors import safe_open
+
+        key = self.key_for(module)
+        with safe_open(self.dir / self.files[key], "pt") as h:
+            w = h.get_tensor(key).to(torch.float32)
+        if self.bits:
+            from dtrain import quant
+
+            if self.quantized_head or not quant.default_skip(module):
+                w = quant.round_trip(w, self.bits)
+        return w
+
+    def singular_values(self, module: str, w: torch.Tensor) -> torch.Tensor:
+        """W's singular values (float64, descending), computed once per module."""
+        if module not in self._svdvals:
+            self._svdvals[module] = torch.linalg.svdvals(w.to(torch.float64))
+        return self._svdvals[module]
