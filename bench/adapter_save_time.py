@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as `python bench/adapter_save_time.py`: import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+
+REPO = common.REPO
 ARCH = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8, "num_key_value_heads": 8,
         "vocab_size": 512, "max_position_embeddings": 256}
 
@@ -50,7 +54,7 @@ def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
             fn()
             backend.barrier()
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return common.median(times)
 
     trainable, total = lora.count_parameters(backend.model)
     row = {
@@ -68,11 +72,9 @@ def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
 
 
 def run_cell(layers: int, backend: str, repeats: int) -> dict:
-    from run import child_env, torchrun  # bench/run.py: the same launch and environment as the benchmark
-
-    env = dict(child_env(cuda=False), PYTHONWARNINGS="ignore")
+    env = dict(common.child_env(cuda=False), PYTHONWARNINGS="ignore")  # the same launch and environment as run.py
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = torchrun(2) + [__file__, "--worker", "--layers", str(layers), "--backends", backend,
+        cmd = common.torchrun(2) + [__file__, "--worker", "--layers", str(layers), "--backends", backend,
                              "--repeats", str(repeats), "--out", tmp]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, errors="replace")
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]

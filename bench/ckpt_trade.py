@@ -11,17 +11,16 @@ the median time of forward + loss + backward. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+if __package__ in (None, ""):  # run as `python bench/ckpt_trade.py`: import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loss_memory import build, measure  # noqa: E402
+from bench import common  # noqa: E402
+from bench.loss_memory import build, measure  # noqa: E402
 
 from dtrain import importer  # noqa: E402
 
@@ -44,7 +43,7 @@ def main() -> None:
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
     print(f"SmolLM2-135M-Instruct, {args.batch} x {args.seq} tokens, load "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+          f"{common.loadavg()}\n")
     print("| policy | activations MiB | vs none | fwd+loss+bwd s | vs none |")
     print("|---|---:|---:|---:|---:|")
     ref = None

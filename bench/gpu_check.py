@@ -23,7 +23,6 @@ GPU run works, so the few minutes of a lent GPU are not spent on a typo.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -31,15 +30,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-LLAMA_1B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
-            "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
-            "max_position_embeddings": 2048, "tie_word_embeddings": False}
-LLAMA_TINY = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "max_position_embeddings": 256, "tie_word_embeddings": False}
+if __package__ in (None, ""):  # run as `python bench/gpu_check.py`: import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+from bench.presets import LLAMA_1B  # noqa: E402
+from bench.presets import LLAMA_TINY as LLAMA_TINY_MHA  # noqa: E402
+
+REPO, PY = common.REPO, common.PY
+# bench/run.py's tiny Llama (presets.LLAMA_TINY) with grouped-query attention (2 kv heads), as the 1B shape has
+LLAMA_TINY = {**LLAMA_TINY_MHA, "num_key_value_heads": 2}
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Plan:
         return "cpu" if self.dry_run else "cuda"
 
     @property
-    def arch(self) -> dict:
+    def arch(self) -> Mapping:
         return LLAMA_TINY if self.dry_run else LLAMA_1B
 
     @classmethod
@@ -78,7 +80,7 @@ class Result:
     error: str = ""
 
 
-def arch_overrides(arch: dict) -> list[str]:
+def arch_overrides(arch: Mapping) -> list[str]:
     return ["model.path=null", *[f"model.arch.{k}={v}" for k, v in arch.items()]]
 
 
@@ -126,7 +128,10 @@ def numbers_of(name: str, plan: Plan) -> dict:
     if run is None:
         report = plan.out / "memory" / "memory_report.json"
         return {"memory_report": str(report)} if name == "memory" and report.is_file() else {}
-    rows = [json.loads(x) for x in (plan.out / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+    path = plan.out / "runs" / run / "metrics.jsonl"
+    if not path.is_file():
+        raise OSError(f"no {path}")
+    rows = common.read_jsonl(path)
     steps = [r for r in rows if "loss" in r]
     times = sorted(r["step_time_s"] for r in steps[1:] or steps)
     return {"losses": [r["loss"] for r in steps], "median_step_s": times[len(times) // 2],
@@ -155,13 +160,13 @@ def run_check(name: str, cmd: list[str], plan: Plan) -> Result:
         except (OSError, ValueError, KeyError) as e:
             result.ok, result.error = False, f"no numbers: {e}"
     if not ok:
-        result.error += " | " + " ".join(log.read_text(errors="replace").strip().splitlines()[-3:])[-600:]
+        result.error += " | " + common.log_tail(log, 3)[-600:]
     return result
 
 
 def summary(results: list[Result], plan: Plan) -> str:
     lines = [f"# GPU check ({'dry run on CPU' if plan.dry_run else 'CUDA'}), {time.strftime('%Y-%m-%d %H:%M')}",
-             "", f"machine: {platform.node()}, {device_name()}", "",
+             "", f"machine: {platform.node()}, {common.cuda_device_name()}", "",
              "| check | ok | s | median step s | tokens/s | first -> last loss |", "|---|---|---:|---:|---:|---|"]
     for r in results:
         n, status = r.numbers, "yes" if r.ok else "NO: " + r.error[:80].replace("|", "/")
@@ -170,12 +175,6 @@ def summary(results: list[Result], plan: Plan) -> str:
         loss = f"{n['losses'][0]:.4f} -> {n['losses'][-1]:.4f}" if n.get("losses") else ""
         lines.append(f"| {r.name} | {status} | {r.seconds} | {step} | {tok} | {loss} |")
     return "\n".join(lines) + "\n"
-
-
-def device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_check(name, cmd, plan))
         print(f"{name}: {'ok' if results[-1].ok else 'FAILED ' + results[-1].error} ({results[-1].seconds} s)",
               flush=True)
-        (plan.out / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+        common.write_json(plan.out / "results.json", [asdict(r) for r in results])
     (plan.out / "summary.md").write_text(summary(results, plan))
     print(summary(results, plan))
     return 0 if all(r.ok for r in results) else 1

@@ -27,12 +27,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as `python bench/latency.py`: import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,18 +71,10 @@ def build(arch: dict, dtype: torch.dtype, device: torch.device, seed: int) -> to
     return model.eval()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def lora_models(base: torch.nn.Module, args: argparse.Namespace, device: torch.device):
+    """(unmerged, merged, names of the adapted layers): copies of `base` with a non-zero LoRA update."""
     from dtrain import lora
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          (args.device if args.device != "auto" else "cpu"))
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    arch = json.loads(Path(args.arch).read_text())
-
-    base = build(arch, dtype, device, args.seed)
-    base_tree = module_tree(base)
     unmerged = copy.deepcopy(base)
     names = lora.select_targets(unmerged, args.lora_targets.split(","), None)
     spec = lora.AdapterSpec(name="default", r=args.lora_r, alpha=args.lora_alpha, dropout=0.0, init_seed=args.seed)
@@ -92,12 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     merged = copy.deepcopy(unmerged)
     lora.merge(merged)
     lora.unwrap(merged)
-    merged.eval()
-    same_tree = module_tree(merged) == base_tree
+    return unmerged, merged.eval(), names
 
-    ids = torch.randint(3, int(arch["vocab_size"]), (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
-    models = {"base": base, "merged": merged, "unmerged": unmerged}
+
+def measure(models: dict, ids: torch.Tensor, device: torch.device, args: argparse.Namespace) -> dict:
+    """Logit differences, then `iters` rounds in rotating order after `warmup` passes: seconds per model."""
 
     def forward(model: torch.nn.Module) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
@@ -112,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - t0
 
     with torch.inference_mode():
-        merged_logits = forward(merged).float()
-        diff = (merged_logits - forward(unmerged).float()).abs().max().item()
-        moved = (merged_logits - forward(base).float()).abs().max().item()  # the update is really there
+        merged_logits = forward(models["merged"]).float()
+        diff = (merged_logits - forward(models["unmerged"]).float()).abs().max().item()
+        moved = (merged_logits - forward(models["base"]).float()).abs().max().item()  # the update is really there
         for _ in range(args.warmup):
             for model in models.values():
                 forward(model)
@@ -124,25 +119,34 @@ def main(argv: list[str] | None = None) -> int:
             rot = order[i % len(order):] + order[: i % len(order)]
             for key in rot:
                 times[key].append(timed(models[key]))
+    return {"merged_vs_unmerged_max_abs_diff": diff, "merged_vs_base_max_abs_diff": moved,
+            **{k: common.time_stats(v) for k, v in times.items()}}
 
-    def stats(ts: list[float]) -> dict:
-        s = sorted(ts)
-        return {"median_s": statistics.median(s), "min_s": s[0], "p90_s": s[min(len(s) - 1, int(0.9 * len(s)))],
-                "n": len(s)}
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          (args.device if args.device != "auto" else "cpu"))
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    arch = json.loads(Path(args.arch).read_text())
+
+    base = build(arch, dtype, device, args.seed)
+    base_tree = module_tree(base)
+    unmerged, merged, names = lora_models(base, args, device)
+    same_tree = module_tree(merged) == base_tree
+    ids = torch.randint(3, int(arch["vocab_size"]), (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
+    measured = measure({"base": base, "merged": merged, "unmerged": unmerged}, ids, device, args)
     result = {
         "device": str(device), "dtype": dtype_name, "batch": args.batch, "seq": args.seq,
         "iters": args.iters, "warmup": args.warmup, "lora_layers": len(names), "r": args.lora_r,
         "threads": torch.get_num_threads(),
-        "merged_tree_equals_base": same_tree, "merged_vs_unmerged_max_abs_diff": diff,
-        "merged_vs_base_max_abs_diff": moved,
-        **{k: stats(v) for k, v in times.items()},
+        "merged_tree_equals_base": same_tree, **measured,
     }
     result["merged_over_base"] = result["merged"]["median_s"] / result["base"]["median_s"]
     result["unmerged_over_base"] = result["unmerged"]["median_s"] / result["base"]["median_s"]
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text)
+    text = common.write_json(args.out, result) if args.out else json.dumps(result, indent=1)
     print(text)
     if not same_tree:
         print("latency: the merged model's module tree differs from the base's", file=sys.stderr)

@@ -14,13 +14,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from dtrain import lora
+if __package__ in (None, ""):  # run as `python bench/lora_variants.py`: import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+from dtrain import lora  # noqa: E402
 
 
 def build(args, variant: str):
@@ -95,7 +100,7 @@ def main() -> None:
           f"{args.iters} rounds; max |dtrain DoRA - PEFT DoRA| = {diff:.2e}")
     print(f"{'variant':<10} {'fwd+bwd ms (median)':>20} {'saved for backward MiB':>24}")
     for v in variants:
-        print(f"{v:<10} {1e3 * statistics.median(times[v]):>20.1f} {saved_bytes(layers[v], x) / 2**20:>24.2f}")
+        print(f"{v:<10} {1e3 * common.median(times[v]):>20.1f} {saved_bytes(layers[v], x) / 2**20:>24.2f}")
 
 
 if __name__ == "__main__":

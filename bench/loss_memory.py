@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if __package__ in (None, ""):  # run as `python bench/loss_memory.py`: import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import common  # noqa: E402
 from dtrain import config, dist, importer  # noqa: E402
 from dtrain.backends.single import SingleBackend  # noqa: E402
 from dtrain.memory.measure import SavedTensorCounter  # noqa: E402
@@ -34,7 +34,7 @@ ARCH_128K = ["model.arch.model_type=llama", "model.arch.vocab_size=128256", "mod
 
 
 def build(model: list[str], chunked: bool, chunk: int, extra: tuple[str, ...] = ()) -> SingleBackend:
-    cfg = config.load(REPO / "configs" / "tiny.yaml", [
+    cfg = config.load(common.REPO / "configs" / "tiny.yaml", [
         "backend.device=cpu", "lora.targets=[q_proj,v_proj]", *model,
         f"training.chunked_loss={str(chunked).lower()}", f"training.loss_chunk_tokens={chunk}", *extra])
     backend = SingleBackend(cfg, dist.detect("cpu", "gloo"))
@@ -59,7 +59,7 @@ def measure(backend: SingleBackend, batch: dict, iters: int) -> dict:
         (total / n).backward()
         times.append(time.perf_counter() - t0)
     backend.model.zero_grad(set_to_none=True)
-    return {"whole": whole, "loss": whole - decoder, "step_s": statistics.median(times)}
+    return {"whole": whole, "loss": whole - decoder, "step_s": common.median(times)}
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     smol = [f"model.path={importer.resolve('smollm2-135m-instruct')}", "model.arch=null"]
     print(f"batch {args.batch} x {args.seq} tokens, chunk {args.chunk}, torch {torch.__version__}, "
-          f"{os.cpu_count()} cores, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
+          f"{os.cpu_count()} cores, load {common.loadavg()}\n")
     print("| model | vocab | loss | step activations MiB | loss activations MiB | fwd+loss+bwd s |")
     print("|---|---:|---|---:|---:|---:|")
     for name, model, vocab in (("SmolLM2-135M-Instruct", smol, 49152), ("random Llama 512x8", ARCH_128K, 128256)):

@@ -36,11 +36,15 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (under torchrun): import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,17 +84,11 @@ def say(msg: str) -> None:
     print(f"[peft-baseline {time.perf_counter() - T0:7.1f}s] {msg}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-
-    use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def make_accelerator(args: argparse.Namespace, use_cuda: bool):
+    """(accelerator, the distributed type accelerate chose by itself) for the FSDP2 or ZeRO-3 plugin."""
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     mixed = "bf16" if args.dtype == "bf16" else "no"
     if args.plugin == "fsdp":
         plugin = FullyShardedDataParallelPlugin(
@@ -110,29 +108,26 @@ def main(argv: list[str] | None = None) -> int:
             if accelerator.is_main_process:
                 say(f"accelerate chose {chosen} on CPU (FSDP plugin ignored); forcing "
                     "DistributedType.FSDP so that prepare() runs fsdp2_prepare_model")
-    else:
-        plugin = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1, gradient_clipping=1.0,
-                                 zero3_init_flag=True)
-        # No dataloader goes through prepare(): the micro batch must be in the DeepSpeed config.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch
-        handlers = []
-        if not use_cuda:
-            # Without a device type accelerate knows, it picks no process-group backend on CPU
-            # (then reports 1 process while DeepSpeed runs on all): name gloo explicitly.
-            from accelerate.utils import InitProcessGroupKwargs
+        return accelerator, chosen
+    plugin = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1, gradient_clipping=1.0,
+                             zero3_init_flag=True)
+    # No dataloader goes through prepare(): the micro batch must be in the DeepSpeed config.
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch
+    handlers = []
+    if not use_cuda:
+        # Without a device type accelerate knows, it picks no process-group backend on CPU
+        # (then reports 1 process while DeepSpeed runs on all): name gloo explicitly.
+        from accelerate.utils import InitProcessGroupKwargs
 
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        accelerator = Accelerator(deepspeed_plugin=plugin, mixed_precision=mixed, kwargs_handlers=handlers)
-        chosen = str(accelerator.distributed_type)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    distributed_type = str(accelerator.distributed_type)  # what prepare() will use
-    if accelerator.is_main_process:
-        say(f"accelerate distributed_type={distributed_type} device={accelerator.device} world={world}")
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(deepspeed_plugin=plugin, mixed_precision=mixed, kwargs_handlers=handlers)
+    return accelerator, str(accelerator.distributed_type)
 
-    torch.manual_seed(args.seed)
+
+def build_model(args: argparse.Namespace, dtype):
+    """The HF model (PEFT-wrapped for LoRA); (model, trainable count, total count)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    rss_before_model = host_memory()["rss_bytes"]
     # Under the DeepSpeed plugin with zero3_init_flag, transformers builds this under zero.Init.
     if args.model_path:
         model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=dtype)
@@ -147,21 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         lcfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
                           target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
         model = get_peft_model(model, lcfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in trainable)
+    n_trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
     n_total = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them by DTensors
-    if accelerator.is_main_process:
-        say(f"prepared {type(model).__name__}; trainable {n_trainable:,} / {n_total:,}")
+    return model, n_trainable, n_total
 
-    ids = torch.load(args.data, weights_only=True)
-    n, seq_len = ids.shape
+
+def train(args: argparse.Namespace, accelerator, model, optimizer, scheduler, ids) -> tuple[list, list]:
+    """warmup + steps optimizer steps; (per-step seconds, per-step loss averaged over ranks)."""
+    import torch
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    n = ids.shape[0]
     mb, device = args.micro_batch, accelerator.device
-    # Peak memory is counted from process start (model build included), as dtrain's snapshot does.
+    trainable = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them by DTensors
 
     def batch(step: int) -> torch.Tensor:
         start = (step * world + rank) * mb
@@ -184,27 +177,63 @@ def main(argv: list[str] | None = None) -> int:
         losses.append(loss)
         if accelerator.is_main_process:
             say(f"step {step + 1}/{total} loss {loss:.4f} time {elapsed:.3f}s")
+    return times, losses
 
+
+def gather_memory(accelerator, use_cuda: bool, rss_before_model: int):
+    """[world, 3]: per rank peak (CUDA or RSS), peak RSS, RSS before the model was built."""
+    import torch
+
+    device, world = accelerator.device, accelerator.num_processes
     host_peak = host_memory()["rss_peak_bytes"]
     peak = torch.cuda.max_memory_allocated(device) if use_cuda else host_peak
     mem = torch.tensor([float(peak), float(host_peak), float(rss_before_model)], dtype=torch.float64)
-    gathered = accelerator.gather(mem.to(device).reshape(1, -1)).cpu().reshape(world, -1)
+    return accelerator.gather(mem.to(device).reshape(1, -1)).cpu().reshape(world, -1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    accelerator, chosen = make_accelerator(args, use_cuda)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    distributed_type = str(accelerator.distributed_type)  # what prepare() will use
     if accelerator.is_main_process:
-        timed = times[args.warmup:]
-        result = {
+        say(f"accelerate distributed_type={distributed_type} device={accelerator.device} world={world}")
+
+    torch.manual_seed(args.seed)
+    rss_before_model = host_memory()["rss_bytes"]
+    model, n_trainable, n_total = build_model(args, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    if accelerator.is_main_process:
+        say(f"prepared {type(model).__name__}; trainable {n_trainable:,} / {n_total:,}")
+
+    ids = torch.load(args.data, weights_only=True)
+    # Peak memory is counted from process start (model build included), as dtrain's snapshot does.
+    times, losses = train(args, accelerator, model, optimizer, scheduler, ids)
+    gathered = gather_memory(accelerator, use_cuda, rss_before_model)
+    if accelerator.is_main_process:
+        timed, mb, seq_len = times[args.warmup:], args.micro_batch, ids.shape[1]
+        common.write_json(args.out, {
             "plugin": args.plugin, "mode": args.mode, "distributed_type": distributed_type,
             "accelerate_chose": chosen, "forced_fsdp": chosen != distributed_type,
-            "world_size": world, "device": str(device), "dtype": args.dtype,
+            "world_size": world, "device": str(accelerator.device), "dtype": args.dtype,
             "tokens_per_step": mb * seq_len * world, "micro_batch": mb, "seq_len": seq_len,
             "step_times": timed, "warmup_times": times[: args.warmup],
-            "median_step_time_s": statistics.median(timed) if timed else math.nan,
+            "median_step_time_s": common.median(timed) if timed else math.nan,
             "losses": losses, "trainable_params": n_trainable, "total_params": n_total,
             "peak_bytes_per_rank": [int(v) for v in gathered[:, 0].tolist()],
             "peak_rss_bytes_per_rank": [int(v) for v in gathered[:, 1].tolist()],
             "rss_before_model_per_rank": [int(v) for v in gathered[:, 2].tolist()],
             "memory_kind": "cuda_max_allocated" if use_cuda else "rss_peak",
-        }
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        })
         say(f"result written to {args.out}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+if __package__ in (None, ""):  # run as `python bench/profile_step.py`: import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loss_memory import ARCH_128K, build  # noqa: E402
+from bench.loss_memory import ARCH_128K, build  # noqa: E402
 
 from dtrain import importer  # noqa: E402
 

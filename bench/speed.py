@@ -20,17 +20,21 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import math
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-import run as base  # noqa: E402  (bench/run.py: runners, data, environment)
+if __package__ in (None, ""):  # run as `python bench/speed.py`: import `bench` and `dtrain` from the repository
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LLAMA_128K = {**base.LLAMA_58M, "vocab_size": 128256}
+from bench import common, runners  # noqa: E402  (bench/run.py's runners, data and environment)
+from bench.presets import LLAMA_58M, DataFiles, LatencyShape, Launch, Preset, Variant  # noqa: E402
+from bench.report import mib  # noqa: E402
+from bench.runners import Outcome  # noqa: E402
+
+LLAMA_128K = {**LLAMA_58M, "vocab_size": 128256}
 
 
 @dataclass(frozen=True)
@@ -57,10 +61,10 @@ VARIANTS = [
 BY_NAME = {v.name: v for v in VARIANTS}
 
 
-@dataclass
+@dataclass(frozen=True)
 class SpeedPreset:
     name: str
-    arch: dict | None            # None: the real model at `model_path`
+    arch: Mapping | None         # None: the real model at `model_path`
     vocab: int
     model_path: str | None = None
     seq_len: int = 128
@@ -68,10 +72,15 @@ class SpeedPreset:
     steps: int = 3
     warmup: int = 1
 
-    def as_run_preset(self) -> base.Preset:
-        return base.Preset(self.name, self.arch or {}, seq_len=self.seq_len, micro_batch=self.micro_batch,
-                           steps=self.steps, warmup=self.warmup, n_sequences=0, lat_batch=1, lat_seq=1,
-                           lat_iters=1, lat_warmup=0, timeout_s=1800)
+    def as_run_preset(self) -> Preset:
+        return Preset(self.name, self.arch or {}, seq_len=self.seq_len, micro_batch=self.micro_batch,
+                      steps=self.steps, warmup=self.warmup, n_sequences=0,
+                      latency=LatencyShape(batch=1, seq=1, iters=1, warmup=0), timeout_s=1800)
+
+    def launch(self, work: Path, data: DataFiles, nproc: int) -> Launch:
+        """fp32 on CPU, 30 minutes per variant."""
+        return Launch(work=work, data=data, arch_file=work / "arch.json", nproc=nproc, dtype="fp32", cuda=False,
+                      timeout_s=1800)
 
 
 def presets() -> dict[str, SpeedPreset]:
@@ -81,43 +90,25 @@ def presets() -> dict[str, SpeedPreset]:
             "llama128k": SpeedPreset("llama128k", LLAMA_128K, 128256)}
 
 
-def run_dtrain(v: SpeedVariant, p: SpeedPreset, data: dict, work: Path, nproc: int) -> base.Outcome:
-    rv = base.Variant(v.name, "dtrain", "fsdp", mode=v.mode)
+def run_dtrain(v: SpeedVariant, p: SpeedPreset, data: DataFiles, work: Path, nproc: int) -> Outcome:
+    rv = Variant(v.name, "dtrain", "fsdp", mode=v.mode)
     extra = [*v.overrides] + ([f"model.path={p.model_path}", "model.arch=null"] if p.model_path else [])
-    return base.run_dtrain(rv, p.as_run_preset(), data, work, nproc, "fp32", False, 1800, extra)
+    launch = dataclasses.replace(p.launch(work, data, nproc), overrides=tuple(extra))
+    return runners.run_dtrain(rv, p.as_run_preset(), launch)
 
 
-def run_peft(v: SpeedVariant, p: SpeedPreset, data: dict, work: Path, nproc: int) -> base.Outcome:
-    o = base.Outcome(base.Variant(v.name, "peft", "fsdp", mode=v.mode), world=nproc,
-                     tokens_per_step=p.micro_batch * p.seq_len * nproc)
-    vdir = work / v.name
-    vdir.mkdir(parents=True, exist_ok=True)
-    result = vdir / "result.json"
+def run_peft(v: SpeedVariant, p: SpeedPreset, data: DataFiles, work: Path, nproc: int) -> Outcome:
     model = ["--model-path", p.model_path] if p.model_path else ["--arch", str(work / "arch.json")]
-    cmd = base.torchrun(nproc) + [str(BENCH / "peft_baseline.py"), "--plugin", "fsdp", "--mode", v.mode, *model,
-                                  "--data", str(data["ids"]), "--micro-batch", str(p.micro_batch),
-                                  "--steps", str(p.steps), "--warmup", str(p.warmup), "--lora-r", str(base.LORA_R),
-                                  "--lora-alpha", str(base.LORA_ALPHA), "--lora-targets", ",".join(base.LORA_TARGETS),
-                                  "--lr", str(base.LR), "--force-fsdp-on-cpu", "--out", str(result)]
-    rc, o.wall_s = base.run_logged(cmd, vdir / "log.txt", base.child_env(False), 1800)
-    if not result.is_file():
-        o.status, o.reason = "failed", f"exit {rc}: " + base.error_line(vdir / "log.txt")
-        return o
-    r = json.loads(result.read_text())
-    o.step_times, o.median_step_s = r["step_times"], r["median_step_time_s"]
-    o.peak_bytes, o.peak_kind = max(r["peak_bytes_per_rank"]), "rss_peak_bytes"
-    o.trainable, o.total = r["trainable_params"], r["total_params"]
-    o.loss_first, o.loss_last = r["losses"][0], r["losses"][-1]
-    o.status = "ok"
-    return o
+    return runners.run_peft(Variant(v.name, "peft", "fsdp", mode=v.mode), p.as_run_preset(),
+                            p.launch(work, data, nproc), model=model)
 
 
-def run_preset(p: SpeedPreset, names: list[str], nproc: int, work: Path) -> dict[str, base.Outcome]:
+def run_preset(p: SpeedPreset, names: list[str], nproc: int, work: Path) -> dict[str, Outcome]:
     work.mkdir(parents=True, exist_ok=True)
     if p.arch:
-        (work / "arch.json").write_text(json.dumps(p.arch))
+        (work / "arch.json").write_text(json.dumps(dict(p.arch)))
     n_seq = nproc * p.micro_batch * (p.steps + p.warmup)
-    data = base.make_data(work, p.vocab, p.seq_len, n_seq)
+    data = runners.make_data(work, p.vocab, p.seq_len, n_seq)
     out = {}
     for name in names:
         v = BY_NAME[name]
@@ -125,7 +116,7 @@ def run_preset(p: SpeedPreset, names: list[str], nproc: int, work: Path) -> dict
         out[name] = (run_peft if v.kind == "peft" else run_dtrain)(v, p, data, work, nproc)
         o = out[name]
         print(f"[speed] {p.name}: {name} {o.status} {o.reason} median {o.median_step_s:.3f}s "
-              f"peak {base.mib(o.peak_bytes)} MiB", flush=True)
+              f"peak {mib(o.peak_bytes)} MiB", flush=True)
     return out
 
 
@@ -133,7 +124,7 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if a == a and b == b and b else "n/a"
 
 
-def table(p: SpeedPreset, res: dict[str, base.Outcome]) -> str:
+def table(p: SpeedPreset, res: dict[str, Outcome]) -> str:
     peft = res.get("peft")
     rows = [f"**{p.name}** ({'SmolLM2-135M-Instruct, real weights' if p.model_path else 'random Llama'}, "
             f"vocab {p.vocab:,}, {p.micro_batch} x {p.seq_len} tokens per rank, 2 ranks, "
@@ -145,7 +136,7 @@ def table(p: SpeedPreset, res: dict[str, base.Outcome]) -> str:
             rows.append(f"| {name} | {o.status}: {o.reason[:80]} | | | | | |")
             continue
         rows.append(f"| {name} | {o.median_step_s:.3f} | {o.tok_s:,.0f} | "
-                    f"{ratio(o.tok_s, peft.tok_s) if peft and peft.ok else 'n/a'} | {base.mib(o.peak_bytes)} | "
+                    f"{ratio(o.tok_s, peft.tok_s) if peft and peft.ok else 'n/a'} | {mib(o.peak_bytes)} | "
                     f"{ratio(o.peak_bytes, peft.peak_bytes) if peft and peft.ok else 'n/a'} | "
                     f"{o.loss_first:.3f} -> {o.loss_last:.3f} |")
     lora, full = res.get("dtrain"), res.get("dtrain-full")
@@ -171,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = presets()
     chosen = chosen if args.preset == "both" else {args.preset: chosen[args.preset]}
     header = (f"### bench/speed.py, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-              f"Machine: {base.device_info()['text']}; load average at start {base.loadavg()} (shared, "
-              f"contended machine: noisy). Versions: {json.dumps(base.versions())}. dtrain {base.git_rev()}.\n")
+              f"Machine: {common.device_info().text}; load average at start {common.loadavg()} (shared, "
+              f"contended machine: noisy). Versions: {json.dumps(common.versions())}. dtrain {common.git_rev()}.\n")
     parts = [header]
     with tempfile.TemporaryDirectory(prefix="dtrain-speed-") as tmp:
         for key, p in chosen.items():
@@ -183,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n\n".join(parts) + "\n"
     print(text)
     if args.record:
-        base.append_results(text, base.RESULTS)
+        common.append_results(text, common.RESULTS)
     return 0
 
 

@@ -80,6 +80,21 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+def probe_checkpointing(env, cfg) -> dict:
+    """Gradient checkpointing: same losses and LoRA after 2 steps, and layer 0's attention recomputed."""
+    counts = {"layer0_forward": 0}
+    c = make_backend(env, ["model.gradient_checkpointing=true"])
+    attn0 = c.model.model.layers[0].self_attn  # runs inside the checkpointed layer forward
+    attn0.register_forward_pre_hook(lambda *_: counts.__setitem__("layer0_forward", counts["layer0_forward"] + 1))
+    ckpt_losses = [train_step(c, s) for s in range(2)]
+    fresh = make_backend(env)
+    plain_losses = [train_step(fresh, s) for s in range(2)]
+    return {"losses_ckpt": ckpt_losses, "losses_plain": plain_losses,
+            "lora_max_diff": max_diff(lora_state(c), lora_state(fresh)),
+            "layer0_forwards_2_steps": counts["layer0_forward"],
+            "micro_batches_2_steps": 2 * cfg.training.grad_accum}
+
+
 def main(out: Path) -> None:
     cfg = make_cfg()
     env = dist.detect("cpu", "gloo")
@@ -123,18 +138,7 @@ def main(out: Path) -> None:
     again = train_step(b, 2)
     report["reload_after_setup"] = {"loss": again, "lora_max_diff": max_diff(ref_lora, lora_state(b))}
 
-    # ---- gradient checkpointing: same losses and LoRA after 2 steps --------------------------
-    counts = {"layer0_forward": 0}
-    c = make_backend(env, ["model.gradient_checkpointing=true"])
-    attn0 = c.model.model.layers[0].self_attn  # runs inside the checkpointed layer forward
-    attn0.register_forward_pre_hook(lambda *_: counts.__setitem__("layer0_forward", counts["layer0_forward"] + 1))
-    ckpt_losses = [train_step(c, s) for s in range(2)]
-    fresh = make_backend(env)
-    plain_losses = [train_step(fresh, s) for s in range(2)]
-    report["ckpt"] = {"losses_ckpt": ckpt_losses, "losses_plain": plain_losses,
-                      "lora_max_diff": max_diff(lora_state(c), lora_state(fresh)),
-                      "layer0_forwards_2_steps": counts["layer0_forward"],
-                      "micro_batches_2_steps": 2 * cfg.training.grad_accum}
+    report["ckpt"] = probe_checkpointing(env, cfg)
     report["losses"] = losses
 
     out.mkdir(parents=True, exist_ok=True)
