@@ -217,6 +217,10 @@ not for the values.
 
 
 def sections(results: dict, single: dict, pairs: dict, tables: dict) -> str:
+    return _tables_5_6(results, tables) + _sections_7(single, pairs, tables, results)
+
+
+def _tables_5_6(results: dict, tables: dict) -> str:
     return f"""
 ## Which weights to adapt, at one parameter budget (Table 5)
 
@@ -241,7 +245,11 @@ Effective rank: exp of the entropy of ΔW's normalized singular values (k for k 
 A from its random init (mean over layers; dtrain's init is recomputed exactly from the seed). The spectrum of the r=64 adapter:
 
 ![spectrum of the r=64 update](paper/spectrum_r64.png)
+"""
 
+
+def _sections_7(single: dict, pairs: dict, tables: dict, results: dict) -> str:
+    return f"""
 ## Subspace similarity (Sec. 7.2, Figures 3 and 4)
 
 phi(i, j) = ‖U_a[:, :i]ᵀ U_b[:, :j]‖²_F / min(i, j), with U the right-singular vectors of each
