@@ -81,6 +81,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
                           f"{str(e).splitlines()[0]}") from None
 
 
+def cache_home() -> Path:
+    """dtrain's cache (imported models, token caches): $DTRAIN_CACHE, else ~/.cache/dtrain."""
+    return Path(os.environ.get("DTRAIN_CACHE") or Path.home() / ".cache" / "dtrain")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -34,8 +33,10 @@ MODEL_FILES = ("config.json", WEIGHTS_FILE)
 
 
 def cache_root() -> Path:
-    """Where imported built-in models live: $DTRAIN_CACHE, else ~/.cache/dtrain."""
-    return Path(os.environ.get("DTRAIN_CACHE") or Path.home() / ".cache" / "dtrain") / "models"
+    """Where imported built-in models live: models/ in dtrain's cache (files.cache_home)."""
+    from dtrain.files import cache_home
+
+    return cache_home() / "models"
 
 
 def is_builtin(name: str | None) -> bool:

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dtrain import files
 from dtrain.config import DataConfig
 from dtrain.data import chat
 from dtrain.data.encode import Encoded
@@ -32,15 +32,7 @@ NOT_IN_KEY = {"mix", "eval_path", "eval_fraction", "cache_dir", "packing", "toke
 def cache_dir(cfg: DataConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
-    return Path(os.environ.get("DTRAIN_CACHE") or Path.home() / ".cache" / "dtrain") / "tokens"
-
-
-def file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return files.cache_home() / "tokens"
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -58,7 +50,7 @@ def key(cfgs: list[DataConfig], tokenizer) -> str:
         settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_IN_KEY}
         settings["template"] = chat.template_of(c, tokenizer) if c.format != "instruction" else None
         h.update(json.dumps(settings, sort_keys=True).encode())
-        h.update(file_hash(c.path).encode())
+        h.update(files.sha256_file(Path(c.path)).encode())
     return h.hexdigest()[:32]
 
 
