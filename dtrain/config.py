@@ -97,6 +97,7 @@ class TrainingConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables", lo=0.0)
     eval_every: int = _f(50, "evaluate every N steps; 0 disables", lo=0)
     eval_batches: int = _f(8, "micro-batches per evaluation", min=1)
+    eval_generate: int = _f(0, "after the last step: exact match on the first N prompts of data.eval_path", lo=0)
     log_every: int = _f(1, "write metrics every N steps", min=1)
     memory_every: int = _f(0, "log memory every N steps; 0 disables", lo=0)
     save_every: int = _f(0, "training checkpoint every N steps; 0: only at the end", lo=0)

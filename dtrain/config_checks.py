@@ -114,6 +114,9 @@ def resolve_builtin_models(cfg) -> None:
 
 def _check_paths(cfg, where: Where) -> None:
     """The local files the config names exist."""
+    if cfg.training.eval_generate and (cfg.data.eval_path is None or cfg.model.path is None):
+        raise ConfigError(f"{where('training.eval_generate')}: training.eval_generate needs data.eval_path (the "
+                          "prompts and expected answers) and model.path (the base the adapter is loaded on)")
     _check_data_files(cfg.data, where)
     if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir():
         raise ConfigError(f"{where('data.tokenizer')}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")

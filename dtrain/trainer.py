@@ -13,6 +13,7 @@ sees 75; torchrun reports its own failure (exit 1) instead, so test for the PREE
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -125,6 +126,8 @@ class Trainer:
             final = adapter.gather_adapter(self.backend, self.cfg.lora.adapter_name)  # once, for both saves
             checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan, tensors=final)
             adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final)
+            if self.cfg.training.eval_generate:
+                files.together(self.backend, lambda: self._generation_eval(metrics))
         finally:
             bar.close()
             self._close_loggers()
@@ -138,6 +141,21 @@ class Trainer:
                                                                       self.out / "loss_curve.png"):
                 log.info("loss curve in %s", self.out / "loss_curve.png")
         return 0
+
+    def _generation_eval(self, metrics) -> None:
+        """Exact match of the saved adapter on held-out prompts (rank 0, one process, the base
+        loaded whole: for models that fit one device); `eval_generations.jsonl` per record."""
+        from dtrain import evaluate, generate
+
+        cfg = self.cfg
+        records = evaluate.read_jsonl(Path(cfg.data.eval_path), cfg.training.eval_generate)
+        model, tok = generate.load(cfg.model.path, [str(self.out / "adapter")], device=str(self.backend.device))
+        result = evaluate.exact_match(generate.Generator(model, tok), records, generate.Sampling(max_new_tokens=64),
+                                      f"data.eval_path = '{cfg.data.eval_path}'")
+        files.write_text_atomic(self.out / "eval_generations.jsonl",
+                                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
+        self._write_metrics({"step": self.state.step, "eval_exact_match": result.accuracy}, metrics)
+        log.info("exact match on %d held-out prompts: %d (%.1f%%)", result.total, result.correct, 100 * result.accuracy)
 
     def _close_loggers(self) -> None:
         if self.loggers is not None:

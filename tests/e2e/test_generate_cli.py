@@ -99,3 +99,25 @@ def test_generate_and_eval_refuse_bad_input_in_one_line(setup, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (f"dtrain: error: --data '{bad}': record 0: needs 'messages' ending "
                                                     "with an assistant turn, or 'prompt' and 'response'")
+
+
+def test_training_ends_with_exact_match_on_held_out_prompts(setup, tmp_path):
+    """training.eval_generate: the saved adapter answers the first N prompts of data.eval_path after
+    the last step; the per-record file and the metrics row agree with `dtrain eval` on that adapter."""
+    model_dir, _, _ = setup
+    out = tmp_path / "run"
+    evals = REPO / "dtrain" / "assets" / "dates_eval.jsonl"
+    run_dtrain(["train", str(TINY), "model.arch=null", f"model.path={model_dir}", f"data.path={DATES}",
+                f"data.eval_path={evals}", "data.format=messages", "data.seq_len=64", "training.max_steps=2",
+                "training.eval_every=0", "training.eval_generate=3", f"output.dir={out}"])
+    rows = [json.loads(x) for x in (out / "eval_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["correct"] == (r["got"] == r["expected"]) for r in rows)
+    metric = [r for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
+              if "eval_exact_match" in r]
+    assert metric == [{"step": 2, "eval_exact_match": sum(r["correct"] for r in rows) / 3}]
+    run_dtrain(["eval", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--data", str(evals),
+                "--limit", "3", "--max-new-tokens", "64", "--out", str(tmp_path / "eval.jsonl")])
+    again = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["got"] for r in again] == [r["got"] for r in rows]
+    proc = run_dtrain(["train", str(TINY), "training.eval_generate=3", f"output.dir={tmp_path / 'bad'}"], check=False)
+    assert proc.returncode == 2 and "training.eval_generate needs data.eval_path" in proc.stderr
