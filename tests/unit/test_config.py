@@ -195,3 +195,13 @@ def test_bad_yaml_and_bad_override_syntax(tmp_path) -> None:
     assert error("lora=3") == ("override 'lora=3': lora = 3: lora is a section, not a value; set its keys "
                                "(lora.<key>=...; keys: r, alpha, dropout, targets, target_regex, adapter_name, "
                                "init_seed, use_rslora, use_dora, loraplus_lr_ratio)")
+
+
+def test_readme_configuration_table_is_the_schema():
+    """README's configuration table lists every key with its default and description, in order."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    head = "| key | default | description |\n|---|---|---|\n"
+    rows = readme[readme.index(head) + len(head):].split("\n\n", 1)[0].splitlines()
+    assert rows == [f"| `{k}` | `{d}` | {h.replace('|', '/')} |" for k, d, h in config.describe_schema()]
