@@ -107,18 +107,28 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 
 def apply(model: nn.Module, cfg) -> None:
-    """Every choice of this module the config makes, in place (before sharding)."""
+    """Every choice of this module the config makes, in place (before sharding). Silent: what was
+    chosen is logged once the run has started (`describe`), so a later setup error stays one line."""
     m, t = cfg.model, cfg.training
-    chosen = apply_checkpointing(model, m.gradient_checkpointing, m.gradient_checkpointing_every)
-    if chosen:
-        log.info("gradient checkpointing (%s): blocks %s", "attention only" if m.gradient_checkpointing == "attention"
-                 else "whole blocks", _ranges(chosen, m.gradient_checkpointing_every))
-    if m.compile_blocks:
-        log.info("torch.compile: %d decoder blocks", compile_blocks(model))
+    model._dtrain_checkpointed = apply_checkpointing(model, m.gradient_checkpointing, m.gradient_checkpointing_every)
+    model._dtrain_compiled = compile_blocks(model) if m.compile_blocks else 0
     head = output_head(model)
     if chunked_loss_wanted(t.chunked_loss, cfg.mode, head):
         loss_lib.install(head, t.loss_chunk_tokens)
-        log.info("chunked loss: on, %d tokens per chunk", t.loss_chunk_tokens)
+
+
+def describe(model: nn.Module, cfg) -> list[str]:
+    """What `apply` chose for this model, one line each."""
+    m, lines = cfg.model, []
+    chosen = getattr(model, "_dtrain_checkpointed", None)
+    if chosen:
+        kind = "attention only" if m.gradient_checkpointing == "attention" else "whole blocks"
+        lines.append(f"gradient checkpointing ({kind}): blocks {_ranges(chosen, m.gradient_checkpointing_every)}")
+    if getattr(model, "_dtrain_compiled", 0):
+        lines.append(f"torch.compile: {model._dtrain_compiled} decoder blocks")
+    if loss_lib.installed(output_head(model)):
+        lines.append(f"chunked loss: on, {cfg.training.loss_chunk_tokens} tokens per chunk")
+    return lines
 
 
 def _ranges(chosen: list[int], every: int) -> str:

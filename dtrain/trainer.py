@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
-from dtrain import loggers as loggers_lib, step as step_lib
+from dtrain import loggers as loggers_lib, step as step_lib, step_opts
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
@@ -92,6 +92,8 @@ class Trainer:
             )
 
     def _log_start(self, skipped: int) -> None:
+        for line in step_opts.describe(self.backend.model, self.cfg):
+            log.info("%s", line)
         trainable, total = lora.count_parameters(self.backend.model)
         log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
         pad = 1 - float(self.train_data.attention_mask.float().mean()) if len(self.train_data) else 0.0
