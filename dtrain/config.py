@@ -163,7 +163,7 @@ class Config:
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or defaults when path is None), apply overrides, validate."""
     source = str(path) if path else "<defaults>"
-    raw: dict = _read_yaml(Path(path)) if path is not None else {}
+    raw: dict = read_yaml(Path(path)) if path is not None else {}
     cli: dict[str, str] = {}  # dotted key -> the override that set it: errors name the override
     for item in overrides:
         cli[_apply_override(raw, item)] = item
@@ -175,7 +175,8 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def _read_yaml(p: Path) -> dict:
+def read_yaml(p: Path) -> dict:
+    """The raw mapping of a YAML config file (yaml.safe_load); every reader of dtrain's YAML uses it."""
     source = str(p)
     if not p.is_file():
         raise ConfigError(f"{source}: config file not found")

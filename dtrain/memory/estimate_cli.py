@@ -154,15 +154,12 @@ def load_yaml_model_config(path: Path) -> dict[str, Any]:
     config with ``model_type``) or ``model.path`` (a directory with config.json; relative to
     the working directory, else to the YAML's directory).
 
-    Swap point: once ``dtrain.config.load`` is used everywhere, this can read its
-    ``cfg.model.arch`` / ``cfg.model.path`` instead.
+    The file is read by dtrain.config's YAML reader, but not validated as a whole config: an
+    estimate needs only the model, not the data files a training run would.
     """
-    import yaml
+    from dtrain.config import read_yaml
 
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"estimate: cannot read {path}: {_one_line(err)}") from None
+    data = read_yaml(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         raise ConfigError(f"estimate: {path}: no 'model' section")
