@@ -5,7 +5,11 @@ Hugging Face checkpoint's weight files. No torch at import, no bitsandbytes: che
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from dtrain.errors import ConfigError
 
 if TYPE_CHECKING:  # torch is imported by the callers; the CLI reads the file names without it
     from torch import nn
@@ -13,6 +17,25 @@ if TYPE_CHECKING:  # torch is imported by the callers; the CLI reads the file na
 NF4_BLOCKSIZE = 64  # elements per NF4 absmax block (QLoRA's), over the row-major flattened weight
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def weight_files(directory: Path, where: str) -> tuple[list[str], dict | None]:
+    """A checkpoint directory's safetensors files (one, or the shards its index names) and the
+    index; the one reader of that layout (training's weight source and `dtrain merge`). `where`
+    names the key or flag in errors ("model.path", "--base")."""
+    index_path = directory / INDEX_FILE
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{where} '{index_path}': not valid JSON ({str(e).splitlines()[0]})") from None
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ConfigError(f"{where} '{index_path}': no 'weight_map' mapping")
+        return sorted(set(index["weight_map"].values())), index
+    if (directory / WEIGHTS_FILE).is_file():
+        return [WEIGHTS_FILE], None
+    raise ConfigError(f"{where} '{directory}': no model.safetensors or index file (dtrain reads safetensors; "
+                      "convert a .bin checkpoint with save_pretrained first)")
 
 
 def is_quantized(module: nn.Module) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dtrain.errors import DtrainError
-from dtrain.layers import INDEX_FILE, WEIGHTS_FILE
+from dtrain.layers import INDEX_FILE, weight_files
 from dtrain.outdir import check_target
 
 if TYPE_CHECKING:  # torch and safetensors are imported when merging, not when the CLI starts
@@ -82,7 +82,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     modules = adapter_lib.adapter_modules(tensors, adapter, spec.use_dora)
     adapter_lib.check_rank(modules, spec.r, adapter)
     deltas = {f"{m}.weight": ab for m, ab in modules.items()}
-    files, index = _weight_files(base)
+    files, index = weight_files(base, "--base")
     _check_targets(base, files, deltas)
     if base_bits:
         dtype = "bf16"
@@ -145,19 +145,6 @@ def _check_not_quantized(config: dict, base: Path) -> None:
         raise DtrainError(f"--base '{base}': config.json has a quantization_config ({method}); merge reads float "
                           "bases: import a GGUF file first (dtrain import FILE --out DIR) and merge into DIR; for an "
                           "adapter trained on dtrain's 8-/4-bit base, give the float base and --base-bits 8|4")
-
-
-def _weight_files(base: Path) -> tuple[list[str], dict | None]:
-    """The base's safetensors files (one, or the shards of the index) and the index, if any."""
-    if (base / INDEX_FILE).is_file():
-        index = _read_json(base / INDEX_FILE, "--base")
-        if not isinstance(index.get("weight_map"), dict):
-            raise DtrainError(f"--base '{base / INDEX_FILE}': no 'weight_map' mapping")
-        return sorted(set(index["weight_map"].values())), index
-    if (base / WEIGHTS_FILE).is_file():
-        return [WEIGHTS_FILE], None
-    raise DtrainError(f"--base '{base}': no model.safetensors or {INDEX_FILE} (merge reads safetensors; "
-                      "convert a .bin checkpoint with save_pretrained first)")
 
 
 def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> None:

@@ -8,7 +8,6 @@ models. The LoRA parameters come from their own init. No code here knows about r
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from pathlib import Path
@@ -156,16 +155,13 @@ class SafetensorsSource:
         """`prefix`: the model's `base_model_prefix` ("model", "bert"), which checkpoints saved
         from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without."""
         self.path, self.prefix = Path(path), prefix
-        index = self.path / layers.INDEX_FILE
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {k: self.path / v for k, v in weight_map.items()}
-        elif (self.path / layers.WEIGHTS_FILE).is_file():
-            f = self.path / layers.WEIGHTS_FILE
+        names, index = layers.weight_files(self.path, "model.path")
+        if index is not None:
+            self.files = {k: self.path / v for k, v in index["weight_map"].items()}
+        else:
+            f = self.path / names[0]
             with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
-        else:
-            raise ConfigError(f"model.path = '{path}': no model.safetensors or index file")
         self._open: dict[Path, object] = {}
 
     def key(self, name: str) -> str | None:
