@@ -139,15 +139,16 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model") -> ModelSpec:
 
 
 def _meta_build(cfg: Mapping[str, Any]) -> tuple[Any, nn.Module]:
-    """(HF config, model on the meta device: shapes only, no storage)."""
+    """(HF config, model on the meta device: shapes only, no storage), built by the same
+    `model.build_empty` as training (tied embeddings tied the same way)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from dtrain import model as model_lib
 
     kwargs = {k: v for k, v in cfg.items() if k not in _IGNORED_KEYS}
     hf_cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_cfg)
-    return hf_cfg, model
+    return hf_cfg, model_lib.build_empty(hf_cfg, torch.float32)
 
 
 def _dims(get: Callable[[str], Any], name: str) -> dict[str, Any]:
