@@ -82,10 +82,12 @@ def import_model_code(config: PretrainedConfig, trust_remote_code: bool = False)
 def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "meta",
                 trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a config value the architecture cannot use
+        raise ConfigError(f"model: transformers cannot build a {config.model_type} model from this config "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     tie_embeddings(model)
     return model
 

@@ -47,6 +47,8 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "fraction": (["model.arch.intermediate_size=12.5"], ["model.arch.intermediate_size = 12.5: must be a "
                                                              "positive integer"]),
         "model_type": (["model.arch.model_type=nosuch"], ["model.arch: Unrecognized model identifier: nosuch"]),
+        "rope_theta": (["model.arch.rope_theta=abc"], ["model: transformers cannot build a llama model from this "
+                                                       "config (TypeError: "]),
         "path_and_arch": ([f"model.path={tmp / 'base'}"], ["model.path and model.arch are both set"]),
         "binary_data": ([f"data.path={f['binary.txt']}"], [f"data.path = '{f['binary.txt']}'", "binary"]),
         "empty_data": ([f"data.path={f['empty.txt']}"], [f"data.path = '{f['empty.txt']}': the file is empty"]),
@@ -83,7 +85,7 @@ def results(tmp_path_factory) -> dict:
     return {"tmp": tmp, "cases": cases, "procs": procs}
 
 
-@pytest.mark.parametrize("name", ["regex", "adapter_name", "heads", "negative", "fraction", "model_type",
+@pytest.mark.parametrize("name", ["regex", "adapter_name", "heads", "negative", "fraction", "model_type", "rope_theta",
                                   "path_and_arch", "binary_data", "empty_data", "broken_jsonl", "empty_tokenizer",
                                   "model_json", "truncated", "rank", "unmatched", "syntax_empty", "syntax_dots",
                                   "syntax_section"])
