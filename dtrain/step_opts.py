@@ -17,7 +17,6 @@ code. On CPU, inductor needs a C++ compiler; the first step pays the compilation
 
 from __future__ import annotations
 
-import logging
 
 import torch
 from torch import nn
@@ -25,7 +24,6 @@ from torch.utils.checkpoint import checkpoint
 
 from dtrain import loss as loss_lib
 
-log = logging.getLogger("dtrain")
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
