@@ -50,8 +50,12 @@ def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
 
 def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None) -> dict:
     """adapter_config.json as PEFT writes it for a LoRA adapter."""
+    from dtrain import hub
+
+    shown = hub.display(base_name)  # a Hub model: its ID, and its commit as PEFT's `revision`
+    name, _, revision = shown.partition("@") if hub.commit_of(base_name) else (base_name, "", None)
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": name, "revision": revision,
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
         "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_rslora": bool(cfg.lora.use_rslora),

@@ -55,11 +55,9 @@ def labelled(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def _base_dir(base: str) -> Path:
-    from dtrain import importer
+    from dtrain import hub
 
-    if importer.is_builtin(base) and not Path(base).is_dir():
-        return importer.resolve(base)
-    return Path(base)
+    return hub.model_dir(base, "--base")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -28,8 +28,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, "local directory of a Hugging Face causal LM (safetensors), or a built-in "
-                                "model's name (smollm2-135m-instruct)")
+    path: str | None = _f(None, "local directory of a Hugging Face causal LM (safetensors), a Hub ID "
+                                "org/name[@revision] (HF cache), or a built-in model's name (smollm2-135m-instruct)")
     arch: dict | None = _f(None, "inline HF config (model_type, sizes) for a random-weight model")
     dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the frozen base weights and compute")
     gradient_checkpointing: bool | Literal["attention"] = _f(
@@ -57,7 +57,8 @@ class LoraConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("dtrain/assets/tiny_corpus.txt", "local dataset file: jsonl, json, csv, parquet, txt")
+    path: str = _f("dtrain/assets/tiny_corpus.txt", "a jsonl/json/csv/parquet/txt file, a glob or directory of "
+                                                   "such shards, a save_to_disk directory, or a Hub dataset org/name")
     format: Literal["text", "instruction", "messages", "sharegpt", "alpaca"] = _f(
         "text", "text (packed stream), instruction (prompt/response), messages, sharegpt or alpaca")
     text_field: str = _f("text", "field holding the text (format: text, non-txt files)")
@@ -68,8 +69,10 @@ class DataConfig:
     role_map: dict | None = _f(None, "dataset role -> system/user/assistant, over the format's defaults")
     alpaca_fields: list[str] = _f(["instruction", "input", "output"], "alpaca: instruction, input, output fields",
                                   length=3)
+    subset: str | None = _f(None, "Hub dataset: its configuration (subset) name; null: the default one")
+    split: str = _f("train", "split of a Hub dataset or of a save_to_disk DatasetDict")
     chat_template: str | None = _f(None, "Jinja chat template (or a .jinja file); null: the tokenizer's")
-    tokenizer: str | None = _f(None, "local tokenizer directory; default: model.path, else built-in")
+    tokenizer: str | None = _f(None, "local tokenizer directory or Hub ID; default: model.path, else built-in")
     seq_len: int = _f(128, "tokens per training sequence", min=2)
     truncation: Literal["drop", "truncate", "error"] = _f(
         "drop", "examples over seq_len: drop, keep their last seq_len tokens, or fail")
@@ -169,8 +172,9 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         cli[_apply_override(raw, item)] = item
     where = _Where(source, cli)
     cfg = _build(Config, raw, "", where)
-    from dtrain import config_checks
+    from dtrain import config_checks, paths
 
+    paths.resolve_config(cfg, Path(path).resolve().parent if path is not None else None)
     config_checks.validate(cfg, where)
     return cfg
 
@@ -255,8 +259,15 @@ def _build(cls: type, raw: Any, prefix: str, where: _Where) -> Any:
 
 
 def to_dict(cfg: Config) -> dict:
-    """The resolved config as plain data (written to the run directory)."""
-    return dataclasses.asdict(cfg)
+    """The resolved config as plain data (written to the run directory). A model resolved from the
+    Hugging Face cache is written as `org/name@commit`: the run records the exact revision, and the
+    file loads again on any machine whose cache holds (or can download) it."""
+    from dtrain import hub
+
+    out = dataclasses.asdict(cfg)
+    out["model"]["path"] = hub.display(cfg.model.path)
+    out["data"]["tokenizer"] = hub.display(cfg.data.tokenizer)
+    return out
 
 
 def save(cfg: Config, path: Path) -> None:

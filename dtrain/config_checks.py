@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from dtrain import hub
 from dtrain.errors import ConfigError
 
 Where = Callable[[str], str]  # dotted key -> "<config file>" or "override 'key=value'"
@@ -26,7 +27,7 @@ _CORE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 def validate(cfg, where: Where) -> None:
     """Every cross-field check, in the order a user would fix them."""
-    resolve_builtin_models(cfg)
+    resolve_named_models(cfg)
     _check_model(cfg.model, where)
     _check_lora(cfg.lora, where)
     _check_variants(cfg, where)
@@ -47,7 +48,7 @@ def _check_model(model, where: Where) -> None:
                           "(a local model directory) or model.arch (an inline architecture, random weights)")
     if model.path is None and model.arch is None:
         raise ConfigError(f"{where('model')}: model: set model.path (local dir) or model.arch (inline)")
-    if model.path is not None and not Path(model.path).is_dir():
+    if model.path is not None and not Path(model.path).is_dir() and not hub.is_hub_id(model.path):
         raise ConfigError(f"{where('model.path')}: model.path = '{model.path}': directory not found")
     if model.arch is not None:
         check_arch(model.arch, where)
@@ -101,15 +102,20 @@ def _check_variants(cfg, where: Where) -> None:
                               f"(mode is {cfg.mode}: every weight trains, there is no adapter)")
 
 
-def resolve_builtin_models(cfg) -> None:
+def resolve_named_models(cfg, download: bool | None = None) -> None:
     """model.path / data.tokenizer may name a built-in model (`dtrain import --list`): its local
-    directory, imported on first use."""
+    directory, imported on first use; or a Hub ID (`org/name[@revision]`): its snapshot in the HF
+    cache. Only rank 0 downloads (`download` None: by the launcher's rank); the other ranks keep the
+    ID until the trainer resolves it from rank 0's cache after the process group is up."""
     from dtrain import importer
 
+    download = hub.is_main_process() if download is None else download
     for section, key in ((cfg.model, "path"), (cfg.data, "tokenizer")):
         value = getattr(section, key)
         if importer.is_builtin(value) and not Path(value).is_dir():
             setattr(section, key, str(importer.resolve(value)))
+        elif hub.is_hub_id(value) and (download or hub.offline()):
+            setattr(section, key, str(hub.resolve(value, f"{'model' if section is cfg.model else 'data'}.{key}")))
 
 
 def _check_paths(cfg, where: Where) -> None:
@@ -118,7 +124,7 @@ def _check_paths(cfg, where: Where) -> None:
         raise ConfigError(f"{where('training.eval_generate')}: training.eval_generate needs data.eval_path (the "
                           "prompts and expected answers) and model.path (the base the adapter is loaded on)")
     _check_data_files(cfg.data, where)
-    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir():
+    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir() and not hub.is_hub_id(cfg.data.tokenizer):
         raise ConfigError(f"{where('data.tokenizer')}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")
     ds = cfg.backend.deepspeed_config
     if ds is not None and not Path(ds).is_file():
@@ -134,9 +140,9 @@ def _mix_keys(data) -> set[str]:
 
 
 def _check_data_files(data, where: Where) -> None:
-    """data.path (or every data.mix entry's path) and data.eval_path exist; mix entries are well formed."""
-    if data.mix is None and not Path(data.path).is_file():
-        raise ConfigError(f"{where('data.path')}: data.path = '{data.path}': file not found")
+    """data.path (or every data.mix entry's path) and data.eval_path name data; mix entries are well formed."""
+    if data.mix is None:
+        _check_source(data.path, where("data.path"), "data.path")
     if data.mix is not None and not data.mix:
         raise ConfigError(f"{where('data.mix')}: data.mix: empty list (omit it, or list datasets)")
     allowed = _mix_keys(data)
@@ -150,7 +156,18 @@ def _check_data_files(data, where: Where) -> None:
         w = entry.get("weight", 1.0)
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not math.isfinite(w):
             raise ConfigError(f"{at}.weight = {w!r}: must be a number > 0")
-        if not Path(str(entry["path"])).is_file():
-            raise ConfigError(f"{at}.path = '{entry['path']}': file not found")
-    if data.eval_path is not None and not Path(data.eval_path).is_file():
-        raise ConfigError(f"{where('data.eval_path')}: data.eval_path = '{data.eval_path}': file not found")
+        _check_source(str(entry["path"]), where("data.mix"), f"data.mix[{i}].path")
+    if data.eval_path is not None:
+        _check_source(data.eval_path, where("data.eval_path"), "data.eval_path")
+
+
+def _check_source(path: str, source: str, key: str) -> None:
+    """One file (no heavy import: the common case), else a glob, a directory or a Hub dataset."""
+    if Path(path).is_file():
+        return
+    from dtrain.data import locate
+
+    try:
+        locate.check(path, key)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None

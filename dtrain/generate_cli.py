@@ -60,11 +60,10 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from dtrain import generate, importer
+    from dtrain import generate, hub
 
     _check(args)
-    model_dir = importer.resolve(args.model) if importer.is_builtin(args.model) and not Path(args.model).is_dir() \
-        else Path(args.model)
+    model_dir = hub.model_dir(args.model, "--model")
     model, tok = generate.load(model_dir, args.adapter, args.use, args.dtype)
     sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     return generate.Generator(model, tok, not args.no_chat_template, args.system), sampling

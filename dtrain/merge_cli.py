@@ -73,7 +73,9 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     from dtrain import adapter as adapter_lib
     from dtrain.files import fresh_dir, staging_dir
 
-    base, adapter, out = Path(base), Path(adapter), Path(out)
+    from dtrain import hub
+
+    base, adapter, out = hub.model_dir(base, "--base"), Path(adapter), Path(out)
     _check_dirs(base, adapter, out, overwrite)
     config = _read_json(base / "config.json", "--base")
     _check_not_quantized(config, base)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from dtrain import hub
 from dtrain.config import Config
 from dtrain.errors import ConfigError
 
@@ -40,7 +41,7 @@ def settings(cfg: Config, model) -> dict:
         "mode": cfg.mode, "lora.r": lc.r, "lora.alpha": float(lc.alpha),
         "lora.targets": targets if isinstance(targets, str) else sorted(targets),
         "lora.target_regex": lc.target_regex, "lora.adapter_name": lc.adapter_name,
-        "lora.dropout": float(lc.dropout), "model.path": cfg.model.path,
+        "lora.dropout": float(lc.dropout), "model.path": hub.display(cfg.model.path),
         "model.arch": {k: getattr(arch, k, None) for k in ARCH_KEYS} if arch is not None else {},
         "quantization.bits": cfg.quantization.bits, "quantization.include_head": cfg.quantization.include_head,
     }

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
-from dtrain import loggers as loggers_lib, step as step_lib, step_opts
+from dtrain import adapter, backends, checkpoint, hub, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
+from dtrain import config_checks, loggers as loggers_lib, step as step_lib, step_opts
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
@@ -54,6 +54,7 @@ class Trainer:
         setup_logging(env.is_main)
         torch.manual_seed(cfg.training.seed + env.rank)  # dropout differs per rank, as in DDP
         self._prepare_out()
+        self._resolve_hub_ids()
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
         self.backend.build()  # before the data: a model the config cannot build fails first, in one line
@@ -83,6 +84,27 @@ class Trainer:
             raise config_lib.ConfigError(f"output.dir = '{self.out}': cannot create it ({e.strerror})") from None
         if self.cfg.output.overwrite:
             files.together(self.backend, lambda: outdir.clear_run(self.out))
+
+    def _resolve_hub_ids(self) -> None:
+        """The other ranks read the snapshot rank 0 resolved (it downloaded before joining the process
+        group, so it is complete): from its cache, shared across nodes (docs/hub.md). A rank that
+        cannot find it ends every rank, not only itself."""
+        cfg = self.cfg
+        named = [v for v in (cfg.model.path, cfg.data.tokenizer) if hub.is_hub_id(v) or hub.commit_of(v)]
+        if not named or self.env.world_size == 1:
+            return
+        error = None
+        if not self.env.is_main:
+            try:
+                config_checks.resolve_named_models(cfg, download=False)
+            except config_lib.ConfigError as e:
+                error, e.local = e, True
+        failed = int(self.backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
+        if error is not None:
+            raise error
+        if failed:
+            raise config_lib.ConfigError(f"{failed} rank(s) could not read the model rank 0 resolved from their "
+                                         "Hugging Face cache (see their error); the ranks need one shared HF_HUB_CACHE")
 
     def _check_vocab(self) -> None:
         vocab = self.backend.model.config.vocab_size

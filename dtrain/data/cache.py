@@ -21,7 +21,7 @@ import torch
 
 from dtrain import files
 from dtrain.config import DataConfig
-from dtrain.data import chat
+from dtrain.data import chat, locate, records
 from dtrain.data.encode import Encoded
 
 log = logging.getLogger("dtrain.data")
@@ -50,8 +50,24 @@ def key(cfgs: list[DataConfig], tokenizer) -> str:
         settings = {k: v for k, v in dataclasses.asdict(c).items() if k not in NOT_IN_KEY}
         settings["template"] = chat.template_of(c, tokenizer) if c.format != "instruction" else None
         h.update(json.dumps(settings, sort_keys=True).encode())
-        h.update(files.sha256_file(Path(c.path)).encode())
+        h.update(fingerprint(c).encode())
     return h.hexdigest()[:32]
+
+
+def fingerprint(cfg) -> str:
+    """A hash of the records' bytes: every shard's (in order), a save_to_disk directory's files,
+    or a Hub dataset's revision as `datasets` resolves it (the cached copy when offline)."""
+    loc = locate.locate(cfg.path)
+    h = hashlib.sha256(loc.kind.encode())
+    if loc.kind == "files":
+        for f in loc.shards:
+            h.update(files.sha256_file(f).encode())
+    elif loc.kind == "disk":
+        for f in sorted(p for p in Path(loc.where).rglob("*") if p.is_file()):
+            h.update(f.relative_to(loc.where).as_posix().encode() + files.sha256_file(f).encode())
+    else:
+        h.update(records.open_dataset(cfg)._fingerprint.encode())
+    return h.hexdigest()
 
 
 def load(root: Path, k: str) -> list[Encoded] | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dtrain.config import DataConfig
-from dtrain.data import chat
+from dtrain.data import chat, locate
 from dtrain.data.records import record_problem, required_fields
 from dtrain.data.rows import IGNORE
 from dtrain.errors import ConfigError
@@ -40,7 +40,7 @@ class Encoded:
 
 def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = False) -> Encoded:
     """Tokenize records in the configured format; skip (or reject) bad records; apply truncation."""
-    txt = Path(cfg.path).suffix.lower() == ".txt"
+    txt = locate.is_text(cfg.path)
     template = chat.template_of(cfg, tokenizer) if cfg.format != "instruction" else None
     if cfg.format in ("messages", "sharegpt") and template is None:
         raise ConfigError(f"data.path = '{cfg.path}': data.format = {cfg.format} needs a chat template; the "
@@ -50,7 +50,7 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
                leave=False, dynamic_ncols=True)
     docs = []
     for i, rec in enumerate(bar):
-        if txt:
+        if txt and cfg.text_field not in rec:
             rec = {cfg.text_field: rec.get("text")}
         problem = record_problem(rec, cfg)
         if problem is None and cfg.format == "text":
