@@ -56,7 +56,7 @@ def key(cfgs: list[DataConfig], tokenizer) -> str:
 
 def fingerprint(cfg) -> str:
     """A hash of the records' bytes: every shard's (in order), a save_to_disk directory's files,
-    or a Hub dataset's revision as `datasets` resolves it (the cached copy when offline)."""
+    or a Hub dataset's commit (its snapshot in the HF cache)."""
     loc = locate.locate(cfg.path)
     h = hashlib.sha256(loc.kind.encode())
     if loc.kind == "files":
@@ -66,7 +66,7 @@ def fingerprint(cfg) -> str:
         for f in sorted(p for p in Path(loc.where).rglob("*") if p.is_file()):
             h.update(f.relative_to(loc.where).as_posix().encode() + files.sha256_file(f).encode())
     else:
-        h.update(records.open_dataset(cfg)._fingerprint.encode())
+        h.update(str(records.hub_snapshot(cfg.path)).encode())  # .../snapshots/<commit>
     return h.hexdigest()
 
 

@@ -64,8 +64,13 @@ def _shards(where: str, shards: list[Path], key: str) -> Located:
 
 
 def check(where: str, key: str) -> None:
-    """data.path (or a mix entry's, or data.eval_path) names something readable."""
-    locate(where, key)
+    """data.path (or a mix entry's, or data.eval_path) names something readable; offline, a Hub
+    dataset must be in one of the caches `datasets` reads."""
+    loc = locate(where, key)
+    if loc.kind == "hub" and hub.offline() and not (hub.cache_dir() / f"datasets--{where.replace('/', '--')}").is_dir():
+        raise ConfigError(f"{key} = '{where}': no such local path, and the Hub dataset is not in the Hugging Face "
+                          f"cache {hub.cache_dir()} (HF_HUB_OFFLINE=1); run `dtrain download {where} --dataset` "
+                          "where the Hub is reachable")
 
 
 def is_text(where: str) -> bool:

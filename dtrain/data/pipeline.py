@@ -48,16 +48,20 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, is_main: bool = True,
     srcs = sources_lib.sources(cfg)
     ev_cfg = sources_lib.eval_source(cfg)
     cfgs = [c for c, _ in srcs] + ([ev_cfg] if ev_cfg else [])
-    root, k = cache.cache_dir(cfg), cache.key(cfgs, tokenizer)
-    encoded = cache.load(root, k) if is_main else None
-    hit = encoded is not None
-    if is_main and hit:
-        log.info("data: token cache hit (%s)", root / k)
-    elif is_main:
-        encoded = encode_all(cfgs, tokenizer, progress=True)
-        cache.save(root, k, cfgs, encoded)
+    root = cache.cache_dir(cfg)
+    encoded = hit = None
+    if is_main:
+        k = cache.key(cfgs, tokenizer)
+        encoded = cache.load(root, k)
+        hit = encoded is not None
+        if hit:
+            log.info("data: token cache hit (%s)", root / k)
+        else:
+            encoded = encode_all(cfgs, tokenizer, progress=True)
+            cache.save(root, k, cfgs, encoded)
     barrier()
-    if not is_main:
+    if not is_main:  # the key after the barrier: a Hub dataset is in the cache once rank 0 fetched it
+        k = cache.key(cfgs, tokenizer)
         encoded = cache.load(root, k)
         hit = encoded is not None
         encoded = encoded or encode_all(cfgs, tokenizer, progress=False)  # cache dir not shared with rank 0

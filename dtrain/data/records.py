@@ -32,7 +32,7 @@ def open_dataset(cfg: DataConfig):
             elif loc.kind == "disk":
                 ds = _from_disk(loc, cfg)
             else:
-                ds = datasets.load_dataset(loc.where, name=cfg.subset, split=cfg.split)
+                ds = datasets.load_dataset(str(hub_snapshot(loc.where)), name=cfg.subset, split=cfg.split)
         except ConfigError:
             raise
         except Exception as e:  # datasets raises many types for a malformed file or a missing split
@@ -40,6 +40,15 @@ def open_dataset(cfg: DataConfig):
     if loc.builder == "text" and cfg.text_field != "text":
         ds = ds.rename_column("text", cfg.text_field)
     return ds
+
+
+def hub_snapshot(repo: str) -> Path:
+    """A Hub dataset's snapshot in the HF cache, downloaded (whole) by rank 0 alone: `datasets` then
+    reads it as a local folder (configs and splits from its README and file names), so an offline
+    run needs nothing but that cache."""
+    from dtrain import hub
+
+    return hub.resolve(repo, "data.path", download=hub.is_main_process(), repo_type="dataset")
 
 
 def _from_files(loc: Located, cfg: DataConfig):
