@@ -267,8 +267,8 @@ def test_too_little_text_is_an_error(tmp_path, tok) -> None:
 # ---- split and batch plan -------------------------------------------------------------------
 
 def _examples(n: int) -> data.Examples:
-    ids = torch.arange(n * 3).view(n, 3)
-    return data.Examples(ids, ids.clone(), torch.ones_like(ids))
+    ids = torch.arange(n * 3).view(n, 3).tolist()
+    return data.pad_rows([(r, r) for r in ids], 3, pad_id=0)
 
 
 def test_split_is_seeded_disjoint_and_complete() -> None:
