@@ -81,6 +81,10 @@ class DataConfig:
     eval_path: str | None = _f(None, "evaluation file (same format); eval_fraction is then unused")
     eval_fraction: float = _f(0.1, "fraction of examples held out for evaluation", lo=0.0, hi_open=1.0)
     bad_records: Literal["skip", "error"] = _f("skip", "missing/empty fields: skip and count, or fail")
+    num_proc: int | None = _f(None, "processes tokenizing on rank 0 (batched, in shards); null: the cores it may use",
+                              min=1)
+    prepare_timeout_s: int = _f(14400, "seconds the other ranks wait for rank 0 to tokenize (not "
+                                       "backend.timeout_s: a first tokenization may be long)", min=1)
     cache_dir: str | None = _f(None, "token cache directory; null: $DTRAIN_CACHE/tokens (~/.cache/dtrain)")
 
 

@@ -136,7 +136,8 @@ def _mix_keys(data) -> set[str]:
     from dataclasses import fields
 
     return {"path", "weight"} | {f.name for f in fields(type(data))} - {
-        "mix", "eval_path", "eval_fraction", "cache_dir", "seq_len", "packing", "tokenizer"}
+        "mix", "eval_path", "eval_fraction", "cache_dir", "seq_len", "packing", "tokenizer", "num_proc",
+        "prepare_timeout_s"}
 
 
 def _check_data_files(data, where: Where) -> None:

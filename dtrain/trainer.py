@@ -59,7 +59,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
         self.backend.build()  # before the data: a model the config cannot build fails first, in one line
         self._check_vocab()
-        data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
+        wait = self.backend.long_barrier(cfg.data.prepare_timeout_s)  # not backend.timeout_s: tokenizing takes long
+        data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, wait)
         self.train_data, self.eval_data = data.train, data.eval
         t = cfg.training
         self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)

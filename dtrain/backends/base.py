@@ -181,6 +181,10 @@ class Backend(TorchMemoryView, ABC):
     @abstractmethod
     def barrier(self) -> None: ...
 
+    def long_barrier(self, timeout_s: int) -> Callable[[], None]:
+        """A barrier with its own timeout, for waiting on rank 0's data preparation (one process: none)."""
+        return self.barrier
+
     @abstractmethod
     def close(self) -> None:
         """Tear down process groups; safe to call twice."""

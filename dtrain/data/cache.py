@@ -23,13 +23,14 @@ import torch
 
 from dtrain import files
 from dtrain.config import DataConfig
-from dtrain.data import chat, locate, records
+from dtrain.data import chat, locate, parallel, records, shards
 from dtrain.data.encode import Encoded
 from dtrain.data.ragged import Ragged
 
 log = logging.getLogger("dtrain.data")
 VERSION = "dtrain-tokens-1"
-NOT_IN_KEY = {"mix", "eval_path", "eval_fraction", "cache_dir", "packing", "tokenizer", "chat_template"}
+NOT_IN_KEY = {"mix", "eval_path", "eval_fraction", "cache_dir", "packing", "tokenizer", "chat_template", "num_proc",
+              "prepare_timeout_s"}
 
 
 def cache_dir(cfg: DataConfig) -> Path:
@@ -77,14 +78,50 @@ def load(root: Path, k: str) -> list[Encoded] | None:
     d = root / k
     if not (d / "counts.json").is_file():
         return None
-    from safetensors.torch import load_file
+    return _read(d)
 
+
+def _read(d: Path) -> list[Encoded]:
+    """The entry's datasets, their tensors over a mapping of tokens.safetensors (pages load on use)."""
     meta = json.loads((d / "counts.json").read_text())
-    t = load_file(str(d / "tokens.safetensors"))
+    t = shards.mmap_safetensors(d / "tokens.safetensors")
     out = []
     for i, m in enumerate(meta["datasets"]):
         out.append(Encoded(Ragged(t[f"{i}.ids"], t[f"{i}.labels"], t[f"{i}.offsets"]), Counter(m["counts"])))
     return out
+
+
+def build(root: Path, k: str, cfgs: list[DataConfig], tokenizer, progress: bool) -> list[Encoded]:
+    """Tokenize every dataset into shards (data.num_proc processes), stream them into the entry,
+    move it into place and read it back memory-mapped. An unwritable cache dir costs a warning: the
+    entry is then built in the system's temp dir and removed once mapped."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp, keep = Path(tempfile.mkdtemp(prefix=f".{k}.", dir=root)), True
+    except OSError as e:
+        log.warning("data: could not write the token cache under %s: %s", root, e)
+        tmp, keep = Path(tempfile.mkdtemp(prefix=f"dtrain-tokens-{k}.")), False
+    try:
+        per_dataset, meta = [], {"key": k, "datasets": []}
+        for i, c in enumerate(cfgs):
+            (tmp / f"shards-{i}").mkdir()
+            found, counts = parallel.encode_to_shards(c, tokenizer, tmp / f"shards-{i}", progress)
+            per_dataset.append(found)
+            meta["datasets"].append({"path": c.path, "format": c.format, "counts": dict(counts)})
+        shards.stream_safetensors(tmp / "tokens.safetensors", per_dataset, {"format": "pt", "key": k})
+        for i in range(len(cfgs)):
+            shutil.rmtree(tmp / f"shards-{i}")
+        (tmp / "counts.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if not keep:
+            return _read(tmp)
+        try:
+            tmp.rename(root / k)
+        except OSError:  # another process wrote the same entry meanwhile: read that one
+            shutil.rmtree(tmp, ignore_errors=True)
+        return _read(root / k)
+    finally:
+        if not keep or tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save(root: Path, k: str, cfgs: list[DataConfig], encoded: list[Encoded]) -> None:

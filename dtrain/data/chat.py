@@ -84,6 +84,39 @@ def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str
     return full, spans
 
 
+def render_batch(tokenizer, template: str, convs: list[list[dict]], generation_prompt: bool) -> list[str]:
+    """render() of many conversations in one call of the renderer apply_chat_template uses, with the
+    arguments it passes (its special tokens); per conversation where that renderer is not there."""
+    if not convs:
+        return []
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+    except ImportError:
+        return [render(tokenizer, template, m, generation_prompt) for m in convs]
+    kwargs = dict(tokenizer.special_tokens_map)
+    texts, _ = render_jinja_template(conversations=convs, chat_template=template,
+                                     add_generation_prompt=generation_prompt, **kwargs)
+    return texts
+
+
+def assistant_spans_batch(tokenizer, template: str, convs: list[list[dict]]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """assistant_spans() of many conversations, every rendering of the batch in two calls."""
+    asks = [(c, k) for c, m in enumerate(convs) for k, turn in enumerate(m) if turn["role"] == "assistant"]
+    full = render_batch(tokenizer, template, convs, False)
+    befores = render_batch(tokenizer, template, [convs[c][:k] for c, k in asks], True)
+    partial = [(c, k) for c, k in asks if k + 1 < len(convs[c])]  # a turn that ends the chat: `after` is `full`
+    afters = dict(zip(partial, render_batch(tokenizer, template, [convs[c][:k + 1] for c, k in partial], False)))
+    spans: list[list[tuple[int, int]]] = [[] for _ in convs]
+    for (c, k), before in zip(asks, befores):
+        after = afters.get((c, k), full[c])
+        if not (after.startswith(before) and full[c].startswith(after)):
+            raise ConfigError("data.chat_template: rendering a conversation's first turns is not a prefix of "
+                              "rendering all of them, so assistant turns cannot be located (a template that "
+                              "changes earlier turns depending on later ones is not supported)")
+        spans[c].append((len(before), len(after.rstrip())))
+    return list(zip(full, spans))
+
+
 def encode_chat(tokenizer, template: str, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """(token ids, loss mask): tokens overlapping an assistant span are learned."""
     text, spans = assistant_spans(tokenizer, template, messages)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dtrain.config import DataConfig
 from dtrain.data import chat, locate
+from dtrain.data.batched import BatchEncoder
 from dtrain.data.ragged import Ragged, RaggedBuilder
 from dtrain.data.records import record_problem, required_fields
 from dtrain.data.rows import IGNORE
@@ -44,63 +45,83 @@ class Encoded:
         return self.examples.seqs()
 
 
-def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = False) -> Encoded:
-    """Tokenize records in the configured format; skip (or reject) bad records; apply truncation."""
-    txt = locate.is_text(cfg.path)
+BATCH = 256  # records rendered and tokenized per call
+
+
+@dataclass
+class Part:
+    """The examples of a run of consecutive records (a chunk, or the whole dataset), torch-free."""
+
+    kept: RaggedBuilder = field(default_factory=RaggedBuilder)
+    counts: Counter = field(default_factory=Counter)
+    first_bad: int | None = None
+    docs: list[str] = field(default_factory=list)  # format text: the documents, joined later
+
+
+def template_for(cfg: DataConfig, tokenizer) -> str | None:
     template = chat.template_of(cfg, tokenizer) if cfg.format != "instruction" else None
     if cfg.format in ("messages", "sharegpt") and template is None:
         raise ConfigError(f"data.path = '{cfg.path}': data.format = {cfg.format} needs a chat template; the "
                           "tokenizer has none: set data.chat_template or data.tokenizer")
-    out, first_bad = Encoded(Ragged.from_seqs([]), Counter(records=len(records))), None
-    kept = RaggedBuilder()
-    bar = tqdm(records, desc=f"tokenize {Path(cfg.path).name}", disable=not progress or len(records) < PROGRESS_MIN,
-               leave=False, dynamic_ncols=True)
-    docs = []
-    for i, rec in enumerate(bar):
-        if txt and cfg.text_field not in rec:
-            rec = {cfg.text_field: rec.get("text")}
-        problem = record_problem(rec, cfg)
-        if problem is None and cfg.format == "text":
-            docs.append(rec[cfg.text_field])
-            continue
-        pair = _example(rec, cfg, tokenizer, template) if problem is None else problem
-        if isinstance(pair, str):
-            if cfg.bad_records == "error":
-                raise ConfigError(f"data.path = '{cfg.path}': record {i} has {pair}")
-            out.counts["bad_record"] += 1
-            first_bad = i if first_bad is None else first_bad
-            continue
-        _keep(kept, out.counts, pair, cfg, i)
+    return template
+
+
+def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = False) -> Encoded:
+    """Tokenize records in the configured format; skip (or reject) bad records; apply truncation."""
+    bar = tqdm(total=len(records), desc=f"tokenize {Path(cfg.path).name}", leave=False, dynamic_ncols=True,
+               disable=not progress or len(records) < PROGRESS_MIN)
+    part = encode_part(cfg, records, tokenizer, 0, bar.update)
     bar.close()
-    if out.counts["bad_record"]:
-        log.warning("data: skipped %d record(s) with a missing or empty field (first: record %d)",
-                    out.counts["bad_record"], first_bad)
+    return finish(cfg, part, tokenizer)
+
+
+def encode_part(cfg: DataConfig, records: list[dict], tokenizer, start: int, advance=None) -> Part:
+    """Records start, start+1, ... in batches; `advance(n)` after each batch (a progress bar)."""
+    txt, part = locate.is_text(cfg.path), Part(counts=Counter(records=len(records)))
+    encoder = BatchEncoder(cfg, tokenizer, template_for(cfg, tokenizer))
+    for b in range(0, len(records), BATCH):
+        batch = records[b:b + BATCH]
+        if txt:
+            batch = [rec if cfg.text_field in rec else {cfg.text_field: rec.get("text")} for rec in batch]
+        if cfg.format == "text":  # documents are tokenized as one stream, after all records
+            results = [record_problem(rec, cfg) for rec in batch]
+            part.docs += [rec[cfg.text_field] for rec, problem in zip(batch, results) if problem is None]
+        else:
+            results = encoder.encode(batch)
+        for j, res in enumerate(results):
+            i = start + b + j
+            if res is None:
+                continue
+            if isinstance(res, str):
+                if cfg.bad_records == "error":
+                    raise ConfigError(f"data.path = '{cfg.path}': record {i} has {res}")
+                part.counts["bad_record"] += 1
+                part.first_bad = i if part.first_bad is None else part.first_bad
+            else:
+                _keep(part.kept, part.counts, res, cfg, i)
+        if advance is not None:
+            advance(len(batch))
+    return part
+
+
+def finish(cfg: DataConfig, part: Part, tokenizer) -> Encoded:
+    """The dataset's Encoded from its (merged) part: the skip warning, text rows, the empty check."""
     if cfg.format == "text":
-        for ids, labels in _text_rows(docs, cfg, tokenizer):
-            kept.add(ids, labels)
-    out.examples = kept.build()
-    if not len(out.examples):
-        raise ConfigError(_nothing_to_learn(cfg, out.counts))
-    out.counts["examples"] = len(out.examples)
+        for ids, labels in _text_rows(part.docs, cfg, tokenizer):
+            part.kept.add(ids, labels)
+    out = Encoded(part.kept.build(), part.counts)
+    report(cfg, out.counts, part.first_bad, len(out.examples))
     return out
 
 
-def _example(rec: dict, cfg: DataConfig, tokenizer, template: str | None) -> tuple[list[int], list[int]] | str:
-    """(ids, labels) of one record, or why the record is unusable."""
-    if cfg.format in ("messages", "sharegpt") or (cfg.format == "alpaca" and template is not None):
-        messages = chat.to_messages(rec, cfg)
-        if isinstance(messages, str):
-            return messages
-        ids, learn = chat.encode_chat(tokenizer, template, messages)
-        return ids, [t if m else IGNORE for t, m in zip(ids, learn)]
-    if cfg.format == "alpaca":
-        instr, inp, out = (rec.get(f) for f in cfg.alpaca_fields)
-        prompt, response = (instr if not (isinstance(inp, str) and inp.strip()) else f"{instr}\n\n{inp}") + "\n\n", out
-    else:
-        prompt, response = rec[cfg.prompt_field], rec[cfg.response_field]
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return p + r, [IGNORE] * len(p) + r
+def report(cfg: DataConfig, counts: Counter, first_bad: int | None, n_examples: int) -> None:
+    """The skipped-records warning; nothing to learn is an error; counts["examples"] set."""
+    if counts["bad_record"]:
+        log.warning("data: skipped %d record(s) with a missing or empty field (first: record %d)",
+                    counts["bad_record"], first_bad)
+    if not n_examples:
+        raise ConfigError(_nothing_to_learn(cfg, counts))
+    counts["examples"] = n_examples
 
 
 def _keep(kept: RaggedBuilder, counts: Counter, pair: tuple[list[int], list[int]], cfg: DataConfig, i: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -12,7 +13,6 @@ from dtrain.config import DataConfig
 from dtrain.data import cache, sources as sources_lib
 from dtrain.data.encode import Encoded, describe, encode
 from dtrain.data.ragged import Ragged
-from dtrain.data.records import load_records
 from dtrain.data.rows import Examples, pack_rows, pad_rows, split_indices
 
 log = logging.getLogger("dtrain.data")
@@ -41,8 +41,10 @@ def to_rows(seqs, cfg: DataConfig, tokenizer, source: list[int] | None = None) -
     return pad_rows(seqs, cfg.seq_len, tokenizer.pad_token_id, source)
 
 
-def encode_all(cfgs: list[DataConfig], tokenizer, progress: bool) -> list[Encoded]:
-    return [encode(c, load_records(c), tokenizer, progress=progress) for c in cfgs]
+def encode_all(cfgs: list[DataConfig], tokenizer, progress: bool, root: Path, k: str) -> list[Encoded]:
+    """Tokenize the datasets (data.num_proc processes, in shards) into cache entry `k` under `root`;
+    their examples, read back memory-mapped."""
+    return cache.build(root, k, cfgs, tokenizer, progress)
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int, is_main: bool = True,
@@ -61,14 +63,13 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, is_main: bool = True,
         if hit:
             log.info("data: token cache hit (%s)", root / k)
         else:
-            encoded = encode_all(cfgs, tokenizer, progress=True)
-            cache.save(root, k, cfgs, encoded)
+            encoded = encode_all(cfgs, tokenizer, True, root, k)
     barrier()
     if not is_main:  # the key after the barrier: a Hub dataset is in the cache once rank 0 fetched it
         k = cache.key(cfgs, tokenizer)
         encoded = cache.load(root, k)
         hit = encoded is not None
-        encoded = encoded or encode_all(cfgs, tokenizer, progress=False)  # cache dir not shared with rank 0
+        encoded = encoded or encode_all(cfgs, tokenizer, False, root, k)  # cache not shared with rank 0
     for c, e in zip(cfgs, encoded):
         log.info("data: %s (%s): %s", c.path, c.format, describe(e.counts))
     train, source, evals = _split_and_mix(cfg, srcs, encoded, seed)

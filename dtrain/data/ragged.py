@@ -82,6 +82,11 @@ class RaggedBuilder:
         self._labels.extend(labels)
         self._offsets.append(len(self._ids))
 
+    def arrays(self) -> tuple[array, array, array]:
+        """(ids, labels, lengths) as flat arrays, without torch (tokenizing workers write them)."""
+        off = self._offsets
+        return self._ids, self._labels, array("q", (b - a for a, b in zip(off[:-1], off[1:])))
+
     def build(self) -> Ragged:
         def tensor(buf: array, dtype: torch.dtype) -> torch.Tensor:
             return torch.frombuffer(buf, dtype=dtype).clone() if len(buf) else torch.zeros(0, dtype=dtype)

@@ -1,0 +1,73 @@
+"""Records -> (ids, labels) a batch at a time: the chat renderings of a batch in one call, the
+texts of a batch tokenized in one call of the Rust tokenizer. Same tokens as one record at a time
+(chat.encode_chat, tokenizer(...)): the renderer is the one `apply_chat_template` calls, with the
+same arguments; the tokenizer is the backend `tokenizer(...)` calls, used only when it carries no
+truncation or padding of its own (else the per-call path is taken)."""
+
+from __future__ import annotations
+
+from dtrain.config import DataConfig
+from dtrain.data import chat
+from dtrain.data.records import record_problem
+
+IGNORE = -100  # as rows.IGNORE (imported by value: workers need no torch)
+Pair = tuple[list[int], list[int]]
+
+
+class BatchEncoder:
+    """(ids, labels), or why the record is unusable, for each record of a batch."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, template: str | None) -> None:
+        self.cfg, self.tokenizer, self.template = cfg, tokenizer, template
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        plain = backend is not None and backend.truncation is None and backend.padding is None
+        self.backend = backend if plain else None
+        self.chat = cfg.format in ("messages", "sharegpt") or (cfg.format == "alpaca" and template is not None)
+
+    def encode(self, records: list[dict]) -> list[Pair | str]:
+        if self.chat:
+            return self._chat(records)
+        out: list[Pair | str] = [record_problem(rec, self.cfg) or "" for rec in records]
+        good = [i for i, p in enumerate(out) if not p]
+        prompts, responses = zip(*(self._prompt_response(records[i]) for i in good)) if good else ((), ())
+        p_ids = [ids for ids, _ in self._tokenize(list(prompts))]
+        r_ids = [ids for ids, _ in self._tokenize(list(responses))]
+        eos = self.tokenizer.eos_token_id
+        for i, p, r in zip(good, p_ids, r_ids):
+            out[i] = (p + r + [eos], [IGNORE] * len(p) + r + [eos])
+        return out
+
+    def _prompt_response(self, rec: dict) -> tuple[str, str]:
+        c = self.cfg
+        if c.format == "alpaca":
+            instr, inp, out = (rec.get(f) for f in c.alpaca_fields)
+            return (instr if not (isinstance(inp, str) and inp.strip()) else f"{instr}\n\n{inp}") + "\n\n", out
+        return rec[c.prompt_field], rec[c.response_field]
+
+    def _chat(self, records: list[dict]) -> list[Pair | str]:
+        out: list[Pair | str] = []
+        convs = []
+        for rec in records:
+            problem = record_problem(rec, self.cfg)
+            messages = problem or chat.to_messages(rec, self.cfg)
+            out.append(messages if isinstance(messages, str) else "")
+            if not isinstance(messages, str):
+                convs.append(messages)
+        rendered = chat.assistant_spans_batch(self.tokenizer, self.template, convs)
+        encoded = iter(zip(self._tokenize([text for text, _ in rendered]), rendered))
+        for i, o in enumerate(out):
+            if o:
+                continue
+            (ids, offsets), (_, spans) = next(encoded)
+            learn = chat.overlap_mask(offsets, spans)
+            out[i] = (ids, [t if m else IGNORE for t, m in zip(ids, learn)])
+        return out
+
+    def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, character offsets) of each text, without special tokens."""
+        if not texts:
+            return []
+        if self.backend is not None:
+            return [(e.ids, e.offsets) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        return list(zip(enc["input_ids"], enc["offset_mapping"]))
