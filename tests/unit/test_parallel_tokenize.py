@@ -1,0 +1,86 @@
+"""Tokenization at scale on the real SmolLM2 tokenizer and chat template: batched rendering and
+tokenizing give the per-record path's tokens; 1 and 2 worker processes writing shards give the same
+cache entry; the entry is a valid safetensors file, read back memory-mapped."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from dtrain.config import DataConfig
+from dtrain.data import IGNORE, cache, chat, encode, load_records, parallel
+from dtrain.errors import ConfigError
+from tests.helpers import REPO
+
+DATES = REPO / "dtrain" / "assets" / "dates_train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture
+def records(tmp_path):
+    """The 400 date conversations, three bad records among them, and a two-turn-pair conversation."""
+    rows = [json.loads(line) for line in DATES.read_text().splitlines()]
+    two = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye now."}]}
+    rows = rows[:50] + [{"messages": []}, two] + rows[50:300] + [{"messages": [{"role": "user", "content": "x"}]}] \
+        + rows[300:] + [{"messages": None}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _mapped(t: torch.Tensor, path) -> bool:
+    """Whether tensor t's memory lies in a mapping of file `path` (/proc/self/maps)."""
+    at = t.data_ptr()
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split()
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if rest and rest[-1] == str(path) and lo <= at < hi:
+            return True
+    return False
+
+
+def test_batched_workers_and_shards_give_the_per_record_tokens(tok, records, tmp_path, monkeypatch):
+    cfg = DataConfig(path=str(records), format="messages", seq_len=96)
+    recs = load_records(cfg)
+    ref = []  # one conversation at a time, as dtrain tokenized before batching
+    for r in recs:
+        m = chat.to_messages(r, cfg)
+        if not isinstance(m, str):
+            ids, learn = chat.encode_chat(tok, tok.chat_template, m)
+            ref.append((ids, [t if k else IGNORE for t, k in zip(ids, learn)]))
+    serial = encode(cfg, recs, tok)
+    assert serial.seqs == ref and len(ref) == 401 and serial.counts["bad_record"] == 3
+    monkeypatch.setattr(parallel, "CHUNK", 37)  # 11 shards; forked workers inherit it
+    entries = []
+    for procs in (1, 2):
+        c = DataConfig(**{**cfg.__dict__, "num_proc": procs, "cache_dir": str(tmp_path / f"c{procs}")})
+        (got,) = cache.build(tmp_path / f"c{procs}", "k", [c], tok, progress=False)
+        for name in ("ids", "labels", "offsets"):
+            assert torch.equal(getattr(got.examples, name), getattr(serial.examples, name)), (procs, name)
+        assert got.counts == serial.counts
+        entries.append(tmp_path / f"c{procs}" / "k" / "tokens.safetensors")
+        assert _mapped(got.examples.ids, entries[-1]) and _mapped(got.examples.offsets, entries[-1])
+        assert sorted(p.name for p in (tmp_path / f"c{procs}").iterdir()) == ["k"]  # no shard left behind
+    assert entries[0].read_bytes() == entries[1].read_bytes()
+    plain = load_file(str(entries[0]))  # the streamed file is an ordinary safetensors file
+    assert torch.equal(plain["0.ids"], serial.examples.ids) and torch.equal(plain["0.offsets"], serial.examples.offsets)
+
+
+def test_a_bad_record_in_a_worker_is_one_line_and_nothing_is_written(tok, records, tmp_path, monkeypatch):
+    monkeypatch.setattr(parallel, "CHUNK", 64)
+    cfg = DataConfig(path=str(records), format="messages", seq_len=96, num_proc=2, bad_records="error")
+    with pytest.raises(ConfigError, match=f"data.path = '{records}': record 50 has a missing or empty 'messages'"):
+        cache.build(tmp_path / "c", "k", [cfg], tok, progress=False)
+    assert list((tmp_path / "c").iterdir()) == []
