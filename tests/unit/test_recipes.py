@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dtrain import config as config_lib, lora, model as model_lib, presets, recipes_table
+from dtrain import config as config_lib, hub, lora, model as model_lib, presets, recipes_table
 from dtrain.config import ModelConfig
 from tests.helpers import REPO, run_dtrain
 
@@ -43,7 +43,8 @@ def test_recipe_builds_on_meta_and_targets_resolve(name, monkeypatch):
     if recipe.model in {"smollm2-135m-instruct"}:  # a built-in: loading would import the real model
         assert recipe.raw["model"]["path"] == "smollm2-135m-instruct"
     else:
-        assert recipe.raw["model"]["path"] == f"models/{recipe.model}"  # where a user downloads it
+        repo_id, revision = hub.parse(recipe.raw["model"]["path"])  # a Hub ID, fetched into the HF cache
+        assert repo_id.split("/")[1] == recipe.model and revision is None
         # every key valid, data files present (model.path: the shipped architecture, no weights)
         cfg = config_lib.load(REPO / recipe.path, [f"model.path={recipe.model_dir}"])
         assert cfg.lora.targets == recipe.get("lora", "targets")
