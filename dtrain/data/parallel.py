@@ -46,14 +46,18 @@ def encode_to_shards(cfg: DataConfig, tokenizer, out: Path, progress: bool) -> t
     bar = tqdm(total=n, desc=f"tokenize {Path(cfg.path).name} ({procs} proc)", leave=False, dynamic_ncols=True,
                disable=not progress or n < PROGRESS_MIN)
     shards, counts, first_bad = [], Counter(records=n), None
+    pool = _pool(procs) if procs > 1 else None
     try:
-        results = map(_chunk, chunks) if procs == 1 else _pool(procs).imap(_chunk, chunks)
+        results = map(_chunk, chunks) if pool is None else pool.imap(_chunk, chunks)
         for (a, b), (shard, part_counts, bad) in zip(chunks, results):
             shards.append(shard)
             counts.update(part_counts)
             first_bad = bad if first_bad is None else first_bad
             bar.update(b - a)
     finally:
+        if pool is not None:  # every result is in (or an error is on its way): reap the workers
+            pool.terminate()
+            pool.join()
         _JOB.clear()
         bar.close()
     counts["records"] = n
