@@ -124,7 +124,8 @@ def _check_paths(cfg, where: Where) -> None:
         raise ConfigError(f"{where('training.eval_generate')}: training.eval_generate needs data.eval_path (the "
                           "prompts and expected answers) and model.path (the base the adapter is loaded on)")
     _check_data_files(cfg.data, where)
-    if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_dir() and not hub.is_hub_id(cfg.data.tokenizer):
+    tok = cfg.data.tokenizer
+    if tok is not None and not Path(tok).is_dir() and not hub.is_hub_id(tok):
         raise ConfigError(f"{where('data.tokenizer')}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")
     ds = cfg.backend.deepspeed_config
     if ds is not None and not Path(ds).is_file():

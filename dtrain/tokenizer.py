@@ -36,6 +36,19 @@ def load_tokenizer(directory: str | Path | None, corpus: str | Path,
     return tok
 
 
+def corpus_file(data_path: str) -> str:
+    """The file the built-in tokenizer is trained on: data.path, or the first of its shards."""
+    from dtrain.data.locate import locate
+
+    if Path(data_path).is_file():
+        return data_path
+    loc = locate(data_path)
+    if loc.kind != "files":
+        raise ConfigError(f"data.path = '{data_path}': the built-in tokenizer is trained from data files; for a "
+                          "save_to_disk or Hub dataset set data.tokenizer (or model.path)")
+    return str(loc.shards[0])
+
+
 def has_tokenizer(directory: str | Path) -> bool:
     d = Path(directory)
     return any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))

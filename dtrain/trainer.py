@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dtrain import adapter, backends, checkpoint, hub, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
+from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, hub, lora
+from dtrain import outdir, preempt
 from dtrain import config_checks, loggers as loggers_lib, step as step_lib, step_opts
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
-from dtrain.tokenizer import has_tokenizer, load_tokenizer
+from dtrain.tokenizer import corpus_file, has_tokenizer, load_tokenizer
 
 log = logging.getLogger("dtrain")
 PREEMPT_EXIT = preempt.EXIT_CODE
@@ -56,7 +57,7 @@ class Trainer:
         self._prepare_out()
         self._resolve_hub_ids()
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
-        self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(tok_dir, corpus_file(cfg.data.path), cfg.model.trust_remote_code)
         self.backend.build()  # before the data: a model the config cannot build fails first, in one line
         self._check_vocab()
         wait = self.backend.long_barrier(cfg.data.prepare_timeout_s)  # not backend.timeout_s: tokenizing takes long

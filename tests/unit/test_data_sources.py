@@ -113,7 +113,8 @@ def test_config_paths_resolve_from_any_working_directory(tmp_path):
     """configs/tiny.yaml names dtrain/assets/...: found in the installed package from any directory;
     a path beside the config file is found too; a Hub ID stays one."""
     (tmp_path / "data.jsonl").write_text(SRC.read_text())
-    (tmp_path / "c.yaml").write_text("data: {path: data.jsonl, format: instruction}\nmodel: {arch: {model_type: llama}}\n")
+    (tmp_path / "c.yaml").write_text("data: {path: data.jsonl, format: instruction}\n"
+                                     "model: {arch: {model_type: llama}}\n")
     here = os.getcwd()
     try:
         os.chdir(tmp_path / "..")
@@ -138,3 +139,20 @@ def test_a_hub_dataset_offline_and_not_cached_is_one_line(tmp_path):
     assert len(lines) == 1 and "data.path = 'someorg/some_dataset': no such local path, and the Hub dataset is " \
         f"not in the Hugging Face cache {tmp_path / 'hf' / 'hub'} (HF_HUB_OFFLINE=1)" in lines[0], lines
     assert not out.exists()
+
+
+def test_training_from_another_directory_on_a_glob_of_text_shards(tmp_path):
+    """configs/tiny.yaml run outside the repository, its data a glob of three .txt shards (the built-in
+    tokenizer is trained on the first)."""
+    paras = (REPO / "dtrain" / "assets" / "tiny_corpus.txt").read_text().split("\n\n")
+    third = len(paras) // 3
+    for k, part in enumerate((paras[:third], paras[third:2 * third], paras[2 * third:])):
+        (tmp_path / f"part{k}.txt").write_text("\n\n".join(part))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "dtrain", "train", str(REPO / "configs" / "tiny.yaml"),
+                           f"data.path={tmp_path / 'part*.txt'}", "training.max_steps=2", "training.eval_every=0",
+                           "data.seq_len=32", f"output.dir={out}"], cwd=tmp_path, env=env_for_tests(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in rows if "loss" in r]) == 2
