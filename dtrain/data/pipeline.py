@@ -97,4 +97,8 @@ def _split_and_mix(cfg: DataConfig, srcs, encoded: list[Encoded], seed: int) -> 
     for p in train_parts:
         base.append(base[-1] + len(p))
     order = torch.tensor([base[i] + j for i, j in pairs], dtype=torch.long)
-    return Ragged.concat(train_parts).select(order), [i for i, _ in pairs], eval_examples
+    train = train_parts[0] if len(train_parts) == 1 else Ragged.concat(train_parts)
+    # in order (one dataset, nothing held out): no copy, the examples stay memory-mapped from the cache
+    if not torch.equal(order, torch.arange(len(train))):
+        train = train.select(order)
+    return train, [i for i, _ in pairs], eval_examples

@@ -84,3 +84,16 @@ def test_a_bad_record_in_a_worker_is_one_line_and_nothing_is_written(tok, record
     with pytest.raises(ConfigError, match=f"data.path = '{records}': record 50 has a missing or empty 'messages'"):
         cache.build(tmp_path / "c", "k", [cfg], tok, progress=False)
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_training_rows_read_the_cache_memory_mapped(tok, records, tmp_path):
+    """One dataset with data.eval_path: the training rows are views of the mapped cache file."""
+    from dtrain import data
+
+    cfg = DataConfig(path=str(records), format="messages", seq_len=96, eval_path=str(DATES),
+                     cache_dir=str(tmp_path / "c"))
+    first = data.prepare(cfg, tok, seed=0)
+    second = data.prepare(cfg, tok, seed=0)
+    (entry,) = (tmp_path / "c").iterdir()
+    assert second.cache_hit and _mapped(second.train.tokens.ids, entry / "tokens.safetensors")
+    assert torch.equal(first.train.input_ids, second.train.input_ids) and len(second.train) == 401
