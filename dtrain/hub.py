@@ -54,9 +54,11 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
 
 
-def resolve(value: str, key: str, download: bool = True, repo_type: str = "model") -> Path:
+def resolve(value: str, key: str, download: bool = True, repo_type: str = "model",
+            patterns: list[str] | None = None) -> Path:
     """The local snapshot directory of Hub ID `value` (see `parse`), downloading what is missing
-    unless `download` is False or HF_HUB_OFFLINE=1. `key` names the setting in errors."""
+    (`patterns`, default: what training needs) unless `download` is False or HF_HUB_OFFLINE=1.
+    `key` names the setting in errors."""
     parsed = parse(value)
     if parsed is None:
         raise ConfigError(f"{key} = '{value}': neither a local path nor a Hugging Face Hub ID (org/name[@revision])")
@@ -64,7 +66,7 @@ def resolve(value: str, key: str, download: bool = True, repo_type: str = "model
     from huggingface_hub import snapshot_download
 
     local_only = offline() or not download
-    patterns = MODEL_PATTERNS if repo_type == "model" else None
+    patterns = patterns or (MODEL_PATTERNS if repo_type == "model" else None)
     try:
         path = snapshot_download(repo, revision=revision, repo_type=repo_type, allow_patterns=patterns,
                                  local_files_only=local_only)

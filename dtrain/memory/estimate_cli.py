@@ -128,6 +128,11 @@ def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
         return path.resolve().name, read_config_json(path)
     if path.is_file() and path.suffix == ".json":
         return path.resolve().parent.name, read_config_json(path)
+    from dtrain import hub
+
+    if hub.is_hub_id(arg) and not path.suffix:  # a Hub model: its config.json alone is fetched
+        snapshot = hub.resolve(arg, "estimate: --model", patterns=["config.json"])
+        return hub.parse(arg)[0].split("/")[1], read_config_json(snapshot)
     if not path.exists() and ("/" in arg or arg.startswith(".")):
         raise ConfigError(f"estimate: --model {arg!r}: no such directory or file")
     raise ConfigError(f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "

@@ -67,6 +67,12 @@ def test_offline_with_an_empty_cache_is_one_line_and_writes_nothing(tmp_path):
     assert not out.exists() and not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").iterdir())
 
 
+def test_estimate_reads_a_hub_models_config(hf_cache):
+    from dtrain.memory.estimate_cli import resolve_model
+
+    assert resolve_model(f"{ID}@v2") == ("tiny-llama", {"model_type": "llama"})
+
+
 def test_config_records_the_commit(hf_cache, tmp_path):
     cfg = config_lib.load(None, [f"model.path={ID}@v2"])
     assert hub.commit_of(cfg.model.path) == "b" * 40
