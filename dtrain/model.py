@@ -119,24 +119,40 @@ def tie_embeddings(model: nn.Module) -> None:
 
 
 def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Recompute non-persistent buffers (rotary inv_freq) that a meta build left empty."""
-    for module in model.modules():
-        if not any(b is not None for b in module._buffers.values()):
-            continue
-        fresh = None
-        for name, buf in module._buffers.items():
-            if name in module._non_persistent_buffers_set and buf is not None:
-                if fresh is None:
-                    fresh = _rebuild(module, model.config)
-                module._buffers[name] = getattr(fresh, name).to(device)
+    """Recompute the non-persistent buffers (rotary inv_freq, Gemma's embedding scale) that a meta
+    build left empty, as the model's own `_init_weights` computes them.
+
+    Never by re-constructing a module from a guessed signature (Gemma's scaled embedding takes no
+    config): the parameters are marked initialized for the call, so transformers' init functions
+    skip them and only the buffers are written. A buffer the model does not initialize is one line.
+    """
+    owners = _non_persistent_buffers(model)
+    for module, name in owners:
+        empty = torch.empty_like(module._buffers[name], device=device)
+        module._buffers[name] = empty.fill_(float("nan")) if empty.is_floating_point() else empty.zero_()
+    init = getattr(model, "_init_weights", None)
+    if not owners or not callable(init):
+        return
+    marked = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
+    for p in marked:
+        p._is_hf_initialized = True
+    try:
+        with torch.no_grad():
+            for module in dict.fromkeys(m for m, _ in owners):
+                init(module)
+    finally:
+        for p in marked:
+            del p._is_hf_initialized
+    left = [f"{type(m).__name__}.{n}" for m, n in owners if m._buffers[n].is_floating_point()
+            and bool(torch.isnan(m._buffers[n]).any())]
+    if left:
+        raise ConfigError(f"model: {model.config.model_type}: the model's _init_weights does not compute the "
+                          f"buffer {left[0]}, which dtrain needs to build it on the meta device")
 
 
-def _rebuild(module: nn.Module, config: PretrainedConfig) -> nn.Module:
-    with torch.device("cpu"):
-        try:
-            return type(module)(config=config)
-        except TypeError:
-            return type(module)(config)
+def _non_persistent_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(module, name) for module in model.modules() for name, buf in module._buffers.items()
+            if buf is not None and name in module._non_persistent_buffers_set]
 
 
 def checkpoint_key(param_name: str) -> str:
