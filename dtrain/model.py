@@ -169,9 +169,11 @@ class WeightSource(Protocol):
 class SafetensorsSource:
     """A local HF checkpoint: one `model.safetensors` or shards with `model.safetensors.index.json`."""
 
-    def __init__(self, path: str | Path, prefix: str = "") -> None:
+    def __init__(self, path: str | Path, prefix: str = "", renamings: list | None = None) -> None:
         """`prefix`: the model's `base_model_prefix` ("model", "bert"), which checkpoints saved
-        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without."""
+        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without.
+        `renamings`: transformers' renamings of checkpoint keys to module names for this model
+        (`checkpoint_renamings`: GPT-NeoX's stored `embed_out` is the module `lm_head`)."""
         self.path, self.prefix = Path(path), prefix
         names, index = layers.weight_files(self.path, "model.path")
         if index is not None:
@@ -181,16 +183,18 @@ class SafetensorsSource:
             with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
         self._open: dict[Path, object] = {}
+        self.renamed = _renamed_keys(sorted(self.files), renamings or [])
 
     def key(self, name: str) -> str | None:
-        """The checkpoint key holding model parameter `name`, as stored or without the prefix."""
+        """The checkpoint key holding model parameter `name`: as stored, without the prefix, or
+        stored under the name transformers renames to `name`."""
         key = checkpoint_key(name)
-        if key in self.files:
-            return key
-        if self.prefix and key.startswith(self.prefix + "."):
-            bare = key[len(self.prefix) + 1:]
-            if bare in self.files:
-                return bare
+        bare = key[len(self.prefix) + 1:] if self.prefix and key.startswith(self.prefix + ".") else None
+        for candidate in (key, bare):
+            if candidate in self.files:
+                return candidate
+            if candidate in self.renamed:
+                return self.renamed[candidate]
         return None
 
     def has(self, name: str) -> bool:
@@ -212,6 +216,33 @@ class SafetensorsSource:
         if rows is None:
             return handle.get_tensor(key)
         return handle.get_slice(key)[rows]
+
+
+def checkpoint_renamings(model: nn.Module) -> list:
+    """The key renamings transformers applies when it loads a checkpoint into `model` (its
+    conversion mapping, the renames only: tensors that are split or fused are not renamed).
+    Empty on a transformers release without conversion mappings."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+
+def _renamed_keys(keys: list[str], renamings: list) -> dict[str, str]:
+    """{module-side name: stored key} of the stored keys that the renamings change (in sorted key
+    order, as transformers applies them: some renamings activate on an earlier key)."""
+    if not renamings:
+        return {}
+    from transformers.core_model_loading import apply_renamings
+
+    out = {}
+    for key in keys:
+        renamed = apply_renamings(key, renamings)
+        if renamed != key:
+            out[renamed] = key
+    return out
 
 
 def _safe_open(f: Path):
@@ -327,7 +358,8 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     """Where the frozen base's weights come from: model.path's checkpoint, or a random init;
     quantized on the fly where the model has quantized layers."""
     if cfg.path is not None:
-        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""))
+        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""),
+                                                 checkpoint_renamings(model))
         check_complete(source, model)
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
