@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain import layers
+from dtrain.hf_model import checkpoint_renamings, renamed_keys, restore_buffers  # noqa: F401  (model.restore_buffers)
 from dtrain.lora import LoRALinear, is_lora_param
 from dtrain.shapes import logical_shape
 
@@ -118,43 +119,6 @@ def tie_embeddings(model: nn.Module) -> None:
         raise ConfigError("model: tie_word_embeddings is set but the head could not be tied to the embeddings")
 
 
-def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Recompute the non-persistent buffers (rotary inv_freq, Gemma's embedding scale) that a meta
-    build left empty, as the model's own `_init_weights` computes them.
-
-    Never by re-constructing a module from a guessed signature (Gemma's scaled embedding takes no
-    config): the parameters are marked initialized for the call, so transformers' init functions
-    skip them and only the buffers are written. A buffer the model does not initialize is one line.
-    """
-    owners = _non_persistent_buffers(model)
-    for module, name in owners:
-        empty = torch.empty_like(module._buffers[name], device=device)
-        module._buffers[name] = empty.fill_(float("nan")) if empty.is_floating_point() else empty.zero_()
-    init = getattr(model, "_init_weights", None)
-    if not owners or not callable(init):
-        return
-    marked = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
-    for p in marked:
-        p._is_hf_initialized = True
-    try:
-        with torch.no_grad():
-            for module in dict.fromkeys(m for m, _ in owners):
-                init(module)
-    finally:
-        for p in marked:
-            del p._is_hf_initialized
-    left = [f"{type(m).__name__}.{n}" for m, n in owners if m._buffers[n].is_floating_point()
-            and bool(torch.isnan(m._buffers[n]).any())]
-    if left:
-        raise ConfigError(f"model: {model.config.model_type}: the model's _init_weights does not compute the "
-                          f"buffer {left[0]}, which dtrain needs to build it on the meta device")
-
-
-def _non_persistent_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(module, name) for module in model.modules() for name, buf in module._buffers.items()
-            if buf is not None and name in module._non_persistent_buffers_set]
-
-
 def checkpoint_key(param_name: str) -> str:
     """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
     return param_name.replace(".base_layer.", ".")
@@ -183,7 +147,7 @@ class SafetensorsSource:
             with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
         self._open: dict[Path, object] = {}
-        self.renamed = _renamed_keys(sorted(self.files), renamings or [])
+        self.renamed = renamed_keys(sorted(self.files), renamings or [])
 
     def key(self, name: str) -> str | None:
         """The checkpoint key holding model parameter `name`: as stored, without the prefix, or
@@ -216,33 +180,6 @@ class SafetensorsSource:
         if rows is None:
             return handle.get_tensor(key)
         return handle.get_slice(key)[rows]
-
-
-def checkpoint_renamings(model: nn.Module) -> list:
-    """The key renamings transformers applies when it loads a checkpoint into `model` (its
-    conversion mapping, the renames only: tensors that are split or fused are not renamed).
-    Empty on a transformers release without conversion mappings."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:
-        return []
-    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-
-
-def _renamed_keys(keys: list[str], renamings: list) -> dict[str, str]:
-    """{module-side name: stored key} of the stored keys that the renamings change (in sorted key
-    order, as transformers applies them: some renamings activate on an earlier key)."""
-    if not renamings:
-        return {}
-    from transformers.core_model_loading import apply_renamings
-
-    out = {}
-    for key in keys:
-        renamed = apply_renamings(key, renamings)
-        if renamed != key:
-            out[renamed] = key
-    return out
 
 
 def _safe_open(f: Path):
