@@ -56,7 +56,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = layers.linear_dims(base_layer)
-        self.fan_in_fan_out = layers.is_conv1d(base_layer)  # weight stored [in, out] (PEFT's flag)
+        # The checkpoint stores the weight [in, out] (a Conv1D, quantized or not): PEFT's flag
+        self.fan_in_fan_out = layers.is_conv1d(base_layer) or getattr(base_layer, "stored_transposed", False)
         self.qualified_name = qualified_name
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -131,9 +132,9 @@ class LoRALinear(nn.Module):
         return (b.float() @ a.float()) * self.scaling[name]
 
     def stored_delta(self, name: str) -> torch.Tensor:
-        """s B A laid out as the base weight is stored: [in, out] for a Conv1D (PEFT's fan_in_fan_out)."""
+        """s B A laid out as the base layer holds its weight: [in, out] in a Conv1D (PEFT's fan_in_fan_out)."""
         delta = self.delta_weight(name)
-        return delta.t() if self.fan_in_fan_out else delta
+        return delta.t() if layers.is_conv1d(self.base_layer) else delta
 
     def merge(self) -> None:
         """Fold the active adapter into the base weight. A quantized base is dequantized first:

@@ -175,8 +175,8 @@ def _conv1d_keys(model, deltas: dict[str, dict], dora: bool, adapter: Path) -> s
     transposed there, as PEFT does with fan_in_fan_out."""
     from dtrain import layers
 
-    keys = {f"{n}.weight" for n, m in model.named_modules() if layers.is_conv1d(m)} & set(deltas)
-    if keys and dora:
+    keys = {f"{n}.weight" for n, m in model.named_modules() if layers.is_conv1d(m)}
+    if keys & set(deltas) and dora:
         raise DtrainError(f"--adapter '{adapter}': a DoRA adapter on Conv1D layers ({sorted(keys)[0]}), which "
                           "dtrain does not merge")
     return keys
@@ -210,11 +210,12 @@ def _quantized_keys(model, bits: int, include_head: bool = False) -> dict[str, i
     with `include_head` (the rule of `Backend.prepare`; found on the meta-device build of the base)."""
     from torch import nn
 
-    from dtrain import quant
+    from dtrain import layers, quant
 
     model = _empty_model(model) if isinstance(model, (str, Path)) else model
     skip = quant.skip_rule(include_head, model)
-    return {f"{n}.weight": bits for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skip(n)}
+    return {f"{n}.weight": bits for n, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and not skip(n)}
 
 
 def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,
@@ -240,7 +241,8 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
                     if key in (quantized or {}):
                         from dtrain.quant import round_trip
 
-                        t = round_trip(t.float(), quantized[key])
+                        t = round_trip(t.float().t(), quantized[key]).t() if key in transposed else \
+                            round_trip(t.float(), quantized[key])  # as dtrain quantized it: [out, in]
                     cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
                     if key in deltas:
                         ab = deltas[key]
