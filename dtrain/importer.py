@@ -118,6 +118,15 @@ def _join(parts: list[Path], sha256: str | None, path: Path) -> None:
     tmp.rename(path)
 
 
+def gguf_hint(path: str | Path, what: str) -> str | None:
+    """The error for a GGUF file given where a model directory is needed (None for other paths)."""
+    p = Path(path)
+    if p.suffix.lower() != ".gguf" or not p.is_file():
+        return None
+    return (f"{what} = '{p}' is a GGUF file; dtrain needs a model directory: run `dtrain import {p} --out DIR` "
+            "once and use DIR")
+
+
 def _complete(d: Path) -> bool:
     return all((d / f).is_file() for f in MODEL_FILES)
 
