@@ -119,24 +119,40 @@ def tie_embeddings(model: nn.Module) -> None:
 
 
 def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Recompute non-persistent buffers (rotary inv_freq) that a meta build left empty."""
-    for module in model.modules():
-        if not any(b is not None for b in module._buffers.values()):
-            continue
-        fresh = None
-        for name, buf in module._buffers.items():
-            if name in module._non_persistent_buffers_set and buf is not None:
-                if fresh is None:
-                    fresh = _rebuild(module, model.config)
-                module._buffers[name] = getattr(fresh, name).to(device)
+    """Recompute the non-persistent buffers (rotary inv_freq, Gemma's embedding scale) that a meta
+    build left empty, as the model's own `_init_weights` computes them.
+
+    Never by re-constructing a module from a guessed signature (Gemma's scaled embedding takes no
+    config): the parameters are marked initialized for the call, so transformers' init functions
+    skip them and only the buffers are written. A buffer the model does not initialize is one line.
+    """
+    owners = _non_persistent_buffers(model)
+    for module, name in owners:
+        empty = torch.empty_like(module._buffers[name], device=device)
+        module._buffers[name] = empty.fill_(float("nan")) if empty.is_floating_point() else empty.zero_()
+    init = getattr(model, "_init_weights", None)
+    if not owners or not callable(init):
+        return
+    marked = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
+    for p in marked:
+        p._is_hf_initialized = True
+    try:
+        with torch.no_grad():
+            for module in dict.fromkeys(m for m, _ in owners):
+                init(module)
+    finally:
+        for p in marked:
+            del p._is_hf_initialized
+    left = [f"{type(m).__name__}.{n}" for m, n in owners if m._buffers[n].is_floating_point()
+            and bool(torch.isnan(m._buffers[n]).any())]
+    if left:
+        raise ConfigError(f"model: {model.config.model_type}: the model's _init_weights does not compute the "
+                          f"buffer {left[0]}, which dtrain needs to build it on the meta device")
 
 
-def _rebuild(module: nn.Module, config: PretrainedConfig) -> nn.Module:
-    with torch.device("cpu"):
-        try:
-            return type(module)(config=config)
-        except TypeError:
-            return type(module)(config)
+def _non_persistent_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(module, name) for module in model.modules() for name, buf in module._buffers.items()
+            if buf is not None and name in module._non_persistent_buffers_set]
 
 
 def checkpoint_key(param_name: str) -> str:
@@ -153,9 +169,11 @@ class WeightSource(Protocol):
 class SafetensorsSource:
     """A local HF checkpoint: one `model.safetensors` or shards with `model.safetensors.index.json`."""
 
-    def __init__(self, path: str | Path, prefix: str = "") -> None:
+    def __init__(self, path: str | Path, prefix: str = "", renamings: list | None = None) -> None:
         """`prefix`: the model's `base_model_prefix` ("model", "bert"), which checkpoints saved
-        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without."""
+        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without.
+        `renamings`: transformers' renamings of checkpoint keys to module names for this model
+        (`checkpoint_renamings`: GPT-NeoX's stored `embed_out` is the module `lm_head`)."""
         self.path, self.prefix = Path(path), prefix
         names, index = layers.weight_files(self.path, "model.path")
         if index is not None:
@@ -165,16 +183,18 @@ class SafetensorsSource:
             with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
         self._open: dict[Path, object] = {}
+        self.renamed = _renamed_keys(sorted(self.files), renamings or [])
 
     def key(self, name: str) -> str | None:
-        """The checkpoint key holding model parameter `name`, as stored or without the prefix."""
+        """The checkpoint key holding model parameter `name`: as stored, without the prefix, or
+        stored under the name transformers renames to `name`."""
         key = checkpoint_key(name)
-        if key in self.files:
-            return key
-        if self.prefix and key.startswith(self.prefix + "."):
-            bare = key[len(self.prefix) + 1:]
-            if bare in self.files:
-                return bare
+        bare = key[len(self.prefix) + 1:] if self.prefix and key.startswith(self.prefix + ".") else None
+        for candidate in (key, bare):
+            if candidate in self.files:
+                return candidate
+            if candidate in self.renamed:
+                return self.renamed[candidate]
         return None
 
     def has(self, name: str) -> bool:
@@ -196,6 +216,33 @@ class SafetensorsSource:
         if rows is None:
             return handle.get_tensor(key)
         return handle.get_slice(key)[rows]
+
+
+def checkpoint_renamings(model: nn.Module) -> list:
+    """The key renamings transformers applies when it loads a checkpoint into `model` (its
+    conversion mapping, the renames only: tensors that are split or fused are not renamed).
+    Empty on a transformers release without conversion mappings."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+
+
+def _renamed_keys(keys: list[str], renamings: list) -> dict[str, str]:
+    """{module-side name: stored key} of the stored keys that the renamings change (in sorted key
+    order, as transformers applies them: some renamings activate on an earlier key)."""
+    if not renamings:
+        return {}
+    from transformers.core_model_loading import apply_renamings
+
+    out = {}
+    for key in keys:
+        renamed = apply_renamings(key, renamings)
+        if renamed != key:
+            out[renamed] = key
+    return out
 
 
 def _safe_open(f: Path):
@@ -311,7 +358,8 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     """Where the frozen base's weights come from: model.path's checkpoint, or a random init;
     quantized on the fly where the model has quantized layers."""
     if cfg.path is not None:
-        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""))
+        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""),
+                                                 checkpoint_renamings(model))
         check_complete(source, model)
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
