@@ -15,7 +15,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dtrain import config as config_lib, generate, importer, templates
+from dtrain import config as config_lib, generate, importer, merge_cli, templates
 from dtrain.errors import ConfigError
 from dtrain.tokenizer import build_tokenizer
 from tests.helpers import REPO, TINY, run_dtrain
@@ -88,6 +88,9 @@ def test_the_run_keeps_its_template_and_stop_tokens_and_is_evaluated_with_them(r
         == [{"step": 8, "eval_exact_match": 1.0}]
     # without <end_of_turn> as a stop token the answers run on past the learned end of the turn
     assert all(len(ids) > len(r) for ids, r in zip(peft_answers(model_dir, out / "adapter", evals, [eos]), ref))
+    merged = merge_cli.merge(model_dir, out / "adapter", out.parent / "merged")  # generates as the adapter did
+    model, tok = generate.load(merged)
+    assert tok.chat_template == templates.GEMMA3 and model.generation_config.eos_token_id == [eos, eot]
 
 
 def test_chat_template_override_and_what_a_model_without_one_says(run, tmp_path, caplog):
