@@ -106,7 +106,8 @@ class TrainingConfig:
     chunked_loss: bool | Literal["auto"] = _f(
         "auto", "loss from the hidden states in chunks of tokens, never all logits at once; "
                 "auto: on for LoRA with a plain linear head")
-    loss_chunk_tokens: int = _f(1024, "tokens per chunk of the chunked loss", min=1)
+    loss_chunk_tokens: int = _f(0, "tokens per chunk of the chunked loss; 0: from the vocabulary "
+                                   "(one chunk's fp32 logits within 256 MiB)", lo=0)
 
 
 @dataclass
