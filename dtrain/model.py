@@ -33,17 +33,22 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         if not (Path(cfg.path) / "config.json").is_file():
             raise ConfigError(f"model.path = '{cfg.path}': no config.json in that directory")
         try:
-            return AutoConfig.from_pretrained(
+            config = AutoConfig.from_pretrained(
                 cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
             )
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
             raise ConfigError(f"model.path = '{cfg.path}': config.json: {_first_line(e)}") from None
-    arch = dict(cfg.arch)
-    model_type = arch.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **arch)
-    except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's validation errors
-        raise ConfigError(f"model.arch: {_first_line(e)}") from None
+    else:
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **arch)
+        except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's validation errors
+            raise ConfigError(f"model.arch: {_first_line(e)}") from None
+    # the kernel every attention layer calls (from_config reads it from the config); packed rows reach
+    # flash attention as varlen sequences through their position_ids, sdpa and eager as a block mask
+    config._attn_implementation = getattr(cfg, "attn_implementation", "sdpa")
+    return config
 
 
 def _first_line(e: Exception) -> str:

@@ -61,7 +61,9 @@ class Trainer:
         data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
         self.train_data, self.eval_data = data.train, data.eval
         t = cfg.training
-        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
+        lengths = self.train_data.row_lengths() if cfg.data.group_by_length else None
+        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed,
+                                       lengths)
         data_lib.check_plan(self.plan, "training")
         self.total_steps = data_lib.total_steps(t.max_steps, t.epochs, self.plan)
         self.backend.setup_optimizer(self.total_steps)
