@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain import layers
+from dtrain.hf_model import checkpoint_renamings, renamed_keys, restore_buffers  # noqa: F401  (model.restore_buffers)
 from dtrain.lora import LoRALinear, is_lora_param
 from dtrain.shapes import logical_shape
 
@@ -123,27 +124,6 @@ def tie_embeddings(model: nn.Module) -> None:
         raise ConfigError("model: tie_word_embeddings is set but the head could not be tied to the embeddings")
 
 
-def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Recompute non-persistent buffers (rotary inv_freq) that a meta build left empty."""
-    for module in model.modules():
-        if not any(b is not None for b in module._buffers.values()):
-            continue
-        fresh = None
-        for name, buf in module._buffers.items():
-            if name in module._non_persistent_buffers_set and buf is not None:
-                if fresh is None:
-                    fresh = _rebuild(module, model.config)
-                module._buffers[name] = getattr(fresh, name).to(device)
-
-
-def _rebuild(module: nn.Module, config: PretrainedConfig) -> nn.Module:
-    with torch.device("cpu"):
-        try:
-            return type(module)(config=config)
-        except TypeError:
-            return type(module)(config)
-
-
 def checkpoint_key(param_name: str) -> str:
     """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
     return param_name.replace(".base_layer.", ".")
@@ -158,9 +138,11 @@ class WeightSource(Protocol):
 class SafetensorsSource:
     """A local HF checkpoint: one `model.safetensors` or shards with `model.safetensors.index.json`."""
 
-    def __init__(self, path: str | Path, prefix: str = "") -> None:
+    def __init__(self, path: str | Path, prefix: str = "", renamings: list | None = None) -> None:
         """`prefix`: the model's `base_model_prefix` ("model", "bert"), which checkpoints saved
-        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without."""
+        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without.
+        `renamings`: transformers' renamings of checkpoint keys to module names for this model
+        (`checkpoint_renamings`: GPT-NeoX's stored `embed_out` is the module `lm_head`)."""
         self.path, self.prefix = Path(path), prefix
         names, index = layers.weight_files(self.path, "model.path")
         if index is not None:
@@ -170,16 +152,18 @@ class SafetensorsSource:
             with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
         self._open: dict[Path, object] = {}
+        self.renamed = renamed_keys(sorted(self.files), renamings or [])
 
     def key(self, name: str) -> str | None:
-        """The checkpoint key holding model parameter `name`, as stored or without the prefix."""
+        """The checkpoint key holding model parameter `name`: as stored, without the prefix, or
+        stored under the name transformers renames to `name`."""
         key = checkpoint_key(name)
-        if key in self.files:
-            return key
-        if self.prefix and key.startswith(self.prefix + "."):
-            bare = key[len(self.prefix) + 1:]
-            if bare in self.files:
-                return bare
+        bare = key[len(self.prefix) + 1:] if self.prefix and key.startswith(self.prefix + ".") else None
+        for candidate in (key, bare):
+            if candidate in self.files:
+                return candidate
+            if candidate in self.renamed:
+                return self.renamed[candidate]
         return None
 
     def has(self, name: str) -> bool:
@@ -316,7 +300,8 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     """Where the frozen base's weights come from: model.path's checkpoint, or a random init;
     quantized on the fly where the model has quantized layers."""
     if cfg.path is not None:
-        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""))
+        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""),
+                                                 checkpoint_renamings(model))
         check_complete(source, model)
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}

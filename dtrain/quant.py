@@ -42,13 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtrain.shapes import logical_numel
+from dtrain import layers
 from dtrain.layers import NF4_BLOCKSIZE  # noqa: F401  (quant.NF4_BLOCKSIZE for its users)
 
 SUPPORTED_BITS = (8, 4)
-# Last name components of Linear layers that are output heads and stay in full precision.
-HEAD_NAMES = frozenset(
-    {"lm_head", "embed_out", "output", "output_layer", "score", "classifier", "qa_outputs", "head"}
-)
+# Names taken for output heads in a module that names none (a model's head: layers.output_head).
+HEAD_NAMES = frozenset({"lm_head", "embed_out", "output", "output_layer", "score", "classifier", "qa_outputs", "head"})
 _BNB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -304,9 +303,12 @@ def _never(name: str) -> bool:
     return False
 
 
-def skip_rule(include_head: bool) -> Callable[[str], bool]:
-    """The layers dtrain keeps unquantized (`quantization.include_head`): the output heads, or none."""
-    return _never if include_head else default_skip
+def skip_rule(include_head: bool, model: nn.Module | None = None) -> Callable[[str], bool]:
+    """The layers kept unquantized (`quantization.include_head`): the head `model` names, or none."""
+    if include_head:
+        return _never
+    heads = layers.head_names(model) if model is not None else set()
+    return heads.__contains__ if heads else default_skip
 
 
 def _is_float_linear(module: nn.Module) -> bool:

@@ -5,13 +5,14 @@ rows of every tensor from the weight source, so no rank holds the full model in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dtrain import assembly, dist as dist_env, model as model_lib
@@ -62,6 +63,21 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
             if head is not None:
                 fully_shard(head, mp_policy=policy, reshard_after_forward=False)
         fully_shard(model, mp_policy=policy)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        with super().evaluating():
+            yield
+        self.reshard()
+
+    def reshard(self) -> None:
+        """Free every gathered unit. Forward-only passes (evaluation, generation) leave the units
+        that reshard only after backward gathered (the root, and the untied head, whose
+        `reshard_after_forward` is off for training): without this, a rank would hold the whole
+        embedding until the next step's backward, and the end-of-run memory line would show it."""
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def _fill(self, model: nn.Module, source: model_lib.WeightSource) -> None:
         """Each rank reads only the rows of its own shard (FSDP2 shards dim 0 like torch.chunk)."""
