@@ -9,6 +9,8 @@ see checkpoint.py) holds:
     adapter_model.safetensors  LoRA A and B (full tensors, PEFT keys: `base_model.model.<module>.lora_A.weight`),
                                and DoRA's magnitude (`<module>.lora_magnitude_vector`, no `.weight`, as PEFT)
 
+and the final adapter of a run also the chat template and stop tokens it trained with
+(`chat_template.jinja`, `generation_config.json`: dtrain/templates.py, read by generation),
 so `peft.PeftModel.from_pretrained(base, dir)` loads it, and `load_adapter` loads PEFT's adapters.
 `save_adapter` publishes the directory atomically with a checksummed COMPLETE marker (files.publish).
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtrain import files, layers, lora
+from dtrain import files, layers, lora, templates
 from dtrain.config import Config
 from dtrain.errors import DtrainError
 
@@ -72,9 +74,10 @@ def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor
                                                        fan_in_fan_out))
 
 
-def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tensor] | None = None,
+                 chat: tuple[str | None, list[int]] | None = None) -> None:
     """Gather only the LoRA tensors of the adapter being trained (unless `tensors` are the ones
-    already gathered); rank 0 writes `out` atomically."""
+    already gathered); rank 0 writes `out` atomically, with `chat` (template, stop ids) when given."""
     tensors = gather_adapter(backend, cfg.lora.adapter_name) if tensors is None else tensors
     if not tensors:
         if backend.rank == 0:
@@ -86,6 +89,8 @@ def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tenso
         tmp = files.staging_dir(out)
         files.fresh_dir(tmp)
         write_adapter(backend.model, cfg, tensors, tmp)
+        if chat is not None:
+            templates.write_settings(tmp, *chat)
         files.publish(tmp, out, {"kind": "adapter"})
 
     files.together(backend, write)

@@ -48,7 +48,10 @@ def _check_model(model, where: Where) -> None:
     if model.path is None and model.arch is None:
         raise ConfigError(f"{where('model')}: model: set model.path (local dir) or model.arch (inline)")
     if model.path is not None and not Path(model.path).is_dir():
-        raise ConfigError(f"{where('model.path')}: model.path = '{model.path}': directory not found")
+        from dtrain.importer import gguf_hint
+
+        why = gguf_hint(model.path, "model.path") or f"model.path = '{model.path}': directory not found"
+        raise ConfigError(f"{where('model.path')}: {why}")
     if model.arch is not None:
         check_arch(model.arch, where)
     _check_attention(model.attn_implementation, where)

@@ -6,8 +6,9 @@ The base is streamed tensor by tensor (one safetensors shard in memory at a time
 layout and index as the base): every adapted weight becomes W + s B A (s = alpha / r, or
 alpha / sqrt(r) for rsLoRA; DoRA: m / ||W + s B A||_row * (W + s B A)), computed in fp32
 and cast to the output dtype (the base's unless --dtype). config.json is copied with its dtype
-updated; tokenizer and other non-weight files are copied as they are. The output is written to a
-temporary directory next to --out and renamed when complete.
+updated; tokenizer and other non-weight files are copied as they are, then the chat template and
+stop tokens the adapter was trained with (dtrain/templates.py), where it keeps them. The output is
+written to a temporary directory next to --out and renamed when complete.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
         quantized = _quantized_keys(empty or base, base_bits, quantized_head) if base_bits else {}
         nbytes = _merge_files(base, files, tmp, deltas, spec.scaling, target, quantized, transposed)
         _copy_rest(base, tmp, config, target, index, nbytes)
+        _keep_run_template(adapter, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -263,6 +265,24 @@ def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float, transp
 
         return dora.merged_weight(w, delta, ab["lora_magnitude_vector"])[0]
     return w.float() + delta
+
+
+def _keep_run_template(adapter: Path, out: Path) -> None:
+    """The merged model generates as the adapter was evaluated: its run's template and stop tokens."""
+    from dtrain import templates
+
+    template, eos = templates.read_settings(adapter)
+    if template is not None:
+        (out / templates.TEMPLATE_FILE).write_text(template)
+    gen_file = out / templates.GENERATION_FILE
+    if eos and gen_file.is_file():
+        gen = _read_json(gen_file, "--base")
+        old = gen.get("eos_token_id")
+        gen["eos_token_id"] = list(dict.fromkeys([*(old if isinstance(old, list) else [old] if old is not None else []),
+                                                   *eos]))
+        gen_file.write_text(json.dumps(gen, indent=2) + "\n")
+    elif eos:
+        gen_file.write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
 
 
 def _copy_rest(base: Path, out: Path, config: dict, dtype: torch.dtype | None, index: dict | None,

@@ -23,9 +23,11 @@ import torch
 from tqdm import tqdm
 
 from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
+from dtrain import templates
 from dtrain import loggers as loggers_lib, step as step_lib, step_opts
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
+from dtrain.data.chat import run_template
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
 log = logging.getLogger("dtrain")
@@ -56,6 +58,8 @@ class Trainer:
         self._prepare_out()
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
+        template = run_template(cfg.data, self.tokenizer)
+        self.chat = (template, templates.stop_ids(self.tokenizer, template))  # kept with the adapter
         self.backend.build()  # before the data: a model the config cannot build fails first, in one line
         self._check_vocab()
         data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
@@ -74,6 +78,7 @@ class Trainer:
         if env.is_main:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
+            templates.write_settings(self.out / "tokenizer", *self.chat)  # the template the data was rendered with
             self._log_start(data.skipped)
             self.loggers = loggers_lib.create(cfg, self.out, self.state.step)
 
@@ -130,7 +135,7 @@ class Trainer:
                     return PREEMPT_EXIT
             final = adapter.gather_adapter(self.backend, self.cfg.lora.adapter_name)  # once, for both saves
             checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan, tensors=final)
-            adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final)
+            adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final, chat=self.chat)
             if self.cfg.training.eval_generate:
                 files.together(self.backend, lambda: self._generation_eval(metrics))
         finally:

@@ -17,7 +17,7 @@ RECIPES = {r.path.name: r for r in recipes_table.find_recipes()}
 # Parameter counts of the published checkpoints (embeddings and head counted once when tied).
 PUBLISHED = {"Llama-3.1-8B-Instruct": 8_030_261_248, "Llama-3.1-70B-Instruct": 70_553_706_496,
              "Qwen2.5-7B-Instruct": 7_615_616_512, "Mistral-7B-Instruct-v0.3": 7_248_023_552,
-             "smollm2-135m-instruct": 134_515_008}
+             "smollm2-135m-instruct": 134_515_008, "gemma3-270m": 268_098_176}
 PER_LAYER = {"attention-qv": 2, "attention": 4, "mlp": 3, "all-linear": 7}
 
 
@@ -25,7 +25,7 @@ def test_every_recipe_is_found():
     assert set(RECIPES) == {
         "smollm2_dates.yaml", "llama3.1-8b_lora_fsdp.yaml", "llama3.1-8b_qlora_24gb.yaml",
         "llama3.1-70b_qlora_fsdp.yaml", "llama3.1-70b_qlora_zero3.yaml", "qwen2.5-7b_lora_fsdp.yaml",
-        "mistral-7b_lora_zero3.yaml"}
+        "mistral-7b_lora_zero3.yaml", "gemma3-270m_dates.yaml"}
     for r in RECIPES.values():
         assert r.command.endswith(f"dtrain train configs/{r.path.name}")
 
@@ -40,8 +40,8 @@ def test_launch_shapes():
 def test_recipe_builds_on_meta_and_targets_resolve(name, monkeypatch):
     recipe = RECIPES[name]
     monkeypatch.chdir(REPO)
-    if recipe.model in {"smollm2-135m-instruct"}:  # a built-in: loading would import the real model
-        assert recipe.raw["model"]["path"] == "smollm2-135m-instruct"
+    if recipe.model in {"smollm2-135m-instruct", "gemma3-270m"}:  # a built-in: loading would import the real model
+        assert recipe.raw["model"]["path"] == recipe.model
     else:
         assert recipe.raw["model"]["path"] == f"models/{recipe.model}"  # where a user downloads it
         # every key valid, data files present (model.path: the shipped architecture, no weights)
