@@ -37,6 +37,9 @@ class ModelConfig:
                "attention (only each block's attention)")
     gradient_checkpointing_every: int = _f(1, "checkpoint every N-th decoder block (blocks 0, N, 2N, ...)", min=1)
     compile_blocks: bool = _f(False, "torch.compile each decoder block (needs a C++ compiler on CPU)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = _f(
+        "sdpa", "attention kernel; flash_attention_2/3 (packed rows as varlen sequences) and flex_attention "
+                "need CUDA and their package")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
 
 
@@ -73,7 +76,8 @@ class DataConfig:
     seq_len: int = _f(128, "tokens per training sequence", min=2)
     truncation: Literal["drop", "truncate", "error"] = _f(
         "drop", "examples over seq_len: drop, keep their last seq_len tokens, or fail")
-    packing: bool = _f(False, "several examples per row (attention never crosses examples)")
+    packing: bool = _f(False, "several examples per row, best fit (attention never crosses examples)")
+    group_by_length: bool = _f(False, "micro-batches of similar lengths (less padding), still seeded and resumable")
     mix: list[dict] | None = _f(None, "several datasets: [{path, format, weight, <data keys>}]; replaces path")
     eval_path: str | None = _f(None, "evaluation file (same format); eval_fraction is then unused")
     eval_fraction: float = _f(0.1, "fraction of examples held out for evaluation", lo=0.0, hi_open=1.0)
@@ -106,7 +110,8 @@ class TrainingConfig:
     chunked_loss: bool | Literal["auto"] = _f(
         "auto", "loss from the hidden states in chunks of tokens, never all logits at once; "
                 "auto: on for LoRA with a plain linear head")
-    loss_chunk_tokens: int = _f(1024, "tokens per chunk of the chunked loss", min=1)
+    loss_chunk_tokens: int = _f(0, "tokens per chunk of the chunked loss; 0: from the vocabulary "
+                                   "(one chunk's fp32 logits within 256 MiB)", lo=0)
 
 
 @dataclass

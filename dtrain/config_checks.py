@@ -54,6 +54,25 @@ def _check_model(model, where: Where) -> None:
         raise ConfigError(f"{where('model.path')}: {why}")
     if model.arch is not None:
         check_arch(model.arch, where)
+    _check_attention(model.attn_implementation, where)
+
+
+ATTN_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def _check_attention(impl: str, where: Where) -> None:
+    """The GPU kernels need CUDA and (flash) their package: one line here, not transformers' ImportError."""
+    import importlib.util
+
+    if impl in ("sdpa", "eager"):
+        return
+    import torch
+
+    package = ATTN_PACKAGES.get(impl)
+    if not torch.cuda.is_available() or (package and importlib.util.find_spec(package) is None):
+        need = f"CUDA and the {package} package" if package else "CUDA"
+        raise ConfigError(f"{where('model.attn_implementation')}: model.attn_implementation = {impl} needs "
+                          f"{need}; use sdpa or eager here")
 
 
 def check_arch(arch: dict, where: Where) -> None:

@@ -34,7 +34,7 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         if not (Path(cfg.path) / "config.json").is_file():
             raise ConfigError(f"model.path = '{cfg.path}': no config.json in that directory")
         try:
-            return AutoConfig.from_pretrained(
+            config = AutoConfig.from_pretrained(
                 cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
             )
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
@@ -43,12 +43,17 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
                 raise ConfigError(f"model.path = '{cfg.path}': {custom} is custom code (auto_map in its config.json), "
                                   "which dtrain runs only with model.trust_remote_code=true") from None
             raise ConfigError(f"model.path = '{cfg.path}': config.json: {_first_line(e)}") from None
-    arch = dict(cfg.arch)
-    model_type = arch.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **arch)
-    except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's validation errors
-        raise ConfigError(f"model.arch: {_first_line(e)}") from None
+    else:
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **arch)
+        except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's validation errors
+            raise ConfigError(f"model.arch: {_first_line(e)}") from None
+    # the kernel every attention layer calls (from_config reads it from the config); packed rows reach
+    # flash attention as varlen sequences through their position_ids, sdpa and eager as a block mask
+    config._attn_implementation = getattr(cfg, "attn_implementation", "sdpa")
+    return config
 
 
 def _custom_model_type(path: Path) -> str | None:

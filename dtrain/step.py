@@ -35,10 +35,12 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
     """Forward/backward over this rank's micro-batches, then the optimizer step.
 
     Returns the global mean loss, the learning rate used, the gradient norm before clipping, and
-    the global counts of labelled and of real (non-pad; `real_tokens` is this rank's) tokens.
+    the global counts of labelled and of real (non-pad; `real_tokens` is this rank's) tokens, and of
+    the positions computed (micro-batches are cut to their longest row, so these vary by step).
     """
-    local = torch.tensor([sum(labelled_tokens(b) for b in batches), real_tokens], dtype=torch.float64)
-    global_tokens, global_real = (int(v) for v in backend.all_reduce_sum(local))
+    positions = sum(b["input_ids"].numel() for b in batches)
+    local = torch.tensor([sum(labelled_tokens(b) for b in batches), real_tokens, positions], dtype=torch.float64)
+    global_tokens, global_real, global_positions = (int(v) for v in backend.all_reduce_sum(local))
     scale = backend.world_size / max(global_tokens, 1)
     loss_sum = torch.zeros((), dtype=torch.float64)
     for i, batch in enumerate(batches):
@@ -52,6 +54,6 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
     norm = backend.step()
     loss = float(backend.all_reduce_sum(loss_sum).item()) / max(global_tokens, 1)
     return {"loss": loss, "lr": lr, "grad_norm": norm, "labelled_tokens": global_tokens,
-            "real_tokens": global_real}
+            "real_tokens": global_real, "positions": global_positions}
 
 

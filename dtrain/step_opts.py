@@ -141,7 +141,9 @@ def describe(model: nn.Module, cfg) -> list[str]:
     if getattr(model, "_dtrain_compiled", 0):
         lines.append(f"torch.compile: {model._dtrain_compiled} decoder blocks")
     if loss_lib.installed(output_head(model)):
-        lines.append(f"chunked loss: on, {cfg.training.loss_chunk_tokens} tokens per chunk")
+        head = output_head(model)
+        how = "" if cfg.training.loss_chunk_tokens else " (from the vocabulary)"
+        lines.append(f"chunked loss: on, {head._dtrain_chunk} tokens per chunk{how}, labelled positions only")
     return lines
 
 

@@ -65,7 +65,9 @@ class Trainer:
         data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
         self.train_data, self.eval_data = data.train, data.eval
         t = cfg.training
-        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
+        lengths = self.train_data.row_lengths() if cfg.data.group_by_length else None
+        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed,
+                                       lengths)
         data_lib.check_plan(self.plan, "training")
         self.total_steps = data_lib.total_steps(t.max_steps, t.epochs, self.plan)
         self.backend.setup_optimizer(self.total_steps)
@@ -101,10 +103,11 @@ class Trainer:
             log.info("%s", line)
         trainable, total = lora.count_parameters(self.backend.model)
         log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-        pad = 1 - float(self.train_data.attention_mask.float().mean()) if len(self.train_data) else 0.0
-        log.info("data: %d train / %d eval sequences of %d tokens (%.1f%% padding), %d record(s) skipped; "
-                 "%d steps on %d rank(s)", len(self.train_data), len(self.eval_data), self.cfg.data.seq_len,
-                 100 * pad, skipped, self.total_steps, self.env.world_size)
+        lengths = self.train_data.row_lengths().float()
+        mean = float(lengths.mean()) if len(self.train_data) else 0.0
+        log.info("data: %d train / %d eval rows of at most %d tokens (mean %.0f; a micro-batch is cut to its "
+                 "longest row), %d record(s) skipped; %d steps on %d rank(s)", len(self.train_data),
+                 len(self.eval_data), self.cfg.data.seq_len, mean, skipped, self.total_steps, self.env.world_size)
 
     # ---- train ------------------------------------------------------------------------------
     def train(self) -> int:
@@ -175,12 +178,12 @@ class Trainer:
         real = sum(self.train_data.real_tokens(idx) for idx in picks)
         result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real)
         elapsed = time.perf_counter() - start
-        seq_tokens = self.plan.global_batch * self.cfg.data.seq_len
+        positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
         row = {"step": self.state.step + 1, "loss": result["loss"], "lr": result["lr"],
                "grad_norm": result["grad_norm"], "tokens_per_s": result["real_tokens"] / elapsed,
-               "padding_fraction": 1 - result["real_tokens"] / seq_tokens, "step_time_s": elapsed}
+               "padding_fraction": 1 - result["real_tokens"] / max(positions, 1), "step_time_s": elapsed}
         if self._mfu is not None:
-            row["mfu"] = flops.mfu(self._mfu[0], seq_tokens, elapsed, self.env.world_size, self._mfu[1])
+            row["mfu"] = flops.mfu(self._mfu[0], positions, elapsed, self.env.world_size, self._mfu[1])
         return row
 
     def _evaluates(self) -> bool:

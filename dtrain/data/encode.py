@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dtrain.config import DataConfig
 from dtrain.data import chat
+from dtrain.data.ragged import Ragged, RaggedBuilder
 from dtrain.data.records import record_problem, required_fields
 from dtrain.data.rows import IGNORE
 from dtrain.errors import ConfigError
@@ -31,11 +32,16 @@ PROGRESS_MIN = 2000  # records: show a progress bar from this many on (rank 0)
 class Encoded:
     """One dataset's examples (ragged) and what happened to its records."""
 
-    seqs: list[tuple[list[int], list[int]]]
+    examples: Ragged
     counts: Counter = field(default_factory=Counter)
 
     def __len__(self) -> int:
-        return len(self.seqs)
+        return len(self.examples)
+
+    @property
+    def seqs(self) -> list[tuple[list[int], list[int]]]:
+        """The examples as (ids, labels) lists (small inspections; training reads `examples`)."""
+        return self.examples.seqs()
 
 
 def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = False) -> Encoded:
@@ -45,7 +51,8 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
     if cfg.format in ("messages", "sharegpt") and template is None:
         raise ConfigError(f"data.path = '{cfg.path}': data.format = {cfg.format} needs a chat template; the "
                           "tokenizer has none: set data.chat_template or data.tokenizer")
-    out, first_bad = Encoded([], Counter(records=len(records))), None
+    out, first_bad = Encoded(Ragged.from_seqs([]), Counter(records=len(records))), None
+    kept = RaggedBuilder()
     bar = tqdm(records, desc=f"tokenize {Path(cfg.path).name}", disable=not progress or len(records) < PROGRESS_MIN,
                leave=False, dynamic_ncols=True)
     docs = []
@@ -63,16 +70,18 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
             out.counts["bad_record"] += 1
             first_bad = i if first_bad is None else first_bad
             continue
-        _keep(out, pair, cfg, i)
+        _keep(kept, out.counts, pair, cfg, i)
     bar.close()
     if out.counts["bad_record"]:
         log.warning("data: skipped %d record(s) with a missing or empty field (first: record %d)",
                     out.counts["bad_record"], first_bad)
     if cfg.format == "text":
-        out.seqs = _text_rows(docs, cfg, tokenizer)
-    if not out.seqs:
+        for ids, labels in _text_rows(docs, cfg, tokenizer):
+            kept.add(ids, labels)
+    out.examples = kept.build()
+    if not len(out.examples):
         raise ConfigError(_nothing_to_learn(cfg, out.counts))
-    out.counts["examples"] = len(out.seqs)
+    out.counts["examples"] = len(out.examples)
     return out
 
 
@@ -94,7 +103,7 @@ def _example(rec: dict, cfg: DataConfig, tokenizer, template: str | None) -> tup
     return p + r, [IGNORE] * len(p) + r
 
 
-def _keep(out: Encoded, pair: tuple[list[int], list[int]], cfg: DataConfig, i: int) -> None:
+def _keep(kept: RaggedBuilder, counts: Counter, pair: tuple[list[int], list[int]], cfg: DataConfig, i: int) -> None:
     """Apply data.truncation, then keep the example if a token of it (after the first) is learned."""
     ids, labels = pair
     if len(ids) > cfg.seq_len:
@@ -102,14 +111,14 @@ def _keep(out: Encoded, pair: tuple[list[int], list[int]], cfg: DataConfig, i: i
             raise ConfigError(f"data.path = '{cfg.path}': record {i} has {len(ids)} tokens, more than "
                               f"data.seq_len = {cfg.seq_len} (data.truncation: error)")
         if cfg.truncation == "drop":
-            out.counts["too_long"] += 1
+            counts["too_long"] += 1
             return
         ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]  # keep the end: the last answer
-        out.counts["truncated"] += 1
+        counts["truncated"] += 1
     if all(v == IGNORE for v in labels[1:]):  # the first token is never a target
-        out.counts["no_labels"] += 1
+        counts["no_labels"] += 1
         return
-    out.seqs.append((ids, labels))
+    kept.add(ids, labels)
 
 
 def _text_rows(docs: list[str], cfg: DataConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
