@@ -141,7 +141,7 @@ def _rebuild(module: nn.Module, config: PretrainedConfig) -> nn.Module:
 
 def checkpoint_key(param_name: str) -> str:
     """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
-    return param_name.replace(".base_layer.", ".")
+    return re.sub(r"(\.base_layer)+\.", ".", param_name)  # nested wrappers (expert LoRA) add several
 
 
 class WeightSource(Protocol):
