@@ -178,9 +178,8 @@ class ExpertLoRA(lora.LoRALinear):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s B_e A_e for every expert, float32, in the parameter's layout ([E, out, in] or [E, in, out])."""
-        a, b = self.lora_A[name].stacked().float(), self.lora_B[name].stacked().float()
-        delta = torch.bmm(b, a) * self.scaling[name]
-        return delta.transpose(1, 2) if self.transposed else delta
+        return delta(self.lora_A[name].weight, self.lora_B[name].weight, self.num_experts, self.transposed,
+                     self.scaling[name])
 
     def merge(self) -> None:
         if self.merged_adapter is not None:
@@ -303,3 +302,44 @@ def resolve(model: nn.Module, targets: list[str] | str, regex: str | None,
 def _only_parameters(targets: list[str] | str, target_parameters: list[str] | None) -> bool:
     """lora.targets: [] with target_parameters set: the adapter has expert weights only."""
     return bool(target_parameters) and isinstance(targets, list) and not targets
+
+
+def adapted_parameters(model: nn.Module, adapter: str) -> list[tuple[str, str]]:
+    """(experts module, parameter) pairs adapter `adapter` adapts, in registration order."""
+    pairs = {(unwrapped_name(n), m.param_name) for n, m in model.named_modules()
+             if isinstance(m, ExpertLoRA) and adapter in m.lora_A}
+    return [p for p in expert_parameters(model) if p in pairs]
+
+
+def peft_target_parameters(model: nn.Module, pairs: list[tuple[str, str]]) -> list[str]:
+    """PEFT's `target_parameters` for exactly `pairs`: `<parent>.<module>.<param>` suffixes
+    (mlp.experts.gate_up_proj) when they select exactly these, else the full names."""
+    suffixes = list(dict.fromkeys(".".join(f"{m}.{p}".split(".")[-3:]) for m, p in pairs))
+    if set(select_parameters(model, suffixes)) == set(pairs):
+        return suffixes
+    return [f"{m}.{p}" for m, p in pairs]
+
+
+def layer_names(model: nn.Module) -> set[str]:
+    """Names of the expert LoRA wrappers (nested ones included)."""
+    return {n for n, m in model.named_modules() if isinstance(m, ExpertLoRA)}
+
+
+def delta(a: torch.Tensor, b: torch.Tensor, num_experts: int, transposed: bool, scaling: float) -> torch.Tensor:
+    """s B_e A_e of PEFT-layout factors (A [r*E, in], B [out, r*E]) for every expert, float32, in the
+    parameter's layout: [E, out, in], or [E, in, out] when `transposed` (merge only: the training
+    forward never builds it)."""
+    a3 = a.float().reshape(num_experts, -1, a.shape[-1])
+    b3 = b.float().reshape(b.shape[0], -1, num_experts).permute(2, 0, 1)
+    d = torch.bmm(b3, a3) * scaling
+    return d.transpose(1, 2) if transposed else d
+
+
+def layout(model: nn.Module, target_parameters: list[str]) -> dict[str, tuple[str, int, bool]]:
+    """{wrapper module name (PEFT's key prefix): (checkpoint key, experts, transposed)} of an adapter
+    with these `target_parameters` on `model` (wrapped here on a throwaway adapter: build `model`
+    on the meta device)."""
+    pairs = select_parameters(model, list(target_parameters))
+    inject(model, pairs, lora.AdapterSpec(name="layout", r=1))
+    return {n: (m.qualified_name, m.num_experts, m.transposed)
+            for n, m in model.named_modules() if isinstance(m, ExpertLoRA)}

@@ -80,8 +80,12 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     adapter_config, tensors = adapter_lib.read_adapter(adapter)
     spec = adapter_lib.adapter_spec_from_peft(adapter_config, "merge", adapter)
     modules = adapter_lib.adapter_modules(tensors, adapter, spec.use_dora)
-    adapter_lib.check_rank(modules, spec.r, adapter)
-    deltas = {f"{m}.weight": ab for m, ab in modules.items()}
+    expert_layout = _expert_layout(base, adapter_config.get("target_parameters"), adapter)
+    adapter_lib.check_rank(modules, spec.r, adapter, {n: e for n, (_, e, _) in expert_layout.items()})
+    deltas = {f"{m}.weight": ab for m, ab in modules.items() if m not in expert_layout}
+    for m, (key, num_experts, transposed) in expert_layout.items():
+        if m in modules:  # a fused expert weight: its delta is per expert ([E, out, in] or [E, in, out])
+            deltas[key] = {**modules[m], "experts": (num_experts, transposed)}
     files, index = weight_files(base, "--base")
     _check_targets(base, files, deltas)
     if base_bits:
@@ -162,11 +166,31 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
                               f"corrupted?): {str(e).splitlines()[0]}") from None
     for key, ab in deltas.items():
         want = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
+        if "experts" in ab:
+            num_experts, transposed = ab["experts"]
+            want = (num_experts, *(want[::-1] if transposed else want))
         if key not in shapes:
             raise DtrainError(f"--base '{base}': no tensor '{key}' for the adapter (adapter for another base?)")
         if shapes[key] != want:
             raise DtrainError(f"--base '{base}': '{key}' has shape {list(shapes[key])}, the adapter's "
                               f"B A is {list(want)} (adapter for another base?)")
+
+
+def _expert_layout(base: Path, target_parameters: list[str] | None, adapter: Path) -> dict:
+    """{adapter module: (checkpoint key, experts, transposed)} of PEFT's `target_parameters`, found
+    on a meta-device build of the base's config (nothing is allocated)."""
+    if not target_parameters:
+        return {}
+    import torch
+    from transformers import AutoConfig
+
+    from dtrain import experts, model as model_lib
+
+    model = model_lib.build_empty(AutoConfig.from_pretrained(base, local_files_only=True), torch.float32)
+    try:
+        return experts.layout(model, target_parameters)
+    except DtrainError as e:
+        raise DtrainError(f"{adapter}: {e}") from None
 
 
 def _quantized_keys(base: Path, bits: int, include_head: bool = False) -> dict[str, int]:
@@ -221,6 +245,10 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
 
 def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
     """One adapted weight, merged in float32: W + s B A, or DoRA's m / ||W + s B A||_row * (W + s B A)."""
+    if "experts" in ab:
+        from dtrain import experts
+
+        return w.float() + experts.delta(ab["lora_A"], ab["lora_B"], *ab["experts"], scaling)
     delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
     if "lora_magnitude_vector" in ab:
         from dtrain import dora
