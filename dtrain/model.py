@@ -168,20 +168,32 @@ class SafetensorsSource:
 
     def key(self, name: str) -> str | None:
         """The checkpoint key holding model parameter `name`, as stored or without the prefix."""
-        key = checkpoint_key(name)
-        if key in self.files:
-            return key
-        if self.prefix and key.startswith(self.prefix + "."):
-            bare = key[len(self.prefix) + 1:]
-            if bare in self.files:
-                return bare
+        from dtrain.expert_checkpoint import stored_names
+
+        for key in [checkpoint_key(name), *stored_names(checkpoint_key(name))]:
+            if key in self.files:
+                return key
+            if self.prefix and key.startswith(self.prefix + "."):
+                bare = key[len(self.prefix) + 1:]
+                if bare in self.files:
+                    return bare
         return None
 
     def has(self, name: str) -> bool:
-        return self.key(name) is not None
+        return self.key(name) is not None or self._per_expert(name) is not None
+
+    def _per_expert(self, name: str) -> list[list[str]] | None:
+        """The per-expert tensors of a fused expert weight (expert_checkpoint.py), as stored."""
+        from dtrain.expert_checkpoint import per_expert_keys
+
+        return per_expert_keys(checkpoint_key(name), lambda k: self.key(k) is not None)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         key = self.key(name)
+        experts = self._per_expert(name) if key is None else None
+        if experts is not None:  # rows of a fused [E, ., .] weight are experts: read only those
+            chosen = experts if rows is None else experts[rows]
+            return torch.stack([torch.cat([self.read(k) for k in keys]) for keys in chosen])
         if key is None:
             raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{checkpoint_key(name)}'")
         f = self.files[key]
