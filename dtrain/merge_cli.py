@@ -164,7 +164,10 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated or missing shard
             raise DtrainError(f"--base '{base / f}': not a readable safetensors file (truncated or "
                               f"corrupted?): {str(e).splitlines()[0]}") from None
+    _split_experts(deltas, shapes)
     for key, ab in deltas.items():
+        if "part_of" in ab:
+            continue  # checked against the per-expert tensors by _split_experts
         want = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
         if "experts" in ab:
             num_experts, transposed = ab["experts"]
@@ -174,6 +177,28 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
         if shapes[key] != want:
             raise DtrainError(f"--base '{base}': '{key}' has shape {list(shapes[key])}, the adapter's "
                               f"B A is {list(want)} (adapter for another base?)")
+
+
+def _split_experts(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:
+    """A fused expert weight the base stores per expert (expert_checkpoint.py): its delta is merged
+    into each expert's tensors, `{"part_of": fused delta, "expert": e, "rows": rows of B_e A_e}`."""
+    from dtrain.expert_checkpoint import per_expert_keys, stored_names
+
+    def stored(k: str) -> str | None:
+        return next((n for n in [k, *stored_names(k)] if n in shapes), None)
+
+    for key in [k for k, ab in deltas.items() if "experts" in ab and k not in shapes]:
+        experts = per_expert_keys(key, lambda k: stored(k) is not None)
+        ab = deltas[key]
+        if experts is None or len(experts) != ab["experts"][0]:
+            continue  # reported as a missing tensor
+        del deltas[key]
+        for e, parts in enumerate(experts):
+            start = 0
+            for part in parts:
+                rows = shapes[stored(part)][0]
+                deltas[stored(part)] = {"part_of": ab, "expert": e, "rows": slice(start, start + rows)}
+                start += rows
 
 
 def _expert_layout(base: Path, target_parameters: list[str] | None, adapter: Path) -> dict:
@@ -245,6 +270,12 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
 
 def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
     """One adapted weight, merged in float32: W + s B A, or DoRA's m / ||W + s B A||_row * (W + s B A)."""
+    if "part_of" in ab:  # one expert's tensor of a fused weight stored per expert (never transposed)
+        fused, e = ab["part_of"], ab["expert"]
+        r = fused["lora_A"].shape[0] // fused["experts"][0]
+        a = fused["lora_A"].float()[e * r:(e + 1) * r]
+        b = fused["lora_B"].float()[:, e::fused["experts"][0]]  # PEFT's B: column k*E + e is expert e's k
+        return w.float() + (b @ a)[ab["rows"]] * scaling
     if "experts" in ab:
         from dtrain import experts
 
