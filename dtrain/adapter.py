@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtrain import experts, files, lora
+from dtrain import experts, files, layers, lora
 from dtrain.config import Config
 from dtrain.errors import DtrainError
 
@@ -48,15 +48,16 @@ def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
 
 
-def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None,
+def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None, fan_in_fan_out: bool = False,
                 target_parameters: list[str] | None = None) -> dict:
-    """adapter_config.json as PEFT writes it for a LoRA adapter (`target_parameters`: fused expert
-    weights, PEFT 0.21's field; `targets` is then [] when no linear layer is adapted)."""
+    """adapter_config.json as PEFT writes it for a LoRA adapter (`fan_in_fan_out`: the targets are
+    Conv1D layers, weights stored [in, out], as PEFT sets it for GPT-2; `target_parameters`: fused
+    expert weights, PEFT 0.21's field, `targets` then [] when no linear layer is adapted)."""
     return {
         "target_parameters": target_parameters or None,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_rslora": bool(cfg.lora.use_rslora),
         "use_dora": bool(cfg.lora.use_dora),
         "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
@@ -72,7 +73,9 @@ def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor
     modules = sorted({k.split(".lora_")[0] for k in tensors} - wrappers)
     params = experts.peft_target_parameters(model, experts.adapted_parameters(model, name))
     targets = target_modules(model, modules) if modules else []
-    files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, targets, cfg.model.path, params))
+    fan_in_fan_out = any(getattr(model.get_submodule(m), "fan_in_fan_out", False) for m in modules)
+    files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, targets, cfg.model.path, fan_in_fan_out,
+                                                       target_parameters=params))
 
 
 def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -116,7 +119,9 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, files.read_tensors(d / ADAPTER_WEIGHTS)
 
 
-_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
+# fan_in_fan_out is not here: dtrain's layer reads each base layer's storage (Conv1D or Linear) as
+# PEFT's does, which corrects the flag per layer.
+_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save",
                 "lora_bias", "layer_replication", "trainable_token_indices")
 
 
@@ -188,11 +193,11 @@ def _check_shapes(model: nn.Module, modules: dict, spec: lora.AdapterSpec, sourc
             layer = model.get_submodule(name)
         except AttributeError:
             raise DtrainError(f"{source}: the model has no module '{name}' (adapter for another base?)") from None
-        if not hasattr(layer, "in_features"):
+        if not (layers.is_linear(layer) or isinstance(layer, lora.LoRALinear)):
             raise DtrainError(f"{source}: module '{name}' is a {type(layer).__name__}, not a linear layer")
+        fan_in, fan_out = layers.linear_dims(layer)
         r = spec.r * getattr(layer, "num_experts", 1)  # an expert parameter's A is [r * E, in]
-        want = {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r),
-                "lora_magnitude_vector": (layer.out_features,)}
+        want = {"lora_A": (r, fan_in), "lora_B": (fan_out, r), "lora_magnitude_vector": (fan_out,)}
         for kind, t in ab.items():
             if tuple(t.shape) != want[kind]:
                 raise DtrainError(f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "

@@ -289,6 +289,8 @@ def resolve(model: nn.Module, targets: list[str] | str, regex: str | None,
         return modules, params
     fused = [(m, p) for m, p in expert_parameters(model) if m.rsplit(".", 1)[-1] == "experts"]
     linear_experts = [n for n in lora.linear_names(model) if ".experts." in n]
+    if not fused and not linear_experts and targets == ALL:
+        return [n for n in lora.linear_names(model) if not _is_router(n)], params  # a dense model: all-linear
     if not fused and not linear_experts:
         raise ConfigError(f"lora.targets = {targets}: the model has no experts (no fused expert weights and "
                           "no linear layer under '.experts.'); use all-linear or a list of module names")

@@ -138,7 +138,9 @@ def install(head: nn.Module, chunk: int = DEFAULT_CHUNK) -> None:
         shifted = getattr(self, _LABELS, None)
         if shifted is None:
             return plain(self, hidden)
-        return chunked_token_loss(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
+        loss = chunked_token_loss(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
+        self._dtrain_loss = None if getattr(self, "_dtrain_checked", False) else loss
+        return loss
 
     head._dtrain_chunk = int(chunk)
     head.forward = types.MethodType(forward, head)
@@ -156,6 +158,24 @@ def labels(head: nn.Module, shifted: torch.Tensor):
         yield
     finally:
         setattr(head, _LABELS, None)
+        head._dtrain_loss = None
+
+
+def check_passed_through(head: nn.Module, total: torch.Tensor, model_type: str) -> torch.Tensor:
+    """`total`, the model's `.logits` under `labels`, must be the head's loss as it returned it: a
+    model that changes its logits after the head (softcapping, scaling) would have changed the loss
+    instead. Compared by value (ZeRO-3's hooks pass module outputs through autograd functions, a new
+    tensor object), on the first micro-batch only: the comparison is a host-device sync."""
+    if getattr(head, "_dtrain_checked", False):
+        return total
+    returned = getattr(head, "_dtrain_loss", None)
+    if returned is None or not torch.equal(total.detach(), returned.detach()):
+        from dtrain.errors import ConfigError
+
+        raise ConfigError(f"training.chunked_loss: a {model_type} model changes its logits after the output head, "
+                          "which a loss computed in the head cannot follow: set training.chunked_loss=false")
+    head._dtrain_checked = True
+    return total
 
 
 def shift(labels_: torch.Tensor) -> torch.Tensor:
