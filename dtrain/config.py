@@ -48,8 +48,12 @@ class LoraConfig:
     r: int = _f(8, "rank of the update B A", min=1)
     alpha: float = _f(16.0, "scaling numerator: the update is (alpha / r) B A", gt=0)
     dropout: float = _f(0.0, "dropout on the LoRA input path, in [0, 1)", lo=0.0, hi_open=1.0)
-    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear")
+    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear, "
+                                                           "experts, all (all-linear + experts)")
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
+    target_parameters: list[str] | None = _f(None, "fused 3-D expert weights by name suffix, as PEFT's "
+                                                   "(e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]); "
+                                                   "added to the targets ([] for experts only)")
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")
     use_rslora: bool = _f(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r")

@@ -107,9 +107,15 @@ def _check_lora(lora, where: Where) -> None:
         raise ConfigError(f"{where('lora.adapter_name')}: lora.adapter_name = {lora.adapter_name!r}: use letters, "
                           "digits, _ and - only (it becomes part of parameter names; no dots)")
     targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
+    if lora.target_parameters is not None and (not lora.target_parameters or not all(lora.target_parameters)):
+        raise ConfigError(f"{where('lora.target_parameters')}: lora.target_parameters = {lora.target_parameters!r}: "
+                          "needs parameter-name suffixes (e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj])")
+    if not targets and lora.target_parameters:
+        return  # expert weights only
     if not targets or any(not t for t in targets):
         raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
-                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear)")
+                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear, "
+                          "experts, all)")
 
 
 def _check_variants(cfg, where: Where) -> None:

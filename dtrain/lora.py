@@ -126,6 +126,9 @@ class LoRALinear(nn.Module):
                                 self.lora_magnitude_vector[name], self.scaling[name])
         return out + (b(a(self.lora_dropout[name](h))) * self.scaling[name]).to(out.dtype)
 
+    def unwrapped(self) -> nn.Module:
+        return self.base_layer
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """s B A as a full [out, in] float32 tensor (s = alpha / r, or alpha / sqrt(r))."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
@@ -338,11 +341,13 @@ def unmerge(model: nn.Module) -> None:
 
 
 def unwrap(model: nn.Module) -> None:
-    """Replace every LoRALinear by its base layer (after merge: exactly the base model's modules)."""
+    """Replace every LoRA layer by its base layer (after merge: exactly the base model's modules)."""
     for name, m in list(lora_modules(model)):
+        if name.endswith(".base_layer"):
+            continue  # nested in an outer wrapper (expert LoRA on several parameters of one module)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.base_layer)
+        setattr(parent, child, m.unwrapped())
 
 
 def adapter_state_dict(model: nn.Module, adapter: str, peft_keys: bool = True) -> dict[str, torch.Tensor]:

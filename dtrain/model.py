@@ -161,7 +161,7 @@ def tie_embeddings(model: nn.Module) -> None:
 
 def checkpoint_key(param_name: str) -> str:
     """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
-    return param_name.replace(".base_layer.", ".")
+    return re.sub(r"(\.base_layer)+\.", ".", param_name)  # nested wrappers (expert LoRA) add several
 
 
 class WeightSource(Protocol):
@@ -194,7 +194,9 @@ class SafetensorsSource:
         stored under the name transformers renames to `name`."""
         key = checkpoint_key(name)
         bare = key[len(self.prefix) + 1:] if self.prefix and key.startswith(self.prefix + ".") else None
-        for candidate in (key, bare):
+        from dtrain.expert_checkpoint import stored_names
+
+        for candidate in (key, bare, *stored_names(key)):
             if candidate in self.files:
                 return candidate
             if candidate in self.renamed:
@@ -202,10 +204,20 @@ class SafetensorsSource:
         return None
 
     def has(self, name: str) -> bool:
-        return self.key(name) is not None
+        return self.key(name) is not None or self._per_expert(name) is not None
+
+    def _per_expert(self, name: str) -> list[list[str]] | None:
+        """The per-expert tensors of a fused expert weight (expert_checkpoint.py), as stored."""
+        from dtrain.expert_checkpoint import per_expert_keys
+
+        return per_expert_keys(checkpoint_key(name), lambda k: self.key(k) is not None)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         key = self.key(name)
+        experts = self._per_expert(name) if key is None else None
+        if experts is not None:  # rows of a fused [E, ., .] weight are experts: read only those
+            chosen = experts if rows is None else experts[rows]
+            return torch.stack([torch.cat([self.read(k) for k in keys]) for keys in chosen])
         if key is None:
             raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{checkpoint_key(name)}'")
         f = self.files[key]

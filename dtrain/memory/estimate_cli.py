@@ -193,6 +193,8 @@ def format_table(est: Estimate) -> str:
     lines = [
         f"{s.name}: {s.total_params:,} parameters ({source}), {s.num_layers} layers, "
         f"hidden {s.hidden_size}, vocab {s.vocab_size}",
+        *([f"mixture of experts: {s.expert_params:,} parameters in expert weights, {s.active_params:,} "
+           f"active per token"] if s.expert_params else []),
         f"plan: {p.world_size} GPUs ({p.nodes} node(s) x {p.gpus}), {p.backend}, "
         f"{p.param_dtype}{' + fp32 grads' if p.fp32_grads else ''}, micro-batch {p.batch} x "
         f"{p.seq_len} tokens, grad checkpointing {'on' if p.grad_checkpointing else 'off'}, "

@@ -59,6 +59,7 @@ class LinearModule:
     out_features: int
     count: int
     bias: bool = False
+    fused: bool = False  # one expert of a fused 3-D expert weight (count: layers x experts); never quantized
 
     @property
     def weight_params(self) -> int:
@@ -101,6 +102,12 @@ class ModelSpec:
     non_block_params: int
     largest_other_module_params: int
     source: str = "meta"
+    expert_params: int = 0  # parameters in fused expert weights (mixture of experts)
+    active_params: int = 0  # parameters a token uses: total less the experts it is not routed to
+
+    def __post_init__(self) -> None:
+        if not self.active_params:
+            object.__setattr__(self, "active_params", self.total_params)
 
     @property
     def largest_module_params(self) -> int:
@@ -210,7 +217,32 @@ def _block_linears(blocks: list[nn.Module]) -> tuple[tuple[LinearModule, ...], s
                 ids.add(id(module))
                 counts[(path, *shape)] = counts.get((path, *shape), 0) + 1
     linears = tuple(LinearModule(p, i, o, c, b) for (p, i, o, b), c in counts.items())
-    return linears, ids
+    return linears + _fused_experts(blocks), ids
+
+
+def _fused_experts(blocks: list[nn.Module]) -> tuple[LinearModule, ...]:
+    """Fused expert weights ([E, out, in], or [E, in, out] when the module says `is_transposed`) as
+    E linears each (what expert LoRA adapts: r * E * (in + out) parameters per weight)."""
+    counts: dict[tuple[str, int, int], int] = {}
+    for block in blocks:
+        for path, module in block.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if p.dim() == 3:
+                    e, d1, d2 = p.shape
+                    fan_in, fan_out = (d1, d2) if getattr(module, "is_transposed", False) else (d2, d1)
+                    key = (f"{path}.{pname}" if path else pname, int(fan_in), int(fan_out))
+                    counts[key] = counts.get(key, 0) + int(e)
+    return tuple(LinearModule(n, i, o, c, fused=True) for (n, i, o), c in counts.items())
+
+
+def _active_params(model: nn.Module, total: int) -> tuple[int, int]:
+    """(parameters in fused expert weights, parameters a token uses: each MoE layer's top-k of E)."""
+    k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    if not experts or not k:
+        return experts, total
+    unused = sum(p.numel() * (1 - k / p.shape[0]) for p in model.parameters() if p.dim() == 3)
+    return experts, total - round(unused)
 
 
 def _own_params(module: nn.Module) -> int:
@@ -239,7 +271,8 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
         tied_embeddings=head is not None and id(head.weight) in emb,
         gated_mlp=any(lin.matches("gate_proj") for lin in linears),
         block_params=max(block_sizes), non_block_params=total - sum(block_sizes),
-        largest_other_module_params=max(others, default=0), source="meta", **dims,
+        largest_other_module_params=max(others, default=0), source="meta",
+        expert_params=_active_params(model, total)[0], active_params=_active_params(model, total)[1], **dims,
     )
 
 

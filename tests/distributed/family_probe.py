@@ -1,4 +1,4 @@
-"""Train every family of tests/families.py in one launch: for each, a few steps of all-linear LoRA on
+"""Train every family of tests/families.py in one launch: for each, a few steps of LoRA on every linear layer and the experts (`all`) on
 the saved tiny model, writing <out>/<family>/ (the run: metrics, adapter) and probe-rank<r>.json
 (this rank's frozen bytes before and after the run's evaluations, the whole frozen base's bytes, the
 parameter count). One process group serves every family: the launch, not the family, costs seconds.
@@ -18,7 +18,7 @@ from tests.helpers import TINY
 
 STEPS = ["training.max_steps=3", "training.warmup_steps=1", "training.micro_batch_size=2",
          "training.eval_every=3", "data.eval_fraction=0.2", "training.eval_batches=1", "data.seq_len=32",
-         "lora.targets=all-linear", "lora.dropout=0", "training.lr=1e-3", "output.overwrite=true",
+         "lora.targets=all", "lora.dropout=0", "training.lr=1e-3", "output.overwrite=true",
          "logging.loss_curve=false", "model.arch=null"]
 
 
