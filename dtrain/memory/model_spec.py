@@ -101,6 +101,9 @@ class ModelSpec:
     non_block_params: int
     largest_other_module_params: int
     source: str = "meta"
+    # (shape, how many) of every parameter outside the block linears (embeddings, head, norms):
+    # the per-tensor sharding arithmetic of dtrain/memory/shards.py needs the shapes, not just sizes.
+    other_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
 
     @property
     def largest_module_params(self) -> int:
@@ -230,14 +233,27 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     total = sum(params.values())
     others = (_own_params(m) for m in model.modules() if id(m) not in linear_ids)
+    in_linears = {id(p) for m in model.modules() if id(m) in linear_ids for p in m.parameters()}
+    other_shapes = _shape_counts(p.shape for p in {id(p): p for p in model.parameters()}.values()
+                                 if id(p) not in in_linears)
     return ModelSpec(
         name=name, total_params=total, embedding_params=sum(emb.values()),
         head_params=sum(n for i, n in head_own.items() if i not in emb), linears=linears,
         tied_embeddings=head is not None and id(head.weight) in emb,
         gated_mlp=any(lin.matches("gate_proj") for lin in linears),
         block_params=max(block_sizes), non_block_params=total - sum(block_sizes),
-        largest_other_module_params=max(others, default=0), source="meta", **dims,
+        largest_other_module_params=max(others, default=0), source="meta",
+        other_shapes=other_shapes, **dims,
     )
+
+
+def _shape_counts(shapes: Any) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """((shape, count), ...) sorted, from an iterable of shapes."""
+    counts: dict[tuple[int, ...], int] = {}
+    for shape in shapes:
+        key = tuple(int(d) for d in shape)
+        counts[key] = counts.get(key, 0) + 1
+    return tuple(sorted(counts.items()))
 
 
 def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> ModelSpec:
@@ -267,5 +283,6 @@ def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> M
         name=name, total_params=layers * block + non_block, embedding_params=vocab * h,
         head_params=0 if tied else vocab * h, linears=linears, tied_embeddings=tied,
         gated_mlp=True, block_params=block, non_block_params=non_block,
-        largest_other_module_params=vocab * h, source="arithmetic", **d,
+        largest_other_module_params=vocab * h, source="arithmetic",
+        other_shapes=_shape_counts([(vocab, h)] * (1 if tied else 2) + [(h,)] * (2 * layers + 1)), **d,
     )

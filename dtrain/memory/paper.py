@@ -6,6 +6,8 @@ docs/memory_estimate.md.
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 from dtrain.memory.estimate import Plan, estimate
@@ -43,7 +45,10 @@ def paper_gpt3_comparison() -> dict[str, Any]:
     spec = spec_from_config(PRESETS["gpt3-175b"], "gpt3-175b")
     est = estimate(spec, paper_plan())
     n, p = est.plan.world_size, spec.total_params
-    full, lora = est.full.model_states * n, est.lora.model_states * n
+    # cluster totals from one rank holding everything: per GPU x N would count FSDP2's padding
+    # (at r = 4 on 64 ranks each of ranks 0-3 holds a quarter of every A; docs/memory_estimate.md)
+    whole = estimate(spec, dataclasses.replace(paper_plan(), gpus=1, nodes=1))
+    full, lora = whole.full.model_states, whole.lora.model_states
     return {
         "params": p,
         "world_size": n,
