@@ -341,9 +341,12 @@ def ds_live_params(spec: ModelSpec, plan: Plan) -> int:
 
 def _lora_unit_bytes(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...]) -> float:
     """Gathered unit for LoRA: frozen storage + fp32 adapter params and grads (8 B) of the
-    unit, plus one dequantized weight of the largest linear when quantized."""
+    unit, plus one dequantized weight of the largest linear when quantized. FSDP2 gathers padded
+    shards: an A of r rows on N > r ranks gathers N rows (r * ceil(r / N) of them real)."""
     pb = plan.param_bytes
-    lora = {lin: plan.rank * (lin.in_features + lin.out_features) for lin in targets}
+    n = plan.world_size if plan.backend == "fsdp" else 1
+    rows = math.ceil(plan.rank / n) * n
+    lora = {lin: rows * lin.in_features + plan.rank * math.ceil(lin.out_features / n) * n for lin in targets}
 
     def layer_bytes(lin: LinearModule) -> float:
         bias = (lin.out_features if lin.bias else 0) * pb

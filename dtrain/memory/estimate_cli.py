@@ -60,8 +60,9 @@ def add_estimate_parser(subparsers: Any) -> None:
 def add_plan_flags(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     """The plan's flags (shared with `dtrain plan`); every default is None so that a flag given
     can be told from one left to the config (or to the Plan's defaults)."""
-    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), model directory with "
-                                   "config.json, a config.json, or a dtrain YAML config")
+    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), a name under configs/models "
+                                   "(Llama-3.1-70B), a model directory with config.json, a "
+                                   "config.json, or a dtrain YAML config")
     p.add_argument("--gpus", help="GPUs per node")
     p.add_argument("--nodes", help="nodes (default 1); N = gpus * nodes")
     p.add_argument("--backend", choices=BACKENDS, help="default fsdp")
@@ -175,10 +176,27 @@ def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
         return path.resolve().name, read_config_json(path)
     if path.is_file() and path.suffix == ".json":
         return path.resolve().parent.name, read_config_json(path)
+    shipped = shipped_model(arg)
+    if shipped is not None and not path.exists():
+        return shipped.name, read_config_json(shipped)
     if not path.exists() and ("/" in arg or arg.startswith(".")):
         raise ConfigError(f"estimate: --model {arg!r}: no such directory or file")
     raise ConfigError(f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "
                      "model directory, a config.json or a YAML config")
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+def shipped_model(arg: str) -> Path | None:
+    """A published architecture under configs/models named by ``arg``: the directory's name, or
+    its start (``Llama-3.1-8B`` -> Llama-3.1-8B-Instruct), case-insensitive; None if none or several."""
+    if "/" in arg or not SHIPPED.is_dir():
+        return None
+    names = [d for d in SHIPPED.iterdir() if (d / "config.json").is_file()]
+    exact = [d for d in names if d.name.lower() == arg.lower()]
+    found = exact or [d for d in names if d.name.lower().startswith(arg.lower() + "-")]
+    return found[0] if len(found) == 1 else None
 
 
 def read_config_json(path: Path) -> dict[str, Any]:

@@ -49,6 +49,18 @@ def typed(raw: dict, source: str) -> Config:
     return config_lib._build(Config, raw, "", config_lib._Where(source, {}))  # noqa: SLF001
 
 
+def resolved_config(path: Path) -> Config:
+    """A YAML config typed by the schema, its model as an inline architecture (``model.arch``:
+    the shipped config.json of a recipe's ``model.path``), for the fake-group simulation."""
+    from dtrain.config import read_yaml
+    from dtrain.memory.estimate_cli import load_yaml_model_config
+
+    cfg = typed(read_yaml(path), str(path))
+    arch = {k: v for k, v in load_yaml_model_config(path).items() if k != "torch_dtype"}
+    cfg.model.arch, cfg.model.path = arch, None
+    return cfg
+
+
 def plan_fields(cfg: Config) -> dict[str, Any]:
     """The Plan fields a typed config sets (see KEYS), plus the derived ones."""
     values = {f: getattr(getattr(cfg, s), k) for f, (s, k) in KEYS.items()}
