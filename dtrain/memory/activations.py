@@ -1,7 +1,8 @@
 """Activation bytes of one micro-batch on one GPU, by arithmetic (docs/memory_estimate.md).
 
-Saved for backward: each decoder layer's tensors (Korthikanti et al. 2022, generalised to GQA and
-gated MLPs), fewer with a checkpointing policy, and the loss's: the fp32 log-softmax of the whole
+Saved for backward: each decoder layer's tensors (full fine-tuning: Korthikanti et al. 2022,
+generalised to GQA and gated MLPs; LoRA: only what a frozen layer still needs, ``lora_layer_bytes``),
+fewer with a checkpointing policy, and the loss's: the fp32 log-softmax of the whole
 micro-batch's logits (``b*s*V*4``), or, with the chunked loss (dtrain/loss.py, on by default for
 LoRA), only the gradient with respect to the hidden states (``b*s*h`` in the compute dtype).
 Transient at the loss (``loss_transient_bytes``): the logits the loss is computed from, for the
@@ -37,6 +38,34 @@ def _layer_elements(spec: ModelSpec) -> int:
     h, f = spec.hidden_size, spec.intermediate_size
     dq, dkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     return 2 * h + h + (dq + 2 * dkv) + dq + h + (4 if spec.gated_mlp else 2) * f
+
+
+def lora_layer_bytes(spec: ModelSpec, plan: Any, lora: tuple[LinearModule, ...]) -> float:
+    """What one decoder layer saves when only ``lora``'s layers train (whole micro-batch).
+
+    A frozen linear needs no weight gradient, so its input is saved only where an adapter on it
+    (A saves x) or another op needs it: both norms' inputs (2h), the attention's input (h) when
+    q, k or v is targeted, Q K V and the attention output (sdpa saves them: d_q + 2 d_kv + d_q),
+    the MLP's input (h) when gate / up (fc1) is targeted, the gated MLP's gate, act(gate) and up
+    (3f; non-gated: the activation's input, f), the down projection's input (f) when targeted;
+    no dropout masks (LoRA recipes and Llama-style models train without dropout). Under ZeRO-3
+    every linear's input is saved (its memory_efficient_linear). Measured on the
+    tiny Llama by `dtrain memory`: within 1% of what autograd saves (docs/memory_estimate.md).
+    """
+    h, f = spec.hidden_size, spec.intermediate_size
+    dq, dkv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    # ZeRO-3's memory_efficient_linear (dtrain's ds_config) saves every linear's input, frozen or not
+    every = plan.backend == "deepspeed"
+    attn_in = every or any(_in_attention(lin) and lin.in_features == h for lin in lora)
+    mlp_in = every or any(not _in_attention(lin) and lin.in_features == h for lin in lora)
+    down = every or any(not _in_attention(lin) and lin.in_features != h for lin in lora)
+    elements = 2 * h + (h if attn_in else 0) + (dq + 2 * dkv) + dq + (h if mlp_in else 0) \
+        + (3 if spec.gated_mlp else 1) * f + (f if down else 0)
+    return plan.seq_len * plan.batch * (plan.param_bytes * elements + _score_bytes(spec, plan))
+
+
+def _in_attention(lin: LinearModule) -> bool:
+    return "attn" in lin.name or "attention" in lin.name
 
 
 def _attention_elements(spec: ModelSpec) -> int:
@@ -77,7 +106,8 @@ def layers_bytes(spec: ModelSpec, plan: Any, lora: tuple[LinearModule, ...] = ()
     recomputed at a time.
     """
     tokens, layers = plan.seq_len * plan.batch, spec.num_layers
-    full_layer = layer_activation_bytes(spec, plan) + _lora_bytes(plan, lora) / layers
+    saved = lora_layer_bytes(spec, plan, lora) if lora else layer_activation_bytes(spec, plan)
+    full_layer = saved + _lora_bytes(plan, lora) / layers
     ckpt = checkpointed_blocks(spec, plan)
     if ckpt == 0:
         return layers * full_layer
