@@ -78,6 +78,36 @@ def simulate(cfg: Config, world: int, rank: int = 0, forward_backward: bool = Fa
         return {**_state_bytes(backend), "gathered_unit": _largest_all_gather(backend.model)}
 
 
+def simulate_zero3(cfg: Config, world: int, rank: int = 0) -> dict[str, int]:
+    """The same for dtrain's ZeRO-3 backend: DeepSpeed runs unchanged on the fake group (its
+    `init_distributed` adopts the existing group), and one real micro-batch, backward and step
+    run through its engine. Unlike FSDP2's, ZeRO-3's partitions are real tensors, and zero.Init
+    builds every parameter in full before it cuts it: only small models can be simulated so
+    (docs/memory_estimate.md says why not 70B)."""
+    from dtrain.backends.deepspeed import DeepSpeedBackend, _import_deepspeed
+
+    cpu = torch.device("cpu")
+    with fake_group(rank, world):
+        _import_deepspeed(cpu).init_distributed(dist_backend="fake", auto_mpi_discovery=False)
+        backend = DeepSpeedBackend(cfg, DistEnv(rank, world, 0, cpu, "fake"))
+        backend.build()
+        backend.setup_optimizer(total_steps=1)
+        ids = torch.randint(0, int(backend.model.config.vocab_size), (cfg.training.micro_batch_size, cfg.data.seq_len))
+        loss, _ = backend.loss({"input_ids": ids, "labels": ids})
+        backend.backward(loss)
+        grads = sum(_nbytes(t) for t in backend.local_grads().values())
+        backend.step()
+        params = dict(backend.model.named_parameters())
+        local = backend.local_tensors()
+        out = {"frozen_weights": sum(_nbytes(t) for n, t in local.items() if not params[n].requires_grad),
+               "trainable_params": sum(_nbytes(t) for n, t in local.items() if params[n].requires_grad),
+               "gradients": grads,
+               "optimizer_state": sum(_nbytes(t) for t in backend.local_optimizer_tensors().values())}
+        out["model_states"] = sum(out.values())
+        backend.release()
+        return out
+
+
 def _forward_backward(backend: SimulatedFSDP) -> None:
     """One micro-batch through the real forward (the chunked-loss head, when installed) and
     backward, on fake tensors and fake collectives."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dtrain import config as config_lib
-from dtrain.backends.simulate import simulate
+from dtrain.backends.simulate import simulate, simulate_zero3
 from dtrain.memory.estimate import estimate
 from dtrain.memory.model_spec import spec_from_config
 from dtrain.memory.plan_config import plan_from_config, resolved_config
@@ -69,3 +69,13 @@ def test_tiny_bits_and_uneven_world_sizes(bits: int, world: int) -> None:
     est = _estimate(cfg, world).lora.as_dict()
     sim = simulate(cfg, world)
     assert {k: sim[k] for k in STATES} == {k: est[k] for k in STATES}, (bits, world)
+
+
+def test_zero3_on_the_fake_group_equals_the_estimate() -> None:
+    """DeepSpeed's own partitioning (zero.Init, its engine, one real step) at 64 fake ranks."""
+    cfg = config_lib.load(TINY, ["backend.name=deepspeed", "lora.targets=[q_proj,v_proj]",
+                                 "training.micro_batch_size=2", "data.seq_len=16"])
+    sim = simulate_zero3(cfg, 64)
+    est = _estimate(cfg, 64).lora.as_dict()
+    assert sim == {k: est[k] for k in STATES}
+    assert sim["trainable_params"] == 4 * 56  # ceil(numel / 64) of each of the 8 A and B tensors
