@@ -37,10 +37,15 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         base = model_lib.base_source(cfg.model, model, cfg.training.seed)
         source = model_lib.ModelSource(base, model)
         self._shard(model)
+        self._materialize(model, source)
+        return model
+
+    def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
+        """Storage for this rank's shards, then its rows of the weights (a simulated backend on a
+        fake process group, backends/simulate.py, keeps the meta shards instead)."""
         model.to_empty(device=self.device)
         model_lib.restore_buffers(model, self.device)
         self._fill(model, source)
-        return model
 
     def _shard(self, model: nn.Module) -> None:
         """Units: each decoder block, the input embeddings, the output head, then the root.

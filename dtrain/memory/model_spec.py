@@ -104,10 +104,14 @@ class ModelSpec:
     source: str = "meta"
     expert_params: int = 0  # parameters in fused expert weights (mixture of experts)
     active_params: int = 0  # parameters a token uses: total less the experts it is not routed to
+    # (shape, how many) of every parameter outside the block linears (embeddings, head, norms):
+    # the per-tensor sharding arithmetic of dtrain/memory/shards.py needs the shapes, not just sizes.
+    other_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.active_params:
             object.__setattr__(self, "active_params", self.total_params)
+
 
     @property
     def largest_module_params(self) -> int:
@@ -265,6 +269,9 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     total = sum(params.values())
     others = (_own_params(m) for m in model.modules() if id(m) not in linear_ids)
+    in_linears = {id(p) for m in model.modules() if id(m) in linear_ids for p in m.parameters()}
+    other_shapes = _shape_counts(p.shape for p in {id(p): p for p in model.parameters()}.values()
+                                 if id(p) not in in_linears)
     return ModelSpec(
         name=name, total_params=total, embedding_params=sum(emb.values()),
         head_params=sum(n for i, n in head_own.items() if i not in emb), linears=linears,
@@ -272,8 +279,18 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
         gated_mlp=any(lin.matches("gate_proj") for lin in linears),
         block_params=max(block_sizes), non_block_params=total - sum(block_sizes),
         largest_other_module_params=max(others, default=0), source="meta",
-        expert_params=_active_params(model, total)[0], active_params=_active_params(model, total)[1], **dims,
+        expert_params=_active_params(model, total)[0], active_params=_active_params(model, total)[1],
+        other_shapes=other_shapes, **dims,
     )
+
+
+def _shape_counts(shapes: Any) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """((shape, count), ...) sorted, from an iterable of shapes."""
+    counts: dict[tuple[int, ...], int] = {}
+    for shape in shapes:
+        key = tuple(int(d) for d in shape)
+        counts[key] = counts.get(key, 0) + 1
+    return tuple(sorted(counts.items()))
 
 
 def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> ModelSpec:
@@ -303,5 +320,6 @@ def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> M
         name=name, total_params=layers * block + non_block, embedding_params=vocab * h,
         head_params=0 if tied else vocab * h, linears=linears, tied_embeddings=tied,
         gated_mlp=True, block_params=block, non_block_params=non_block,
-        largest_other_module_params=vocab * h, source="arithmetic", **d,
+        largest_other_module_params=vocab * h, source="arithmetic",
+        other_shapes=_shape_counts([(vocab, h)] * (1 if tied else 2) + [(h,)] * (2 * layers + 1)), **d,
     )
