@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dtrain import lora, presets, step_opts
+from dtrain import lora, presets, reference, step_opts
 from dtrain.config import Config
 
 
@@ -22,7 +22,8 @@ def prepare(model: nn.Module, cfg: Config) -> None:
         targets = cfg.lora.targets if cfg.lora.target_regex else presets.expand(model, cfg.lora.targets)
         names = lora.select_targets(model, targets, cfg.lora.target_regex)
         lora.inject(model, names, adapter_spec(cfg))
-        lora.freeze_base(model)
+        reference.inject_reference(model, cfg)  # dpo.reference = adapter:DIR: a frozen second adapter
+        lora.freeze_base(model, cfg.lora.adapter_name)
     else:
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())

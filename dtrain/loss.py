@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtrain import logps as logps_lib
 from dtrain.data.rows import IGNORE
 
 DEFAULT_CHUNK = 1024
 _LABELS = "_dtrain_chunked_labels"
+_PER_TOKEN = "_dtrain_per_token"  # set: the head returns log p of each labelled token instead (logps.py)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -138,6 +140,8 @@ def install(head: nn.Module, chunk: int = DEFAULT_CHUNK) -> None:
         shifted = getattr(self, _LABELS, None)
         if shifted is None:
             return plain(self, hidden)
+        if getattr(self, _PER_TOKEN, False):
+            return logps_lib.chunked(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
         return chunked_token_loss(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
 
     head._dtrain_chunk = int(chunk)
@@ -149,13 +153,16 @@ def installed(head: nn.Module | None) -> bool:
 
 
 @contextlib.contextmanager
-def labels(head: nn.Module, shifted: torch.Tensor):
-    """While inside, the head's call returns the summed loss against `shifted` (labels shifted left)."""
+def labels(head: nn.Module, shifted: torch.Tensor, per_token: bool = False):
+    """While inside, the head's call returns the summed loss against `shifted` (labels shifted left),
+    or with `per_token` log p of each labelled token (row-major, [N])."""
     setattr(head, _LABELS, shifted)
+    setattr(head, _PER_TOKEN, per_token)
     try:
         yield
     finally:
         setattr(head, _LABELS, None)
+        setattr(head, _PER_TOKEN, False)
 
 
 def shift(labels_: torch.Tensor) -> torch.Tensor:

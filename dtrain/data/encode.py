@@ -17,13 +17,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dtrain.config import DataConfig
-from dtrain.data import chat
+from dtrain.data import chat, preference
 from dtrain.data.records import record_problem, required_fields
 from dtrain.data.rows import IGNORE
 from dtrain.errors import ConfigError
 
 log = logging.getLogger("dtrain.data")
-REASONS = ("bad_record", "too_long", "no_labels", "truncated")
+REASONS = ("bad_record", "too_long", "no_labels", "truncated", "no_room", "prompt_cut")
 PROGRESS_MIN = 2000  # records: show a progress bar from this many on (rank 0)
 
 
@@ -49,7 +49,9 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
     bar = tqdm(records, desc=f"tokenize {Path(cfg.path).name}", disable=not progress or len(records) < PROGRESS_MIN,
                leave=False, dynamic_ncols=True)
     docs = []
-    for i, rec in enumerate(bar):
+    if cfg.format == "preference":  # pairs: dtrain/data/preference.py
+        _encode_pairs(out, bar, cfg, tokenizer, template)
+    for i, rec in enumerate(bar if cfg.format != "preference" else []):
         if txt:
             rec = {cfg.text_field: rec.get("text")}
         problem = record_problem(rec, cfg)
@@ -72,8 +74,26 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
         out.seqs = _text_rows(docs, cfg, tokenizer)
     if not out.seqs:
         raise ConfigError(_nothing_to_learn(cfg, out.counts))
-    out.counts["examples"] = len(out.seqs)
+    out.counts["examples"] = len(out.seqs) // (2 if cfg.format == "preference" else 1)
     return out
+
+
+def _encode_pairs(out: Encoded, records, cfg: DataConfig, tokenizer, template: str | None) -> None:
+    """Preference records -> (chosen, rejected) examples, consecutive in out.seqs."""
+    for i, rec in enumerate(records):
+        found = preference.pair(rec, cfg, tokenizer, template)
+        if isinstance(found, str):
+            if cfg.bad_records == "error":
+                raise ConfigError(f"data.path = '{cfg.path}': record {i} has {found}")
+            if not out.counts["bad_record"]:
+                log.warning("data: record %d skipped: %s", i, found)
+            out.counts["bad_record"] += 1
+            continue
+        kept, what = preference.fit(found, cfg, i)
+        if what:
+            out.counts[what] += 1
+        if kept is not None:
+            out.seqs += list(kept)
 
 
 def _example(rec: dict, cfg: DataConfig, tokenizer, template: str | None) -> tuple[list[int], list[int]] | str:
@@ -125,7 +145,9 @@ def _text_rows(docs: list[str], cfg: DataConfig, tokenizer) -> list[tuple[list[i
 
 def _nothing_to_learn(cfg: DataConfig, counts: Counter) -> str:
     if counts["bad_record"] == counts["records"]:
-        fields = required_fields(cfg) or [cfg.messages_field or chat.DEFAULT_FIELD.get(cfg.format, "?")]
+        fields = required_fields(cfg) or ([cfg.prompt_field, cfg.chosen_field, cfg.rejected_field]
+                                          if cfg.format == "preference" else
+                                          [cfg.messages_field or chat.DEFAULT_FIELD.get(cfg.format, "?")])
         return f"data.path = '{cfg.path}': no usable records (fields: {', '.join(fields)})"
     return (f"data.path = '{cfg.path}': no example has a labelled token within data.seq_len = {cfg.seq_len} "
             f"({describe(counts)}; data.truncation = {cfg.truncation})")
@@ -135,9 +157,12 @@ def describe(counts: Counter) -> str:
     """'270 records: 12 examples; dropped 250 over seq_len, 8 with no labelled token; ...'"""
     parts = [f"{counts['records']} records -> {counts['examples']} examples"]
     dropped = [f"{counts[k]} {what}" for k, what in (("too_long", "over seq_len"), ("no_labels", "with no labelled "
-               "token"), ("bad_record", "bad record(s)")) if counts[k]]
+               "token"), ("bad_record", "bad record(s)"), ("no_room", "whose completions leave no room for "
+               "the prompt")) if counts[k]]
     if dropped:
         parts.append("dropped " + ", ".join(dropped))
     if counts["truncated"]:
         parts.append(f"truncated {counts['truncated']} (kept their last seq_len tokens)")
+    if counts["prompt_cut"]:
+        parts.append(f"cut {counts['prompt_cut']} prompt(s) to data.max_prompt_tokens (kept their end)")
     return "; ".join(parts)

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dtrain.config import DataConfig
-from dtrain.data import cache, sources as sources_lib
+from dtrain.data import cache, preference, sources as sources_lib
 from dtrain.data.encode import Encoded, describe, encode
 from dtrain.data.records import load_records
-from dtrain.data.rows import Examples, pack_rows, pad_rows, split_indices
+from dtrain.data.rows import Examples, pack_rows, pad_rows, pair_rows, split_indices
 
 log = logging.getLogger("dtrain.data")
 
@@ -26,12 +26,14 @@ class Prepared:
 def tokenize(cfg: DataConfig, records: list[dict], tokenizer) -> Examples:
     """One dataset's records -> rows (padded, or packed with data.packing); no split."""
     enc = encode(cfg, records, tokenizer)
-    ex = to_rows(enc.seqs, cfg, tokenizer)
+    ex = to_rows(preference.group(enc.seqs) if cfg.format == "preference" else enc.seqs, cfg, tokenizer)
     ex.skipped = enc.counts["bad_record"]
     return ex
 
 
 def to_rows(seqs, cfg: DataConfig, tokenizer, source: list[int] | None = None) -> Examples:
+    if cfg.format == "preference":  # seqs are (chosen, rejected) pairs
+        return pair_rows(seqs, cfg.seq_len, tokenizer.pad_token_id)
     if cfg.packing:
         return pack_rows(seqs, cfg.seq_len, tokenizer.pad_token_id)
     return pad_rows(seqs, cfg.seq_len, tokenizer.pad_token_id, source)
@@ -63,6 +65,8 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, is_main: bool = True,
         encoded = encoded or encode_all(cfgs, tokenizer, progress=False)  # cache dir not shared with rank 0
     for c, e in zip(cfgs, encoded):
         log.info("data: %s (%s): %s", c.path, c.format, describe(e.counts))
+    if cfg.format == "preference":  # the cache holds a pair as 2 consecutive examples; split and mix pairs
+        encoded = [Encoded(preference.group(e.seqs), e.counts) for e in encoded]
     train, evals = _split_and_mix(cfg, srcs, encoded, seed)
     train_rows = to_rows([s for _, s in train], cfg, tokenizer, [i for i, _ in train])
     eval_rows = to_rows(evals, cfg, tokenizer)

@@ -104,3 +104,29 @@ def pack_rows(seqs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
             at += len(s)
         pos[r, at:] = torch.arange(seq_len - at)  # the padding tail: one more (unlabelled) segment
     return Examples(ids, labels, mask, position_ids=pos)
+
+
+@dataclass
+class PairRows(Examples):
+    """Preference pairs: rows 2k (chosen) and 2k + 1 (rejected) are pair k, each padded to seq_len.
+    Indexed by pair: `take(idx)` gives the rows of pairs `idx`, chosen and rejected interleaved."""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    @staticmethod
+    def rows_of(idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([2 * idx, 2 * idx + 1], 1).reshape(-1)
+
+    def take(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return super().take(self.rows_of(idx))
+
+    def real_tokens(self, idx: torch.Tensor) -> int:
+        return super().real_tokens(self.rows_of(idx))
+
+
+def pair_rows(pairs: list[tuple[tuple[list[int], list[int]], tuple[list[int], list[int]]]], seq_len: int,
+              pad_id: int) -> PairRows:
+    """Each pair as two padded rows (chosen, rejected)."""
+    flat = pad_rows([side for p in pairs for side in p], seq_len, pad_id)
+    return PairRows(flat.input_ids, flat.labels, flat.attention_mask)
