@@ -30,7 +30,8 @@ PREFIX = "adapter:"
 def reference_dir(cfg: Config) -> str | None:
     """The reference adapter's directory (dpo.reference = adapter:DIR), else None (the base)."""
     ref = cfg.dpo.reference
-    return ref[len(PREFIX):] if cfg.objective == "dpo" and ref.startswith(PREFIX) else None
+    wanted = cfg.objective == "dpo" and cfg.mode == "lora"  # `dtrain memory` measures full DPO without one
+    return ref[len(PREFIX):] if wanted and ref.startswith(PREFIX) else None
 
 
 @contextlib.contextmanager

@@ -65,6 +65,8 @@ def add_estimate_parser(subparsers: Any) -> None:
                    help="keep gradients in fp32 (DeepSpeed grad_accum_dtype fp32)")
     p.add_argument("--attention", choices=ATTENTION, default="sdpa",
                    help="sdpa/flash (no s^2 scores saved, default) or eager")
+    p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                   help="dpo: --batch counts preference pairs (2 rows each); full DPO adds its reference copy")
     p.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
     p.add_argument("--paper", action="store_true",
                    help="print the GPT-3 175B comparison with the LoRA paper and exit")
@@ -82,9 +84,21 @@ def run_estimate(args: argparse.Namespace) -> int:
                          "or YAML config), or use --paper")
     plan = plan_from_args(args)
     name, cfg = resolve_model(args.model)
-    est = estimate(spec_from_config(cfg, name), plan)
+    spec = spec_from_config(cfg, name)
+    if getattr(args, "objective", "sft") == "dpo":
+        from dtrain.memory.estimate_dpo import estimate_dpo
+
+        est = estimate_dpo(spec, plan)
+        out = {**est.to_dict(), "objective": "dpo", "pairs_per_gpu": plan.batch}
+        print(json.dumps(out, indent=2) if args.json else format_table(est) + "\n" + DPO_NOTE.format(plan.batch))
+        return 0
+    est = estimate(spec, plan)
     print(json.dumps(est.to_dict(), indent=2) if args.json else format_table(est))
     return 0
+
+
+DPO_NOTE = ("objective dpo: {0} pair(s) per GPU = the micro-batch of rows above; LoRA's reference is the base "
+            "with the adapter off (0 B more), full DPO's frozen weights are its reference copy of the model")
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
