@@ -50,7 +50,7 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
                leave=False, dynamic_ncols=True)
     docs = []
     if cfg.format == "preference":  # pairs: dtrain/data/preference.py
-        _encode_pairs(out, bar, cfg, tokenizer, template)
+        first_bad = _encode_pairs(out, bar, cfg, tokenizer, template)
     for i, rec in enumerate(bar if cfg.format != "preference" else []):
         if txt:
             rec = {cfg.text_field: rec.get("text")}
@@ -67,7 +67,7 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
             continue
         _keep(out, pair, cfg, i)
     bar.close()
-    if out.counts["bad_record"]:
+    if out.counts["bad_record"] and cfg.format != "preference":  # pairs: _encode_pairs says why
         log.warning("data: skipped %d record(s) with a missing or empty field (first: record %d)",
                     out.counts["bad_record"], first_bad)
     if cfg.format == "text":
@@ -78,15 +78,17 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
     return out
 
 
-def _encode_pairs(out: Encoded, records, cfg: DataConfig, tokenizer, template: str | None) -> None:
-    """Preference records -> (chosen, rejected) examples, consecutive in out.seqs."""
+def _encode_pairs(out: Encoded, records, cfg: DataConfig, tokenizer, template: str | None) -> int | None:
+    """Preference records -> (chosen, rejected) examples, consecutive in out.seqs; the first bad record."""
+    first_bad = None
     for i, rec in enumerate(records):
         found = preference.pair(rec, cfg, tokenizer, template)
         if isinstance(found, str):
             if cfg.bad_records == "error":
                 raise ConfigError(f"data.path = '{cfg.path}': record {i} has {found}")
-            if not out.counts["bad_record"]:
-                log.warning("data: record %d skipped: %s", i, found)
+            if first_bad is None:
+                log.warning("data: skipping bad preference records (first: record %d, %s)", i, found)
+                first_bad = i
             out.counts["bad_record"] += 1
             continue
         kept, what = preference.fit(found, cfg, i)
@@ -94,6 +96,7 @@ def _encode_pairs(out: Encoded, records, cfg: DataConfig, tokenizer, template: s
             out.counts[what] += 1
         if kept is not None:
             out.seqs += list(kept)
+    return first_bad
 
 
 def _example(rec: dict, cfg: DataConfig, tokenizer, template: str | None) -> tuple[list[int], list[int]] | str:
