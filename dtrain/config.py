@@ -37,6 +37,9 @@ class ModelConfig:
                "attention (only each block's attention)")
     gradient_checkpointing_every: int = _f(1, "checkpoint every N-th decoder block (blocks 0, N, 2N, ...)", min=1)
     compile_blocks: bool = _f(False, "torch.compile each decoder block (needs a C++ compiler on CPU)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = _f(
+        "sdpa", "attention kernel; flash_attention_2/3 (packed rows as varlen sequences) and flex_attention "
+                "need CUDA and their package")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
 
 
@@ -45,8 +48,12 @@ class LoraConfig:
     r: int = _f(8, "rank of the update B A", min=1)
     alpha: float = _f(16.0, "scaling numerator: the update is (alpha / r) B A", gt=0)
     dropout: float = _f(0.0, "dropout on the LoRA input path, in [0, 1)", lo=0.0, hi_open=1.0)
-    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear")
+    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear, "
+                                                           "experts, all (all-linear + experts)")
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
+    target_parameters: list[str] | None = _f(None, "fused 3-D expert weights by name suffix, as PEFT's "
+                                                   "(e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]); "
+                                                   "added to the targets ([] for experts only)")
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")
     use_rslora: bool = _f(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
@@ -79,7 +86,8 @@ class DataConfig:
         "drop", "examples over seq_len: drop, keep their last seq_len tokens, or fail")
     max_prompt_tokens: int | None = _f(None, "format preference: prompt tokens kept (its end); null: what "
                                              "data.seq_len leaves", min=1)
-    packing: bool = _f(False, "several examples per row (attention never crosses examples)")
+    packing: bool = _f(False, "several examples per row, best fit (attention never crosses examples)")
+    group_by_length: bool = _f(False, "micro-batches of similar lengths (less padding), still seeded and resumable")
     mix: list[dict] | None = _f(None, "several datasets: [{path, format, weight, <data keys>}]; replaces path")
     eval_path: str | None = _f(None, "evaluation file (same format); eval_fraction is then unused")
     eval_fraction: float = _f(0.1, "fraction of examples held out for evaluation", lo=0.0, hi_open=1.0)
@@ -112,7 +120,8 @@ class TrainingConfig:
     chunked_loss: bool | Literal["auto"] = _f(
         "auto", "loss from the hidden states in chunks of tokens, never all logits at once; "
                 "auto: on for LoRA with a plain linear head")
-    loss_chunk_tokens: int = _f(1024, "tokens per chunk of the chunked loss", min=1)
+    loss_chunk_tokens: int = _f(0, "tokens per chunk of the chunked loss; 0: from the vocabulary "
+                                   "(one chunk's fp32 logits within 256 MiB)", lo=0)
 
 
 @dataclass

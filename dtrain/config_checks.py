@@ -49,9 +49,31 @@ def _check_model(model, where: Where) -> None:
     if model.path is None and model.arch is None:
         raise ConfigError(f"{where('model')}: model: set model.path (local dir) or model.arch (inline)")
     if model.path is not None and not Path(model.path).is_dir():
-        raise ConfigError(f"{where('model.path')}: model.path = '{model.path}': directory not found")
+        from dtrain.importer import gguf_hint
+
+        why = gguf_hint(model.path, "model.path") or f"model.path = '{model.path}': directory not found"
+        raise ConfigError(f"{where('model.path')}: {why}")
     if model.arch is not None:
         check_arch(model.arch, where)
+    _check_attention(model.attn_implementation, where)
+
+
+ATTN_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def _check_attention(impl: str, where: Where) -> None:
+    """The GPU kernels need CUDA and (flash) their package: one line here, not transformers' ImportError."""
+    import importlib.util
+
+    if impl in ("sdpa", "eager"):
+        return
+    import torch
+
+    package = ATTN_PACKAGES.get(impl)
+    if not torch.cuda.is_available() or (package and importlib.util.find_spec(package) is None):
+        need = f"CUDA and the {package} package" if package else "CUDA"
+        raise ConfigError(f"{where('model.attn_implementation')}: model.attn_implementation = {impl} needs "
+                          f"{need}; use sdpa or eager here")
 
 
 def check_arch(arch: dict, where: Where) -> None:
@@ -86,9 +108,15 @@ def _check_lora(lora, where: Where) -> None:
         raise ConfigError(f"{where('lora.adapter_name')}: lora.adapter_name = {lora.adapter_name!r}: use letters, "
                           "digits, _ and - only (it becomes part of parameter names; no dots)")
     targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
+    if lora.target_parameters is not None and (not lora.target_parameters or not all(lora.target_parameters)):
+        raise ConfigError(f"{where('lora.target_parameters')}: lora.target_parameters = {lora.target_parameters!r}: "
+                          "needs parameter-name suffixes (e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj])")
+    if not targets and lora.target_parameters:
+        return  # expert weights only
     if not targets or any(not t for t in targets):
         raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
-                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear)")
+                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear, "
+                          "experts, all)")
 
 
 def _check_variants(cfg, where: Where) -> None:
@@ -130,6 +158,9 @@ def _check_objective(cfg, where: Where) -> None:
         raise ConfigError(f"{where('dpo.reference')}: dpo.reference = {ref!r}: use base or adapter:DIR")
     if ref != "base" and not Path(ref[len("adapter:"):]).is_dir():
         raise ConfigError(f"{where('dpo.reference')}: dpo.reference = {ref!r}: directory not found")
+    if cfg.data.group_by_length:
+        raise ConfigError(f"{where('data.group_by_length')}: data.group_by_length = true with objective dpo: not "
+                          "supported (pairs are batched in the seeded order); set data.group_by_length: false")
     if cfg.data.packing:
         raise ConfigError(f"{where('data.packing')}: data.packing = true with objective dpo: not supported "
                           "(each pair's chosen and rejected rows are padded); set data.packing: false")

@@ -92,6 +92,10 @@ def _check_batch(data: dict, plan, path: Path) -> None:
             f"{was}), this run's is {plan.global_batch} ({plan.micro_batch} x {plan.grad_accum} x "
             f"{plan.world} rank(s)); keep the product equal (e.g. half the ranks, twice the micro-batch) "
             "or start a new output.dir")
+    if data.get("group_by_length", False) != (plan.lengths is not None):
+        log.warning("resume: data.group_by_length was %s in %s, is %s now: batches after the resume differ "
+                    "from an uninterrupted run's", data.get("group_by_length", False), path.name,
+                    plan.lengths is not None)
     if (data.get("n_examples"), data.get("seed")) != (plan.n_examples, plan.seed):
         log.warning("resume: the data differs from %s's (%d examples, seed %s; now %d, seed %s): batches "
                     "after the resume differ from an uninterrupted run's", path.name, data.get("n_examples", -1),

@@ -51,12 +51,15 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
 
     Returns the global mean loss (over labelled tokens, or the objective's units: pairs), the
     learning rate used, the gradient norm before clipping, the global counts of labelled and of
-    real (non-pad; `real_tokens` is this rank's) tokens, and the objective's metrics (global means).
+    real (non-pad; `real_tokens` is this rank's) tokens and of the positions computed (micro-batches
+    are cut to their longest row, so these vary by step), and the objective's metrics (global means).
     """
     objective = objective or SFT()
     units = sum(objective.count(b) for b in batches)
-    local = torch.tensor([units, sum(labelled_tokens(b) for b in batches), real_tokens], dtype=torch.float64)
-    global_units, global_tokens, global_real = (int(v) for v in backend.all_reduce_sum(local))
+    positions = sum(b["input_ids"].numel() for b in batches)
+    local = torch.tensor([units, sum(labelled_tokens(b) for b in batches), real_tokens, positions],
+                         dtype=torch.float64)
+    global_units, global_tokens, global_real, global_positions = (int(v) for v in backend.all_reduce_sum(local))
     scale = backend.world_size / max(global_units, 1)
     sums = torch.zeros(1 + len(objective.metric_names), dtype=torch.float64)  # loss, then the metrics
     for i, batch in enumerate(batches):
@@ -70,6 +73,7 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
     norm = backend.step()
     means = (backend.all_reduce_sum(sums) / max(global_units, 1)).tolist()
     return {"loss": means[0], "lr": lr, "grad_norm": norm, "labelled_tokens": global_tokens,
-            "real_tokens": global_real, **dict(zip(objective.metric_names, means[1:]))}
+            "real_tokens": global_real, "positions": global_positions,
+            **dict(zip(objective.metric_names, means[1:]))}
 
 

@@ -23,9 +23,11 @@ import torch
 from tqdm import tqdm
 
 from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
+from dtrain import templates
 from dtrain import loggers as loggers_lib, reference, step as step_lib, step_opts
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
+from dtrain.data.chat import run_template
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
 log = logging.getLogger("dtrain")
@@ -57,12 +59,16 @@ class Trainer:
         self._prepare_out()
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
+        template = run_template(cfg.data, self.tokenizer)
+        self.chat = (template, templates.stop_ids(self.tokenizer, template))  # kept with the adapter
         self.backend.build()  # before the data: a model the config cannot build fails first, in one line
         self._check_vocab()
         data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
         self.train_data, self.eval_data = data.train, data.eval
         t = cfg.training
-        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
+        lengths = self.train_data.row_lengths() if cfg.data.group_by_length else None
+        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed,
+                                       lengths)
         data_lib.check_plan(self.plan, "training")
         self.total_steps = data_lib.total_steps(t.max_steps, t.epochs, self.plan)
         self.backend.setup_optimizer(self.total_steps)
@@ -73,6 +79,7 @@ class Trainer:
         if env.is_main:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
+            templates.write_settings(self.out / "tokenizer", *self.chat)  # the template the data was rendered with
             self._log_start(data.skipped)
             self.loggers = loggers_lib.create(cfg, self.out, self.state.step)
 
@@ -97,10 +104,11 @@ class Trainer:
             log.info("%s", line)
         trainable, total = lora.count_parameters(self.backend.model)
         log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-        pad = 1 - float(self.train_data.attention_mask.float().mean()) if len(self.train_data) else 0.0
-        log.info("data: %d train / %d eval sequences of %d tokens (%.1f%% padding), %d record(s) skipped; "
-                 "%d steps on %d rank(s)", len(self.train_data), len(self.eval_data), self.cfg.data.seq_len,
-                 100 * pad, skipped, self.total_steps, self.env.world_size)
+        lengths = self.train_data.row_lengths().float()
+        mean = float(lengths.mean()) if len(self.train_data) else 0.0
+        log.info("data: %d train / %d eval rows of at most %d tokens (mean %.0f; a micro-batch is cut to its "
+                 "longest row), %d record(s) skipped; %d steps on %d rank(s)", len(self.train_data),
+                 len(self.eval_data), self.cfg.data.seq_len, mean, skipped, self.total_steps, self.env.world_size)
 
     # ---- train ------------------------------------------------------------------------------
     def train(self) -> int:
@@ -128,7 +136,7 @@ class Trainer:
                     return PREEMPT_EXIT
             final = adapter.gather_adapter(self.backend, self.cfg.lora.adapter_name)  # once, for both saves
             checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan, tensors=final)
-            adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final)
+            adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final, chat=self.chat)
             if self.cfg.training.eval_generate:
                 files.together(self.backend, lambda: self._generation_eval(metrics))
         finally:
@@ -172,14 +180,13 @@ class Trainer:
         result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real,
                                      objective=self.objective)
         elapsed = time.perf_counter() - start
-        rows = 2 if self.objective.name == "dpo" else 1  # a preference pair is two rows
-        seq_tokens = self.plan.global_batch * self.cfg.data.seq_len * rows
+        positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
         row = {"step": self.state.step + 1, "loss": result["loss"], "lr": result["lr"],
                "grad_norm": result["grad_norm"], "tokens_per_s": result["real_tokens"] / elapsed,
-               "padding_fraction": 1 - result["real_tokens"] / seq_tokens, "step_time_s": elapsed,
+               "padding_fraction": 1 - result["real_tokens"] / max(positions, 1), "step_time_s": elapsed,
                **{k: result[k] for k in self.objective.metric_names}}
         if self._mfu is not None:
-            row["mfu"] = flops.mfu(self._mfu[0], seq_tokens, elapsed, self.env.world_size, self._mfu[1])
+            row["mfu"] = flops.mfu(self._mfu[0], positions, elapsed, self.env.world_size, self._mfu[1])
         return row
 
     def _evaluates(self) -> bool:

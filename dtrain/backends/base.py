@@ -89,7 +89,7 @@ class Backend(TorchMemoryView, ABC):
             return loss_lib.token_loss(self.forward(batch), batch["labels"])
         shifted = loss_lib.shift(batch["labels"]).to(self.device)
         with loss_lib.labels(head, shifted):
-            total = self.forward(batch)
+            total = loss_lib.check_passed_through(head, self.forward(batch), self.model.config.model_type)
         return total, int((shifted != loss_lib.IGNORE).sum())
 
     def row_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

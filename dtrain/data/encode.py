@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from dtrain.config import DataConfig
 from dtrain.data import chat, preference
+from dtrain.data.ragged import Ragged, RaggedBuilder
 from dtrain.data.records import record_problem, required_fields
 from dtrain.data.rows import IGNORE
 from dtrain.errors import ConfigError
@@ -31,11 +32,16 @@ PROGRESS_MIN = 2000  # records: show a progress bar from this many on (rank 0)
 class Encoded:
     """One dataset's examples (ragged) and what happened to its records."""
 
-    seqs: list[tuple[list[int], list[int]]]
+    examples: Ragged
     counts: Counter = field(default_factory=Counter)
 
     def __len__(self) -> int:
-        return len(self.seqs)
+        return len(self.examples)
+
+    @property
+    def seqs(self) -> list[tuple[list[int], list[int]]]:
+        """The examples as (ids, labels) lists (small inspections; training reads `examples`)."""
+        return self.examples.seqs()
 
 
 def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = False) -> Encoded:
@@ -45,12 +51,13 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
     if cfg.format in ("messages", "sharegpt") and template is None:
         raise ConfigError(f"data.path = '{cfg.path}': data.format = {cfg.format} needs a chat template; the "
                           "tokenizer has none: set data.chat_template or data.tokenizer")
-    out, first_bad = Encoded([], Counter(records=len(records))), None
+    out, first_bad = Encoded(Ragged.from_seqs([]), Counter(records=len(records))), None
+    kept = RaggedBuilder()
     bar = tqdm(records, desc=f"tokenize {Path(cfg.path).name}", disable=not progress or len(records) < PROGRESS_MIN,
                leave=False, dynamic_ncols=True)
     docs = []
     if cfg.format == "preference":  # pairs: dtrain/data/preference.py
-        first_bad = _encode_pairs(out, bar, cfg, tokenizer, template)
+        first_bad = _encode_pairs(kept, out.counts, bar, cfg, tokenizer, template)
     for i, rec in enumerate(bar if cfg.format != "preference" else []):
         if txt:
             rec = {cfg.text_field: rec.get("text")}
@@ -65,21 +72,24 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
             out.counts["bad_record"] += 1
             first_bad = i if first_bad is None else first_bad
             continue
-        _keep(out, pair, cfg, i)
+        _keep(kept, out.counts, pair, cfg, i)
     bar.close()
     if out.counts["bad_record"] and cfg.format != "preference":  # pairs: _encode_pairs says why
         log.warning("data: skipped %d record(s) with a missing or empty field (first: record %d)",
                     out.counts["bad_record"], first_bad)
     if cfg.format == "text":
-        out.seqs = _text_rows(docs, cfg, tokenizer)
-    if not out.seqs:
+        for ids, labels in _text_rows(docs, cfg, tokenizer):
+            kept.add(ids, labels)
+    out.examples = kept.build()
+    if not len(out.examples):
         raise ConfigError(_nothing_to_learn(cfg, out.counts))
-    out.counts["examples"] = len(out.seqs) // (2 if cfg.format == "preference" else 1)
+    out.counts["examples"] = len(out.examples) // (2 if cfg.format == "preference" else 1)
     return out
 
 
-def _encode_pairs(out: Encoded, records, cfg: DataConfig, tokenizer, template: str | None) -> int | None:
-    """Preference records -> (chosen, rejected) examples, consecutive in out.seqs; the first bad record."""
+def _encode_pairs(kept: RaggedBuilder, counts: Counter, records, cfg: DataConfig, tokenizer,
+                  template: str | None) -> int | None:
+    """Preference records -> (chosen, rejected) examples, consecutive in `kept`; the first bad record."""
     first_bad = None
     for i, rec in enumerate(records):
         found = preference.pair(rec, cfg, tokenizer, template)
@@ -89,13 +99,14 @@ def _encode_pairs(out: Encoded, records, cfg: DataConfig, tokenizer, template: s
             if first_bad is None:
                 log.warning("data: skipping bad preference records (first: record %d, %s)", i, found)
                 first_bad = i
-            out.counts["bad_record"] += 1
+            counts["bad_record"] += 1
             continue
-        kept, what = preference.fit(found, cfg, i)
+        fitted, what = preference.fit(found, cfg, i)
         if what:
-            out.counts[what] += 1
-        if kept is not None:
-            out.seqs += list(kept)
+            counts[what] += 1
+        if fitted is not None:
+            for ids, labels in fitted:
+                kept.add(ids, labels)
     return first_bad
 
 
@@ -117,7 +128,7 @@ def _example(rec: dict, cfg: DataConfig, tokenizer, template: str | None) -> tup
     return p + r, [IGNORE] * len(p) + r
 
 
-def _keep(out: Encoded, pair: tuple[list[int], list[int]], cfg: DataConfig, i: int) -> None:
+def _keep(kept: RaggedBuilder, counts: Counter, pair: tuple[list[int], list[int]], cfg: DataConfig, i: int) -> None:
     """Apply data.truncation, then keep the example if a token of it (after the first) is learned."""
     ids, labels = pair
     if len(ids) > cfg.seq_len:
@@ -125,14 +136,14 @@ def _keep(out: Encoded, pair: tuple[list[int], list[int]], cfg: DataConfig, i: i
             raise ConfigError(f"data.path = '{cfg.path}': record {i} has {len(ids)} tokens, more than "
                               f"data.seq_len = {cfg.seq_len} (data.truncation: error)")
         if cfg.truncation == "drop":
-            out.counts["too_long"] += 1
+            counts["too_long"] += 1
             return
         ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]  # keep the end: the last answer
-        out.counts["truncated"] += 1
+        counts["truncated"] += 1
     if all(v == IGNORE for v in labels[1:]):  # the first token is never a target
-        out.counts["no_labels"] += 1
+        counts["no_labels"] += 1
         return
-    out.seqs.append((ids, labels))
+    kept.add(ids, labels)
 
 
 def _text_rows(docs: list[str], cfg: DataConfig, tokenizer) -> list[tuple[list[int], list[int]]]:

@@ -9,8 +9,8 @@ completion's assistant turn(s): content + end-of-turn token; assistant turns ins
 context, not scored. Without a template (string records only), each side is prompt + completion +
 EOS as in data.format: instruction.
 
-A pair is two consecutive examples in `Encoded.seqs` (chosen, then rejected), so the token cache
-stores it unchanged; `group` turns them back into pairs for the split and the mix.
+A pair is two consecutive examples (chosen, then rejected), so the token cache stores it unchanged;
+the split and the mix take pairs (pipeline.py), rows.PairRows serves them by pair.
 
 Truncation keeps the end of the prompt and both completions whole: data.max_prompt_tokens first
 cuts the prompt's start to that many tokens (counted `prompt_cut`); a pair still over
@@ -124,7 +124,3 @@ def fit(pair_: tuple[Seq, Seq], cfg: DataConfig, i: int) -> tuple[tuple[Seq, Seq
         return None, "no_room"
     return ((ic[cut:], lc[cut:]), (ir[cut:], lr[cut:])), what
 
-
-def group(seqs: list[Seq]) -> list[tuple[Seq, Seq]]:
-    """Consecutive (chosen, rejected) examples -> pairs."""
-    return [(seqs[k], seqs[k + 1]) for k in range(0, len(seqs), 2)]

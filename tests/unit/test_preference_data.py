@@ -113,13 +113,14 @@ def test_bad_records_counted_or_one_line(tok, tmp_path):
 def test_pairs_are_grouped_and_rows_interleaved(tok, tmp_path):
     recs = [{"prompt": f"What is {i}?", "chosen": f"{i}.", "rejected": f"{i + 1}."} for i in range(3)]
     enc = encode(tok, tmp_path, recs)
-    pairs = preference.group(enc.seqs)
-    rows = data.rows.pair_rows(pairs, 64, tok.pad_token_id)
+    seqs = enc.seqs
+    pairs = [(seqs[k], seqs[k + 1]) for k in range(0, len(seqs), 2)]
+    rows = data.rows.pair_rows(enc.examples, 64, tok.pad_token_id)
     assert len(rows) == 3
     import torch
 
     batch = rows.take(torch.tensor([2, 0]))
-    assert batch["input_ids"].shape == (4, 64)
+    assert batch["input_ids"].shape[0] == 4  # cut to the longest of the four rows
     assert batch["input_ids"][0, :len(pairs[2][0][0])].tolist() == pairs[2][0][0]
     assert batch["input_ids"][1, :len(pairs[2][1][0])].tolist() == pairs[2][1][0]
     assert batch["input_ids"][2, :len(pairs[0][0][0])].tolist() == pairs[0][0][0]
