@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dtrain import experts, lora, step_opts
+from dtrain import experts, lora, reference, step_opts
 from dtrain.config import Config
 
 
@@ -25,7 +25,8 @@ def prepare(model: nn.Module, cfg: Config) -> None:
             lora.inject(model, names, adapter_spec(cfg))
         if params:
             experts.inject(model, params, adapter_spec(cfg))
-        lora.freeze_base(model)
+        reference.inject_reference(model, cfg)  # dpo.reference = adapter:DIR: a frozen second adapter
+        lora.freeze_base(model, cfg.lora.adapter_name)
     else:
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())
