@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dtrain import loss
 from dtrain.memory.model_spec import LinearModule, ModelSpec
 
 
@@ -131,10 +130,20 @@ def loss_transient_bytes(spec: ModelSpec, plan: Any, chunked: bool) -> float:
     """Logits alive at once while the loss is computed (not saved): the micro-batch's, or one
     chunk's (``loss_chunk`` tokens), in the compute dtype plus an fp32 copy when that is 16-bit."""
     tokens = plan.seq_len * plan.batch
-    chunk = plan.loss_chunk or loss.auto_chunk(spec.vocab_size)  # 0: the trainer's choice from the vocabulary
-    rows = min(chunk, tokens) if chunked else tokens
+    rows = min(loss_chunk_tokens(spec, plan), tokens) if chunked else tokens
     per_logit = plan.param_bytes + (4 if plan.param_bytes != 4 else 0)
     return rows * spec.vocab_size * per_logit
+
+
+# training.loss_chunk_tokens = 0 sizes the chunk from the vocabulary: one chunk's fp32 logits
+# within this budget (dtrain.loss.auto_chunk, where the chunked loss defines it; restated here so
+# that the estimator imports no torch)
+LOSS_CHUNK_BUDGET = 256 * 2**20
+
+
+def loss_chunk_tokens(spec: ModelSpec, plan: Any) -> int:
+    """Tokens per loss chunk: the plan's, or (0) the vocabulary-sized chunk."""
+    return plan.loss_chunk or max(1, LOSS_CHUNK_BUDGET // (4 * spec.vocab_size))
 
 
 def activation_bytes(spec: ModelSpec, plan: Any, lora: tuple[LinearModule, ...] = (),

@@ -33,10 +33,11 @@ Assumptions (derivations and references in docs/memory_estimate.md):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dtrain import presets
+from dtrain.config import TrainingConfig
 from dtrain.errors import ConfigError
 from dtrain.memory import shards
 from dtrain.memory.activations import (  # noqa: F401  (estimate.layer_activation_bytes for its users)
@@ -102,17 +103,18 @@ class Plan:
     attention: str = "sdpa"
     checkpoint_every: int = 1
     chunked_loss: bool | str = "auto"
-    loss_chunk: int = 0  # tokens per chunk of the chunked loss; 0: from the vocabulary, as training does
+    loss_chunk: int = field(default_factory=lambda: TrainingConfig().loss_chunk_tokens)  # 0: by vocabulary
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", parse_targets(self.targets))
         object.__setattr__(self, "targets", tuple(self.targets))
-        for name in ("gpus", "nodes", "rank", "batch", "seq_len", "checkpoint_every", "loss_chunk"):
-            value, least = getattr(self, name), 0 if name == "loss_chunk" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                kind = "a non-negative integer (0: from the vocabulary)" if least == 0 else "a positive integer"
-                raise ConfigError(f"{name} must be {kind}, got {value!r}")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk must be an integer >= 0 (0: from the vocabulary), got {self.loss_chunk!r}")
+        for name in ("gpus", "nodes", "rank", "batch", "seq_len", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("bits", self.bits, BITS)
         _check_choice("param_dtype", self.param_dtype, tuple(DTYPE_BYTES))

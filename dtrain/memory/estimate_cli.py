@@ -24,6 +24,12 @@ from dtrain.memory.estimate import (
     estimate,
     parse_targets,
 )
+from dtrain.memory.model_source import (  # noqa: F401  (estimate_cli.resolve_model etc. for their users)
+    load_yaml_model_config,
+    read_config_json,
+    resolve_model,
+    shipped_model,
+)
 from dtrain.memory.model_spec import PRESETS, spec_from_config
 from dtrain.memory.paper import paper_comparison_markdown, paper_gpt3_comparison
 
@@ -83,11 +89,12 @@ def add_plan_flags(p: argparse.ArgumentParser, model_required: bool = False) -> 
     p.add_argument("--attention", choices=ATTENTION, help="sdpa/flash (no s^2 scores saved, default) or eager")
     p.add_argument("--chunked-loss", choices=("auto", "true", "false"),
                    help="loss in chunks from the hidden states (default auto: on for LoRA)")
-    p.add_argument("--loss-chunk", help="tokens per loss chunk (default 0: from the vocabulary, one chunk of fp32 logits within 256 MiB)")
+    p.add_argument("--loss-chunk", help="tokens per loss chunk (default: training.loss_chunk_tokens's; "
+                                        "0: sized from the vocabulary)")
 
 
 _INT_FLAGS = {"gpus": "--gpus", "nodes": "--nodes", "bits": "--bits", "rank": "--rank",
-              "batch": "--batch", "seq_len": "--seq-len", "loss_chunk": "--loss-chunk"}
+              "batch": "--batch", "seq_len": "--seq-len"}
 _WORDS = {"true": True, "false": False}
 
 
@@ -95,6 +102,8 @@ def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Plan fields set by flags (numbers parsed here, so bad ones are one-line errors)."""
     out: dict[str, Any] = {f: _positive_int(flag, getattr(args, f)) for f, flag in _INT_FLAGS.items()
                            if getattr(args, f, None) is not None}
+    if args.loss_chunk is not None:
+        out["loss_chunk"] = _positive_int("--loss-chunk", args.loss_chunk, minimum=0)
     if args.targets is not None:
         out["targets"] = parse_targets(args.targets)
     for flag, name in (("backend", "backend"), ("dtype", "param_dtype"), ("attention", "attention"),
@@ -160,101 +169,17 @@ def _yaml_path(arg: str) -> Path:
     return path
 
 
-def _positive_int(flag: str, text: Any) -> int:
+def _positive_int(flag: str, text: Any, minimum: int = 1) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
         raise ConfigError(f"estimate: {flag} must be a positive integer, got {text!r}") from None
-    if value < 1:
+    if value < minimum:
         raise ConfigError(f"estimate: {flag} must be a positive integer, got {text!r}")
     return value
 
 
-# ----------------------------------------------------------------------------- model sources
-
-
-def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
-    """(name, HF config dict) for --model: a preset, a YAML config, a directory or a JSON file."""
-    if arg in PRESETS:
-        return arg, dict(PRESETS[arg])
-    path = Path(arg)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"estimate: config file not found: {arg}")
-        return path.stem, load_yaml_model_config(path)
-    if path.is_dir():
-        return path.resolve().name, read_config_json(path)
-    if path.is_file() and path.suffix == ".json":
-        return path.resolve().parent.name, read_config_json(path)
-    shipped = shipped_model(arg)
-    if shipped is not None and not path.exists():
-        return shipped.name, read_config_json(shipped)
-    if not path.exists() and ("/" in arg or arg.startswith(".")):
-        raise ConfigError(f"estimate: --model {arg!r}: no such directory or file")
-    raise ConfigError(f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "
-                     "model directory, a config.json or a YAML config")
-
-
-SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "models"
-
-
-def shipped_model(arg: str) -> Path | None:
-    """A published architecture under configs/models named by ``arg``: the directory's name, or
-    its start (``Llama-3.1-8B`` -> Llama-3.1-8B-Instruct), case-insensitive; None if none or several."""
-    if "/" in arg or not SHIPPED.is_dir():
-        return None
-    names = [d for d in SHIPPED.iterdir() if (d / "config.json").is_file()]
-    exact = [d for d in names if d.name.lower() == arg.lower()]
-    found = exact or [d for d in names if d.name.lower().startswith(arg.lower() + "-")]
-    return found[0] if len(found) == 1 else None
-
-
-def read_config_json(path: Path) -> dict[str, Any]:
-    """The HF config of a model directory (its config.json) or of a JSON file."""
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"estimate: {path} has no config.json" if path.is_dir()
-                         else f"estimate: file not found: {path}")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"estimate: cannot read {file}: {_one_line(err)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"estimate: {file} is not a JSON object")
-    return data
-
-
-def load_yaml_model_config(path: Path) -> dict[str, Any]:
-    """HF config dict named by a dtrain YAML's ``model`` section: ``model.arch`` (inline HF
-    config with ``model_type``) or ``model.path`` (a directory with config.json; relative to
-    the working directory, else to the YAML's directory).
-
-    The file is read by dtrain.config's YAML reader, but not validated as a whole config: an
-    estimate needs only the model, not the data files a training run would.
-    """
-    from dtrain.config import read_yaml
-
-    data = read_yaml(path)
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict):
-        raise ConfigError(f"estimate: {path}: no 'model' section")
-    arch = model.get("arch")
-    if isinstance(arch, dict):
-        if not arch.get("model_type"):
-            raise ConfigError(f"estimate: {path}: model.arch needs 'model_type' (e.g. llama)")
-        return dict(arch)
-    if isinstance(model.get("path"), str):
-        target = Path(model["path"])
-        if not target.is_dir() and not target.is_absolute():
-            target = path.parent / target
-        shipped = path.parent / "models" / target.name  # a recipe's architecture (configs/models/<name>)
-        if not target.is_dir() and (shipped / "config.json").is_file():
-            target = shipped
-        if not target.is_dir():
-            raise ConfigError(f"estimate: {path}: model.path = {model['path']!r}: directory "
-                             "not found")
-        return read_config_json(target)
-    raise ConfigError(f"estimate: {path}: set model.arch (inline HF config) or model.path")
+# ----------------------------------------------------------------------------- output
 
 
 def _ckpt(p: Plan) -> str:
@@ -262,13 +187,6 @@ def _ckpt(p: Plan) -> str:
         return "off"
     every = f" every {p.checkpoint_every} blocks" if p.checkpoint_every > 1 else ""
     return ("attention" if p.grad_checkpointing == "attention" else "on") + every
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]
-
-
-# ----------------------------------------------------------------------------- output
 
 
 def format_table(est: Estimate) -> str:

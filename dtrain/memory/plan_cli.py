@@ -119,7 +119,7 @@ def launch_line(plan: Plan, config: str) -> str:
 def _model_path(arg: str) -> str:
     """model.path for --model: a directory as given; a shipped architecture's name as the recipes
     write it (models/<name>: where its weights are to be downloaded)."""
-    from dtrain.memory.estimate_cli import shipped_model
+    from dtrain.memory.model_source import shipped_model
 
     shipped = shipped_model(arg)
     return f"models/{shipped.name}" if shipped is not None and not Path(arg).is_dir() else arg

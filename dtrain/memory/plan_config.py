@@ -53,7 +53,7 @@ def resolved_config(path: Path) -> Config:
     """A YAML config typed by the schema, its model as an inline architecture (``model.arch``:
     the shipped config.json of a recipe's ``model.path``), for the fake-group simulation."""
     from dtrain.config import read_yaml
-    from dtrain.memory.estimate_cli import load_yaml_model_config
+    from dtrain.memory.model_source import load_yaml_model_config
 
     cfg = typed(read_yaml(path), str(path))
     arch = {k: v for k, v in load_yaml_model_config(path).items() if k != "torch_dtype"}

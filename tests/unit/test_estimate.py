@@ -177,7 +177,7 @@ def test_presets_full_ft_and_lora_numbers(preset_specs: dict) -> None:
         assert est.full.optimizer_state == 12 * p / 8
     lora7 = estimate(preset_specs["llama-7b"], Plan(gpus=8, rank=8))
     assert lora7.lora_params == 32 * 2 * 8 * (4096 + 4096)
-    steps = 4 * 32 * 2 * 2  # AdamW's 4-byte step per LoRA tensor (A and B of q, v in 32 layers)
+    steps = 4 * 32 * 2 * 2  # + AdamW's 4-byte step per LoRA tensor (A, B of q, v in 32 layers)
     assert lora7.lora.model_states == (2 * expected["llama-7b"] + 16 * lora7.lora_params) / 8 + steps
 
 
@@ -262,8 +262,7 @@ def test_activations_match_korthikanti_for_gpt3_shapes(preset_specs: dict) -> No
     est = estimate(spec, dataclasses.replace(sdpa, chunked_loss=False))  # the logits path for both
     logits = s * b * v * 4
     assert est.full.activations == 96 * s * b * h * 34 + 96 * 4 * a * s * b + logits
-    # LoRA (q_proj): frozen linears keep no input for a weight gradient, so of the 16h elements
-    # the MLP input (h) and the GeLU output (f = 4h) go, and the dropout masks; A's b*s*r is added
+    # LoRA (q_proj): frozen linears save no input for a weight grad: MLP in h, GeLU out 4h, masks
     lora_layer = s * b * (2 * 11 * h + 4 * a)
     assert est.lora.activations == 96 * (lora_layer + s * b * 8 * 2) + logits
     ckpt = estimate(spec, dataclasses.replace(sdpa, grad_checkpointing=True))
@@ -364,16 +363,14 @@ def test_cli_table_yaml_and_dir(tmp_path, capsys) -> None:
     yaml_path = tmp_path / "path.yaml"
     yaml_path.write_text(f"model:\n  path: {model_dir}\n")
     outs = []
-    # A YAML is read whole: its unset keys take training's defaults, given as flags to the others.
-    as_yaml = ["--batch", "4", "--seq-len", "128", "--dtype", "fp32", "--fp32-grads"]
+    as_yaml = ["--batch", "4", "--seq-len", "128", "--dtype", "fp32", "--fp32-grads"]  # YAML defaults
     for source in (yaml_arch, model_dir, model_dir / "config.json", yaml_path):
         extra = [] if source.suffix == ".yaml" else as_yaml
         assert _cli(["--model", str(source), "--gpus", "2", "--backend", "deepspeed", *extra]) == 0
         outs.append(capsys.readouterr().out)
     assert "optimizer state" in outs[0] and "gathered unit" in outs[0]
     assert "assumed: batch = 4 (training.micro_batch_size not set)" in outs[0]
-    bodies = {"\n".join(line for line in o.splitlines()[1:] if not line.startswith("assumed:"))
-              for o in outs}  # first line names the model
+    bodies = {"\n".join(ln for ln in o.splitlines()[1:] if not ln.startswith("assumed:")) for o in outs}
     assert len(bodies) == 1
 
 

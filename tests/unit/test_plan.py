@@ -122,3 +122,6 @@ def test_chunked_loss_saves_the_hidden_gradient_not_the_logits() -> None:
     assert off.activations - on.activations == tokens * 262144 * 4 - tokens * 640 * 4
     assert on.loss_logits == 1024 * 262144 * 4 and off.loss_logits == tokens * 262144 * 4
     assert off.activations / on.activations > 1.7  # the full logits were most of LoRA's activations
+    # training.loss_chunk_tokens = 0: the chunk sized from the vocabulary (256 MiB of fp32 logits)
+    by_vocab = estimate(spec, dataclasses.replace(plan, loss_chunk=0)).lora
+    assert by_vocab.loss_logits == 256 * 262144 * 4 == 256 * 2**20
