@@ -25,7 +25,8 @@ FAMILIES: dict[str, dict] = {
     "phi3": {},
     "olmo2": {},
     "gpt_neox": {"num_key_value_heads": None},
-    "gpt2": {"num_key_value_heads": None, "intermediate_size": None, "n_inner": 64},
+    "gpt2": {"num_key_value_heads": None, "intermediate_size": None, "n_inner": 64,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},  # dropout differs per rank
     "granite": {},
     "smollm3": {},
     # mixture of experts, fused 3-D experts (4, top-2): the probe's `lora.targets: all` adapts them

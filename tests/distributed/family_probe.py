@@ -16,8 +16,8 @@ from dtrain import config as config_lib, lora, trainer as trainer_lib
 from tests.distributed.probe_backend import storage
 from tests.helpers import TINY
 
-STEPS = ["training.max_steps=3", "training.warmup_steps=1", "training.micro_batch_size=2",
-         "training.eval_every=3", "data.eval_fraction=0.2", "training.eval_batches=1", "data.seq_len=32",
+STEPS = ["training.max_steps=2", "training.warmup_steps=1", "training.micro_batch_size=2",
+         "training.eval_every=2", "data.eval_fraction=0.2", "training.eval_batches=1", "data.seq_len=32",
          "lora.targets=all", "lora.dropout=0", "training.lr=1e-3", "output.overwrite=true",
          "logging.loss_curve=false", "model.arch=null"]
 
@@ -32,10 +32,16 @@ def run_family(models: Path, out: Path, backend: str, family: str, extra: list[s
     after = storage(t.backend)
     row = {"rank": t.backend.rank, "frozen_before": before, "frozen_after": after["frozen_bytes"],
            "full_frozen_bytes": after["full_frozen_bytes"],
-           "params": lora.count_parameters(t.backend.model)[1], "trainable_are_lora": after["all_trainable_are_lora"]}
+           "base_params": _base_params(t.backend.model), "trainable_are_lora": after["all_trainable_are_lora"]}
     row["quant_storage_bytes"] = after["quant_storage_bytes"]
     (out / (run or family) / f"probe-rank{t.backend.rank}.json").write_text(json.dumps(row))
     return t
+
+
+def _base_params(model) -> int:
+    """dtrain's count of the base model's parameters (the total without the LoRA ones)."""
+    trainable, total = lora.count_parameters(model)
+    return total - trainable
 
 
 def main() -> None:
