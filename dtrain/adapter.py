@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtrain import files, lora, templates
+from dtrain import files, layers, lora, templates
 from dtrain.config import Config
 from dtrain.errors import DtrainError
 
@@ -50,12 +50,13 @@ def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
 
 
-def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None) -> dict:
-    """adapter_config.json as PEFT writes it for a LoRA adapter."""
+def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None, fan_in_fan_out: bool = False) -> dict:
+    """adapter_config.json as PEFT writes it for a LoRA adapter (`fan_in_fan_out`: the targets are
+    Conv1D layers, weights stored [in, out], as PEFT sets it for GPT-2)."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_rslora": bool(cfg.lora.use_rslora),
         "use_dora": bool(cfg.lora.use_dora),
         "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
@@ -68,7 +69,9 @@ def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor
     peft = {lora.to_peft_key(k, name): t for k, t in tensors.items()}
     files.write_tensors(out / ADAPTER_WEIGHTS, peft, {"format": "pt"})
     modules = sorted({k.split(".lora_")[0] for k in tensors})
-    files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, target_modules(model, modules), cfg.model.path))
+    fan_in_fan_out = any(getattr(model.get_submodule(m), "fan_in_fan_out", False) for m in modules)
+    files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, target_modules(model, modules), cfg.model.path,
+                                                       fan_in_fan_out))
 
 
 def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tensor] | None = None,
@@ -115,7 +118,9 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, files.read_tensors(d / ADAPTER_WEIGHTS)
 
 
-_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
+# fan_in_fan_out is not here: dtrain's layer reads each base layer's storage (Conv1D or Linear) as
+# PEFT's does, which corrects the flag per layer.
+_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save",
                 "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters")
 
 
@@ -184,10 +189,10 @@ def _check_shapes(model: nn.Module, modules: dict, spec: lora.AdapterSpec, sourc
             layer = model.get_submodule(name)
         except AttributeError:
             raise DtrainError(f"{source}: the model has no module '{name}' (adapter for another base?)") from None
-        if not hasattr(layer, "in_features"):
+        if not (layers.is_linear(layer) or isinstance(layer, lora.LoRALinear)):
             raise DtrainError(f"{source}: module '{name}' is a {type(layer).__name__}, not a linear layer")
-        want = {"lora_A": (spec.r, layer.in_features), "lora_B": (layer.out_features, spec.r),
-                "lora_magnitude_vector": (layer.out_features,)}
+        fan_in, fan_out = layers.linear_dims(layer)
+        want = {"lora_A": (spec.r, fan_in), "lora_B": (fan_out, spec.r), "lora_magnitude_vector": (fan_out,)}
         for kind, t in ab.items():
             if tuple(t.shape) != want[kind]:
                 raise DtrainError(f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "

@@ -16,7 +16,7 @@ def prepare(model: nn.Module, cfg: Config) -> None:
     if cfg.quantization.bits in (8, 4):
         from dtrain import quant
 
-        skip = quant.skip_rule(cfg.quantization.include_head)
+        skip = quant.skip_rule(cfg.quantization.include_head, model)
         quant.quantize_model(model, cfg.quantization.bits, skip=skip)
     if cfg.mode == "lora":
         targets = cfg.lora.targets if cfg.lora.target_regex else presets.expand(model, cfg.lora.targets)

@@ -84,7 +84,9 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     adapter_lib.check_rank(modules, spec.r, adapter)
     deltas = {f"{m}.weight": ab for m, ab in modules.items()}
     files, index = weight_files(base, "--base")
-    _check_targets(base, files, deltas)
+    empty = _layout_model(base)
+    transposed = _conv1d_keys(empty, deltas, spec.use_dora, adapter) if empty is not None else set()
+    _check_targets(base, files, deltas, transposed)
     if base_bits:
         dtype = "bf16"
     name = DTYPES[dtype] if dtype else config.get("dtype") or config.get("torch_dtype")
@@ -92,8 +94,8 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     tmp = staging_dir(out)
     fresh_dir(tmp)
     try:
-        quantized = _quantized_keys(base, base_bits, quantized_head) if base_bits else {}
-        nbytes = _merge_files(base, files, tmp, deltas, spec.scaling, target, quantized)
+        quantized = _quantized_keys(empty or base, base_bits, quantized_head) if base_bits else {}
+        nbytes = _merge_files(base, files, tmp, deltas, spec.scaling, target, quantized, transposed)
         _copy_rest(base, tmp, config, target, index, nbytes)
         _keep_run_template(adapter, tmp)
     except BaseException:
@@ -149,8 +151,41 @@ def _check_not_quantized(config: dict, base: Path) -> None:
                           "adapter trained on dtrain's 8-/4-bit base, give the float base and --base-bits 8|4")
 
 
-def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> None:
-    """Every adapted weight exists in the base with the shape B A has."""
+def _empty_model(base: Path):
+    """The base's model on the meta device (nothing allocated): which layers are Conv1D, which
+    dtrain quantizes."""
+    import torch
+    from transformers import AutoConfig
+
+    from dtrain import model as model_lib
+
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    return model_lib.build_empty(config, torch.float32)
+
+
+def _layout_model(base: Path):
+    """The meta build for the weights' layout, or None where transformers cannot build the base
+    (an unknown architecture: its weights are then taken as stored [out, in])."""
+    try:
+        return _empty_model(base)
+    except Exception:  # noqa: BLE001 - ValueError, KeyError, OSError, ConfigError from transformers' config code
+        return None
+
+
+def _conv1d_keys(model, deltas: dict[str, dict], dora: bool, adapter: Path) -> set[str]:
+    """Checkpoint keys of the adapted weights stored [in, out] (transformers' Conv1D): B A is added
+    transposed there, as PEFT does with fan_in_fan_out."""
+    from dtrain import layers
+
+    keys = {f"{n}.weight" for n, m in model.named_modules() if layers.is_conv1d(m)}
+    if keys & set(deltas) and dora:
+        raise DtrainError(f"--adapter '{adapter}': a DoRA adapter on Conv1D layers ({sorted(keys)[0]}), which "
+                          "dtrain does not merge")
+    return keys
+
+
+def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transposed: set[str] = frozenset()) -> None:
+    """Every adapted weight exists in the base with the shape B A has (transposed for Conv1D)."""
     from safetensors import safe_open
 
     shapes = {}
@@ -164,6 +199,7 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
                               f"corrupted?): {str(e).splitlines()[0]}") from None
     for key, ab in deltas.items():
         want = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
+        want = want[::-1] if key in transposed else want
         if key not in shapes:
             raise DtrainError(f"--base '{base}': no tensor '{key}' for the adapter (adapter for another base?)")
         if shapes[key] != want:
@@ -171,24 +207,22 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
                               f"B A is {list(want)} (adapter for another base?)")
 
 
-def _quantized_keys(base: Path, bits: int, include_head: bool = False) -> dict[str, int]:
+def _quantized_keys(model, bits: int, include_head: bool = False) -> dict[str, int]:
     """{checkpoint key: bits} of the weights dtrain stores quantized: every Linear, the head only
-    with `include_head` (the rule of `Backend.prepare`; found on a meta-device build of the base's
-    config, nothing is allocated)."""
-    import torch
+    with `include_head` (the rule of `Backend.prepare`; found on the meta-device build of the base)."""
     from torch import nn
-    from transformers import AutoConfig
 
-    from dtrain import model as model_lib, quant
+    from dtrain import layers, quant
 
-    config = AutoConfig.from_pretrained(base, local_files_only=True)
-    model = model_lib.build_empty(config, torch.float32)
-    skip = quant.skip_rule(include_head)
-    return {f"{n}.weight": bits for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skip(n)}
+    model = _empty_model(model) if isinstance(model, (str, Path)) else model
+    skip = quant.skip_rule(include_head, model)
+    return {f"{n}.weight": bits for n, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and not skip(n)}
 
 
 def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,
-                 dtype: torch.dtype | None, quantized: dict[str, int] | None = None) -> int:
+                 dtype: torch.dtype | None, quantized: dict[str, int] | None = None,
+                 transposed: set[str] = frozenset()) -> int:
     """Stream every tensor of every file: W + scaling * B A for adapted weights (DoRA's when the
     adapter has a magnitude), cast floats. Returns the bytes of all tensors written."""
     from safetensors import safe_open
@@ -209,11 +243,12 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
                     if key in (quantized or {}):
                         from dtrain.quant import round_trip
 
-                        t = round_trip(t.float(), quantized[key])
+                        t = round_trip(t.float().t(), quantized[key]).t() if key in transposed else \
+                            round_trip(t.float(), quantized[key])  # as dtrain quantized it: [out, in]
                     cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
                     if key in deltas:
                         ab = deltas[key]
-                        t = _merged(t, ab, scaling)
+                        t = _merged(t, ab, scaling, key in transposed)
                     merged[key] = t.to(cast).contiguous()
                     nbytes += merged[key].numel() * merged[key].element_size()
                     bar.update(1)
@@ -221,9 +256,12 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
     return nbytes
 
 
-def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
-    """One adapted weight, merged in float32: W + s B A, or DoRA's m / ||W + s B A||_row * (W + s B A)."""
+def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float, transposed: bool = False) -> torch.Tensor:
+    """One adapted weight, merged in float32: W + s B A (transposed for a Conv1D's [in, out] W), or
+    DoRA's m / ||W + s B A||_row * (W + s B A)."""
     delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
+    if transposed:
+        return w.float() + delta.t()
     if "lora_magnitude_vector" in ab:
         from dtrain import dora
 

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain import layers
+from dtrain.hf_model import checkpoint_renamings, renamed_keys, restore_buffers  # noqa: F401  (model.restore_buffers)
 from dtrain.lora import LoRALinear, is_lora_param
 from dtrain.shapes import logical_shape
 
@@ -37,6 +38,10 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
                 cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
             )
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
+            custom = _custom_model_type(Path(cfg.path))
+            if custom and not cfg.trust_remote_code:
+                raise ConfigError(f"model.path = '{cfg.path}': {custom} is custom code (auto_map in its config.json), "
+                                  "which dtrain runs only with model.trust_remote_code=true") from None
             raise ConfigError(f"model.path = '{cfg.path}': config.json: {_first_line(e)}") from None
     arch = dict(cfg.arch)
     model_type = arch.pop("model_type")
@@ -44,6 +49,17 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         return AutoConfig.for_model(model_type, **arch)
     except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's validation errors
         raise ConfigError(f"model.arch: {_first_line(e)}") from None
+
+
+def _custom_model_type(path: Path) -> str | None:
+    """The model type of a config.json that maps its classes to custom code (auto_map), else None."""
+    import json
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return str(raw.get("model_type", "this model")) if isinstance(raw, dict) and raw.get("auto_map") else None
 
 
 def _first_line(e: Exception) -> str:
@@ -82,14 +98,35 @@ def import_model_code(config: PretrainedConfig, trust_remote_code: bool = False)
 def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "meta",
                 trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
+    check_causal_lm(config, trust_remote_code)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (TypeError, ValueError, ZeroDivisionError) as e:  # a config value the architecture cannot use
         raise ConfigError(f"model: transformers cannot build a {config.model_type} model from this config "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if layers.output_head(model) is None:
+        raise ConfigError(f"model: {config.model_type}: {type(model).__name__} names no output head "
+                          "(get_output_embeddings() gives none); dtrain needs it to keep the head out of LoRA "
+                          "and quantization and to tie it")
     tie_embeddings(model)
     return model
+
+
+def check_causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> None:
+    """The config's model is a causal LM transformers can build: one line naming the model type
+    and what is missing otherwise (no causal-LM head, custom code not trusted)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if custom and not trust_remote_code:
+        raise ConfigError(f"model: {config.model_type} is custom code (auto_map in its config.json), which dtrain "
+                          "runs only with model.trust_remote_code=true")
+    if not custom:
+        raise ConfigError(f"model: {config.model_type} has no causal-LM head in transformers (no "
+                          "AutoModelForCausalLM class for it): dtrain trains causal language models")
 
 
 def ties_embeddings(model: nn.Module) -> bool:
@@ -108,51 +145,13 @@ def tie_embeddings(model: nn.Module) -> None:
     """
     if not ties_embeddings(model):
         return
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed, head = layers.input_embeddings(model), layers.output_head(model)
     if embed is None or head is None:
         return
     if head.weight is not embed.weight:
         head.weight = embed.weight
-    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+    if layers.output_head(model).weight is not layers.input_embeddings(model).weight:
         raise ConfigError("model: tie_word_embeddings is set but the head could not be tied to the embeddings")
-
-
-def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Recompute the non-persistent buffers (rotary inv_freq, Gemma's embedding scale) that a meta
-    build left empty, as the model's own `_init_weights` computes them.
-
-    Never by re-constructing a module from a guessed signature (Gemma's scaled embedding takes no
-    config): the parameters are marked initialized for the call, so transformers' init functions
-    skip them and only the buffers are written. A buffer the model does not initialize is one line.
-    """
-    owners = _non_persistent_buffers(model)
-    for module, name in owners:
-        empty = torch.empty_like(module._buffers[name], device=device)
-        module._buffers[name] = empty.fill_(float("nan")) if empty.is_floating_point() else empty.zero_()
-    init = getattr(model, "_init_weights", None)
-    if not owners or not callable(init):
-        return
-    marked = [p for p in model.parameters() if not getattr(p, "_is_hf_initialized", False)]
-    for p in marked:
-        p._is_hf_initialized = True
-    try:
-        with torch.no_grad():
-            for module in dict.fromkeys(m for m, _ in owners):
-                init(module)
-    finally:
-        for p in marked:
-            del p._is_hf_initialized
-    left = [f"{type(m).__name__}.{n}" for m, n in owners if m._buffers[n].is_floating_point()
-            and bool(torch.isnan(m._buffers[n]).any())]
-    if left:
-        raise ConfigError(f"model: {model.config.model_type}: the model's _init_weights does not compute the "
-                          f"buffer {left[0]}, which dtrain needs to build it on the meta device")
-
-
-def _non_persistent_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(module, name) for module in model.modules() for name, buf in module._buffers.items()
-            if buf is not None and name in module._non_persistent_buffers_set]
 
 
 def checkpoint_key(param_name: str) -> str:
@@ -183,7 +182,7 @@ class SafetensorsSource:
             with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
         self._open: dict[Path, object] = {}
-        self.renamed = _renamed_keys(sorted(self.files), renamings or [])
+        self.renamed = renamed_keys(sorted(self.files), renamings or [])
 
     def key(self, name: str) -> str | None:
         """The checkpoint key holding model parameter `name`: as stored, without the prefix, or
@@ -216,33 +215,6 @@ class SafetensorsSource:
         if rows is None:
             return handle.get_tensor(key)
         return handle.get_slice(key)[rows]
-
-
-def checkpoint_renamings(model: nn.Module) -> list:
-    """The key renamings transformers applies when it loads a checkpoint into `model` (its
-    conversion mapping, the renames only: tensors that are split or fused are not renamed).
-    Empty on a transformers release without conversion mappings."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-    except ImportError:
-        return []
-    return [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
-
-
-def _renamed_keys(keys: list[str], renamings: list) -> dict[str, str]:
-    """{module-side name: stored key} of the stored keys that the renamings change (in sorted key
-    order, as transformers applies them: some renamings activate on an earlier key)."""
-    if not renamings:
-        return {}
-    from transformers.core_model_loading import apply_renamings
-
-    out = {}
-    for key in keys:
-        renamed = apply_renamings(key, renamings)
-        if renamed != key:
-            out[renamed] = key
-    return out
 
 
 def _safe_open(f: Path):
@@ -334,6 +306,7 @@ class QuantSource:
     def __init__(self, base: WeightSource, model: nn.Module) -> None:
         self.base = base
         self.bits = {n: m.bits for n, m in model.named_modules() if layers.is_quantized(m)}
+        self.transposed = {n for n, m in model.named_modules() if getattr(m, "stored_transposed", False)}
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
@@ -343,7 +316,9 @@ class QuantSource:
         if self._cache is None or self._cache[0] != module:
             from dtrain.quant import quantize_rows
 
-            self._cache = (module, quantize_rows(self.base.read(f"{module}.weight").float(), self.bits[module]))
+            w = self.base.read(f"{module}.weight").float()
+            w = w.t().contiguous() if module in self.transposed else w  # a Conv1D's [in, out] weight
+            self._cache = (module, quantize_rows(w, self.bits[module]))
         full = self._cache[1][leaf]
         return full if rows is None else full[rows]
 
@@ -364,8 +339,10 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
         for n, m in model.named_modules():
-            if layers.is_quantized(m):  # the float weight a quantized layer is made from
-                shapes[f"{n}.weight"] = torch.Size((m.out_features, m.in_features))
+            if layers.is_quantized(m):  # the float weight a quantized layer is made from, as stored
+                stored = (m.in_features, m.out_features) if getattr(m, "stored_transposed", False) else \
+                    (m.out_features, m.in_features)
+                shapes[f"{n}.weight"] = torch.Size(stored)
         std = float(getattr(model.config, "initializer_range", 0.02))
         source = RandomSource(seed, std, shapes)
     quantized = any(layers.is_quantized(m) for m in model.modules())

@@ -188,17 +188,18 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-def _decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The ModuleList of ``num_layers`` decoder blocks (the largest such list)."""
-    from torch import nn
+def _decoder_blocks(model: nn.Module, num_layers: int) -> list[nn.Module]:
+    """The model's decoder blocks (layers.decoder_blocks), which must be the config's num_layers."""
+    from dtrain import layers
 
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
-    if not lists:
-        raise ConfigError(f"cannot find the {num_layers} decoder blocks of {type(model).__name__}")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    blocks = layers.decoder_blocks(model)
+    if len(blocks) != num_layers:
+        raise ConfigError(f"cannot find the {num_layers} decoder blocks of {type(model).__name__} "
+                          f"(found {len(blocks)} modules of its _no_split_modules)")
+    return blocks
 
 
-def _block_linears(blocks: nn.ModuleList) -> tuple[tuple[LinearModule, ...], set[int]]:
+def _block_linears(blocks: list[nn.Module]) -> tuple[tuple[LinearModule, ...], set[int]]:
     """Linear layers of the blocks grouped by (path in block, shape), and their module ids."""
     counts: dict[tuple[str, int, int, bool], int] = {}
     ids: set[int] = set()
@@ -225,7 +226,9 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
 
     emb = {id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
            for p in m.parameters(recurse=False)}
-    head = model.get_output_embeddings()
+    from dtrain import layers
+
+    head = layers.output_head(model)
     head_own = {id(p): p.numel() for p in head.parameters()} if head is not None else {}
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     total = sum(params.values())
