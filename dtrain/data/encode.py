@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dtrain.config import DataConfig
-from dtrain.data import chat, locate
+from dtrain.data import chat, locate, preference
 from dtrain.data.batched import BatchEncoder
 from dtrain.data.ragged import Ragged, RaggedBuilder
 from dtrain.data.records import record_problem, required_fields
@@ -25,7 +25,7 @@ from dtrain.data.rows import IGNORE
 from dtrain.errors import ConfigError
 
 log = logging.getLogger("dtrain.data")
-REASONS = ("bad_record", "too_long", "no_labels", "truncated")
+REASONS = ("bad_record", "too_long", "no_labels", "truncated", "no_room", "prompt_cut")
 PROGRESS_MIN = 2000  # records: show a progress bar from this many on (rank 0)
 
 
@@ -70,7 +70,12 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
     """Tokenize records in the configured format; skip (or reject) bad records; apply truncation."""
     bar = tqdm(total=len(records), desc=f"tokenize {Path(cfg.path).name}", leave=False, dynamic_ncols=True,
                disable=not progress or len(records) < PROGRESS_MIN)
-    part = encode_part(cfg, records, tokenizer, 0, bar.update)
+    if cfg.format == "preference":  # pairs: dtrain/data/preference.py, one record at a time
+        part = Part(counts=Counter(records=len(records)))
+        part.first_bad = _encode_pairs(part.kept, part.counts, records, cfg, tokenizer, template_for(cfg, tokenizer))
+        bar.update(len(records))
+    else:
+        part = encode_part(cfg, records, tokenizer, 0, bar.update)
     bar.close()
     return finish(cfg, part, tokenizer)
 
@@ -116,12 +121,35 @@ def finish(cfg: DataConfig, part: Part, tokenizer) -> Encoded:
 
 def report(cfg: DataConfig, counts: Counter, first_bad: int | None, n_examples: int) -> None:
     """The skipped-records warning; nothing to learn is an error; counts["examples"] set."""
-    if counts["bad_record"]:
+    if counts["bad_record"] and cfg.format != "preference":  # pairs: _encode_pairs says why
         log.warning("data: skipped %d record(s) with a missing or empty field (first: record %d)",
                     counts["bad_record"], first_bad)
     if not n_examples:
         raise ConfigError(_nothing_to_learn(cfg, counts))
-    counts["examples"] = n_examples
+    counts["examples"] = n_examples // (2 if cfg.format == "preference" else 1)  # a pair is two examples
+
+
+def _encode_pairs(kept: RaggedBuilder, counts: Counter, records, cfg: DataConfig, tokenizer,
+                  template: str | None) -> int | None:
+    """Preference records -> (chosen, rejected) examples, consecutive in `kept`; the first bad record."""
+    first_bad = None
+    for i, rec in enumerate(records):
+        found = preference.pair(rec, cfg, tokenizer, template)
+        if isinstance(found, str):
+            if cfg.bad_records == "error":
+                raise ConfigError(f"data.path = '{cfg.path}': record {i} has {found}")
+            if first_bad is None:
+                log.warning("data: skipping bad preference records (first: record %d, %s)", i, found)
+                first_bad = i
+            counts["bad_record"] += 1
+            continue
+        fitted, what = preference.fit(found, cfg, i)
+        if what:
+            counts[what] += 1
+        if fitted is not None:
+            for ids, labels in fitted:
+                kept.add(ids, labels)
+    return first_bad
 
 
 def _keep(kept: RaggedBuilder, counts: Counter, pair: tuple[list[int], list[int]], cfg: DataConfig, i: int) -> None:
@@ -155,7 +183,9 @@ def _text_rows(docs: list[str], cfg: DataConfig, tokenizer) -> list[tuple[list[i
 
 def _nothing_to_learn(cfg: DataConfig, counts: Counter) -> str:
     if counts["bad_record"] == counts["records"]:
-        fields = required_fields(cfg) or [cfg.messages_field or chat.DEFAULT_FIELD.get(cfg.format, "?")]
+        fields = required_fields(cfg) or ([cfg.prompt_field, cfg.chosen_field, cfg.rejected_field]
+                                          if cfg.format == "preference" else
+                                          [cfg.messages_field or chat.DEFAULT_FIELD.get(cfg.format, "?")])
         return f"data.path = '{cfg.path}': no usable records (fields: {', '.join(fields)})"
     return (f"data.path = '{cfg.path}': no example has a labelled token within data.seq_len = {cfg.seq_len} "
             f"({describe(counts)}; data.truncation = {cfg.truncation})")
@@ -165,9 +195,12 @@ def describe(counts: Counter) -> str:
     """'270 records: 12 examples; dropped 250 over seq_len, 8 with no labelled token; ...'"""
     parts = [f"{counts['records']} records -> {counts['examples']} examples"]
     dropped = [f"{counts[k]} {what}" for k, what in (("too_long", "over seq_len"), ("no_labels", "with no labelled "
-               "token"), ("bad_record", "bad record(s)")) if counts[k]]
+               "token"), ("bad_record", "bad record(s)"), ("no_room", "whose completions leave no room for "
+               "the prompt")) if counts[k]]
     if dropped:
         parts.append("dropped " + ", ".join(dropped))
     if counts["truncated"]:
         parts.append(f"truncated {counts['truncated']} (kept their last seq_len tokens)")
+    if counts["prompt_cut"]:
+        parts.append(f"cut {counts['prompt_cut']} prompt(s) to data.max_prompt_tokens (kept their end)")
     return "; ".join(parts)

@@ -4,7 +4,8 @@ worker, never the data set. The records are read from `datasets`' memory-mapped 
 
 Workers are forked (they inherit the table and the tokenizer without pickling them) and use no
 torch: a fork of a process whose OpenMP pool has run may hang in the child's first parallel region.
-Format `text` joins all documents into one stream before cutting rows: it is tokenized in process.
+Format `text` joins all documents into one stream before cutting rows, `preference` keeps each
+chosen / rejected pair together: both are tokenized in process.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def encode_to_shards(cfg: DataConfig, tokenizer, out: Path, progress: bool) -> t
     """Tokenize data.path into shards under `out`; (shards in record order, counts of the dataset)."""
     ds = records_lib.open_dataset(cfg)
     template_for(cfg, tokenizer)  # a missing chat template: one error, before any worker starts
-    if cfg.format == "text":
-        return _text_shards(cfg, ds, tokenizer, out)
+    if cfg.format in ("text", "preference"):  # one stream of documents; pairs kept together
+        return _serial_shards(cfg, ds, tokenizer, out)
     n, procs = len(ds), cfg.num_proc or default_num_proc()
     chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
     procs = max(1, min(procs, len(chunks)))
@@ -81,7 +82,7 @@ def _chunk(span: tuple[int, int]) -> tuple[Shard, Counter, int | None]:
     return shard, part.counts, part.first_bad
 
 
-def _text_shards(cfg: DataConfig, ds, tokenizer, out: Path) -> tuple[list[Shard], Counter]:
+def _serial_shards(cfg: DataConfig, ds, tokenizer, out: Path) -> tuple[list[Shard], Counter]:
     enc = encode(cfg, ds.to_list(), tokenizer, progress=True)
     r = enc.examples
     return [write_shard(out / "text", r.ids.numpy(), r.labels.numpy(), r.lengths.numpy())], enc.counts

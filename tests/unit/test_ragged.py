@@ -110,3 +110,17 @@ def test_best_fit_rows_are_full_and_deterministic() -> None:
     for n in lengths:
         rows, used = (rows, used + n) if used + n <= 512 else (rows + 1, n)
     assert sum(lengths) / (512 * rows) < 0.92
+
+
+def test_attn_implementation_reaches_the_model_config() -> None:
+    from dtrain import config, model
+    from dtrain.errors import ConfigError
+    from tests.helpers import TINY
+
+    for impl in ("sdpa", "eager"):
+        assert model.hf_config(config.load(TINY, [f"model.attn_implementation={impl}"]).model)._attn_implementation \
+            == impl
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"model.attn_implementation = flash_attention_2 needs CUDA and the "
+                                              r"flash_attn package; use sdpa or eager here"):
+            config.load(TINY, ["model.attn_implementation=flash_attention_2"])
