@@ -29,7 +29,8 @@ ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layer
 MUST_MATCH = {"mode": "mode", "lora.r": "LoRA settings", "lora.alpha": "LoRA settings",
               "lora.targets": "LoRA settings", "lora.target_regex": "LoRA settings",
               "lora.adapter_name": "LoRA settings", "model.path": "model",
-              "quantization.bits": "quantization", "quantization.include_head": "quantization"}
+              "quantization.bits": "quantization", "quantization.include_head": "quantization",
+              "objective": "objective", "dpo.reference": "DPO reference"}
 
 
 def settings(cfg: Config, model) -> dict:
@@ -43,6 +44,7 @@ def settings(cfg: Config, model) -> dict:
         "lora.dropout": float(lc.dropout), "model.path": cfg.model.path,
         "model.arch": {k: getattr(arch, k, None) for k in ARCH_KEYS} if arch is not None else {},
         "quantization.bits": cfg.quantization.bits, "quantization.include_head": cfg.quantization.include_head,
+        "objective": cfg.objective, "dpo.reference": cfg.dpo.reference if cfg.objective == "dpo" else None,
     }
 
 
@@ -90,6 +92,10 @@ def _check_batch(data: dict, plan, path: Path) -> None:
             f"{was}), this run's is {plan.global_batch} ({plan.micro_batch} x {plan.grad_accum} x "
             f"{plan.world} rank(s)); keep the product equal (e.g. half the ranks, twice the micro-batch) "
             "or start a new output.dir")
+    if data.get("group_by_length", False) != (plan.lengths is not None):
+        log.warning("resume: data.group_by_length was %s in %s, is %s now: batches after the resume differ "
+                    "from an uninterrupted run's", data.get("group_by_length", False), path.name,
+                    plan.lengths is not None)
     if (data.get("n_examples"), data.get("seed")) != (plan.n_examples, plan.seed):
         log.warning("resume: the data differs from %s's (%d examples, seed %s; now %d, seed %s): batches "
                     "after the resume differ from an uninterrupted run's", path.name, data.get("n_examples", -1),

@@ -248,8 +248,17 @@ def parse_targets(text: str) -> tuple[str, ...]:
 def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearModule, ...]:
     """Block linears matched by ``targets`` (suffixes, ``all-linear``: every block linear, or a
     preset of dtrain.presets: attention-qv, attention, mlp, resolved from the linears' names)."""
+    dense = tuple(lin for lin in spec.linears if not lin.fused)
     if ALL_LINEAR in targets:
-        return spec.linears
+        return dense
+    if len(targets) == 1 and targets[0] in ("experts", "all"):  # dtrain.experts' presets
+        fused = tuple(lin for lin in spec.linears if lin.fused)
+        chosen = fused or tuple(lin for lin in dense if ".experts." in lin.name)
+        if not chosen and targets[0] == "experts":
+            raise ConfigError(f"LoRA targets experts: {spec.name} has no experts")
+        routers = tuple(lin for lin in dense if lin.name.rsplit(".", 1)[-1] in ("gate", "router"))
+        return chosen + tuple(lin for lin in dense if lin not in chosen and lin not in routers) \
+            if targets[0] == "all" else chosen
     if len(targets) == 1 and presets.is_preset(targets[0]):
         chosen = set(presets.resolve_names([lin.name for lin in spec.linears], targets[0]))
         return tuple(lin for lin in spec.linears if lin.name in chosen)
@@ -270,8 +279,10 @@ def quantized_weight_bytes(lin: LinearModule, bits: int, param_bytes: int) -> in
     """Bytes of one layer's frozen weight (not its bias) stored at ``bits``.
 
     8: int8 + one fp32 scale per output row; 4: packed NF4 (two per byte) + one fp32 absmax
-    per ``NF4_BLOCK`` weights; 16: the parameter dtype.
+    per ``NF4_BLOCK`` weights; 16: the parameter dtype. A fused expert weight stays in the
+    parameter dtype (dtrain quantizes nn.Linear layers only).
     """
+    bits = 16 if lin.fused else bits
     n = lin.weight_params
     if bits == 8:
         return n + 4 * lin.out_features

@@ -57,6 +57,8 @@ def add_estimate_parser(subparsers: Any) -> None:
                     "it does not set are listed as assumed.")
     p.add_argument("config", nargs="?", help="a dtrain YAML config (the plan and the model)")
     add_plan_flags(p)
+    p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                   help="dpo: --batch counts preference pairs (2 rows each); full DPO adds its reference copy")
     p.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
     p.add_argument("--paper", action="store_true",
                    help="print the GPT-3 175B comparison with the LoRA paper and exit")
@@ -142,11 +144,19 @@ def run_estimate(args: argparse.Namespace) -> int:
     else:
         plan = plan_from_args(args)
         name, cfg = resolve_model(args.model)
-    est = estimate(spec_from_config(cfg, name), plan)
-    if args.json:
-        print(json.dumps({**est.to_dict(), "assumed": assumed}, indent=2))
+    dpo = getattr(args, "objective", "sft") == "dpo"
+    if dpo:
+        from dtrain.memory.estimate_dpo import estimate_dpo
+
+        est = estimate_dpo(spec_from_config(cfg, name), plan)
     else:
-        print(format_table(est) + "".join(f"\nassumed: {a}" for a in assumed))
+        est = estimate(spec_from_config(cfg, name), plan)
+    extra = {"objective": "dpo", "pairs_per_gpu": plan.batch} if dpo else {}
+    if args.json:
+        print(json.dumps({**est.to_dict(), "assumed": assumed, **extra}, indent=2))
+    else:
+        note = "\n" + DPO_NOTE.format(plan.batch) if dpo else ""
+        print(format_table(est) + "".join(f"\nassumed: {a}" for a in assumed) + note)
     return 0
 
 
@@ -186,6 +196,8 @@ def format_table(est: Estimate) -> str:
     lines = [
         f"{s.name}: {s.total_params:,} parameters ({source}), {s.num_layers} layers, "
         f"hidden {s.hidden_size}, vocab {s.vocab_size}",
+        *([f"mixture of experts: {s.expert_params:,} parameters in expert weights, {s.active_params:,} "
+           f"active per token"] if s.expert_params else []),
         f"plan: {p.world_size} GPUs ({p.nodes} node(s) x {p.gpus}), {p.backend}, "
         f"{p.param_dtype}{' + fp32 grads' if p.fp32_grads else ''}, micro-batch {p.batch} x "
         f"{p.seq_len} tokens, grad checkpointing {_ckpt(p)}, attention {p.attention}, "
@@ -204,3 +216,7 @@ def format_table(est: Estimate) -> str:
     lines.append(f"{f'cluster total (x {n})':<28}{est.cluster('full').total / GIB:>12.2f}"
                  f"{est.cluster('lora').total / GIB:>12.2f}{est.ratio:>10.1f}x")
     return "\n".join(lines)
+
+
+DPO_NOTE = ("objective dpo: {0} pair(s) per GPU = the micro-batch of rows above; LoRA's reference is the base "
+            "with the adapter off (0 B more), full DPO's frozen weights are its reference copy of the model")

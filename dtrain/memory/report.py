@@ -70,7 +70,12 @@ def estimates(cfg: Config, world_size: int, modes: dict[str, dict]) -> tuple[dic
         out = {}
         for mode, info in modes.items():
             plan = dataclasses.replace(plan_from_config(cfg, world_size), bits=info["bits"])
-            result = est.estimate(spec, plan)
+            if cfg.objective == "dpo":  # pairs of rows; full DPO with its reference copy
+                from dtrain.memory.estimate_dpo import estimate_dpo
+
+                result = estimate_dpo(spec, plan)
+            else:
+                result = est.estimate(spec, plan)
             out[mode] = (result.full if info["mode"] == "full" else result.lora).as_dict()
             if cfg.backend.name == "none":  # one process, nothing sharded: nothing gathered
                 out[mode]["gathered_unit"] = 0
