@@ -104,3 +104,14 @@ def custom_model_type(path: Path) -> str | None:
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return str(raw.get("model_type", "this model")) if isinstance(raw, dict) and raw.get("auto_map") else None
+
+
+def fit_attention(config: PretrainedConfig) -> None:
+    """sdpa (model.attn_implementation's default) on an architecture without it (Gemma 2) becomes
+    eager, as transformers itself chooses when no kernel is asked for; any other choice is kept."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "_attn_implementation", None) != "sdpa" or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    if not getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", True):
+        config._attn_implementation = "eager"

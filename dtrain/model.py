@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain import layers
-from dtrain.hf_model import (check_causal_lm, checkpoint_renamings, custom_model_type, renamed_keys,  # noqa: F401
-                             restore_buffers)  # model.restore_buffers for the backends
+from dtrain.hf_model import (check_causal_lm, checkpoint_renamings, custom_model_type, fit_attention,  # noqa: F401
+                             renamed_keys, restore_buffers)  # model.restore_buffers for the backends
 from dtrain.lora import LoRALinear, is_lora_param
 from dtrain.shapes import logical_shape
 
@@ -94,6 +94,7 @@ def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torc
                 trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
     check_causal_lm(config, trust_remote_code)
+    fit_attention(config)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
