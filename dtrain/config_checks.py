@@ -31,6 +31,7 @@ def validate(cfg, where: Where) -> None:
     _check_lora(cfg.lora, where)
     _check_variants(cfg, where)
     _check_paths(cfg, where)
+    _check_objective(cfg, where)
     _check_logging(cfg.logging, where)
 
 
@@ -107,9 +108,15 @@ def _check_lora(lora, where: Where) -> None:
         raise ConfigError(f"{where('lora.adapter_name')}: lora.adapter_name = {lora.adapter_name!r}: use letters, "
                           "digits, _ and - only (it becomes part of parameter names; no dots)")
     targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
+    if lora.target_parameters is not None and (not lora.target_parameters or not all(lora.target_parameters)):
+        raise ConfigError(f"{where('lora.target_parameters')}: lora.target_parameters = {lora.target_parameters!r}: "
+                          "needs parameter-name suffixes (e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj])")
+    if not targets and lora.target_parameters:
+        return  # expert weights only
     if not targets or any(not t for t in targets):
         raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
-                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear)")
+                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear, "
+                          "experts, all)")
 
 
 def _check_variants(cfg, where: Where) -> None:
@@ -121,6 +128,46 @@ def _check_variants(cfg, where: Where) -> None:
         if value not in (None, False):
             raise ConfigError(f"{where('lora.' + key)}: lora.{key} = {value!r} needs mode: lora "
                               f"(mode is {cfg.mode}: every weight trains, there is no adapter)")
+
+
+def _formats(data) -> list[str]:
+    return [str(e.get("format", data.format)) for e in data.mix] if data.mix else [data.format]
+
+
+def _check_objective(cfg, where: Where) -> None:
+    """objective: dpo needs preference data, an adapter (its reference is the base without it, or
+    a frozen earlier adapter) and unpacked rows; preference data needs objective: dpo."""
+    dpo, formats = cfg.objective == "dpo", _formats(cfg.data)
+    if dpo != all(f == "preference" for f in formats) or (not dpo and "preference" in formats):
+        raise ConfigError(f"{where('objective')}: objective = {cfg.objective} with data.format = "
+                          f"{', '.join(sorted(set(formats)))}: objective dpo needs data.format: preference "
+                          "(prompt/chosen/rejected records), and preference data needs objective: dpo")
+    if cfg.lora.init_from is not None:
+        if cfg.mode != "lora":
+            raise ConfigError(f"{where('lora.init_from')}: lora.init_from needs mode: lora (mode is {cfg.mode})")
+        if not Path(cfg.lora.init_from).is_dir():
+            raise ConfigError(f"{where('lora.init_from')}: lora.init_from = '{cfg.lora.init_from}': "
+                              "directory not found")
+    if not dpo:
+        return
+    ref = cfg.dpo.reference
+    if cfg.mode != "lora":
+        raise ConfigError(f"{where('mode')}: objective dpo with mode: full and dpo.reference = {ref}: there is no "
+                          "frozen base to be the reference when every weight trains; use mode: lora")
+    if ref != "base" and not (ref.startswith("adapter:") and ref[len("adapter:"):]):
+        raise ConfigError(f"{where('dpo.reference')}: dpo.reference = {ref!r}: use base or adapter:DIR")
+    if ref != "base" and not Path(ref[len("adapter:"):]).is_dir():
+        raise ConfigError(f"{where('dpo.reference')}: dpo.reference = {ref!r}: directory not found")
+    if cfg.data.group_by_length:
+        raise ConfigError(f"{where('data.group_by_length')}: data.group_by_length = true with objective dpo: not "
+                          "supported (pairs are batched in the seeded order); set data.group_by_length: false")
+    if cfg.data.packing:
+        raise ConfigError(f"{where('data.packing')}: data.packing = true with objective dpo: not supported "
+                          "(each pair's chosen and rejected rows are padded); set data.packing: false")
+    keep = cfg.data.max_prompt_tokens
+    if keep is not None and keep >= cfg.data.seq_len:
+        raise ConfigError(f"{where('data.max_prompt_tokens')}: data.max_prompt_tokens = {keep} leaves no room for "
+                          f"the completions in data.seq_len = {cfg.data.seq_len}")
 
 
 def resolve_builtin_models(cfg) -> None:

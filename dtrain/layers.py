@@ -104,6 +104,15 @@ def head_names(model: nn.Module) -> set[str]:
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's repeated decoder blocks, in order: the modules of the classes it names in
-    `_no_split_modules` (what transformers itself never splits across devices)."""
+    `_no_split_modules` (what transformers itself never splits across devices); for a model that
+    names none, the largest module list as long as the config's number of layers."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks or not hasattr(model, "config"):
+        return blocks
+    from torch import nn
+
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []

@@ -56,7 +56,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = layers.linear_dims(base_layer)
-        self.fan_in_fan_out = layers.is_conv1d(base_layer)  # weight stored [in, out] (PEFT's flag)
+        # The checkpoint stores the weight [in, out] (a Conv1D, quantized or not): PEFT's flag
+        self.fan_in_fan_out = layers.is_conv1d(base_layer) or getattr(base_layer, "stored_transposed", False)
         self.qualified_name = qualified_name
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -125,15 +126,18 @@ class LoRALinear(nn.Module):
                                 self.lora_magnitude_vector[name], self.scaling[name])
         return out + (b(a(self.lora_dropout[name](h))) * self.scaling[name]).to(out.dtype)
 
+    def unwrapped(self) -> nn.Module:
+        return self.base_layer
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """s B A as a full [out, in] float32 tensor (s = alpha / r, or alpha / sqrt(r))."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return (b.float() @ a.float()) * self.scaling[name]
 
     def stored_delta(self, name: str) -> torch.Tensor:
-        """s B A laid out as the base weight is stored: [in, out] for a Conv1D (PEFT's fan_in_fan_out)."""
+        """s B A laid out as the base layer holds its weight: [in, out] in a Conv1D (PEFT's fan_in_fan_out)."""
         delta = self.delta_weight(name)
-        return delta.t() if self.fan_in_fan_out else delta
+        return delta.t() if layers.is_conv1d(self.base_layer) else delta
 
     def merge(self) -> None:
         """Fold the active adapter into the base weight. A quantized base is dequantized first:
@@ -337,11 +341,13 @@ def unmerge(model: nn.Module) -> None:
 
 
 def unwrap(model: nn.Module) -> None:
-    """Replace every LoRALinear by its base layer (after merge: exactly the base model's modules)."""
+    """Replace every LoRA layer by its base layer (after merge: exactly the base model's modules)."""
     for name, m in list(lora_modules(model)):
+        if name.endswith(".base_layer"):
+            continue  # nested in an outer wrapper (expert LoRA on several parameters of one module)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.base_layer)
+        setattr(parent, child, m.unwrapped())
 
 
 def adapter_state_dict(model: nn.Module, adapter: str, peft_keys: bool = True) -> dict[str, torch.Tensor]:

@@ -34,10 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtrain import logps as logps_lib
 from dtrain.data.rows import IGNORE
 
 CHUNK_BUDGET_BYTES = 256 * 2**20  # one chunk's fp32 logits (softmax and gradient reuse them in place)
 _LABELS = "_dtrain_chunked_labels"
+_PER_TOKEN = "_dtrain_per_token"  # set: the head returns log p of each labelled token instead (logps.py)
 
 
 def auto_chunk(vocab: int, budget: int = CHUNK_BUDGET_BYTES) -> int:
@@ -153,6 +155,8 @@ def install(head: nn.Module, chunk: int = 0) -> None:
         shifted = getattr(self, _LABELS, None)
         if shifted is None:
             return plain(self, hidden)
+        if getattr(self, _PER_TOKEN, False):
+            return logps_lib.chunked(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
         loss = chunked_token_loss(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
         self._dtrain_loss = None if getattr(self, "_dtrain_checked", False) else loss
         return loss
@@ -166,13 +170,16 @@ def installed(head: nn.Module | None) -> bool:
 
 
 @contextlib.contextmanager
-def labels(head: nn.Module, shifted: torch.Tensor):
-    """While inside, the head's call returns the summed loss against `shifted` (labels shifted left)."""
+def labels(head: nn.Module, shifted: torch.Tensor, per_token: bool = False):
+    """While inside, the head's call returns the summed loss against `shifted` (labels shifted left),
+    or with `per_token` log p of each labelled token (row-major, [N])."""
     setattr(head, _LABELS, shifted)
+    setattr(head, _PER_TOKEN, per_token)
     try:
         yield
     finally:
         setattr(head, _LABELS, None)
+        setattr(head, _PER_TOKEN, False)
         head._dtrain_loss = None
 
 

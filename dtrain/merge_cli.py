@@ -81,8 +81,12 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     adapter_config, tensors = adapter_lib.read_adapter(adapter)
     spec = adapter_lib.adapter_spec_from_peft(adapter_config, "merge", adapter)
     modules = adapter_lib.adapter_modules(tensors, adapter, spec.use_dora)
-    adapter_lib.check_rank(modules, spec.r, adapter)
-    deltas = {f"{m}.weight": ab for m, ab in modules.items()}
+    expert_layout = _expert_layout(base, adapter_config.get("target_parameters"), adapter)
+    adapter_lib.check_rank(modules, spec.r, adapter, {n: e for n, (_, e, _) in expert_layout.items()})
+    deltas = {f"{m}.weight": ab for m, ab in modules.items() if m not in expert_layout}
+    for m, (key, num_experts, transposed) in expert_layout.items():
+        if m in modules:  # a fused expert weight: its delta is per expert ([E, out, in] or [E, in, out])
+            deltas[key] = {**modules[m], "experts": (num_experts, transposed)}
     files, index = weight_files(base, "--base")
     empty = _layout_model(base)
     transposed = _conv1d_keys(empty, deltas, spec.use_dora, adapter) if empty is not None else set()
@@ -177,8 +181,8 @@ def _conv1d_keys(model, deltas: dict[str, dict], dora: bool, adapter: Path) -> s
     transposed there, as PEFT does with fan_in_fan_out."""
     from dtrain import layers
 
-    keys = {f"{n}.weight" for n, m in model.named_modules() if layers.is_conv1d(m)} & set(deltas)
-    if keys and dora:
+    keys = {f"{n}.weight" for n, m in model.named_modules() if layers.is_conv1d(m)}
+    if keys & set(deltas) and dora:
         raise DtrainError(f"--adapter '{adapter}': a DoRA adapter on Conv1D layers ({sorted(keys)[0]}), which "
                           "dtrain does not merge")
     return keys
@@ -197,8 +201,14 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transp
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated or missing shard
             raise DtrainError(f"--base '{base / f}': not a readable safetensors file (truncated or "
                               f"corrupted?): {str(e).splitlines()[0]}") from None
+    _split_experts(deltas, shapes)
     for key, ab in deltas.items():
+        if "part_of" in ab:
+            continue  # checked against the per-expert tensors by _split_experts
         want = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
+        if "experts" in ab:
+            num_experts, stored_in_out = ab["experts"]
+            want = (num_experts, *(want[::-1] if stored_in_out else want))
         want = want[::-1] if key in transposed else want
         if key not in shapes:
             raise DtrainError(f"--base '{base}': no tensor '{key}' for the adapter (adapter for another base?)")
@@ -207,16 +217,52 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transp
                               f"B A is {list(want)} (adapter for another base?)")
 
 
+def _split_experts(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:
+    """A fused expert weight the base stores per expert (expert_checkpoint.py): its delta is merged
+    into each expert's tensors, `{"part_of": fused delta, "expert": e, "rows": rows of B_e A_e}`."""
+    from dtrain.expert_checkpoint import per_expert_keys, stored_names
+
+    def stored(k: str) -> str | None:
+        return next((n for n in [k, *stored_names(k)] if n in shapes), None)
+
+    for key in [k for k, ab in deltas.items() if "experts" in ab and k not in shapes]:
+        experts = per_expert_keys(key, lambda k: stored(k) is not None)
+        ab = deltas[key]
+        if experts is None or len(experts) != ab["experts"][0]:
+            continue  # reported as a missing tensor
+        del deltas[key]
+        for e, parts in enumerate(experts):
+            start = 0
+            for part in parts:
+                rows = shapes[stored(part)][0]
+                deltas[stored(part)] = {"part_of": ab, "expert": e, "rows": slice(start, start + rows)}
+                start += rows
+
+
+def _expert_layout(base: Path, target_parameters: list[str] | None, adapter: Path) -> dict:
+    """{adapter module: (checkpoint key, experts, transposed)} of PEFT's `target_parameters`, found
+    on a meta-device build of the base's config (nothing is allocated)."""
+    if not target_parameters:
+        return {}
+    from dtrain import experts
+
+    try:
+        return experts.layout(_empty_model(base), target_parameters)
+    except DtrainError as e:
+        raise DtrainError(f"{adapter}: {e}") from None
+
+
 def _quantized_keys(model, bits: int, include_head: bool = False) -> dict[str, int]:
     """{checkpoint key: bits} of the weights dtrain stores quantized: every Linear, the head only
     with `include_head` (the rule of `Backend.prepare`; found on the meta-device build of the base)."""
     from torch import nn
 
-    from dtrain import quant
+    from dtrain import layers, quant
 
     model = _empty_model(model) if isinstance(model, (str, Path)) else model
     skip = quant.skip_rule(include_head, model)
-    return {f"{n}.weight": bits for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skip(n)}
+    return {f"{n}.weight": bits for n, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and not skip(n)}
 
 
 def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,
@@ -242,7 +288,8 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
                     if key in (quantized or {}):
                         from dtrain.quant import round_trip
 
-                        t = round_trip(t.float(), quantized[key])
+                        t = round_trip(t.float().t(), quantized[key]).t() if key in transposed else \
+                            round_trip(t.float(), quantized[key])  # as dtrain quantized it: [out, in]
                     cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
                     if key in deltas:
                         ab = deltas[key]
@@ -257,6 +304,16 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
 def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float, transposed: bool = False) -> torch.Tensor:
     """One adapted weight, merged in float32: W + s B A (transposed for a Conv1D's [in, out] W), or
     DoRA's m / ||W + s B A||_row * (W + s B A)."""
+    if "part_of" in ab:  # one expert's tensor of a fused weight stored per expert (never transposed)
+        fused, e = ab["part_of"], ab["expert"]
+        r = fused["lora_A"].shape[0] // fused["experts"][0]
+        a = fused["lora_A"].float()[e * r:(e + 1) * r]
+        b = fused["lora_B"].float()[:, e::fused["experts"][0]]  # PEFT's B: column k*E + e is expert e's k
+        return w.float() + (b @ a)[ab["rows"]] * scaling
+    if "experts" in ab:
+        from dtrain import experts
+
+        return w.float() + experts.delta(ab["lora_A"], ab["lora_B"], *ab["experts"], scaling)
     delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
     if transposed:
         return w.float() + delta.t()

@@ -38,6 +38,10 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
                 cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
             )
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
+            custom = _custom_model_type(Path(cfg.path))
+            if custom and not cfg.trust_remote_code:
+                raise ConfigError(f"model.path = '{cfg.path}': {custom} is custom code (auto_map in its config.json), "
+                                  "which dtrain runs only with model.trust_remote_code=true") from None
             raise ConfigError(f"model.path = '{cfg.path}': config.json: {_first_line(e)}") from None
     else:
         arch = dict(cfg.arch)
@@ -50,6 +54,17 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     # flash attention as varlen sequences through their position_ids, sdpa and eager as a block mask
     config._attn_implementation = getattr(cfg, "attn_implementation", "sdpa")
     return config
+
+
+def _custom_model_type(path: Path) -> str | None:
+    """The model type of a config.json that maps its classes to custom code (auto_map), else None."""
+    import json
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return str(raw.get("model_type", "this model")) if isinstance(raw, dict) and raw.get("auto_map") else None
 
 
 def _first_line(e: Exception) -> str:
@@ -88,14 +103,35 @@ def import_model_code(config: PretrainedConfig, trust_remote_code: bool = False)
 def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "meta",
                 trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
+    check_causal_lm(config, trust_remote_code)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (TypeError, ValueError, ZeroDivisionError) as e:  # a config value the architecture cannot use
         raise ConfigError(f"model: transformers cannot build a {config.model_type} model from this config "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if layers.output_head(model) is None:
+        raise ConfigError(f"model: {config.model_type}: {type(model).__name__} names no output head "
+                          "(get_output_embeddings() gives none); dtrain needs it to keep the head out of LoRA "
+                          "and quantization and to tie it")
     tie_embeddings(model)
     return model
+
+
+def check_causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> None:
+    """The config's model is a causal LM transformers can build: one line naming the model type
+    and what is missing otherwise (no causal-LM head, custom code not trusted)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if custom and not trust_remote_code:
+        raise ConfigError(f"model: {config.model_type} is custom code (auto_map in its config.json), which dtrain "
+                          "runs only with model.trust_remote_code=true")
+    if not custom:
+        raise ConfigError(f"model: {config.model_type} has no causal-LM head in transformers (no "
+                          "AutoModelForCausalLM class for it): dtrain trains causal language models")
 
 
 def ties_embeddings(model: nn.Module) -> bool:
@@ -114,19 +150,18 @@ def tie_embeddings(model: nn.Module) -> None:
     """
     if not ties_embeddings(model):
         return
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed, head = layers.input_embeddings(model), layers.output_head(model)
     if embed is None or head is None:
         return
     if head.weight is not embed.weight:
         head.weight = embed.weight
-    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+    if layers.output_head(model).weight is not layers.input_embeddings(model).weight:
         raise ConfigError("model: tie_word_embeddings is set but the head could not be tied to the embeddings")
 
 
 def checkpoint_key(param_name: str) -> str:
     """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
-    return param_name.replace(".base_layer.", ".")
+    return re.sub(r"(\.base_layer)+\.", ".", param_name)  # nested wrappers (expert LoRA) add several
 
 
 class WeightSource(Protocol):
@@ -159,7 +194,9 @@ class SafetensorsSource:
         stored under the name transformers renames to `name`."""
         key = checkpoint_key(name)
         bare = key[len(self.prefix) + 1:] if self.prefix and key.startswith(self.prefix + ".") else None
-        for candidate in (key, bare):
+        from dtrain.expert_checkpoint import stored_names
+
+        for candidate in (key, bare, *stored_names(key)):
             if candidate in self.files:
                 return candidate
             if candidate in self.renamed:
@@ -167,10 +204,20 @@ class SafetensorsSource:
         return None
 
     def has(self, name: str) -> bool:
-        return self.key(name) is not None
+        return self.key(name) is not None or self._per_expert(name) is not None
+
+    def _per_expert(self, name: str) -> list[list[str]] | None:
+        """The per-expert tensors of a fused expert weight (expert_checkpoint.py), as stored."""
+        from dtrain.expert_checkpoint import per_expert_keys
+
+        return per_expert_keys(checkpoint_key(name), lambda k: self.key(k) is not None)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         key = self.key(name)
+        experts = self._per_expert(name) if key is None else None
+        if experts is not None:  # rows of a fused [E, ., .] weight are experts: read only those
+            chosen = experts if rows is None else experts[rows]
+            return torch.stack([torch.cat([self.read(k) for k in keys]) for keys in chosen])
         if key is None:
             raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{checkpoint_key(name)}'")
         f = self.files[key]
@@ -276,6 +323,7 @@ class QuantSource:
     def __init__(self, base: WeightSource, model: nn.Module) -> None:
         self.base = base
         self.bits = {n: m.bits for n, m in model.named_modules() if layers.is_quantized(m)}
+        self.transposed = {n for n, m in model.named_modules() if getattr(m, "stored_transposed", False)}
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
@@ -285,7 +333,9 @@ class QuantSource:
         if self._cache is None or self._cache[0] != module:
             from dtrain.quant import quantize_rows
 
-            self._cache = (module, quantize_rows(self.base.read(f"{module}.weight").float(), self.bits[module]))
+            w = self.base.read(f"{module}.weight").float()
+            w = w.t().contiguous() if module in self.transposed else w  # a Conv1D's [in, out] weight
+            self._cache = (module, quantize_rows(w, self.bits[module]))
         full = self._cache[1][leaf]
         return full if rows is None else full[rows]
 
@@ -306,8 +356,10 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
         for n, m in model.named_modules():
-            if layers.is_quantized(m):  # the float weight a quantized layer is made from
-                shapes[f"{n}.weight"] = torch.Size((m.out_features, m.in_features))
+            if layers.is_quantized(m):  # the float weight a quantized layer is made from, as stored
+                stored = (m.in_features, m.out_features) if getattr(m, "stored_transposed", False) else \
+                    (m.out_features, m.in_features)
+                shapes[f"{n}.weight"] = torch.Size(stored)
         std = float(getattr(model.config, "initializer_range", 0.02))
         source = RandomSource(seed, std, shapes)
     quantized = any(layers.is_quantized(m) for m in model.modules())

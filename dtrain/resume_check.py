@@ -29,7 +29,8 @@ ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layer
 MUST_MATCH = {"mode": "mode", "lora.r": "LoRA settings", "lora.alpha": "LoRA settings",
               "lora.targets": "LoRA settings", "lora.target_regex": "LoRA settings",
               "lora.adapter_name": "LoRA settings", "model.path": "model",
-              "quantization.bits": "quantization", "quantization.include_head": "quantization"}
+              "quantization.bits": "quantization", "quantization.include_head": "quantization",
+              "objective": "objective", "dpo.reference": "DPO reference"}
 
 
 def settings(cfg: Config, model) -> dict:
@@ -43,6 +44,7 @@ def settings(cfg: Config, model) -> dict:
         "lora.dropout": float(lc.dropout), "model.path": cfg.model.path,
         "model.arch": {k: getattr(arch, k, None) for k in ARCH_KEYS} if arch is not None else {},
         "quantization.bits": cfg.quantization.bits, "quantization.include_head": cfg.quantization.include_head,
+        "objective": cfg.objective, "dpo.reference": cfg.dpo.reference if cfg.objective == "dpo" else None,
     }
 
 

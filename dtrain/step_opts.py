@@ -22,14 +22,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dtrain import loss as loss_lib
+from dtrain import layers, loss as loss_lib
 
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks, in order (the classes it names in `_no_split_modules`)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    """The model's repeated blocks, in order (layers.decoder_blocks: their one home)."""
+    return layers.decoder_blocks(model)
 
 
 def apply_checkpointing(model: nn.Module, policy: bool | str, every: int) -> list[int]:
@@ -117,11 +116,8 @@ def chunked_loss_wanted(setting: bool | str, mode: str, head: nn.Module | None, 
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
-    try:
-        head = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return head if isinstance(head, nn.Module) else None
+    """The output head (layers.output_head: its one home)."""
+    return layers.output_head(model)
 
 
 def apply(model: nn.Module, cfg) -> None:

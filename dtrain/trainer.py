@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
 from dtrain import templates
-from dtrain import loggers as loggers_lib, step as step_lib, step_opts
+from dtrain import loggers as loggers_lib, reference, step as step_lib, step_opts
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
 from dtrain.data.chat import run_template
@@ -49,6 +49,7 @@ class Trainer:
         self._saved_step = -1  # last step a save_every checkpoint was written for
         self.loggers: loggers_lib.MultiLogger | None = None  # rank 0 only
         self._mfu: tuple[float, float] | None = None  # (flops per token, peak FLOP/s): CUDA only
+        self.objective = objective_of(cfg)
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -99,7 +100,7 @@ class Trainer:
             )
 
     def _log_start(self, skipped: int) -> None:
-        for line in step_opts.describe(self.backend.model, self.cfg):
+        for line in step_opts.describe(self.backend.model, self.cfg) + reference.describe(self.cfg):
             log.info("%s", line)
         trainable, total = lora.count_parameters(self.backend.model)
         log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -117,7 +118,7 @@ class Trainer:
         metrics = self.loggers
         try:
             if self.state.step == 0 and self._evaluates():
-                self._write_metrics({"step": 0, "eval_loss": self.evaluate()}, metrics)  # the base's own loss
+                self._write_metrics({"step": 0, **self.evaluate_all()}, metrics)  # the base's own loss
             while self.state.step < self.total_steps:
                 row = self._train_step()
                 self.state.step += 1
@@ -176,12 +177,14 @@ class Trainer:
         start, rank, accum = time.perf_counter(), self.env.rank, self.cfg.training.grad_accum
         picks = [self.plan.indices(self.state.step, m, rank) for m in range(accum)]
         real = sum(self.train_data.real_tokens(idx) for idx in picks)
-        result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real)
+        result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real,
+                                     objective=self.objective)
         elapsed = time.perf_counter() - start
         positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
         row = {"step": self.state.step + 1, "loss": result["loss"], "lr": result["lr"],
                "grad_norm": result["grad_norm"], "tokens_per_s": result["real_tokens"] / elapsed,
-               "padding_fraction": 1 - result["real_tokens"] / max(positions, 1), "step_time_s": elapsed}
+               "padding_fraction": 1 - result["real_tokens"] / max(positions, 1), "step_time_s": elapsed,
+               **{k: result[k] for k in self.objective.metric_names}}
         if self._mfu is not None:
             row["mfu"] = flops.mfu(self._mfu[0], positions, elapsed, self.env.world_size, self._mfu[1])
         return row
@@ -198,7 +201,7 @@ class Trainer:
     def _after_step(self, row: dict, metrics) -> None:
         step, t = self.state.step, self.cfg.training
         if self._evaluates() and (step % t.eval_every == 0 or step == self.total_steps):
-            row["eval_loss"] = self.evaluate()  # every eval_every steps, and after the last
+            row.update(self.evaluate_all())  # every eval_every steps, and after the last
         if t.memory_every and step % t.memory_every == 0:
             from dtrain.memory import measure
 
@@ -209,22 +212,29 @@ class Trainer:
             if checkpoint.save_training(self.backend, self.cfg, self.out, step, self.plan) is not None:
                 self._saved_step = step
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss on the held-out split (same for every rank count)."""
+        """Mean loss on the held-out split (per token, or per pair for dpo; same for every rank count)."""
+        return self.evaluate_all()["eval_loss"]
+
+    @torch.no_grad()
+    def evaluate_all(self) -> dict[str, float]:
+        """eval_loss and the objective's metrics (eval_rewards/chosen, ...) on the held-out split."""
         n, mb, world = len(self.eval_data), self.cfg.training.micro_batch_size, self.env.world_size
-        total, tokens = torch.zeros(()), torch.zeros(())
+        names = self.objective.metric_names
+        sums = torch.zeros(2 + len(names), dtype=torch.float64)  # loss, units, metrics
         with self.backend.evaluating():
             rounds = min(self.cfg.training.eval_batches, -(-n // (mb * world)))
             for i in range(rounds):  # every rank runs the same number of forwards (sharded collectives)
                 start = (i * world + self.env.rank) * mb
                 idx = torch.arange(start, min(start + mb, n)) if start < n else torch.tensor([0])
                 batch = self.eval_data.take(idx)
-                s, c = self.backend.loss(batch)
+                total, extra = self.objective.loss(self.backend, batch)
                 if start < n:
-                    total += s.float().cpu()
-                    tokens += c
-        return float(self.backend.all_reduce_sum(total)) / max(float(self.backend.all_reduce_sum(tokens)), 1.0)
+                    units = torch.tensor([float(self.objective.count(batch))], dtype=torch.float64)
+                    sums += torch.cat([total.detach().double().cpu().reshape(1), units, extra])
+        sums = self.backend.all_reduce_sum(sums)
+        means = (sums / max(float(sums[1]), 1.0)).tolist()
+        return {"eval_loss": means[0], **{f"eval_{k}": v for k, v in zip(names, means[2:])}}
 
     # ---- preemption -------------------------------------------------------------------------
     def _preempt_requested(self) -> bool:
@@ -235,6 +245,15 @@ class Trainer:
     def cleanup(self) -> None:
         self._close_loggers()  # a run that failed before train() still ends its logger runs
         self.backend.close()
+
+
+def objective_of(cfg: Config):
+    """The step's objective: next-token (sft) or preference pairs (dpo)."""
+    if cfg.objective == "dpo":
+        from dtrain import dpo
+
+        return dpo.DPO(cfg)
+    return step_lib.SFT()
 
 
 def setup_logging(is_main: bool) -> None:

@@ -25,9 +25,16 @@ FAMILIES: dict[str, dict] = {
     "phi3": {},
     "olmo2": {},
     "gpt_neox": {"num_key_value_heads": None},
-    "gpt2": {"num_key_value_heads": None, "intermediate_size": None, "n_inner": 64},
+    "gpt2": {"num_key_value_heads": None, "intermediate_size": None, "n_inner": 64,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},  # dropout differs per rank
     "granite": {},
     "smollm3": {},
+    # mixture of experts, fused 3-D experts (4, top-2): the probe's `lora.targets: all` adapts them
+    "qwen3_moe": {"head_dim": 8, "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                  "decoder_sparse_step": 1},
+    "mixtral": {"head_dim": 8, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"head_dim": 8, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
 }
 
 

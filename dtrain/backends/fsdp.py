@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import assembly, dist as dist_env, model as model_lib
+from dtrain import assembly, dist as dist_env, layers, model as model_lib
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
 
@@ -37,10 +37,15 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         base = model_lib.base_source(cfg.model, model, cfg.training.seed)
         source = model_lib.ModelSource(base, model)
         self._shard(model)
+        self._materialize(model, source)
+        return model
+
+    def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
+        """Storage for this rank's shards, then its rows of the weights (a simulated backend on a
+        fake process group, backends/simulate.py, keeps the meta shards instead)."""
         model.to_empty(device=self.device)
         model_lib.restore_buffers(model, self.device)
         self._fill(model, source)
-        return model
 
     def _shard(self, model: nn.Module) -> None:
         """Units: each decoder block, the input embeddings, the output head, then the root.
@@ -53,11 +58,9 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         """
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.cfg.model.dtype == "bf16" else MixedPrecisionPolicy()
-        blocks = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mp_policy=policy)
-        embed, head = _embeddings(model)
+        for block in layers.decoder_blocks(model):
+            fully_shard(block, mp_policy=policy)
+        embed, head = _with_parameters(layers.input_embeddings(model)), _with_parameters(layers.output_head(model))
         if embed is not None and not (head is not None and _shares_parameters(embed, head)):
             fully_shard(embed, mp_policy=policy)
             if head is not None:
@@ -142,16 +145,8 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         return {n: (p.to_local() if isinstance(p, DTensor) else p).data for n, p in self.model.named_parameters()}
 
 
-def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The model's input embeddings and output head (None where the model does not say)."""
-    found = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            module = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            module = None
-        found.append(module if isinstance(module, nn.Module) and any(True for _ in module.parameters()) else None)
-    return found[0], found[1]
+def _with_parameters(module: nn.Module | None) -> nn.Module | None:
+    return module if module is not None and any(True for _ in module.parameters()) else None
 
 
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from dtrain.data import cache, sources as sources_lib
 from dtrain.data.encode import Encoded, describe, encode
 from dtrain.data.ragged import Ragged
 from dtrain.data.records import load_records
-from dtrain.data.rows import Examples, pack_rows, pad_rows, split_indices
+from dtrain.data.rows import Examples, PairRows, pack_rows, pad_rows, pair_rows, split_indices
 
 log = logging.getLogger("dtrain.data")
 
@@ -36,6 +36,8 @@ def tokenize(cfg: DataConfig, records: list[dict], tokenizer) -> Examples:
 
 def to_rows(seqs, cfg: DataConfig, tokenizer, source: list[int] | None = None) -> Examples:
     """Rows of `seqs` (a Ragged, or [(ids, labels)]): packed with data.packing, else one per row."""
+    if cfg.format == "preference":  # consecutive examples 2k, 2k+1 are pair k
+        return pair_rows(seqs, cfg.seq_len, tokenizer.pad_token_id)
     if cfg.packing:
         return pack_rows(seqs, cfg.seq_len, tokenizer.pad_token_id)
     return pad_rows(seqs, cfg.seq_len, tokenizer.pad_token_id, source)
@@ -77,19 +79,21 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, is_main: bool = True,
 
 def _split_and_mix(cfg: DataConfig, srcs, encoded: list[Encoded], seed: int) -> tuple[Ragged, list[int], Ragged]:
     """(training examples in mixed order, the dataset of each, evaluation examples)."""
+    k = 2 if cfg.format == "preference" else 1  # a preference pair is 2 consecutive examples: split and mix pairs
+    items = PairRows.rows_of if k == 2 else (lambda idx: idx)
     train_parts, evals = [], []
     for i in range(len(srcs)):
         ex = encoded[i].examples
         if cfg.eval_path is None:
-            tr, ev = split_indices(len(ex), cfg.eval_fraction, seed)
-            train_parts.append(ex.select(tr))
-            evals.append(ex.select(ev))
+            tr, ev = split_indices(len(ex) // k, cfg.eval_fraction, seed)
+            train_parts.append(ex.select(items(tr)))
+            evals.append(ex.select(items(ev)))
         else:
             train_parts.append(ex)
     eval_examples = encoded[-1].examples if cfg.eval_path is not None else Ragged.concat(evals)
-    pairs = sources_lib.mix([len(p) for p in train_parts], [w for _, w in srcs], seed)
+    pairs = sources_lib.mix([len(p) // k for p in train_parts], [w for _, w in srcs], seed)
     base = [0]
     for p in train_parts:
-        base.append(base[-1] + len(p))
-    order = torch.tensor([base[i] + j for i, j in pairs], dtype=torch.long)
+        base.append(base[-1] + len(p) // k)
+    order = items(torch.tensor([base[i] + j for i, j in pairs], dtype=torch.long))
     return Ragged.concat(train_parts).select(order), [i for i, _ in pairs], eval_examples

@@ -146,3 +146,29 @@ def pack_rows(seqs, seq_len: int, pad_id: int) -> Examples:
     rows = torch.zeros(len(groups) + 1, dtype=torch.long)
     torch.cumsum(torch.tensor([len(g) for g in groups], dtype=torch.long), 0, out=rows[1:])
     return Examples(tokens.select(order), rows, seq_len, pad_id, packed=True)
+
+
+@dataclass
+class PairRows(Examples):
+    """Preference pairs: rows 2k (chosen) and 2k + 1 (rejected) are pair k, one example each.
+    Indexed by pair: `take(idx)` gives the rows of pairs `idx`, chosen and rejected interleaved."""
+
+    def __len__(self) -> int:
+        return (self.rows.numel() - 1) // 2
+
+    @staticmethod
+    def rows_of(idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        return torch.stack([2 * idx, 2 * idx + 1], 1).reshape(-1)
+
+    def take(self, idx: torch.Tensor, width: int | None = None) -> dict[str, torch.Tensor]:
+        return super().take(self.rows_of(idx), width)
+
+    def real_tokens(self, idx: torch.Tensor) -> int:
+        return super().real_tokens(self.rows_of(idx))
+
+
+def pair_rows(sides, seq_len: int, pad_id: int) -> PairRows:
+    """Consecutive examples (chosen, rejected) of `sides` (a Ragged or [(ids, labels)]) as pairs of rows."""
+    flat = pad_rows(sides, seq_len, pad_id)
+    return PairRows(flat.tokens, flat.rows, seq_len, pad_id)

@@ -50,11 +50,12 @@ def instruction_cfg(path, **kw) -> DataConfig:
 
 def check_mask(ex: data.Examples, records: list[dict], tok, seq_len: int) -> None:
     """Labels: -100 on prompt and padding, = input_ids on response + EOS (computed independently)."""
-    assert ex.input_ids.shape == ex.labels.shape == ex.attention_mask.shape == (len(records), seq_len)
+    all_ids, all_labels, all_mask = ex.input_ids, ex.labels, ex.attention_mask  # each access densifies every row
+    assert all_ids.shape == all_labels.shape == all_mask.shape == (len(records), seq_len)
     for i, rec in enumerate(records):
         p, r = encode(tok, rec["prompt"]), encode(tok, rec["response"]) + [tok.eos_token_id]
         n = min(len(p) + len(r), seq_len)
-        ids, labels, mask = ex.input_ids[i].tolist(), ex.labels[i].tolist(), ex.attention_mask[i].tolist()
+        ids, labels, mask = all_ids[i].tolist(), all_labels[i].tolist(), all_mask[i].tolist()
         assert ids[:n] == (p + r)[:n]
         assert ids[n:] == [tok.pad_token_id] * (seq_len - n)
         assert mask == [1] * n + [0] * (seq_len - n)
