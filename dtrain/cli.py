@@ -93,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except DtrainError as e:
         if _rank() == 0 or e.local:  # every rank raises the same error: one line, not one per rank
-            print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
+            for line in str(e).splitlines() or [""]:  # several findings (resume checks): one line each
+                print(f"dtrain: error: {line}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
         print("dtrain: interrupted", file=sys.stderr)

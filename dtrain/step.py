@@ -8,6 +8,7 @@ the gradients the backends average over ranks are those of one big batch, whatev
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -31,11 +32,13 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int = 0,
-               watch: StepWatch | None = None) -> dict[str, float]:
+               watch: StepWatch | None = None, poison: bool = False) -> dict[str, float]:
     """Forward/backward over this rank's micro-batches, then the optimizer step.
 
-    Returns the global mean loss, the learning rate used, the gradient norm before clipping, and
-    the global counts of labelled and of real (non-pad; `real_tokens` is this rank's) tokens.
+    Returns the global mean loss, the learning rate used, the gradient norm before clipping, the
+    global counts of labelled and of real (non-pad; `real_tokens` is this rank's) tokens, and
+    `nonfinite`: "" or what was not finite ("loss", "grad_norm"), the same on every rank since
+    both are global values; such a step updates nothing. `poison`: a planted NaN (dtrain/faults.py).
     """
     local = torch.tensor([sum(labelled_tokens(b) for b in batches), real_tokens], dtype=torch.float64)
     global_tokens, global_real = (int(v) for v in backend.all_reduce_sum(local))
@@ -44,14 +47,17 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
     for i, batch in enumerate(batches):
         with watch.forward() if watch is not None and i == 0 else contextlib.nullcontext():
             total, _ = backend.loss(batch)
+        if poison:
+            total = total * float("nan")
         backend.backward(total * scale)
         loss_sum += total.detach().double().cpu()
     if watch is not None:
         watch.before_optimizer_step()
     lr = backend.lr
-    norm = backend.step()
-    loss = float(backend.all_reduce_sum(loss_sum).item()) / max(global_tokens, 1)
+    loss = float(backend.all_reduce_sum(loss_sum).item()) / max(global_tokens, 1)  # before the step: it may skip
+    norm = backend.step(skip=not math.isfinite(loss))
+    bad = [name for name, v in (("loss", loss), ("grad_norm", norm)) if not math.isfinite(v)]
     return {"loss": loss, "lr": lr, "grad_norm": norm, "labelled_tokens": global_tokens,
-            "real_tokens": global_real}
+            "real_tokens": global_real, "nonfinite": " and ".join(bad)}
 
 

@@ -199,7 +199,9 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
+        # `skip` (a non-finite loss) needs no action: its gradients are non-finite too, and ZeRO-3
+        # discards a step whose gradient norm is not finite (no update, no scheduler step)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         if self.device.type == "cpu":

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import assembly, dist as dist_env, model as model_lib
+from dtrain import assembly, dist as dist_env, faults, model as model_lib
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
 
@@ -40,6 +40,12 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         model_lib.restore_buffers(model, self.device)
         self._fill(model, source)
         return model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        super().backward(loss)
+        for name, p in self.model.named_parameters():  # a planted fault (dtrain/faults.py) only
+            if p.grad is not None and faults.dropped_grad(name):
+                p.grad.zero_()
 
     def _shard(self, model: nn.Module) -> None:
         """Units: each decoder block, the input embeddings, the output head, then the root.
