@@ -49,6 +49,7 @@ _COMPUTED = {"model.base_hash", "tokenizer.hash", "data.chat_template_hash", "da
 FORMAT_FIELDS = {"text": ("text_field",), "instruction": ("prompt_field", "response_field"),
                  "messages": ("messages_field", "turn_keys", "role_map"),
                  "sharegpt": ("messages_field", "turn_keys", "role_map"), "alpaca": ("alpaca_fields",)}
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
 _MISSING = object()
 
 
@@ -76,7 +77,8 @@ def settings(cfg: Config, model, tokenizer=None) -> dict:
         from dtrain.data import chat
 
         out["tokenizer.hash"] = fingerprint.tokenizer(tokenizer)
-        out["data.chat_template_hash"] = fingerprint.text(chat.template_of(d, tokenizer))
+        if d.format in CHAT_FORMATS:  # plain text never renders a template
+            out["data.chat_template_hash"] = fingerprint.text(chat.template_of(d, tokenizer))
     return json.loads(json.dumps(out))  # tuples -> lists, as the saved side reads back
 
 

@@ -281,6 +281,8 @@ class Trainer:
         total, tokens, start_t = torch.zeros(()), torch.zeros(()), time.perf_counter()
         with self.backend.evaluating():
             rounds = min(self.cfg.training.eval_batches, -(-n // (mb * world)))
+            if self.env.is_main:
+                log.info("step %d: evaluating, %d batch(es) per rank", self.state.step, rounds)
             for i in range(rounds):  # every rank runs the same number of forwards (sharded collectives)
                 if self.stops.check():
                     raise preempt.Preempted()
