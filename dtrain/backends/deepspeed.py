@@ -62,7 +62,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import assembly, model as model_lib, optim
+from dtrain import assembly, faults, model as model_lib, optim
 from dtrain.backends import ds_config, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
@@ -198,6 +198,9 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
+        for name, g in self.local_grads().items():  # a planted fault (dtrain/faults.py) only
+            if faults.dropped_grad(name):
+                g.zero_()
 
     def step(self, skip: bool = False) -> float:
         # `skip` (a non-finite loss) needs no action: its gradients are non-finite too, and ZeRO-3
