@@ -208,10 +208,10 @@ class Trainer:
             checkpoint.mark_preempted(self.backend, self.out, step)
         else:
             self._save(preempted=True, extra={"pending_row": pending} if pending is not None else None)
-        if self.env.is_main:
-            log.warning("preempted (%s)%s: %s; exit %d to requeue", self.stops.reason, where,
+        if self.env.is_main:  # "preempted: checkpoint at step N written" is what job scripts grep for
+            log.warning("preempted: %s (%s%s); exit %d to requeue",
                         "nothing to save before the first step" if at_start else f"checkpoint at step {step} written",
-                        PREEMPT_EXIT)
+                        self.stops.reason, where, PREEMPT_EXIT)
         return PREEMPT_EXIT
 
     def _generation_eval(self, metrics) -> None:

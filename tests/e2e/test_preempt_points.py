@@ -62,7 +62,7 @@ def test_time_limit_then_sigusr1_inside_an_evaluation_then_resume_is_exact(tmp_p
     rc = _start(out, ["training.time_limit=1s"]).wait(timeout=300)
     log = _log(out)
     assert rc == PREEMPT_EXIT, log[-3000:]
-    assert "preempted (training.time_limit ended " in log and "checkpoint at step 1 written" in log, log[-3000:]
+    assert "preempted: checkpoint at step 1 written (training.time_limit ended " in log, log[-3000:]
     assert json.loads((out / checkpoint.PREEMPTED).read_text())["step"] == 1
 
     proc = _start(out, ["training.resume=auto"])
@@ -72,7 +72,7 @@ def test_time_limit_then_sigusr1_inside_an_evaluation_then_resume_is_exact(tmp_p
     assert proc.wait(timeout=120) == PREEMPT_EXIT, _log(out)[-3000:]
     took = time.monotonic() - signalled
     log = _log(out)
-    assert "preempted (SIGUSR1) during evaluation: checkpoint at step 2 written" in log, log[-3000:]
+    assert "preempted: checkpoint at step 2 written (SIGUSR1 during evaluation)" in log, log[-3000:]
     state = checkpoint.read_state(out, 2)
     assert state["pending_row"]["step"] == 2 and "eval_loss" not in state["pending_row"]
     assert [s for s, _ in _eval_rows(out)] == [0]  # step 2's evaluation was cut short
