@@ -248,7 +248,8 @@ def _disk_full_line(out: Path, step: int, final: Path, need: int) -> str:
 
 
 def _write_preempted(out: Path, step: int, saved: bool = True) -> None:
-    files.write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": str(checkpoint_dir(out, step)) if saved else None})
+    where = str(checkpoint_dir(out, step)) if saved else None
+    files.write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": where})
 
 
 def mark_preempted(backend, out: Path, step: int, saved: bool = True) -> None:

@@ -120,7 +120,8 @@ def optimizer_round_trip(backend, cfg: Config, out: Path, step: int, plan) -> Ch
             if got is None or not torch.equal(got, st[k]):
                 bad.append(f"{name}/{k}")
             empty += int(not st[k].abs().sum() > 0)
-    steps_ok = all(after["params"][p]["step"] == st["step"] for p, st in before["params"].items() if p in after["params"])
+    got_steps = {p: st["step"] for p, st in after["params"].items()}
+    steps_ok = all(got_steps.get(p) == st["step"] for p, st in before["params"].items())
     ok = n > 0 and not bad and steps_ok and empty == 0 and after["scheduler"] == before["scheduler"]
     return Check("optimizer state through a checkpoint", ok,
                  f"{n - len(bad)}/{n} AdamW moments equal after reload, {empty} all-zero, steps "

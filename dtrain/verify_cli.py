@@ -14,7 +14,8 @@ from dtrain.errors import ConfigError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("verify", help="check sharded training of a config against one process (run before a long job)")
+    p = sub.add_parser("verify", help="check sharded training of a config against one process "
+                                      "(run before a long job)")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, typed by the schema")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps compared (at least 2: A's first gradient is 0)")

@@ -2,7 +2,13 @@
 SIGKILLed after a checkpoint makes torchrun stop the other and start the group again; the new group
 resumes from the newest complete checkpoint and finishes with the uninterrupted run's adapter, bit
 for bit, and each step's loss once (FSDP2 and ZeRO-3, dropout on). Ondemand: 3 launches of 2 ranks
-per backend."""
+per backend.
+
+The rendezvous is torchrun's c10d backend (`--rdzv-backend c10d --rdzv-endpoint HOST:PORT`): with
+the static one (`--master_addr/--master_port`), torch 2.13's agent keeps its TCPStore across
+restarts while the workers' env:// init adds no per-attempt prefix, so the restarted ranks read the
+dead group's addresses and hang in init_process_group (seen here: both ranks waiting in
+ProcessGroupGloo's constructor until the 30-minute timeout)."""
 
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ def _start_elastic(kind: str, out):
     import subprocess
 
     cmd = command(kind, out, ["training.resume=auto"])
-    at = cmd.index("torch.distributed.run") + 1
-    cmd[at:at] = ["--max-restarts", "1"]
+    at = cmd.index("--master_addr")  # the c10d rendezvous: see the module docstring
+    port = cmd[at + 3]
+    cmd[at:at + 4] = ["--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
     log = open(out.parent / f"{out.name}.log", "w")
     return subprocess.Popen(cmd, cwd=REPO, env=env_for_tests(), stdout=log, stderr=subprocess.STDOUT, text=True,
                             errors="replace", start_new_session=True)
