@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from dtrain import assembly, faults, model as model_lib, optim
-from dtrain.backends import ds_config, heap, zero3_state
+from dtrain.backends import collectives, ds_config, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
 from dtrain.config import Config
@@ -128,8 +128,11 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            timeout = dist_env.pg_timeout(cfg)
+            if collectives.restarted():  # torchrun restarted the group: the store needs a fresh prefix
+                collectives.init_process_group(env.dist_backend, env.rank, env.world_size, timeout)
             self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False,
-                                     timeout=dist_env.pg_timeout(cfg))
+                                     timeout=timeout)  # wraps a group already started
         self.engine = None
         self._trimmer = heap.StepTrimmer()
 

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from dtrain import assembly, dist as dist_env, faults, model as model_lib
 from dtrain.backends.base import Backend
+from dtrain.backends import collectives
 from dtrain.backends.collectives import ProcessGroupCollectives
 
 
@@ -24,9 +25,8 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         super().__init__(cfg, env)
         if not dist.is_initialized():
             dist_env.ensure_rendezvous(env)
-            dist.init_process_group(backend=env.dist_backend, rank=env.rank, world_size=env.world_size,
-                                    timeout=dist_env.pg_timeout(cfg),
-                                    device_id=env.device if env.device.type == "cuda" else None)
+            collectives.init_process_group(env.dist_backend, env.rank, env.world_size, dist_env.pg_timeout(cfg),
+                                           device_id=env.device if env.device.type == "cuda" else None)
 
     def _build(self, config) -> nn.Module:
         cfg = self.cfg
