@@ -9,6 +9,8 @@ see checkpoint.py) holds:
     adapter_model.safetensors  LoRA A and B (full tensors, PEFT keys: `base_model.model.<module>.lora_A.weight`),
                                and DoRA's magnitude (`<module>.lora_magnitude_vector`, no `.weight`, as PEFT)
 
+and the final adapter of a run also the chat template and stop tokens it trained with
+(`chat_template.jinja`, `generation_config.json`: dtrain/templates.py, read by generation),
 so `peft.PeftModel.from_pretrained(base, dir)` loads it, and `load_adapter` loads PEFT's adapters.
 `save_adapter` publishes the directory atomically with a checksummed COMPLETE marker (files.publish).
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtrain import files, lora
+from dtrain import experts, files, layers, lora, templates
 from dtrain.config import Config
 from dtrain.errors import DtrainError
 
@@ -48,12 +50,16 @@ def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
 
 
-def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None) -> dict:
-    """adapter_config.json as PEFT writes it for a LoRA adapter."""
+def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None, fan_in_fan_out: bool = False,
+                target_parameters: list[str] | None = None) -> dict:
+    """adapter_config.json as PEFT writes it for a LoRA adapter (`fan_in_fan_out`: the targets are
+    Conv1D layers, weights stored [in, out], as PEFT sets it for GPT-2; `target_parameters`: fused
+    expert weights, PEFT 0.21's field, `targets` then [] when no linear layer is adapted)."""
     return {
+        "target_parameters": target_parameters or None,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_rslora": bool(cfg.lora.use_rslora),
         "use_dora": bool(cfg.lora.use_dora),
         "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
@@ -65,13 +71,19 @@ def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor
     name = cfg.lora.adapter_name
     peft = {lora.to_peft_key(k, name): t for k, t in tensors.items()}
     files.write_tensors(out / ADAPTER_WEIGHTS, peft, {"format": "pt"})
-    modules = sorted({k.split(".lora_")[0] for k in tensors})
-    files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, target_modules(model, modules), cfg.model.path))
+    wrappers = experts.layer_names(model)
+    modules = sorted({k.split(".lora_")[0] for k in tensors} - wrappers)
+    params = experts.peft_target_parameters(model, experts.adapted_parameters(model, name))
+    targets = target_modules(model, modules) if modules else []
+    fan_in_fan_out = any(getattr(model.get_submodule(m), "fan_in_fan_out", False) for m in modules)
+    files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, targets, cfg.model.path, fan_in_fan_out,
+                                                       target_parameters=params))
 
 
-def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tensor] | None = None,
+                 chat: tuple[str | None, list[int]] | None = None) -> None:
     """Gather only the LoRA tensors of the adapter being trained (unless `tensors` are the ones
-    already gathered); rank 0 writes `out` atomically."""
+    already gathered); rank 0 writes `out` atomically, with `chat` (template, stop ids) when given."""
     tensors = gather_adapter(backend, cfg.lora.adapter_name) if tensors is None else tensors
     if not tensors:
         if backend.rank == 0:
@@ -83,6 +95,8 @@ def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tenso
         tmp = files.staging_dir(out)
         files.fresh_dir(tmp)
         write_adapter(backend.model, cfg, tensors, tmp)
+        if chat is not None:
+            templates.write_settings(tmp, *chat)
         files.publish(tmp, out, {"kind": "adapter"})
 
     files.together(backend, write)
@@ -110,8 +124,10 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, files.read_tensors(d / ADAPTER_WEIGHTS)
 
 
-_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "fan_in_fan_out",
-                "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters")
+# fan_in_fan_out is not here: dtrain's layer reads each base layer's storage (Conv1D or Linear) as
+# PEFT's does, which corrects the flag per layer.
+_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save",
+                "lora_bias", "layer_replication", "trainable_token_indices")
 
 
 def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> lora.AdapterSpec:
@@ -141,11 +157,14 @@ def _number(config: dict, key: str, kind: type, source: str | Path) -> int | flo
     return kind(value)
 
 
-def check_rank(modules: dict[str, dict[str, torch.Tensor]], r: int, source: str | Path) -> None:
-    """Every A is (r, in) and every B (out, r), with the config's r."""
+def check_rank(modules: dict[str, dict[str, torch.Tensor]], r: int, source: str | Path,
+               num_experts: dict[str, int] | None = None) -> None:
+    """Every A is (r, in) and every B (out, r), with the config's r; an expert parameter's
+    (modules in `num_experts`) are (r * E, in) and (out, r * E), PEFT's ParamWrapper layout."""
     for name, ab in sorted(modules.items()):
         a, b = ab["lora_A"].shape, ab["lora_B"].shape
-        if len(a) != 2 or len(b) != 2 or a[0] != r or b[1] != r:
+        rank = r * (num_experts or {}).get(name, 1)
+        if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
             raise DtrainError(f"{Path(source) / ADAPTER_CONFIG}: 'r' = {r}, but {name}.lora_A has shape {list(a)} "
                               f"and lora_B {list(b)} in {ADAPTER_WEIGHTS} (rank {a[0]})")
 
@@ -179,10 +198,11 @@ def _check_shapes(model: nn.Module, modules: dict, spec: lora.AdapterSpec, sourc
             layer = model.get_submodule(name)
         except AttributeError:
             raise DtrainError(f"{source}: the model has no module '{name}' (adapter for another base?)") from None
-        if not hasattr(layer, "in_features"):
+        if not (layers.is_linear(layer) or isinstance(layer, lora.LoRALinear)):
             raise DtrainError(f"{source}: module '{name}' is a {type(layer).__name__}, not a linear layer")
-        want = {"lora_A": (spec.r, layer.in_features), "lora_B": (layer.out_features, spec.r),
-                "lora_magnitude_vector": (layer.out_features,)}
+        fan_in, fan_out = layers.linear_dims(layer)
+        r = spec.r * getattr(layer, "num_experts", 1)  # an expert parameter's A is [r * E, in]
+        want = {"lora_A": (r, fan_in), "lora_B": (fan_out, r), "lora_magnitude_vector": (fan_out,)}
         for kind, t in ab.items():
             if tuple(t.shape) != want[kind]:
                 raise DtrainError(f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "
@@ -199,14 +219,18 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     config, tensors = read_adapter(directory)
     spec = adapter_spec_from_peft(config, name, directory)
     modules = adapter_modules(tensors, directory, spec.use_dora)
-    check_rank(modules, spec.r, directory)
+    active = next((m.active_adapter for _, m in lora.lora_modules(model) if m.active_adapter), None)
+    wrapped = _add_expert_layers(model, config, spec, directory)
+    check_rank({n: ab for n, ab in modules.items() if n not in wrapped}, spec.r, directory)
     _check_shapes(model, modules, spec, directory)
-    for layer_name in modules:
+    for layer_name in set(modules) - wrapped:
         layer = model.get_submodule(layer_name)
         if isinstance(layer, lora.LoRALinear) and name in layer.lora_A:
             raise DtrainError(f"{directory}: the model already has an adapter named '{name}'")
-    active = next((m.active_adapter for _, m in lora.lora_modules(model) if m.active_adapter), None)
-    lora.inject(model, sorted(modules), spec)
+    if wrapped - set(modules):
+        raise DtrainError(f"{directory}: target_parameters name {sorted(wrapped - set(modules))[0]}, which "
+                          f"{ADAPTER_WEIGHTS} has no LoRA tensors for")
+    lora.inject(model, sorted(set(modules) - wrapped), spec)
     if active is not None and not any(m.merged_adapter for _, m in lora.lora_modules(model)):
         lora.set_adapter(model, active)  # layers new to this adapter must not switch on their own
     model.train(model.training)  # new LoRA modules (dropout) follow the model's train/eval mode
@@ -216,3 +240,19 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             for kind, t in ab.items():
                 getattr(layer, kind)[name].weight.copy_(t)
     return spec
+
+
+def _add_expert_layers(model: nn.Module, config: dict, spec: lora.AdapterSpec, source: str | Path) -> set[str]:
+    """Wrap the expert parameters named by adapter_config.json's `target_parameters` (PEFT 0.21)
+    with adapter `spec`; returns the names of the wrappers holding it."""
+    targets = config.get("target_parameters") or []
+    if not targets:
+        return set()
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        raise DtrainError(f"{Path(source) / ADAPTER_CONFIG}: 'target_parameters' = {targets!r}: needs a list of names")
+    try:
+        layers = experts.inject(model, experts.select_parameters(model, targets), spec)
+    except DtrainError as e:
+        raise DtrainError(f"{Path(source) / ADAPTER_CONFIG}: {e}") from None
+    ids = {id(m) for m in layers}
+    return {n for n, m in model.named_modules() if id(m) in ids}

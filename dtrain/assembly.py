@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from dtrain import lora, presets, step_opts
+from dtrain import experts, lora, reference, step_opts
 from dtrain.config import Config
 
 
@@ -16,13 +16,17 @@ def prepare(model: nn.Module, cfg: Config) -> None:
     if cfg.quantization.bits in (8, 4):
         from dtrain import quant
 
-        skip = quant.skip_rule(cfg.quantization.include_head)
+        skip = quant.skip_rule(cfg.quantization.include_head, model)
         quant.quantize_model(model, cfg.quantization.bits, skip=skip)
     if cfg.mode == "lora":
-        targets = cfg.lora.targets if cfg.lora.target_regex else presets.expand(model, cfg.lora.targets)
-        names = lora.select_targets(model, targets, cfg.lora.target_regex)
-        lora.inject(model, names, adapter_spec(cfg))
-        lora.freeze_base(model)
+        c = cfg.lora
+        names, params = experts.resolve(model, c.targets, c.target_regex, c.target_parameters)
+        if names:
+            lora.inject(model, names, adapter_spec(cfg))
+        if params:
+            experts.inject(model, params, adapter_spec(cfg))
+        reference.inject_reference(model, cfg)  # dpo.reference = adapter:DIR: a frozen second adapter
+        lora.freeze_base(model, cfg.lora.adapter_name)
     else:
         for p in model.parameters():
             p.requires_grad_(p.is_floating_point())

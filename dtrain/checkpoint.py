@@ -155,7 +155,8 @@ def trainer_state(cfg: Config, backend, step: int, plan, tokenizer=None) -> dict
     """Step, data position and the facts a resume must agree with."""
     position = plan.position(step) if plan is not None else {}
     data = {"n_examples": plan.n_examples, "global_batch": plan.global_batch, "seed": plan.seed,
-            "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world": plan.world} if plan else {}
+            "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world": plan.world,
+            "group_by_length": plan.lengths is not None} if plan else {}
     return {"format": FORMAT_VERSION, "step": step, **position, "world_size": backend.world_size,
             "backend": cfg.backend.name, "adapter_name": cfg.lora.adapter_name, "data": data,
             "settings": resume_check.settings(cfg, backend.model, tokenizer),

@@ -62,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _optional_commands() -> list[Callable]:
     """Subcommands living in their own modules: each registers a sub-parser that sets `func`."""
     from dtrain import env_cli, generate_cli, import_cli, merge_cli, slurm
-    from dtrain.memory import estimate_cli, measure_cli
+    from dtrain.memory import estimate_cli, measure_cli, plan_cli
     from dtrain import analyze_cli, verify_cli
 
-    return [measure_cli.add_parser, estimate_cli.add_estimate_parser, merge_cli.add_parser,
+    return [measure_cli.add_parser, estimate_cli.add_estimate_parser, plan_cli.add_parser, merge_cli.add_parser,
             slurm.add_slurm_parser, import_cli.add_parser, generate_cli.add_parsers, env_cli.add_parser,
             analyze_cli.add_parser, verify_cli.add_parser]
 

@@ -37,6 +37,9 @@ class ModelConfig:
                "attention (only each block's attention)")
     gradient_checkpointing_every: int = _f(1, "checkpoint every N-th decoder block (blocks 0, N, 2N, ...)", min=1)
     compile_blocks: bool = _f(False, "torch.compile each decoder block (needs a C++ compiler on CPU)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = _f(
+        "sdpa", "attention kernel; flash_attention_2/3 (packed rows as varlen sequences) and flex_attention "
+                "need CUDA and their package")
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
 
 
@@ -45,24 +48,32 @@ class LoraConfig:
     r: int = _f(8, "rank of the update B A", min=1)
     alpha: float = _f(16.0, "scaling numerator: the update is (alpha / r) B A", gt=0)
     dropout: float = _f(0.0, "dropout on the LoRA input path, in [0, 1)", lo=0.0, hi_open=1.0)
-    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear")
+    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear, "
+                                                           "experts, all (all-linear + experts)")
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
+    target_parameters: list[str] | None = _f(None, "fused 3-D expert weights by name suffix, as PEFT's "
+                                                   "(e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]); "
+                                                   "added to the targets ([] for experts only)")
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")
     use_rslora: bool = _f(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
     use_dora: bool = _f(False, "DoRA: learn a magnitude per output row (docs/lora_variants.md)")
     loraplus_lr_ratio: float | None = _f(None, "LoRA+: B (and DoRA's magnitude) train at lr x this ratio; "
                                                "null: one lr for all", gt=0)
+    init_from: str | None = _f(None, "start from this adapter directory (dtrain's or PEFT's; same r and targets)")
 
 
 @dataclass
 class DataConfig:
     path: str = _f("dtrain/assets/tiny_corpus.txt", "local dataset file: jsonl, json, csv, parquet, txt")
-    format: Literal["text", "instruction", "messages", "sharegpt", "alpaca"] = _f(
-        "text", "text (packed stream), instruction (prompt/response), messages, sharegpt or alpaca")
+    format: Literal["text", "instruction", "messages", "sharegpt", "alpaca", "preference"] = _f(
+        "text", "text (packed stream), instruction (prompt/response), messages, sharegpt, alpaca, or "
+                "preference (prompt/chosen/rejected, objective: dpo)")
     text_field: str = _f("text", "field holding the text (format: text, non-txt files)")
-    prompt_field: str = _f("prompt", "field holding the prompt (format: instruction)")
+    prompt_field: str = _f("prompt", "field holding the prompt (format: instruction, preference)")
     response_field: str = _f("response", "field holding the response (format: instruction)")
+    chosen_field: str = _f("chosen", "field holding the preferred completion (format: preference)")
+    rejected_field: str = _f("rejected", "field holding the dispreferred completion (format: preference)")
     messages_field: str | None = _f(None, "field holding the turns; null: messages / conversations")
     turn_keys: list[str] | None = _f(None, "[role key, text key] of a turn; null: [role, content] / [from, value]")
     role_map: dict | None = _f(None, "dataset role -> system/user/assistant, over the format's defaults")
@@ -73,7 +84,10 @@ class DataConfig:
     seq_len: int = _f(128, "tokens per training sequence", min=2)
     truncation: Literal["drop", "truncate", "error"] = _f(
         "drop", "examples over seq_len: drop, keep their last seq_len tokens, or fail")
-    packing: bool = _f(False, "several examples per row (attention never crosses examples)")
+    max_prompt_tokens: int | None = _f(None, "format preference: prompt tokens kept (its end); null: what "
+                                             "data.seq_len leaves", min=1)
+    packing: bool = _f(False, "several examples per row, best fit (attention never crosses examples)")
+    group_by_length: bool = _f(False, "micro-batches of similar lengths (less padding), still seeded and resumable")
     mix: list[dict] | None = _f(None, "several datasets: [{path, format, weight, <data keys>}]; replaces path")
     eval_path: str | None = _f(None, "evaluation file (same format); eval_fraction is then unused")
     eval_fraction: float = _f(0.1, "fraction of examples held out for evaluation", lo=0.0, hi_open=1.0)
@@ -112,7 +126,17 @@ class TrainingConfig:
     chunked_loss: bool | Literal["auto"] = _f(
         "auto", "loss from the hidden states in chunks of tokens, never all logits at once; "
                 "auto: on for LoRA with a plain linear head")
-    loss_chunk_tokens: int = _f(1024, "tokens per chunk of the chunked loss", min=1)
+    loss_chunk_tokens: int = _f(0, "tokens per chunk of the chunked loss; 0: from the vocabulary "
+                                   "(one chunk's fp32 logits within 256 MiB)", lo=0)
+
+
+@dataclass
+class DpoConfig:
+    beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference", gt=0)
+    loss: Literal["sigmoid", "ipo", "hinge"] = _f("sigmoid", "sigmoid (DPO), ipo or hinge")
+    label_smoothing: float = _f(0.0, "conservative DPO: the probability that a label is flipped (sigmoid)",
+                                lo=0.0, hi_open=0.5)
+    reference: str = _f("base", "base (the adapter switched off) or adapter:DIR (a frozen earlier adapter)")
 
 
 @dataclass
@@ -164,6 +188,9 @@ class Config:
     mode: Literal["lora", "full"] = field(
         default="lora", metadata={"help": "lora: train A and B only; full: train every weight"}
     )
+    objective: Literal["sft", "dpo"] = field(
+        default="sft", metadata={"help": "sft: next-token loss; dpo: preference pairs (data.format: preference)"})
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:

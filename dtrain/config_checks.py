@@ -31,6 +31,7 @@ def validate(cfg, where: Where) -> None:
     _check_lora(cfg.lora, where)
     _check_variants(cfg, where)
     _check_paths(cfg, where)
+    _check_objective(cfg, where)
     _check_logging(cfg.logging, where)
     if cfg.training.time_limit is not None:  # parsed now: a typo fails at once, not hours later
         from dtrain import deadline
@@ -52,9 +53,31 @@ def _check_model(model, where: Where) -> None:
     if model.path is None and model.arch is None:
         raise ConfigError(f"{where('model')}: model: set model.path (local dir) or model.arch (inline)")
     if model.path is not None and not Path(model.path).is_dir():
-        raise ConfigError(f"{where('model.path')}: model.path = '{model.path}': directory not found")
+        from dtrain.importer import gguf_hint
+
+        why = gguf_hint(model.path, "model.path") or f"model.path = '{model.path}': directory not found"
+        raise ConfigError(f"{where('model.path')}: {why}")
     if model.arch is not None:
         check_arch(model.arch, where)
+    _check_attention(model.attn_implementation, where)
+
+
+ATTN_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def _check_attention(impl: str, where: Where) -> None:
+    """The GPU kernels need CUDA and (flash) their package: one line here, not transformers' ImportError."""
+    import importlib.util
+
+    if impl in ("sdpa", "eager"):
+        return
+    import torch
+
+    package = ATTN_PACKAGES.get(impl)
+    if not torch.cuda.is_available() or (package and importlib.util.find_spec(package) is None):
+        need = f"CUDA and the {package} package" if package else "CUDA"
+        raise ConfigError(f"{where('model.attn_implementation')}: model.attn_implementation = {impl} needs "
+                          f"{need}; use sdpa or eager here")
 
 
 def check_arch(arch: dict, where: Where) -> None:
@@ -89,9 +112,15 @@ def _check_lora(lora, where: Where) -> None:
         raise ConfigError(f"{where('lora.adapter_name')}: lora.adapter_name = {lora.adapter_name!r}: use letters, "
                           "digits, _ and - only (it becomes part of parameter names; no dots)")
     targets = [lora.targets] if isinstance(lora.targets, str) else lora.targets
+    if lora.target_parameters is not None and (not lora.target_parameters or not all(lora.target_parameters)):
+        raise ConfigError(f"{where('lora.target_parameters')}: lora.target_parameters = {lora.target_parameters!r}: "
+                          "needs parameter-name suffixes (e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj])")
+    if not targets and lora.target_parameters:
+        return  # expert weights only
     if not targets or any(not t for t in targets):
         raise ConfigError(f"{where('lora.targets')}: lora.targets = {lora.targets!r}: needs module-name "
-                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear)")
+                          "suffixes (e.g. [q_proj, v_proj]) or a preset (attention-qv, attention, mlp, all-linear, "
+                          "experts, all)")
 
 
 def _check_variants(cfg, where: Where) -> None:
@@ -103,6 +132,46 @@ def _check_variants(cfg, where: Where) -> None:
         if value not in (None, False):
             raise ConfigError(f"{where('lora.' + key)}: lora.{key} = {value!r} needs mode: lora "
                               f"(mode is {cfg.mode}: every weight trains, there is no adapter)")
+
+
+def _formats(data) -> list[str]:
+    return [str(e.get("format", data.format)) for e in data.mix] if data.mix else [data.format]
+
+
+def _check_objective(cfg, where: Where) -> None:
+    """objective: dpo needs preference data, an adapter (its reference is the base without it, or
+    a frozen earlier adapter) and unpacked rows; preference data needs objective: dpo."""
+    dpo, formats = cfg.objective == "dpo", _formats(cfg.data)
+    if dpo != all(f == "preference" for f in formats) or (not dpo and "preference" in formats):
+        raise ConfigError(f"{where('objective')}: objective = {cfg.objective} with data.format = "
+                          f"{', '.join(sorted(set(formats)))}: objective dpo needs data.format: preference "
+                          "(prompt/chosen/rejected records), and preference data needs objective: dpo")
+    if cfg.lora.init_from is not None:
+        if cfg.mode != "lora":
+            raise ConfigError(f"{where('lora.init_from')}: lora.init_from needs mode: lora (mode is {cfg.mode})")
+        if not Path(cfg.lora.init_from).is_dir():
+            raise ConfigError(f"{where('lora.init_from')}: lora.init_from = '{cfg.lora.init_from}': "
+                              "directory not found")
+    if not dpo:
+        return
+    ref = cfg.dpo.reference
+    if cfg.mode != "lora":
+        raise ConfigError(f"{where('mode')}: objective dpo with mode: full and dpo.reference = {ref}: there is no "
+                          "frozen base to be the reference when every weight trains; use mode: lora")
+    if ref != "base" and not (ref.startswith("adapter:") and ref[len("adapter:"):]):
+        raise ConfigError(f"{where('dpo.reference')}: dpo.reference = {ref!r}: use base or adapter:DIR")
+    if ref != "base" and not Path(ref[len("adapter:"):]).is_dir():
+        raise ConfigError(f"{where('dpo.reference')}: dpo.reference = {ref!r}: directory not found")
+    if cfg.data.group_by_length:
+        raise ConfigError(f"{where('data.group_by_length')}: data.group_by_length = true with objective dpo: not "
+                          "supported (pairs are batched in the seeded order); set data.group_by_length: false")
+    if cfg.data.packing:
+        raise ConfigError(f"{where('data.packing')}: data.packing = true with objective dpo: not supported "
+                          "(each pair's chosen and rejected rows are padded); set data.packing: false")
+    keep = cfg.data.max_prompt_tokens
+    if keep is not None and keep >= cfg.data.seq_len:
+        raise ConfigError(f"{where('data.max_prompt_tokens')}: data.max_prompt_tokens = {keep} leaves no room for "
+                          f"the completions in data.seq_len = {cfg.data.seq_len}")
 
 
 def resolve_builtin_models(cfg) -> None:

@@ -1,5 +1,7 @@
 """Text generation from a base model, the base plus LoRA adapters (switched by name), or a merged
-model: the model's chat template applied, greedy or sampled decoding, one prompt or a batch.
+model: a chat template applied (the one given, else the one the active adapter was trained with,
+else the model's), greedy or sampled decoding stopping at EOS or the end of the assistant's turn,
+one prompt or a batch.
 
 One process, no sharding: generation is for checking what an adapter learned, not for serving.
 """
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dtrain import templates
 from dtrain.errors import DtrainError
 
 
@@ -31,6 +34,9 @@ class Generator:
     def __init__(self, model: nn.Module, tokenizer, chat_template: bool = True, system: str | None = None) -> None:
         self.model, self.tok, self.system = model.eval(), tokenizer, system
         self.use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        gen = getattr(model, "generation_config", None)
+        self.stop = templates.stop_ids(tokenizer, tokenizer.chat_template if self.use_template else None,
+                                       getattr(gen, "eos_token_id", None))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # batched decoding continues every row from its last token
@@ -67,7 +73,7 @@ class Generator:
             torch.manual_seed(s.seed)
             kwargs = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
         ids = self.model.generate(**enc, max_new_tokens=s.max_new_tokens, pad_token_id=self.tok.pad_token_id,
-                                  top_k=None, **kwargs)
+                                  eos_token_id=self.stop, top_k=None, **kwargs)
         new = ids[:, enc["input_ids"].shape[1]:]
         return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
 
@@ -77,8 +83,10 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def load(model_dir: str | Path, adapters: list[str] = (), use: str | None = None,
-         dtype: str = "fp32", device: str = "cpu") -> tuple[nn.Module, object]:
-    """(model, tokenizer) from an HF directory, with adapters loaded as `DIR` or `NAME=DIR`."""
+         dtype: str = "fp32", device: str = "cpu", chat_template: str | None = None) -> tuple[nn.Module, object]:
+    """(model, tokenizer) from an HF directory, with adapters loaded as `DIR` or `NAME=DIR`; the
+    tokenizer's chat template and the model's stop tokens are those of `chat_template` (a template
+    or a .jinja file), else of the active adapter's run, else the model's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dtrain import adapter as adapter_lib, lora
@@ -86,17 +94,32 @@ def load(model_dir: str | Path, adapters: list[str] = (), use: str | None = None
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise DtrainError(f"--model '{model_dir}': no config.json in that directory")
+        from dtrain.importer import gguf_hint
+
+        raise DtrainError(gguf_hint(model_dir, "--model") or f"--model '{model_dir}': no config.json in that directory")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    names = []
+    names, dirs = [], []
     for spec in adapters:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         name = name or ("default" if not names else Path(path).name)
         adapter_lib.load_adapter(model, path, name)
         names.append(name)
+        dirs.append(path)
     if use is not None:
         if use not in names:
             raise DtrainError(f"--use '{use}': no adapter of that name (loaded: {', '.join(names) or 'none'})")
         lora.set_adapter(model, use)
+    trained = templates.read_settings(dirs[names.index(use or names[0])]) if names else (None, [])
+    _apply_template(model, tok, chat_template, *trained)
     return model, tok
+
+
+def _apply_template(model: nn.Module, tok, given: str | None, trained: str | None, trained_eos: list[int]) -> None:
+    """The template generation renders prompts with, and the stop tokens that go with it."""
+    template = templates.read_template(given) if given is not None else trained
+    if template is not None:
+        tok.chat_template = template
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = templates.stop_ids(tok, tok.chat_template, gen.eos_token_id, trained_eos)

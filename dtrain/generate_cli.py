@@ -26,6 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", help="system prompt (default: the template's own)")
+    p.add_argument("--chat-template", metavar="TEMPLATE", help="Jinja chat template or .jinja file (default: the "
+                   "one the adapter was trained with, else the model's)")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
 
@@ -57,6 +59,10 @@ def _check(args: argparse.Namespace) -> None:
         raise DtrainError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise DtrainError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.chat_template is not None and args.no_chat_template:
+        raise DtrainError("--chat-template and --no-chat-template: give one of them")
+    if args.chat_template is not None and args.chat_template.endswith(".jinja") and not Path(args.chat_template).is_file():
+        raise DtrainError(f"--chat-template '{args.chat_template}': file not found")
 
 
 def _load(args: argparse.Namespace):
@@ -65,7 +71,7 @@ def _load(args: argparse.Namespace):
     _check(args)
     model_dir = importer.resolve(args.model) if importer.is_builtin(args.model) and not Path(args.model).is_dir() \
         else Path(args.model)
-    model, tok = generate.load(model_dir, args.adapter, args.use, args.dtype)
+    model, tok = generate.load(model_dir, args.adapter, args.use, args.dtype, chat_template=args.chat_template)
     sampling = generate.Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     return generate.Generator(model, tok, not args.no_chat_template, args.system), sampling
 

@@ -45,17 +45,74 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A linear layer a LoRA adapter can wrap: torch's, or a quantized one."""
+    """A linear layer a LoRA adapter can wrap: torch's, a quantized one, or transformers' Conv1D."""
     from torch import nn
 
-    return isinstance(module, nn.Linear) or is_quantized(module)
+    return isinstance(module, nn.Linear) or is_quantized(module) or is_conv1d(module)
 
 
-def head_names(model: nn.Module) -> set[str]:
-    """Names of the output head: what the model calls its output embeddings, and `lm_head`."""
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and relatives): a linear layer whose weight is stored [in, out]
+    (PEFT's `fan_in_fan_out`)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a linear layer, whatever its storage (Conv1D: nx -> nf)."""
+    if is_conv1d(module):
+        return int(module.nx), int(module.nf)
+    return int(module.in_features), int(module.out_features)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The output head: the module the model says it is (`get_output_embeddings()`); None where
+    the model names none. The one answer every part of dtrain uses (LoRA targets, quantization,
+    FSDP2 units, the chunked loss, the estimator)."""
     getter = getattr(model, "get_output_embeddings", None)
     try:
         head = getter() if callable(getter) else None
     except (AttributeError, NotImplementedError):
-        head = None
-    return {n for n, m in model.named_modules() if head is not None and m is head} | {"lm_head"}
+        return None
+    from torch import nn
+
+    return head if isinstance(head, nn.Module) else None
+
+
+def input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The input embeddings the model names (`get_input_embeddings()`), or None."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embed = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    from torch import nn
+
+    return embed if isinstance(embed, nn.Module) else None
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Qualified names of the output head module (empty where the model names none)."""
+    head = output_head(model)
+    if head is None:
+        return set()
+    names = {n for n, m in model.named_modules() if m is head}
+    names |= {n for n, m in model.named_modules() if getattr(m, "base_layer", None) is head}  # wrapped in LoRA
+    return names
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated decoder blocks, in order: the modules of the classes it names in
+    `_no_split_modules` (what transformers itself never splits across devices); for a model that
+    names none, the largest module list as long as the config's number of layers."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks or not hasattr(model, "config"):
+        return blocks
+    from torch import nn
+
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))) if lists else []

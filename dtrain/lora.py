@@ -55,8 +55,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base_layer: nn.Module, qualified_name: str = "") -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features: int = base_layer.in_features
-        self.out_features: int = base_layer.out_features
+        self.in_features, self.out_features = layers.linear_dims(base_layer)
+        # The checkpoint stores the weight [in, out] (a Conv1D, quantized or not): PEFT's flag
+        self.fan_in_fan_out = layers.is_conv1d(base_layer) or getattr(base_layer, "stored_transposed", False)
         self.qualified_name = qualified_name
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -75,6 +76,9 @@ class LoRALinear(nn.Module):
 
         A and B are float32 whatever the base's dtype (the trainable part keeps full precision).
         """
+        if spec.use_dora and self.fan_in_fan_out:
+            raise ConfigError(f"lora.use_dora: {self.qualified_name} is a Conv1D layer (weight stored in x out), "
+                              "which dtrain's DoRA does not adapt; use plain LoRA for this model")
         device = next(self.base_layer.parameters()).device  # meta when the model is built empty
         a = dora.AdapterLinear(self.in_features, spec.r, bias=False, device=device)
         b = dora.AdapterLinear(spec.r, self.out_features, bias=False, device=device)
@@ -122,10 +126,18 @@ class LoRALinear(nn.Module):
                                 self.lora_magnitude_vector[name], self.scaling[name])
         return out + (b(a(self.lora_dropout[name](h))) * self.scaling[name]).to(out.dtype)
 
+    def unwrapped(self) -> nn.Module:
+        return self.base_layer
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """s B A as a full [out, in] float32 tensor (s = alpha / r, or alpha / sqrt(r))."""
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return (b.float() @ a.float()) * self.scaling[name]
+
+    def stored_delta(self, name: str) -> torch.Tensor:
+        """s B A laid out as the base layer holds its weight: [in, out] in a Conv1D (PEFT's fan_in_fan_out)."""
+        delta = self.delta_weight(name)
+        return delta.t() if layers.is_conv1d(self.base_layer) else delta
 
     def merge(self) -> None:
         """Fold the active adapter into the base weight. A quantized base is dequantized first:
@@ -144,7 +156,7 @@ class LoRALinear(nn.Module):
                     w, self.delta_weight(name), self.lora_magnitude_vector[name].weight)
                 w.copy_(merged.to(w.dtype))
             else:
-                w.add_(self.delta_weight(name).to(w.dtype))
+                w.add_(self.stored_delta(name).to(w.dtype))
         self.merged_adapter = name
 
     def unmerge(self) -> None:
@@ -161,7 +173,7 @@ class LoRALinear(nn.Module):
                 w.copy_((w.float() / g.unsqueeze(1) - self.delta_weight(name)).to(w.dtype))
                 self._merged_norm = None
             else:
-                w.sub_(self.delta_weight(name).to(w.dtype))
+                w.sub_(self.stored_delta(name).to(w.dtype))
         self.merged_adapter = None
 
 
@@ -208,7 +220,7 @@ def init_lora_A(qualified_name: str, spec: AdapterSpec, in_features: int) -> tor
 
 def linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the linear layers a LoRA adapter may target (not the output head)."""
-    head = _head_names(model)
+    head = layers.head_names(model)
     names = []
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
@@ -220,10 +232,6 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def _is_linear(module: nn.Module) -> bool:
     return layers.is_linear(module)
-
-
-def _head_names(model: nn.Module) -> set[str]:
-    return layers.head_names(model)
 
 
 def select_targets(model: nn.Module, targets: list[str] | str, regex: str | None) -> list[str]:
@@ -252,8 +260,7 @@ def select_targets(model: nn.Module, targets: list[str] | str, regex: str | None
 def check_rank(model: nn.Module, names: list[str], r: int) -> None:
     """lora.r is at most min(in, out) of every targeted layer (a larger rank adds nothing but cost)."""
     for name in names:
-        layer = model.get_submodule(name)
-        fan_in, fan_out = layer.in_features, layer.out_features
+        fan_in, fan_out = layers.linear_dims(model.get_submodule(name))
         if r > min(fan_in, fan_out):
             raise ConfigError(f"lora.r = {r} is larger than min(in, out) = {min(fan_in, fan_out)} of {name} "
                               f"({fan_in} -> {fan_out}); use lora.r <= {min(fan_in, fan_out)} or other targets")
@@ -334,11 +341,13 @@ def unmerge(model: nn.Module) -> None:
 
 
 def unwrap(model: nn.Module) -> None:
-    """Replace every LoRALinear by its base layer (after merge: exactly the base model's modules)."""
+    """Replace every LoRA layer by its base layer (after merge: exactly the base model's modules)."""
     for name, m in list(lora_modules(model)):
+        if name.endswith(".base_layer"):
+            continue  # nested in an outer wrapper (expert LoRA on several parameters of one module)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, m.base_layer)
+        setattr(parent, child, m.unwrapped())
 
 
 def adapter_state_dict(model: nn.Module, adapter: str, peft_keys: bool = True) -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ gradient of that loss with respect to the hidden states (and to the head's weigh
 then drops the chunk's logits. It keeps only that gradient (the size of the hidden states) for
 backward, which scales it by the upstream gradient: nothing is recomputed, and the matmuls are
 the logits path's. Peak extra memory: one chunk's logits instead of the micro-batch's logits,
-their float copy and the log-softmax that cross_entropy saves for backward.
+their float copy and the log-softmax that cross_entropy saves for backward. Only the labelled
+positions are gathered into the head (prompt and padding rows never meet its matmul), and the
+chunk is sized from the vocabulary so one chunk's fp32 logits stay within 256 MiB (`auto_chunk`).
 
 Where it runs: inside the head module's own call. `install(head)` replaces the head's `forward`
 (the instance attribute; the module, its parameters and their names stay) by one that, while a
@@ -32,10 +34,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtrain import logps as logps_lib
 from dtrain.data.rows import IGNORE
 
-DEFAULT_CHUNK = 1024
+CHUNK_BUDGET_BYTES = 256 * 2**20  # one chunk's fp32 logits (softmax and gradient reuse them in place)
 _LABELS = "_dtrain_chunked_labels"
+_PER_TOKEN = "_dtrain_per_token"  # set: the head returns log p of each labelled token instead (logps.py)
+
+
+def auto_chunk(vocab: int, budget: int = CHUNK_BUDGET_BYTES) -> int:
+    """Tokens per chunk whose fp32 logits fit `budget`: 1,365 at vocab 49,152, 523 at 128,256,
+    256 at 262,144 (a fixed token count would make the transient grow with the vocabulary)."""
+    return max(1, budget // (4 * vocab))
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -114,12 +124,19 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dt
 
 
 def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       shifted_labels: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Summed cross-entropy of `hidden` (..., H) against `shifted_labels` (...) through the head."""
+                       shifted_labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+    """Summed cross-entropy of `hidden` (..., H) against `shifted_labels` (...) through the head;
+    `chunk` tokens at a time (0: `auto_chunk` of the vocabulary)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     labels = shifted_labels.reshape(-1).to(flat.device)
+    # Only labelled positions reach the head: in SFT most positions are prompt or padding, and an
+    # unlabelled row's logits are pure cost. The index's backward puts the gradient back on those
+    # rows (zero elsewhere), so losses and gradients are the full head's.
+    where = (labels != IGNORE).nonzero().squeeze(1)
+    flat, labels = flat.index_select(0, where), labels.index_select(0, where)
     dtype = _compute_dtype(weight, flat.device.type)
-    return ChunkedCE.apply(flat, weight, bias, labels, max(1, int(chunk)), dtype)
+    chunk = int(chunk) if chunk else auto_chunk(weight.shape[0])
+    return ChunkedCE.apply(flat, weight, bias, labels, max(1, chunk), dtype)
 
 
 # ---- the head -------------------------------------------------------------------------------
@@ -128,7 +145,7 @@ def supports(head: nn.Module | None) -> bool:
     return type(head) is nn.Linear and head.weight.is_floating_point()
 
 
-def install(head: nn.Module, chunk: int = DEFAULT_CHUNK) -> None:
+def install(head: nn.Module, chunk: int = 0) -> None:
     """Let `head` return the chunked token loss while a `labels(head, ...)` context is active."""
     if not supports(head):
         raise TypeError(f"chunked loss needs a plain nn.Linear head, got {type(head).__name__}")
@@ -138,9 +155,13 @@ def install(head: nn.Module, chunk: int = DEFAULT_CHUNK) -> None:
         shifted = getattr(self, _LABELS, None)
         if shifted is None:
             return plain(self, hidden)
-        return chunked_token_loss(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
+        if getattr(self, _PER_TOKEN, False):
+            return logps_lib.chunked(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
+        loss = chunked_token_loss(hidden, self.weight, self.bias, shifted, self._dtrain_chunk)
+        self._dtrain_loss = None if getattr(self, "_dtrain_checked", False) else loss
+        return loss
 
-    head._dtrain_chunk = int(chunk)
+    head._dtrain_chunk = int(chunk) or auto_chunk(head.out_features)
     head.forward = types.MethodType(forward, head)
 
 
@@ -149,13 +170,34 @@ def installed(head: nn.Module | None) -> bool:
 
 
 @contextlib.contextmanager
-def labels(head: nn.Module, shifted: torch.Tensor):
-    """While inside, the head's call returns the summed loss against `shifted` (labels shifted left)."""
+def labels(head: nn.Module, shifted: torch.Tensor, per_token: bool = False):
+    """While inside, the head's call returns the summed loss against `shifted` (labels shifted left),
+    or with `per_token` log p of each labelled token (row-major, [N])."""
     setattr(head, _LABELS, shifted)
+    setattr(head, _PER_TOKEN, per_token)
     try:
         yield
     finally:
         setattr(head, _LABELS, None)
+        setattr(head, _PER_TOKEN, False)
+        head._dtrain_loss = None
+
+
+def check_passed_through(head: nn.Module, total: torch.Tensor, model_type: str) -> torch.Tensor:
+    """`total`, the model's `.logits` under `labels`, must be the head's loss as it returned it: a
+    model that changes its logits after the head (softcapping, scaling) would have changed the loss
+    instead. Compared by value (ZeRO-3's hooks pass module outputs through autograd functions, a new
+    tensor object), on the first micro-batch only: the comparison is a host-device sync."""
+    if getattr(head, "_dtrain_checked", False):
+        return total
+    returned = getattr(head, "_dtrain_loss", None)
+    if returned is None or not torch.equal(total.detach(), returned.detach()):
+        from dtrain.errors import ConfigError
+
+        raise ConfigError(f"training.chunked_loss: a {model_type} model changes its logits after the output head, "
+                          "which a loss computed in the head cannot follow: set training.chunked_loss=false")
+    head._dtrain_checked = True
+    return total
 
 
 def shift(labels_: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ The base is streamed tensor by tensor (one safetensors shard in memory at a time
 layout and index as the base): every adapted weight becomes W + s B A (s = alpha / r, or
 alpha / sqrt(r) for rsLoRA; DoRA: m / ||W + s B A||_row * (W + s B A)), computed in fp32
 and cast to the output dtype (the base's unless --dtype). config.json is copied with its dtype
-updated; tokenizer and other non-weight files are copied as they are. The output is written to a
-temporary directory next to --out and renamed when complete.
+updated; tokenizer and other non-weight files are copied as they are, then the chat template and
+stop tokens the adapter was trained with (dtrain/templates.py), where it keeps them. The output is
+written to a temporary directory next to --out and renamed when complete.
 """
 
 from __future__ import annotations
@@ -80,10 +81,16 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     adapter_config, tensors = adapter_lib.read_adapter(adapter)
     spec = adapter_lib.adapter_spec_from_peft(adapter_config, "merge", adapter)
     modules = adapter_lib.adapter_modules(tensors, adapter, spec.use_dora)
-    adapter_lib.check_rank(modules, spec.r, adapter)
-    deltas = {f"{m}.weight": ab for m, ab in modules.items()}
+    expert_layout = _expert_layout(base, adapter_config.get("target_parameters"), adapter)
+    adapter_lib.check_rank(modules, spec.r, adapter, {n: e for n, (_, e, _) in expert_layout.items()})
+    deltas = {f"{m}.weight": ab for m, ab in modules.items() if m not in expert_layout}
+    for m, (key, num_experts, transposed) in expert_layout.items():
+        if m in modules:  # a fused expert weight: its delta is per expert ([E, out, in] or [E, in, out])
+            deltas[key] = {**modules[m], "experts": (num_experts, transposed)}
     files, index = weight_files(base, "--base")
-    _check_targets(base, files, deltas)
+    empty = _layout_model(base)
+    transposed = _conv1d_keys(empty, deltas, spec.use_dora, adapter) if empty is not None else set()
+    _check_targets(base, files, deltas, transposed)
     if base_bits:
         dtype = "bf16"
     name = DTYPES[dtype] if dtype else config.get("dtype") or config.get("torch_dtype")
@@ -91,9 +98,10 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     tmp = staging_dir(out)
     fresh_dir(tmp)
     try:
-        quantized = _quantized_keys(base, base_bits, quantized_head) if base_bits else {}
-        nbytes = _merge_files(base, files, tmp, deltas, spec.scaling, target, quantized)
+        quantized = _quantized_keys(empty or base, base_bits, quantized_head) if base_bits else {}
+        nbytes = _merge_files(base, files, tmp, deltas, spec.scaling, target, quantized, transposed)
         _copy_rest(base, tmp, config, target, index, nbytes)
+        _keep_run_template(adapter, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,8 +155,41 @@ def _check_not_quantized(config: dict, base: Path) -> None:
                           "adapter trained on dtrain's 8-/4-bit base, give the float base and --base-bits 8|4")
 
 
-def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> None:
-    """Every adapted weight exists in the base with the shape B A has."""
+def _empty_model(base: Path):
+    """The base's model on the meta device (nothing allocated): which layers are Conv1D, which
+    dtrain quantizes."""
+    import torch
+    from transformers import AutoConfig
+
+    from dtrain import model as model_lib
+
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    return model_lib.build_empty(config, torch.float32)
+
+
+def _layout_model(base: Path):
+    """The meta build for the weights' layout, or None where transformers cannot build the base
+    (an unknown architecture: its weights are then taken as stored [out, in])."""
+    try:
+        return _empty_model(base)
+    except Exception:  # noqa: BLE001 - ValueError, KeyError, OSError, ConfigError from transformers' config code
+        return None
+
+
+def _conv1d_keys(model, deltas: dict[str, dict], dora: bool, adapter: Path) -> set[str]:
+    """Checkpoint keys of the adapted weights stored [in, out] (transformers' Conv1D): B A is added
+    transposed there, as PEFT does with fan_in_fan_out."""
+    from dtrain import layers
+
+    keys = {f"{n}.weight" for n, m in model.named_modules() if layers.is_conv1d(m)}
+    if keys & set(deltas) and dora:
+        raise DtrainError(f"--adapter '{adapter}': a DoRA adapter on Conv1D layers ({sorted(keys)[0]}), which "
+                          "dtrain does not merge")
+    return keys
+
+
+def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transposed: set[str] = frozenset()) -> None:
+    """Every adapted weight exists in the base with the shape B A has (transposed for Conv1D)."""
     from safetensors import safe_open
 
     shapes = {}
@@ -160,8 +201,15 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated or missing shard
             raise DtrainError(f"--base '{base / f}': not a readable safetensors file (truncated or "
                               f"corrupted?): {str(e).splitlines()[0]}") from None
+    _split_experts(deltas, shapes)
     for key, ab in deltas.items():
+        if "part_of" in ab:
+            continue  # checked against the per-expert tensors by _split_experts
         want = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
+        if "experts" in ab:
+            num_experts, stored_in_out = ab["experts"]
+            want = (num_experts, *(want[::-1] if stored_in_out else want))
+        want = want[::-1] if key in transposed else want
         if key not in shapes:
             raise DtrainError(f"--base '{base}': no tensor '{key}' for the adapter (adapter for another base?)")
         if shapes[key] != want:
@@ -169,24 +217,57 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict]) -> Non
                               f"B A is {list(want)} (adapter for another base?)")
 
 
-def _quantized_keys(base: Path, bits: int, include_head: bool = False) -> dict[str, int]:
+def _split_experts(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:
+    """A fused expert weight the base stores per expert (expert_checkpoint.py): its delta is merged
+    into each expert's tensors, `{"part_of": fused delta, "expert": e, "rows": rows of B_e A_e}`."""
+    from dtrain.expert_checkpoint import per_expert_keys, stored_names
+
+    def stored(k: str) -> str | None:
+        return next((n for n in [k, *stored_names(k)] if n in shapes), None)
+
+    for key in [k for k, ab in deltas.items() if "experts" in ab and k not in shapes]:
+        experts = per_expert_keys(key, lambda k: stored(k) is not None)
+        ab = deltas[key]
+        if experts is None or len(experts) != ab["experts"][0]:
+            continue  # reported as a missing tensor
+        del deltas[key]
+        for e, parts in enumerate(experts):
+            start = 0
+            for part in parts:
+                rows = shapes[stored(part)][0]
+                deltas[stored(part)] = {"part_of": ab, "expert": e, "rows": slice(start, start + rows)}
+                start += rows
+
+
+def _expert_layout(base: Path, target_parameters: list[str] | None, adapter: Path) -> dict:
+    """{adapter module: (checkpoint key, experts, transposed)} of PEFT's `target_parameters`, found
+    on a meta-device build of the base's config (nothing is allocated)."""
+    if not target_parameters:
+        return {}
+    from dtrain import experts
+
+    try:
+        return experts.layout(_empty_model(base), target_parameters)
+    except DtrainError as e:
+        raise DtrainError(f"{adapter}: {e}") from None
+
+
+def _quantized_keys(model, bits: int, include_head: bool = False) -> dict[str, int]:
     """{checkpoint key: bits} of the weights dtrain stores quantized: every Linear, the head only
-    with `include_head` (the rule of `Backend.prepare`; found on a meta-device build of the base's
-    config, nothing is allocated)."""
-    import torch
+    with `include_head` (the rule of `Backend.prepare`; found on the meta-device build of the base)."""
     from torch import nn
-    from transformers import AutoConfig
 
-    from dtrain import model as model_lib, quant
+    from dtrain import layers, quant
 
-    config = AutoConfig.from_pretrained(base, local_files_only=True)
-    model = model_lib.build_empty(config, torch.float32)
-    skip = quant.skip_rule(include_head)
-    return {f"{n}.weight": bits for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skip(n)}
+    model = _empty_model(model) if isinstance(model, (str, Path)) else model
+    skip = quant.skip_rule(include_head, model)
+    return {f"{n}.weight": bits for n, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and not skip(n)}
 
 
 def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,
-                 dtype: torch.dtype | None, quantized: dict[str, int] | None = None) -> int:
+                 dtype: torch.dtype | None, quantized: dict[str, int] | None = None,
+                 transposed: set[str] = frozenset()) -> int:
     """Stream every tensor of every file: W + scaling * B A for adapted weights (DoRA's when the
     adapter has a magnitude), cast floats. Returns the bytes of all tensors written."""
     from safetensors import safe_open
@@ -207,11 +288,12 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
                     if key in (quantized or {}):
                         from dtrain.quant import round_trip
 
-                        t = round_trip(t.float(), quantized[key])
+                        t = round_trip(t.float().t(), quantized[key]).t() if key in transposed else \
+                            round_trip(t.float(), quantized[key])  # as dtrain quantized it: [out, in]
                     cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
                     if key in deltas:
                         ab = deltas[key]
-                        t = _merged(t, ab, scaling)
+                        t = _merged(t, ab, scaling, key in transposed)
                     merged[key] = t.to(cast).contiguous()
                     nbytes += merged[key].numel() * merged[key].element_size()
                     bar.update(1)
@@ -219,14 +301,45 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
     return nbytes
 
 
-def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float) -> torch.Tensor:
-    """One adapted weight, merged in float32: W + s B A, or DoRA's m / ||W + s B A||_row * (W + s B A)."""
+def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float, transposed: bool = False) -> torch.Tensor:
+    """One adapted weight, merged in float32: W + s B A (transposed for a Conv1D's [in, out] W), or
+    DoRA's m / ||W + s B A||_row * (W + s B A)."""
+    if "part_of" in ab:  # one expert's tensor of a fused weight stored per expert (never transposed)
+        fused, e = ab["part_of"], ab["expert"]
+        r = fused["lora_A"].shape[0] // fused["experts"][0]
+        a = fused["lora_A"].float()[e * r:(e + 1) * r]
+        b = fused["lora_B"].float()[:, e::fused["experts"][0]]  # PEFT's B: column k*E + e is expert e's k
+        return w.float() + (b @ a)[ab["rows"]] * scaling
+    if "experts" in ab:
+        from dtrain import experts
+
+        return w.float() + experts.delta(ab["lora_A"], ab["lora_B"], *ab["experts"], scaling)
     delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
+    if transposed:
+        return w.float() + delta.t()
     if "lora_magnitude_vector" in ab:
         from dtrain import dora
 
         return dora.merged_weight(w, delta, ab["lora_magnitude_vector"])[0]
     return w.float() + delta
+
+
+def _keep_run_template(adapter: Path, out: Path) -> None:
+    """The merged model generates as the adapter was evaluated: its run's template and stop tokens."""
+    from dtrain import templates
+
+    template, eos = templates.read_settings(adapter)
+    if template is not None:
+        (out / templates.TEMPLATE_FILE).write_text(template)
+    gen_file = out / templates.GENERATION_FILE
+    if eos and gen_file.is_file():
+        gen = _read_json(gen_file, "--base")
+        old = gen.get("eos_token_id")
+        gen["eos_token_id"] = list(dict.fromkeys([*(old if isinstance(old, list) else [old] if old is not None else []),
+                                                   *eos]))
+        gen_file.write_text(json.dumps(gen, indent=2) + "\n")
+    elif eos:
+        gen_file.write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
 
 
 def _copy_rest(base: Path, out: Path, config: dict, dtype: torch.dtype | None, index: dict | None,

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain import layers
+from dtrain.hf_model import checkpoint_renamings, renamed_keys, restore_buffers  # noqa: F401  (model.restore_buffers)
 from dtrain.lora import LoRALinear, is_lora_param
 from dtrain.shapes import logical_shape
 
@@ -33,17 +34,37 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         if not (Path(cfg.path) / "config.json").is_file():
             raise ConfigError(f"model.path = '{cfg.path}': no config.json in that directory")
         try:
-            return AutoConfig.from_pretrained(
+            config = AutoConfig.from_pretrained(
                 cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
             )
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
+            custom = _custom_model_type(Path(cfg.path))
+            if custom and not cfg.trust_remote_code:
+                raise ConfigError(f"model.path = '{cfg.path}': {custom} is custom code (auto_map in its config.json), "
+                                  "which dtrain runs only with model.trust_remote_code=true") from None
             raise ConfigError(f"model.path = '{cfg.path}': config.json: {_first_line(e)}") from None
-    arch = dict(cfg.arch)
-    model_type = arch.pop("model_type")
+    else:
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type")
+        try:
+            config = AutoConfig.for_model(model_type, **arch)
+        except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's validation errors
+            raise ConfigError(f"model.arch: {_first_line(e)}") from None
+    # the kernel every attention layer calls (from_config reads it from the config); packed rows reach
+    # flash attention as varlen sequences through their position_ids, sdpa and eager as a block mask
+    config._attn_implementation = getattr(cfg, "attn_implementation", "sdpa")
+    return config
+
+
+def _custom_model_type(path: Path) -> str | None:
+    """The model type of a config.json that maps its classes to custom code (auto_map), else None."""
+    import json
+
     try:
-        return AutoConfig.for_model(model_type, **arch)
-    except Exception as e:  # noqa: BLE001 - ValueError, KeyError, huggingface_hub's validation errors
-        raise ConfigError(f"model.arch: {_first_line(e)}") from None
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return str(raw.get("model_type", "this model")) if isinstance(raw, dict) and raw.get("auto_map") else None
 
 
 def _first_line(e: Exception) -> str:
@@ -82,14 +103,35 @@ def import_model_code(config: PretrainedConfig, trust_remote_code: bool = False)
 def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "meta",
                 trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
+    check_causal_lm(config, trust_remote_code)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (TypeError, ValueError, ZeroDivisionError) as e:  # a config value the architecture cannot use
         raise ConfigError(f"model: transformers cannot build a {config.model_type} model from this config "
                           f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if layers.output_head(model) is None:
+        raise ConfigError(f"model: {config.model_type}: {type(model).__name__} names no output head "
+                          "(get_output_embeddings() gives none); dtrain needs it to keep the head out of LoRA "
+                          "and quantization and to tie it")
     tie_embeddings(model)
     return model
+
+
+def check_causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> None:
+    """The config's model is a causal LM transformers can build: one line naming the model type
+    and what is missing otherwise (no causal-LM head, custom code not trusted)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if custom and not trust_remote_code:
+        raise ConfigError(f"model: {config.model_type} is custom code (auto_map in its config.json), which dtrain "
+                          "runs only with model.trust_remote_code=true")
+    if not custom:
+        raise ConfigError(f"model: {config.model_type} has no causal-LM head in transformers (no "
+                          "AutoModelForCausalLM class for it): dtrain trains causal language models")
 
 
 def ties_embeddings(model: nn.Module) -> bool:
@@ -108,40 +150,18 @@ def tie_embeddings(model: nn.Module) -> None:
     """
     if not ties_embeddings(model):
         return
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embed, head = layers.input_embeddings(model), layers.output_head(model)
     if embed is None or head is None:
         return
     if head.weight is not embed.weight:
         head.weight = embed.weight
-    if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
+    if layers.output_head(model).weight is not layers.input_embeddings(model).weight:
         raise ConfigError("model: tie_word_embeddings is set but the head could not be tied to the embeddings")
-
-
-def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
-    """Recompute non-persistent buffers (rotary inv_freq) that a meta build left empty."""
-    for module in model.modules():
-        if not any(b is not None for b in module._buffers.values()):
-            continue
-        fresh = None
-        for name, buf in module._buffers.items():
-            if name in module._non_persistent_buffers_set and buf is not None:
-                if fresh is None:
-                    fresh = _rebuild(module, model.config)
-                module._buffers[name] = getattr(fresh, name).to(device)
-
-
-def _rebuild(module: nn.Module, config: PretrainedConfig) -> nn.Module:
-    with torch.device("cpu"):
-        try:
-            return type(module)(config=config)
-        except TypeError:
-            return type(module)(config)
 
 
 def checkpoint_key(param_name: str) -> str:
     """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
-    return param_name.replace(".base_layer.", ".")
+    return re.sub(r"(\.base_layer)+\.", ".", param_name)  # nested wrappers (expert LoRA) add several
 
 
 class WeightSource(Protocol):
@@ -153,9 +173,11 @@ class WeightSource(Protocol):
 class SafetensorsSource:
     """A local HF checkpoint: one `model.safetensors` or shards with `model.safetensors.index.json`."""
 
-    def __init__(self, path: str | Path, prefix: str = "") -> None:
+    def __init__(self, path: str | Path, prefix: str = "", renamings: list | None = None) -> None:
         """`prefix`: the model's `base_model_prefix` ("model", "bert"), which checkpoints saved
-        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without."""
+        from the base model alone (`BertModel`, not `BertLMHeadModel`) store their keys without.
+        `renamings`: transformers' renamings of checkpoint keys to module names for this model
+        (`checkpoint_renamings`: GPT-NeoX's stored `embed_out` is the module `lm_head`)."""
         self.path, self.prefix = Path(path), prefix
         names, index = layers.weight_files(self.path, "model.path")
         if index is not None:
@@ -165,23 +187,37 @@ class SafetensorsSource:
             with _safe_open(f) as h:
                 self.files = {k: f for k in h.keys()}
         self._open: dict[Path, object] = {}
+        self.renamed = renamed_keys(sorted(self.files), renamings or [])
 
     def key(self, name: str) -> str | None:
-        """The checkpoint key holding model parameter `name`, as stored or without the prefix."""
+        """The checkpoint key holding model parameter `name`: as stored, without the prefix, or
+        stored under the name transformers renames to `name`."""
         key = checkpoint_key(name)
-        if key in self.files:
-            return key
-        if self.prefix and key.startswith(self.prefix + "."):
-            bare = key[len(self.prefix) + 1:]
-            if bare in self.files:
-                return bare
+        bare = key[len(self.prefix) + 1:] if self.prefix and key.startswith(self.prefix + ".") else None
+        from dtrain.expert_checkpoint import stored_names
+
+        for candidate in (key, bare, *stored_names(key)):
+            if candidate in self.files:
+                return candidate
+            if candidate in self.renamed:
+                return self.renamed[candidate]
         return None
 
     def has(self, name: str) -> bool:
-        return self.key(name) is not None
+        return self.key(name) is not None or self._per_expert(name) is not None
+
+    def _per_expert(self, name: str) -> list[list[str]] | None:
+        """The per-expert tensors of a fused expert weight (expert_checkpoint.py), as stored."""
+        from dtrain.expert_checkpoint import per_expert_keys
+
+        return per_expert_keys(checkpoint_key(name), lambda k: self.key(k) is not None)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         key = self.key(name)
+        experts = self._per_expert(name) if key is None else None
+        if experts is not None:  # rows of a fused [E, ., .] weight are experts: read only those
+            chosen = experts if rows is None else experts[rows]
+            return torch.stack([torch.cat([self.read(k) for k in keys]) for keys in chosen])
         if key is None:
             raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{checkpoint_key(name)}'")
         f = self.files[key]
@@ -287,6 +323,7 @@ class QuantSource:
     def __init__(self, base: WeightSource, model: nn.Module) -> None:
         self.base = base
         self.bits = {n: m.bits for n, m in model.named_modules() if layers.is_quantized(m)}
+        self.transposed = {n for n, m in model.named_modules() if getattr(m, "stored_transposed", False)}
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
@@ -296,7 +333,9 @@ class QuantSource:
         if self._cache is None or self._cache[0] != module:
             from dtrain.quant import quantize_rows
 
-            self._cache = (module, quantize_rows(self.base.read(f"{module}.weight").float(), self.bits[module]))
+            w = self.base.read(f"{module}.weight").float()
+            w = w.t().contiguous() if module in self.transposed else w  # a Conv1D's [in, out] weight
+            self._cache = (module, quantize_rows(w, self.bits[module]))
         full = self._cache[1][leaf]
         return full if rows is None else full[rows]
 
@@ -311,13 +350,16 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     """Where the frozen base's weights come from: model.path's checkpoint, or a random init;
     quantized on the fly where the model has quantized layers."""
     if cfg.path is not None:
-        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""))
+        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""),
+                                                 checkpoint_renamings(model))
         check_complete(source, model)
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
         for n, m in model.named_modules():
-            if layers.is_quantized(m):  # the float weight a quantized layer is made from
-                shapes[f"{n}.weight"] = torch.Size((m.out_features, m.in_features))
+            if layers.is_quantized(m):  # the float weight a quantized layer is made from, as stored
+                stored = (m.in_features, m.out_features) if getattr(m, "stored_transposed", False) else \
+                    (m.out_features, m.in_features)
+                shapes[f"{n}.weight"] = torch.Size(stored)
         std = float(getattr(model.config, "initializer_range", 0.02))
         source = RandomSource(seed, std, shapes)
     quantized = any(layers.is_quantized(m) for m in model.modules())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 
+from dtrain import layers
 from dtrain.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
@@ -86,8 +87,7 @@ def weight_module_names(model) -> list[str]:
     and LoRA-wrapped linears), never a LoRA layer's own parts."""
     out = []
     for name, module in model.named_modules():
-        linear_like = (hasattr(module, "in_features") and hasattr(module, "out_features")) or \
-            type(module).__name__ == "Conv1D"
+        linear_like = (hasattr(module, "in_features") and hasattr(module, "out_features")) or layers.is_conv1d(module)
         if linear_like and ".lora_" not in name and not name.endswith(".base_layer"):
             out.append(name)
     return out

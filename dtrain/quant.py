@@ -25,9 +25,8 @@ all-gathers before a unit's forward and ZeRO-3 before a module's forward; outsid
 caller gathers (FSDP2 ``unshard()``, ZeRO-3 ``GatheredParameters``), except that a DTensor
 parameter is gathered here by ``full_tensor()`` (a collective: call it on every rank).
 
-Error bounds (checked by tests/unit/quant_bounds.py): int8 ``|w - deq(w)| <= scale_row / 2``;
-NF4 ``|w - deq(w)| <= (max NF4 code gap / 2) * absmax_block``; both plus a few float32 ulps of the
-row/block absmax. This file holds no distributed code.
+Error bounds (tests/unit/quant_bounds.py): int8 ``|w - deq(w)| <= scale_row / 2``; NF4 ``<= (max
+NF4 code gap / 2) * absmax_block``; plus a few float32 ulps. No distributed code here.
 """
 
 from __future__ import annotations
@@ -42,13 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtrain.shapes import logical_numel
+from dtrain import layers
 from dtrain.layers import NF4_BLOCKSIZE  # noqa: F401  (quant.NF4_BLOCKSIZE for its users)
 
 SUPPORTED_BITS = (8, 4)
-# Last name components of Linear layers that are output heads and stay in full precision.
-HEAD_NAMES = frozenset(
-    {"lm_head", "embed_out", "output", "output_layer", "score", "classifier", "qa_outputs", "head"}
-)
+# Names taken for output heads in a module that names none (a model's head: layers.output_head).
+HEAD_NAMES = frozenset({"lm_head", "embed_out", "output", "output_layer", "score", "classifier", "qa_outputs", "head"})
 _BNB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -300,18 +298,21 @@ def default_skip(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in HEAD_NAMES
 
 
-def _never(name: str) -> bool:
+def _never(name: str) -> bool:  # quantization.include_head: no layer is kept
     return False
 
 
-def skip_rule(include_head: bool) -> Callable[[str], bool]:
-    """The layers dtrain keeps unquantized (`quantization.include_head`): the output heads, or none."""
-    return _never if include_head else default_skip
+def skip_rule(include_head: bool, model: nn.Module | None = None) -> Callable[[str], bool]:
+    """The layers kept unquantized (`quantization.include_head`): the head `model` names, or none."""
+    if include_head:
+        return _never
+    heads = layers.head_names(model) if model is not None else set()
+    return heads.__contains__ if heads else default_skip
 
 
 def _is_float_linear(module: nn.Module) -> bool:
-    """A plain float ``nn.Linear`` (not a LoRA wrapper that happens to subclass it)."""
-    return (isinstance(module, nn.Linear) and not hasattr(module, "base_layer")
+    """A plain float ``nn.Linear`` or Conv1D (not a LoRA wrapper that happens to subclass it)."""
+    return ((isinstance(module, nn.Linear) or layers.is_conv1d(module)) and not hasattr(module, "base_layer")
             and module.weight.is_floating_point())
 
 
@@ -328,8 +329,7 @@ def _adapter_module_ids(model: nn.Module) -> set[int]:
 
 
 def quantize_model(model: nn.Module, bits: int, skip: Callable[[str], bool] | None = None) -> int:
-    """Replace every float ``nn.Linear`` in ``model`` by a ``QuantLinear``, in place.
-
+    """Replace every float ``nn.Linear`` (and transformers' Conv1D) in ``model`` by a ``QuantLinear``, in place.
     ``skip(name)`` gets the layer's qualified name and keeps the layer when true; default
     ``default_skip`` (output heads such as ``lm_head``). A LoRA wrapper (any module whose
     ``base_layer`` is an ``nn.Linear``) keeps its place: its ``base_layer`` is replaced, the name
@@ -354,15 +354,17 @@ def quantize_model(model: nn.Module, bits: int, skip: Callable[[str], bool] | No
     return len(done)
 
 
-def _quantized(linear: nn.Linear, bits: int) -> QuantLinear:
-    """The QuantLinear for a Linear: quantized now, or empty storage when the weight is not loaded
-    yet (a meta tensor, or a ZeRO-3 placeholder carrying `ds_shape`): the loader fills it later."""
-    w = linear.weight
+def _quantized(linear: nn.Module, bits: int) -> QuantLinear:
+    """The QuantLinear ([out, in] storage) of a Linear or Conv1D (`stored_transposed`: [in, out] in the
+    checkpoint); empty while the weight is a meta or ZeRO-3 placeholder: the loader fills it later."""
+    w, conv1d = linear.weight, layers.is_conv1d(linear)
     if not (w.is_meta or hasattr(w, "ds_shape")):
-        return QuantLinear.from_linear(linear, bits)
-    device = "meta" if w.is_meta else "cpu"
-    return QuantLinear(linear.in_features, linear.out_features, bits, linear.bias is not None,
-                       device=device)
+        q = QuantLinear.from_weight(w.t() if conv1d else w, linear.bias, bits)
+    else:
+        fan_in, fan_out = layers.linear_dims(linear)
+        q = QuantLinear(fan_in, fan_out, bits, linear.bias is not None, device="meta" if w.is_meta else "cpu")
+    q.stored_transposed = conv1d
+    return q
 
 
 def quantize_rows(weight: Tensor, bits: int) -> dict[str, Tensor]:

@@ -39,7 +39,7 @@ MUST_MATCH = {"mode": "mode", "lora.r": _LORA, "lora.alpha": _LORA, "lora.use_rs
               "model.path": "model", "model.base_hash": "model", "model.dtype": "model",
               "quantization.bits": "quantization", "quantization.include_head": "quantization",
               "tokenizer.hash": "tokenizer", "data.chat_template_hash": "chat template",
-              "objective": "objective", "training.objective": "objective",
+              "objective": "objective", "training.objective": "objective", "dpo.reference": "DPO reference",
               "data.path": "data", "data.mix": "data", "data.format": "data", "data.seq_len": "data",
               "data.truncation": "data", "data.packing": "data", "data.eval_path": "data",
               "data.eval_fraction": "data", "data.bad_records": "data", "data.fields": "data",
@@ -73,6 +73,8 @@ def settings(cfg: Config, model, tokenizer=None) -> dict:
                 "data.fields": {f: getattr(d, f) for f in FORMAT_FIELDS.get(d.format, ())},
                 "model.arch": {k: getattr(arch, k, None) for k in ARCH_KEYS} if arch is not None else {},
                 "model.base_hash": fingerprint.base(cfg.model.path)})
+    if "dpo.reference" in out and out.get("objective") != "dpo":
+        out["dpo.reference"] = None  # only DPO reads it
     if tokenizer is not None:
         from dtrain.data import chat
 
@@ -137,6 +139,10 @@ def _check_batch(data: dict, plan, path: Path) -> None:
             f"{was}), this run's is {plan.global_batch} ({plan.micro_batch} x {plan.grad_accum} x "
             f"{plan.world} rank(s)); keep the product equal (e.g. half the ranks, twice the micro-batch) "
             "or start a new output.dir")
+    if data.get("group_by_length", False) != (plan.lengths is not None):
+        log.warning("resume: data.group_by_length was %s in %s, is %s now: batches after the resume differ "
+                    "from an uninterrupted run's", data.get("group_by_length", False), path.name,
+                    plan.lengths is not None)
     if (data.get("n_examples"), data.get("seed")) != (plan.n_examples, plan.seed):
         log.warning("resume: the data differs from %s's (%d examples, seed %s; now %d, seed %s): batches "
                     "after the resume differ from an uninterrupted run's", path.name, data.get("n_examples", -1),

@@ -22,14 +22,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dtrain import loss as loss_lib
+from dtrain import layers, loss as loss_lib
 
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks, in order (the classes it names in `_no_split_modules`)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    """The model's repeated blocks, in order (layers.decoder_blocks: their one home)."""
+    return layers.decoder_blocks(model)
 
 
 def apply_checkpointing(model: nn.Module, policy: bool | str, every: int) -> list[int]:
@@ -84,24 +83,41 @@ def compile_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
-def chunked_loss_wanted(setting: bool | str, mode: str, head: nn.Module | None) -> bool:
-    """training.chunked_loss: true / false, or auto (LoRA with a plain linear head)."""
+# Config fields of models that transform the logits after the output head (Gemma 2/3's softcapping,
+# Granite's scaling, Cohere's scale): the chunked loss, computed inside the head, would skip it.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logits_scaling": 1.0, "logit_scale": 1.0}
+
+
+def logit_transform(config) -> str | None:
+    """The config field by which this model changes its logits after the head, or None."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for key, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(text, key, neutral)
+        if value is not None and value != neutral:
+            return key
+    return None
+
+
+def chunked_loss_wanted(setting: bool | str, mode: str, head: nn.Module | None, config=None) -> bool:
+    """training.chunked_loss: true / false, or auto (LoRA with a plain linear head whose output the
+    model returns as it is)."""
     from dtrain.config import ConfigError
 
     if setting is True and not loss_lib.supports(head):
         raise ConfigError(f"training.chunked_loss = true needs a plain linear output head; this model's is "
                           f"{type(head).__name__} (an adapted or quantized head): use auto or false")
+    transform = logit_transform(config) if config is not None else None
+    if setting is True and transform:
+        raise ConfigError(f"training.chunked_loss = true: a {config.model_type} model changes its logits after the "
+                          f"output head ({transform}), which a loss computed in the head would skip: use auto or false")
     if setting == "auto":
-        return mode == "lora" and loss_lib.supports(head)
+        return mode == "lora" and loss_lib.supports(head) and transform is None
     return bool(setting)
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
-    try:
-        head = model.get_output_embeddings()
-    except (AttributeError, NotImplementedError):
-        return None
-    return head if isinstance(head, nn.Module) else None
+    """The output head (layers.output_head: its one home)."""
+    return layers.output_head(model)
 
 
 def apply(model: nn.Module, cfg) -> None:
@@ -111,7 +127,7 @@ def apply(model: nn.Module, cfg) -> None:
     model._dtrain_checkpointed = apply_checkpointing(model, m.gradient_checkpointing, m.gradient_checkpointing_every)
     model._dtrain_compiled = compile_blocks(model) if m.compile_blocks else 0
     head = output_head(model)
-    if chunked_loss_wanted(t.chunked_loss, cfg.mode, head):
+    if chunked_loss_wanted(t.chunked_loss, cfg.mode, head, model.config):
         loss_lib.install(head, t.loss_chunk_tokens)
 
 
@@ -125,7 +141,9 @@ def describe(model: nn.Module, cfg) -> list[str]:
     if getattr(model, "_dtrain_compiled", 0):
         lines.append(f"torch.compile: {model._dtrain_compiled} decoder blocks")
     if loss_lib.installed(output_head(model)):
-        lines.append(f"chunked loss: on, {cfg.training.loss_chunk_tokens} tokens per chunk")
+        head = output_head(model)
+        how = "" if cfg.training.loss_chunk_tokens else " (from the vocabulary)"
+        lines.append(f"chunked loss: on, {head._dtrain_chunk} tokens per chunk{how}, labelled positions only")
     return lines
 
 

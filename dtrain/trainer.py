@@ -27,9 +27,10 @@ import torch
 from tqdm import tqdm
 
 from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, faults, files, lora
-from dtrain import loggers as loggers_lib, outdir, preempt, step as step_lib, step_opts, stopping
+from dtrain import loggers as loggers_lib, outdir, preempt, reference, step as step_lib, step_opts, stopping, templates
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
+from dtrain.data.chat import run_template
 from dtrain.tokenizer import has_tokenizer, load_tokenizer
 
 log = logging.getLogger("dtrain")
@@ -54,6 +55,7 @@ class Trainer:
         self._pending: dict | None = None  # the metrics row of a step whose evaluation a preemption cut
         self.loggers: loggers_lib.MultiLogger | None = None  # rank 0 only
         self._mfu: tuple[float, float] | None = None  # (flops per token, peak FLOP/s): CUDA only
+        self.objective = objective_of(cfg)
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -63,12 +65,16 @@ class Trainer:
         self._prepare_out()
         tok_dir = cfg.data.tokenizer or (cfg.model.path if cfg.model.path and has_tokenizer(cfg.model.path) else None)
         self.tokenizer = load_tokenizer(tok_dir, cfg.data.path, cfg.model.trust_remote_code)
+        template = run_template(cfg.data, self.tokenizer)
+        self.chat = (template, templates.stop_ids(self.tokenizer, template))  # kept with the adapter
         self.backend.build()  # before the data: a model the config cannot build fails first, in one line
         self._check_vocab()
         data = data_lib.prepare(cfg.data, self.tokenizer, cfg.training.seed, env.is_main, self.backend.barrier)
         self.train_data, self.eval_data = data.train, data.eval
         t = cfg.training
-        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
+        lengths = self.train_data.row_lengths() if cfg.data.group_by_length else None
+        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed,
+                                       lengths)
         data_lib.check_plan(self.plan, "training")
         self.total_steps = data_lib.total_steps(t.max_steps, t.epochs, self.plan)
         self.backend.setup_optimizer(self.total_steps)
@@ -82,6 +88,7 @@ class Trainer:
         if env.is_main:
             config_lib.save(cfg, self.out / "config.yaml")
             self.tokenizer.save_pretrained(self.out / "tokenizer")
+            templates.write_settings(self.out / "tokenizer", *self.chat)  # the template the data was rendered with
             self._log_start(data.skipped)
             self.loggers = loggers_lib.create(cfg, self.out, self.state.step)
 
@@ -102,14 +109,15 @@ class Trainer:
             )
 
     def _log_start(self, skipped: int) -> None:
-        for line in step_opts.describe(self.backend.model, self.cfg):
+        for line in step_opts.describe(self.backend.model, self.cfg) + reference.describe(self.cfg):
             log.info("%s", line)
         trainable, total = lora.count_parameters(self.backend.model)
         log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-        pad = 1 - float(self.train_data.attention_mask.float().mean()) if len(self.train_data) else 0.0
-        log.info("data: %d train / %d eval sequences of %d tokens (%.1f%% padding), %d record(s) skipped; "
-                 "%d steps on %d rank(s)", len(self.train_data), len(self.eval_data), self.cfg.data.seq_len,
-                 100 * pad, skipped, self.total_steps, self.env.world_size)
+        lengths = self.train_data.row_lengths().float()
+        mean = float(lengths.mean()) if len(self.train_data) else 0.0
+        log.info("data: %d train / %d eval rows of at most %d tokens (mean %.0f; a micro-batch is cut to its "
+                 "longest row), %d record(s) skipped; %d steps on %d rank(s)", len(self.train_data),
+                 len(self.eval_data), self.cfg.data.seq_len, mean, skipped, self.total_steps, self.env.world_size)
 
     # ---- train ------------------------------------------------------------------------------
     def train(self) -> int:
@@ -141,7 +149,7 @@ class Trainer:
         written at the safe point reached: a step boundary, or the next batch of an evaluation)."""
         try:
             if self.state.step == 0 and self._evaluates():
-                self._write_metrics({"step": 0, "eval_loss": self.evaluate()}, metrics)  # the base's own loss
+                self._write_metrics({"step": 0, **self.evaluate_all()}, metrics)  # the base's own loss
         except preempt.Preempted:
             return self._preempt(at_start=True)
         if self._pending is not None:  # resumed from a checkpoint taken inside that step's evaluation
@@ -176,7 +184,7 @@ class Trainer:
         self._saved_step = self.state.step
         if self.stops.check():
             return self._preempt()
-        adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final)
+        adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final, chat=self.chat)
         if self.cfg.training.eval_generate:
             stopped: list[bool] = []
 
@@ -239,15 +247,16 @@ class Trainer:
         picks = [self.plan.indices(self.state.step, m, rank) for m in range(accum)]
         real = sum(self.train_data.real_tokens(idx) for idx in picks)
         poison = faults.nan_loss(self.state.step + 1, rank, self.env.world_size)
-        result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real, poison=poison)
+        result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real,
+                                     objective=self.objective, poison=poison)
         elapsed = time.perf_counter() - start
-        seq_tokens = self.plan.global_batch * self.cfg.data.seq_len
+        positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
         row = {"step": self.state.step + 1, "loss": result["loss"], "lr": result["lr"],
                "grad_norm": result["grad_norm"], "tokens_per_s": result["real_tokens"] / elapsed,
-               "padding_fraction": 1 - result["real_tokens"] / seq_tokens, "step_time_s": elapsed,
-               "nonfinite": result["nonfinite"]}
+               "padding_fraction": 1 - result["real_tokens"] / max(positions, 1), "step_time_s": elapsed,
+               **{k: result[k] for k in self.objective.metric_names}, "nonfinite": result["nonfinite"]}
         if self._mfu is not None:
-            row["mfu"] = flops.mfu(self._mfu[0], seq_tokens, elapsed, self.env.world_size, self._mfu[1])
+            row["mfu"] = flops.mfu(self._mfu[0], positions, elapsed, self.env.world_size, self._mfu[1])
         return row
 
     def _evaluates(self) -> bool:
@@ -262,7 +271,7 @@ class Trainer:
     def _after_step(self, row: dict, metrics) -> None:
         step, t = self.state.step, self.cfg.training
         if self._evaluates() and (step % t.eval_every == 0 or step == self.total_steps):
-            row["eval_loss"] = self.evaluate()  # every eval_every steps, and after the last
+            row.update(self.evaluate_all())  # every eval_every steps, and after the last
         if t.memory_every and step % t.memory_every == 0:
             from dtrain.memory import measure
 
@@ -273,32 +282,48 @@ class Trainer:
             if self._save() is not None:
                 self._saved_step = step
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss on the held-out split (same for every rank count). A safe point before
-        each batch: a signal (or the deadline) raises preempt.Preempted there, on every rank."""
+        """Mean loss on the held-out split (per token, or per pair for dpo; same for every rank count)."""
+        return self.evaluate_all()["eval_loss"]
+
+    @torch.no_grad()
+    def evaluate_all(self) -> dict[str, float]:
+        """eval_loss and the objective's metrics (eval_rewards/chosen, ...) on the held-out split."""
         n, mb, world = len(self.eval_data), self.cfg.training.micro_batch_size, self.env.world_size
-        total, tokens, start_t = torch.zeros(()), torch.zeros(()), time.perf_counter()
+        names = self.objective.metric_names
+        sums = torch.zeros(2 + len(names), dtype=torch.float64)  # loss, units, metrics
+        start_t = time.perf_counter()
         with self.backend.evaluating():
             rounds = min(self.cfg.training.eval_batches, -(-n // (mb * world)))
             if self.env.is_main:
                 log.info("step %d: evaluating, %d batch(es) per rank", self.state.step, rounds)
             for i in range(rounds):  # every rank runs the same number of forwards (sharded collectives)
-                if self.stops.check():
+                if self.stops.check():  # a safe point: preempt.Preempted on every rank
                     raise preempt.Preempted()
                 start = (i * world + self.env.rank) * mb
                 idx = torch.arange(start, min(start + mb, n)) if start < n else torch.tensor([0])
                 batch = self.eval_data.take(idx)
-                s, c = self.backend.loss(batch)
+                total, extra = self.objective.loss(self.backend, batch)
                 if start < n:
-                    total += s.float().cpu()
-                    tokens += c
+                    units = torch.tensor([float(self.objective.count(batch))], dtype=torch.float64)
+                    sums += torch.cat([total.detach().double().cpu().reshape(1), units, extra])
         self.stops.deadline.saw("eval", time.perf_counter() - start_t)
-        return float(self.backend.all_reduce_sum(total)) / max(float(self.backend.all_reduce_sum(tokens)), 1.0)
+        sums = self.backend.all_reduce_sum(sums)
+        means = (sums / max(float(sums[1]), 1.0)).tolist()
+        return {"eval_loss": means[0], **{f"eval_{k}": v for k, v in zip(names, means[2:])}}
 
     def cleanup(self) -> None:
         self._close_loggers()  # a run that failed before train() still ends its logger runs
         self.backend.close()
+
+
+def objective_of(cfg: Config):
+    """The step's objective: next-token (sft) or preference pairs (dpo)."""
+    if cfg.objective == "dpo":
+        from dtrain import dpo
+
+        return dpo.DPO(cfg)
+    return step_lib.SFT()
 
 
 def setup_logging(is_main: bool) -> None:

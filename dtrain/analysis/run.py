@@ -47,8 +47,35 @@ def load_adapter(path: str | Path, label: str) -> Adapter:
     config, tensors = adapter_lib.read_adapter(path)
     spec = adapter_lib.adapter_spec_from_peft(config, label, path)
     modules = adapter_lib.adapter_modules(tensors, path)
+    modules, _ = _per_expert(modules, config.get("target_parameters") or [], spec.r)
     adapter_lib.check_rank(modules, spec.r, path)
     return Adapter(label, Path(path), spec.r, spec.alpha, modules)
+
+
+# transformers' experts modules register their fused weights in this order (PEFT nests in it)
+_EXPERT_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _per_expert(modules: dict, target_parameters: list[str], r: int) -> tuple[dict, dict]:
+    """Fused expert adapters (PEFT's ParamWrapper: A [r*E, in], B [out, r*E]) split into one
+    module per expert, `<experts>.<e>.<param>` (A_e, B_e): each is a rank-r update of its own."""
+    params = sorted({t.rsplit(".", 1)[-1] for t in target_parameters},
+                    key=lambda p: (_EXPERT_ORDER.index(p) if p in _EXPERT_ORDER else len(_EXPERT_ORDER), p))
+    out, counts = {}, {}
+    for name, ab in modules.items():
+        depth = len(re.findall(r"\.base_layer", name))
+        if not params or ab["lora_A"].shape[0] == r or depth >= len(params):
+            out[name] = ab
+            continue
+        experts_module = re.sub(r"(\.base_layer)+$", "", name)
+        param = params[len(params) - 1 - depth]  # the outermost wrapper holds the last parameter
+        e = ab["lora_A"].shape[0] // r
+        a3 = ab["lora_A"].reshape(e, r, -1)
+        b3 = ab["lora_B"].reshape(ab["lora_B"].shape[0], r, e).permute(2, 0, 1)
+        for i in range(e):
+            out[f"{experts_module}.{i}.{param}"] = {"lora_A": a3[i], "lora_B": b3[i]}
+        counts[experts_module] = e
+    return out, counts
 
 
 def layer_type(module: str) -> str:
@@ -77,6 +104,8 @@ def analyze_one(ad: Adapter, base: BaseWeights | None, layer: int | None = None,
         row = {"type": layer_type(name), "layer": layer_index(name), **delta.spectrum(ab["lora_B"], ab["lora_A"], ad.scaling)}
         if base is not None:
             w = base.weight(name)
+            if w.dim() == 2 and w.shape != (ab["lora_B"].shape[0], ab["lora_A"].shape[1]):
+                w = w.T  # an expert of a transposed fused weight (gpt-oss: [in, out])
             row.update(delta.relate_to_base(w, ab["lora_B"], ab["lora_A"], ad.scaling, seed=seed,
                                             sw=base.singular_values(name, w)))
         modules[name] = row

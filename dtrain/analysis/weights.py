@@ -5,6 +5,8 @@ trained on that quantized base saw (dtrain/quant.py round_trip)."""
 
 from __future__ import annotations
 
+import re
+
 import json
 from pathlib import Path
 
@@ -57,9 +59,12 @@ class BaseWeights:
         """`module`'s weight in float32 (dequantized from `bits` where dtrain would quantize it)."""
         from safetensors import safe_open
 
-        key = self.key_for(module)
+        expert = re.fullmatch(r"(.+\.experts)\.(\d+)\.(\w+)", module)  # one expert of a fused weight
+        key = f"{expert[1]}.{expert[3]}" if expert and f"{expert[1]}.{expert[3]}" in self.files else self.key_for(module)
         with safe_open(self.dir / self.files[key], "pt") as h:
             w = h.get_tensor(key).to(torch.float32)
+        if expert and w.dim() == 3:
+            w = w[int(expert[2])]
         if self.bits:
             from dtrain import quant
 

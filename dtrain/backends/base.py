@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import loss as loss_lib, model as model_lib, optim, step_opts
+from dtrain import logps as logps_lib, loss as loss_lib, model as model_lib, optim, reference, step_opts
 from dtrain.backends.memory_view import TorchMemoryView
 from dtrain.config import Config
 from dtrain.dist import DistEnv
@@ -54,6 +54,9 @@ class Backend(TorchMemoryView, ABC):
         """Build the model empty, add LoRA, shard, then fill the weights; returns the module."""
         config = model_lib.hf_config(self.cfg.model)
         self.model = self._build(config)
+        initial = reference.initial_tensors(self.model, self.cfg)  # lora.init_from, dpo.reference's adapter
+        if initial:
+            self.load_full_state(initial)
         return self.model
 
     def setup_optimizer(self, total_steps: int) -> None:
@@ -86,8 +89,20 @@ class Backend(TorchMemoryView, ABC):
             return loss_lib.token_loss(self.forward(batch), batch["labels"])
         shifted = loss_lib.shift(batch["labels"]).to(self.device)
         with loss_lib.labels(head, shifted):
-            total = self.forward(batch)
+            total = loss_lib.check_passed_through(head, self.forward(batch), self.model.config.model_type)
         return total, int((shifted != loss_lib.IGNORE).sum())
+
+    def row_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log p of each row's labelled tokens [rows], labelled tokens per row [rows]),
+        chunked in the head when the chunked loss is installed (no logits of the micro-batch)."""
+        head = step_opts.output_head(self.model)
+        shifted = loss_lib.shift(batch["labels"]).to(self.device)
+        if loss_lib.installed(head):
+            with loss_lib.labels(head, shifted, per_token=True):
+                tokens = self.forward(batch)
+        else:
+            tokens = logps_lib.from_logits(self.forward(batch), shifted)
+        return logps_lib.row_sums(tokens, shifted)
 
     @contextlib.contextmanager
     def evaluating(self):

@@ -5,16 +5,17 @@ rows of every tensor from the weight source, so no rank holds the full model in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import assembly, dist as dist_env, faults, model as model_lib
+from dtrain import assembly, dist as dist_env, faults, layers, model as model_lib
 from dtrain.backends.base import Backend
 from dtrain.backends import collectives
 from dtrain.backends.collectives import ProcessGroupCollectives
@@ -36,10 +37,15 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         base = model_lib.base_source(cfg.model, model, cfg.training.seed)
         source = model_lib.ModelSource(base, model)
         self._shard(model)
+        self._materialize(model, source)
+        return model
+
+    def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
+        """Storage for this rank's shards, then its rows of the weights (a simulated backend on a
+        fake process group, backends/simulate.py, keeps the meta shards instead)."""
         model.to_empty(device=self.device)
         model_lib.restore_buffers(model, self.device)
         self._fill(model, source)
-        return model
 
     def backward(self, loss: torch.Tensor) -> None:
         super().backward(loss)
@@ -58,16 +64,29 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         """
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.cfg.model.dtype == "bf16" else MixedPrecisionPolicy()
-        blocks = set(getattr(model, "_no_split_modules", None) or [])
-        for module in model.modules():
-            if type(module).__name__ in blocks:
-                fully_shard(module, mp_policy=policy)
-        embed, head = _embeddings(model)
+        for block in layers.decoder_blocks(model):
+            fully_shard(block, mp_policy=policy)
+        embed, head = _with_parameters(layers.input_embeddings(model)), _with_parameters(layers.output_head(model))
         if embed is not None and not (head is not None and _shares_parameters(embed, head)):
             fully_shard(embed, mp_policy=policy)
             if head is not None:
                 fully_shard(head, mp_policy=policy, reshard_after_forward=False)
         fully_shard(model, mp_policy=policy)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        with super().evaluating():
+            yield
+        self.reshard()
+
+    def reshard(self) -> None:
+        """Free every gathered unit. Forward-only passes (evaluation, generation) leave the units
+        that reshard only after backward gathered (the root, and the untied head, whose
+        `reshard_after_forward` is off for training): without this, a rank would hold the whole
+        embedding until the next step's backward, and the end-of-run memory line would show it."""
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def _fill(self, model: nn.Module, source: model_lib.WeightSource) -> None:
         """Each rank reads only the rows of its own shard (FSDP2 shards dim 0 like torch.chunk)."""
@@ -132,16 +151,8 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         return {n: (p.to_local() if isinstance(p, DTensor) else p).data for n, p in self.model.named_parameters()}
 
 
-def _embeddings(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
-    """The model's input embeddings and output head (None where the model does not say)."""
-    found = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            module = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            module = None
-        found.append(module if isinstance(module, nn.Module) and any(True for _ in module.parameters()) else None)
-    return found[0], found[1]
+def _with_parameters(module: nn.Module | None) -> nn.Module | None:
+    return module if module is not None and any(True for _ in module.parameters()) else None
 
 
 def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:

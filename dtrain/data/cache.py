@@ -2,8 +2,10 @@
 ranks) read them. An entry is keyed by a hash of the data files' bytes, the tokenizer (its full
 serialization and chat template) and the data settings that change tokenization.
 
-Layout: `<cache_dir>/<key>/tokens.safetensors` (per dataset `{i}.ids`, `{i}.labels` flat int32 and
-`{i}.offsets`) and `counts.json` (per dataset: path and counts). Written aside, then renamed.
+Layout: `<cache_dir>/<key>/tokens.safetensors` (per dataset the three arrays of a `Ragged`:
+`{i}.ids`, `{i}.labels` flat int32 and `{i}.offsets` int64, n + 1 example boundaries) and
+`counts.json` (per dataset: path and counts). Written aside, then renamed. Loaded as those tensors,
+never as Python lists: memory is 8 bytes a token.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dtrain import files
 from dtrain.config import DataConfig
 from dtrain.data import chat
 from dtrain.data.encode import Encoded
+from dtrain.data.ragged import Ragged
 
 log = logging.getLogger("dtrain.data")
 VERSION = "dtrain-tokens-1"
@@ -64,9 +67,7 @@ def load(root: Path, k: str) -> list[Encoded] | None:
     t = load_file(str(d / "tokens.safetensors"))
     out = []
     for i, m in enumerate(meta["datasets"]):
-        ids, labels, offsets = t[f"{i}.ids"].tolist(), t[f"{i}.labels"].tolist(), t[f"{i}.offsets"].tolist()
-        seqs = [(ids[a:b], labels[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
-        out.append(Encoded(seqs, Counter(m["counts"])))
+        out.append(Encoded(Ragged(t[f"{i}.ids"], t[f"{i}.labels"], t[f"{i}.offsets"]), Counter(m["counts"])))
     return out
 
 
@@ -76,10 +77,9 @@ def save(root: Path, k: str, cfgs: list[DataConfig], encoded: list[Encoded]) -> 
 
     tensors, meta = {}, {"key": k, "datasets": []}
     for i, (c, e) in enumerate(zip(cfgs, encoded)):
-        lengths = torch.tensor([0] + [len(s) for s, _ in e.seqs], dtype=torch.long)
-        tensors[f"{i}.ids"] = torch.tensor([t for s, _ in e.seqs for t in s], dtype=torch.int32)
-        tensors[f"{i}.labels"] = torch.tensor([t for _, lab in e.seqs for t in lab], dtype=torch.int32)
-        tensors[f"{i}.offsets"] = lengths.cumsum(0)
+        r = e.examples
+        tensors[f"{i}.ids"], tensors[f"{i}.labels"] = r.ids.to(torch.int32), r.labels.to(torch.int32)
+        tensors[f"{i}.offsets"] = r.offsets.to(torch.int64)
         meta["datasets"].append({"path": c.path, "format": c.format, "counts": dict(e.counts)})
     try:
         root.mkdir(parents=True, exist_ok=True)

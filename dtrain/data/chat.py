@@ -11,8 +11,7 @@ Tokens overlapping a span are labelled, as transformers does for `{% generation 
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from dtrain import templates
 from dtrain.config import DataConfig
 from dtrain.errors import ConfigError
 
@@ -26,10 +25,21 @@ DEFAULT_ROLES = {"messages": {r: r for r in ROLES},
 
 def template_of(cfg: DataConfig, tokenizer) -> str | None:
     """data.chat_template (a string, or a .jinja file), else the tokenizer's, else None."""
-    t = cfg.chat_template
-    if t is not None:
-        return Path(t).read_text() if t.endswith(".jinja") and Path(t).is_file() else t
+    if cfg.chat_template is not None:
+        return templates.read_template(cfg.chat_template)
     return getattr(tokenizer, "chat_template", None) or None
+
+
+def run_template(cfg: DataConfig, tokenizer) -> str | None:
+    """The template a run renders its conversations with: that of its first dataset (of data.mix)
+    in a conversation format; None when no dataset is rendered with one (text, instruction)."""
+    from dtrain.data.sources import sources
+
+    for c, _ in sources(cfg):
+        template = template_of(c, tokenizer) if c.format in ("messages", "sharegpt", "alpaca") else None
+        if template is not None:
+            return template
+    return None
 
 
 def to_messages(rec: dict, cfg: DataConfig) -> list[dict] | str:

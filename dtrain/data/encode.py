@@ -17,13 +17,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dtrain.config import DataConfig
-from dtrain.data import chat
+from dtrain.data import chat, preference
+from dtrain.data.ragged import Ragged, RaggedBuilder
 from dtrain.data.records import record_problem, required_fields
 from dtrain.data.rows import IGNORE
 from dtrain.errors import ConfigError
 
 log = logging.getLogger("dtrain.data")
-REASONS = ("bad_record", "too_long", "no_labels", "truncated")
+REASONS = ("bad_record", "too_long", "no_labels", "truncated", "no_room", "prompt_cut")
 PROGRESS_MIN = 2000  # records: show a progress bar from this many on (rank 0)
 
 
@@ -31,11 +32,16 @@ PROGRESS_MIN = 2000  # records: show a progress bar from this many on (rank 0)
 class Encoded:
     """One dataset's examples (ragged) and what happened to its records."""
 
-    seqs: list[tuple[list[int], list[int]]]
+    examples: Ragged
     counts: Counter = field(default_factory=Counter)
 
     def __len__(self) -> int:
-        return len(self.seqs)
+        return len(self.examples)
+
+    @property
+    def seqs(self) -> list[tuple[list[int], list[int]]]:
+        """The examples as (ids, labels) lists (small inspections; training reads `examples`)."""
+        return self.examples.seqs()
 
 
 def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = False) -> Encoded:
@@ -45,11 +51,14 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
     if cfg.format in ("messages", "sharegpt") and template is None:
         raise ConfigError(f"data.path = '{cfg.path}': data.format = {cfg.format} needs a chat template; the "
                           "tokenizer has none: set data.chat_template or data.tokenizer")
-    out, first_bad = Encoded([], Counter(records=len(records))), None
+    out, first_bad = Encoded(Ragged.from_seqs([]), Counter(records=len(records))), None
+    kept = RaggedBuilder()
     bar = tqdm(records, desc=f"tokenize {Path(cfg.path).name}", disable=not progress or len(records) < PROGRESS_MIN,
                leave=False, dynamic_ncols=True)
     docs = []
-    for i, rec in enumerate(bar):
+    if cfg.format == "preference":  # pairs: dtrain/data/preference.py
+        first_bad = _encode_pairs(kept, out.counts, bar, cfg, tokenizer, template)
+    for i, rec in enumerate(bar if cfg.format != "preference" else []):
         if txt:
             rec = {cfg.text_field: rec.get("text")}
         problem = record_problem(rec, cfg)
@@ -63,17 +72,42 @@ def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = Fal
             out.counts["bad_record"] += 1
             first_bad = i if first_bad is None else first_bad
             continue
-        _keep(out, pair, cfg, i)
+        _keep(kept, out.counts, pair, cfg, i)
     bar.close()
-    if out.counts["bad_record"]:
+    if out.counts["bad_record"] and cfg.format != "preference":  # pairs: _encode_pairs says why
         log.warning("data: skipped %d record(s) with a missing or empty field (first: record %d)",
                     out.counts["bad_record"], first_bad)
     if cfg.format == "text":
-        out.seqs = _text_rows(docs, cfg, tokenizer)
-    if not out.seqs:
+        for ids, labels in _text_rows(docs, cfg, tokenizer):
+            kept.add(ids, labels)
+    out.examples = kept.build()
+    if not len(out.examples):
         raise ConfigError(_nothing_to_learn(cfg, out.counts))
-    out.counts["examples"] = len(out.seqs)
+    out.counts["examples"] = len(out.examples) // (2 if cfg.format == "preference" else 1)
     return out
+
+
+def _encode_pairs(kept: RaggedBuilder, counts: Counter, records, cfg: DataConfig, tokenizer,
+                  template: str | None) -> int | None:
+    """Preference records -> (chosen, rejected) examples, consecutive in `kept`; the first bad record."""
+    first_bad = None
+    for i, rec in enumerate(records):
+        found = preference.pair(rec, cfg, tokenizer, template)
+        if isinstance(found, str):
+            if cfg.bad_records == "error":
+                raise ConfigError(f"data.path = '{cfg.path}': record {i} has {found}")
+            if first_bad is None:
+                log.warning("data: skipping bad preference records (first: record %d, %s)", i, found)
+                first_bad = i
+            counts["bad_record"] += 1
+            continue
+        fitted, what = preference.fit(found, cfg, i)
+        if what:
+            counts[what] += 1
+        if fitted is not None:
+            for ids, labels in fitted:
+                kept.add(ids, labels)
+    return first_bad
 
 
 def _example(rec: dict, cfg: DataConfig, tokenizer, template: str | None) -> tuple[list[int], list[int]] | str:
@@ -94,7 +128,7 @@ def _example(rec: dict, cfg: DataConfig, tokenizer, template: str | None) -> tup
     return p + r, [IGNORE] * len(p) + r
 
 
-def _keep(out: Encoded, pair: tuple[list[int], list[int]], cfg: DataConfig, i: int) -> None:
+def _keep(kept: RaggedBuilder, counts: Counter, pair: tuple[list[int], list[int]], cfg: DataConfig, i: int) -> None:
     """Apply data.truncation, then keep the example if a token of it (after the first) is learned."""
     ids, labels = pair
     if len(ids) > cfg.seq_len:
@@ -102,14 +136,14 @@ def _keep(out: Encoded, pair: tuple[list[int], list[int]], cfg: DataConfig, i: i
             raise ConfigError(f"data.path = '{cfg.path}': record {i} has {len(ids)} tokens, more than "
                               f"data.seq_len = {cfg.seq_len} (data.truncation: error)")
         if cfg.truncation == "drop":
-            out.counts["too_long"] += 1
+            counts["too_long"] += 1
             return
         ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]  # keep the end: the last answer
-        out.counts["truncated"] += 1
+        counts["truncated"] += 1
     if all(v == IGNORE for v in labels[1:]):  # the first token is never a target
-        out.counts["no_labels"] += 1
+        counts["no_labels"] += 1
         return
-    out.seqs.append((ids, labels))
+    kept.add(ids, labels)
 
 
 def _text_rows(docs: list[str], cfg: DataConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -125,7 +159,9 @@ def _text_rows(docs: list[str], cfg: DataConfig, tokenizer) -> list[tuple[list[i
 
 def _nothing_to_learn(cfg: DataConfig, counts: Counter) -> str:
     if counts["bad_record"] == counts["records"]:
-        fields = required_fields(cfg) or [cfg.messages_field or chat.DEFAULT_FIELD.get(cfg.format, "?")]
+        fields = required_fields(cfg) or ([cfg.prompt_field, cfg.chosen_field, cfg.rejected_field]
+                                          if cfg.format == "preference" else
+                                          [cfg.messages_field or chat.DEFAULT_FIELD.get(cfg.format, "?")])
         return f"data.path = '{cfg.path}': no usable records (fields: {', '.join(fields)})"
     return (f"data.path = '{cfg.path}': no example has a labelled token within data.seq_len = {cfg.seq_len} "
             f"({describe(counts)}; data.truncation = {cfg.truncation})")
@@ -135,9 +171,12 @@ def describe(counts: Counter) -> str:
     """'270 records: 12 examples; dropped 250 over seq_len, 8 with no labelled token; ...'"""
     parts = [f"{counts['records']} records -> {counts['examples']} examples"]
     dropped = [f"{counts[k]} {what}" for k, what in (("too_long", "over seq_len"), ("no_labels", "with no labelled "
-               "token"), ("bad_record", "bad record(s)")) if counts[k]]
+               "token"), ("bad_record", "bad record(s)"), ("no_room", "whose completions leave no room for "
+               "the prompt")) if counts[k]]
     if dropped:
         parts.append("dropped " + ", ".join(dropped))
     if counts["truncated"]:
         parts.append(f"truncated {counts['truncated']} (kept their last seq_len tokens)")
+    if counts["prompt_cut"]:
+        parts.append(f"cut {counts['prompt_cut']} prompt(s) to data.max_prompt_tokens (kept their end)")
     return "; ".join(parts)

@@ -6,11 +6,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from dtrain.config import DataConfig
 from dtrain.data import cache, sources as sources_lib
 from dtrain.data.encode import Encoded, describe, encode
+from dtrain.data.ragged import Ragged
 from dtrain.data.records import load_records
-from dtrain.data.rows import Examples, pack_rows, pad_rows, split_indices
+from dtrain.data.rows import Examples, PairRows, pack_rows, pad_rows, pair_rows, split_indices
 
 log = logging.getLogger("dtrain.data")
 
@@ -26,12 +29,15 @@ class Prepared:
 def tokenize(cfg: DataConfig, records: list[dict], tokenizer) -> Examples:
     """One dataset's records -> rows (padded, or packed with data.packing); no split."""
     enc = encode(cfg, records, tokenizer)
-    ex = to_rows(enc.seqs, cfg, tokenizer)
+    ex = to_rows(enc.examples, cfg, tokenizer)
     ex.skipped = enc.counts["bad_record"]
     return ex
 
 
 def to_rows(seqs, cfg: DataConfig, tokenizer, source: list[int] | None = None) -> Examples:
+    """Rows of `seqs` (a Ragged, or [(ids, labels)]): packed with data.packing, else one per row."""
+    if cfg.format == "preference":  # consecutive examples 2k, 2k+1 are pair k
+        return pair_rows(seqs, cfg.seq_len, tokenizer.pad_token_id)
     if cfg.packing:
         return pack_rows(seqs, cfg.seq_len, tokenizer.pad_token_id)
     return pad_rows(seqs, cfg.seq_len, tokenizer.pad_token_id, source)
@@ -63,26 +69,31 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, is_main: bool = True,
         encoded = encoded or encode_all(cfgs, tokenizer, progress=False)  # cache dir not shared with rank 0
     for c, e in zip(cfgs, encoded):
         log.info("data: %s (%s): %s", c.path, c.format, describe(e.counts))
-    train, evals = _split_and_mix(cfg, srcs, encoded, seed)
-    train_rows = to_rows([s for _, s in train], cfg, tokenizer, [i for i, _ in train])
+    train, source, evals = _split_and_mix(cfg, srcs, encoded, seed)
+    train_rows = to_rows(train, cfg, tokenizer, source)
     eval_rows = to_rows(evals, cfg, tokenizer)
     if cfg.packing:
         log.info("data: packed %d train examples into %d rows of %d tokens", len(train), len(train_rows), cfg.seq_len)
     return Prepared(train_rows, eval_rows, sum(e.counts["bad_record"] for e in encoded), hit)
 
 
-def _split_and_mix(cfg: DataConfig, srcs, encoded: list[Encoded], seed: int):
-    """[(dataset, example)] for training and [example] for evaluation."""
+def _split_and_mix(cfg: DataConfig, srcs, encoded: list[Encoded], seed: int) -> tuple[Ragged, list[int], Ragged]:
+    """(training examples in mixed order, the dataset of each, evaluation examples)."""
+    k = 2 if cfg.format == "preference" else 1  # a preference pair is 2 consecutive examples: split and mix pairs
+    items = PairRows.rows_of if k == 2 else (lambda idx: idx)
     train_parts, evals = [], []
-    for i, (c, _) in enumerate(srcs):
-        seqs = encoded[i].seqs
+    for i in range(len(srcs)):
+        ex = encoded[i].examples
         if cfg.eval_path is None:
-            tr, ev = split_indices(len(seqs), cfg.eval_fraction, seed)
-            train_parts.append([seqs[j] for j in tr.tolist()])
-            evals += [seqs[j] for j in ev.tolist()]
+            tr, ev = split_indices(len(ex) // k, cfg.eval_fraction, seed)
+            train_parts.append(ex.select(items(tr)))
+            evals.append(ex.select(items(ev)))
         else:
-            train_parts.append(seqs)
-    if cfg.eval_path is not None:
-        evals = encoded[-1].seqs
-    pairs = sources_lib.mix([len(p) for p in train_parts], [w for _, w in srcs], seed)
-    return [(i, train_parts[i][j]) for i, j in pairs], evals
+            train_parts.append(ex)
+    eval_examples = encoded[-1].examples if cfg.eval_path is not None else Ragged.concat(evals)
+    pairs = sources_lib.mix([len(p) // k for p in train_parts], [w for _, w in srcs], seed)
+    base = [0]
+    for p in train_parts:
+        base.append(base[-1] + len(p) // k)
+    order = items(torch.tensor([base[i] + j for i, j in pairs], dtype=torch.long))
+    return Ragged.concat(train_parts).select(order), [i for i, _ in pairs], eval_examples

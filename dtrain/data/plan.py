@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dtrain.errors import ConfigError
+
+GROUP = 64  # global batches sorted together under data.group_by_length (HF's megabatches are 50)
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,11 @@ class BatchPlan:
 
     Each epoch is a seeded permutation cut into global batches of micro_batch * grad_accum * world
     examples (the last partial one dropped), so every example is seen once per epoch in total.
+
+    With `lengths` (data.group_by_length) each run of GROUP global batches of that permutation is
+    sorted by length, longest first, so a micro-batch holds examples of similar length (it is cut to
+    its longest), and those global batches are then put in a seeded order: still a pure function of
+    (seed, step, rank) and of the global batch, so resumes (on any world size) see the same batches.
     """
 
     n_examples: int
@@ -24,6 +31,7 @@ class BatchPlan:
     grad_accum: int
     world: int
     seed: int
+    lengths: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def global_batch(self) -> int:
@@ -37,8 +45,23 @@ class BatchPlan:
         epoch, within = divmod(step, self.steps_per_epoch)
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{epoch}".encode()))
         perm = torch.randperm(self.n_examples, generator=g)
-        start = within * self.global_batch + (micro * self.world + rank) * self.micro_batch
-        return perm[start: start + self.micro_batch]
+        if self.lengths is not None:
+            block = self._grouped_batch(perm, epoch, within)
+        else:
+            block = perm[within * self.global_batch: (within + 1) * self.global_batch]
+        start = (micro * self.world + rank) * self.micro_batch
+        return block[start: start + self.micro_batch]
+
+    def _grouped_batch(self, perm: torch.Tensor, epoch: int, within: int) -> torch.Tensor:
+        """Global batch `within` of the epoch under length grouping."""
+        gb = self.global_batch
+        first = within // GROUP * GROUP
+        count = min(GROUP, self.steps_per_epoch - first)  # the epoch's last group may be shorter
+        members = perm[first * gb: (first + count) * gb]
+        ranked = members[torch.sort(self.lengths[members], descending=True, stable=True).indices]
+        g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{epoch}:{first}:group".encode()))
+        which = int(torch.randperm(count, generator=g)[within - first])
+        return ranked[which * gb: (which + 1) * gb]
 
     def position(self, step: int) -> dict:
         """Where step `step` lies in the data: epoch and step within the epoch."""

@@ -43,15 +43,12 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
     quantized weight counts as its [out, in] elements)."""
     frozen = trainable = 0
     for module in model.modules():
-        if layers.is_linear(module):
-            n = module.in_features * module.out_features
-            w = getattr(module, "weight", None)
-            trainable_weight = isinstance(w, torch.Tensor) and w.requires_grad
-        elif type(module).__name__ == "Conv1D":  # GPT-2's transposed linear
-            n = int(module.nx) * int(module.nf)
-            trainable_weight = module.weight.requires_grad
-        else:
+        if not layers.is_linear(module):
             continue
+        fan_in, fan_out = layers.linear_dims(module)  # GPT-2's Conv1D included
+        n = fan_in * fan_out
+        w = getattr(module, "weight", None)
+        trainable_weight = isinstance(w, torch.Tensor) and w.requires_grad
         if trainable_weight:
             trainable += n
         else:

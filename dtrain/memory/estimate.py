@@ -33,11 +33,18 @@ Assumptions (derivations and references in docs/memory_estimate.md):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from dtrain import presets
+from dtrain.config import TrainingConfig
 from dtrain.errors import ConfigError
+from dtrain.memory import shards
+from dtrain.memory.activations import (  # noqa: F401  (estimate.layer_activation_bytes for its users)
+    activation_bytes,
+    layer_activation_bytes,
+    loss_transient_bytes,
+)
 from dtrain.memory.model_spec import LinearModule, ModelSpec
 
 GIB = 2**30
@@ -49,8 +56,9 @@ ALL_LINEAR = "all-linear"
 NF4_BLOCK = 64
 CATEGORIES = (
     "frozen_weights", "trainable_params", "gradients", "optimizer_state", "gathered_unit",
-    "activations",
+    "activations", "loss_logits",
 )
+CHECKPOINTING = (False, True, "attention")
 
 ASSUMPTIONS = (
     "sharded states (params, grads, optimizer, frozen weights) divided by N = gpus * nodes",
@@ -61,7 +69,12 @@ ASSUMPTIONS = (
     "per 64; embeddings, head, norms, biases unquantized",
     "gathered unit: fsdp = largest of decoder block / embeddings / head / root rest; deepspeed = largest module",
     "activations: Korthikanti et al. 2022 per layer (GQA, gated MLP), s^2 scores only for "
-    "eager attention; checkpointing keeps layer inputs + one layer; logits fp32 b*s*V*4",
+    "eager attention; checkpointing keeps layer inputs + one layer; loss: fp32 log-softmax "
+    "b*s*V*4, or with the chunked loss (default for LoRA) the hidden-state gradient b*s*h",
+    "LoRA model states per tensor as each backend cuts it: FSDP2 ceil(dim0/N) rows, ZeRO-3 "
+    "ceil(numel/N) elements; plus AdamW's 4-byte step tensors",
+    "loss logits (transient): the micro-batch's logits, or one chunk's, in the compute dtype "
+    "plus an fp32 copy",
     "not counted: CUDA context, fragmentation, comm buckets, optimizer-step transients",
 )
 
@@ -84,16 +97,21 @@ class Plan:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     batch: int = 1
     seq_len: int = 2048
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | str = False
     param_dtype: str = "bf16"
     fp32_grads: bool = False
     attention: str = "sdpa"
+    checkpoint_every: int = 1
+    chunked_loss: bool | str = "auto"
+    loss_chunk: int = field(default_factory=lambda: TrainingConfig().loss_chunk_tokens)  # 0: by vocabulary
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", parse_targets(self.targets))
         object.__setattr__(self, "targets", tuple(self.targets))
-        for name in ("gpus", "nodes", "rank", "batch", "seq_len"):
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk must be an integer >= 0 (0: from the vocabulary), got {self.loss_chunk!r}")
+        for name in ("gpus", "nodes", "rank", "batch", "seq_len", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -101,6 +119,11 @@ class Plan:
         _check_choice("bits", self.bits, BITS)
         _check_choice("param_dtype", self.param_dtype, tuple(DTYPE_BYTES))
         _check_choice("attention", self.attention, ATTENTION)
+        if self.grad_checkpointing not in CHECKPOINTING:
+            raise ConfigError("grad_checkpointing must be one of false, true, attention, got "
+                              f"{self.grad_checkpointing!r}")
+        if self.chunked_loss not in (True, False, "auto"):
+            raise ConfigError(f"chunked_loss must be true, false or auto, got {self.chunked_loss!r}")
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise ConfigError(f"targets must name at least one module, got {self.targets!r}")
 
@@ -111,6 +134,11 @@ class Plan:
     @property
     def param_bytes(self) -> int:
         return DTYPE_BYTES[self.param_dtype]
+
+    def chunked(self, mode: str) -> bool:
+        """Whether the loss is chunked for ``mode`` (lora / full): ``auto`` is LoRA only, as
+        training's ``training.chunked_loss: auto``."""
+        return self.chunked_loss is True or (self.chunked_loss == "auto" and mode == "lora")
 
     @property
     def grad_bytes(self) -> int:
@@ -133,6 +161,7 @@ class Breakdown:
     optimizer_state: float
     gathered_unit: float
     activations: float
+    loss_logits: float = 0.0
 
     @property
     def model_states(self) -> float:
@@ -141,7 +170,7 @@ class Breakdown:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.gathered_unit + self.activations
+        return self.model_states + self.gathered_unit + self.activations + self.loss_logits
 
     def scaled(self, factor: float) -> Breakdown:
         return Breakdown(*(getattr(self, c) * factor for c in CATEGORIES))
@@ -219,8 +248,17 @@ def parse_targets(text: str) -> tuple[str, ...]:
 def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearModule, ...]:
     """Block linears matched by ``targets`` (suffixes, ``all-linear``: every block linear, or a
     preset of dtrain.presets: attention-qv, attention, mlp, resolved from the linears' names)."""
+    dense = tuple(lin for lin in spec.linears if not lin.fused)
     if ALL_LINEAR in targets:
-        return spec.linears
+        return dense
+    if len(targets) == 1 and targets[0] in ("experts", "all"):  # dtrain.experts' presets
+        fused = tuple(lin for lin in spec.linears if lin.fused)
+        chosen = fused or tuple(lin for lin in dense if ".experts." in lin.name)
+        if not chosen and targets[0] == "experts":
+            raise ConfigError(f"LoRA targets experts: {spec.name} has no experts")
+        routers = tuple(lin for lin in dense if lin.name.rsplit(".", 1)[-1] in ("gate", "router"))
+        return chosen + tuple(lin for lin in dense if lin not in chosen and lin not in routers) \
+            if targets[0] == "all" else chosen
     if len(targets) == 1 and presets.is_preset(targets[0]):
         chosen = set(presets.resolve_names([lin.name for lin in spec.linears], targets[0]))
         return tuple(lin for lin in spec.linears if lin.name in chosen)
@@ -241,8 +279,10 @@ def quantized_weight_bytes(lin: LinearModule, bits: int, param_bytes: int) -> in
     """Bytes of one layer's frozen weight (not its bias) stored at ``bits``.
 
     8: int8 + one fp32 scale per output row; 4: packed NF4 (two per byte) + one fp32 absmax
-    per ``NF4_BLOCK`` weights; 16: the parameter dtype.
+    per ``NF4_BLOCK`` weights; 16: the parameter dtype. A fused expert weight stays in the
+    parameter dtype (dtrain quantizes nn.Linear layers only).
     """
+    bits = 16 if lin.fused else bits
     n = lin.weight_params
     if bits == 8:
         return n + 4 * lin.out_features
@@ -280,42 +320,6 @@ def fsdp_outer_unit_params(spec: ModelSpec) -> int:
     return max(spec.embedding_params, spec.head_params, rest)
 
 
-def layer_activation_bytes(spec: ModelSpec, plan: Plan) -> float:
-    """Bytes one decoder layer saves for backward (no recompute), whole micro-batch.
-
-    Korthikanti et al. 2022, ``s*b*h*(34 + 5*a*s/h)`` for GPT with 16-bit activations, split
-    into what is saved: 2 LayerNorm inputs (2h), QKV input (h), Q, K, V (dq + 2 dkv), output
-    projection input (dq), MLP input (h), MLP hidden (2f: activation in / out; 4f when gated:
-    gate, up, act(gate), product), in 16 bits (4 B if fp32), plus two 1-byte dropout masks
-    (2h B). Attention scores: eager saves softmax out, its dropout mask and output
-    ((2*act_bytes + 1)*a*s B per token); sdpa/flash saves a fp32 logsumexp (4*a B).
-    For GPT-3 shapes (dq = dkv = h, f = 4h) this is exactly 34 s*b*h (+ 5 a s^2 b eager).
-    """
-    act = plan.param_bytes
-    h, f, a = spec.hidden_size, spec.intermediate_size, spec.num_heads
-    dq, dkv = a * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    elements = 2 * h + h + (dq + 2 * dkv) + dq + h + (4 if spec.gated_mlp else 2) * f
-    masks = 2 * h
-    scores = (2 * act + 1) * a * plan.seq_len if plan.attention == "eager" else 4 * a
-    return plan.seq_len * plan.batch * (act * elements + masks + scores)
-
-
-def activation_bytes(spec: ModelSpec, plan: Plan, lora: tuple[LinearModule, ...] = ()) -> float:
-    """Activations on one GPU: all layers (or, with gradient checkpointing, every layer's
-    input plus one layer's full set), fp32 logits ``b*s*vocab*4`` and, for LoRA, the saved
-    rank-r intermediate ``b*s*r`` per targeted layer."""
-    tokens = plan.seq_len * plan.batch
-    layer = layer_activation_bytes(spec, plan)
-    lora_per_layer = tokens * plan.rank * plan.param_bytes * sum(
-        lin.count for lin in lora) / spec.num_layers
-    if plan.grad_checkpointing:
-        inputs = spec.num_layers * tokens * spec.hidden_size * plan.param_bytes
-        layers = inputs + layer + lora_per_layer
-    else:
-        layers = spec.num_layers * (layer + lora_per_layer)
-    return layers + tokens * spec.vocab_size * 4
-
-
 def optimizer_bytes_per_param(plan: Plan, trained_dtype: str) -> int:
     """AdamW m + v (8 B) plus an fp32 master copy (4 B) when one is kept: for 16-bit trained
     parameters, and always under ZeRO-3, whose optimizer keeps its own fp32 partition even for fp32
@@ -333,7 +337,8 @@ def full_ft_breakdown(spec: ModelSpec, plan: Plan) -> Breakdown:
         optimizer_state=optimizer_bytes_per_param(plan, plan.param_dtype) * p / n,
         gathered_unit=pb * max(unit_params(spec, plan.backend), ds_live_params(spec, plan))
         + pb * unit_params(spec, plan.backend),  # gathered parameters + one unit's gradients
-        activations=activation_bytes(spec, plan),
+        activations=activation_bytes(spec, plan, chunked=plan.chunked("full")),
+        loss_logits=loss_transient_bytes(spec, plan, plan.chunked("full")),
     )
 
 
@@ -350,9 +355,12 @@ def ds_live_params(spec: ModelSpec, plan: Plan) -> int:
 
 def _lora_unit_bytes(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...]) -> float:
     """Gathered unit for LoRA: frozen storage + fp32 adapter params and grads (8 B) of the
-    unit, plus one dequantized weight of the largest linear when quantized."""
+    unit, plus one dequantized weight of the largest linear when quantized. FSDP2 gathers padded
+    shards: an A of r rows on N > r ranks gathers N rows (r * ceil(r / N) of them real)."""
     pb = plan.param_bytes
-    lora = {lin: plan.rank * (lin.in_features + lin.out_features) for lin in targets}
+    n = plan.world_size if plan.backend == "fsdp" else 1
+    rows = math.ceil(plan.rank / n) * n
+    lora = {lin: rows * lin.in_features + plan.rank * math.ceil(lin.out_features / n) * n for lin in targets}
 
     def layer_bytes(lin: LinearModule) -> float:
         bias = (lin.out_features if lin.bias else 0) * pb
@@ -372,15 +380,15 @@ def _lora_unit_bytes(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, .
 
 
 def lora_breakdown(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...]) -> Breakdown:
-    """LoRA: frozen (maybe quantized) base sharded over N; fp32 adapters with fp32 AdamW."""
-    n, trainable = plan.world_size, lora_param_count(targets, plan.rank)
+    """LoRA: frozen (maybe quantized) base sharded over N; fp32 adapters with fp32 AdamW; each
+    tensor cut as the backend cuts it (dtrain/memory/shards.py), rank 0's share."""
+    states = shards.lora_model_states(spec, targets, plan.rank, plan.bits, plan.param_bytes,
+                                      plan.world_size, plan.backend)
     return Breakdown(
-        frozen_weights=frozen_bytes(spec, plan.bits, plan.param_bytes) / n,
-        trainable_params=4 * trainable / n,
-        gradients=4 * trainable / n,
-        optimizer_state=optimizer_bytes_per_param(plan, "fp32") * trainable / n,
+        **states,
         gathered_unit=_lora_unit_bytes(spec, plan, targets),
-        activations=activation_bytes(spec, plan, targets),
+        activations=activation_bytes(spec, plan, targets, chunked=plan.chunked("lora")),
+        loss_logits=loss_transient_bytes(spec, plan, plan.chunked("lora")),
     )
 
 

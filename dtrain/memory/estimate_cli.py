@@ -24,6 +24,12 @@ from dtrain.memory.estimate import (
     estimate,
     parse_targets,
 )
+from dtrain.memory.model_source import (  # noqa: F401  (estimate_cli.resolve_model etc. for their users)
+    load_yaml_model_config,
+    read_config_json,
+    resolve_model,
+    shipped_model,
+)
 from dtrain.memory.model_spec import PRESETS, spec_from_config
 from dtrain.memory.paper import paper_comparison_markdown, paper_gpt3_comparison
 
@@ -34,6 +40,7 @@ _LABELS = {
     "optimizer_state": "optimizer state",
     "gathered_unit": "gathered unit (transient)",
     "activations": "activations",
+    "loss_logits": "loss logits (transient)",
     "model_states": "model states (sharded)",
     "total": "total per GPU",
 }
@@ -44,31 +51,77 @@ def add_estimate_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "estimate", help="per-GPU memory for full fine-tuning vs LoRA, without loading the model",
         description="Per-GPU memory by category (frozen weights, trainable parameters, "
-                    "gradients, optimizer state, gathered unit, activations) for full "
-                    "fine-tuning and for LoRA. Sizes in GiB (2^30 B); --json gives bytes.")
-    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), model directory with "
-                                   "config.json, a config.json, or a dtrain YAML config")
-    p.add_argument("--gpus", help="GPUs per node (required)")
-    p.add_argument("--nodes", default="1", help="nodes (default 1); N = gpus * nodes")
-    p.add_argument("--backend", choices=BACKENDS, default="fsdp", help="default fsdp")
-    p.add_argument("--bits", default="16", help="LoRA frozen weights: 16 (param dtype), 8, 4")
-    p.add_argument("--rank", default="8", help="LoRA rank r (default 8)")
-    p.add_argument("--targets", default="q_proj,v_proj",
-                   help="comma-separated module-name suffixes, all-linear, or a preset: "
-                        "attention-qv, attention, mlp")
-    p.add_argument("--batch", default="1", help="micro-batch per GPU (default 1)")
-    p.add_argument("--seq-len", default="2048", help="tokens per sequence (default 2048)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations")
-    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
-                   help="parameter / compute dtype (default bf16; mixed precision unless fp32)")
-    p.add_argument("--fp32-grads", action="store_true",
-                   help="keep gradients in fp32 (DeepSpeed grad_accum_dtype fp32)")
-    p.add_argument("--attention", choices=ATTENTION, default="sdpa",
-                   help="sdpa/flash (no s^2 scores saved, default) or eager")
+                    "gradients, optimizer state, gathered unit, activations, loss logits) for full "
+                    "fine-tuning and for LoRA. Sizes in GiB (2^30 B); --json gives bytes. Given a "
+                    "YAML config, the whole plan is read from it (flags override) and the values "
+                    "it does not set are listed as assumed.")
+    p.add_argument("config", nargs="?", help="a dtrain YAML config (the plan and the model)")
+    add_plan_flags(p)
+    p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
+                   help="dpo: --batch counts preference pairs (2 rows each); full DPO adds its reference copy")
     p.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
     p.add_argument("--paper", action="store_true",
                    help="print the GPT-3 175B comparison with the LoRA paper and exit")
     p.set_defaults(func=run_estimate)
+
+
+def add_plan_flags(p: argparse.ArgumentParser, model_required: bool = False) -> None:
+    """The plan's flags (shared with `dtrain plan`); every default is None so that a flag given
+    can be told from one left to the config (or to the Plan's defaults)."""
+    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), a name under configs/models "
+                                   "(Llama-3.1-70B), a model directory with config.json, a "
+                                   "config.json, or a dtrain YAML config")
+    p.add_argument("--gpus", help="GPUs per node")
+    p.add_argument("--nodes", help="nodes (default 1); N = gpus * nodes")
+    p.add_argument("--backend", choices=BACKENDS, help="default fsdp")
+    p.add_argument("--bits", help="LoRA frozen weights: 16 (param dtype), 8, 4")
+    p.add_argument("--rank", help="LoRA rank r (default 8)")
+    p.add_argument("--targets", help="comma-separated module-name suffixes, all-linear, or a "
+                                     "preset: attention-qv, attention, mlp (default q_proj,v_proj)")
+    p.add_argument("--batch", help="micro-batch per GPU (default 1)")
+    p.add_argument("--seq-len", help="tokens per sequence (default 2048)")
+    p.add_argument("--grad-checkpointing", nargs="?", const="true", choices=("true", "false", "attention"),
+                   help="recompute activations: whole blocks (no value, or true) or attention only")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES),
+                   help="parameter / compute dtype (default bf16; mixed precision unless fp32)")
+    p.add_argument("--fp32-grads", action="store_true", default=None,
+                   help="keep gradients in fp32 (DeepSpeed grad_accum_dtype fp32)")
+    p.add_argument("--attention", choices=ATTENTION, help="sdpa/flash (no s^2 scores saved, default) or eager")
+    p.add_argument("--chunked-loss", choices=("auto", "true", "false"),
+                   help="loss in chunks from the hidden states (default auto: on for LoRA)")
+    p.add_argument("--loss-chunk", help="tokens per loss chunk (default: training.loss_chunk_tokens's; "
+                                        "0: sized from the vocabulary)")
+
+
+_INT_FLAGS = {"gpus": "--gpus", "nodes": "--nodes", "bits": "--bits", "rank": "--rank",
+              "batch": "--batch", "seq_len": "--seq-len"}
+_WORDS = {"true": True, "false": False}
+
+
+def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan fields set by flags (numbers parsed here, so bad ones are one-line errors)."""
+    out: dict[str, Any] = {f: _positive_int(flag, getattr(args, f)) for f, flag in _INT_FLAGS.items()
+                           if getattr(args, f, None) is not None}
+    if args.loss_chunk is not None:
+        out["loss_chunk"] = _positive_int("--loss-chunk", args.loss_chunk, minimum=0)
+    if args.targets is not None:
+        out["targets"] = parse_targets(args.targets)
+    for flag, name in (("backend", "backend"), ("dtype", "param_dtype"), ("attention", "attention"),
+                       ("fp32_grads", "fp32_grads")):
+        if getattr(args, flag) is not None:
+            out[name] = getattr(args, flag)
+    for flag, name in (("grad_checkpointing", "grad_checkpointing"), ("chunked_loss", "chunked_loss")):
+        value = getattr(args, flag)
+        if value is not None:
+            out[name] = _WORDS.get(value, value)
+    return out
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    """Plan from flags alone (no YAML config); --gpus is required."""
+    if args.gpus is None:
+        raise ConfigError("estimate: --gpus is required (GPUs per node)")
+    return Plan(**plan_overrides(args))
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -77,113 +130,63 @@ def run_estimate(args: argparse.Namespace) -> int:
         result = paper_gpt3_comparison()
         print(json.dumps(result, indent=2) if args.json else paper_comparison_markdown(result))
         return 0
-    if not args.model:
-        raise ConfigError("estimate: --model is required (a preset, model directory, config.json "
-                         "or YAML config), or use --paper")
-    plan = plan_from_args(args)
-    name, cfg = resolve_model(args.model)
-    est = estimate(spec_from_config(cfg, name), plan)
-    print(json.dumps(est.to_dict(), indent=2) if args.json else format_table(est))
+    config = args.config or (args.model if args.model and Path(args.model).suffix in (".yaml", ".yml") else None)
+    if config is None and not args.model:
+        raise ConfigError("estimate: --model is required (a preset, model directory or config.json) "
+                         "unless a YAML config is given; or use --paper")
+    assumed: list[str] = []
+    if config is not None:
+        from dtrain.memory.plan_config import read_plan
+
+        read = read_plan(_yaml_path(config), plan_overrides(args))
+        plan, assumed = read.plan, read.assumed
+        name, cfg = resolve_model(args.model if args.model and args.model != config else config)
+    else:
+        plan = plan_from_args(args)
+        name, cfg = resolve_model(args.model)
+    dpo = getattr(args, "objective", "sft") == "dpo"
+    if dpo:
+        from dtrain.memory.estimate_dpo import estimate_dpo
+
+        est = estimate_dpo(spec_from_config(cfg, name), plan)
+    else:
+        est = estimate(spec_from_config(cfg, name), plan)
+    extra = {"objective": "dpo", "pairs_per_gpu": plan.batch} if dpo else {}
+    if args.json:
+        print(json.dumps({**est.to_dict(), "assumed": assumed, **extra}, indent=2))
+    else:
+        note = "\n" + DPO_NOTE.format(plan.batch) if dpo else ""
+        print(format_table(est) + "".join(f"\nassumed: {a}" for a in assumed) + note)
     return 0
 
 
-def plan_from_args(args: argparse.Namespace) -> Plan:
-    """Plan from parsed arguments; numbers are parsed here so bad ones raise ConfigError."""
-    if args.gpus is None:
-        raise ConfigError("estimate: --gpus is required (GPUs per node)")
-    return Plan(
-        gpus=_positive_int("--gpus", args.gpus), nodes=_positive_int("--nodes", args.nodes),
-        backend=args.backend, bits=_positive_int("--bits", args.bits),
-        rank=_positive_int("--rank", args.rank), targets=parse_targets(args.targets),
-        batch=_positive_int("--batch", args.batch),
-        seq_len=_positive_int("--seq-len", args.seq_len),
-        grad_checkpointing=bool(args.grad_checkpointing), param_dtype=args.dtype,
-        fp32_grads=bool(args.fp32_grads), attention=args.attention,
-    )
+def _yaml_path(arg: str) -> Path:
+    path = Path(arg)
+    if path.suffix not in (".yaml", ".yml"):
+        raise ConfigError(f"estimate: {arg!r} is not a YAML config (.yaml); a model goes in --model")
+    if not path.is_file():
+        raise ConfigError(f"estimate: config file not found: {arg}")
+    return path
 
 
-def _positive_int(flag: str, text: Any) -> int:
+def _positive_int(flag: str, text: Any, minimum: int = 1) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
         raise ConfigError(f"estimate: {flag} must be a positive integer, got {text!r}") from None
-    if value < 1:
+    if value < minimum:
         raise ConfigError(f"estimate: {flag} must be a positive integer, got {text!r}")
     return value
 
 
-# ----------------------------------------------------------------------------- model sources
-
-
-def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
-    """(name, HF config dict) for --model: a preset, a YAML config, a directory or a JSON file."""
-    if arg in PRESETS:
-        return arg, dict(PRESETS[arg])
-    path = Path(arg)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"estimate: config file not found: {arg}")
-        return path.stem, load_yaml_model_config(path)
-    if path.is_dir():
-        return path.resolve().name, read_config_json(path)
-    if path.is_file() and path.suffix == ".json":
-        return path.resolve().parent.name, read_config_json(path)
-    if not path.exists() and ("/" in arg or arg.startswith(".")):
-        raise ConfigError(f"estimate: --model {arg!r}: no such directory or file")
-    raise ConfigError(f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "
-                     "model directory, a config.json or a YAML config")
-
-
-def read_config_json(path: Path) -> dict[str, Any]:
-    """The HF config of a model directory (its config.json) or of a JSON file."""
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"estimate: {path} has no config.json" if path.is_dir()
-                         else f"estimate: file not found: {path}")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"estimate: cannot read {file}: {_one_line(err)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"estimate: {file} is not a JSON object")
-    return data
-
-
-def load_yaml_model_config(path: Path) -> dict[str, Any]:
-    """HF config dict named by a dtrain YAML's ``model`` section: ``model.arch`` (inline HF
-    config with ``model_type``) or ``model.path`` (a directory with config.json; relative to
-    the working directory, else to the YAML's directory).
-
-    The file is read by dtrain.config's YAML reader, but not validated as a whole config: an
-    estimate needs only the model, not the data files a training run would.
-    """
-    from dtrain.config import read_yaml
-
-    data = read_yaml(path)
-    model = data.get("model") if isinstance(data, dict) else None
-    if not isinstance(model, dict):
-        raise ConfigError(f"estimate: {path}: no 'model' section")
-    arch = model.get("arch")
-    if isinstance(arch, dict):
-        if not arch.get("model_type"):
-            raise ConfigError(f"estimate: {path}: model.arch needs 'model_type' (e.g. llama)")
-        return dict(arch)
-    if isinstance(model.get("path"), str):
-        target = Path(model["path"])
-        if not target.is_dir() and not target.is_absolute():
-            target = path.parent / target
-        if not target.is_dir():
-            raise ConfigError(f"estimate: {path}: model.path = {model['path']!r}: directory "
-                             "not found")
-        return read_config_json(target)
-    raise ConfigError(f"estimate: {path}: set model.arch (inline HF config) or model.path")
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]
-
-
 # ----------------------------------------------------------------------------- output
+
+
+def _ckpt(p: Plan) -> str:
+    if p.grad_checkpointing in (False, "off"):
+        return "off"
+    every = f" every {p.checkpoint_every} blocks" if p.checkpoint_every > 1 else ""
+    return ("attention" if p.grad_checkpointing == "attention" else "on") + every
 
 
 def format_table(est: Estimate) -> str:
@@ -193,10 +196,12 @@ def format_table(est: Estimate) -> str:
     lines = [
         f"{s.name}: {s.total_params:,} parameters ({source}), {s.num_layers} layers, "
         f"hidden {s.hidden_size}, vocab {s.vocab_size}",
+        *([f"mixture of experts: {s.expert_params:,} parameters in expert weights, {s.active_params:,} "
+           f"active per token"] if s.expert_params else []),
         f"plan: {p.world_size} GPUs ({p.nodes} node(s) x {p.gpus}), {p.backend}, "
         f"{p.param_dtype}{' + fp32 grads' if p.fp32_grads else ''}, micro-batch {p.batch} x "
-        f"{p.seq_len} tokens, grad checkpointing {'on' if p.grad_checkpointing else 'off'}, "
-        f"attention {p.attention}",
+        f"{p.seq_len} tokens, grad checkpointing {_ckpt(p)}, attention {p.attention}, "
+        f"chunked loss {p.chunked_loss}",
         f"LoRA: r={p.rank} on {','.join(p.targets)}: {est.lora_params:,} trainable "
         f"({est.lora_params / s.total_params:.3%}), frozen weights {p.bits}-bit",
         "",
@@ -211,3 +216,7 @@ def format_table(est: Estimate) -> str:
     lines.append(f"{f'cluster total (x {n})':<28}{est.cluster('full').total / GIB:>12.2f}"
                  f"{est.cluster('lora').total / GIB:>12.2f}{est.ratio:>10.1f}x")
     return "\n".join(lines)
+
+
+DPO_NOTE = ("objective dpo: {0} pair(s) per GPU = the micro-batch of rows above; LoRA's reference is the base "
+            "with the adapter off (0 B more), full DPO's frozen weights are its reference copy of the model")

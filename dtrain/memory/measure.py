@@ -269,7 +269,8 @@ def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
     watch = _Probe(backend)
     for step in range(steps):
         batches = [trainer.train_data.take(trainer.plan.indices(step, m, backend.rank)) for m in range(accum)]
-        step_lib.train_step(backend, batches, watch=watch if step == steps - 1 else None)
+        step_lib.train_step(backend, batches, watch=watch if step == steps - 1 else None,
+                            objective=trainer.objective)
     row = {**watch.row, **process_memory(backend.device)}
     row["model_states"] = sum(row[k] for k in MODEL_STATES)
     return row

@@ -56,6 +56,9 @@ def mode_configs(cfg: Config, out: Path, steps: int, with_8bit: bool) -> dict[st
               lora_name: ("lora", lora_bits, "LoRA" if lora_bits == 16 else f"LoRA {lora_bits}-bit")}
     if with_8bit and lora_bits != 8:
         wanted["lora_8bit"] = ("lora", 8, "LoRA 8-bit")
+    if cfg.objective == "dpo":  # the same modes of a preference step (dpo_reference_copy adds full DPO's copy)
+        wanted = {k: (m, b, label.replace("full FT", "full DPO").replace("LoRA", "LoRA DPO"))
+                  for k, (m, b, label) in wanted.items()}
     return {name: (_derive(cfg, mode, bits, out / "runs" / name, steps),
                    {"label": label, "mode": mode, "bits": bits})
             for name, (mode, bits, label) in wanted.items()}
@@ -94,12 +97,30 @@ def run(args: argparse.Namespace) -> int:
     check_report_dir(out, args.overwrite)
     modes = mode_configs(cfg, out, args.steps, args.with_8bit)
     measured = measure_modes({name: c for name, (c, _) in modes.items()}, args.steps)
+    if cfg.objective == "dpo":
+        dpo_reference_copy(measured)
     if measured.rank == 0:
         data = report.build(cfg, measured, {name: info for name, (_, info) in modes.items()}, args.steps)
+        if cfg.objective == "dpo":
+            data["notes"].append(DPO_NOTE)
         paths = report.write(data, out)
         print(report.markdown(data))
         log.info("memory report: %s, %s, %s", paths["md"], paths["json"], paths["png"])
     return 0
+
+
+DPO_NOTE = ("objective dpo: micro-batch = pairs (2 rows each), each step also runs the reference forward "
+            "under no_grad. LoRA DPO's reference is the base with the adapter off: nothing more is held. Full "
+            "DPO needs a frozen reference copy of the model; it is not built here (the reference forward ran "
+            "through the policy itself) and its frozen weights are counted as one more copy of the policy's "
+            "parameters on each rank, sharded alike")
+
+
+def dpo_reference_copy(measured) -> None:
+    """Full DPO's frozen reference model: as many bytes per rank as its trainable parameters."""
+    for row in measured.modes.get("full", []):
+        row["frozen_weights"] = (row.get("frozen_weights") or 0) + row["trainable_params"]
+        row["model_states"] = row["model_states"] + row["trainable_params"]
 
 
 def measure_modes(cfgs: dict, steps: int):

@@ -59,6 +59,7 @@ class LinearModule:
     out_features: int
     count: int
     bias: bool = False
+    fused: bool = False  # one expert of a fused 3-D expert weight (count: layers x experts); never quantized
 
     @property
     def weight_params(self) -> int:
@@ -101,6 +102,16 @@ class ModelSpec:
     non_block_params: int
     largest_other_module_params: int
     source: str = "meta"
+    expert_params: int = 0  # parameters in fused expert weights (mixture of experts)
+    active_params: int = 0  # parameters a token uses: total less the experts it is not routed to
+    # (shape, how many) of every parameter outside the block linears (embeddings, head, norms):
+    # the per-tensor sharding arithmetic of dtrain/memory/shards.py needs the shapes, not just sizes.
+    other_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.active_params:
+            object.__setattr__(self, "active_params", self.total_params)
+
 
     @property
     def largest_module_params(self) -> int:
@@ -188,17 +199,18 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
-def _decoder_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
-    """The ModuleList of ``num_layers`` decoder blocks (the largest such list)."""
-    from torch import nn
+def _decoder_blocks(model: nn.Module, num_layers: int) -> list[nn.Module]:
+    """The model's decoder blocks (layers.decoder_blocks), which must be the config's num_layers."""
+    from dtrain import layers
 
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers]
-    if not lists:
-        raise ConfigError(f"cannot find the {num_layers} decoder blocks of {type(model).__name__}")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    blocks = layers.decoder_blocks(model)
+    if len(blocks) != num_layers:
+        raise ConfigError(f"cannot find the {num_layers} decoder blocks of {type(model).__name__} "
+                          f"(found {len(blocks)} modules of its _no_split_modules)")
+    return blocks
 
 
-def _block_linears(blocks: nn.ModuleList) -> tuple[tuple[LinearModule, ...], set[int]]:
+def _block_linears(blocks: list[nn.Module]) -> tuple[tuple[LinearModule, ...], set[int]]:
     """Linear layers of the blocks grouped by (path in block, shape), and their module ids."""
     counts: dict[tuple[str, int, int, bool], int] = {}
     ids: set[int] = set()
@@ -209,7 +221,32 @@ def _block_linears(blocks: nn.ModuleList) -> tuple[tuple[LinearModule, ...], set
                 ids.add(id(module))
                 counts[(path, *shape)] = counts.get((path, *shape), 0) + 1
     linears = tuple(LinearModule(p, i, o, c, b) for (p, i, o, b), c in counts.items())
-    return linears, ids
+    return linears + _fused_experts(blocks), ids
+
+
+def _fused_experts(blocks: list[nn.Module]) -> tuple[LinearModule, ...]:
+    """Fused expert weights ([E, out, in], or [E, in, out] when the module says `is_transposed`) as
+    E linears each (what expert LoRA adapts: r * E * (in + out) parameters per weight)."""
+    counts: dict[tuple[str, int, int], int] = {}
+    for block in blocks:
+        for path, module in block.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if p.dim() == 3:
+                    e, d1, d2 = p.shape
+                    fan_in, fan_out = (d1, d2) if getattr(module, "is_transposed", False) else (d2, d1)
+                    key = (f"{path}.{pname}" if path else pname, int(fan_in), int(fan_out))
+                    counts[key] = counts.get(key, 0) + int(e)
+    return tuple(LinearModule(n, i, o, c, fused=True) for (n, i, o), c in counts.items())
+
+
+def _active_params(model: nn.Module, total: int) -> tuple[int, int]:
+    """(parameters in fused expert weights, parameters a token uses: each MoE layer's top-k of E)."""
+    k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    if not experts or not k:
+        return experts, total
+    unused = sum(p.numel() * (1 - k / p.shape[0]) for p in model.parameters() if p.dim() == 3)
+    return experts, total - round(unused)
 
 
 def _own_params(module: nn.Module) -> int:
@@ -225,19 +262,35 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
 
     emb = {id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
            for p in m.parameters(recurse=False)}
-    head = model.get_output_embeddings()
+    from dtrain import layers
+
+    head = layers.output_head(model)
     head_own = {id(p): p.numel() for p in head.parameters()} if head is not None else {}
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     total = sum(params.values())
     others = (_own_params(m) for m in model.modules() if id(m) not in linear_ids)
+    in_linears = {id(p) for m in model.modules() if id(m) in linear_ids for p in m.parameters()}
+    other_shapes = _shape_counts(p.shape for p in {id(p): p for p in model.parameters()}.values()
+                                 if id(p) not in in_linears)
     return ModelSpec(
         name=name, total_params=total, embedding_params=sum(emb.values()),
         head_params=sum(n for i, n in head_own.items() if i not in emb), linears=linears,
         tied_embeddings=head is not None and id(head.weight) in emb,
         gated_mlp=any(lin.matches("gate_proj") for lin in linears),
         block_params=max(block_sizes), non_block_params=total - sum(block_sizes),
-        largest_other_module_params=max(others, default=0), source="meta", **dims,
+        largest_other_module_params=max(others, default=0), source="meta",
+        expert_params=_active_params(model, total)[0], active_params=_active_params(model, total)[1],
+        other_shapes=other_shapes, **dims,
     )
+
+
+def _shape_counts(shapes: Any) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """((shape, count), ...) sorted, from an iterable of shapes."""
+    counts: dict[tuple[int, ...], int] = {}
+    for shape in shapes:
+        key = tuple(int(d) for d in shape)
+        counts[key] = counts.get(key, 0) + 1
+    return tuple(sorted(counts.items()))
 
 
 def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> ModelSpec:
@@ -267,5 +320,6 @@ def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> M
         name=name, total_params=layers * block + non_block, embedding_params=vocab * h,
         head_params=0 if tied else vocab * h, linears=linears, tied_embeddings=tied,
         gated_mlp=True, block_params=block, non_block_params=non_block,
-        largest_other_module_params=vocab * h, source="arithmetic", **d,
+        largest_other_module_params=vocab * h, source="arithmetic",
+        other_shapes=_shape_counts([(vocab, h)] * (1 if tied else 2) + [(h,)] * (2 * layers + 1)), **d,
     )

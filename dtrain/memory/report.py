@@ -7,6 +7,7 @@ estimator's figure beside each, full / LoRA ratios; written as markdown, JSON an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,27 +57,11 @@ def _arch(cfg: Config) -> dict[str, Any]:
     return json.loads((Path(cfg.model.path) / "config.json").read_text())
 
 
-def _plan_kwargs(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The estimator's Plan fields for this run (same world, batch, dtype, sharding)."""
-    targets = cfg.lora.targets
-    arch = cfg.model.arch or {}
-    return dict(
-        gpus=world_size, nodes=1,
-        backend=cfg.backend.name if cfg.backend.name in ("fsdp", "deepspeed") else "fsdp",
-        rank=cfg.lora.r, targets=(targets,) if isinstance(targets, str) else tuple(targets),
-        batch=cfg.training.micro_batch_size, seq_len=cfg.data.seq_len,
-        # the estimate models whole-block checkpointing of every block; other policies keep more
-        # activations, so they are estimated as without checkpointing (an upper bound)
-        grad_checkpointing=cfg.model.gradient_checkpointing is True and cfg.model.gradient_checkpointing_every == 1,
-        param_dtype=cfg.model.dtype,
-        attention="eager" if arch.get("attn_implementation") == "eager" else "sdpa",
-    )
-
-
 def estimates(cfg: Config, world_size: int, modes: dict[str, dict]) -> tuple[dict | None, str | None]:
     """Per-GPU estimate (bytes by category) for each mode, or (None, why it cannot be made)."""
     from dtrain.memory import estimate as est
     from dtrain.memory.model_spec import spec_from_config
+    from dtrain.memory.plan_config import plan_from_config
 
     if cfg.lora.target_regex is not None:
         return None, "lora.target_regex: the estimator takes module-name suffixes only"
@@ -84,8 +69,13 @@ def estimates(cfg: Config, world_size: int, modes: dict[str, dict]) -> tuple[dic
         spec = spec_from_config(_arch(cfg), "model")
         out = {}
         for mode, info in modes.items():
-            plan = est.Plan(bits=info["bits"], **_plan_kwargs(cfg, world_size))
-            result = est.estimate(spec, plan)
+            plan = dataclasses.replace(plan_from_config(cfg, world_size), bits=info["bits"])
+            if cfg.objective == "dpo":  # pairs of rows; full DPO with its reference copy
+                from dtrain.memory.estimate_dpo import estimate_dpo
+
+                result = estimate_dpo(spec, plan)
+            else:
+                result = est.estimate(spec, plan)
             out[mode] = (result.full if info["mode"] == "full" else result.lora).as_dict()
             if cfg.backend.name == "none":  # one process, nothing sharded: nothing gathered
                 out[mode]["gathered_unit"] = 0

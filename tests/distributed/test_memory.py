@@ -90,6 +90,17 @@ def test_lora_model_states_far_below_full(measured: tuple[str, Path, dict]) -> N
         assert ratio["optimizer_state"] > 35  # the trainable states alone: ~39x
 
 
+def test_plan_equals_measured(measured: tuple[str, Path, dict]) -> None:
+    """`dtrain plan`'s estimate (the report's, from the same config: plan_config.plan_from_config)
+    equals the measured LoRA model states to the byte on every rank; activations within 5%."""
+    _, _, report = measured
+    for entry in report["ranks"]:
+        cats = entry["vs_estimate"]["lora"]
+        for cat in (*MODEL_STATES, "model_states"):
+            assert cats[cat]["estimate"] == cats[cat]["measured"], (entry["rank"], cat)
+        assert abs(cats["activations"]["rel_diff"]) <= 0.05, cats["activations"]
+
+
 def test_estimate_within_10_percent_for_model_states(measured: tuple[str, Path, dict]) -> None:
     from dtrain.memory import estimate as est
     from dtrain.memory.model_spec import spec_from_llama_arithmetic

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.user_errors import assert_one_line, make_base
+from tests.e2e.user_errors import assert_one_line, make_base, make_custom_code_model
 from tests.helpers import FAST, TINY, env_for_tests, launch_cmd, run_dtrain
 
 
@@ -30,6 +30,7 @@ def _files(tmp: Path) -> dict[str, Path]:
     shutil.copytree(base, f["truncated"])
     weights = f["truncated"] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
+    f["custom"] = make_custom_code_model(tmp / "custom")
     return f
 
 
@@ -64,6 +65,11 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
                                  "(64 -> 32)"]),
         "unmatched": (["lora.targets=[q_proj,lm_head]"], ["lora.targets = ['q_proj', 'lm_head']: lm_head matches no",
                                                           "the model has: "]),
+        "no_causal_lm": (["model.arch.model_type=t5"], ["model: t5 has no causal-LM head in transformers"]),
+        "custom_code": ([no_arch, f"model.path={f['custom']}"], [f"model.path = '{f['custom']}': tinycustom is custom "
+                                                                 "code", "model.trust_remote_code=true"]),
+        "head_not_named": ([no_arch, f"model.path={f['custom']}", "model.trust_remote_code=true"],
+                           ["model: tinycustom: TinyForCausalLM names no output head"]),
         "syntax_empty": (["=5"], ["override '=5': '' is not a key"]),
         "syntax_dots": (["lora..r=5"], ["override 'lora..r=5': 'lora..r' is not a key"]),
         "syntax_section": (["lora=5"], ["override 'lora=5': lora = 5: lora is a section, not a value",
@@ -88,7 +94,7 @@ def results(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("name", ["regex", "adapter_name", "heads", "negative", "fraction", "model_type", "rope_theta",
                                   "path_and_arch", "binary_data", "empty_data", "broken_jsonl", "empty_tokenizer",
                                   "model_json", "truncated", "rank", "unmatched", "syntax_empty", "syntax_dots",
-                                  "syntax_section"])
+                                  "syntax_section", "no_causal_lm", "custom_code", "head_not_named"])
 def test_train_error_is_one_line(results, name: str) -> None:
     line = assert_one_line(results["procs"][name], *results["cases"][name][1])
     assert "_OverrideValue" not in line and "did you mean" not in line

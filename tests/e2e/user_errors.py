@@ -58,3 +58,46 @@ def make_adapter(directory: Path, base: Path, r: int = 4, config_r: int | None =
               "target_modules": list(targets), "bias": "none"}
     (directory / "adapter_config.json").write_text(json.dumps(config))
     return directory
+
+
+CUSTOM_CONFIG = """from transformers import PretrainedConfig
+
+
+class TinyConfig(PretrainedConfig):
+    model_type = "tinycustom"
+
+    def __init__(self, vocab_size=64, hidden_size=16, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        super().__init__(**kwargs)
+"""
+CUSTOM_MODEL = """from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from .configuration_tiny import TinyConfig
+
+
+class TinyForCausalLM(PreTrainedModel):
+    config_class = TinyConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.vocab_size)  # a head the model does not name
+
+    def forward(self, input_ids, **kwargs):
+        return CausalLMOutput(logits=self.out(self.embed(input_ids)))
+"""
+
+
+def make_custom_code_model(directory: Path) -> Path:
+    """A model directory whose config maps to custom code (auto_map), with a head it does not name
+    (no lm_head, no get_output_embeddings)."""
+    directory.mkdir(parents=True)
+    (directory / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
+    (directory / "modeling_tiny.py").write_text(CUSTOM_MODEL)
+    config = {"model_type": "tinycustom", "architectures": ["TinyForCausalLM"], "vocab_size": 64, "hidden_size": 16,
+              "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
+                           "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory

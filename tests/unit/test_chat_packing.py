@@ -42,16 +42,18 @@ def seqs(tok):
 
 def test_pack_rows_layout(seqs, tok) -> None:
     lengths = [len(s) for s, _ in seqs]
-    L = lengths[0] + lengths[1] + 5  # the first two fit in one row, the third starts a second
+    assert lengths[0] < min(lengths[1:])  # the first conversation is the shortest
+    L = lengths[1] + lengths[2] + 5  # best fit: the two longest share a row, the shortest is alone
     ex = data.pack_rows(seqs, L, tok.pad_token_id)
-    assert len(ex) == 2
-    assert ex.position_ids[0].tolist() == [*range(lengths[0]), *range(lengths[1]), *range(5)]
-    assert ex.input_ids[0, : lengths[0] + lengths[1]].tolist() == seqs[0][0] + seqs[1][0]
-    assert ex.labels[0, lengths[0]] == IGNORE  # an example's first token is never a target
-    assert ex.labels[0, lengths[0] + 1: lengths[0] + lengths[1]].tolist() == seqs[1][1][1:]
-    assert int(ex.attention_mask.sum()) == sum(lengths) and ex.real_tokens(torch.tensor([1])) == lengths[2]
+    assert len(ex) == 2 and ex.row_lengths().tolist() == [lengths[0], lengths[1] + lengths[2]]
+    assert ex.position_ids[1].tolist() == [*range(lengths[1]), *range(lengths[2]), *range(5)]
+    assert ex.input_ids[1, : lengths[1] + lengths[2]].tolist() == seqs[1][0] + seqs[2][0]
+    assert ex.labels[1, lengths[1]] == IGNORE  # an example's first token is never a target
+    assert ex.labels[1, lengths[1] + 1: lengths[1] + lengths[2]].tolist() == seqs[2][1][1:]
+    assert int(ex.attention_mask.sum()) == sum(lengths) and ex.real_tokens(torch.tensor([0])) == lengths[0]
     batch = ex.take(torch.tensor([0, 1]))
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no mask: the model sees the packing
+    assert batch["input_ids"].shape == (2, min(L, -(-(lengths[1] + lengths[2]) // 8) * 8))  # cut to the longest row
 
 
 def loss_and_grads(model, batch):
@@ -73,7 +75,8 @@ def test_packed_equals_unpacked(seqs, tok, attn) -> None:
     model.train()
     lengths = [len(s) for s, _ in seqs]
     unpacked = data.pad_rows(seqs, max(lengths), tok.pad_token_id).take(torch.arange(3))
-    packed = data.pack_rows(seqs, sum(lengths) + 7, tok.pad_token_id).take(torch.tensor([0]))
+    # the full row, with a padding tail (its own position segment): take() alone would cut the row to 136
+    packed = data.pack_rows(seqs, sum(lengths) + 7, tok.pad_token_id).take(torch.tensor([0]), width=sum(lengths) + 7)
     assert packed["input_ids"].shape == (1, sum(lengths) + 7)
     lu, nu, gu = loss_and_grads(model, unpacked)
     lp, np_, gp = loss_and_grads(model, packed)

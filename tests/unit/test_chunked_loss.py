@@ -111,3 +111,33 @@ def test_activation_bytes_drop_by_the_logits_at_a_128k_vocabulary() -> None:
     logits = 2 * 64 * 128256 * 4
     assert plain - chunked >= 0.99 * logits  # the log-softmax of all logits cross_entropy saves is gone
     assert chunked * 100 < logits  # what remains: hidden states and one float per token
+
+
+def test_labelled_only_head_equals_full_head() -> None:
+    """Gathering the labelled rows before the head gives the loss and gradients of running the
+    head on every position (ChunkedCE over all rows, IGNORE rows masked inside)."""
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 21, 16, generator=g).requires_grad_()
+    w = torch.randn(70, 16, generator=g).requires_grad_()
+    labels = torch.randint(0, 70, (3, 21), generator=g)
+    labels[:, :12] = -100  # prompts
+    labels[2, 17:] = -100  # padding
+    shifted = loss_lib.shift(labels)
+    full = loss_lib.ChunkedCE.apply(h.reshape(-1, 16), w, None, shifted.reshape(-1), 8, torch.float32)
+    full_grads = torch.autograd.grad(full, [h, w])
+    got = loss_lib.chunked_token_loss(h, w, None, shifted, 8)
+    grads = torch.autograd.grad(got, [h, w])
+    assert abs(got.item() - full.item()) <= 1e-6 * abs(full.item())
+    for a, r in zip(grads, full_grads):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+    assert grads[0][:, :11].abs().sum() == 0  # unlabelled positions get no gradient
+
+
+def test_chunk_from_the_vocabulary() -> None:
+    assert [loss_lib.auto_chunk(v) for v in (49_152, 128_256, 262_144)] == [1365, 523, 256]
+    head = torch.nn.Linear(16, 128_256, bias=False)
+    loss_lib.install(head)
+    assert head._dtrain_chunk == 523
+    small = torch.nn.Linear(16, 50)
+    loss_lib.install(small, chunk=7)  # training.loss_chunk_tokens overrides
+    assert small._dtrain_chunk == 7

@@ -193,8 +193,8 @@ def test_bad_yaml_and_bad_override_syntax(tmp_path) -> None:
     assert error("lora.r") == "override 'lora.r': expected key.sub=value (e.g. lora.r=16)"
     assert error("lora.targets.x=1") == "override 'lora.targets.x=1': 'lora.targets' is not a section"
     assert error("lora=3") == ("override 'lora=3': lora = 3: lora is a section, not a value; set its keys "
-                               "(lora.<key>=...; keys: r, alpha, dropout, targets, target_regex, adapter_name, "
-                               "init_seed, use_rslora, use_dora, loraplus_lr_ratio)")
+                               "(lora.<key>=...; keys: r, alpha, dropout, targets, target_regex, target_parameters, adapter_name, "
+                               "init_seed, use_rslora, use_dora, loraplus_lr_ratio, init_from)")
 
 
 def test_readme_configuration_table_is_the_schema():

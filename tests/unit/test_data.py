@@ -50,11 +50,12 @@ def instruction_cfg(path, **kw) -> DataConfig:
 
 def check_mask(ex: data.Examples, records: list[dict], tok, seq_len: int) -> None:
     """Labels: -100 on prompt and padding, = input_ids on response + EOS (computed independently)."""
-    assert ex.input_ids.shape == ex.labels.shape == ex.attention_mask.shape == (len(records), seq_len)
+    all_ids, all_labels, all_mask = ex.input_ids, ex.labels, ex.attention_mask  # each access densifies every row
+    assert all_ids.shape == all_labels.shape == all_mask.shape == (len(records), seq_len)
     for i, rec in enumerate(records):
         p, r = encode(tok, rec["prompt"]), encode(tok, rec["response"]) + [tok.eos_token_id]
         n = min(len(p) + len(r), seq_len)
-        ids, labels, mask = ex.input_ids[i].tolist(), ex.labels[i].tolist(), ex.attention_mask[i].tolist()
+        ids, labels, mask = all_ids[i].tolist(), all_labels[i].tolist(), all_mask[i].tolist()
         assert ids[:n] == (p + r)[:n]
         assert ids[n:] == [tok.pad_token_id] * (seq_len - n)
         assert mask == [1] * n + [0] * (seq_len - n)
@@ -267,8 +268,8 @@ def test_too_little_text_is_an_error(tmp_path, tok) -> None:
 # ---- split and batch plan -------------------------------------------------------------------
 
 def _examples(n: int) -> data.Examples:
-    ids = torch.arange(n * 3).view(n, 3)
-    return data.Examples(ids, ids.clone(), torch.ones_like(ids))
+    ids = torch.arange(n * 3).view(n, 3).tolist()
+    return data.pad_rows([(r, r) for r in ids], 3, pad_id=0)
 
 
 def test_split_is_seeded_disjoint_and_complete() -> None:
@@ -315,3 +316,24 @@ def test_batch_plan_too_few_examples() -> None:
     plan = BatchPlan(7, 4, 1, 2, seed=0)
     with pytest.raises(ConfigError, match=r"training: 7 training examples, fewer than one global batch of 8"):
         data.check_plan(plan, "training")
+
+
+def test_batch_plan_grouped_by_length() -> None:
+    """data.group_by_length: each example once per epoch as before, micro-batches of similar length
+    (less padding once cut to their longest), the same global batches on any split of it."""
+    n, gen = 700, torch.Generator().manual_seed(3)
+    lengths = torch.randint(10, 500, (n,), generator=gen)
+    plain, grouped = BatchPlan(n, 4, 2, 2, seed=5), BatchPlan(n, 4, 2, 2, seed=5, lengths=lengths)
+    steps = plain.steps_per_epoch
+    seen = lambda p: sorted(int(i) for s in range(steps) for m in range(2) for r in range(2)  # noqa: E731
+                            for i in p.indices(s, m, r))
+    assert seen(grouped) == seen(plain)  # the epoch's examples are the ungrouped plan's
+    padded = lambda p: sum(4 * int(lengths[p.indices(s, m, r)].max()) for s in range(steps)  # noqa: E731
+                           for m in range(2) for r in range(2))
+    assert padded(grouped) < 0.8 * padded(plain)
+    resplit = BatchPlan(n, 8, 2, 1, seed=5, lengths=lengths)  # global batch 16 again, on one rank
+    for s in (0, 7, steps - 1):
+        two = {int(i) for m in range(2) for r in range(2) for i in grouped.indices(s, m, r)}
+        assert two == {int(i) for m in range(2) for i in resplit.indices(s, m, 0)}
+    again = BatchPlan(n, 4, 2, 2, seed=5, lengths=lengths)
+    assert [again.indices(s, 1, 1).tolist() for s in range(5)] == [grouped.indices(s, 1, 1).tolist() for s in range(5)]

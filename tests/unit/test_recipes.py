@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dtrain import config as config_lib, lora, model as model_lib, presets, recipes_table
+from dtrain import config as config_lib, experts, lora, model as model_lib, recipes_table
 from dtrain.config import ModelConfig
 from tests.helpers import REPO, run_dtrain
 
@@ -17,15 +17,18 @@ RECIPES = {r.path.name: r for r in recipes_table.find_recipes()}
 # Parameter counts of the published checkpoints (embeddings and head counted once when tied).
 PUBLISHED = {"Llama-3.1-8B-Instruct": 8_030_261_248, "Llama-3.1-70B-Instruct": 70_553_706_496,
              "Qwen2.5-7B-Instruct": 7_615_616_512, "Mistral-7B-Instruct-v0.3": 7_248_023_552,
-             "smollm2-135m-instruct": 134_515_008}
-PER_LAYER = {"attention-qv": 2, "attention": 4, "mlp": 3, "all-linear": 7}
+             "smollm2-135m-instruct": 134_515_008, "gemma3-270m": 268_098_176,
+             "Qwen3-30B-A3B-Instruct-2507": 30_532_122_624, "Mixtral-8x7B-Instruct-v0.1": 46_702_792_704}
+PER_LAYER = {"attention-qv": 2, "attention": 4, "mlp": 3, "all-linear": 7,
+             "all": 6}  # MoE: q, k, v, o and the fused gate_up_proj, down_proj (the router is no nn.Linear)
 
 
 def test_every_recipe_is_found():
     assert set(RECIPES) == {
         "smollm2_dates.yaml", "llama3.1-8b_lora_fsdp.yaml", "llama3.1-8b_qlora_24gb.yaml",
         "llama3.1-70b_qlora_fsdp.yaml", "llama3.1-70b_qlora_zero3.yaml", "qwen2.5-7b_lora_fsdp.yaml",
-        "mistral-7b_lora_zero3.yaml"}
+        "mistral-7b_lora_zero3.yaml", "gemma3-270m_dates.yaml", "qwen3-30b-a3b_qlora_fsdp.yaml",
+        "mixtral-8x7b_qlora_zero3.yaml"}
     for r in RECIPES.values():
         assert r.command.endswith(f"dtrain train configs/{r.path.name}")
 
@@ -40,8 +43,8 @@ def test_launch_shapes():
 def test_recipe_builds_on_meta_and_targets_resolve(name, monkeypatch):
     recipe = RECIPES[name]
     monkeypatch.chdir(REPO)
-    if recipe.model in {"smollm2-135m-instruct"}:  # a built-in: loading would import the real model
-        assert recipe.raw["model"]["path"] == "smollm2-135m-instruct"
+    if recipe.model in {"smollm2-135m-instruct", "gemma3-270m"}:  # a built-in: loading would import the real model
+        assert recipe.raw["model"]["path"] == recipe.model
     else:
         assert recipe.raw["model"]["path"] == f"models/{recipe.model}"  # where a user downloads it
         # every key valid, data files present (model.path: the shipped architecture, no weights)
@@ -51,10 +54,12 @@ def test_recipe_builds_on_meta_and_targets_resolve(name, monkeypatch):
     model = model_lib.build_empty(hf, torch.bfloat16, "meta")
     assert lora.count_parameters(model)[1] == PUBLISHED[recipe.model]
     targets = recipe.get("lora", "targets")
-    names = lora.select_targets(model, presets.expand(model, targets), None)
+    names, params = experts.resolve(model, targets, None, None)  # what assembly.prepare adapts
     per_layer = PER_LAYER[targets] if isinstance(targets, str) else len(targets)
-    assert len(names) == per_layer * hf.num_hidden_layers
+    assert len(names) + len(params) == per_layer * hf.num_hidden_layers
     lora.inject(model, names, lora.AdapterSpec(r=recipe.get("lora", "r")))
+    if params:
+        experts.inject(model, params, lora.AdapterSpec(r=recipe.get("lora", "r")))
     lora.freeze_base(model)
     est = recipes_table.run_estimate(recipes_table.estimate_argv(recipe))
     assert lora.count_parameters(model)[0] == est.lora_params

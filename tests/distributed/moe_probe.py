@@ -1,0 +1,38 @@
+"""Run under a launcher (or as one process): train each tiny MoE family of tests/moe_models.py in
+turn, in one process group, each into OUT/<family> (metrics, checkpoints, adapter).
+
+Usage: torchrun --nproc_per_node 2 tests/distributed/moe_probe.py MODELS OUT [overrides]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: tests.moe_models
+
+from dtrain import config as config_lib, trainer as trainer_lib  # noqa: E402
+from tests.moe_models import FAMILIES  # noqa: E402
+
+RUN = ["data.seq_len=32", "training.max_steps=4", "training.warmup_steps=1", "training.lr=1e-2",
+       "training.eval_every=0", "training.save_every=2", "training.keep_last=2", "logging.loss_curve=false",
+       "lora.r=2", "lora.alpha=4"]
+
+
+def main() -> None:
+    models, out, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+    t = None
+    for family in FAMILIES:
+        cfg = config_lib.load(None, [*RUN, f"model.path={models / family}", *overrides,
+                                     f"output.dir={out / family}"])
+        t = trainer_lib.Trainer(cfg)
+        t.setup()
+        assert t.train() == 0
+        t.backend.release()  # keeps the process group for the next family
+    t.cleanup()
+
+
+if __name__ == "__main__":
+    trainer_lib.setup_logging(True)
+    main()
+    from dtrain.dist import exit_now
+
+    exit_now(0)
