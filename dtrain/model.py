@@ -53,7 +53,7 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
             raise ConfigError(f"model.arch: {_first_line(e)}") from None
     # the kernel every attention layer calls (from_config reads it from the config); packed rows reach
     # flash attention as varlen sequences through their position_ids, sdpa and eager as a block mask
-    config._attn_implementation = getattr(cfg, "attn_implementation", "sdpa")
+    config._attn_implementation = layers.attention_kernel(config, getattr(cfg, "attn_implementation", "sdpa"))
     return config
 
 
