@@ -45,7 +45,7 @@ from dtrain.memory.activations import (  # noqa: F401  (estimate.layer_activatio
     layer_activation_bytes,
     loss_transient_bytes,
 )
-from dtrain.memory.model_spec import LinearModule, ModelSpec
+from dtrain.memory.model_spec import LinearModule, ModelSpec, moe_targets
 
 GIB = 2**30
 BACKENDS = ("fsdp", "deepspeed")
@@ -250,13 +250,7 @@ def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearMod
     if ALL_LINEAR in targets:
         return dense
     if len(targets) == 1 and targets[0] in ("experts", "all"):  # dtrain.experts' presets
-        fused = tuple(lin for lin in spec.linears if lin.fused)
-        chosen = fused or tuple(lin for lin in dense if ".experts." in lin.name)
-        if not chosen and targets[0] == "experts":
-            raise ConfigError(f"LoRA targets experts: {spec.name} has no experts")
-        routers = tuple(lin for lin in dense if lin.name.rsplit(".", 1)[-1] in ("gate", "router"))
-        return chosen + tuple(lin for lin in dense if lin not in chosen and lin not in routers) \
-            if targets[0] == "all" else chosen
+        return moe_targets(spec, targets[0])
     if len(targets) == 1 and presets.is_preset(targets[0]):
         chosen = set(presets.resolve_names([lin.name for lin in spec.linears], targets[0]))
         return tuple(lin for lin in spec.linears if lin.name in chosen)
