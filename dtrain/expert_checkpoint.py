@@ -39,3 +39,16 @@ def per_expert_keys(name: str, has: Callable[[str], bool]) -> list[list[str]] | 
         if experts:
             return experts
     return None
+
+
+def stored_per_expert(source, key: str) -> list[list[str]] | None:
+    """per_expert_keys of fused weight `key` in a checkpoint source (its `key(name)` finds a tensor)."""
+    return per_expert_keys(key, lambda k: source.key(k) is not None)
+
+
+def stack(source, experts: list[list[str]], rows: slice | None):
+    """The fused [E, ., .] tensor (or its `rows`: experts, read only those) from per-expert tensors."""
+    import torch
+
+    chosen = experts if rows is None else experts[rows]
+    return torch.stack([torch.cat([source.read(k) for k in keys]) for keys in chosen])

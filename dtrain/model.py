@@ -20,8 +20,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
-from dtrain import layers
-from dtrain.hf_model import checkpoint_renamings, renamed_keys, restore_buffers  # noqa: F401  (model.restore_buffers)
+from dtrain import expert_checkpoint, layers
+from dtrain.hf_model import (check_causal_lm, checkpoint_renamings, custom_model_type, fit_attention,  # noqa: F401
+                             renamed_keys, restore_buffers)  # model.restore_buffers for the backends
+from dtrain.layers import checkpoint_key
 from dtrain.lora import LoRALinear, is_lora_param
 from dtrain.shapes import logical_shape
 
@@ -38,7 +40,7 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
                 cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
             )
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
-            custom = _custom_model_type(Path(cfg.path))
+            custom = custom_model_type(Path(cfg.path))
             if custom and not cfg.trust_remote_code:
                 raise ConfigError(f"model.path = '{cfg.path}': {custom} is custom code (auto_map in its config.json), "
                                   "which dtrain runs only with model.trust_remote_code=true") from None
@@ -52,19 +54,8 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
             raise ConfigError(f"model.arch: {_first_line(e)}") from None
     # the kernel every attention layer calls (from_config reads it from the config); packed rows reach
     # flash attention as varlen sequences through their position_ids, sdpa and eager as a block mask
-    config._attn_implementation = getattr(cfg, "attn_implementation", "sdpa")
+    config._attn_implementation = layers.attention_kernel(config, getattr(cfg, "attn_implementation", "sdpa"))
     return config
-
-
-def _custom_model_type(path: Path) -> str | None:
-    """The model type of a config.json that maps its classes to custom code (auto_map), else None."""
-    import json
-
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return str(raw.get("model_type", "this model")) if isinstance(raw, dict) and raw.get("auto_map") else None
 
 
 def _first_line(e: Exception) -> str:
@@ -104,6 +95,7 @@ def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torc
                 trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
     check_causal_lm(config, trust_remote_code)
+    fit_attention(config)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -116,22 +108,6 @@ def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torc
                           "and quantization and to tie it")
     tie_embeddings(model)
     return model
-
-
-def check_causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> None:
-    """The config's model is a causal LM transformers can build: one line naming the model type
-    and what is missing otherwise (no causal-LM head, custom code not trusted)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return
-    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if custom and not trust_remote_code:
-        raise ConfigError(f"model: {config.model_type} is custom code (auto_map in its config.json), which dtrain "
-                          "runs only with model.trust_remote_code=true")
-    if not custom:
-        raise ConfigError(f"model: {config.model_type} has no causal-LM head in transformers (no "
-                          "AutoModelForCausalLM class for it): dtrain trains causal language models")
 
 
 def ties_embeddings(model: nn.Module) -> bool:
@@ -157,11 +133,6 @@ def tie_embeddings(model: nn.Module) -> None:
         head.weight = embed.weight
     if layers.output_head(model).weight is not layers.input_embeddings(model).weight:
         raise ConfigError("model: tie_word_embeddings is set but the head could not be tied to the embeddings")
-
-
-def checkpoint_key(param_name: str) -> str:
-    """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
-    return re.sub(r"(\.base_layer)+\.", ".", param_name)  # nested wrappers (expert LoRA) add several
 
 
 class WeightSource(Protocol):
@@ -194,9 +165,7 @@ class SafetensorsSource:
         stored under the name transformers renames to `name`."""
         key = checkpoint_key(name)
         bare = key[len(self.prefix) + 1:] if self.prefix and key.startswith(self.prefix + ".") else None
-        from dtrain.expert_checkpoint import stored_names
-
-        for candidate in (key, bare, *stored_names(key)):
+        for candidate in (key, bare, *expert_checkpoint.stored_names(key)):
             if candidate in self.files:
                 return candidate
             if candidate in self.renamed:
@@ -204,20 +173,12 @@ class SafetensorsSource:
         return None
 
     def has(self, name: str) -> bool:
-        return self.key(name) is not None or self._per_expert(name) is not None
-
-    def _per_expert(self, name: str) -> list[list[str]] | None:
-        """The per-expert tensors of a fused expert weight (expert_checkpoint.py), as stored."""
-        from dtrain.expert_checkpoint import per_expert_keys
-
-        return per_expert_keys(checkpoint_key(name), lambda k: self.key(k) is not None)
+        return self.key(name) is not None or expert_checkpoint.stored_per_expert(self, checkpoint_key(name)) is not None
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         key = self.key(name)
-        experts = self._per_expert(name) if key is None else None
-        if experts is not None:  # rows of a fused [E, ., .] weight are experts: read only those
-            chosen = experts if rows is None else experts[rows]
-            return torch.stack([torch.cat([self.read(k) for k in keys]) for keys in chosen])
+        if key is None and (experts := expert_checkpoint.stored_per_expert(self, checkpoint_key(name))):
+            return expert_checkpoint.stack(self, experts, rows)
         if key is None:
             raise ConfigError(f"model.path = '{self.path}': checkpoint has no tensor '{checkpoint_key(name)}'")
         f = self.files[key]
@@ -309,8 +270,6 @@ class ModelSource:
         w = self.base.read(f"{layer_name}.base_layer.weight", rows if row_wise else None).float()
         norms = dora.row_norms(round_trip(w, bits))
         return norms if row_wise or rows is None else norms[rows]
-
-
 
 
 class QuantSource:

@@ -45,7 +45,7 @@ from dtrain.memory.activations import (  # noqa: F401  (estimate.layer_activatio
     layer_activation_bytes,
     loss_transient_bytes,
 )
-from dtrain.memory.model_spec import LinearModule, ModelSpec
+from dtrain.memory.model_spec import LinearModule, ModelSpec, moe_targets
 
 GIB = 2**30
 BACKENDS = ("fsdp", "deepspeed")
@@ -109,11 +109,9 @@ class Plan:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", parse_targets(self.targets))
         object.__setattr__(self, "targets", tuple(self.targets))
-        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
-            raise ConfigError(f"loss_chunk must be an integer >= 0 (0: from the vocabulary), got {self.loss_chunk!r}")
-        for name in ("gpus", "nodes", "rank", "batch", "seq_len", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        for name in ("gpus", "nodes", "rank", "batch", "seq_len", "checkpoint_every", "loss_chunk"):
+            value = getattr(self, name)  # loss_chunk 0: the chunk sized from the vocabulary
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "loss_chunk"):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("bits", self.bits, BITS)
@@ -252,13 +250,7 @@ def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearMod
     if ALL_LINEAR in targets:
         return dense
     if len(targets) == 1 and targets[0] in ("experts", "all"):  # dtrain.experts' presets
-        fused = tuple(lin for lin in spec.linears if lin.fused)
-        chosen = fused or tuple(lin for lin in dense if ".experts." in lin.name)
-        if not chosen and targets[0] == "experts":
-            raise ConfigError(f"LoRA targets experts: {spec.name} has no experts")
-        routers = tuple(lin for lin in dense if lin.name.rsplit(".", 1)[-1] in ("gate", "router"))
-        return chosen + tuple(lin for lin in dense if lin not in chosen and lin not in routers) \
-            if targets[0] == "all" else chosen
+        return moe_targets(spec, targets[0])
     if len(targets) == 1 and presets.is_preset(targets[0]):
         chosen = set(presets.resolve_names([lin.name for lin in spec.linears], targets[0]))
         return tuple(lin for lin in spec.linears if lin.name in chosen)

@@ -323,3 +323,16 @@ def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> M
         largest_other_module_params=vocab * h, source="arithmetic",
         other_shapes=_shape_counts([(vocab, h)] * (1 if tied else 2) + [(h,)] * (2 * layers + 1)), **d,
     )
+
+
+def moe_targets(spec: ModelSpec, preset: str) -> tuple[LinearModule, ...]:
+    """The linears of lora.targets `experts` (the fused experts, else linears under `.experts.`)
+    or `all` (those and every other block linear but the router), as dtrain.experts.resolve."""
+    dense = tuple(lin for lin in spec.linears if not lin.fused)
+    chosen = tuple(lin for lin in spec.linears if lin.fused) or tuple(lin for lin in dense if ".experts." in lin.name)
+    if not chosen and preset == "experts":
+        raise ConfigError(f"LoRA targets experts: {spec.name} has no experts")
+    if preset == "experts":
+        return chosen
+    routers = tuple(lin for lin in dense if lin.name.rsplit(".", 1)[-1] in ("gate", "router"))
+    return chosen + tuple(lin for lin in dense if lin not in chosen and lin not in routers)
