@@ -151,7 +151,7 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def trainer_state(cfg: Config, backend, step: int, plan) -> dict:
+def trainer_state(cfg: Config, backend, step: int, plan, tokenizer=None) -> dict:
     """Step, data position and the facts a resume must agree with."""
     position = plan.position(step) if plan is not None else {}
     data = {"n_examples": plan.n_examples, "global_batch": plan.global_batch, "seed": plan.seed,
@@ -159,7 +159,7 @@ def trainer_state(cfg: Config, backend, step: int, plan) -> dict:
             "group_by_length": plan.lengths is not None} if plan else {}
     return {"format": FORMAT_VERSION, "step": step, **position, "world_size": backend.world_size,
             "backend": cfg.backend.name, "adapter_name": cfg.lora.adapter_name, "data": data,
-            "settings": resume_check.settings(cfg, backend.model),
+            "settings": resume_check.settings(cfg, backend.model, tokenizer),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -194,10 +194,13 @@ def _write_rank_state(backend, tmp: Path) -> None:
 
 
 def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: bool = False,
-                  tensors: dict[str, torch.Tensor] | None = None) -> Path | None:
+                  tensors: dict[str, torch.Tensor] | None = None, tokenizer=None,
+                  extra: dict | None = None) -> Path | None:
     """Training checkpoint of `step` (adapter, optimizer, scheduler, RNG, data position); every rank
     calls it. Returns its directory (None when there is no adapter to save: mode full). `tensors`:
-    the adapter's, when the caller has already gathered them."""
+    the adapter's, when the caller has already gathered them; `extra`: more trainer state (JSON).
+    Out of disk space, the partial directory is removed and the run ends in one line saying where
+    and how much was needed; older checkpoints are pruned only after the new one is complete."""
     tensors = gather_adapter(backend, cfg.lora.adapter_name) if tensors is None else tensors
     if not tensors:
         if backend.rank == 0:
@@ -205,8 +208,6 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
         return None
     final = checkpoint_dir(out, step)
     tmp = files.staging_dir(final)
-    files.together(backend, lambda: files.fresh_dir(tmp))
-    files.together(backend, lambda: _write_rank_state(backend, tmp), every_rank=True)
     optim_tree, optim_tensors = flatten_state(backend.full_optimizer_state())  # collective: every rank
 
     def write_shared() -> None:
@@ -214,7 +215,7 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
         write_adapter(backend.model, cfg, tensors, tmp / "adapter")
         files.write_tensors(tmp / OPTIM_TENSORS, optim_tensors)
         files.write_json(tmp / OPTIM_JSON, optim_tree)
-        files.write_json(tmp / TRAINER_STATE, trainer_state(cfg, backend, step, plan))
+        files.write_json(tmp / TRAINER_STATE, {**trainer_state(cfg, backend, step, plan, tokenizer), **(extra or {})})
 
     def finish() -> None:
         files.publish(tmp, final, {"kind": "training", "step": step, "world_size": backend.world_size,
@@ -224,18 +225,43 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
         if preempted:
             _write_preempted(out, step)
 
-    files.together(backend, write_shared)
-    files.together(backend, finish)
+    try:
+        files.together(backend, lambda: files.fresh_dir(tmp))
+        files.together(backend, lambda: _write_rank_state(backend, tmp), every_rank=True)
+        files.together(backend, write_shared)
+        files.together(backend, finish)
+    except files.DiskFull as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial copy: give its space back
+        need = sum(t.numel() * t.element_size() for t in [*tensors.values(), *optim_tensors.values()])
+        error = files.DiskFull(_disk_full_line(out, step, final, need))
+        error.local = e.local  # printed by the rank that ran out of space
+        raise error from None
     return final
 
 
-def _write_preempted(out: Path, step: int) -> None:
-    files.write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": str(checkpoint_dir(out, step))})
+def _disk_full_line(out: Path, step: int, final: Path, need: int) -> str:
+    free = shutil.disk_usage(final.parent).free
+    older = [(s, p) for s, p in list_checkpoints(out) if s < step and verify(p) is None]
+    keep = (f"the previous checkpoint {older[-1][1]} is intact (training.resume=auto continues from it)"
+            if older else "no earlier checkpoint exists")
+    return (f"checkpoint of step {step} not written: no space left on device in {final.parent} (it needs "
+            f"about {need / 2**20:.2f} MiB, {free / 2**20:.2f} MiB free); {keep}")
 
 
-def mark_preempted(backend, out: Path, step: int) -> None:
-    """Write the PREEMPTED marker for the checkpoint of `step`, already saved (every rank calls it)."""
-    files.together(backend, lambda: _write_preempted(out, step))
+def _write_preempted(out: Path, step: int, saved: bool = True) -> None:
+    where = str(checkpoint_dir(out, step)) if saved else None
+    files.write_json(Path(out) / PREEMPTED, {"step": step, "checkpoint": where})
+
+
+def mark_preempted(backend, out: Path, step: int, saved: bool = True) -> None:
+    """Write the PREEMPTED marker for the checkpoint of `step`, already saved (every rank calls it);
+    `saved` False: preempted before the first step, no checkpoint (the marker's checkpoint is null)."""
+    files.together(backend, lambda: _write_preempted(out, step, saved))
+
+
+def read_state(out: Path, step: int) -> dict:
+    """trainer_state.json of the checkpoint of `step`."""
+    return json.loads((checkpoint_dir(out, step) / TRAINER_STATE).read_text())
 
 
 def prune(out: Path, keep: int, current: int) -> None:
@@ -303,7 +329,7 @@ def _row_step(line: str) -> int:
         return 0
 
 
-def maybe_resume(backend, cfg: Config, out: Path, plan=None) -> int:
+def maybe_resume(backend, cfg: Config, out: Path, plan=None, tokenizer=None) -> int:
     """The step to start from: 0, or (resume auto) that of the newest complete checkpoint, whose
     LoRA parameters, optimizer, scheduler and RNG states are restored on every rank."""
     out = Path(out)
@@ -319,7 +345,7 @@ def maybe_resume(backend, cfg: Config, out: Path, plan=None) -> int:
         return 0
     path = checkpoint_dir(out, step)
     state = json.loads((path / TRAINER_STATE).read_text())
-    resume_check.check(state, cfg, backend.model, plan, path)
+    resume_check.check(state, cfg, backend.model, plan, path, tokenizer)
     load_training_state(backend, cfg, path, state)
     if backend.rank == 0:
         trim_metrics(out / outdir.METRICS, step)

@@ -63,11 +63,11 @@ def _optional_commands() -> list[Callable]:
     """Subcommands living in their own modules: each registers a sub-parser that sets `func`."""
     from dtrain import env_cli, generate_cli, import_cli, merge_cli, slurm
     from dtrain.memory import estimate_cli, measure_cli, plan_cli
-    from dtrain import analyze_cli
+    from dtrain import analyze_cli, verify_cli
 
     return [measure_cli.add_parser, estimate_cli.add_estimate_parser, plan_cli.add_parser, merge_cli.add_parser,
             slurm.add_slurm_parser, import_cli.add_parser, generate_cli.add_parsers, env_cli.add_parser,
-            analyze_cli.add_parser]
+            analyze_cli.add_parser, verify_cli.add_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +93,8 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except DtrainError as e:
         if _rank() == 0 or e.local:  # every rank raises the same error: one line, not one per rank
-            print(f"dtrain: error: {e}", file=sys.stderr, flush=True)
+            for line in str(e).splitlines() or [""]:  # several findings (resume checks): one line each
+                print(f"dtrain: error: {line}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
         print("dtrain: interrupted", file=sys.stderr)

@@ -117,6 +117,12 @@ class TrainingConfig:
     save_every: int = _f(0, "training checkpoint every N steps; 0: only at the end", lo=0)
     keep_last: int = _f(2, "training checkpoints kept", min=1)
     resume: Literal["auto", "never"] = _f("never", "auto: continue from the newest checkpoint")
+    time_limit: str | int | None = _f(None, "wall time of this job (90m, 2h, 01:30:00; a number: seconds): "
+                                            "checkpoint and exit 75 before it ends, as under SLURM's own end "
+                                            "time; null: none")
+    nonfinite: Literal["skip", "stop"] = _f("skip", "a step with a non-finite loss or gradient norm: skip it "
+                                                    "(no update, counted) or stop the run")
+    nonfinite_max: int = _f(3, "stop after this many non-finite steps in a row (nonfinite: skip)", min=1)
     chunked_loss: bool | Literal["auto"] = _f(
         "auto", "loss from the hidden states in chunks of tokens, never all logits at once; "
                 "auto: on for LoRA with a plain linear head")

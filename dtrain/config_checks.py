@@ -33,6 +33,10 @@ def validate(cfg, where: Where) -> None:
     _check_paths(cfg, where)
     _check_objective(cfg, where)
     _check_logging(cfg.logging, where)
+    if cfg.training.time_limit is not None:  # parsed now: a typo fails at once, not hours later
+        from dtrain import deadline
+
+        deadline.parse_duration(cfg.training.time_limit, f"{where('training.time_limit')}: training.time_limit")
 
 
 def _check_logging(logging_cfg, where: Where) -> None:

@@ -54,10 +54,11 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return out
 
 
-def exact_match(generator, records: list[dict], sampling, source: str = "eval data") -> ExactMatch:
-    """Answer every prompt; an answer counts when it equals the expected one (both stripped)."""
+def exact_match(generator, records: list[dict], sampling, source: str = "eval data", stop=None) -> ExactMatch:
+    """Answer every prompt; an answer counts when it equals the expected one (both stripped).
+    `stop()`, asked before each batch of prompts, ends it early (raising preempt.Preempted)."""
     pairs = expected_pairs(records, source)
-    got = generator.generate([p for p, _ in pairs], sampling)
+    got = generator.generate([p for p, _ in pairs], sampling, stop=stop)
     rows, correct = [], 0
     for (prompt, want), answer in zip(pairs, got):
         ok = answer.strip() == want.strip()

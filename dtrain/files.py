@@ -9,6 +9,7 @@ failure ends every rank. Only safetensors and JSON: no pickle.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -23,6 +24,12 @@ from safetensors.torch import save_file
 from dtrain.errors import DtrainError
 
 MARKER = "COMPLETE"
+
+
+class DiskFull(DtrainError):
+    """No space left on the device a checkpoint is written to (exit 1: not a config error)."""
+
+    exit_code = 1
 MARKER_FORMAT = 1
 
 
@@ -65,7 +72,12 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
         if t.numel() == 0:
             raise ValueError(f"refusing to write '{key}' of shape {list(t.shape)} to {path.name}: an empty "
                              "(unmaterialized) tensor; gather the full parameter first")
-    save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata)
+    try:
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata)
+    except Exception as e:  # safetensors reports I/O errors as its own type: keep "disk full" an OSError
+        if "os error 28" in str(e):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+        raise
     fsync_path(path)
 
 
@@ -165,7 +177,9 @@ def together(backend, fn, every_rank: bool = False) -> None:
             error = e
     failed = int(backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
     if error is not None:
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            error = DiskFull(f"no space left on device writing {error.filename or 'a checkpoint'}")
+        elif isinstance(error, OSError):
             error = DtrainError(f"checkpoint write failed: {error}")
         if isinstance(error, DtrainError):
             error.local = backend.rank != 0  # this rank's own failure: printed here, not only on rank 0

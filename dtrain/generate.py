@@ -53,10 +53,15 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict] | str], sampling: Sampling = Sampling(),
-                 batch_size: int = 8) -> list[str]:
-        """One completion per prompt (text only, special tokens dropped)."""
+                 batch_size: int = 8, stop=None) -> list[str]:
+        """One completion per prompt (text only, special tokens dropped). `stop()`, asked before
+        each batch, raises preempt.Preempted when true (a preemption inside a long generation)."""
+        from dtrain import preempt
+
         out: list[str] = []
         for i in range(0, len(prompts), batch_size):
+            if stop is not None and stop():
+                raise preempt.Preempted()
             out += self._batch([self.render(p) for p in prompts[i: i + batch_size]], sampling)
         return out
 

@@ -1,12 +1,16 @@
 """What transformers says about a model that dtrain's build follows, instead of guessing per
 architecture: the non-persistent buffers its `_init_weights` computes, and the renamings of
-checkpoint keys to module names it applies when loading. No ranks, no sharding here.
+checkpoint keys to module names it applies when loading, whether it builds a causal LM from a
+config. No ranks, no sharding here.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from dtrain.errors import ConfigError
 
@@ -73,3 +77,41 @@ def renamed_keys(keys: list[str], renamings: list) -> dict[str, str]:
         if renamed != key:
             out[renamed] = key
     return out
+
+
+def check_causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> None:
+    """The config's model is a causal LM transformers can build: one line naming the model type
+    and what is missing otherwise (no causal-LM head, custom code not trusted)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if custom and not trust_remote_code:
+        raise ConfigError(f"model: {config.model_type} is custom code (auto_map in its config.json), which dtrain "
+                          "runs only with model.trust_remote_code=true")
+    if not custom:
+        raise ConfigError(f"model: {config.model_type} has no causal-LM head in transformers (no "
+                          "AutoModelForCausalLM class for it): dtrain trains causal language models")
+
+
+def custom_model_type(path: Path) -> str | None:
+    """The model type of a config.json that maps its classes to custom code (auto_map), else None."""
+    import json
+
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return str(raw.get("model_type", "this model")) if isinstance(raw, dict) and raw.get("auto_map") else None
+
+
+def fit_attention(config: PretrainedConfig) -> None:
+    """sdpa (model.attn_implementation's default) on an architecture without it (Gemma 2) becomes
+    eager, as transformers itself chooses when no kernel is asked for; any other choice is kept."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "_attn_implementation", None) != "sdpa" or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    if not getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", True):
+        config._attn_implementation = "eager"

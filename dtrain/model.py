@@ -21,8 +21,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from dtrain.config import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain import expert_checkpoint, layers
+from dtrain.hf_model import (check_causal_lm, checkpoint_renamings, custom_model_type, fit_attention,  # noqa: F401
+                             renamed_keys, restore_buffers)  # model.restore_buffers for the backends
 from dtrain.layers import checkpoint_key
-from dtrain.hf_model import checkpoint_renamings, renamed_keys, restore_buffers  # noqa: F401  (model.restore_buffers)
 from dtrain.lora import LoRALinear, is_lora_param
 from dtrain.shapes import logical_shape
 
@@ -39,7 +40,7 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
                 cfg.path, local_files_only=True, trust_remote_code=cfg.trust_remote_code
             )
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
-            custom = _custom_model_type(Path(cfg.path))
+            custom = custom_model_type(Path(cfg.path))
             if custom and not cfg.trust_remote_code:
                 raise ConfigError(f"model.path = '{cfg.path}': {custom} is custom code (auto_map in its config.json), "
                                   "which dtrain runs only with model.trust_remote_code=true") from None
@@ -55,17 +56,6 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     # flash attention as varlen sequences through their position_ids, sdpa and eager as a block mask
     config._attn_implementation = layers.attention_kernel(config, getattr(cfg, "attn_implementation", "sdpa"))
     return config
-
-
-def _custom_model_type(path: Path) -> str | None:
-    """The model type of a config.json that maps its classes to custom code (auto_map), else None."""
-    import json
-
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return str(raw.get("model_type", "this model")) if isinstance(raw, dict) and raw.get("auto_map") else None
 
 
 def _first_line(e: Exception) -> str:
@@ -105,6 +95,7 @@ def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torc
                 trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
     check_causal_lm(config, trust_remote_code)
+    fit_attention(config)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -117,22 +108,6 @@ def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torc
                           "and quantization and to tie it")
     tie_embeddings(model)
     return model
-
-
-def check_causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> None:
-    """The config's model is a causal LM transformers can build: one line naming the model type
-    and what is missing otherwise (no causal-LM head, custom code not trusted)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return
-    custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
-    if custom and not trust_remote_code:
-        raise ConfigError(f"model: {config.model_type} is custom code (auto_map in its config.json), which dtrain "
-                          "runs only with model.trust_remote_code=true")
-    if not custom:
-        raise ConfigError(f"model: {config.model_type} has no causal-LM head in transformers (no "
-                          "AutoModelForCausalLM class for it): dtrain trains causal language models")
 
 
 def ties_embeddings(model: nn.Module) -> bool:

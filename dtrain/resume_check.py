@@ -1,51 +1,87 @@
 """What a resumed run must agree on with the checkpoint it continues (see docs/resume.md).
 
-A training checkpoint records the settings that decide the shapes and the meaning of what it
-holds (trainer_state.json, "settings"); `check` compares them with this run's and refuses a change
-in ONE line naming the key, before anything is loaded (else: a size mismatch, a KeyError on a
-parameter name or an optimizer-group mismatch deep inside a backend).
+A training checkpoint records the settings that define the model and the run (trainer_state.json,
+"settings"); `check` compares them with this run's and refuses every change, one line each naming
+the key, the checkpoint's value and this config's, before anything is loaded (else: a size
+mismatch deep inside a backend, or worse, a run that silently continues at another scale).
 
-Must match: lora.r (shapes), lora.alpha (the scale alpha / r of the loaded B A), lora.targets /
-lora.target_regex (which parameters exist), lora.adapter_name (their names), model.path and the
-model's architecture, quantization.bits and quantization.include_head (the frozen base the adapter
-was trained against), mode, and the global batch (micro_batch_size x grad_accum x ranks: the batch
-plan, and so the data position of a step, depends on it). May change: lora.dropout (regularization
-only; one log line says so), the backend and the number of ranks (the optimizer state is stored
-unsharded and resharded on load), model.dtype, lr schedule keys (the saved scheduler state wins).
+Must match: the LoRA shape, scale and variant (r, alpha, rsLoRA, DoRA, the LoRA+ ratio), which
+parameters exist (targets, target_regex, adapter_name, target parameters where the schema has
+them), the base (model.path, the architecture, a content hash of config.json + weight index),
+model.dtype, the quantization, the tokenizer (hash of its vocabulary) and chat template (hash), the
+objective where the schema has one, the data settings that decide the examples (files, format,
+fields, seq_len, truncation, packing, the held-out split, the seed) and the global batch
+(micro_batch_size x grad_accum x ranks: the batch plan, and so the data position of a step).
+May change: lora.dropout (regularization only; one log line says so), the backend and the number
+of ranks (the optimizer state is stored unsharded and resharded on load), the lr schedule keys
+(the saved scheduler state wins). Checkpoints written before a key was recorded skip that key.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+from dtrain import fingerprint
 from dtrain.config import Config
 from dtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "num_key_value_heads", "vocab_size", "tie_word_embeddings")
-# key -> what the refusal asks to keep the same
-MUST_MATCH = {"mode": "mode", "lora.r": "LoRA settings", "lora.alpha": "LoRA settings",
-              "lora.targets": "LoRA settings", "lora.target_regex": "LoRA settings",
-              "lora.adapter_name": "LoRA settings", "model.path": "model",
+_LORA = "LoRA settings"
+# key -> what the refusal asks to keep the same (config keys are read from the config; the others
+# are computed in `settings`)
+MUST_MATCH = {"mode": "mode", "lora.r": _LORA, "lora.alpha": _LORA, "lora.use_rslora": _LORA,
+              "lora.use_dora": _LORA, "lora.loraplus_lr_ratio": _LORA, "lora.targets": _LORA,
+              "lora.target_regex": _LORA, "lora.adapter_name": _LORA, "lora.target_parameters": _LORA,
+              "model.path": "model", "model.base_hash": "model", "model.dtype": "model",
               "quantization.bits": "quantization", "quantization.include_head": "quantization",
-              "objective": "objective", "dpo.reference": "DPO reference"}
+              "tokenizer.hash": "tokenizer", "data.chat_template_hash": "chat template",
+              "objective": "objective", "training.objective": "objective", "dpo.reference": "DPO reference",
+              "data.path": "data", "data.mix": "data", "data.format": "data", "data.seq_len": "data",
+              "data.truncation": "data", "data.packing": "data", "data.eval_path": "data",
+              "data.eval_fraction": "data", "data.bad_records": "data", "data.fields": "data",
+              "training.seed": "data order"}
+_COMPUTED = {"model.base_hash", "tokenizer.hash", "data.chat_template_hash", "data.fields", "lora.targets"}
+# the record fields each data format reads: a change of another format's field changes nothing
+FORMAT_FIELDS = {"text": ("text_field",), "instruction": ("prompt_field", "response_field"),
+                 "messages": ("messages_field", "turn_keys", "role_map"),
+                 "sharegpt": ("messages_field", "turn_keys", "role_map"), "alpaca": ("alpaca_fields",)}
+CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
+_MISSING = object()
 
 
-def settings(cfg: Config, model) -> dict:
-    """The settings a checkpoint records (plain data, JSON-able)."""
-    lc, targets = cfg.lora, cfg.lora.targets
-    arch = getattr(model, "config", None)
-    return {
-        "mode": cfg.mode, "lora.r": lc.r, "lora.alpha": float(lc.alpha),
-        "lora.targets": targets if isinstance(targets, str) else sorted(targets),
-        "lora.target_regex": lc.target_regex, "lora.adapter_name": lc.adapter_name,
-        "lora.dropout": float(lc.dropout), "model.path": cfg.model.path,
-        "model.arch": {k: getattr(arch, k, None) for k in ARCH_KEYS} if arch is not None else {},
-        "quantization.bits": cfg.quantization.bits, "quantization.include_head": cfg.quantization.include_head,
-        "objective": cfg.objective, "dpo.reference": cfg.dpo.reference if cfg.objective == "dpo" else None,
-    }
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part, _MISSING)
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
+def settings(cfg: Config, model, tokenizer=None) -> dict:
+    """The settings a checkpoint records (plain data, JSON-able). Keys the schema lacks (e.g. an
+    objective) are left out; the tokenizer's hashes only when the caller has the tokenizer."""
+    lc, d, arch = cfg.lora, cfg.data, getattr(model, "config", None)
+    out = {k: v for k in MUST_MATCH if k not in _COMPUTED and (v := _get(cfg, k)) is not _MISSING}
+    out.update({"lora.targets": lc.targets if isinstance(lc.targets, str) else sorted(lc.targets),
+                "lora.alpha": float(lc.alpha), "lora.dropout": float(lc.dropout),
+                "data.eval_fraction": float(d.eval_fraction),
+                "data.fields": {f: getattr(d, f) for f in FORMAT_FIELDS.get(d.format, ())},
+                "model.arch": {k: getattr(arch, k, None) for k in ARCH_KEYS} if arch is not None else {},
+                "model.base_hash": fingerprint.base(cfg.model.path)})
+    if "dpo.reference" in out and out.get("objective") != "dpo":
+        out["dpo.reference"] = None  # only DPO reads it
+    if tokenizer is not None:
+        from dtrain.data import chat
+
+        out["tokenizer.hash"] = fingerprint.tokenizer(tokenizer)
+        if d.format in CHAT_FORMATS:  # plain text never renders a template
+            out["data.chat_template_hash"] = fingerprint.text(chat.template_of(d, tokenizer))
+    return json.loads(json.dumps(out))  # tuples -> lists, as the saved side reads back
 
 
 def _show(v) -> str:
@@ -53,33 +89,44 @@ def _show(v) -> str:
         return f"'{v}'"
     if isinstance(v, list):
         return "[" + ", ".join(map(str, v)) + "]"
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True)
+    if isinstance(v, bool):
+        return str(v).lower()
     return "null" if v is None else str(v)
 
 
-def _refuse(path: Path, what: str, saved: str, now: str, keep: str) -> ConfigError:
-    return ConfigError(f"training.resume=auto: the checkpoint in {path} was trained with {what} = {saved}, "
-                       f"this config has {what} = {now}; resume with the same {keep} or start a new output.dir")
+def _line(path: Path, what: str, saved, now, keep: str) -> str:
+    return (f"training.resume=auto: the checkpoint in {path} was trained with {what} = {_show(saved)}, "
+            f"this config has {what} = {_show(now)}; resume with the same {keep} or start a new output.dir")
 
 
-def check(state: dict, cfg: Config, model, plan, path: Path) -> None:
-    """Refuse (ConfigError, one line) a resume whose settings differ from the checkpoint's."""
+def mismatches(state: dict, now: dict, path: Path) -> list[str]:
+    """One line per setting the checkpoint recorded that differs from `now` (this run's settings)."""
+    saved, lines = state.get("settings") or {}, []
+    for key, keep in MUST_MATCH.items():
+        if key in saved and key in now and saved[key] != now[key]:
+            lines.append(_line(path, key, saved[key], now[key], keep))
+    for key, value in (saved.get("model.arch") or {}).items():
+        if now["model.arch"].get(key) != value:
+            lines.append(_line(path, f"model {key}", value, now["model.arch"].get(key), "model"))
+    return lines
+
+
+def check(state: dict, cfg: Config, model, plan, path: Path, tokenizer=None) -> None:
+    """Refuse (ConfigError, one line per mismatch) a resume whose settings differ from the checkpoint's."""
     if int(state.get("format", 1)) < 2:
         raise ConfigError(f"training.resume=auto: the checkpoint in {path} was written by an older dtrain "
                           "(checkpoint format 1, per-rank optimizer shards); finish it with that version "
                           "or start a new output.dir")
-    saved, now = state.get("settings") or {}, settings(cfg, model)
-    for key, keep in MUST_MATCH.items():
-        if key in saved and saved[key] != now[key]:
-            raise _refuse(path, key, _show(saved[key]), _show(now[key]), keep)
-    for key, value in (saved.get("model.arch") or {}).items():
-        if now["model.arch"].get(key) != value:
-            raise _refuse(path, f"model {key}", _show(value), _show(now["model.arch"].get(key)), "model")
+    saved, now = state.get("settings") or {}, settings(cfg, model, tokenizer)
+    lines = mismatches(state, now, path)
+    if lines:
+        raise ConfigError("\n".join(lines))
     if "lora.dropout" in saved and saved["lora.dropout"] != now["lora.dropout"]:
         log.warning("resume: lora.dropout %s -> %s (allowed: it changes only the regularization from here on)",
                     saved["lora.dropout"], now["lora.dropout"])
     _check_batch(state.get("data") or {}, plan, path)
-
-
 def _check_batch(data: dict, plan, path: Path) -> None:
     if plan is None or not data:
         return

@@ -9,6 +9,10 @@ Design:
   training process directly, S seconds before the time limit. `scancel --signal=USR1 JOBID` does
   the same by hand. Each rank sets a flag, all ranks agree at the next step boundary, write a
   checkpoint and exit 75.
+- Without a signal (a cluster that drops it, a --signal too short for the save), dtrain reads the
+  job's end time itself (SLURM_JOB_END_TIME, else squeue) and checkpoints when the time left falls
+  under its margin (dtrain/deadline.py). `B:` is not used: it signals only the batch shell, which
+  would then have to forward USR1 to srun's tasks.
 - srun returns the highest task exit code; on 75 the batch script runs `scontrol requeue`, and the
   requeued job resumes with `training.resume=auto` (always passed).
   Only when the job is still RUNNING: a plain `scancel` (TERM to every process) also makes dtrain

@@ -8,6 +8,7 @@ the gradients the backends average over ranks are those of one big batch, whatev
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -46,13 +47,15 @@ class SFT:
 
 
 def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int = 0,
-               watch: StepWatch | None = None, objective=None) -> dict[str, float]:
+               watch: StepWatch | None = None, objective=None, poison: bool = False) -> dict[str, float]:
     """Forward/backward over this rank's micro-batches, then the optimizer step.
 
     Returns the global mean loss (over labelled tokens, or the objective's units: pairs), the
     learning rate used, the gradient norm before clipping, the global counts of labelled and of
     real (non-pad; `real_tokens` is this rank's) tokens and of the positions computed (micro-batches
-    are cut to their longest row, so these vary by step), and the objective's metrics (global means).
+    are cut to their longest row, so these vary by step), the objective's metrics (global means),
+    and `nonfinite`: "" or what was not finite ("loss", "grad_norm"), the same on every rank since
+    both are global values; such a step updates nothing. `poison`: a planted NaN (dtrain/faults.py).
     """
     objective = objective or SFT()
     units = sum(objective.count(b) for b in batches)
@@ -65,15 +68,16 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
     for i, batch in enumerate(batches):
         with watch.forward() if watch is not None and i == 0 else contextlib.nullcontext():
             total, extra = objective.loss(backend, batch)
+        if poison:
+            total = total * float("nan")
         backend.backward(total * scale)
         sums += torch.cat([total.detach().double().cpu().reshape(1), extra])
     if watch is not None:
         watch.before_optimizer_step()
     lr = backend.lr
-    norm = backend.step()
-    means = (backend.all_reduce_sum(sums) / max(global_units, 1)).tolist()
+    means = (backend.all_reduce_sum(sums) / max(global_units, 1)).tolist()  # before the step: it may skip
+    norm = backend.step(skip=not math.isfinite(means[0]))
+    bad = [name for name, v in (("loss", means[0]), ("grad_norm", norm)) if not math.isfinite(v)]
     return {"loss": means[0], "lr": lr, "grad_norm": norm, "labelled_tokens": global_tokens,
             "real_tokens": global_real, "positions": global_positions,
-            **dict(zip(objective.metric_names, means[1:]))}
-
-
+            **dict(zip(objective.metric_names, means[1:])), "nonfinite": " and ".join(bad)}

@@ -4,11 +4,15 @@ One optimizer step is dtrain/step.py's `train_step` (shared with the memory prof
 gradient of the mean token loss over the global batch, whatever the split into ranks and
 micro-batches, so one process and N ranks give the same loss and the same update.
 
-Preemption: SIGTERM or SIGUSR1 on any rank sets a flag; at the next step boundary all ranks agree
-(one all-reduce), write a training checkpoint (checkpoint.save_training; rank 0 also writes
-`<output.dir>/PREEMPTED`) and the process exits with PREEMPT_EXIT = 75 (EX_TEMPFAIL: "requeue me";
-`training.resume=auto` continues bit-exactly). Launched directly (srun, `python -m dtrain`) the job
-sees 75; torchrun reports its own failure (exit 1) instead, so test for the PREEMPTED file there.
+Preemption: SIGTERM or SIGUSR1 on any rank, or the job's deadline (training.time_limit, SLURM's end
+time; dtrain/stopping.py) is acted on at the next safe point: a step boundary, the next batch of an
+evaluation (the resumed run redoes that step's evaluation), the end of the save in progress, the
+next batch of the generation eval. All ranks agree (one all-reduce), write a training checkpoint
+(rank 0 also writes `<output.dir>/PREEMPTED`) and the process exits with PREEMPT_EXIT = 75
+(EX_TEMPFAIL: "requeue me"; `training.resume=auto` continues bit-exactly). Launched directly
+(srun, `python -m dtrain`) the job sees 75; torchrun reports its own failure (exit 1) instead, so
+test for the PREEMPTED file there. A step whose loss or gradient norm is not finite updates
+nothing and is counted (training.nonfinite, nonfinite_max).
 """
 
 from __future__ import annotations
@@ -22,9 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, files, lora, outdir, preempt
-from dtrain import templates
-from dtrain import loggers as loggers_lib, reference, step as step_lib, step_opts
+from dtrain import adapter, backends, checkpoint, config as config_lib, data as data_lib, dist, faults, files, lora
+from dtrain import loggers as loggers_lib, outdir, preempt, reference, step as step_lib, step_opts, stopping, templates
 from dtrain.loggers import curve, flops
 from dtrain.config import Config
 from dtrain.data.chat import run_template
@@ -46,7 +49,10 @@ class Trainer:
         self.out = Path(cfg.output.dir)
         self.state = RunState()
         self.backend = backends.create(cfg, self.env)
-        self._saved_step = -1  # last step a save_every checkpoint was written for
+        self._saved_step = -1  # last step whose checkpoint this process wrote (or resumed from)
+        self.stops = stopping.Stops(self.backend, cfg)
+        self.nonfinite = stopping.NonFinite(cfg)
+        self._pending: dict | None = None  # the metrics row of a step whose evaluation a preemption cut
         self.loggers: loggers_lib.MultiLogger | None = None  # rank 0 only
         self._mfu: tuple[float, float] | None = None  # (flops per token, peak FLOP/s): CUDA only
         self.objective = objective_of(cfg)
@@ -72,7 +78,10 @@ class Trainer:
         data_lib.check_plan(self.plan, "training")
         self.total_steps = data_lib.total_steps(t.max_steps, t.epochs, self.plan)
         self.backend.setup_optimizer(self.total_steps)
-        self.state.step = checkpoint.maybe_resume(self.backend, self.cfg, self.out, self.plan)
+        self.state.step = checkpoint.maybe_resume(self.backend, self.cfg, self.out, self.plan, self.tokenizer)
+        if self.state.step:
+            self._saved_step = self.state.step
+            self._pending = checkpoint.read_state(self.out, self.state.step).get("pending_row")
         peak = flops.peak_flops(self.backend.device, cfg.logging.peak_tflops)
         if peak is not None:
             self._mfu = (flops.flops_per_token(self.backend.model, cfg.data.seq_len), peak)
@@ -115,33 +124,15 @@ class Trainer:
         """Run to the last step; returns the process exit code (0, or PREEMPT_EXIT)."""
         bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.env.is_main,
                    desc="train", dynamic_ncols=True)
-        metrics = self.loggers
         try:
-            if self.state.step == 0 and self._evaluates():
-                self._write_metrics({"step": 0, **self.evaluate_all()}, metrics)  # the base's own loss
-            while self.state.step < self.total_steps:
-                row = self._train_step()
-                self.state.step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-                self._after_step(row, metrics)
-                if self._preempt_requested():
-                    if self._saved_step == self.state.step:  # save_every just wrote this step's checkpoint
-                        checkpoint.mark_preempted(self.backend, self.out, self.state.step)
-                    else:
-                        checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan,
-                                                 preempted=True)
-                    log.warning("preempted: checkpoint at step %d written; exit %d to requeue",
-                                self.state.step, PREEMPT_EXIT)
-                    return PREEMPT_EXIT
-            final = adapter.gather_adapter(self.backend, self.cfg.lora.adapter_name)  # once, for both saves
-            checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan, tensors=final)
-            adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final, chat=self.chat)
-            if self.cfg.training.eval_generate:
-                files.together(self.backend, lambda: self._generation_eval(metrics))
+            code = self._steps(bar, self.loggers)
+            if code is None:
+                code = self._finish(self.loggers)
         finally:
             bar.close()
             self._close_loggers()
+        if code is not None:
+            return code
         from dtrain.memory import measure
 
         memory = measure.summary_line(measure.snapshot(self.backend))  # collective: every rank
@@ -153,6 +144,84 @@ class Trainer:
                 log.info("loss curve in %s", self.out / "loss_curve.png")
         return 0
 
+    def _steps(self, bar, metrics) -> int | None:
+        """The optimizer steps; PREEMPT_EXIT when a signal or the deadline stopped them (checkpoint
+        written at the safe point reached: a step boundary, or the next batch of an evaluation)."""
+        try:
+            if self.state.step == 0 and self._evaluates():
+                self._write_metrics({"step": 0, **self.evaluate_all()}, metrics)  # the base's own loss
+        except preempt.Preempted:
+            return self._preempt(at_start=True)
+        if self._pending is not None:  # resumed from a checkpoint taken inside that step's evaluation
+            row, self._pending = self._pending, None
+            if (code := self._after_step_or_stop(row, metrics)) is not None:
+                return code
+        while self.state.step < self.total_steps:
+            row = self._train_step()
+            self.state.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            self.stops.deadline.saw("step", row["step_time_s"])
+            self.stops.armed = True
+            if (code := self._after_step_or_stop(row, metrics)) is not None:
+                return code
+        return None
+
+    def _after_step_or_stop(self, row: dict, metrics) -> int | None:
+        stop = self.nonfinite.seen(row, row.pop("nonfinite", ""))
+        try:
+            self._after_step(row, metrics)
+        except preempt.Preempted:
+            return self._preempt(pending=row)
+        if stop:
+            raise stopping.TrainingStopped(stop)
+        return self._preempt() if self.stops.check() else None
+
+    def _finish(self, metrics) -> int | None:
+        """The last checkpoint, the adapter, the generation eval; PREEMPT_EXIT when stopped between them."""
+        final = adapter.gather_adapter(self.backend, self.cfg.lora.adapter_name)  # once, for both saves
+        self._save(tensors=final)
+        self._saved_step = self.state.step
+        if self.stops.check():
+            return self._preempt()
+        adapter.save_adapter(self.backend, self.cfg, self.out / "adapter", tensors=final, chat=self.chat)
+        if self.cfg.training.eval_generate:
+            stopped: list[bool] = []
+
+            def gen_eval() -> None:
+                try:
+                    self._generation_eval(metrics)
+                except preempt.Preempted:
+                    stopped.append(True)
+
+            files.together(self.backend, gen_eval)
+            if self.stops.check(local=bool(stopped) or preempt.requested()):
+                return self._preempt()
+        return None
+
+    def _save(self, **kw) -> Path | None:
+        start = time.perf_counter()
+        path = checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan,
+                                        tokenizer=self.tokenizer, **kw)
+        self.stops.deadline.saw("save", time.perf_counter() - start)
+        return path
+
+    def _preempt(self, pending: dict | None = None, at_start: bool = False) -> int:
+        """Checkpoint this step (unless written already) on every rank, then PREEMPT_EXIT. `pending`:
+        the metrics row of a step whose evaluation was cut short: the resumed run redoes it."""
+        step, where = self.state.step, " during evaluation" if pending is not None or at_start else ""
+        if at_start:  # nothing trained yet: nothing to save; a resume starts at step 0
+            checkpoint.mark_preempted(self.backend, self.out, step, saved=False)
+        elif self._saved_step == step and pending is None:  # this step's checkpoint is in place
+            checkpoint.mark_preempted(self.backend, self.out, step)
+        else:
+            self._save(preempted=True, extra={"pending_row": pending} if pending is not None else None)
+        if self.env.is_main:  # "preempted: checkpoint at step N written" is what job scripts grep for
+            log.warning("preempted: %s (%s%s); exit %d to requeue",
+                        "nothing to save before the first step" if at_start else f"checkpoint at step {step} written",
+                        self.stops.reason, where, PREEMPT_EXIT)
+        return PREEMPT_EXIT
+
     def _generation_eval(self, metrics) -> None:
         """Exact match of the saved adapter on held-out prompts (rank 0, one process, the base
         loaded whole: for models that fit one device); `eval_generations.jsonl` per record."""
@@ -162,7 +231,7 @@ class Trainer:
         records = evaluate.read_jsonl(Path(cfg.data.eval_path), cfg.training.eval_generate)
         model, tok = generate.load(cfg.model.path, [str(self.out / "adapter")], device=str(self.backend.device))
         result = evaluate.exact_match(generate.Generator(model, tok), records, generate.Sampling(max_new_tokens=64),
-                                      f"data.eval_path = '{cfg.data.eval_path}'")
+                                      f"data.eval_path = '{cfg.data.eval_path}'", stop=self.stops.local)
         files.write_text_atomic(self.out / "eval_generations.jsonl",
                                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
         self._write_metrics({"step": self.state.step, "eval_exact_match": result.accuracy}, metrics)
@@ -177,14 +246,15 @@ class Trainer:
         start, rank, accum = time.perf_counter(), self.env.rank, self.cfg.training.grad_accum
         picks = [self.plan.indices(self.state.step, m, rank) for m in range(accum)]
         real = sum(self.train_data.real_tokens(idx) for idx in picks)
+        poison = faults.nan_loss(self.state.step + 1, rank, self.env.world_size)
         result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real,
-                                     objective=self.objective)
+                                     objective=self.objective, poison=poison)
         elapsed = time.perf_counter() - start
         positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
         row = {"step": self.state.step + 1, "loss": result["loss"], "lr": result["lr"],
                "grad_norm": result["grad_norm"], "tokens_per_s": result["real_tokens"] / elapsed,
                "padding_fraction": 1 - result["real_tokens"] / max(positions, 1), "step_time_s": elapsed,
-               **{k: result[k] for k in self.objective.metric_names}}
+               **{k: result[k] for k in self.objective.metric_names}, "nonfinite": result["nonfinite"]}
         if self._mfu is not None:
             row["mfu"] = flops.mfu(self._mfu[0], positions, elapsed, self.env.world_size, self._mfu[1])
         return row
@@ -206,10 +276,10 @@ class Trainer:
             from dtrain.memory import measure
 
             row["memory"] = measure.snapshot(self.backend)
-        if step % t.log_every == 0 or "eval_loss" in row:
+        if step % t.log_every == 0 or "eval_loss" in row or "nonfinite" in row:
             self._write_metrics(row, metrics)
-        if t.save_every and step % t.save_every == 0 and step < self.total_steps:
-            if checkpoint.save_training(self.backend, self.cfg, self.out, step, self.plan) is not None:
+        if t.save_every and step % t.save_every == 0 and step < self.total_steps and self._saved_step != step:
+            if self._save() is not None:
                 self._saved_step = step
 
     def evaluate(self) -> float:
@@ -222,9 +292,14 @@ class Trainer:
         n, mb, world = len(self.eval_data), self.cfg.training.micro_batch_size, self.env.world_size
         names = self.objective.metric_names
         sums = torch.zeros(2 + len(names), dtype=torch.float64)  # loss, units, metrics
+        start_t = time.perf_counter()
         with self.backend.evaluating():
             rounds = min(self.cfg.training.eval_batches, -(-n // (mb * world)))
+            if self.env.is_main:
+                log.info("step %d: evaluating, %d batch(es) per rank", self.state.step, rounds)
             for i in range(rounds):  # every rank runs the same number of forwards (sharded collectives)
+                if self.stops.check():  # a safe point: preempt.Preempted on every rank
+                    raise preempt.Preempted()
                 start = (i * world + self.env.rank) * mb
                 idx = torch.arange(start, min(start + mb, n)) if start < n else torch.tensor([0])
                 batch = self.eval_data.take(idx)
@@ -232,15 +307,10 @@ class Trainer:
                 if start < n:
                     units = torch.tensor([float(self.objective.count(batch))], dtype=torch.float64)
                     sums += torch.cat([total.detach().double().cpu().reshape(1), units, extra])
+        self.stops.deadline.saw("eval", time.perf_counter() - start_t)
         sums = self.backend.all_reduce_sum(sums)
         means = (sums / max(float(sums[1]), 1.0)).tolist()
         return {"eval_loss": means[0], **{f"eval_{k}": v for k, v in zip(names, means[2:])}}
-
-    # ---- preemption -------------------------------------------------------------------------
-    def _preempt_requested(self) -> bool:
-        """All ranks agree: any rank signalled means every rank checkpoints now."""
-        flag = torch.tensor(1.0 if preempt.requested() else 0.0)
-        return bool(self.backend.all_reduce_sum(flag).item() > 0)
 
     def cleanup(self) -> None:
         self._close_loggers()  # a run that failed before train() still ends its logger runs

@@ -122,21 +122,24 @@ class Backend(TorchMemoryView, ABC):
         and averages them over ranks during backward)."""
         loss.backward()
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
         """Clip, optimizer step, scheduler step, zero grads; returns the grad norm before clipping.
 
         The torch optimizer's path (single process, FSDP2). `max_grad_norm` 0 clips at infinity:
         the scale clamps to 1, so the gradients are unchanged and the norm is still reported. Under
-        FSDP2 the norm is a DTensor: its full value is the same on every rank.
+        FSDP2 the norm is a DTensor: its full value is the same on every rank. A non-finite norm
+        (or `skip`: the loss was not finite) drops the gradients and steps neither the optimizer
+        nor the schedule, as DeepSpeed does with an overflow: one decision on every rank.
         """
         max_norm = self.cfg.training.max_grad_norm
         norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), max_norm if max_norm > 0 else math.inf)
         full = getattr(norm, "full_tensor", None)
-        norm = full() if callable(full) else norm
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(full() if callable(full) else norm)
+        if not skip and math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @abstractmethod
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:

@@ -62,8 +62,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import assembly, model as model_lib, optim
-from dtrain.backends import ds_config, heap, zero3_state
+from dtrain import assembly, faults, model as model_lib, optim
+from dtrain.backends import collectives, ds_config, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
 from dtrain.config import Config
@@ -128,8 +128,11 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            timeout = dist_env.pg_timeout(cfg)
+            if collectives.restarted():  # torchrun restarted the group: the store needs a fresh prefix
+                collectives.init_process_group(env.dist_backend, env.rank, env.world_size, timeout)
             self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False,
-                                     timeout=dist_env.pg_timeout(cfg))
+                                     timeout=timeout)  # wraps a group already started
         self.engine = None
         self._trimmer = heap.StepTrimmer()
 
@@ -198,8 +201,13 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
+        for name, g in self.local_grads().items():  # a planted fault (dtrain/faults.py) only
+            if faults.dropped_grad(name):
+                g.zero_()
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
+        # `skip` (a non-finite loss) needs no action: its gradients are non-finite too, and ZeRO-3
+        # discards a step whose gradient norm is not finite (no update, no scheduler step)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         if self.device.type == "cpu":

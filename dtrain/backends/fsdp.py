@@ -15,8 +15,9 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import assembly, dist as dist_env, layers, model as model_lib
+from dtrain import assembly, dist as dist_env, faults, layers, model as model_lib
 from dtrain.backends.base import Backend
+from dtrain.backends import collectives
 from dtrain.backends.collectives import ProcessGroupCollectives
 
 
@@ -25,9 +26,8 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         super().__init__(cfg, env)
         if not dist.is_initialized():
             dist_env.ensure_rendezvous(env)
-            dist.init_process_group(backend=env.dist_backend, rank=env.rank, world_size=env.world_size,
-                                    timeout=dist_env.pg_timeout(cfg),
-                                    device_id=env.device if env.device.type == "cuda" else None)
+            collectives.init_process_group(env.dist_backend, env.rank, env.world_size, dist_env.pg_timeout(cfg),
+                                           device_id=env.device if env.device.type == "cuda" else None)
 
     def _build(self, config) -> nn.Module:
         cfg = self.cfg
@@ -46,6 +46,12 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         model.to_empty(device=self.device)
         model_lib.restore_buffers(model, self.device)
         self._fill(model, source)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        super().backward(loss)
+        for name, p in self.model.named_parameters():  # a planted fault (dtrain/faults.py) only
+            if p.grad is not None and faults.dropped_grad(name):
+                p.grad.zero_()
 
     def _shard(self, model: nn.Module) -> None:
         """Units: each decoder block, the input embeddings, the output head, then the root.

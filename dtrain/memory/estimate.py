@@ -109,11 +109,9 @@ class Plan:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", parse_targets(self.targets))
         object.__setattr__(self, "targets", tuple(self.targets))
-        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
-            raise ConfigError(f"loss_chunk must be an integer >= 0 (0: from the vocabulary), got {self.loss_chunk!r}")
-        for name in ("gpus", "nodes", "rank", "batch", "seq_len", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        for name in ("gpus", "nodes", "rank", "batch", "seq_len", "checkpoint_every", "loss_chunk"):
+            value = getattr(self, name)  # loss_chunk 0: the chunk sized from the vocabulary
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "loss_chunk"):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         _check_choice("backend", self.backend, BACKENDS)
         _check_choice("bits", self.bits, BITS)

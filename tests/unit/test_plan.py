@@ -116,7 +116,7 @@ def test_config_dict_round_trip() -> None:
 def test_chunked_loss_saves_the_hidden_gradient_not_the_logits() -> None:
     """Gemma 3 270M's shapes (vocabulary 262,144): the gap the chunked loss closes."""
     spec = spec_from_config(yaml.safe_load((REPO / "tests/unit/gemma3_270m.json").read_text()), "gemma")
-    plan = Plan(batch=4, seq_len=512, targets=("q_proj", "v_proj"), param_dtype="fp32")
+    plan = Plan(batch=4, seq_len=512, targets=("q_proj", "v_proj"), param_dtype="fp32", loss_chunk=1024)
     on, off = estimate(spec, plan).lora, estimate(spec, dataclasses.replace(plan, chunked_loss=False)).lora
     tokens = 4 * 512
     assert off.activations - on.activations == tokens * 262144 * 4 - tokens * 640 * 4
