@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -68,7 +69,14 @@ def encode_to_shards(cfg: DataConfig, tokenizer, out: Path, progress: bool) -> t
 
 def _pool(procs: int):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker: procs is the parallelism
-    return multiprocessing.get_context("fork").Pool(procs)
+    return multiprocessing.get_context("fork").Pool(procs, initializer=_default_signals)
+
+
+def _default_signals() -> None:
+    # A fork inherits the trainer's preemption handler, which turns SIGTERM into a flag: the pool's
+    # terminate() would then never end an idle worker and join() would wait forever.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _chunk(span: tuple[int, int]) -> tuple[Shard, Counter, int | None]:
