@@ -72,7 +72,8 @@ def test_write_emits_a_config_and_its_launch_line(tmp_path, capsys) -> None:
     assert first.startswith("# torchrun --nnodes 2") or first.startswith("# deepspeed --hostfile")
     assert f"launch: {first[2:]}" in out and "dtrain slurm" in first
     raw = yaml.safe_load(text)
-    assert raw["model"]["path"] == "models/Llama-3.1-70B-Instruct" and raw["lora"]["r"] == 16
+    recipe = yaml.safe_load((REPO / "configs" / "llama3.1-70b_qlora_fsdp.yaml").read_text())
+    assert raw["model"]["path"] == recipe["model"]["path"] and raw["lora"]["r"] == 16  # the recipe's model, kept
     assert raw["data"]["path"] == "dtrain/assets/dates_train.jsonl"  # the config's other keys stay
     plan = read_plan(tmp_path / "plan.yaml", {}).plan  # the written config reads back as the plan
     assert (plan.gpus, plan.nodes, plan.targets) == (8, 2, ("all-linear",))
