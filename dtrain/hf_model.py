@@ -106,12 +106,27 @@ def custom_model_type(path: Path) -> str | None:
     return str(raw.get("model_type", "this model")) if isinstance(raw, dict) and raw.get("auto_map") else None
 
 
-def fit_attention(config: PretrainedConfig) -> None:
-    """sdpa (model.attn_implementation's default) on an architecture without it (Gemma 2) becomes
-    eager, as transformers itself chooses when no kernel is asked for; any other choice is kept."""
+def causal_lm_class(config: PretrainedConfig, trust_remote_code: bool = False) -> type | None:
+    """The class AutoModelForCausalLM builds for `config`: transformers' own, or the custom code its
+    auto_map names when that is trusted; None when there is neither."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    if getattr(config, "_attn_implementation", None) != "sdpa" or type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    ref = (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM")
+    if not (ref and trust_remote_code):
+        return None
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    return get_class_from_dynamic_module(ref, config.name_or_path)
+
+
+def fit_attention(config: PretrainedConfig, trust_remote_code: bool = False) -> None:
+    """sdpa (model.attn_implementation's default) on an architecture without it (Gemma 2, gpt-oss's
+    attention sinks, custom code that never declared it) becomes eager, as transformers itself
+    chooses when no kernel is asked for; any other choice is kept."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
         return
-    if not getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], "_supports_sdpa", True):
+    cls = causal_lm_class(config, trust_remote_code)
+    if cls is not None and not getattr(cls, "_supports_sdpa", True):
         config._attn_implementation = "eager"

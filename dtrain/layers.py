@@ -122,12 +122,3 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
 def checkpoint_key(param_name: str) -> str:
     """The checkpoint key of a model parameter: LoRA wrapping adds '.base_layer', drop it."""
     return re.sub(r"(\.base_layer)+\.", ".", param_name)  # nested wrappers (expert LoRA) add several
-
-
-def attention_kernel(config, wanted: str) -> str:
-    """`wanted`, except the default sdpa on a model class that has no sdpa kernel (gpt-oss: its
-    attention sinks), which runs eager as transformers' own loading picks it."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    return "eager" if wanted == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True) else wanted

