@@ -149,10 +149,10 @@ def dpo_args(out: Path) -> list[str]:
 
 
 def from_sft(sft: Path) -> list[str]:
-    """DPO on the SFT adapter, against it. lr 1e-4, not 1e-3: the SFT adapter already ranks every pair
-    right (margin +38 nats), and at 1e-3 DPO drove both sides down (chosen -0.2 -> -69 nats after 16
-    steps, loss 3e-7) until greedy answers were runs of dots (exact match 0.9 -> 0.0)."""
-    return [f"lora.init_from={sft}", f"dpo.reference=adapter:{sft}", "training.lr=1e-4"]
+    """DPO on the SFT adapter, against it, at lr 2e-5. The SFT adapter already ranks every pair right
+    (margin +38 nats); at 1e-3 DPO drove both sides down (chosen -0.2 -> -69 nats in 16 steps) until
+    greedy answers were runs of dots (exact match 36/40 -> 0/40), at 1e-4 to 18/40; 2e-5 kept 35/40."""
+    return [f"lora.init_from={sft}", f"dpo.reference=adapter:{sft}", "training.lr=2e-5"]
 
 
 def main(out: Path) -> dict:
