@@ -6,10 +6,10 @@ uninterrupted job, bit for bit.
 
 Timing: SLURM sends the signal up to one scheduler pass (30 s) before S seconds ahead of the
 limit, so USR1 comes 70-100 s into a window; start-up takes 15-35 s here, so a window trains at
-most ~85 s. The timed job plants `slow_step:0.8` (each step sleeps 0.8 s; the numbers are
-unchanged, dtrain/faults.py): its 110 steps take more than 88 s on any machine, so it cannot end
+most ~88 s. The timed job plants `slow_step:1.0` (each step sleeps 1 s; the numbers are
+unchanged, dtrain/faults.py): its 100 steps take more than 100 s on any machine, so it cannot end
 in the first window, and the sleeping costs no CPU. The reference job trains without it.
-Ondemand: about 4-5 minutes on 2 cores (two or three windows plus the reference)."""
+Ondemand: 4-5 minutes on 2 cores at load 5-6 (two or three windows plus the reference)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ import torch
 from tests.e2e.slurm_cluster import SlurmCluster
 from tests.e2e.test_slurm_train import JOB_ENV, PY, REPO, TINY, _adapter, _log, _metrics
 
-STEPS = 110
+STEPS = 100
 OVERRIDES = ["backend.name=fsdp", "lora.targets=[q_proj,v_proj]", f"training.max_steps={STEPS}",
              "training.warmup_steps=2", "training.micro_batch_size=4", "training.eval_every=0", "data.seq_len=32",
              "training.save_every=0", "logging.loss_curve=false"]
-SLOW = {"DTRAIN_TEST_FAULT": "slow_step:0.8"}
+SLOW = {"DTRAIN_TEST_FAULT": "slow_step:1.0"}
 
 
 def _script(out: Path, script: Path, extra: list[str]) -> Path:
