@@ -9,7 +9,7 @@ limit, so USR1 comes 70-100 s into a window; start-up takes 15-35 s here, so a w
 most ~88 s. The timed job plants `slow_step:1.0` (each step sleeps 1 s; the numbers are
 unchanged, dtrain/faults.py): its 100 steps take more than 100 s on any machine, so it cannot end
 in the first window, and the sleeping costs no CPU. The reference job trains without it.
-Ondemand: 4-5 minutes on 2 cores at load 5-6 (two or three windows plus the reference)."""
+Ondemand: 3.5-6.5 minutes on 2 cores at load 3.6-10 (two or three windows plus the reference)."""
 
 from __future__ import annotations
 
