@@ -7,9 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from dtrain import adapter, files
+from dtrain import files
 from dtrain.errors import ConfigError
 
 
@@ -48,7 +46,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _checks(run, cfg, steps: int, out: Path) -> list:
-    from dtrain import verify
+    import torch  # here, not at the top: every `dtrain` command builds this parser
+
+    from dtrain import adapter, verify
 
     b, name = run.backend, cfg.lora.adapter_name
     before = adapter.gather_adapter(b, name)
