@@ -200,6 +200,12 @@ class Config:
     dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
+def from_dict(raw: dict, source: str) -> Config:
+    """A Config from already-read YAML values, type-checked by the schema (unknown keys, types and
+    ranges give the usual one-line errors naming `source`), without the cross-field checks."""
+    return _build(Config, raw, "", _Where(source, {}))
+
+
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or defaults when path is None), apply overrides, validate."""
     source = str(path) if path else "<defaults>"

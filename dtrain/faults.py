@@ -6,6 +6,9 @@ on by accident; a run with one active says so in a warning on every rank.
                                             last rank only (the others must notice too)
     DTRAIN_TEST_FAULT=drop_grad:layers.1.   a sharded backend (FSDP2, ZeRO-3) zeroes the gradient
                                             of every LoRA parameter whose name contains the text
+    DTRAIN_TEST_FAULT=slow_step:0.8         every optimizer step sleeps 0.8 s more (numbers
+                                            unchanged): a test job outlasts a short SLURM time
+                                            limit on a fast machine too, without using its CPUs
 """
 
 from __future__ import annotations
@@ -40,3 +43,9 @@ def dropped_grad(name: str) -> bool:
     """True when the gradient of parameter `name` must be dropped (a sharded backend's fault)."""
     arg = _active("drop_grad")
     return bool(arg) and arg in name
+
+
+def step_delay() -> float:
+    """Seconds each optimizer step must sleep (slow_step), 0.0 without that fault."""
+    arg = _active("slow_step")
+    return float(arg) if arg else 0.0

@@ -16,12 +16,12 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from dtrain.errors import DtrainError
+
+if TYPE_CHECKING:
+    import torch
 
 MARKER = "COMPLETE"
 
@@ -63,6 +63,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file  # torch on first use: every `dtrain` command imports this module
+
     """Write a safetensors file and fsync it. An empty tensor is refused, never written.
 
     An empty tensor in a state to save is an unmaterialized shard (a ZeRO-3 parameter read outside
@@ -175,6 +177,8 @@ def together(backend, fn, every_rank: bool = False) -> None:
             fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
             error = e
+    import torch
+
     failed = int(backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
     if error is not None:
         if isinstance(error, OSError) and error.errno == errno.ENOSPC:

@@ -67,30 +67,29 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
+def _named_module(model: nn.Module, getter_name: str) -> nn.Module | None:
+    """What the model's own getter (get_output_embeddings, get_input_embeddings) gives, when it is
+    a module; None where the model has no such getter or it raises."""
+    getter = getattr(model, getter_name, None)
+    try:
+        found = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    from torch import nn
+
+    return found if isinstance(found, nn.Module) else None
+
+
 def output_head(model: nn.Module) -> nn.Module | None:
     """The output head: the module the model says it is (`get_output_embeddings()`); None where
     the model names none. The one answer every part of dtrain uses (LoRA targets, quantization,
     FSDP2 units, the chunked loss, the estimator)."""
-    getter = getattr(model, "get_output_embeddings", None)
-    try:
-        head = getter() if callable(getter) else None
-    except (AttributeError, NotImplementedError):
-        return None
-    from torch import nn
-
-    return head if isinstance(head, nn.Module) else None
+    return _named_module(model, "get_output_embeddings")
 
 
 def input_embeddings(model: nn.Module) -> nn.Module | None:
     """The input embeddings the model names (`get_input_embeddings()`), or None."""
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        embed = getter() if callable(getter) else None
-    except (AttributeError, NotImplementedError):
-        return None
-    from torch import nn
-
-    return embed if isinstance(embed, nn.Module) else None
+    return _named_module(model, "get_input_embeddings")
 
 
 def head_names(model: nn.Module) -> set[str]:

@@ -5,14 +5,15 @@ Design:
   `tasks_per_node` processes on CPU-only nodes); dtrain reads SLURM_PROCID / SLURM_NTASKS /
   SLURM_LOCALID. torchrun is left out because it does not forward SIGUSR1 by default and turns a
   worker's exit code 75 into its own failure (exit 1), which would hide the "requeue me" code.
-- `#SBATCH --signal=USR1@S` (no `B:`): SLURM signals every task of the job steps, i.e. each
-  training process directly, S seconds before the time limit. `scancel --signal=USR1 JOBID` does
-  the same by hand. Each rank sets a flag, all ranks agree at the next step boundary, write a
+- `#SBATCH --signal=B:USR1@S`: S seconds before the time limit SLURM signals the batch shell,
+  which forwards USR1 to srun, and srun to every task, i.e. each training process. bash runs a
+  trap only between commands, so srun runs in the background and the shell `wait`s for it (a
+  trapped signal ends `wait` early: the script waits again). `scancel --signal=USR1 JOBID` by hand
+  signals the tasks directly. Each rank sets a flag, all ranks agree at the next safe point, write a
   checkpoint and exit 75.
 - Without a signal (a cluster that drops it, a --signal too short for the save), dtrain reads the
   job's end time itself (SLURM_JOB_END_TIME, else squeue) and checkpoints when the time left falls
-  under its margin (dtrain/deadline.py). `B:` is not used: it signals only the batch shell, which
-  would then have to forward USR1 to srun's tasks.
+  under its margin (dtrain/deadline.py).
 - srun returns the highest task exit code; on 75 the batch script runs `scontrol requeue`, and the
   requeued job resumes with `training.resume=auto` (always passed).
   Only when the job is still RUNNING: a plain `scancel` (TERM to every process) also makes dtrain
@@ -44,16 +45,17 @@ _TEMPLATE = """\
 # (no torchrun) and dtrain reads its rank from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
 # Works unchanged on CPU-only nodes: with no GPU, dtrain trains on CPU with gloo
 # (backend.device=auto) and DeepSpeed is told DS_ACCELERATOR=cpu.
-# Preemption: SLURM sends SIGUSR1 to every training process {signal_seconds} s before the time limit
-# (by hand: scancel --signal=USR1 $SLURM_JOB_ID). dtrain checkpoints at the next step boundary
-# and exits {preempt}; this script then requeues the job, which resumes from that checkpoint.
+# Preemption: SLURM sends SIGUSR1 to this batch shell {signal_seconds} s before the time limit; the shell
+# forwards it to srun, which passes it to every training process (by hand: scancel --signal=USR1
+# $SLURM_JOB_ID signals them directly). dtrain checkpoints at the next safe point and exits {preempt};
+# this script then requeues the job, which resumes from that checkpoint.
 # A requeued job waits SLURM's cred_expire (120 s by default) before it starts again; to skip the
 # wait: scontrol update JobId=<id> StartTime=now
 #SBATCH --job-name={job_name}
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node={tasks_per_node}
 #SBATCH --cpus-per-task={cpus_per_task}
-{gres_line}{partition_line}{time_line}#SBATCH --signal=USR1@{signal_seconds}
+{gres_line}{partition_line}{time_line}#SBATCH --signal=B:USR1@{signal_seconds}
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output={output}
@@ -61,10 +63,16 @@ _TEMPLATE = """\
 {chdir_line}{extra_lines}
 set -uo pipefail
 
-# The batch shell itself is not signalled by --signal=USR1@S; trap USR1 anyway so that
-# `scancel --full --signal=USR1` does not kill it before it can requeue. TERM is NOT trapped:
-# a plain `scancel` (TERM to everything) must end the job, not requeue it.
-trap 'echo "dtrain-slurm: batch shell got USR1 (the training processes checkpoint)"' USR1
+# --signal=B:USR1@S signals this shell only: pass USR1 on to srun, which forwards it to its tasks.
+# TERM is NOT trapped: a plain `scancel` (TERM to everything) must end the job, not requeue it.
+srun_pid=""
+usr1=0
+forward_usr1() {{
+    usr1=1
+    echo "dtrain-slurm: batch shell got USR1 at $(date -Is); forwarding it to the training processes"
+    if [ -n "$srun_pid" ]; then kill -USR1 "$srun_pid" 2>/dev/null; fi
+}}
+trap forward_usr1 USR1
 
 # srun starts the ranks; stale launcher variables must not override SLURM's.
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
@@ -81,9 +89,19 @@ MAX_RESTARTS="${{DTRAIN_MAX_RESTARTS:-{max_restarts}}}"
 
 echo "dtrain-slurm: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST," \\
      "master $MASTER_ADDR:$MASTER_PORT, $(date -Is)"
+# In the background: bash runs the USR1 trap only between commands, never during a foreground srun.
 srun --kill-on-bad-exit=0 --ntasks-per-node={tasks_per_node} --cpus-per-task={cpus_per_task} \\
-    "$DTRAIN_PYTHON" -m dtrain train {config}{overrides}
-rc=$?
+    "$DTRAIN_PYTHON" -m dtrain train {config}{overrides} \\
+    &
+srun_pid=$!
+while :; do
+    usr1=0
+    wait "$srun_pid"
+    rc=$?
+    # a trapped USR1 ends `wait` early (status > 128) while srun runs on: wait again
+    if [ "$usr1" = 1 ] && [ "$rc" -gt 128 ]; then continue; fi
+    break
+done
 echo "dtrain-slurm: training exited $rc at $(date -Is)"
 if [ "$rc" -eq {preempt} ]; then
     if [ "${{SLURM_RESTART_COUNT:-0}}" -ge "$MAX_RESTARTS" ]; then

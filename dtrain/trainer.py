@@ -273,6 +273,7 @@ class Trainer:
         poison = faults.nan_loss(self.state.step + 1, rank, self.env.world_size)
         result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real,
                                      objective=self.objective, poison=poison)
+        time.sleep(faults.step_delay())  # 0 unless a test plants slow_step (dtrain/faults.py)
         elapsed = time.perf_counter() - start
         positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
         row = {"step": self.state.step + 1, "loss": result["loss"], "lr": result["lr"],

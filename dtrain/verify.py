@@ -29,6 +29,7 @@ from dtrain.dist import DistEnv
 
 TOL = {"fp32": 1e-4, "bf16": 3e-2}  # relative loss / absolute logit tolerance per dtype
 QUANT_TOL = {8: 0.02, 4: 0.15}  # largest relative Frobenius error of a quantized base layer
+OUTLIER_SHARE = 1e-3  # adapter elements that may differ by more than TOL (see compare_adapters)
 
 
 @dataclass
@@ -88,10 +89,23 @@ def compare_losses(ours: list[float], theirs: list[float], tol: float, world: in
                  f"last loss {ours[-1]:.6f} vs {theirs[-1]:.6f}")
 
 
-def compare_adapters(ours: dict, theirs: dict, tol: float) -> Check:
-    diff = max(float((ours[k] - theirs[k]).abs().max()) for k in ours)
-    return Check("adapter after training, N ranks vs 1 process", ours.keys() == theirs.keys() and diff <= tol,
-                 f"{len(ours)} tensors, max absolute difference {diff:.2e} (tolerance {tol:.0e})")
+def compare_adapters(ours: dict, theirs: dict, tol: float, step_bound: float) -> Check:
+    """Every element within `tol`, but for at most OUTLIER_SHARE of them within `step_bound`, the
+    most the K AdamW steps move an element (K x the largest lr). Why: the ranks sum gradients in
+    another order (~1e-7 relative), and where an element's gradient is near AdamW's eps its update
+    lr * m / (sqrt(v) + eps) hangs on those last bits, anywhere in [0, lr] (seen on SmolLM2 under
+    ZeRO-3: 1.1e-4 at lr 1e-2). A real fault (a dropped or wrongly reduced gradient) moves whole
+    tensors, far more than 0.1% of the elements."""
+    if ours.keys() != theirs.keys():
+        return Check("adapter after training, N ranks vs 1 process", False,
+                     f"tensor names differ: {sorted(ours.keys() ^ theirs.keys())[:3]}")
+    diff = torch.cat([(ours[k].double() - theirs[k].double()).abs().flatten() for k in ours])
+    top, over = float(diff.max()), int((diff > tol).sum())
+    ok = over <= OUTLIER_SHARE * diff.numel() and top <= step_bound
+    return Check("adapter after training, N ranks vs 1 process", ok,
+                 f"{len(ours)} tensors, max absolute difference {top:.2e} (tolerance {tol:.0e}); {over} of "
+                 f"{diff.numel()} elements above it (allowed: {OUTLIER_SHARE:.1%}, each within K x lr = "
+                 f"{step_bound:.0e})")
 
 
 def gradients_and_moves(watch: GradWatch, before: dict, after: dict) -> list[Check]:

@@ -7,9 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from dtrain import adapter, files
+from dtrain import files
 from dtrain.errors import ConfigError
 
 
@@ -48,7 +46,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _checks(run, cfg, steps: int, out: Path) -> list:
-    from dtrain import verify
+    import torch  # here, not at the top: every `dtrain` command builds this parser
+
+    from dtrain import adapter, verify
 
     b, name = run.backend, cfg.lora.adapter_name
     before = adapter.gather_adapter(b, name)
@@ -61,11 +61,12 @@ def _checks(run, cfg, steps: int, out: Path) -> list:
     moved = verify.gradients_and_moves(watch, before, after)
     optim = verify.optimizer_round_trip(b, cfg, Path(cfg.output.dir), steps, run.plan)
     tol = verify.TOL[cfg.model.dtype]
+    bound = steps * cfg.training.lr * max(1.0, cfg.lora.loraplus_lr_ratio or 1.0)  # LoRA+: B's lr x ratio
 
     def on_rank0() -> list:
         solo, ref = verify.reference(cfg, run.env, run.train_data, run.plan, run.total_steps, steps)
         out_ = [verify.compare_losses(losses, ref, tol, b.world_size),
-                verify.compare_adapters(after, adapter.gather_adapter(solo, name), tol)]
+                verify.compare_adapters(after, adapter.gather_adapter(solo, name), tol, bound)]
         out_ += [*moved, optim, *verify.reload_checks(solo, cfg, adapter_dir, sharded, batch, tol)]
         q = verify.quantization_error(solo, cfg)
         return out_ + ([q] if q is not None else [])

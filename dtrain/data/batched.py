@@ -22,6 +22,7 @@ class BatchEncoder:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         plain = backend is not None and backend.truncation is None and backend.padding is None
         self.backend = backend if plain else None
+        self.shapes: dict = {}  # conversation shape -> its placeholder rendering (chat.assistant_spans_batch)
         self.chat = cfg.format in ("messages", "sharegpt") or (cfg.format == "alpaca" and template is not None)
 
     def encode(self, records: list[dict]) -> list[Pair | str]:
@@ -53,14 +54,27 @@ class BatchEncoder:
             out.append(messages if isinstance(messages, str) else "")
             if not isinstance(messages, str):
                 convs.append(messages)
-        rendered = chat.assistant_spans_batch(self.tokenizer, self.template, convs)
-        encoded = iter(zip(self._tokenize([text for text, _ in rendered]), rendered))
-        for i, o in enumerate(out):
-            if o:
+        rendered = chat.assistant_spans_batch(self.tokenizer, self.template, convs, self.shapes)
+        labelled = iter(self._label([text for text, _ in rendered], [spans for _, spans in rendered]))
+        return [o or next(labelled) for o in out]
+
+    def _label(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[Pair]:
+        """(ids, labels) of each text: the ids of tokens overlapping its spans are learned."""
+        if self.backend is None:
+            return [(ids, [t if m else IGNORE for t, m in zip(ids, chat.overlap_mask(offsets, s))])
+                    for (ids, offsets), s in zip(self._tokenize(texts), spans)]
+        out = []
+        for enc, s in zip(self.backend.encode_batch(texts, add_special_tokens=False), spans):
+            ids = enc.ids
+            ranges = token_ranges(enc, len(ids), s)
+            if ranges is None:  # a span edge on a character no token covers: compare every token
+                learn = chat.overlap_mask(enc.offsets, s)
+                out.append((ids, [t if m else IGNORE for t, m in zip(ids, learn)]))
                 continue
-            (ids, offsets), (_, spans) = next(encoded)
-            learn = chat.overlap_mask(offsets, spans)
-            out[i] = (ids, [t if m else IGNORE for t, m in zip(ids, learn)])
+            labels = [IGNORE] * len(ids)
+            for i, j in ranges:
+                labels[i:j] = ids[i:j]
+            out.append((ids, labels))
         return out
 
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
@@ -71,3 +85,22 @@ class BatchEncoder:
             return [(e.ids, e.offsets) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+def token_ranges(enc, n: int, spans: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+    """[i, j) token ranges overlapping each character span, as chat.overlap_mask decides (a token
+    is learned when it overlaps a span), found from the span's edges instead of every token's
+    offsets; None when an edge lies on a character no token covers."""
+    out = []
+    for start, end in spans:
+        if end <= start:
+            continue
+        i, j = enc.char_to_token(start), enc.char_to_token(end - 1)
+        if i is None or j is None:
+            return None
+        while i > 0 and enc.token_to_chars(i - 1)[1] > start:  # several tokens share a character (bytes)
+            i -= 1
+        while j + 1 < n and enc.token_to_chars(j + 1)[0] < end:
+            j += 1
+        out.append((i, j + 1))
+    return out

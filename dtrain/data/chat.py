@@ -12,6 +12,7 @@ Tokens overlapping a span are labelled, as transformers does for `{% generation 
 from __future__ import annotations
 
 from dtrain import templates
+from dtrain.data import skeleton
 from dtrain.config import DataConfig
 from dtrain.errors import ConfigError
 
@@ -109,10 +110,34 @@ def render_batch(tokenizer, template: str, convs: list[list[dict]], generation_p
     return texts
 
 
-def assistant_spans_batch(tokenizer, template: str, convs: list[list[dict]]) -> list[tuple[str, list[tuple[int, int]]]]:
-    """assistant_spans() of many conversations, every rendering of the batch in two calls."""
-    asks = [(c, k) for c, m in enumerate(convs) for k, turn in enumerate(m) if turn["role"] == "assistant"]
+def assistant_spans_batch(tokenizer, template: str, convs: list[list[dict]],
+                          shapes: dict | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
+    """assistant_spans() of many conversations: one full rendering each, the spans from the
+    placeholder rendering of their shape (skeleton.py, cached in `shapes`), the prefix way where
+    that does not apply."""
+    shapes = {} if shapes is None else shapes
     full = render_batch(tokenizer, template, convs, False)
+    out: list = [None] * len(convs)
+    for c, (messages, text) in enumerate(zip(convs, full)):
+        key = skeleton.shape_key(messages)
+        if key is not None and key not in shapes:
+            shapes[key] = skeleton.build_shape(lambda m, g: render_batch(tokenizer, template, [m], g)[0], key)
+        shape = shapes.get(key) if key is not None else None
+        contents = [m["content"] for m in messages]
+        if shape is not None and skeleton.fill(shape, contents) == text:
+            out[c] = (text, skeleton.spans_in(shape, contents, text))
+    rest = [c for c, o in enumerate(out) if o is None]
+    for c, got in zip(rest, _prefix_spans_batch(tokenizer, template, [convs[c] for c in rest],
+                                                [full[c] for c in rest])):
+        out[c] = got
+    return out
+
+
+def _prefix_spans_batch(tokenizer, template: str, convs: list[list[dict]],
+                        full: list[str]) -> list[tuple[str, list[tuple[int, int]]]]:
+    """assistant_spans() of many conversations whose full renderings are `full`, every prefix
+    rendering of the batch in two calls."""
+    asks = [(c, k) for c, m in enumerate(convs) for k, turn in enumerate(m) if turn["role"] == "assistant"]
     befores = render_batch(tokenizer, template, [convs[c][:k] for c, k in asks], True)
     partial = [(c, k) for c, k in asks if k + 1 < len(convs[c])]  # a turn that ends the chat: `after` is `full`
     afters = dict(zip(partial, render_batch(tokenizer, template, [convs[c][:k + 1] for c, k in partial], False)))

@@ -46,7 +46,7 @@ def typed(raw: dict, source: str) -> Config:
 
     raw = copy.deepcopy(raw)
     (raw.get("model") or {}).pop("path", None)  # the architecture is resolved by the caller
-    return config_lib._build(Config, raw, "", config_lib._Where(source, {}))  # noqa: SLF001
+    return config_lib.from_dict(raw, source)
 
 
 def resolved_config(path: Path) -> Config:

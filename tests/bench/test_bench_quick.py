@@ -6,9 +6,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO, env_for_tests
 
 
+@pytest.mark.ondemand  # a benchmark run (~2 min): on request, like the benchmarks themselves
 def test_quick_bench_runs_dtrain_peft_and_latency(tmp_path):
     results = tmp_path / "RESULTS.md"
     cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--only", "dtrain-ds,peft-ds,latency",

@@ -14,6 +14,7 @@ from tests.helpers import PY, REPO, env_for_tests
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.ondemand  # before a GPU run (bench/gpu_check.py), not on every change
 def test_dry_run_of_the_training_checks(tmp_path):
     only = "llama1b_bf16,fsdp_ws1,zero3_ws1,int8,nf4"
     proc = subprocess.run([PY, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path),

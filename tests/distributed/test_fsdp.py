@@ -79,6 +79,7 @@ def test_units_are_blocks_embeddings_head_and_root(fsdp_rows, tmp_path):
     assert [r["frozen_bytes"] for r in tied] == [full // 2, full // 2]
 
 
+@pytest.mark.ondemand  # tied heads on FSDP2: the family matrix (gemma, gemma3_text) in the default suite
 def test_tied_embeddings_two_ranks_equal_single_process(tmp_path):
     tie = "model.arch.tie_word_embeddings=true"
     train(tmp_path / "one", [tie, "backend.name=none", "training.micro_batch_size=4", LR])

@@ -41,6 +41,7 @@ def test_variants_on_two_ranks_equal_one_process(kind, reference, tmp_path):
     assert all(tensors[k].shape == ((64,) if "q_proj" in k else (32,)) for k in magnitudes)  # out of q, v
 
 
+@pytest.mark.ondemand  # DoRA on 8-bit trains in the default suite (below); this is the 2-rank equality
 @pytest.mark.parametrize(("bits", "kind"), [(8, "fsdp"), (4, "zero3")])
 def test_dora_on_a_quantized_base_on_two_ranks_equals_one_process(bits, kind, tmp_path):
     extra = ["lora.use_dora=true", f"quantization.bits={bits}", "training.lr=1e-3"]
@@ -57,6 +58,7 @@ def test_dora_on_an_8bit_base_trains(tmp_path):
     assert got[-1] < got[0] - 0.05, got
 
 
+@pytest.mark.ondemand  # exact resume itself is in the default suite (test_checkpoint)
 @pytest.mark.parametrize("kind", ["fsdp", "zero3"])
 def test_sigkill_then_resume_with_variants_is_bit_exact(kind, tmp_path):
     """LoRA+'s two parameter groups and DoRA's magnitude come back from a checkpoint exactly."""

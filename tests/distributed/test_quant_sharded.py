@@ -15,8 +15,10 @@ WEIGHTS = LAYERS * sum(o * i for o, i in SHAPES)       # 73,728 quantized weight
 ROWS = LAYERS * sum(o for o, _ in SHAPES)              # 1,024 rows: one fp32 scale each at 8 bits
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
-@pytest.mark.parametrize("bits", [8, 4])
+# one backend per width in the default suite, the other two pairs on request
+@pytest.mark.parametrize(("backend", "bits"), [("fsdp", 4), ("deepspeed", 8),
+                                              pytest.param("fsdp", 8, marks=pytest.mark.ondemand),
+                                              pytest.param("deepspeed", 4, marks=pytest.mark.ondemand)])
 def test_each_rank_holds_half_the_quantized_bytes(tmp_path, backend, bits):
     rows = probe(tmp_path, backend, [f"quantization.bits={bits}"])
     if bits == 8:
@@ -102,6 +104,7 @@ def test_adapter_trained_on_8bit_base_merges_into_the_full_precision_base(tmp_pa
     assert merged < plain - 0.2, (merged, plain)
 
 
+@pytest.mark.ondemand  # exact resume itself is in the default suite (test_checkpoint)
 @pytest.mark.parametrize("kind,bits", [("fsdp", 4), ("zero3", 8)])
 def test_quantized_base_kill_and_resume_is_bit_exact(tmp_path, kind, bits):
     """As for the float base (tests/distributed/test_checkpoint.py): SIGKILL after a random step's

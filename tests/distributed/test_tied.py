@@ -35,6 +35,7 @@ def probe(out, backend: str) -> list[dict]:
     return [json.loads((out / f"probe-rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.ondemand  # tied heads on both backends: the family matrix (gemma, gemma3_text) in the default suite
 def test_zero3_tied_two_ranks_equal_one_process_and_fsdp(tmp_path):
     train(tmp_path / "one", [TIE, "backend.name=none", "training.micro_batch_size=4", LR])
     for name in ("deepspeed", "fsdp"):

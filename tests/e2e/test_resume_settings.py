@@ -43,10 +43,13 @@ CHANGES = {
 }
 
 
-QUICK = ("r", "targets")  # the others also launch a process each (~10-25 s on 2 shared cores): slow
+# the others launch a process each too (~10 s) and are on request: tests/unit/test_preemptible.py
+# refuses every recorded key in process, this file shows the CLI's line for two of them
+QUICK = ("r", "targets")
 
 
-@pytest.mark.parametrize("case", [c if c in QUICK else pytest.param(c, marks=pytest.mark.slow) for c in sorted(CHANGES)])
+@pytest.mark.parametrize("case", [c if c in QUICK else pytest.param(c, marks=pytest.mark.ondemand)
+                                  for c in sorted(CHANGES)])
 def test_resume_with_a_changed_setting_is_refused_in_one_line(case, finished):
     overrides, key, saved, now, keep = CHANGES[case]
     before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
@@ -65,7 +68,7 @@ def test_resume_with_another_global_batch_is_refused_in_one_line(finished):
                     "keep the product equal (e.g. half the ranks, twice the micro-batch) or start a new output.dir"]
 
 
-@pytest.mark.slow
+@pytest.mark.ondemand  # a resume with another dropout also runs in test_loggers (the TensorBoard purge)
 def test_resume_with_another_dropout_is_allowed(tmp_path):
     out = tmp_path / "run"
     train(out, ["training.max_steps=3", "training.warmup_steps=1", "training.save_every=1"])

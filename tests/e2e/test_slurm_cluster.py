@@ -104,7 +104,8 @@ def test_requeue_on_preemption_exit_code(slurm: SlurmCluster, tmp_path: Path) ->
 
 
 def test_rendered_script_requeues_on_time_limit_signal(slurm: SlurmCluster, tmp_path: Path) -> None:
-    """`dtrain slurm`'s script, with a stand-in trainer: --signal=USR1@S fires before --time ends."""
+    """`dtrain slurm`'s script, with a stand-in trainer: --signal=B:USR1@S fires before --time ends,
+    at the batch shell, which forwards it to srun's tasks (the stand-in exits 3 without it)."""
     (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
     stub = tmp_path / "python-stub"  # the script runs "$DTRAIN_PYTHON" -m dtrain train CONFIG ...
     stub.write_text(f'#!/bin/bash\nexec {PY} {tmp_path}/fake_trainer.py {tmp_path} "$@"\n')
@@ -130,6 +131,7 @@ def test_rendered_script_requeues_on_time_limit_signal(slurm: SlurmCluster, tmp_
     assert state == "COMPLETED", f"{state}: {info}\n{log}"
     assert info["Restarts"] == "1", info
     assert "requeueing job" in log, log
+    assert "batch shell got USR1" in log and "forwarding it to the training processes" in log, log
     args = (tmp_path / "run1.rank1").read_text().split()
     assert args[:3] == ["-m", "dtrain", "train"] and "training.resume=auto" in args, args
 
@@ -166,14 +168,16 @@ def test_render_sbatch_options(tmp_path: Path) -> None:
                         time="04:00:00", signal_seconds=120, overrides=["lora.targets=[q_proj,v_proj]"],
                         extra=["--account=proj"])
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00", "#SBATCH --signal=USR1@120",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00", "#SBATCH --signal=B:USR1@120",
                  "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --account=proj"):
         assert line in gpu.splitlines(), line
     assert "'cfg dir/x.yaml'" in gpu and "'lora.targets=[q_proj,v_proj]'" in gpu
     assert "training.resume=auto" in gpu and f"-eq {PREEMPT_EXIT} ]" in gpu
     cpu = render_sbatch("c.yaml", overrides=["training.resume=never"])
     assert "--gres" not in cpu and "#SBATCH --ntasks-per-node=1" in cpu.splitlines()
-    assert "    training.resume=never" in cpu.splitlines() and "    training.resume=auto" not in cpu.splitlines()
+    # the last argument line continues into the `&` that puts srun in the background
+    assert "    training.resume=never \\" in cpu.splitlines() and "training.resume=auto" not in cpu
+    assert "    &" in cpu.splitlines() and 'wait "$srun_pid"' in cpu
     for text in (gpu, cpu):
         (tmp_path / "s.sh").write_text(text)
         assert subprocess.run(["bash", "-n", str(tmp_path / "s.sh")]).returncode == 0

@@ -141,6 +141,7 @@ def test_slurm_preemption_resumes_exactly(
     assert not diffs, f"adapter differs from the uninterrupted run (max abs diff per tensor): {diffs}"
 
 
+@pytest.mark.ondemand  # one more SLURM job; the preemption test above is in the default suite
 def test_slurm_signal_during_setup_is_not_lost(
     slurm: SlurmCluster, reference_run: tuple[Path, str], tmp_path: Path
 ) -> None:

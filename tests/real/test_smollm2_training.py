@@ -52,6 +52,7 @@ def test_one_process_fsdp_and_zero3_agree_on_the_real_weights(smollm2_dir, tmp_p
         assert any(got[k].abs().sum() > 0 for k in got if "lora_B" in k)
 
 
+@pytest.mark.ondemand  # three real-model trainings; 8-bit/NF4 training stays in the default suite on tiny models
 def test_quantized_bases_on_the_real_weight_distribution(smollm2_dir, tmp_path):
     """Relative Frobenius error of every projection of the 30 blocks after the int8 / NF4 round
     trip, and the training losses of LoRA on those bases next to the float base's."""

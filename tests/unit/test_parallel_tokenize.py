@@ -97,3 +97,48 @@ def test_training_rows_read_the_cache_memory_mapped(tok, records, tmp_path):
     (entry,) = (tmp_path / "c").iterdir()
     assert second.cache_hit and _mapped(second.train.tokens.ids, entry / "tokens.safetensors")
     assert torch.equal(first.train.input_ids, second.train.input_ids) and len(second.train) == 401
+
+
+def _odd_conversations(n: int, seed: int = 1) -> list[list[dict]]:
+    """Contents that test span edges: multi-byte characters split into byte tokens, leading and
+    trailing whitespace (which a trimming template changes), tabs, newlines, one-character turns."""
+    import random
+
+    rng = random.Random(seed)
+    odd = ["héllo wörld ✨🦉", "  leading", "trailing   ", "tabs\tand\nnewlines\n\n", "日本語のテキスト", "x",
+           "🦉🦉🦉 ok", "The date is 2024-03-05."]
+    convs = []
+    for _ in range(n):
+        m = [{"role": "system", "content": rng.choice(odd)}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            m += [{"role": "user", "content": f"{rng.choice(odd)} {rng.choice(odd)}"},
+                  {"role": "assistant", "content": rng.choice(odd) + rng.choice(odd)}]
+        convs.append(m)
+    return convs
+
+
+@pytest.mark.parametrize("template", ["smollm2", "gemma3"])
+def test_placeholder_spans_give_the_prefix_spans_and_labels(tok, template):
+    """The batched path (one rendering per conversation, spans mapped from its shape's placeholder
+    rendering, token ranges from the span edges) gives per-record chat.encode_chat's ids and labels,
+    on SmolLM2's template (which writes contents as they are: every conversation takes the shape
+    path) and on Gemma's (which trims them: the conversations whose contents have edge whitespace
+    take the prefix path)."""
+    from dtrain import templates
+    from dtrain.data.batched import BatchEncoder
+
+    text = tok.chat_template if template == "smollm2" else templates.GEMMA3
+    convs = _odd_conversations(300)
+    enc = BatchEncoder(DataConfig(path="unused.jsonl", format="messages"), tok, text)
+    got = [x for i in range(0, len(convs), 64) for x in enc.encode([{"messages": m} for m in convs[i:i + 64]])]
+    want = []
+    for m in convs:
+        ids, learn = chat.encode_chat(tok, text, m)
+        want.append((ids, [t if k else IGNORE for t, k in zip(ids, learn)]))
+    assert got == want
+    assert sum(1 for _, labels in got for t in labels if t != IGNORE) > 3000  # the spans are not empty
+    shapes = list(enc.shapes.values())
+    assert len(shapes) >= 6 and all(s is not None for s in shapes)  # both templates write a placeholder once
+    filled = sum(chat.skeleton.fill(enc.shapes[chat.skeleton.shape_key(m)], [x["content"] for x in m])
+                 == chat.render(tok, text, m) for m in convs)
+    assert filled == 300 if template == "smollm2" else 0 < filled < 300, filled
