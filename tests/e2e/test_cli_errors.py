@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.user_errors import assert_one_line, make_base, make_custom_code_model
-from tests.helpers import FAST, TINY, env_for_tests, launch_cmd, run_dtrain
+from tests.e2e.user_errors import assert_one_line, make_base, make_custom_code_model, train_cases
+from tests.helpers import TINY, env_for_tests, launch_cmd, run_dtrain
 
 
 def _files(tmp: Path) -> dict[str, Path]:
@@ -81,14 +80,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
 def results(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("errors")
     cases = _cases(tmp)
-
-    def one(name: str):
-        args = ["train", str(TINY), *FAST, *cases[name][0], f"output.dir={tmp / 'out' / name}"]
-        return run_dtrain(args, check=False, timeout=240)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = dict(zip(cases, pool.map(one, cases)))
-    return {"tmp": tmp, "cases": cases, "procs": procs}
+    return {"tmp": tmp, "cases": cases, "procs": train_cases(tmp, cases)}
 
 
 @pytest.mark.parametrize("name", ["regex", "adapter_name", "heads", "negative", "fraction", "model_type", "rope_theta",

@@ -6,14 +6,13 @@ base as reference, preference data without objective dpo, an init_from adapter o
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.e2e.user_errors import assert_one_line
+from tests.e2e.user_errors import assert_one_line, train_cases
 from tests.helpers import FAST, REPO, TINY, run_dtrain
 
 PAIRS = REPO / "dtrain" / "assets" / "tiny_preferences.jsonl"
@@ -53,13 +52,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
 def results(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("dpo-errors")
     cases = _cases(tmp)
-
-    def one(name: str):
-        args = ["train", str(TINY), *FAST, *cases[name][0], f"output.dir={tmp / 'out' / name}"]
-        return run_dtrain(args, check=False, timeout=240)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return {"cases": cases, "procs": dict(zip(cases, pool.map(one, cases)))}
+    return {"cases": cases, "procs": train_cases(tmp, cases)}
 
 
 @pytest.mark.parametrize("name", ["no_rejected", "identical", "init_r"])

@@ -17,6 +17,21 @@ def assert_one_line(proc: subprocess.CompletedProcess, *parts: str) -> str:
     return lines[0]
 
 
+def train_cases(tmp: Path, cases: dict[str, tuple[list[str], list[str]]]) -> dict[str, subprocess.CompletedProcess]:
+    """`dtrain train` on the tiny config for every case (name -> (overrides, parts of the error)),
+    two at a time (each process mostly waits on imports), each into its own output dir."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers import FAST, TINY, run_dtrain
+
+    def one(name: str) -> subprocess.CompletedProcess:
+        args = ["train", str(TINY), *FAST, *cases[name][0], f"output.dir={tmp / 'out' / name}"]
+        return run_dtrain(args, check=False, timeout=240)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(cases, pool.map(one, cases)))
+
+
 def snapshot(root: Path) -> dict[str, bytes]:
     """Every file under `root` by relative path, with its bytes."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
