@@ -21,7 +21,7 @@ def test_imports_as_a_module_of_the_bench_package(name):
     assert module.__file__ == str(REPO / "bench" / f"{name}.py")
 
 
-@pytest.mark.slow
+@pytest.mark.ondemand  # every bench script's --help in a subprocess (~25 s); imports are checked above
 def test_each_script_runs_without_pythonpath(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     failed = {}

@@ -12,7 +12,7 @@ from tests.helpers import REPO, adapter, losses, metrics, train
 MESSAGES = REPO / "dtrain" / "assets" / "tiny_messages.jsonl"
 
 
-@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("packing", [False, pytest.param(True, marks=pytest.mark.ondemand)])
 def test_messages_fsdp_two_ranks(smollm2_dir, tmp_path, packing: bool) -> None:
     out = tmp_path / "run"
     args = [f"data.path={MESSAGES}", "data.format=messages", f"data.tokenizer={smollm2_dir}",

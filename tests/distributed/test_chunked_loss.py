@@ -14,7 +14,9 @@ CHUNK = "training.loss_chunk_tokens=24"  # several chunks per 2 x 32-token micro
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("tied", [False, pytest.param(True, marks=pytest.mark.ondemand)])
+# on request: the same equality runs in process in tests/unit/test_chunked_loss.py
+@pytest.mark.parametrize("tied", [pytest.param(False, marks=pytest.mark.ondemand),
+                                  pytest.param(True, marks=pytest.mark.ondemand)])
 def test_chunked_two_ranks_equal_unchunked_one_process(tied, tmp_path):
     tie = f"model.arch.tie_word_embeddings={str(tied).lower()}"
     train(tmp_path / "one", [tie, "backend.name=none", "training.micro_batch_size=4", LR,
@@ -28,7 +30,8 @@ def test_chunked_two_ranks_equal_unchunked_one_process(tied, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["deepspeed", pytest.param("fsdp", marks=pytest.mark.ondemand)])
+@pytest.mark.parametrize("name", [pytest.param("deepspeed", marks=pytest.mark.ondemand),
+                                  pytest.param("fsdp", marks=pytest.mark.ondemand)])
 def test_attention_checkpointing_every_2nd_block_two_ranks_equal_one_process(name, tmp_path):
     """The attention-only policy recomputes through the attention's submodules, whose sharding
     hooks gather their weights again (ZeRO-3) inside the unsharded block (FSDP2)."""

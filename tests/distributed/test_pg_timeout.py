@@ -21,7 +21,7 @@ def test_default_timeout_is_30_minutes():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("name", ["fsdp", pytest.param("deepspeed", marks=pytest.mark.ondemand)])
 def test_a_collective_fails_after_backend_timeout_s(name):
     import subprocess
 

@@ -62,8 +62,9 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-# ZeRO-3 on request: the next test resumes on ZeRO-3 in the default suite
-@pytest.mark.parametrize("kind", ["fsdp", pytest.param("zero3", marks=pytest.mark.ondemand)])
+# on request: the next test resumes on ZeRO-3 in the default suite, and test_moe crosses world sizes
+@pytest.mark.parametrize("kind", [pytest.param("fsdp", marks=pytest.mark.ondemand),
+                                  pytest.param("zero3", marks=pytest.mark.ondemand)])
 def test_resume_1_to_2_to_1_ranks_ends_with_the_uninterrupted_adapter(kind, uninterrupted, tmp_path):
     if kind == "zero3":
         pytest.importorskip("deepspeed")

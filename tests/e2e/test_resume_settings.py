@@ -79,7 +79,7 @@ def test_resume_with_another_dropout_is_allowed(tmp_path):
     assert "lora.dropout 0.0 -> 0.1" in proc.stderr and "resumed from" in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.ondemand  # the refusal itself is in the 1-process cases above
 @pytest.mark.distributed
 def test_resume_with_a_changed_rank_on_2_ranks_is_refused_in_one_line(finished):
     """The 1-process checkpoint, resumed by 2 ZeRO-3 ranks (another world size is allowed; lora.r is

@@ -173,7 +173,7 @@ def _ab(adapter_dir: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
     return t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"]
 
 
-@pytest.mark.slow  # the fixture trains two adapters with `dtrain train` (~30 s on 2 cores)
+@pytest.mark.ondemand  # the fixture trains two adapters with `dtrain train` (~45 s on 2 cores)
 def test_analyze_cli_writes_tables_and_pictures(two_adapters, tiny_base, tmp_path, capsys):
     a8, a4 = two_adapters
     out = tmp_path / "an"

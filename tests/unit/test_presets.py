@@ -70,6 +70,7 @@ def test_estimator_block_names_take_presets():
     assert sorted(lin.name for lin in select_targets(spec, ("attention-qv",))) == sorted(LLAMA["attention-qv"])
 
 
+@pytest.mark.ondemand  # a training run; the presets' targets are resolved in process above
 def test_training_with_a_preset(tmp_path):
     from tests.helpers import adapter, train
 

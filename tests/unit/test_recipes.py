@@ -67,7 +67,8 @@ def test_recipe_builds_on_meta_and_targets_resolve(name, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama3.1-8b_qlora_24gb.yaml", "llama3.1-70b_qlora_zero3.yaml"])
+@pytest.mark.parametrize("name", ["llama3.1-8b_qlora_24gb.yaml",
+                                  pytest.param("llama3.1-70b_qlora_zero3.yaml", marks=pytest.mark.ondemand)])
 def test_dtrain_estimate_command_on_a_recipe(name):
     recipe = RECIPES[name]
     proc = run_dtrain(["estimate", *recipes_table.estimate_argv(recipe), "--json"], timeout=600)

@@ -67,7 +67,7 @@ def test_last_rank_holds_less_than_rank_0() -> None:
     assert last["optimizer_state"] < first["optimizer_state"]
 
 
-@pytest.mark.parametrize("bits,world", [(16, 3), (8, 512)])
+@pytest.mark.parametrize("bits,world", [(16, 3), pytest.param(8, 512, marks=pytest.mark.ondemand)])
 def test_tiny_bits_and_uneven_world_sizes(bits: int, world: int) -> None:
     cfg = config_lib.load(TINY, ["backend.name=fsdp", "model.dtype=bf16", f"quantization.bits={bits}"])
     est = _estimate(cfg, world).lora.as_dict()
@@ -84,6 +84,7 @@ print(json.dumps(simulate_zero3(cfg, 64)))
 """
 
 
+@pytest.mark.ondemand  # ~1.5 min: ZeRO-3 beside the default suite's FSDP2 runs on the fake group
 def test_zero3_on_the_fake_group_equals_the_estimate() -> None:
     """DeepSpeed's own partitioning (zero.Init, its engine, one real step) at 64 fake ranks; in a
     child process, since zero.Init patches torch.nn.functional.linear for good."""

@@ -75,7 +75,7 @@ def test_attention_policy_needs_an_attention_submodule() -> None:
         step_opts._attention(block)
 
 
-@pytest.mark.slow
+@pytest.mark.ondemand  # torch.compile of every block: ~13 s idle
 def test_compiled_blocks_equal_eager() -> None:
     """torch.compile (inductor; on CPU it builds C++ with g++) of each block: same loss and LoRA
     gradients as eager to 1e-5 relative (fused kernels reorder float sums)."""
