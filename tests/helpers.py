@@ -106,3 +106,20 @@ def tiny_shapes(r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> 
     lora = [s for _ in range(layers) for t in targets
             for s in ((r, linears[t][1]), (linears[t][0], r))]
     return base, lora
+
+
+def projection_round_trip_errors(model_dir: Path) -> dict[int, list[float]]:
+    """bits -> the relative Frobenius error of every block projection of a real checkpoint after
+    dtrain's int8 / NF4 round trip (the weight distribution the quantized-base tests rest on)."""
+    from safetensors import safe_open
+
+    from dtrain import quant
+
+    errors: dict[int, list[float]] = {8: [], 4: []}
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if ".layers." in key and key.endswith("proj.weight"):
+                w = f.get_tensor(key)
+                for bits in errors:
+                    errors[bits].append(float((quant.round_trip(w, bits) - w).norm() / w.norm()))
+    return errors

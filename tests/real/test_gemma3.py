@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dtrain import importer, quant, templates
-from tests.helpers import REPO, adapter, losses, metrics, run_dtrain
+from dtrain import importer, templates
+from tests.helpers import REPO, adapter, losses, metrics, projection_round_trip_errors, run_dtrain
 
 pytestmark = [pytest.mark.slow, pytest.mark.ondemand]
 CONFIG = REPO / "configs" / "gemma3-270m_dates.yaml"
@@ -126,13 +126,7 @@ def test_frozen_bytes_per_rank_equal_on_both_backends(one_process, two_ranks):
 def test_int8_and_nf4_bases_learn(gemma_dir, one_process, tmp_path):
     """The int8 / NF4 round trip of the 18 blocks' 7 projections (relative Frobenius error), and the
     eval loss before and after 2 steps on those bases next to the float base's: every base learns."""
-    errors = {8: [], 4: []}
-    with safe_open(str(gemma_dir / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if ".layers." in key and key.endswith("proj.weight"):
-                w = f.get_tensor(key)
-                for bits in errors:
-                    errors[bits].append(float((quant.round_trip(w, bits) - w).norm() / w.norm()))
+    errors = projection_round_trip_errors(gemma_dir)
     assert len(errors[8]) == 18 * 7
     assert max(errors[8]) < 0.015 and sum(errors[8]) / len(errors[8]) < 0.01   # measured 0.0128 / 0.0089
     assert max(errors[4]) < 0.12 and sum(errors[4]) / len(errors[4]) < 0.10    # measured 0.114 / 0.094

@@ -9,10 +9,8 @@ import re
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from dtrain import quant
-from tests.helpers import REPO, adapter, losses, metrics, run_dtrain
+from tests.helpers import REPO, adapter, losses, metrics, projection_round_trip_errors, run_dtrain
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "configs" / "smollm2_dates.yaml"
@@ -56,13 +54,7 @@ def test_one_process_fsdp_and_zero3_agree_on_the_real_weights(smollm2_dir, tmp_p
 def test_quantized_bases_on_the_real_weight_distribution(smollm2_dir, tmp_path):
     """Relative Frobenius error of every projection of the 30 blocks after the int8 / NF4 round
     trip, and the training losses of LoRA on those bases next to the float base's."""
-    errors = {8: [], 4: []}
-    with safe_open(str(smollm2_dir / "model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if ".layers." in key and key.endswith("proj.weight"):
-                w = f.get_tensor(key)
-                for bits in errors:
-                    errors[bits].append(float((quant.round_trip(w, bits) - w).norm() / w.norm()))
+    errors = projection_round_trip_errors(smollm2_dir)
     assert len(errors[8]) == 30 * 7
     assert max(errors[8]) < 0.015 and sum(errors[8]) / len(errors[8]) < 0.01   # measured 0.0116 / 0.0085
     assert max(errors[4]) < 0.12 and sum(errors[4]) / len(errors[4]) < 0.10    # measured 0.102 / 0.094
