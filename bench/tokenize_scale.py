@@ -87,6 +87,28 @@ def worker(mode: str, data: Path, cache: Path, procs: int, limit: int) -> dict:
             "records_per_s": round(n / dt, 1), **_peaks()}
 
 
+def per_core(data: Path, n: int, rounds: int = 3) -> list[dict]:
+    """Records per CPU second (time.process_time of this process, so other jobs on the machine do
+    not enter the figure) of the per-record path and of encode_part (what a worker does to a chunk:
+    render, tokenize, label, truncate, append), alternating, best of `rounds`, on the same n records."""
+    from dtrain.data import chat
+    from dtrain.data.encode import encode_part
+
+    tok, cfg = _tokenizer(), _cfg(data, data.parent / "unused", 1)
+    with open(data) as f:
+        recs = [json.loads(line) for _, line in zip(range(n), f)]
+    paths = {"per record": lambda: [chat.encode_chat(tok, tok.chat_template, r["messages"]) for r in recs],
+             "batched": lambda: encode_part(cfg, recs, tok, 0)}
+    best = dict.fromkeys(paths, float("inf"))
+    for _ in range(rounds):
+        for name, f in paths.items():
+            t0 = time.process_time()
+            f()
+            best[name] = min(best[name], time.process_time() - t0)
+    return [{"path": name, "records": n, "cpu_s": round(s, 3), "records_per_cpu_s": round(n / s),
+             "vs_per_record": round(best["per record"] / s, 2)} for name, s in best.items()]
+
+
 def run(mode: str, data: Path, cache: Path, procs: int, limit: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--cache", str(cache),
            "--procs", str(procs), "--baseline", str(limit)]
@@ -121,12 +143,20 @@ def main() -> None:
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2])
     p.add_argument("--baseline", type=int, default=20_000, help="records timed on the per-record path")
     p.add_argument("--write", action="store_true")
+    p.add_argument("--per-core", type=int, default=0, help="only the per-CPU-second comparison, on this many records")
     p.add_argument("--worker"), p.add_argument("--data"), p.add_argument("--cache")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, Path(args.data), Path(args.cache), args.procs[0], args.baseline)))
         return
     load = loadavg()
+    if args.per_core:
+        with tempfile.TemporaryDirectory(prefix="dtrain-tokbench-") as tmp:
+            make_data(Path(tmp) / "c.jsonl", args.per_core)
+            for row in per_core(Path(tmp) / "c.jsonl", args.per_core):
+                print(json.dumps(row), flush=True)
+        print(f"load average at start {load}, at the end {loadavg()}")
+        return
     with tempfile.TemporaryDirectory(prefix="dtrain-tokbench-") as tmp:
         data = Path(tmp) / "conversations.jsonl"
         make_data(data, args.records)
