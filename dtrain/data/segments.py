@@ -29,8 +29,10 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from itertools import accumulate, pairwise
 
+from dtrain.data import words
+
 _CACHE_MAX = 4096   # pieces remembered per encoder: those seen twice in a batch (the template's)
-_JOIN = 8           # pieces per tokenizer text: fewer texts, but long texts cost more per byte
+_JOIN_CHARS = 256   # characters per tokenizer text: fewer texts, but long texts cost more per byte
 _PRE_OK = {"ByteLevel", "Digits"}  # pre-tokenizers that keep every byte of the text, in order
 _POST_OK = {None, "TemplateProcessing"}  # post-processors that do not trim offsets
 
@@ -67,7 +69,8 @@ def _plan(backend) -> tuple | None:
         return None
     lengths = _byte_lengths(backend, added)
     sep = next((a for a in added if a["special"] and not _has_border(a["content"])), None)
-    return None if lengths is None or sep is None else (added, lengths, sep)
+    plain = pres == [pre] and pre.get("use_regex", True)  # ByteLevel alone, GPT-2's split: words.py applies
+    return None if lengths is None or sep is None else (added, lengths, sep, {} if plain else None)
 
 
 def _byte_lengths(backend, added: list[dict]) -> list[int] | None:
@@ -95,8 +98,8 @@ def _has_border(s: str) -> bool:
 
 
 class Segmenter:
-    def __init__(self, backend, added: list[dict], lengths: list[int], sep: dict) -> None:
-        self.backend, self.lengths = backend, lengths
+    def __init__(self, backend, added: list[dict], lengths: list[int], sep: dict, words: dict | None) -> None:
+        self.backend, self.lengths, self.words = backend, lengths, words
         self.ids = {a["content"]: a["id"] for a in added}
         contents = sorted(self.ids, key=len, reverse=True)
         self.split = re.compile("(" + "|".join(map(re.escape, contents)) + ")").split
@@ -124,8 +127,36 @@ class Segmenter:
         return out
 
     def _pieces(self, pieces: list[str]) -> list[list[int]]:
-        """Ids of each piece (no added-token match inside), _JOIN pieces to a text where that is exact."""
-        groups = [pieces[i:i + _JOIN] for i in range(0, len(pieces), _JOIN)]
+        """Ids of each piece (no added-token match inside): by words (words.py) where that applies."""
+        if self.words is None:
+            return self._rust(pieces)
+        split = [words.split(p) for p in pieces]
+        missing = list(dict.fromkeys(w for ws in split if ws is not None for w in ws if w not in self.words))
+        found = dict(zip(missing, self._rust(missing)))
+        if len(self.words) < words.CACHE_MAX:
+            self.words.update(found)
+        rust = iter(self._rust([p for p, ws in zip(pieces, split) if ws is None]))
+        out = []
+        for ws in split:
+            if ws is None:
+                out.append(next(rust))
+                continue
+            ids: list[int] = []
+            for w in ws:
+                ids += found[w] if w in found else self.words[w]
+            out.append(ids)
+        return out
+
+    def _rust(self, pieces: list[str]) -> list[list[int]]:
+        """Ids of each piece (no added-token match inside), joined to texts of about _JOIN_CHARS."""
+        groups: list[list[str]] = []
+        size = _JOIN_CHARS
+        for p in pieces:
+            if size + len(p) > _JOIN_CHARS:
+                groups.append([])
+                size = 0
+            groups[-1].append(p)
+            size += len(p)
         encs = self.backend.encode_batch_fast([self.sep.join(g) for g in groups], add_special_tokens=False)
         out: list[list[int]] = []
         for g, enc in zip(groups, encs):
@@ -141,7 +172,7 @@ class Segmenter:
     def labels(self, text: str, ids: list[int], spans: list[tuple[int, int]], ignore: int) -> list[int] | None:
         """ids where a token overlaps a span, else `ignore`; None when the tokens' bytes do not add
         up to the text's (then the offsets path decides)."""
-        ends = list(accumulate(self.lengths[t] for t in ids))
+        ends = list(accumulate(map(self.lengths.__getitem__, ids)))
         if text.isascii():
             total, byte_at = len(text), (lambda x: x)
         else:
