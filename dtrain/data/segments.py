@@ -7,7 +7,8 @@ piece between them on its own (normalizer, pre-tokenizer and model work per piec
 ids are: per piece, its ids; per match, the added token's id. This module finds the same matches
 with a regular expression (alternatives longest first = leftmost-longest), takes the ids of a piece
 seen before from a cache (the template's literal pieces: the system prompt, the newlines between
-turns) and tokenizes the others, joined with a separator added token S between them: in the joined
+turns) and puts the others together from their words' ids (words.py, for a byte-level BPE with
+GPT-2's split, on plain ASCII) or tokenizes them, joined with a separator added token S: in the joined
 text the only possible matches are the inserted S's and ones crossing a piece's edge (a piece holds
 no match of its own), and a crossing match would swallow an S; so when the output holds exactly one
 S id per separator, it is the pieces' ids with S's between. Else the pieces go one per text.

@@ -165,10 +165,14 @@ def test_placeholder_spans_give_the_prefix_spans_and_labels(tok, template, tmp_p
     assert filled == len(convs) if template == "smollm2" else 0 < filled < len(convs), filled
 
 
-def test_pieces_an_added_token_joins_across_are_tokenized_apart(smollm2_dir):
-    """segments.py joins pieces with a separator added token; an added token that a piece's end and
-    the separator would form (here 'Q<|endoftext|>') swallows the separator, and the pieces of that
-    group are tokenized one per text: still the whole texts' ids."""
+def test_segments_give_the_rust_ids_on_tricky_text(smollm2_dir):
+    """segments.py's ids equal the Rust tokenizer's on random strings of tricky pieces (whitespace
+    runs, contractions, digits, added tokens and parts of them, non-ASCII and control characters:
+    words.py's split where the text is safe ASCII, Rust elsewhere). With an added token that a
+    piece's end and the separator form ('Q<|endoftext|>'), which swallows the separator: those
+    pieces are tokenized one per text."""
+    import random
+
     from tokenizers import AddedToken, Tokenizer
 
     from dtrain.data import segments
@@ -176,9 +180,13 @@ def test_pieces_an_added_token_joins_across_are_tokenized_apart(smollm2_dir):
     backend = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     backend.add_special_tokens([AddedToken("Q<|endoftext|>", special=True, normalized=False)])
     seg = segments.for_tokenizer(backend)
-    assert seg is not None and seg.sep == "<|endoftext|>"
-    texts = [f"<|im_start|>user\nwhy Q<|im_end|>\n<|im_start|>assistant\nsay {k} Q<|im_end|>\n"
-             for k in range(20)]
+    assert seg is not None and seg.sep == "<|endoftext|>" and seg.words is not None
+    rng = random.Random(0)
+    bits = [" ", "  ", "\t", "\n", "\r\n", "\n\n", "'", "'s", "'re", "'S", "Hello", "x", "12", ".", "!?", "<",
+            "|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im", "Q", " Q", "\x0b", "\x0c", "é", "日", "🦉",
+            "\x1f", "don't", " ' ", "   x", "~"]
+    texts = ["".join(rng.choice(bits) for _ in range(rng.randint(1, 30))) for _ in range(3000)]
+    texts += [f"<|im_start|>user\nwhy Q<|im_end|>\n<|im_start|>assistant\nsay {k} Q<|im_end|>\n" for k in range(20)]
     want = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    assert seg.encode(texts) == want
-    assert backend.token_to_id("Q<|endoftext|>") not in {t for ids in want for t in ids}
+    assert [ids for i in range(0, len(texts), 256) for ids in seg.encode(texts[i:i + 256])] == want
+    assert backend.token_to_id("Q<|endoftext|>") in {t for ids in want for t in ids}
