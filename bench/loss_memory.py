@@ -23,7 +23,9 @@ if __package__ in (None, ""):  # run as `python bench/loss_memory.py`: import `b
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from dtrain import config, dist, importer  # noqa: E402
+from dtrain.config import schema as config  # noqa: E402
+from dtrain.backends import env as dist
+from dtrain.model import importer
 from dtrain.backends.single import SingleBackend  # noqa: E402
 from dtrain.memory.measure import SavedTensorCounter  # noqa: E402
 

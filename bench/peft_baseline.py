@@ -254,6 +254,6 @@ if __name__ == "__main__":
         code = 1
     # A rank leaves without the interpreter teardown, as dtrain's own ranks do: after the gloo
     # process group, C++ teardown can abort ("terminate called without an active exception").
-    from dtrain.dist import exit_now
+    from dtrain.backends.env import exit_now
 
     exit_now(code)

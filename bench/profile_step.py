@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as `python bench/profile_step.py`: import `
 
 from bench.loss_memory import ARCH_128K, build  # noqa: E402
 
-from dtrain import importer  # noqa: E402
+from dtrain.model import importer  # noqa: E402
 
 
 def main() -> None:

@@ -84,7 +84,7 @@ class SpeedPreset:
 
 
 def presets() -> dict[str, SpeedPreset]:
-    from dtrain import importer
+    from dtrain.model import importer
 
     return {"smollm2": SpeedPreset("smollm2", None, 49152, model_path=str(importer.resolve("smollm2-135m-instruct"))),
             "llama128k": SpeedPreset("llama128k", LLAMA_128K, 128256)}

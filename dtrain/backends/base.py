@@ -8,7 +8,7 @@
 * collectives: `all_reduce_sum`, `barrier`, `close` (backends/collectives.py for process groups).
 
 What the memory profiler reads (local storage by name) is backends/memory_view.py's; model
-assembly is dtrain/assembly.py's. Subclasses fill in the `_`-prefixed steps.
+assembly is dtrain/training/assembly.py's. Subclasses fill in the `_`-prefixed steps.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import logps as logps_lib, loss as loss_lib, model as model_lib, optim, reference, step_opts
+from dtrain.training import logps as logps_lib, loss as loss_lib, optim, reference, step_options as step_opts
+from dtrain.model import build as model_lib
 from dtrain.backends.memory_view import TorchMemoryView
-from dtrain.config import Config
-from dtrain.dist import DistEnv
+from dtrain.config.schema import Config
+from dtrain.backends.env import DistEnv
 
 
 class Backend(TorchMemoryView, ABC):
@@ -82,7 +83,7 @@ class Backend(TorchMemoryView, ABC):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed next-token loss, labelled tokens) of a micro-batch. With the chunked loss
-        installed in the head (dtrain/loss.py) the model's forward returns that sum itself and no
+        installed in the head (dtrain/training/loss.py) the model's forward returns that sum itself and no
         logits of the whole micro-batch ever exist; otherwise it is computed from the logits."""
         head = step_opts.output_head(self.model)
         if not loss_lib.installed(head):

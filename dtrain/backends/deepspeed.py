@@ -62,14 +62,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import assembly, faults, model as model_lib, optim
+from dtrain.training import assembly, optim
+from dtrain import faults
+from dtrain.model import build as model_lib
 from dtrain.backends import collectives, ds_config, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
-from dtrain.config import Config
-from dtrain import dist as dist_env
-from dtrain.dist import DistEnv
-from dtrain.shapes import logical_numel
+from dtrain.config.schema import Config
+from dtrain.backends import env as dist_env
+from dtrain.backends.env import DistEnv
+from dtrain.model.shapes import logical_numel
 
 GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
 TRIM_EVERY_BYTES = 64 * 2**20  # _fill hands freed heap back to the OS after this much gathered (see heap.py)

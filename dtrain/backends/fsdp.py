@@ -15,7 +15,10 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import assembly, dist as dist_env, faults, layers, model as model_lib
+from dtrain.training import assembly
+from dtrain.backends import env as dist_env
+from dtrain import faults
+from dtrain.model import layers, build as model_lib
 from dtrain.backends.base import Backend
 from dtrain.backends import collectives
 from dtrain.backends.collectives import ProcessGroupCollectives

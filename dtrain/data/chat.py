@@ -11,9 +11,9 @@ Tokens overlapping a span are labelled, as transformers does for `{% generation 
 
 from __future__ import annotations
 
-from dtrain import templates
+from dtrain.model import templates
 from dtrain.data import skeleton
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")

@@ -10,7 +10,7 @@ import glob
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtrain import hub
+from dtrain.model import hub
 from dtrain.errors import ConfigError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}

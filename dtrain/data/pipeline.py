@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import cache, sources as sources_lib
 from dtrain.data.encode import Encoded, describe, encode
 from dtrain.data.ragged import Ragged

@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from dtrain import outdir
+from dtrain.storage import outdir
 from dtrain.errors import ConfigError
 from dtrain.loggers.base import MetricLogger, MultiLogger, scalars
 

@@ -11,7 +11,8 @@ import sys
 
 from deepspeed.runtime.zero import partition_parameters as zero_pp
 
-from dtrain import config as config_lib, dist
+from dtrain.config import schema as config_lib
+from dtrain.backends import env as dist
 from dtrain.backends.deepspeed import DeepSpeedBackend
 
 inside: list[str] = []

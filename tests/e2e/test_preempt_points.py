@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from dtrain import checkpoint
-from dtrain.trainer import PREEMPT_EXIT
+from dtrain.training import checkpoint
+from dtrain.training.trainer import PREEMPT_EXIT
 from tests.distributed.runs import assert_same_adapter
 from tests.helpers import FAST, REPO, TINY, env_for_tests, launch_cmd, metrics, train
 

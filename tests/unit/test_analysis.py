@@ -14,10 +14,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtrain import cli, quant
+from dtrain.cli import app as cli
+from dtrain.model import quant
 from dtrain.analysis import delta, run, subspace
 from dtrain.analysis.weights import BaseWeights
-from dtrain.tokenizer import build_tokenizer
+from dtrain.model.tokenizer import build_tokenizer
 from tests.helpers import REPO, TINY, train
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"

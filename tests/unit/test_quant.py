@@ -1,6 +1,6 @@
-"""Unit tests for dtrain.quant (QuantLinear, quantize_model, storage and error bounds).
+"""Unit tests for dtrain.model.quant (QuantLinear, quantize_model, storage and error bounds).
 
-Bounds used (see ``dtrain.quant.quant_error_bounds``):
+Bounds used (see ``dtrain.model.quant.quant_error_bounds``):
 
 * element-wise: int8 ``|w - deq(w)| <= absmax_row / 254`` (half a step); NF4
   ``|w - deq(w)| <= 0.1519 * absmax_block`` (half the largest NF4 code gap); both plus
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain.quant import (
+from dtrain.model.quant import (
     HEAD_NAMES,
     NF4_BLOCKSIZE,
     QuantLinear,
@@ -309,8 +309,8 @@ def test_merge_finds_the_layers_the_trainer_quantized(tmp_path, include_head: bo
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dtrain.merge_cli import _quantized_keys
-    from dtrain.quant import QuantLinear, quantize_model, skip_rule
+    from dtrain.cli.merge import _quantized_keys
+    from dtrain.model.quant import QuantLinear, quantize_model, skip_rule
     from tests.helpers import TINY
 
     arch = dict(yaml.safe_load(TINY.read_text())["model"]["arch"])

@@ -9,8 +9,11 @@ import json
 import pytest
 import torch
 
-from dtrain import config as config_lib, experts, hub, lora, model as model_lib, recipes_table
-from dtrain.config import ModelConfig
+from dtrain.config import schema as config_lib
+from dtrain.lora import experts, layer as lora
+from dtrain.model import hub, build as model_lib
+from tools import recipes_table
+from dtrain.config.schema import ModelConfig
 from tests.helpers import REPO, run_dtrain
 
 RECIPES = {r.path.name: r for r in recipes_table.find_recipes()}

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from dtrain import config as config_lib
+from dtrain.config import schema as config_lib
 from dtrain.backends.simulate import simulate
 from dtrain.memory.estimate import estimate
 from dtrain.memory.model_spec import spec_from_config
@@ -77,7 +77,7 @@ def test_tiny_bits_and_uneven_world_sizes(bits: int, world: int) -> None:
 
 ZERO3 = """
 import json, sys
-from dtrain import config
+from dtrain.config import schema as config
 from dtrain.backends.simulate import simulate_zero3
 cfg = config.load(sys.argv[1], sys.argv[2:])
 print(json.dumps(simulate_zero3(cfg, 64)))

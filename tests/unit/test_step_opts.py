@@ -1,4 +1,4 @@
-"""Checkpointing policy (every N-th block, attention only) and compiled blocks (dtrain/step_opts.py):
+"""Checkpointing policy (every N-th block, attention only) and compiled blocks (dtrain/training/step_options.py):
 the same losses and LoRA gradients as the plain model, and exactly the chosen modules recompute."""
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from dtrain import config, dist, lora, step_opts
+from dtrain.config import schema as config
+from dtrain.backends import env as dist
+from dtrain.lora import layer as lora
+from dtrain.training import step_options as step_opts
 from dtrain.backends.single import SingleBackend
 from dtrain.errors import ConfigError
 from tests.helpers import REPO, TINY
