@@ -28,9 +28,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 if __package__ in (None, ""):  # run as `python bench/gpu_check.py`: import `bench` and `dtrain` from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dtrain.model import importer
 from dtrain.analysis import report, run
 from dtrain.analysis.weights import BaseWeights
+from dtrain.model import importer
 
 MODEL = "smollm2-135m-instruct"
 # The paper's Table 5 (18M trainable parameters on GPT-3 175B): validation accuracy, %.

@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def host_memory() -> dict:
     """RSS now and its peak (VmHWM), read the way dtrain's own memory snapshot reads them."""
     import torch
+
     from dtrain.memory.measure import process_memory
 
     return process_memory(torch.device("cpu"))

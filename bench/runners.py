@@ -7,9 +7,9 @@ import importlib.util
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from bench import common
 from bench.presets import LORA, DataFiles, Launch, Preset, Variant

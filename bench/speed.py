@@ -22,9 +22,9 @@ import datetime as dt
 import json
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 if __package__ in (None, ""):  # run as `python bench/speed.py`: import `bench` and `dtrain` from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -5,9 +5,8 @@ trained on that quantized base saw (dtrain/model/quant.py round_trip)."""
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 from pathlib import Path
 
 import torch

@@ -22,11 +22,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain.training import logps as logps_lib, loss as loss_lib, optim, reference, step_options as step_opts
-from dtrain.model import build as model_lib
+from dtrain.backends.env import DistEnv
 from dtrain.backends.memory_view import TorchMemoryView
 from dtrain.config.schema import Config
-from dtrain.backends.env import DistEnv
+from dtrain.model import build as model_lib
+from dtrain.training import logps as logps_lib
+from dtrain.training import loss as loss_lib
+from dtrain.training import optim, reference
+from dtrain.training import step_options as step_opts
 
 
 class Backend(TorchMemoryView, ABC):

@@ -62,16 +62,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain.training import assembly, optim
 from dtrain import faults
-from dtrain.model import build as model_lib
 from dtrain.backends import collectives, ds_config, heap, zero3_state
+from dtrain.backends import env as dist_env
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
-from dtrain.config.schema import Config
-from dtrain.backends import env as dist_env
 from dtrain.backends.env import DistEnv
+from dtrain.config.schema import Config
+from dtrain.model import build as model_lib
 from dtrain.model.shapes import logical_numel
+from dtrain.training import assembly, optim
 
 GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
 TRIM_EVERY_BYTES = 64 * 2**20  # _fill hands freed heap back to the OS after this much gathered (see heap.py)

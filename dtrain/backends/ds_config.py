@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-
 from dtrain.backends.zero3_sizing import ModelSize, gather_limits  # noqa: F401  (ds_config.ModelSize: the backend's name for it)
 from dtrain.config.schema import Config
 from dtrain.errors import ConfigError

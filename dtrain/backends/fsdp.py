@@ -15,13 +15,14 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain.training import assembly
-from dtrain.backends import env as dist_env
 from dtrain import faults
-from dtrain.model import layers, build as model_lib
-from dtrain.backends.base import Backend
 from dtrain.backends import collectives
+from dtrain.backends import env as dist_env
+from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
+from dtrain.model import build as model_lib
+from dtrain.model import layers
+from dtrain.training import assembly
 
 
 class FSDPBackend(ProcessGroupCollectives, Backend):

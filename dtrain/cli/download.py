@@ -12,6 +12,7 @@ generation config); the cache is HF_HUB_CACHE (else HF_HOME/hub, else ~/.cache/h
 from __future__ import annotations
 
 import argparse
+
 from dtrain.errors import DtrainError
 
 

@@ -72,9 +72,8 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     import torch
 
     from dtrain.lora import peft_format as adapter_lib
-    from dtrain.storage.files import fresh_dir, staging_dir
-
     from dtrain.model import hub
+    from dtrain.storage.files import fresh_dir, staging_dir
 
     base, adapter, out = hub.model_dir(base, "--base"), Path(adapter), Path(out)
     _check_dirs(base, adapter, out, overwrite)

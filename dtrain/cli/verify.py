@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dtrain.storage import files
 from dtrain.errors import ConfigError
+from dtrain.storage import files
 
 
 def add_parser(sub) -> None:

@@ -13,8 +13,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from dtrain.model import hub
 from dtrain.errors import ConfigError
+from dtrain.model import hub
 
 Where = Callable[[str], str]  # dotted key -> "<config file>" or "override 'key=value'"
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dtrain.lora import layer as lora
 from dtrain.errors import ConfigError
+from dtrain.lora import layer as lora
 from dtrain.model.shapes import logical_shape
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dtrain.lora import dora
 from dtrain.errors import ConfigError
+from dtrain.lora import dora
 from dtrain.model import layers
 from dtrain.model.shapes import logical_numel
 

@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtrain.lora import experts, layer as lora
-from dtrain.storage import files
-from dtrain.model import layers, templates
 from dtrain.config.schema import Config
 from dtrain.errors import DtrainError
+from dtrain.lora import experts
+from dtrain.lora import layer as lora
+from dtrain.model import layers, templates
+from dtrain.storage import files
 
 log = logging.getLogger(__name__)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import re
 
-from dtrain.model import layers
 from dtrain.errors import ConfigError
+from dtrain.model import layers
 
 ALL_LINEAR = "all-linear"
 PRESETS = ("attention-qv", "attention", "mlp", ALL_LINEAR)

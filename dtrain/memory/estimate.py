@@ -36,9 +36,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dtrain.lora import targets as presets
 from dtrain.config.schema import TrainingConfig
 from dtrain.errors import ConfigError
+from dtrain.lora import targets as presets
 from dtrain.memory import shards
 from dtrain.memory.activations import (  # noqa: F401  (estimate.layer_activation_bytes for its users)
     activation_bytes,

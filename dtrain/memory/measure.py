@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dtrain.training import step as step_lib
 from dtrain.memory.process import process_memory
+from dtrain.training import step as step_lib
 
 if TYPE_CHECKING:
     from dtrain.backends.base import Backend

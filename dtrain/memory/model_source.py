@@ -10,6 +10,7 @@ from typing import Any
 from dtrain.errors import ConfigError
 from dtrain.memory.model_spec import PRESETS
 
+
 def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
     """(name, HF config dict) for --model: a preset, a YAML config, a directory or a JSON file."""
     if arg in PRESETS:

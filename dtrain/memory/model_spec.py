@@ -9,8 +9,9 @@ knows by name. The byte arithmetic on a spec is in ``dtrain.memory.estimate``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from dtrain.errors import ConfigError
 

@@ -20,11 +20,18 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from dtrain.config.schema import ModelConfig
 from dtrain.errors import ConfigError
-from dtrain.model import expert_weights as expert_checkpoint, layers
-from dtrain.model.hf import (check_causal_lm, checkpoint_renamings, custom_model_type, fit_attention,  # noqa: F401
-                             renamed_keys, restore_buffers)  # model.restore_buffers for the backends
-from dtrain.model.layers import checkpoint_key
 from dtrain.lora.layer import LoRALinear, is_lora_param
+from dtrain.model import expert_weights as expert_checkpoint
+from dtrain.model import layers
+from dtrain.model.hf import (  # noqa: F401
+    check_causal_lm,
+    checkpoint_renamings,
+    custom_model_type,
+    fit_attention,
+    renamed_keys,  # model.restore_buffers for the backends
+    restore_buffers,
+)
+from dtrain.model.layers import checkpoint_key
 from dtrain.model.shapes import logical_shape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -24,8 +24,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtrain.model import templates
 from dtrain.errors import ConfigError
+from dtrain.model import templates
 from dtrain.model.layers import WEIGHTS_FILE
 
 log = logging.getLogger(__name__)

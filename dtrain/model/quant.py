@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import bitsandbytes.functional as bnbf
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtrain.model.shapes import logical_numel
 from dtrain.model import layers
 from dtrain.model.layers import NF4_BLOCKSIZE  # noqa: F401  (quant.NF4_BLOCKSIZE for its users)
+from dtrain.model.shapes import logical_numel
 
 SUPPORTED_BITS = (8, 4)
 # Names taken for output heads in a module that names none (a model's head: layers.output_head).

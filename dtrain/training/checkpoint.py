@@ -40,11 +40,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from dtrain.storage import files, outdir
-from dtrain.lora import layer as lora
-from dtrain.training import resume_check
-from dtrain.lora.peft_format import ADAPTER_FILES, ADAPTER_WEIGHTS, gather_adapter, write_adapter
 from dtrain.config.schema import Config
+from dtrain.lora import layer as lora
+from dtrain.lora.peft_format import ADAPTER_FILES, ADAPTER_WEIGHTS, gather_adapter, write_adapter
+from dtrain.storage import files, outdir
+from dtrain.training import resume_check
 
 log = logging.getLogger(__name__)
 PREEMPTED = "PREEMPTED"

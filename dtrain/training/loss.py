@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dtrain.training import logps as logps_lib
 from dtrain.data.rows import IGNORE
+from dtrain.training import logps as logps_lib
 
 CHUNK_BUDGET_BYTES = 256 * 2**20  # one chunk's fp32 logits (softmax and gradient reuse them in place)
 _LABELS = "_dtrain_chunked_labels"

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain.lora import layer as lora
 from dtrain.config.schema import Config
+from dtrain.lora import layer as lora
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtrain.lora import peft_format as adapter_lib, layer as lora
 from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
+from dtrain.lora import layer as lora
+from dtrain.lora import peft_format as adapter_lib
 
 REFERENCE = "reference"  # the frozen reference adapter's name inside the model
 PREFIX = "adapter:"

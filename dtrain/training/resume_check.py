@@ -23,9 +23,9 @@ import json
 import logging
 from pathlib import Path
 
-from dtrain.model import fingerprint, hub
 from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
+from dtrain.model import fingerprint, hub
 
 log = logging.getLogger(__name__)
 ARCH_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -17,14 +17,12 @@ code. On CPU, inductor needs a C++ compiler; the first step pays the compilation
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dtrain.model import layers
 from dtrain.training import loss as loss_lib
-
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:

@@ -7,9 +7,10 @@ import logging
 
 import torch
 
-from dtrain.training import deadline as deadline_lib, preempt
 from dtrain.config.schema import Config
 from dtrain.errors import DtrainError
+from dtrain.training import deadline as deadline_lib
+from dtrain.training import preempt
 
 log = logging.getLogger("dtrain")
 

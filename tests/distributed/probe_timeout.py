@@ -11,8 +11,8 @@ import sys
 import time
 
 from dtrain import backends
-from dtrain.config import schema as config_lib
 from dtrain.backends import env as dist
+from dtrain.config import schema as config_lib
 
 
 def main() -> None:

@@ -19,8 +19,18 @@ import pytest
 
 from dtrain.training import checkpoint
 from dtrain.training.trainer import PREEMPT_EXIT
-from tests.distributed.runs import (STEPS, _needs, assert_same_run, finish, kill_after, kill_step, run, start,
-                                    wait_for_checkpoint, workers)
+from tests.distributed.runs import (
+    STEPS,
+    _needs,
+    assert_same_run,
+    finish,
+    kill_after,
+    kill_step,
+    run,
+    start,
+    wait_for_checkpoint,
+    workers,
+)
 
 
 @pytest.fixture(scope="module")

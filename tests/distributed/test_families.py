@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests import families
-from tests.helpers import REPO, adapter, env_for_tests, launch_cmd, losses, PY
+from tests.helpers import PY, REPO, adapter, env_for_tests, launch_cmd, losses
 
 # DTRAIN_FAMILIES=gpt2,gemma narrows the matrix while working on a family (the suite runs all).
 FAMILIES = [f for f in os.environ.get("DTRAIN_FAMILIES", "").split(",") if f] or list(families.FAMILIES)

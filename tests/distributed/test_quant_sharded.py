@@ -63,8 +63,8 @@ def eval_loss(model_dir, run_dir, examples: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dtrain.config import schema as config_lib
     from dtrain import data as data_lib
+    from dtrain.config import schema as config_lib
     from dtrain.model.tokenizer import load_tokenizer
     from dtrain.training.loss import token_loss
 

@@ -13,13 +13,10 @@ Also: a resume with rsLoRA, DoRA, other targets and another chat template is ref
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
-
-import pytest
 
 from dtrain.training import checkpoint
 from dtrain.training.trainer import PREEMPT_EXIT

@@ -15,11 +15,11 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from dtrain.cli import merge as merge_cli
 from dtrain.config import schema as config_lib
+from dtrain.errors import ConfigError
 from dtrain.inference import generate
 from dtrain.model import importer, templates
-from dtrain.cli import merge as merge_cli
-from dtrain.errors import ConfigError
 from dtrain.model.tokenizer import build_tokenizer
 from tests.helpers import REPO, TINY, run_dtrain
 

@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain.lora import peft_format as adapter, layer as lora
-from dtrain.training import checkpoint, resume_check
-from dtrain.config import schema as config_lib
 from dtrain import data as data_lib
 from dtrain.backends import env as dist
-from dtrain.storage import files
-from dtrain.data import BatchPlan
 from dtrain.backends.single import SingleBackend
+from dtrain.config import schema as config_lib
+from dtrain.data import BatchPlan
 from dtrain.errors import ConfigError
+from dtrain.lora import layer as lora
+from dtrain.lora import peft_format as adapter
+from dtrain.storage import files
+from dtrain.training import checkpoint, resume_check
 from dtrain.training.loss import token_loss
 
 REPO = Path(__file__).resolve().parents[2]

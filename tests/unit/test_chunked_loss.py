@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtrain.config import schema as config
 from dtrain.backends import env as dist
-from dtrain.lora import layer as lora
-from dtrain.training import loss as loss_lib
 from dtrain.backends.single import SingleBackend
+from dtrain.config import schema as config
 from dtrain.errors import ConfigError
+from dtrain.lora import layer as lora
 from dtrain.memory.measure import SavedTensorCounter
+from dtrain.training import loss as loss_lib
 from tests.helpers import REPO, TINY
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dtrain.config import schema as config_lib
 from dtrain.backends import ds_config
+from dtrain.config import schema as config_lib
 from dtrain.errors import ConfigError
 from tests.helpers import TINY
 

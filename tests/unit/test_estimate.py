@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
+from dtrain.cli.estimate import add_estimate_parser, run_estimate
 from dtrain.errors import ConfigError
 from dtrain.memory.estimate import CATEGORIES, Plan, estimate, frozen_bytes, layer_activation_bytes
-from dtrain.cli.estimate import add_estimate_parser, run_estimate
 from dtrain.memory.model_spec import PRESETS, spec_from_config, spec_from_llama_arithmetic
 from dtrain.memory.paper import paper_comparison_markdown, paper_gpt3_comparison
 

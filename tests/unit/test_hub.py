@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from dtrain.config import schema as config_lib
-from dtrain.model import hub
 from dtrain.errors import ConfigError
+from dtrain.model import hub
 from tests.helpers import REPO, env_for_tests
 from tests.hub_cache import add_snapshot
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtrain.config import schema as config_lib
-from dtrain.backends.single import SingleBackend
-from dtrain.config.schema import Config
 from dtrain.backends.env import DistEnv
-from dtrain.memory import measure, report
+from dtrain.backends.single import SingleBackend
 from dtrain.cli import memory as measure_cli
+from dtrain.config import schema as config_lib
+from dtrain.config.schema import Config
+from dtrain.memory import measure, report
 from tests.helpers import REPO, TINY
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), dist_backend="gloo")

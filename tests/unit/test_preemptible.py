@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.training import checkpoint, deadline, preempt, resume_check, stopping
-from dtrain.config import schema as config_lib
-from dtrain.storage import files
 from dtrain.errors import ConfigError
 from dtrain.model.tokenizer import load_tokenizer
+from dtrain.storage import files
+from dtrain.training import checkpoint, deadline, preempt, resume_check, stopping
 from tests.unit.test_checkpoint_files import PLAN, lora_state, make_backend, make_cfg, train_step
 
 REPO = Path(__file__).resolve().parents[2]

@@ -114,8 +114,8 @@ def test_best_fit_rows_are_full_and_deterministic() -> None:
 
 def test_attn_implementation_reaches_the_model_config() -> None:
     from dtrain.config import schema as config
-    from dtrain.model import build as model
     from dtrain.errors import ConfigError
+    from dtrain.model import build as model
     from tests.helpers import TINY
 
     for impl in ("sdpa", "eager"):

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from dtrain.config import schema as config_lib
-from dtrain.lora import experts, layer as lora
-from dtrain.model import hub, build as model_lib
-from tools import recipes_table
 from dtrain.config.schema import ModelConfig
+from dtrain.lora import experts
+from dtrain.lora import layer as lora
+from dtrain.model import build as model_lib
+from dtrain.model import hub
 from tests.helpers import REPO, run_dtrain
+from tools import recipes_table
 
 RECIPES = {r.path.name: r for r in recipes_table.find_recipes()}
 # Parameter counts of the published checkpoints (embeddings and head counted once when tied).

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from dtrain.config import schema as config_lib
 from dtrain.backends.simulate import simulate
+from dtrain.config import schema as config_lib
 from dtrain.memory.estimate import estimate
 from dtrain.memory.model_spec import spec_from_config
 from dtrain.memory.plan_config import plan_from_config, resolved_config
