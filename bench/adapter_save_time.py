@@ -37,8 +37,7 @@ def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
     from dtrain import backends, data
     from dtrain.backends import env as dist
     from dtrain.config import schema as config
-    from dtrain.lora import layer as lora
-    from dtrain.lora import peft_format as adapter
+    from dtrain.lora import layer as lora, peft_format as adapter
     from dtrain.training import checkpoint
 
     overrides = [f"model.arch.{k}={v}" for k, v in {**ARCH, "num_hidden_layers": layers}.items()]

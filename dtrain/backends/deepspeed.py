@@ -63,8 +63,7 @@ import torch
 from torch import nn
 
 from dtrain import faults
-from dtrain.backends import collectives, ds_config, heap, zero3_state
-from dtrain.backends import env as dist_env
+from dtrain.backends import collectives, ds_config, env as dist_env, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
 from dtrain.backends.env import DistEnv

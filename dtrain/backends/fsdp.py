@@ -16,12 +16,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dtrain import faults
-from dtrain.backends import collectives
-from dtrain.backends import env as dist_env
+from dtrain.backends import collectives, env as dist_env
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
-from dtrain.model import build as model_lib
-from dtrain.model import layers
+from dtrain.model import build as model_lib, layers
 from dtrain.training import assembly
 
 

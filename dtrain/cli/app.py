@@ -61,17 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands() -> list[Callable]:
     """Subcommands living in their own modules: each registers a sub-parser that sets `func`."""
-    from dtrain.cli import analyze as analyze_cli
-    from dtrain.cli import download as download_cli
-    from dtrain.cli import env as env_cli
-    from dtrain.cli import estimate as estimate_cli
-    from dtrain.cli import generate as generate_cli
-    from dtrain.cli import import_model as import_cli
-    from dtrain.cli import memory as measure_cli
-    from dtrain.cli import merge as merge_cli
-    from dtrain.cli import plan as plan_cli
-    from dtrain.cli import slurm
-    from dtrain.cli import verify as verify_cli
+    from dtrain.cli import (
+        analyze as analyze_cli,
+        download as download_cli,
+        env as env_cli,
+        estimate as estimate_cli,
+        generate as generate_cli,
+        import_model as import_cli,
+        memory as measure_cli,
+        merge as merge_cli,
+        plan as plan_cli,
+        slurm,
+        verify as verify_cli,
+    )
 
     return [measure_cli.add_parser, estimate_cli.add_estimate_parser, plan_cli.add_parser, merge_cli.add_parser,
             slurm.add_slurm_parser, import_cli.add_parser, generate_cli.add_parsers, env_cli.add_parser,

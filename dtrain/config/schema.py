@@ -16,9 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dtrain.config.types import OverrideValue as _OverrideValue
-from dtrain.config.types import check as _check
-from dtrain.config.types import closest as _closest
+from dtrain.config.types import OverrideValue as _OverrideValue, check as _check, closest as _closest
 from dtrain.errors import ConfigError
 
 
@@ -217,8 +215,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         cli[_apply_override(raw, item)] = item
     where = _Where(source, cli)
     cfg = _build(Config, raw, "", where)
-    from dtrain.config import checks as config_checks
-    from dtrain.config import paths
+    from dtrain.config import checks as config_checks, paths
 
     paths.resolve_config(cfg, Path(path).resolve().parent if path is not None else None)
     config_checks.validate(cfg, where)

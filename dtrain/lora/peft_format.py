@@ -27,8 +27,7 @@ from torch import nn
 
 from dtrain.config.schema import Config
 from dtrain.errors import DtrainError
-from dtrain.lora import experts
-from dtrain.lora import layer as lora
+from dtrain.lora import experts, layer as lora
 from dtrain.model import layers, templates
 from dtrain.storage import files
 

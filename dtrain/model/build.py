@@ -21,8 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from dtrain.config.schema import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain.lora.layer import LoRALinear, is_lora_param
-from dtrain.model import expert_weights as expert_checkpoint
-from dtrain.model import layers
+from dtrain.model import expert_weights as expert_checkpoint, layers
 from dtrain.model.hf import (  # noqa: F401
     check_causal_lm,
     checkpoint_renamings,

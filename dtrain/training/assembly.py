@@ -7,10 +7,8 @@ from __future__ import annotations
 from torch import nn
 
 from dtrain.config.schema import Config
-from dtrain.lora import experts
-from dtrain.lora import layer as lora
-from dtrain.training import reference
-from dtrain.training import step_options as step_opts
+from dtrain.lora import experts, layer as lora
+from dtrain.training import reference, step_options as step_opts
 
 
 def prepare(model: nn.Module, cfg: Config) -> None:

@@ -26,23 +26,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dtrain import backends, faults
-from dtrain import data as data_lib
-from dtrain import loggers as loggers_lib
+from dtrain import backends, data as data_lib, faults, loggers as loggers_lib
 from dtrain.backends import env as dist
-from dtrain.config import checks as config_checks
-from dtrain.config import schema as config_lib
+from dtrain.config import checks as config_checks, schema as config_lib
 from dtrain.config.schema import Config
 from dtrain.data.chat import run_template
 from dtrain.loggers import curve, flops
-from dtrain.lora import layer as lora
-from dtrain.lora import peft_format as adapter
+from dtrain.lora import layer as lora, peft_format as adapter
 from dtrain.model import hub, templates
 from dtrain.model.tokenizer import corpus_file, has_tokenizer, load_tokenizer
 from dtrain.storage import files, outdir
-from dtrain.training import checkpoint, preempt, reference, stopping
-from dtrain.training import step as step_lib
-from dtrain.training import step_options as step_opts
+from dtrain.training import checkpoint, preempt, reference, step as step_lib, step_options as step_opts, stopping
 
 log = logging.getLogger("dtrain")
 PREEMPT_EXIT = preempt.EXIT_CODE

@@ -26,13 +26,10 @@ from dtrain import backends
 from dtrain.backends.env import DistEnv
 from dtrain.config.schema import Config
 from dtrain.data import BatchPlan
-from dtrain.lora import layer as lora
-from dtrain.lora import peft_format as adapter
-from dtrain.model import build as model_lib
-from dtrain.model import layers
+from dtrain.lora import layer as lora, peft_format as adapter
+from dtrain.model import build as model_lib, layers
 from dtrain.storage import files
-from dtrain.training import checkpoint
-from dtrain.training import step as step_lib
+from dtrain.training import checkpoint, step as step_lib
 
 TOL = {"fp32": 1e-4, "bf16": 3e-2}  # relative loss / absolute logit tolerance per dtype
 QUANT_TOL = {8: 0.02, 4: 0.15}  # largest relative Frobenius error of a quantized base layer

@@ -21,8 +21,7 @@ from dtrain.backends.single import SingleBackend
 from dtrain.config import schema as config_lib
 from dtrain.data import BatchPlan
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora
-from dtrain.lora import peft_format as adapter
+from dtrain.lora import layer as lora, peft_format as adapter
 from dtrain.storage import files
 from dtrain.training import checkpoint, resume_check
 from dtrain.training.loss import token_loss

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from dtrain.errors import ConfigError
-from dtrain.lora import experts
-from dtrain.lora import layer as lora
+from dtrain.lora import experts, layer as lora
 from tests.helpers import run_dtrain
 from tests.moe_models import FAMILIES, save_family
 

@@ -11,10 +11,8 @@ import torch
 
 from dtrain.config import schema as config_lib
 from dtrain.config.schema import ModelConfig
-from dtrain.lora import experts
-from dtrain.lora import layer as lora
-from dtrain.model import build as model_lib
-from dtrain.model import hub
+from dtrain.lora import experts, layer as lora
+from dtrain.model import build as model_lib, hub
 from tests.helpers import REPO, run_dtrain
 from tools import recipes_table
 
