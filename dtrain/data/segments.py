@@ -38,17 +38,20 @@ _PRE_OK = {"ByteLevel", "Digits"}  # pre-tokenizers that keep every byte of the 
 _POST_OK = {None, "TemplateProcessing"}  # post-processors that do not trim offsets
 
 
-_PLANS: dict[int, tuple] = {}  # id(backend) -> (backend, its Segmenter's fixed parts or None)
+_PLANS: dict[int, tuple] = {}  # id(backend) -> (backend, its added tokens, its Segmenter's fixed parts or None)
 
 
 def for_tokenizer(backend) -> Segmenter | None:
     """A Segmenter (with an empty piece cache) for this Rust tokenizer, or None when the reasoning
-    above does not hold for it. The checks read the whole vocabulary: done once per tokenizer."""
-    if id(backend) not in _PLANS or _PLANS[id(backend)][0] is not backend:
+    above does not hold for it. The checks read the whole vocabulary: done once per tokenizer (and
+    again when tokens were added to it since)."""
+    added = str(sorted(backend.get_added_tokens_decoder().items()))
+    known = _PLANS.get(id(backend))
+    if known is None or known[0] is not backend or known[1] != added:
         if len(_PLANS) >= 8:
             _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[id(backend)] = (backend, _plan(backend))  # holding the backend keeps its id unique
-    plan = _PLANS[id(backend)][1]
+        known = _PLANS[id(backend)] = (backend, added, _plan(backend))  # holding the backend keeps its id unique
+    plan = known[2]
     return None if plan is None else Segmenter(backend, *plan)
 
 

@@ -190,3 +190,5 @@ def test_segments_give_the_rust_ids_on_tricky_text(smollm2_dir):
     want = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     assert [ids for i in range(0, len(texts), 256) for ids in seg.encode(texts[i:i + 256])] == want
     assert backend.token_to_id("Q<|endoftext|>") in {t for ids in want for t in ids}
+    backend.add_special_tokens([AddedToken("<zz>", special=True, normalized=False)])  # checked again, not stale
+    assert segments.for_tokenizer(backend).encode(["a<zz>b"]) == [backend.encode("a<zz>b", add_special_tokens=False).ids]
