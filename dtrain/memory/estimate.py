@@ -243,7 +243,7 @@ def parse_targets(text: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- arithmetic
 
 
-def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearModule, ...]:
+def targeted_linears(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearModule, ...]:
     """Block linears matched by ``targets`` (suffixes, ``all-linear``: every block linear, or a
     preset of dtrain.lora.targets: attention-qv, attention, mlp, resolved from the linears' names)."""
     dense = tuple(lin for lin in spec.linears if not lin.fused)
@@ -386,7 +386,7 @@ def lora_breakdown(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...
 
 def estimate(spec: ModelSpec, plan: Plan) -> Estimate:
     """Per-GPU memory by category for full fine-tuning and for LoRA (pure arithmetic)."""
-    targets = select_targets(spec, plan.targets)
+    targets = targeted_linears(spec, plan.targets)
     return Estimate(
         spec=spec, plan=plan, lora_targets=targets,
         lora_params=lora_param_count(targets, plan.rank),

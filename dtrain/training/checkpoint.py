@@ -40,7 +40,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from dtrain.backends import collectives
 from dtrain.config.schema import Config
+from dtrain.errors import DiskFull
 from dtrain.lora import layer as lora
 from dtrain.lora.peft_format import ADAPTER_FILES, ADAPTER_WEIGHTS, gather_adapter, write_adapter
 from dtrain.storage import files, outdir
@@ -228,14 +230,14 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
             _write_preempted(out, step)
 
     try:
-        files.together(backend, lambda: files.fresh_dir(tmp))
-        files.together(backend, lambda: _write_rank_state(backend, tmp), every_rank=True)
-        files.together(backend, write_shared)
-        files.together(backend, finish)
-    except files.DiskFull as e:
+        collectives.together(backend, lambda: files.fresh_dir(tmp))
+        collectives.together(backend, lambda: _write_rank_state(backend, tmp), every_rank=True)
+        collectives.together(backend, write_shared)
+        collectives.together(backend, finish)
+    except DiskFull as e:
         shutil.rmtree(tmp, ignore_errors=True)  # the partial copy: give its space back
         need = sum(t.numel() * t.element_size() for t in [*tensors.values(), *optim_tensors.values()])
-        error = files.DiskFull(_disk_full_line(out, step, final, need))
+        error = DiskFull(_disk_full_line(out, step, final, need))
         error.local = e.local  # printed by the rank that ran out of space
         raise error from None
     return final
@@ -258,7 +260,7 @@ def _write_preempted(out: Path, step: int, saved: bool = True) -> None:
 def mark_preempted(backend, out: Path, step: int, saved: bool = True) -> None:
     """Write the PREEMPTED marker for the checkpoint of `step`, already saved (every rank calls it);
     `saved` False: preempted before the first step, no checkpoint (the marker's checkpoint is null)."""
-    files.together(backend, lambda: _write_preempted(out, step, saved))
+    collectives.together(backend, lambda: _write_preempted(out, step, saved))
 
 
 def read_state(out: Path, step: int) -> dict:

@@ -27,13 +27,13 @@ import torch
 from tqdm import tqdm
 
 from dtrain import backends, data as data_lib, faults, loggers as loggers_lib
-from dtrain.backends import env as dist
-from dtrain.config import checks as config_checks, schema as config_lib
+from dtrain.backends import collectives, env as dist
+from dtrain.config import schema as config_lib
 from dtrain.config.schema import Config
 from dtrain.data.chat import run_template
 from dtrain.loggers import curve, flops
 from dtrain.lora import layer as lora, peft_format as adapter
-from dtrain.model import hub, templates
+from dtrain.model import hub, sources, templates
 from dtrain.model.tokenizer import corpus_file, has_tokenizer, load_tokenizer
 from dtrain.storage import files, outdir
 from dtrain.training import checkpoint, preempt, reference, step as step_lib, step_options as step_opts, stopping
@@ -106,7 +106,7 @@ class Trainer:
         except OSError as e:
             raise config_lib.ConfigError(f"output.dir = '{self.out}': cannot create it ({e.strerror})") from None
         if self.cfg.output.overwrite:
-            files.together(self.backend, lambda: outdir.clear_run(self.out))
+            collectives.together(self.backend, lambda: outdir.clear_run(self.out), what="clearing the run directory")
 
     def _resolve_hub_ids(self) -> None:
         """The other ranks read the snapshot rank 0 resolved (it downloaded before joining the process
@@ -119,7 +119,7 @@ class Trainer:
         error = None
         if not self.env.is_main:
             try:
-                config_checks.resolve_named_models(cfg, download=False)
+                sources.resolve_named_models(cfg, download=False)
             except config_lib.ConfigError as e:
                 error, e.local = e, True
         failed = int(self.backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
@@ -222,7 +222,7 @@ class Trainer:
                 except preempt.Preempted:
                     stopped.append(True)
 
-            files.together(self.backend, gen_eval)
+            collectives.together(self.backend, gen_eval, what="generation eval")
             if self.stops.check(local=bool(stopped) or preempt.requested()):
                 return self._preempt()
         return None
