@@ -92,7 +92,7 @@ class Backend(TorchMemoryView, ABC):
         shifted = loss_lib.shift(batch["labels"]).to(self.device)
         with loss_lib.labels(head, shifted):
             total = loss_lib.check_passed_through(head, self.forward(batch), self.model.config.model_type)
-        return total, int((shifted != loss_lib.IGNORE).sum())
+        return total, loss_lib.labelled_tokens(batch["labels"])
 
     def row_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log p of each row's labelled tokens [rows], labelled tokens per row [rows]),

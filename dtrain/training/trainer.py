@@ -270,13 +270,17 @@ class Trainer:
             self.loggers.close()
             self.loggers = None
 
+    def step_batches(self, step: int) -> tuple[list[dict], int]:
+        """This rank's micro-batches of optimizer step `step` (the seeded plan's picks: training and
+        the memory profiler take the same ones) and their real tokens."""
+        picks = [self.plan.indices(step, m, self.env.rank) for m in range(self.cfg.training.grad_accum)]
+        return [self.train_data.take(idx) for idx in picks], sum(self.train_data.real_tokens(idx) for idx in picks)
+
     def _train_step(self) -> dict:
-        start, rank, accum = time.perf_counter(), self.env.rank, self.cfg.training.grad_accum
-        picks = [self.plan.indices(self.state.step, m, rank) for m in range(accum)]
-        real = sum(self.train_data.real_tokens(idx) for idx in picks)
-        poison = faults.nan_loss(self.state.step + 1, rank, self.env.world_size)
-        result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real,
-                                     objective=self.objective, poison=poison)
+        start = time.perf_counter()
+        batches, real = self.step_batches(self.state.step)
+        poison = faults.nan_loss(self.state.step + 1, self.env.rank, self.env.world_size)
+        result = step_lib.train_step(self.backend, batches, real, objective=self.objective, poison=poison)
         time.sleep(faults.step_delay())  # 0 unless a test plants slow_step (dtrain/faults.py)
         elapsed = time.perf_counter() - start
         positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
