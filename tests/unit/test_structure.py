@@ -176,6 +176,7 @@ ONE_HOME = {
     "assemble": "dtrain/training/assembly.py", "prepare": "dtrain/data/pipeline.py",  # was two `prepare`s
     "targeted_linears": "dtrain/memory/estimate.py", "full_optimizer_state": "dtrain/backends/zero3_state.py",
     "labelled_tokens": "dtrain/training/loss.py", "load_tokenizer": "dtrain/model/tokenizer.py",
+    "alpaca_turns": "dtrain/data/chat.py",
 }
 
 
