@@ -212,7 +212,7 @@ def _expert_layout(base: Path, target_parameters: list[str] | None, adapter: Pat
 
 def _quantized_keys(model, bits: int, include_head: bool = False) -> dict[str, int]:
     """{checkpoint key: bits} of the weights dtrain stores quantized: every Linear, the head only
-    with `include_head` (the rule of `Backend.prepare`; found on the meta-device build of the base)."""
+    with `include_head` (the rule of `training/assembly.assemble`; found on the meta-device build of the base)."""
     from torch import nn
 
     from dtrain.model import layers, quant
