@@ -3,7 +3,8 @@ tokenizer and chat template (format messages).
 
   flock /work/locks/heavy.lock python bench/tokenize_scale.py --records 1000000 [--procs 1 2] [--write]
 
-Prints, per row: records/s and the peak RSS of the tokenizing process (VmHWM) and of its largest
+Prints, per row: records/s, CPU seconds (the process and its workers: records per CPU second do
+not depend on the machine's other load as wall time does) and the peak RSS of the tokenizing process (VmHWM) and of its largest
 worker; the per-record path dtrain had before (chat.encode_chat one conversation at a time) on the
 first --baseline records; and a second run reading the token cache. Each measurement is its own
 process (a fresh peak RSS). --write appends the table to bench/RESULTS.md.
@@ -67,24 +68,29 @@ def worker(mode: str, data: Path, cache: Path, procs: int, limit: int) -> dict:
     from dtrain.data import cache as cache_lib, chat
 
     tok, cfg = _tokenizer(), _cfg(data, cache, procs)
+    recs = [json.loads(line) for _, line in zip(range(limit if mode == "old" else 0), open(data))]
+    t0, c0 = time.perf_counter(), _cpu()
     if mode == "old":
-        recs = [json.loads(line) for _, line in zip(range(limit), open(data))]
-        t0 = time.perf_counter()
         for r in recs:
             chat.encode_chat(tok, tok.chat_template, r["messages"])
-        n, dt = len(recs), time.perf_counter() - t0
+        n = len(recs)
     elif mode == "new":
-        t0 = time.perf_counter()
         k = cache_lib.key([cfg], tok)
-        enc = cache_lib.build(Path(cache), k, [cfg], tok, progress=False)
-        n, dt = enc[0].counts["records"], time.perf_counter() - t0
+        n = cache_lib.build(Path(cache), k, [cfg], tok, progress=False)[0].counts["records"]
     else:
-        t0 = time.perf_counter()
         prep = data_lib.prepare(cfg, tok, seed=0)
         assert prep.cache_hit
-        n, dt = len(prep.train), time.perf_counter() - t0
+        n = len(prep.train)
+    dt, cpu = time.perf_counter() - t0, _cpu() - c0
     return {"mode": mode, "num_proc": procs, "records": n, "seconds": round(dt, 2),
-            "records_per_s": round(n / dt, 1), **_peaks()}
+            "records_per_s": round(n / dt, 1), "cpu_s": round(cpu, 2), "records_per_cpu_s": round(n / cpu),
+            **_peaks()}
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its reaped children (the tokenizing workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def per_core(data: Path, n: int, rounds: int = 3) -> list[dict]:
@@ -128,12 +134,14 @@ def table(rows: list[dict], n: int, load: str) -> str:
              "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {device_info().name}; "
              f"load average at start {load}; `python bench/tokenize_scale.py --records {n}`; "
              f"versions {json.dumps(versions())}", "",
-             "| path | num_proc | records | seconds | records/s | peak RSS MiB (main) | peak RSS MiB (worker) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| path | num_proc | records | seconds | records/s | CPU s | records per CPU s | peak RSS MiB (main) "
+             "| peak RSS MiB (worker) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     names = {"old": "per record (before)", "new": "batched, sharded", "hit": "second run: token cache hit"}
     for r in rows:
         lines.append(f"| {names[r['mode']]} | {r['num_proc']} | {r['records']:,} | {r['seconds']} | "
-                     f"{r['records_per_s']:,} | {r['peak_rss_mib']} | {r['worker_peak_rss_mib']} |")
+                     f"{r['records_per_s']:,} | {r['cpu_s']} | {r['records_per_cpu_s']:,} | {r['peak_rss_mib']} | "
+                     f"{r['worker_peak_rss_mib']} |")
     return "\n".join(lines) + "\n"
 
 
