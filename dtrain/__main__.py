@@ -2,11 +2,6 @@
 
 import sys
 
-if sys.argv[1:2] == ["train"]:
-    from dtrain import preempt
-
-    preempt.install()  # as early as possible: a SIGUSR1 during start-up must not kill the rank
-
 from dtrain.cli import main
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 backend and ``FakeStore``, as torchtitan's dry runs use) and a meta-device model, so that 64 or 512
 ranks of a 405B plan cost a few seconds and allocate nothing.
 
-The real backend's build runs unchanged (``model.build_empty``, ``assembly.prepare``: quantized
+The real backend's build runs unchanged (``model.build_empty``, ``assembly.assemble``: quantized
 storage, LoRA injection, freezing, the step options; then ``_shard``: ``fully_shard`` per decoder
 block, embeddings, head, root) except ``_materialize``: the shards stay on the meta device, laid out
 by FSDP2 exactly as on a real rank. Then dtrain's AdamW (``optim.make_adamw``) takes one step on
@@ -28,10 +28,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtrain import model as model_lib
+from dtrain.backends.env import DistEnv
 from dtrain.backends.fsdp import FSDPBackend
-from dtrain.config import Config
-from dtrain.dist import DistEnv
+from dtrain.config.schema import Config
+from dtrain.model import build as model_lib
 
 
 class SimulatedFSDP(FSDPBackend):

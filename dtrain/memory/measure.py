@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dtrain import step as step_lib
 from dtrain.memory.process import process_memory
+from dtrain.training import step as step_lib
 
 if TYPE_CHECKING:
     from dtrain.backends.base import Backend
-    from dtrain.trainer import Trainer  # the type only: measure_cli runs the trainer
+    from dtrain.training.trainer import Trainer  # the type only: measure_cli runs the trainer
 
 MODEL_STATES = ("frozen_weights", "trainable_params", "gradients", "optimizer_state")
 CATEGORIES = (*MODEL_STATES, "activations")
@@ -256,7 +256,7 @@ class Measured:
 
 
 def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
-    """Run `steps` (>= 2) optimizer steps of a set-up Trainer (dtrain.step.train_step, as
+    """Run `steps` (>= 2) optimizer steps of a set-up Trainer (dtrain.training.step.train_step, as
     training runs them); this rank's row.
 
     Model states are taken in the last step after backward and before the optimizer step (Adam's
@@ -265,10 +265,10 @@ def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
     """
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (Adam's state appears at the first step), got {steps}")
-    backend, accum = trainer.backend, trainer.cfg.training.grad_accum
+    backend = trainer.backend
     watch = _Probe(backend)
     for step in range(steps):
-        batches = [trainer.train_data.take(trainer.plan.indices(step, m, backend.rank)) for m in range(accum)]
+        batches, _ = trainer.step_batches(step)
         step_lib.train_step(backend, batches, watch=watch if step == steps - 1 else None,
                             objective=trainer.objective)
     row = {**watch.row, **process_memory(backend.device)}

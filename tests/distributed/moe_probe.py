@@ -9,7 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: tests.moe_models
 
-from dtrain import config as config_lib, trainer as trainer_lib  # noqa: E402
+from dtrain.config import schema as config_lib  # noqa: E402
+from dtrain.training import trainer as trainer_lib
 from tests.moe_models import FAMILIES  # noqa: E402
 
 RUN = ["data.seq_len=32", "training.max_steps=4", "training.warmup_steps=1", "training.lr=1e-2",
@@ -33,6 +34,6 @@ def main() -> None:
 if __name__ == "__main__":
     trainer_lib.setup_logging(True)
     main()
-    from dtrain.dist import exit_now
+    from dtrain.backends.env import exit_now
 
     exit_now(0)

@@ -10,9 +10,10 @@ import sys
 
 import torch
 
-from dtrain import config as config_lib, trainer as trainer_lib
-from dtrain.lora import is_lora_param
-from dtrain.shapes import logical_numel
+from dtrain.lora.layer import is_lora_param
+from dtrain.model.shapes import logical_numel
+from dtrain.model.sources import load_config
+from dtrain.training import trainer as trainer_lib
 
 
 def storage(backend) -> dict:
@@ -40,7 +41,7 @@ def fsdp_units(model: torch.nn.Module) -> list[str]:
 
 
 def main() -> None:
-    cfg = config_lib.load(sys.argv[1], sys.argv[2:])
+    cfg = load_config(sys.argv[1], sys.argv[2:])
     t = trainer_lib.Trainer(cfg)
     t.setup()
     t._train_step()
@@ -60,6 +61,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from dtrain.dist import exit_now
+    from dtrain.backends.env import exit_now
 
     exit_now(0)  # as `dtrain` does for a rank: no interpreter teardown (it can abort after gloo)

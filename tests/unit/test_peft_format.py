@@ -17,11 +17,15 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtrain import adapter, cli, config as config_lib, dist, lora, merge_cli
+from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
+from dtrain.cli import app as cli
+from dtrain.config import schema as config_lib
 from dtrain.errors import DtrainError
-from dtrain.tokenizer import build_tokenizer
-from dtrain.loss import token_loss
+from dtrain.inference import merge as merge_lib
+from dtrain.lora import layer as lora, peft_format as adapter
+from dtrain.model.tokenizer import build_tokenizer
+from dtrain.training.loss import token_loss
 
 peft = pytest.importorskip("peft")
 
@@ -178,7 +182,7 @@ def test_task_switching_matches_each_merged_model(base_dir, dtrain_adapter, peft
     model = load_base(base_dir)
     for name, (adapter_dir, _) in {"mine": dtrain_adapter, "theirs": peft_adapter}.items():
         adapter.load_adapter(model, adapter_dir, name)
-        merge_cli.merge(base_dir, adapter_dir, tmp_path / name)
+        merge_lib.merge(base_dir, adapter_dir, tmp_path / name)
     torch.testing.assert_close(logits(model), dtrain_adapter[1], atol=ATOL, rtol=0)  # first stays active
     for name in ["theirs", "mine", "theirs"]:
         lora.set_adapter(model, name)
@@ -203,7 +207,7 @@ def test_variant_adapters_round_trip_with_peft(base_dir, tmp_path, variant):
     spec = adapter.load_adapter(mine, out, "back")
     assert getattr(spec, variant) is True
     torch.testing.assert_close(logits(mine), want, atol=ATOL, rtol=0)
-    merge_cli.merge(base_dir, out, tmp_path / "merged")
+    merge_lib.merge(base_dir, out, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     reference = theirs.merge_and_unload()
     for name, p in reference.named_parameters():
@@ -229,11 +233,11 @@ def test_dtrain_loads_a_peft_dora_adapter(base_dir, tmp_path):
 def test_dora_adapter_of_an_8bit_base_merges_into_the_dequantized_weights(base_dir, tmp_path):
     """`dtrain merge --base-bits 8` of a DoRA adapter trained on the int8 base: every adapted weight is
     m / ||deq(W) + s B A||_row * (deq(W) + s B A), what lora.merge computes on the quantized model."""
-    from dtrain import quant
+    from dtrain.model import quant
 
     out = tmp_path / "adapter"
     train_dtrain(base_dir, out, "lora.use_dora=true", "quantization.bits=8", "lora.targets=[q_proj,v_proj]")
-    merge_cli.merge(base_dir, out, tmp_path / "merged", base_bits=8)
+    merge_lib.merge(base_dir, out, tmp_path / "merged", base_bits=8)
     model = load_base(base_dir)
     quant.quantize_model(model, 8)
     adapter.load_adapter(model, out)

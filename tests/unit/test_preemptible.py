@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import checkpoint, config as config_lib, deadline, files, preempt, resume_check, stopping
-from dtrain.errors import ConfigError
-from dtrain.tokenizer import load_tokenizer
+from dtrain.errors import ConfigError, DiskFull
+from dtrain.model.tokenizer import load_tokenizer
+from dtrain.training import checkpoint, deadline, preempt, resume_check, stopping
 from tests.unit.test_checkpoint_files import PLAN, lora_state, make_backend, make_cfg, train_step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ def test_skipped_step_updates_nothing(tmp_path):
 
 
 def test_generation_stops_at_the_next_batch():
-    from dtrain.generate import Generator
+    from dtrain.inference.generate import Generator
 
     g = Generator.__new__(Generator)  # no model needed: stop is asked before the first batch
     with pytest.raises(preempt.Preempted):
@@ -150,7 +150,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["mount", "-o", f"remount,size={used + size // 2}", str(out)], check=True)
         want = lora_state(backend)
         train_step(backend, 1)
-        with pytest.raises(files.DiskFull) as e:
+        with pytest.raises(DiskFull) as e:
             checkpoint.save_training(backend, cfg, out, 2, PLAN)
         need = sum(t.numel() * t.element_size() for t in want.values()) * 3  # adapter + AdamW's two moments
         free = shutil.disk_usage(out).free

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from dtrain import lora, model as model_lib, presets
 from dtrain.errors import ConfigError
+from dtrain.lora import layer as lora, targets as presets
+from dtrain.model import build as model_lib
 
 DECODER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2)
@@ -45,7 +46,7 @@ def test_preset_resolves_to_family_names(model_type, preset):
     prefix, table = EXPECTED[model_type]
     want = sorted(prefix.format(i=i) + s for i in range(2) for s in table[preset])
     assert sorted(presets.expand(model, preset)) == want
-    if model_type != "gpt2":  # GPT-2's Conv1D is not a layer dtrain's LoRA wraps (see dtrain/presets.py)
+    if model_type != "gpt2":  # GPT-2's Conv1D is not a layer dtrain's LoRA wraps (see dtrain/lora/targets.py)
         assert sorted(lora.select_targets(model, presets.expand(model, preset), None)) == want
 
 
@@ -62,12 +63,12 @@ def test_suffixes_and_all_linear_pass_through():
 
 
 def test_estimator_block_names_take_presets():
-    from dtrain.memory.estimate import select_targets
+    from dtrain.memory.estimate import targeted_linears
     from dtrain.memory.model_spec import spec_from_config
 
     spec = spec_from_config({"model_type": "llama", **DECODER}, "tiny")
-    assert sorted(lin.name for lin in select_targets(spec, ("mlp",))) == sorted(LLAMA["mlp"])
-    assert sorted(lin.name for lin in select_targets(spec, ("attention-qv",))) == sorted(LLAMA["attention-qv"])
+    assert sorted(lin.name for lin in targeted_linears(spec, ("mlp",))) == sorted(LLAMA["mlp"])
+    assert sorted(lin.name for lin in targeted_linears(spec, ("attention-qv",))) == sorted(LLAMA["attention-qv"])
 
 
 @pytest.mark.ondemand  # a training run; the presets' targets are resolved in process above

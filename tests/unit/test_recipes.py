@@ -9,9 +9,12 @@ import json
 import pytest
 import torch
 
-from dtrain import config as config_lib, experts, hub, lora, model as model_lib, recipes_table
-from dtrain.config import ModelConfig
+from dtrain.config import schema as config_lib
+from dtrain.config.schema import ModelConfig
+from dtrain.lora import experts, layer as lora
+from dtrain.model import build as model_lib, hub
 from tests.helpers import REPO, run_dtrain
+from tools import recipes_table
 
 RECIPES = {r.path.name: r for r in recipes_table.find_recipes()}
 # Parameter counts of the published checkpoints (embeddings and head counted once when tied).
@@ -55,7 +58,7 @@ def test_recipe_builds_on_meta_and_targets_resolve(name, monkeypatch):
     model = model_lib.build_empty(hf, torch.bfloat16, "meta")
     assert lora.count_parameters(model)[1] == PUBLISHED[recipe.model]
     targets = recipe.get("lora", "targets")
-    names, params = experts.resolve(model, targets, None, None)  # what assembly.prepare adapts
+    names, params = experts.resolve(model, targets, None, None)  # what assembly.assemble adapts
     per_layer = PER_LAYER[targets] if isinstance(targets, str) else len(targets)
     assert len(names) + len(params) == per_layer * hf.num_hidden_layers
     lora.inject(model, names, lora.AdapterSpec(r=recipe.get("lora", "r")))
