@@ -112,7 +112,7 @@ def first_batch(a, msgs: Path, packing: bool, work: Path) -> tuple[Path, int]:
     padding-free batch is one flat sequence with positions restarting per example, how they are
     grouped into rows does not change the maths as long as all of them are in TRL's first batch."""
     from dtrain import config as config_lib, data as data_lib
-    from dtrain.tokenizer import corpus_file, load_tokenizer
+    from dtrain.model.tokenizer import corpus_file, load_tokenizer
 
     cfg = config_lib.load(dtrain_config(a, work), dtrain_overrides(a, msgs, packing, work / "unused", work))
     tok = load_tokenizer(cfg.model.path, corpus_file(cfg.data.path))
