@@ -59,7 +59,7 @@ class LinearModule:
     out_features: int
     count: int
     bias: bool = False
-    fused: bool = False  # one expert of a fused 3-D expert weight (count: layers x experts); never quantized
+    fused: bool = False  # one expert of a fused 3-D expert weight (count: layers x experts)
 
     @property
     def weight_params(self) -> int:
