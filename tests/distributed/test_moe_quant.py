@@ -7,10 +7,10 @@ qwen3_moe and gpt_oss (its experts stored transposed) through tests/distributed/
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
-import json
 
 import pytest
 import torch
@@ -56,28 +56,34 @@ def _losses(out) -> list[float]:
     return [row["loss"] for row in metrics(out) if "loss" in row]
 
 
-def _check_trained_and_sharded(out) -> None:
+def _check_trained_and_sharded(models, out, backend: str) -> None:
+    """Loss down, every expert's B moved; per rank: half the expert int8 bytes and scales, and the
+    frozen bytes the estimator (dtrain/memory/shards.py) predicts for this 8-bit base, exactly."""
+    from dtrain.memory import model_spec, shards
+
     for family in FAMILIES:
+        spec = model_spec.spec_from_config(json.loads((models / family / "config.json").read_text()), family)
+        predicted = shards.frozen_tensors(spec, 8, 4).local_bytes(2, backend)
         losses = _losses(out / family)
         assert len(losses) == runs.STEPS and losses[-1] < losses[0] - 0.05, (family, losses)
         for rank in range(2):
             s = json.loads((out / family / f"storage-rank{rank}.json").read_text())
             assert (s["expert_storage_bytes"], s["expert_scale_bytes"]) == (EXPERT_INT8 // 2, EXPERT_SCALES // 2)
-            assert s["all_trainable_are_lora"]
+            assert s["all_trainable_are_lora"] and s["frozen_bytes"] == predicted
         for key, b in adapter(out / family).items():
             if ".experts." in key and key.endswith("lora_B.weight"):  # every expert's B_e moved
                 assert (b.reshape(b.shape[0], -1, 4).abs().sum(dim=(0, 1)) > 0).all(), key
 
 
-def test_8bit_moe_base_trains_sharded_fsdp2(fsdp_run):
-    _check_trained_and_sharded(fsdp_run)
+def test_8bit_moe_base_trains_sharded_fsdp2(models, fsdp_run):
+    _check_trained_and_sharded(models, fsdp_run, "fsdp")
 
 
 @pytest.mark.ondemand  # a DeepSpeed launch (~60 s on 2 cores); FSDP2's above holds the same storage rule
 def test_8bit_moe_base_trains_sharded_zero3_like_fsdp2(models, fsdp_run, tmp_path):
     runs._needs("zero3")
     _run(models, tmp_path / "zero3", "zero3")
-    _check_trained_and_sharded(tmp_path / "zero3")
+    _check_trained_and_sharded(models, tmp_path / "zero3", "deepspeed")
     for family in FAMILIES:
         assert _losses(tmp_path / "zero3" / family) == pytest.approx(_losses(fsdp_run / family), rel=1e-5)
         ref = adapter(fsdp_run / family)

@@ -110,7 +110,7 @@ def _bytes(model) -> int:
 def test_stored_bytes_are_quantized_and_estimated(models, bits):
     """Expert weights at 1 byte (int8) or 1/2 byte (NF4) a parameter plus fp32 scales (per expert
     row / per 64); the whole 8-/4-bit base's bytes equal the estimator's frozen_bytes exactly."""
-    from dtrain.memory import estimate, model_spec
+    from dtrain.memory import estimate, model_spec, shards
 
     model = _load(models["qwen3_moe"])
     expert_params = sum(p.numel() for p in model.parameters() if p.dim() == 3)
@@ -126,4 +126,5 @@ def test_stored_bytes_are_quantized_and_estimated(models, bits):
         assert (got["int_bytes"], got["scale_bytes"]) == (expert_params // 2, 4 * blocks)
     spec = model_spec.spec_from_config(json.loads((models["qwen3_moe"] / "config.json").read_text()), "tiny")
     assert _bytes(model) == estimate.frozen_bytes(spec, bits, 4)
+    assert _bytes(model) == shards.frozen_tensors(spec, bits, 4).local_bytes(1, "fsdp")  # experts counted once
     assert math.isclose(got["int_bytes"] / expert_params, 1.0 if bits == 8 else 0.5)
