@@ -262,10 +262,23 @@ def select_parameters(model: nn.Module, targets: list[str]) -> list[tuple[str, s
     for t in targets:
         hits = [(m, p) for m, p in have if f"{m}.{p}" == t or f"{m}.{p}".endswith("." + t)]
         if not hits:
-            raise ConfigError(f"lora.target_parameters: {t!r} matches no 3-D parameter; the model has: {listing}")
+            raise ConfigError(_no_match(model, t, listing))
         chosen += [h for h in hits if h not in chosen]
     order = {h: i for i, h in enumerate(have)}
     return sorted(chosen, key=order.__getitem__)
+
+
+def _no_match(model: nn.Module, target: str, listing: str) -> str:
+    """The one line for a target_parameters entry that names no 3-D parameter: a 2-D one (a router's
+    weight) is said to be refused, as dtrain's LoRA on a parameter is per expert only."""
+    other = next(((unwrapped_name(n), p) for n, p in model.named_parameters()
+                  if unwrapped_name(n) == target or unwrapped_name(n).endswith("." + target)), None)
+    if other is None:
+        return f"lora.target_parameters: {target!r} matches no 3-D parameter; the model has: {listing}"
+    shape = list(logical_shape(other[1]))
+    return (f"lora.target_parameters: {target!r} is the {len(shape)}-D parameter {other[0]} {shape}, which dtrain "
+            f"does not adapt (only fused 3-D expert weights: {listing}; a router stays frozen, a linear layer "
+            "goes in lora.targets)")
 
 
 def inject(model: nn.Module, targets: list[tuple[str, str]], spec: lora.AdapterSpec) -> list[ExpertLoRA]:
