@@ -34,7 +34,11 @@ ARCH = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8,
 
 def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
     """One cell, on every rank: build, then time the saves; rank 0 prints one JSON line."""
-    from dtrain import adapter, backends, checkpoint, config, data, dist, lora
+    from dtrain import backends, data
+    from dtrain.backends import env as dist
+    from dtrain.config import schema as config
+    from dtrain.lora import layer as lora, peft_format as adapter
+    from dtrain.training import checkpoint
 
     overrides = [f"model.arch.{k}={v}" for k, v in {**ARCH, "num_hidden_layers": layers}.items()]
     cfg = config.load(REPO / "configs" / "tiny.yaml", [
@@ -93,7 +97,7 @@ def main() -> None:
     a = p.parse_args()
     if a.worker:
         worker(a.layers[0], a.backends[0], a.repeats, a.out)
-        from dtrain.dist import exit_now
+        from dtrain.backends.env import exit_now
 
         exit_now(0)  # a rank leaves without interpreter teardown (gloo can abort there)
     rows = [run_cell(n, b, a.repeats) for b in a.backends for n in a.layers]

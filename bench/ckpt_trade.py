@@ -21,8 +21,7 @@ if __package__ in (None, ""):  # run as `python bench/ckpt_trade.py`: import `be
 
 from bench import common  # noqa: E402
 from bench.loss_memory import build, measure  # noqa: E402
-
-from dtrain import importer  # noqa: E402
+from dtrain.model import importer  # noqa: E402
 
 POLICIES = {
     "none": (),

@@ -28,16 +28,18 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 if __package__ in (None, ""):  # run as `python bench/gpu_check.py`: import `bench` and `dtrain` from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from bench.presets import LLAMA_1B  # noqa: E402
-from bench.presets import LLAMA_TINY as LLAMA_TINY_MHA  # noqa: E402
+from bench.presets import (
+    LLAMA_1B,  # noqa: E402
+    LLAMA_TINY as LLAMA_TINY_MHA,  # noqa: E402
+)
 
 REPO, PY = common.REPO, common.PY
 # bench/run.py's tiny Llama (presets.LLAMA_TINY) with grouped-query attention (2 kv heads), as the 1B shape has

@@ -23,9 +23,11 @@ if __package__ in (None, ""):  # run as `python bench/loss_memory.py`: import `b
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from dtrain import config, dist, importer  # noqa: E402
+from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend  # noqa: E402
+from dtrain.config import schema as config  # noqa: E402
 from dtrain.memory.measure import SavedTensorCounter  # noqa: E402
+from dtrain.model import importer
 
 ARCH_128K = ["model.arch.model_type=llama", "model.arch.vocab_size=128256", "model.arch.hidden_size=512",
              "model.arch.intermediate_size=1376", "model.arch.num_hidden_layers=8",

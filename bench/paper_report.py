@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dtrain import importer
 from dtrain.analysis import report, run
 from dtrain.analysis.weights import BaseWeights
+from dtrain.model import importer
 
 MODEL = "smollm2-135m-instruct"
 # The paper's Table 5 (18M trainable parameters on GPT-3 175B): validation accuracy, %.
@@ -47,7 +47,7 @@ def analyze_runs(work: Path, results: dict) -> dict:
 def a_drift(ad: run.Adapter, init_seed: int) -> float:
     """Mean over modules of ||A - A_0||_F / ||A_0||_F: how far training moved A from dtrain's
     name-seeded init A_0 (lora.init_lora_A), which it recomputes exactly."""
-    from dtrain import lora
+    from dtrain.lora import layer as lora
 
     spec = lora.AdapterSpec(name="default", r=ad.r, alpha=ad.alpha, init_seed=init_seed)
     out = []

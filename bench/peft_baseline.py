@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def host_memory() -> dict:
     """RSS now and its peak (VmHWM), read the way dtrain's own memory snapshot reads them."""
     import torch
+
     from dtrain.memory.measure import process_memory
 
     return process_memory(torch.device("cpu"))
@@ -254,6 +255,6 @@ if __name__ == "__main__":
         code = 1
     # A rank leaves without the interpreter teardown, as dtrain's own ranks do: after the gloo
     # process group, C++ teardown can abort ("terminate called without an active exception").
-    from dtrain.dist import exit_now
+    from dtrain.backends.env import exit_now
 
     exit_now(code)

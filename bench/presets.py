@@ -7,10 +7,10 @@ never by changing a module-level one.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
 
 LLAMA_58M = MappingProxyType({  # the NOTES peer baseline's shape: 58.1M parameters
     "model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 1376,

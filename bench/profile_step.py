@@ -19,8 +19,7 @@ if __package__ in (None, ""):  # run as `python bench/profile_step.py`: import `
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.loss_memory import ARCH_128K, build  # noqa: E402
-
-from dtrain import importer  # noqa: E402
+from dtrain.model import importer  # noqa: E402
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ import importlib.util
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from bench import common
 from bench.presets import LORA, DataFiles, Launch, Preset, Variant
@@ -237,6 +237,6 @@ def unavailable(v: Variant) -> str | None:
     if v.kind == "peft":
         need += ["peft", "accelerate"]
     if v.bits == 8:
-        need.append("bitsandbytes")  # dtrain.quant computes the int8 storage with it
+        need.append("bitsandbytes")  # dtrain.model.quant computes the int8 storage with it
     missing = [m for m in need if importlib.util.find_spec(m) is None]
     return f"not installed: {', '.join(missing)}" if missing else None

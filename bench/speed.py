@@ -22,9 +22,9 @@ import datetime as dt
 import json
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 if __package__ in (None, ""):  # run as `python bench/speed.py`: import `bench` and `dtrain` from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,7 +84,7 @@ class SpeedPreset:
 
 
 def presets() -> dict[str, SpeedPreset]:
-    from dtrain import importer
+    from dtrain.model import importer
 
     return {"smollm2": SpeedPreset("smollm2", None, 49152, model_path=str(importer.resolve("smollm2-135m-instruct"))),
             "llama128k": SpeedPreset("llama128k", LLAMA_128K, 128256)}

@@ -42,15 +42,15 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
 
 
 def _cfg(data: Path, cache: Path, procs: int):
-    from dtrain.config import DataConfig
+    from dtrain.config.schema import DataConfig
 
     return DataConfig(path=str(data), format="messages", seq_len=256, num_proc=procs, cache_dir=str(cache),
                       eval_fraction=0.0)
 
 
 def _tokenizer():
-    from dtrain import importer
-    from dtrain.tokenizer import load_tokenizer
+    from dtrain.model import importer
+    from dtrain.model.tokenizer import load_tokenizer
 
     return load_tokenizer(importer.resolve("smollm2-135m-instruct"), None)
 

@@ -163,7 +163,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    from dtrain import importer
+    from dtrain.model import importer
 
     a.model = str(importer.resolve(a.model)) if importer.is_builtin(a.model) else a.model
     load_start = common.loadavg()

@@ -6,7 +6,7 @@ the base and from an SFT adapter; held-out preference accuracy and exact match b
 
 Preference accuracy: the share of held-out pairs whose chosen completion has the higher summed
 log-probability under the model (the tokenizer's chat template, completion tokens only), computed
-here with transformers + PEFT-format adapters loaded by dtrain.generate, not with dtrain's trainer.
+here with transformers + PEFT-format adapters loaded by dtrain.inference.generate, not with dtrain's trainer.
 Writes OUT/dpo_demo.json (numbers, and seconds + load average per phase) and prints one line per model.
 """
 
@@ -39,7 +39,7 @@ def records(path: Path, n: int | None = None) -> list[dict]:
 
 
 def load(model_dir: Path, adapter: Path | None):
-    from dtrain import generate
+    from dtrain.inference import generate
 
     model, tok = generate.load(model_dir, [str(adapter)] if adapter else [])
     return model.eval(), tok
@@ -48,7 +48,7 @@ def load(model_dir: Path, adapter: Path | None):
 def answers(model, tok, prompts: list[str]) -> list[str]:
     """Greedy answers, all prompts in one left-padded batch (decoding 12 tokens for 100 prompts at
     once costs little more than for 8)."""
-    from dtrain import generate
+    from dtrain.inference import generate
 
     gen = generate.Generator(model, tok)
     return gen.generate(prompts, generate.Sampling(max_new_tokens=MAX_NEW), batch_size=len(prompts))
@@ -156,7 +156,7 @@ def from_sft(sft: Path) -> list[str]:
 
 
 def main(out: Path) -> dict:
-    from dtrain import importer
+    from dtrain.model import importer
 
     torch.set_num_threads(THREADS)
     out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a plain HF directory (imported once into dtrain's cache)."""
-    from dtrain import importer
+    from dtrain.model import importer
 
     return importer.resolve("smollm2-135m-instruct")
 

@@ -52,7 +52,7 @@ def save(model_type: str, directory: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dtrain.tokenizer import build_tokenizer
+    from dtrain.model.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config(model_type), dtype=torch.float32)

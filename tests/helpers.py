@@ -113,7 +113,7 @@ def projection_round_trip_errors(model_dir: Path) -> dict[int, list[float]]:
     dtrain's int8 / NF4 round trip (the weight distribution the quantized-base tests rest on)."""
     from safetensors import safe_open
 
-    from dtrain import quant
+    from dtrain.model import quant
 
     errors: dict[int, list[float]] = {8: [], 4: []}
     with safe_open(str(model_dir / "model.safetensors"), "pt") as f:

@@ -28,7 +28,7 @@ def save_family(family: str, out: Path) -> Path:
     written by save_pretrained, plus dtrain's built-in tokenizer; returns its directory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dtrain.tokenizer import build_tokenizer
+    from dtrain.model.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **COMMON, **FAMILIES[family]))

@@ -41,8 +41,8 @@ class Adapter:
 
 
 def load_adapter(path: str | Path, label: str) -> Adapter:
-    """A dtrain or PEFT LoRA adapter directory, read with dtrain.adapter (checksums, shapes, rank)."""
-    from dtrain import adapter as adapter_lib
+    """A dtrain or PEFT LoRA adapter directory, read with dtrain.lora.peft_format (checksums, shapes, rank)."""
+    from dtrain.lora import peft_format as adapter_lib
 
     config, tensors = adapter_lib.read_adapter(path)
     spec = adapter_lib.adapter_spec_from_peft(config, label, path)

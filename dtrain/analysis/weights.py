@@ -1,13 +1,12 @@
 """The frozen base's weights, read one tensor at a time from its safetensors file(s): no model is
 built and at most one weight is in memory. With `bits` (8 or 4), each weight dtrain would have
 quantized (every linear layer but the output head) comes back as deq(q(W)), the weight an adapter
-trained on that quantized base saw (dtrain/quant.py round_trip)."""
+trained on that quantized base saw (dtrain/model/quant.py round_trip)."""
 
 from __future__ import annotations
 
-import re
-
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -66,9 +65,9 @@ class BaseWeights:
         if expert and w.dim() == 3:
             w = w[int(expert[2])]
         if self.bits:
-            from dtrain import quant
+            from dtrain.model import layers, quant
 
-            if self.quantized_head or not quant.default_skip(module):
+            if self.quantized_head or not layers.is_head_name(module):
                 w = quant.round_trip(w, self.bits)
         return w
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from dtrain.backends.base import Backend
-from dtrain.config import Config
-from dtrain.dist import DistEnv
+from dtrain.backends.env import DistEnv
+from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
 
 

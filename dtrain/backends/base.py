@@ -8,7 +8,7 @@
 * collectives: `all_reduce_sum`, `barrier`, `close` (backends/collectives.py for process groups).
 
 What the memory profiler reads (local storage by name) is backends/memory_view.py's; model
-assembly is dtrain/assembly.py's. Subclasses fill in the `_`-prefixed steps.
+assembly is dtrain/training/assembly.py's. Subclasses fill in the `_`-prefixed steps.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import logps as logps_lib, loss as loss_lib, model as model_lib, optim, reference, step_opts
+from dtrain.backends.env import DistEnv
 from dtrain.backends.memory_view import TorchMemoryView
-from dtrain.config import Config
-from dtrain.dist import DistEnv
+from dtrain.config.schema import Config
+from dtrain.model import build as model_lib, layers
+from dtrain.training import logps as logps_lib, loss as loss_lib, optim, reference
 
 
 class Backend(TorchMemoryView, ABC):
@@ -82,9 +83,9 @@ class Backend(TorchMemoryView, ABC):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed next-token loss, labelled tokens) of a micro-batch. With the chunked loss
-        installed in the head (dtrain/loss.py) the model's forward returns that sum itself and no
+        installed in the head (dtrain/training/loss.py) the model's forward returns that sum itself and no
         logits of the whole micro-batch ever exist; otherwise it is computed from the logits."""
-        head = step_opts.output_head(self.model)
+        head = layers.output_head(self.model)
         if not loss_lib.installed(head):
             return loss_lib.token_loss(self.forward(batch), batch["labels"])
         shifted = loss_lib.shift(batch["labels"]).to(self.device)
@@ -95,7 +96,7 @@ class Backend(TorchMemoryView, ABC):
     def row_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log p of each row's labelled tokens [rows], labelled tokens per row [rows]),
         chunked in the head when the chunked loss is installed (no logits of the micro-batch)."""
-        head = step_opts.output_head(self.model)
+        head = layers.output_head(self.model)
         shifted = loss_lib.shift(batch["labels"]).to(self.device)
         if loss_lib.installed(head):
             with loss_lib.labels(head, shifted, per_token=True):

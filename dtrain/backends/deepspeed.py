@@ -62,14 +62,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import assembly, faults, model as model_lib, optim
-from dtrain.backends import collectives, ds_config, heap, zero3_state
+from dtrain import faults
+from dtrain.backends import collectives, ds_config, env as dist_env, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
-from dtrain.config import Config
-from dtrain import dist as dist_env
-from dtrain.dist import DistEnv
-from dtrain.shapes import logical_numel
+from dtrain.backends.env import DistEnv
+from dtrain.config.schema import Config
+from dtrain.model import build as model_lib
+from dtrain.model.shapes import logical_numel
+from dtrain.training import assembly, optim
 
 GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
 TRIM_EVERY_BYTES = 64 * 2**20  # _fill hands freed heap back to the OS after this much gathered (see heap.py)

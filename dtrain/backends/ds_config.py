@@ -20,9 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-from dtrain.zero3_sizing import ModelSize, gather_limits  # noqa: F401  (ds_config.ModelSize: the backend's name for it)
-from dtrain.config import Config
+from dtrain.backends.zero3_sizing import ModelSize, gather_limits  # noqa: F401  (ds_config.ModelSize: the backend's name for it)
+from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
 
 # Tuning defaults for the ZeRO-3 partitioning (a user JSON may override any of them).

@@ -15,10 +15,12 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from dtrain import assembly, dist as dist_env, faults, layers, model as model_lib
+from dtrain import faults
+from dtrain.backends import collectives, env as dist_env
 from dtrain.backends.base import Backend
-from dtrain.backends import collectives
 from dtrain.backends.collectives import ProcessGroupCollectives
+from dtrain.model import build as model_lib, layers
+from dtrain.training import assembly
 
 
 class FSDPBackend(ProcessGroupCollectives, Backend):

@@ -28,10 +28,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtrain import model as model_lib
+from dtrain.backends.env import DistEnv
 from dtrain.backends.fsdp import FSDPBackend
-from dtrain.config import Config
-from dtrain.dist import DistEnv
+from dtrain.config.schema import Config
+from dtrain.model import build as model_lib
 
 
 class SimulatedFSDP(FSDPBackend):

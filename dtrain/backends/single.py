@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dtrain import assembly, model as model_lib
 from dtrain.backends.base import Backend
+from dtrain.model import build as model_lib
+from dtrain.training import assembly
 
 
 class SingleBackend(Backend):

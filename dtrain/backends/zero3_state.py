@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dtrain.optim import hyper as _hyper, set_hyper as _set_hyper
+from dtrain.training.optim import hyper as _hyper, set_hyper as _set_hyper
 
 KEYS = ("exp_avg", "exp_avg_sq")
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")

@@ -10,8 +10,8 @@ pure function of (seed, step, rank), so a resumed run sees exactly the batches t
 """
 
 from dtrain.data.encode import Encoded, encode
-from dtrain.data.plan import BatchPlan, check_plan, total_steps
 from dtrain.data.pipeline import Prepared, prepare, to_rows, tokenize
+from dtrain.data.plan import BatchPlan, check_plan, total_steps
 from dtrain.data.ragged import Ragged
 from dtrain.data.records import BUILDERS, load_records
 from dtrain.data.rows import IGNORE, Examples, pack_rows, pad_rows

@@ -6,7 +6,7 @@ truncation or padding of its own (else the per-call path is taken)."""
 
 from __future__ import annotations
 
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import chat
 from dtrain.data.records import record_problem
 

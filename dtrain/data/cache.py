@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from dtrain import files
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import chat, locate, parallel, records, shards
 from dtrain.data.encode import Encoded
 from dtrain.data.ragged import Ragged
+from dtrain.storage import files
 
 log = logging.getLogger("dtrain.data")
 VERSION = "dtrain-tokens-1"

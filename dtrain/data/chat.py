@@ -11,10 +11,10 @@ Tokens overlapping a span are labelled, as transformers does for `{% generation 
 
 from __future__ import annotations
 
-from dtrain import templates
+from dtrain.config.schema import DataConfig
 from dtrain.data import skeleton
-from dtrain.config import DataConfig
 from dtrain.errors import ConfigError
+from dtrain.model import templates
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_TURN_KEYS = {"messages": ["role", "content"], "sharegpt": ["from", "value"]}

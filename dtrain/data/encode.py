@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import chat, locate, preference
 from dtrain.data.batched import BatchEncoder
 from dtrain.data.ragged import Ragged, RaggedBuilder

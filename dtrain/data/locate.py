@@ -10,8 +10,8 @@ import glob
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtrain import hub
 from dtrain.errors import ConfigError
+from dtrain.model import hub
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes

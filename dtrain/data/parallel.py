@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import records as records_lib
 from dtrain.data.encode import PROGRESS_MIN, encode, encode_part, report, template_for
 from dtrain.data.shards import Shard, write_shard

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import cache, sources as sources_lib
 from dtrain.data.encode import Encoded, describe, encode
 from dtrain.data.ragged import Ragged
-from dtrain.data.records import load_records
 from dtrain.data.rows import Examples, PairRows, pack_rows, pad_rows, pair_rows, split_indices
 
 log = logging.getLogger("dtrain.data")

@@ -21,7 +21,7 @@ data.seq_len is dropped (`too_long`), fails (`error`) or loses more of its promp
 
 from __future__ import annotations
 
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import chat
 from dtrain.data.rows import IGNORE
 from dtrain.errors import ConfigError

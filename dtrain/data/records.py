@@ -7,7 +7,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data.locate import BUILDERS, Located, locate
 from dtrain.errors import ConfigError
 
@@ -46,7 +46,7 @@ def hub_snapshot(repo: str) -> Path:
     """A Hub dataset's snapshot in the HF cache, downloaded (whole) by rank 0 alone: `datasets` then
     reads it as a local folder (configs and splits from its README and file names), so an offline
     run needs nothing but that cache."""
-    from dtrain import hub
+    from dtrain.model import hub
 
     return hub.resolve(repo, "data.path", download=hub.is_main_process(), repo_type="dataset")
 

@@ -7,8 +7,8 @@ import typing
 
 import torch
 
-from dtrain import config_types
-from dtrain.config import DataConfig
+from dtrain.config import types as config_types
+from dtrain.config.schema import DataConfig
 
 
 def sources(cfg: DataConfig) -> list[tuple[DataConfig, float]]:

@@ -13,9 +13,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from dtrain import outdir
 from dtrain.errors import ConfigError
 from dtrain.loggers.base import MetricLogger, MultiLogger, scalars
+from dtrain.storage import outdir
 
 # backend -> (module it imports, pip package that provides it)
 REQUIRES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dtrain import layers
+from dtrain.model import layers
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the
 # first substring of the device name that matches wins.

@@ -1,7 +1,7 @@
 """TensorBoard event files in <output.dir>/tensorboard (scalars; TensorBoard stores float32).
 
 A resumed run passes `purge_step` (the first step it writes again): TensorBoard then drops the
-earlier run's events from that step on, as dtrain.checkpoint.trim_metrics does for metrics.jsonl."""
+earlier run's events from that step on, as dtrain.training.checkpoint.trim_metrics does for metrics.jsonl."""
 
 from __future__ import annotations
 

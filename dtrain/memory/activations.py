@@ -3,7 +3,7 @@
 Saved for backward: each decoder layer's tensors (full fine-tuning: Korthikanti et al. 2022,
 generalised to GQA and gated MLPs; LoRA: only what a frozen layer still needs, ``lora_layer_bytes``),
 fewer with a checkpointing policy, and the loss's: the fp32 log-softmax of the whole
-micro-batch's logits (``b*s*V*4``), or, with the chunked loss (dtrain/loss.py, on by default for
+micro-batch's logits (``b*s*V*4``), or, with the chunked loss (dtrain/training/loss.py, on by default for
 LoRA), only the gradient with respect to the hidden states (``b*s*h`` in the compute dtype).
 Transient at the loss (``loss_transient_bytes``): the logits the loss is computed from, for the
 whole micro-batch or one chunk of ``loss_chunk`` tokens, in the compute dtype plus their fp32 copy.
@@ -136,7 +136,7 @@ def loss_transient_bytes(spec: ModelSpec, plan: Any, chunked: bool) -> float:
 
 
 # training.loss_chunk_tokens = 0 sizes the chunk from the vocabulary: one chunk's fp32 logits
-# within this budget (dtrain.loss.auto_chunk, where the chunked loss defines it; restated here so
+# within this budget (dtrain.training.loss.auto_chunk, where the chunked loss defines it; restated here so
 # that the estimator imports no torch)
 LOSS_CHUNK_BUDGET = 256 * 2**20
 

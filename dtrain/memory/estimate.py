@@ -36,9 +36,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from dtrain import presets
-from dtrain.config import TrainingConfig
+from dtrain.config.schema import TrainingConfig
 from dtrain.errors import ConfigError
+from dtrain.lora import targets as presets
 from dtrain.memory import shards
 from dtrain.memory.activations import (  # noqa: F401  (estimate.layer_activation_bytes for its users)
     activation_bytes,
@@ -245,11 +245,11 @@ def parse_targets(text: str) -> tuple[str, ...]:
 
 def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearModule, ...]:
     """Block linears matched by ``targets`` (suffixes, ``all-linear``: every block linear, or a
-    preset of dtrain.presets: attention-qv, attention, mlp, resolved from the linears' names)."""
+    preset of dtrain.lora.targets: attention-qv, attention, mlp, resolved from the linears' names)."""
     dense = tuple(lin for lin in spec.linears if not lin.fused)
     if ALL_LINEAR in targets:
         return dense
-    if len(targets) == 1 and targets[0] in ("experts", "all"):  # dtrain.experts' presets
+    if len(targets) == 1 and targets[0] in ("experts", "all"):  # dtrain.lora.experts' presets
         return moe_targets(spec, targets[0])
     if len(targets) == 1 and presets.is_preset(targets[0]):
         chosen = set(presets.resolve_names([lin.name for lin in spec.linears], targets[0]))
@@ -272,7 +272,7 @@ def quantized_weight_bytes(lin: LinearModule, bits: int, param_bytes: int) -> in
 
     8: int8 + one fp32 scale per output row; 4: packed NF4 (two per byte) + one fp32 absmax
     per ``NF4_BLOCK`` weights; 16: the parameter dtype. A fused expert weight counts per expert, as
-    dtrain/expert_quant.py stores it (each expert quantized on its own [out, in]).
+    dtrain/model/expert_quant.py stores it (each expert quantized on its own [out, in]).
     """
     n = lin.weight_params
     if bits == 8:
@@ -338,7 +338,7 @@ def ds_live_params(spec: ModelSpec, plan: Plan) -> int:
     `stage3_max_live_parameters` (one rank's share of the model; 0 on one rank or with FSDP)."""
     if plan.backend != "deepspeed":
         return 0
-    from dtrain.zero3_sizing import ModelSize, gather_limits
+    from dtrain.backends.zero3_sizing import ModelSize, gather_limits
 
     limits = gather_limits(ModelSize(hidden=spec.hidden_size, params=spec.total_params), plan.world_size)
     return limits["stage3_max_live_parameters"]

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dtrain import step as step_lib
 from dtrain.memory.process import process_memory
+from dtrain.training import step as step_lib
 
 if TYPE_CHECKING:
     from dtrain.backends.base import Backend
-    from dtrain.trainer import Trainer  # the type only: measure_cli runs the trainer
+    from dtrain.training.trainer import Trainer  # the type only: measure_cli runs the trainer
 
 MODEL_STATES = ("frozen_weights", "trainable_params", "gradients", "optimizer_state")
 CATEGORIES = (*MODEL_STATES, "activations")
@@ -256,7 +256,7 @@ class Measured:
 
 
 def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
-    """Run `steps` (>= 2) optimizer steps of a set-up Trainer (dtrain.step.train_step, as
+    """Run `steps` (>= 2) optimizer steps of a set-up Trainer (dtrain.training.step.train_step, as
     training runs them); this rank's row.
 
     Model states are taken in the last step after backward and before the optimizer step (Adam's

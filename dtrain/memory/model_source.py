@@ -10,6 +10,7 @@ from typing import Any
 from dtrain.errors import ConfigError
 from dtrain.memory.model_spec import PRESETS
 
+
 def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
     """(name, HF config dict) for --model: a preset, a YAML config, a directory or a JSON file."""
     if arg in PRESETS:
@@ -26,7 +27,7 @@ def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
     shipped = shipped_model(arg)
     if shipped is not None and not path.exists():
         return shipped.name, read_config_json(shipped)
-    from dtrain import hub
+    from dtrain.model import hub
 
     if hub.is_hub_id(arg) and not path.suffix:  # a Hub model: its config.json alone is fetched
         snapshot = hub.resolve(arg, "estimate: --model", patterns=["config.json"])
@@ -71,10 +72,10 @@ def load_yaml_model_config(path: Path) -> dict[str, Any]:
     config with ``model_type``) or ``model.path`` (a directory with config.json; relative to
     the working directory, else to the YAML's directory).
 
-    The file is read by dtrain.config's YAML reader, but not validated as a whole config: an
+    The file is read by dtrain.config.schema's YAML reader, but not validated as a whole config: an
     estimate needs only the model, not the data files a training run would.
     """
-    from dtrain.config import read_yaml
+    from dtrain.config.schema import read_yaml
 
     data = read_yaml(path)
     model = data.get("model") if isinstance(data, dict) else None

@@ -9,8 +9,9 @@ knows by name. The byte arithmetic on a spec is in ``dtrain.memory.estimate``.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from dtrain.errors import ConfigError
 
@@ -155,7 +156,7 @@ def _meta_build(cfg: Mapping[str, Any]) -> tuple[Any, nn.Module]:
     import torch
     from transformers import AutoConfig
 
-    from dtrain import model as model_lib
+    from dtrain.model import build as model_lib
 
     kwargs = {k: v for k, v in cfg.items() if k not in _IGNORED_KEYS}
     hf_cfg = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
@@ -201,7 +202,7 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
 
 def _decoder_blocks(model: nn.Module, num_layers: int) -> list[nn.Module]:
     """The model's decoder blocks (layers.decoder_blocks), which must be the config's num_layers."""
-    from dtrain import layers
+    from dtrain.model import layers
 
     blocks = layers.decoder_blocks(model)
     if len(blocks) != num_layers:
@@ -262,7 +263,7 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
 
     emb = {id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
            for p in m.parameters(recurse=False)}
-    from dtrain import layers
+    from dtrain.model import layers
 
     head = layers.output_head(model)
     head_own = {id(p): p.numel() for p in head.parameters()} if head is not None else {}
@@ -327,7 +328,7 @@ def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> M
 
 def moe_targets(spec: ModelSpec, preset: str) -> tuple[LinearModule, ...]:
     """The linears of lora.targets `experts` (the fused experts, else linears under `.experts.`)
-    or `all` (those and every other block linear but the router), as dtrain.experts.resolve."""
+    or `all` (those and every other block linear but the router), as dtrain.lora.experts.resolve."""
     dense = tuple(lin for lin in spec.linears if not lin.fused)
     chosen = tuple(lin for lin in spec.linears if lin.fused) or tuple(lin for lin in dense if ".experts." in lin.name)
     if not chosen and preset == "experts":

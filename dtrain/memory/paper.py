@@ -7,7 +7,6 @@ docs/memory_estimate.md.
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 from dtrain.memory.estimate import Plan, estimate

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dtrain.config import Config
+from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
 from dtrain.memory.estimate import Plan
 
@@ -42,7 +42,7 @@ class ConfigPlan:
 def typed(raw: dict, source: str) -> Config:
     """The YAML's values type-checked by the schema (unknown keys, wrong types and ranges are the
     usual one-line errors) without the cross-field checks that need files on disk."""
-    from dtrain import config as config_lib
+    from dtrain.config import schema as config_lib
 
     raw = copy.deepcopy(raw)
     (raw.get("model") or {}).pop("path", None)  # the architecture is resolved by the caller
@@ -52,7 +52,7 @@ def typed(raw: dict, source: str) -> Config:
 def resolved_config(path: Path) -> Config:
     """A YAML config typed by the schema, its model as an inline architecture (``model.arch``:
     the shipped config.json of a recipe's ``model.path``), for the fake-group simulation."""
-    from dtrain.config import read_yaml
+    from dtrain.config.schema import read_yaml
     from dtrain.memory.model_source import load_yaml_model_config
 
     cfg = typed(read_yaml(path), str(path))
@@ -82,7 +82,7 @@ def plan_from_config(cfg: Config, gpus: int = 1, nodes: int = 1) -> Plan:
 def read_plan(path: Path, overrides: dict[str, Any]) -> ConfigPlan:
     """The plan of a YAML config, ``overrides`` (Plan fields from flags) applied last; the
     values taken from defaults (neither in the YAML nor overridden) are listed as assumed."""
-    from dtrain.config import read_yaml
+    from dtrain.config.schema import read_yaml
 
     raw = read_yaml(path)
     values = plan_fields(typed(raw, str(path)))

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtrain.config import Config
+from dtrain.config.schema import Config
 from dtrain.errors import DtrainError
 from dtrain.memory.measure import CATEGORIES, MODEL_STATES, Measured
 

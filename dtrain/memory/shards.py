@@ -55,7 +55,7 @@ def local_numel(shape: tuple[int, ...], world: int, backend: str) -> int:
 
 
 def linear_storage(lin: LinearModule, bits: int, param_bytes: int) -> list[tuple[tuple[int, ...], int]]:
-    """(shape, bytes per element) of one block linear's frozen tensors, as dtrain.quant stores them:
+    """(shape, bytes per element) of one block linear's frozen tensors, as dtrain.model.quant stores them:
     16: the weight in the parameter dtype; 8: int8 [out, in] + fp32 scale [out]; 4: NF4 uint8
     [ceil(out*in/2), 1] + fp32 absmax [ceil(out*in/64)]; the bias in the parameter dtype."""
     n = lin.weight_params

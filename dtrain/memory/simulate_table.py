@@ -28,8 +28,8 @@ MIB = 2**20
 
 def config_for(model: str):
     """The recipe's config with ``model`` (a name under configs/models) as its architecture."""
-    from dtrain.memory.plan_config import resolved_config
     from dtrain.memory.model_source import read_config_json
+    from dtrain.memory.plan_config import resolved_config
 
     cfg = resolved_config(RECIPE)
     cfg.model.arch = {k: v for k, v in read_config_json(ROOT / "configs" / "models" / model).items()

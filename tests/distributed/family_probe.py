@@ -12,7 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from dtrain import config as config_lib, lora, trainer as trainer_lib
+from dtrain.config import schema as config_lib
+from dtrain.lora import layer as lora
+from dtrain.training import trainer as trainer_lib
 from tests.distributed.probe_backend import storage
 from tests.helpers import TINY
 
@@ -61,6 +63,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from dtrain.dist import exit_now
+    from dtrain.backends.env import exit_now
 
     exit_now(0)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: tests.moe_models
 
-from dtrain import config as config_lib, trainer as trainer_lib  # noqa: E402
+from dtrain.config import schema as config_lib  # noqa: E402
+from dtrain.training import trainer as trainer_lib  # noqa: E402
 from tests.distributed.probe_backend import storage  # noqa: E402
 from tests.moe_models import FAMILIES  # noqa: E402
 
@@ -41,6 +42,6 @@ def main() -> None:
 if __name__ == "__main__":
     trainer_lib.setup_logging(True)
     main()
-    from dtrain.dist import exit_now
+    from dtrain.backends.env import exit_now
 
     exit_now(0)

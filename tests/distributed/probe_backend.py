@@ -10,9 +10,10 @@ import sys
 
 import torch
 
-from dtrain import config as config_lib, trainer as trainer_lib
-from dtrain.lora import is_lora_param
-from dtrain.shapes import logical_numel
+from dtrain.config import schema as config_lib
+from dtrain.lora.layer import is_lora_param
+from dtrain.model.shapes import logical_numel
+from dtrain.training import trainer as trainer_lib
 
 
 def storage(backend) -> dict:
@@ -63,6 +64,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from dtrain.dist import exit_now
+    from dtrain.backends.env import exit_now
 
     exit_now(0)  # as `dtrain` does for a rank: no interpreter teardown (it can abort after gloo)

@@ -10,7 +10,9 @@ import os
 import sys
 import time
 
-from dtrain import backends, config as config_lib, dist
+from dtrain import backends
+from dtrain.backends import env as dist
+from dtrain.config import schema as config_lib
 
 
 def main() -> None:

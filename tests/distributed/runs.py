@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import checkpoint
+from dtrain.training import checkpoint
 from tests.helpers import FAST, REPO, TINY, adapter, env_for_tests, launch_cmd, metrics
 
 STEPS = 6

@@ -17,10 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from dtrain import checkpoint
-from dtrain.trainer import PREEMPT_EXIT
-from tests.distributed.runs import (STEPS, _needs, assert_same_run, finish, kill_after, kill_step, run, start,
-                                    wait_for_checkpoint, workers)
+from dtrain.training import checkpoint
+from dtrain.training.trainer import PREEMPT_EXIT
+from tests.distributed.runs import (
+    STEPS,
+    _needs,
+    assert_same_run,
+    finish,
+    kill_after,
+    kill_step,
+    run,
+    start,
+    wait_for_checkpoint,
+    workers,
+)
 
 
 @pytest.fixture(scope="module")

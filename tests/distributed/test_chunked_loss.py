@@ -1,6 +1,6 @@
 """The chunked loss on 2 ranks (FSDP2 and ZeRO-3, tied and untied head) trains exactly like the
 unchunked single-process run: the head's forward, where the chunked loss runs, is where each
-backend has the head's weight whole (dtrain/loss.py)."""
+backend has the head's weight whole (dtrain/training/loss.py)."""
 
 from __future__ import annotations
 

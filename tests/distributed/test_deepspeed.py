@@ -120,8 +120,8 @@ def test_a_failure_on_one_rank_ends_the_job_with_its_error(tmp_path):
     """Rank 0 alone reads the base weights; a tensor missing from the checkpoint fails rank 0 while
     rank 1 waits in the next module's gather: the job must end quickly, non-zero, with rank 0's
     one-line error, not hang in the collective."""
-    from transformers import AutoConfig, AutoModelForCausalLM
     import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     arch = dict(yaml.safe_load(TINY.read_text())["model"]["arch"])
     model_dir = tmp_path / "model"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import checkpoint
+from dtrain.training import checkpoint
 from tests.distributed.runs import _needs, wait_for_checkpoint
 from tests.helpers import REPO, TINY, adapter, env_for_tests, launch_cmd, metrics
 

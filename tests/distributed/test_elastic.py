@@ -17,8 +17,16 @@ import signal
 
 import pytest
 
-from tests.distributed.runs import (_needs, assert_same_run, command, finish, kill_step, run, wait_for_checkpoint,
-                                    workers)
+from tests.distributed.runs import (
+    _needs,
+    assert_same_run,
+    command,
+    finish,
+    kill_step,
+    run,
+    wait_for_checkpoint,
+    workers,
+)
 from tests.helpers import REPO, env_for_tests
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests import families
-from tests.helpers import REPO, adapter, env_for_tests, launch_cmd, losses, PY
+from tests.helpers import PY, REPO, adapter, env_for_tests, launch_cmd, losses
 
 # DTRAIN_FAMILIES=gpt2,gemma narrows the matrix while working on a family (the suite runs all).
 FAMILIES = [f for f in os.environ.get("DTRAIN_FAMILIES", "").split(",") if f] or list(families.FAMILIES)
@@ -116,7 +116,7 @@ def _model_size(models, family: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_parameter_count(runs, models, family: str) -> None:
-    from dtrain.memory.estimate_cli import read_config_json
+    from dtrain.cli.estimate import read_config_json
     from dtrain.memory.model_spec import spec_from_config
 
     count, nbytes = _model_size(models, family)
@@ -139,7 +139,7 @@ def test_family_frozen_bytes_halved(request, runs, models, kind: str, family: st
 def test_family_adapter_loads_in_peft_and_equals_merge(runs, models, family: str, tmp_path) -> None:
     from peft import PeftModel
 
-    from dtrain import merge_cli
+    from dtrain.cli import merge as merge_cli
 
     run = runs["single"] / family
     merged = merge_cli.merge(models / family, run / "adapter", tmp_path / "merged")

@@ -104,7 +104,8 @@ def test_peft_logits_equal_merge_and_dtrain(moe_models, moe_runs, family, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dtrain import adapter as adapter_lib, merge_cli
+    from dtrain.cli import merge as merge_cli
+    from dtrain.lora import peft_format as adapter_lib
 
     ad_dir, base_dir = moe_runs / "single" / family / "adapter", moe_models / family
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,4 @@
-"""An 8-bit mixture-of-experts base (attention and fused expert weights int8, dtrain/expert_quant.py)
+"""An 8-bit mixture-of-experts base (attention and fused expert weights int8, dtrain/model/expert_quant.py)
 trained with expert LoRA on 2 gloo ranks: FSDP2 (default suite) and ZeRO-3 (on request) each hold
 half of the expert int8 bytes per rank, train (the loss goes down, every expert's B moves) and agree
 with each other to 1e-5; a real FSDP2 run SIGKILLed after a random checkpoint resumes to the

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from safetensors.torch import load_file
 
-from dtrain import checkpoint
+from dtrain.training import checkpoint
 from tests.helpers import metrics, train
 
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from dtrain.config import Config
+from dtrain.config.schema import Config
 from tests.helpers import PY, REPO, TINY, env_for_tests, free_port
 
 TIMEOUT_S, AWAY_S = 3, 12

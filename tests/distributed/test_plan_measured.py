@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.files import cache_home
+from dtrain.storage.files import cache_home
 from tests.helpers import REPO, TINY, run_dtrain
 
 ACTIVATIONS = 0.05

@@ -63,9 +63,10 @@ def eval_loss(model_dir, run_dir, examples: int) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dtrain import config as config_lib, data as data_lib
-    from dtrain.tokenizer import load_tokenizer
-    from dtrain.loss import token_loss
+    from dtrain import data as data_lib
+    from dtrain.config import schema as config_lib
+    from dtrain.model.tokenizer import load_tokenizer
+    from dtrain.training.loss import token_loss
 
     cfg = config_lib.load(run_dir / "config.yaml")
     tok = load_tokenizer(run_dir / "tokenizer", cfg.data.path)
@@ -84,7 +85,7 @@ def test_adapter_trained_on_8bit_base_merges_into_the_full_precision_base(tmp_pa
     adapter merged into the full-precision base (a plain HF model): within 1% — the merged model
     differs from what training saw only by the 8-bit rounding of W0 (<= absmax/254 per weight) —
     and clearly below the base's own loss. `--base-bits 8` (dequantize, merge, bf16) within 1% too."""
-    from dtrain.merge_cli import merge
+    from dtrain.cli.merge import merge
 
     base, run = tmp_path / "base", tmp_path / "run"
     save_tiny_base(base)

@@ -26,7 +26,7 @@ import signal
 
 import pytest
 
-from dtrain import checkpoint
+from dtrain.training import checkpoint
 from tests.distributed.runs import STEPS, finish, start, wait_for_checkpoint, workers
 from tests.helpers import assert_same_losses_and_adapter, metrics
 

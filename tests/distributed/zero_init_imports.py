@@ -11,8 +11,9 @@ import sys
 
 from deepspeed.runtime.zero import partition_parameters as zero_pp
 
-from dtrain import config as config_lib, dist
+from dtrain.backends import env as dist
 from dtrain.backends.deepspeed import DeepSpeedBackend
+from dtrain.config import schema as config_lib
 
 inside: list[str] = []
 enter, leave = zero_pp.InsertPostInitMethodToModuleSubClasses.__enter__, zero_pp.InsertPostInitMethodToModuleSubClasses.__exit__

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers import REPO, metrics, run_dtrain, train
+from tests.helpers import REPO, metrics, train
 
 MESSAGES = REPO / "dtrain" / "assets" / "tiny_messages.jsonl"
 

@@ -28,8 +28,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from dtrain import config, data, lora, loss as loss_lib
-from dtrain.tokenizer import build_tokenizer
+from dtrain import data
+from dtrain.config import schema as config
+from dtrain.lora import layer as lora
+from dtrain.model.tokenizer import build_tokenizer
+from dtrain.training import loss as loss_lib
 from tests.helpers import FAST, PY, REPO, TINY, env_for_tests, launch_cmd, metrics
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"
@@ -46,7 +49,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 FORK_RUNNER = r"""
 import json, os, runpy, sys, traceback
-import datasets, dtrain.cli, dtrain.config, dtrain.data, dtrain.trainer  # what `dtrain train` imports
+import datasets, dtrain.cli.app, dtrain.config.schema, dtrain.data, dtrain.training.trainer  # what `dtrain train` imports
 cases, outdir = json.load(open(sys.argv[1])), sys.argv[2]
 results = {}
 for name, argv in cases.items():

@@ -72,7 +72,7 @@ def test_dpo_error_is_one_line(results, name):
 ])
 def test_dpo_config_errors(overrides, message):
     """Cross-field checks, before any heavy import (the CLI prints them as one line, exit 2)."""
-    from dtrain import config as config_lib
+    from dtrain.config import schema as config_lib
     from dtrain.errors import ConfigError
 
     base = [*FAST, "objective=dpo", "data.format=preference", f"data.path={PAIRS}", "output.dir=/tmp/x"]

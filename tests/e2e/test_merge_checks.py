@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrain import files
+from dtrain.storage import files
 from tests.e2e.user_errors import assert_one_line, make_adapter, make_base
 from tests.helpers import run_dtrain
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, metrics, run_dtrain, train
 from tests.e2e.user_errors import assert_one_line, make_adapter, make_base, snapshot
+from tests.helpers import TINY, metrics, run_dtrain, train
 
 
 def _earlier_run(out: Path) -> dict[str, bytes]:

@@ -13,16 +13,13 @@ Also: a resume with rsLoRA, DoRA, other targets and another chat template is ref
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from dtrain import checkpoint
-from dtrain.trainer import PREEMPT_EXIT
+from dtrain.training import checkpoint
+from dtrain.training.trainer import PREEMPT_EXIT
 from tests.distributed.runs import assert_same_adapter
 from tests.helpers import FAST, REPO, TINY, env_for_tests, launch_cmd, metrics, train
 

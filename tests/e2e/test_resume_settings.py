@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from dtrain import checkpoint
+from dtrain.training import checkpoint
 from tests.helpers import run_dtrain, train
 
 STEPS = 2

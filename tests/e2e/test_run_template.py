@@ -15,9 +15,12 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dtrain import config as config_lib, generate, importer, merge_cli, templates
+from dtrain.cli import merge as merge_cli
+from dtrain.config import schema as config_lib
 from dtrain.errors import ConfigError
-from dtrain.tokenizer import build_tokenizer
+from dtrain.inference import generate
+from dtrain.model import importer, templates
+from dtrain.model.tokenizer import build_tokenizer
 from tests.helpers import REPO, TINY, run_dtrain
 
 DATES = REPO / "dtrain" / "assets" / "dates_train.jsonl"
@@ -102,7 +105,7 @@ def test_chat_template_override_and_what_a_model_without_one_says(run, tmp_path,
     assert model.generation_config.eos_token_id == [tok.eos_token_id, eot]  # the run's stop tokens stay
     _, plain = generate.load(model_dir)  # no adapter: the model's own (none)
     assert plain.chat_template is None and templates.turn_end_token(plain, None) is None
-    with caplog.at_level(logging.WARNING, logger="dtrain.importer"):
+    with caplog.at_level(logging.WARNING, logger="dtrain.model.importer"):
         importer.complete_chat_settings(model, plain, "x.gguf", None, ())
     assert [r.getMessage() for r in caplog.records] == [
         "x.gguf has no chat template: set data.chat_template to train on conversations "

@@ -7,8 +7,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from dtrain.cli.slurm import PREEMPT_EXIT, render_sbatch
 from dtrain.errors import DtrainError
-from dtrain.slurm import PREEMPT_EXIT, render_sbatch
 from tests.e2e.slurm_cluster import SlurmCluster
 
 PY = sys.executable

@@ -69,7 +69,8 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_preempt_exit_code_matches_trainer() -> None:
-    from dtrain import slurm, trainer
+    from dtrain.cli import slurm
+    from dtrain.training import trainer
 
     assert slurm.PREEMPT_EXIT == trainer.PREEMPT_EXIT
 

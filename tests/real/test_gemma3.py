@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dtrain import importer, templates
+from dtrain.model import importer, templates
 from tests.helpers import REPO, adapter, losses, metrics, projection_round_trip_errors, run_dtrain
 
 pytestmark = [pytest.mark.slow, pytest.mark.ondemand]

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dtrain import importer
+from dtrain.model import importer
 from tests.helpers import TINY, losses, run_dtrain, train
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The error bounds dtrain's 8-bit and NF4 storage must meet: the tests' oracle for dtrain/quant.py."""
+"""The error bounds dtrain's 8-bit and NF4 storage must meet: the tests' oracle for dtrain/model/quant.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtrain.quant import NF4_BLOCKSIZE, _check_bits, nf4_code
+from dtrain.model.quant import NF4_BLOCKSIZE, _check_bits, nf4_code
 
 # Float32 slack added to the bounds, in units of eps32 * absmax (the analysis needs about 4).
 _FP_SLACK_ULPS = 8.0

@@ -14,10 +14,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtrain import cli, quant
 from dtrain.analysis import delta, run, subspace
 from dtrain.analysis.weights import BaseWeights
-from dtrain.tokenizer import build_tokenizer
+from dtrain.cli import app as cli
+from dtrain.model import quant
+from dtrain.model.tokenizer import build_tokenizer
 from tests.helpers import REPO, TINY, train
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"
@@ -185,7 +186,7 @@ def test_analyze_cli_writes_tables_and_pictures(two_adapters, tiny_base, tmp_pat
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
     result = json.loads((out / "analysis.json").read_text())
     module = "model.layers.1.self_attn.q_proj"
-    (A8, B8), (A4, B4) = _ab(a8, module), _ab(a4, module)
+    (A8, B8), (A4, _) = _ab(a8, module), _ab(a4, module)
     pair = result["pairs"][0]
     assert (pair["a"], pair["b"], pair["r_a"], pair["r_b"]) == ("r8", "r4", 8, 4)
     direct = phi_direct(A8, A4)

@@ -15,7 +15,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dtrain import data
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import IGNORE, chat
 from dtrain.data.encode import describe
 from dtrain.errors import ConfigError

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dtrain import data
 from dtrain.data import IGNORE, chat
-from dtrain.loss import token_loss
+from dtrain.training.loss import token_loss
 
 CONVS = [
     [("user", "What is 2+2?"), ("assistant", "4.")],

@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain import adapter, checkpoint, config as config_lib, data as data_lib, dist, files, lora, resume_check
-from dtrain.data import BatchPlan
+from dtrain import data as data_lib
+from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
+from dtrain.config import schema as config_lib
+from dtrain.data import BatchPlan
 from dtrain.errors import ConfigError
-from dtrain.loss import token_loss
+from dtrain.lora import layer as lora, peft_format as adapter
+from dtrain.storage import files
+from dtrain.training import checkpoint, resume_check
+from dtrain.training.loss import token_loss
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -159,7 +164,7 @@ def test_corrupt_or_unmarked_checkpoints_are_skipped(tmp_path, caplog):
     raw = bytearray(newest.read_bytes())
     raw[-5] ^= 0xFF  # one flipped bit pattern in the tensor bytes
     newest.write_bytes(bytes(raw))
-    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dtrain.training.checkpoint"):
         assert checkpoint.maybe_resume(backend, cfg, out) == 2
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 1 and "step-00000003" in skipped[0] and "checksum" in skipped[0]
@@ -170,7 +175,7 @@ def test_corrupt_or_unmarked_checkpoints_are_skipped(tmp_path, caplog):
     assert all(torch.equal(lora_state(backend)[n], t) for n, t in states[1].items())
     opt1.write_bytes(opt1.read_bytes()[:-7])  # truncated
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="dtrain.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dtrain.training.checkpoint"):
         assert checkpoint.maybe_resume(backend, cfg, out) == 0
     assert "COMPLETE marker" in caplog.text and "truncated" in caplog.text
 

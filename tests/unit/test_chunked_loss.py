@@ -1,4 +1,4 @@
-"""Chunked cross-entropy (dtrain/loss.py): the same loss and gradients as the logits path, and the
+"""Chunked cross-entropy (dtrain/training/loss.py): the same loss and gradients as the logits path, and the
 logits' activation bytes gone (counted by dtrain memory's SavedTensorCounter)."""
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtrain import config, dist, lora, loss as loss_lib
+from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
+from dtrain.config import schema as config
 from dtrain.errors import ConfigError
+from dtrain.lora import layer as lora
 from dtrain.memory.measure import SavedTensorCounter
+from dtrain.training import loss as loss_lib
 from tests.helpers import REPO, TINY
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"

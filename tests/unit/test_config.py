@@ -1,4 +1,4 @@
-"""dtrain.config: schema-typed overrides, one-line errors naming file and key, resolved-config round trip.
+"""dtrain.config.schema: schema-typed overrides, one-line errors naming file and key, resolved-config round trip.
 
 The same error cases are run through the real CLI in a subprocess in tests/e2e/test_cli_train.py.
 """
@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 import yaml
 
-from dtrain import config
-from dtrain.config import Config, ConfigError
+from dtrain.config import schema as config
+from dtrain.config.schema import Config, ConfigError
 from tests.helpers import REPO, TINY
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from dtrain import data
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import IGNORE, BatchPlan
 from dtrain.errors import ConfigError
-from dtrain.tokenizer import build_tokenizer
+from dtrain.model.tokenizer import build_tokenizer
 from tests.helpers import REPO
 
 ASSETS = REPO / "dtrain" / "assets"

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dtrain import data
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import BatchPlan, pipeline
-from dtrain.tokenizer import build_tokenizer
+from dtrain.model.tokenizer import build_tokenizer
 from tests.helpers import REPO
 
 INSTRUCTIONS = REPO / "dtrain" / "assets" / "tiny_instructions.jsonl"

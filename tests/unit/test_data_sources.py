@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from dtrain import config as config_lib, paths
-from dtrain.config import DataConfig
+from dtrain.config import paths, schema as config_lib
+from dtrain.config.schema import DataConfig
 from dtrain.data import cache, encode, load_records
 from dtrain.errors import ConfigError
-from dtrain.tokenizer import load_tokenizer
+from dtrain.model.tokenizer import load_tokenizer
 from tests.helpers import REPO, env_for_tests
 
 SRC = REPO / "dtrain" / "assets" / "tiny_instructions.jsonl"

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from dtrain import dist, files
+from dtrain.backends import env as dist
+from dtrain.storage import files
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS",
                  "SLURM_LOCALID", "MASTER_ADDR", "MASTER_PORT")

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from dtrain import config as config_lib, trainer
+from dtrain.config import schema as config_lib
+from dtrain.training import trainer
 
 peft = pytest.importorskip("peft")
 

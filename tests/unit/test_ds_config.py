@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from dtrain import config as config_lib
 from dtrain.backends import ds_config
+from dtrain.config import schema as config_lib
 from dtrain.errors import ConfigError
 from tests.helpers import TINY
 
@@ -72,7 +72,7 @@ def test_user_keys_we_do_not_set_pass_through_and_defaults_can_be_tuned(tmp_path
 def test_gather_limits_sized_from_the_model(tmp_path):
     """Live / reuse limits = one rank's share of the parameters (at most DeepSpeed's 1e9);
     prefetch = 0.9 x hidden^2; without a size nothing is kept gathered."""
-    from dtrain import model as model_lib
+    from dtrain.model import build as model_lib
 
     cfg = cfg_with(tmp_path)
     config = model_lib.hf_config(cfg.model)

@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 
-from dtrain import env_cli
+from dtrain.cli import env as env_cli
 from tests.helpers import REPO, env_for_tests
 
 REQ = REPO / "requirements"

@@ -3,7 +3,7 @@
 Checked: parameter counts against real ``nn.Parameter``s of models built by transformers,
 LoRA trainable counts against an independent sum over ``nn.Linear`` layers and against PEFT,
 the arithmetic fallback against the meta build, quantized frozen bytes against hand
-arithmetic and ``dtrain.quant``, the activation formula against Korthikanti et al. for GPT-3
+arithmetic and ``dtrain.model.quant``, the activation formula against Korthikanti et al. for GPT-3
 shapes, agreement with DeepSpeed's ZeRO-3 estimator, the presets, JSON / table output, the
 LoRA-paper comparison and one-line ConfigErrors.
 """
@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch import nn
 
+from dtrain.cli.estimate import add_estimate_parser, run_estimate
 from dtrain.errors import ConfigError
 from dtrain.memory.estimate import CATEGORIES, Plan, estimate, frozen_bytes, layer_activation_bytes
-from dtrain.memory.estimate_cli import add_estimate_parser, run_estimate
 from dtrain.memory.model_spec import PRESETS, spec_from_config, spec_from_llama_arithmetic
 from dtrain.memory.paper import paper_comparison_markdown, paper_gpt3_comparison
 
@@ -217,7 +217,7 @@ def test_quantized_frozen_bytes_by_hand() -> None:
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_bytes_match_dtrain_quant(bits: int) -> None:
-    quant = pytest.importorskip("dtrain.quant")
+    quant = pytest.importorskip("dtrain.model.quant")
     spec = spec_from_config(TINY_LLAMA, "tiny")
     model = _real_model(TINY_LLAMA)
     quant.quantize_model(model, bits)

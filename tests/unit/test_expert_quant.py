@@ -1,4 +1,4 @@
-"""8-/4-bit fused expert weights (dtrain/expert_quant.py) on the tiny Qwen3-MoE, Mixtral and gpt-oss
+"""8-/4-bit fused expert weights (dtrain/model/expert_quant.py) on the tiny Qwen3-MoE, Mixtral and gpt-oss
 models: the quantized grouped forward and its input gradient equal a float reference built from the
 dequantized weights (1e-6); the int8 and NF4 round-trip errors are within their bounds; the stored
 bytes are 1 (int8) or 1/2 (NF4) per parameter plus the scales, and the estimator counts the same."""
@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from dtrain import expert_quant, experts, lora, quant
+from dtrain.lora import experts, layer as lora
+from dtrain.model import expert_quant, quant
 from tests.moe_models import FAMILIES, save_family
 
 

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from dtrain import config as config_lib, hub
+from dtrain.config import schema as config_lib
 from dtrain.errors import ConfigError
+from dtrain.model import hub
 from tests.helpers import REPO, env_for_tests
 from tests.hub_cache import add_snapshot
 
@@ -68,7 +69,7 @@ def test_offline_with_an_empty_cache_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_estimate_reads_a_hub_models_config(hf_cache):
-    from dtrain.memory.estimate_cli import resolve_model
+    from dtrain.cli.estimate import resolve_model
 
     assert resolve_model(f"{ID}@v2") == ("tiny-llama", {"model_type": "llama"})
 

@@ -1,4 +1,4 @@
-"""dtrain.lora: the LoRA layer against hand computation, on a real tiny Llama: init, merge, adapters, targets."""
+"""dtrain.lora.layer: the LoRA layer against hand computation, on a real tiny Llama: init, merge, adapters, targets."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dtrain import lora
 from dtrain.errors import ConfigError
-from dtrain.lora import AdapterSpec, LoRALinear
+from dtrain.lora import layer as lora
+from dtrain.lora.layer import AdapterSpec, LoRALinear
 
 ARCH = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dtrain import dora, lora, quant
-from dtrain.lora import AdapterSpec, LoRALinear
+from dtrain.lora import dora, layer as lora
+from dtrain.lora.layer import AdapterSpec, LoRALinear
+from dtrain.model import quant
 
 peft = pytest.importorskip("peft")
 
@@ -205,9 +206,10 @@ def test_lora_forward_keeps_one_copy_of_its_input(autocast):
 def test_loraplus_moves_B_by_lr_times_ratio():
     """LoRA+ (ratio 16): two parameter groups; after one step A moved by AdamW's first update at the
     scheduled lr and B (and DoRA's magnitude) at 16 x that lr."""
-    from dtrain import config as config_lib, dist
+    from dtrain.backends import env as dist
     from dtrain.backends.single import SingleBackend
-    from dtrain.loss import token_loss
+    from dtrain.config import schema as config_lib
+    from dtrain.training.loss import token_loss
 
     cfg = config_lib.load(TINY, [f"data.path={CORPUS}", "lora.loraplus_lr_ratio=16", "lora.use_dora=true",
                                  "lora.targets=[q_proj,v_proj]", "training.max_grad_norm=0",
@@ -239,10 +241,10 @@ def test_loraplus_moves_B_by_lr_times_ratio():
 
 @pytest.mark.parametrize("override", ["lora.use_dora=true", "lora.use_rslora=true", "lora.loraplus_lr_ratio=4"])
 def test_variants_need_lora_mode(override):
-    from dtrain import config as config_lib
+    from dtrain.config import schema as config_lib
     from dtrain.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=rf"lora\.\w+ = .* needs mode: lora"):
+    with pytest.raises(ConfigError, match=r"lora\.\w+ = .* needs mode: lora"):
         config_lib.load(TINY, [f"data.path={CORPUS}", "mode=full", override])
     config_lib.load(TINY, [f"data.path={CORPUS}", override])  # fine with LoRA
     with pytest.raises(ConfigError, match="loraplus_lr_ratio"):

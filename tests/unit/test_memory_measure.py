@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dtrain import config as config_lib
+from dtrain.backends.env import DistEnv
 from dtrain.backends.single import SingleBackend
-from dtrain.config import Config
-from dtrain.dist import DistEnv
-from dtrain.memory import measure, measure_cli, report
+from dtrain.cli import memory as measure_cli
+from dtrain.config import schema as config_lib
+from dtrain.config.schema import Config
+from dtrain.memory import measure, report
 from tests.helpers import REPO, TINY
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), dist_backend="gloo")
@@ -126,7 +127,7 @@ def test_report_files_and_flags(tmp_path: Path) -> None:
 
 
 def test_train_logs_memory_every_n_steps_and_at_the_end(tmp_path: Path) -> None:
-    from dtrain.trainer import Trainer
+    from dtrain.training.trainer import Trainer
     from tests.helpers import tiny_shapes
 
     cfg = _cfg("lora.targets=[q_proj,v_proj]", "training.micro_batch_size=4", "data.seq_len=32",

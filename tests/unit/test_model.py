@@ -1,4 +1,4 @@
-"""dtrain.model + SingleBackend: weight sources, deterministic base, training touches only A and B."""
+"""dtrain.model.build + SingleBackend: weight sources, deterministic base, training touches only A and B."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dtrain import config, dist, lora, loss as loss_lib, model as model_lib
+from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
+from dtrain.config import schema as config
 from dtrain.errors import ConfigError
+from dtrain.lora import layer as lora
+from dtrain.model import build as model_lib
+from dtrain.training import loss as loss_lib
 from tests.helpers import REPO, TINY
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"
@@ -212,7 +216,7 @@ def test_token_loss_is_summed_cross_entropy() -> None:
 
 @pytest.mark.parametrize("include_head", [False, True])
 def test_quantization_include_head(include_head: bool) -> None:
-    from dtrain.quant import QuantLinear
+    from dtrain.model.quant import QuantLinear
 
     model = build("quantization.bits=8", f"quantization.include_head={str(include_head).lower()}").model
     assert isinstance(model.lm_head, QuantLinear) is include_head

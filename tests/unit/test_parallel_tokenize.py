@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import IGNORE, cache, chat, encode, load_records, parallel
 from dtrain.errors import ConfigError
 from tests.helpers import REPO
@@ -124,8 +124,8 @@ def test_placeholder_spans_give_the_prefix_spans_and_labels(tok, template):
     on SmolLM2's template (which writes contents as they are: every conversation takes the shape
     path) and on Gemma's (which trims them: the conversations whose contents have edge whitespace
     take the prefix path)."""
-    from dtrain import templates
     from dtrain.data.batched import BatchEncoder
+    from dtrain.model import templates
 
     text = tok.chat_template if template == "smollm2" else templates.GEMMA3
     convs = _odd_conversations(300)

@@ -17,11 +17,14 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dtrain import adapter, cli, config as config_lib, dist, lora, merge_cli
+from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
+from dtrain.cli import app as cli, merge as merge_cli
+from dtrain.config import schema as config_lib
 from dtrain.errors import DtrainError
-from dtrain.tokenizer import build_tokenizer
-from dtrain.loss import token_loss
+from dtrain.lora import layer as lora, peft_format as adapter
+from dtrain.model.tokenizer import build_tokenizer
+from dtrain.training.loss import token_loss
 
 peft = pytest.importorskip("peft")
 
@@ -229,7 +232,7 @@ def test_dtrain_loads_a_peft_dora_adapter(base_dir, tmp_path):
 def test_dora_adapter_of_an_8bit_base_merges_into_the_dequantized_weights(base_dir, tmp_path):
     """`dtrain merge --base-bits 8` of a DoRA adapter trained on the int8 base: every adapted weight is
     m / ||deq(W) + s B A||_row * (deq(W) + s B A), what lora.merge computes on the quantized model."""
-    from dtrain import quant
+    from dtrain.model import quant
 
     out = tmp_path / "adapter"
     train_dtrain(base_dir, out, "lora.use_dora=true", "quantization.bits=8", "lora.targets=[q_proj,v_proj]")

@@ -10,10 +10,11 @@ import re
 import pytest
 import yaml
 
+from dtrain.cli import plan as plan_cli
+from dtrain.cli.estimate import add_estimate_parser
 from dtrain.errors import ConfigError
-from dtrain.memory import plan_cli, planner
+from dtrain.memory import planner
 from dtrain.memory.estimate import Plan, estimate
-from dtrain.memory.estimate_cli import add_estimate_parser
 from dtrain.memory.model_spec import spec_from_config
 from dtrain.memory.plan_config import config_dict, plan_fields, read_plan, typed
 from tests.helpers import REPO

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain import checkpoint, config as config_lib, deadline, files, preempt, resume_check, stopping
 from dtrain.errors import ConfigError
-from dtrain.tokenizer import load_tokenizer
+from dtrain.model.tokenizer import load_tokenizer
+from dtrain.storage import files
+from dtrain.training import checkpoint, deadline, preempt, resume_check, stopping
 from tests.unit.test_checkpoint_files import PLAN, lora_state, make_backend, make_cfg, train_step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,7 +126,7 @@ def test_skipped_step_updates_nothing(tmp_path):
 
 
 def test_generation_stops_at_the_next_batch():
-    from dtrain.generate import Generator
+    from dtrain.inference.generate import Generator
 
     g = Generator.__new__(Generator)  # no model needed: stop is asked before the first batch
     with pytest.raises(preempt.Preempted):

@@ -11,11 +11,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from dtrain import data
-from dtrain.config import DataConfig
+from dtrain.config.schema import DataConfig
 from dtrain.data import IGNORE, preference
 from dtrain.data.encode import describe
 from dtrain.errors import ConfigError
-from dtrain.tokenizer import build_tokenizer
+from dtrain.model.tokenizer import build_tokenizer
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
 PROMPT = [SYSTEM, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from dtrain import lora, model as model_lib, presets
 from dtrain.errors import ConfigError
+from dtrain.lora import layer as lora, targets as presets
+from dtrain.model import build as model_lib
 
 DECODER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2)
@@ -45,7 +46,7 @@ def test_preset_resolves_to_family_names(model_type, preset):
     prefix, table = EXPECTED[model_type]
     want = sorted(prefix.format(i=i) + s for i in range(2) for s in table[preset])
     assert sorted(presets.expand(model, preset)) == want
-    if model_type != "gpt2":  # GPT-2's Conv1D is not a layer dtrain's LoRA wraps (see dtrain/presets.py)
+    if model_type != "gpt2":  # GPT-2's Conv1D is not a layer dtrain's LoRA wraps (see dtrain/lora/targets.py)
         assert sorted(lora.select_targets(model, presets.expand(model, preset), None)) == want
 
 

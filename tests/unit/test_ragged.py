@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from dtrain import data
 from dtrain.data import IGNORE, Ragged
 from dtrain.data.packing import best_fit
-from dtrain.loss import token_loss
+from dtrain.training.loss import token_loss
 
 
 def _seqs(n: int, seed: int, lo: int = 3, hi: int = 40, vocab: int = 300) -> list[tuple[list[int], list[int]]]:
@@ -113,8 +113,9 @@ def test_best_fit_rows_are_full_and_deterministic() -> None:
 
 
 def test_attn_implementation_reaches_the_model_config() -> None:
-    from dtrain import config, model
+    from dtrain.config import schema as config
     from dtrain.errors import ConfigError
+    from dtrain.model import build as model
     from tests.helpers import TINY
 
     for impl in ("sdpa", "eager"):

@@ -9,9 +9,12 @@ import json
 import pytest
 import torch
 
-from dtrain import config as config_lib, experts, hub, lora, model as model_lib, recipes_table
-from dtrain.config import ModelConfig
+from dtrain.config import schema as config_lib
+from dtrain.config.schema import ModelConfig
+from dtrain.lora import experts, layer as lora
+from dtrain.model import build as model_lib, hub
 from tests.helpers import REPO, run_dtrain
+from tools import recipes_table
 
 RECIPES = {r.path.name: r for r in recipes_table.find_recipes()}
 # Parameter counts of the published checkpoints (embeddings and head counted once when tied).

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from dtrain import config as config_lib
 from dtrain.backends.simulate import simulate
+from dtrain.config import schema as config_lib
 from dtrain.memory.estimate import estimate
 from dtrain.memory.model_spec import spec_from_config
 from dtrain.memory.plan_config import plan_from_config, resolved_config
@@ -77,7 +77,7 @@ def test_tiny_bits_and_uneven_world_sizes(bits: int, world: int) -> None:
 
 ZERO3 = """
 import json, sys
-from dtrain import config
+from dtrain.config import schema as config
 from dtrain.backends.simulate import simulate_zero3
 cfg = config.load(sys.argv[1], sys.argv[2:])
 print(json.dumps(simulate_zero3(cfg, 64)))

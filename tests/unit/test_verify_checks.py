@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dtrain import verify
+from dtrain.training import verify
 
 
 def _adapters() -> tuple[dict, dict]:

@@ -1,0 +1,1 @@
+"""Generation and evaluation with a base, adapters or a merged model."""

@@ -1,0 +1,1 @@
+"""The base model: build and fill, layers, quantized storage, sources (Hub, import), tokenizer."""

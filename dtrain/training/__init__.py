@@ -1,0 +1,1 @@
+"""The training recipe: assembly, the step, loss, optimizer, checkpoints, resume, stopping."""

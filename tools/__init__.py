@@ -1,0 +1,1 @@
+"""Repository tools: scripts that maintain files of this repository (not part of the installed package)."""
