@@ -89,6 +89,12 @@ def dequantize_stack(q: Tensor, s: Tensor, meta: ExpertQuant, dtype: torch.dtype
     return w.transpose(1, 2) if meta.transposed else w
 
 
+def round_trip(w: Tensor, bits: int, transposed: bool) -> Tensor:
+    """deq(q(w)) of float expert weights [E, ., .] (layout as stored), float32: what training used."""
+    meta = _meta(bits, tuple(w.shape), transposed)
+    return dequantize_stack(*quantize_stack(w, meta), meta)
+
+
 class _ExpertFn(torch.autograd.Function):
     """``x @ deq(q[e], s[e]).T``, saving the storage parameters (not a float weight) for backward."""
 

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 import torch
 
+from dtrain.model import expert_quant
 from tests.distributed import runs
 from tests.distributed.test_moe import PROBE, TARGETS
 from tests.helpers import REPO, adapter, env_for_tests, launch_cmd, metrics
@@ -109,3 +110,30 @@ def test_sigkill_8bit_moe_fsdp2_run_then_resume_is_bit_exact(models, fsdp_run, t
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     runs.assert_same_run(out, fsdp_run / family)
+
+
+def test_merge_base_bits_8_folds_into_the_int8_expert_weights(models, fsdp_run, tmp_path):
+    """`dtrain merge --base-bits 8` of the adapter trained on the 8-bit base: each expert weight is
+    deq(q(W)) + s B_e A_e as dtrain/model/expert_quant.py stored W (per expert; qwen3_moe's checkpoint
+    keeps per-expert tensors, gpt-oss fused [in, out] ones), written in bf16: equal to that reference,
+    where W + s B_e A_e without the round trip differs in most elements (about 70% measured)."""
+    from transformers import AutoModelForCausalLM
+
+    from dtrain.cli import merge as merge_cli
+    from dtrain.lora import experts
+
+    for family in FAMILIES:
+        merge_cli.merge(models / family, fsdp_run / family / "adapter", tmp_path / family, base_bits=8)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
+        ad = adapter(fsdp_run / family)
+        for i in range(2):
+            mod = base.model.layers[i].mlp.experts
+            for pname, prefix in (("gate_up_proj", "base_layer."), ("down_proj", "")):
+                w = getattr(mod, pname).detach()
+                key = f"base_model.model.model.layers.{i}.mlp.experts.{prefix}"
+                d = experts.delta(ad[key + "lora_A.weight"], ad[key + "lora_B.weight"], 4, mod.is_transposed, 2.0)
+                want = (expert_quant.round_trip(w, 8, mod.is_transposed) + d).to(torch.bfloat16)
+                got = getattr(merged.model.layers[i].mlp.experts, pname).detach()
+                assert torch.equal(got, want), (family, i, pname)
+                assert (got == (w + d).to(torch.bfloat16)).float().mean() < 0.5, (family, i, pname)
