@@ -1,5 +1,5 @@
 """An 8-bit mixture-of-experts base (attention and fused expert weights int8, dtrain/model/expert_quant.py)
-trained with expert LoRA on 2 gloo ranks: FSDP2 (default suite) and ZeRO-3 (on request) each hold
+trained with expert LoRA on 2 gloo ranks: FSDP2 (default suite) and ZeRO-3 (on request; NF4 on both too) each hold
 half of the expert int8 bytes per rank, train (the loss goes down, every expert's B moves) and agree
 with each other to 1e-5; a real FSDP2 run SIGKILLed after a random checkpoint resumes to the
 uninterrupted run's losses and adapter, bit for bit (on request). One launch per backend trains
@@ -23,20 +23,22 @@ from tests.moe_models import save_all
 
 FAMILIES = ["qwen3_moe", "gpt_oss"]
 # 6 steps, a checkpoint each (tests/distributed/runs.py's STEPS, for its run comparison)
-RUN = ["quantization.bits=8", f"training.max_steps={runs.STEPS}", "training.save_every=1", "training.keep_last=3"]
+RUN = [f"training.max_steps={runs.STEPS}", "training.save_every=1", "training.keep_last=3"]
 KINDS = {"fsdp": "fsdp", "zero3": "deepspeed"}
-# tests/moe_models.py: 2 layers x 4 experts x (gate_up [32, 32] + down [32, 16]), one fp32 scale per row
-EXPERT_INT8, EXPERT_SCALES = 2 * 4 * (32 * 32 + 32 * 16), 4 * 2 * 4 * (32 + 32)
+# tests/moe_models.py: 2 layers x 4 experts x (gate_up [32, 32] + down [32, 16]): whole bytes of the
+# expert storage and scales; 8 bits: 1 byte a weight, one fp32 per row; 4: half a byte, one fp32 per 64
+WEIGHTS = 2 * 4 * (32 * 32 + 32 * 16)
+EXPERT_BYTES = {8: (WEIGHTS, 4 * 2 * 4 * (32 + 32)), 4: (WEIGHTS // 2, 4 * WEIGHTS // 64)}
 
 
-def _cmd(models, out, kind: str, families: list[str], extra: list[str] = ()) -> list[str]:
+def _cmd(models, out, kind: str, families: list[str], extra: list[str] = (), bits: int = 8) -> list[str]:
     return launch_cmd(2, "torchrun")[:-2] + [PROBE, str(models), str(out), f"families={','.join(families)}",
-                                             *TARGETS, *RUN, f"backend.name={KINDS[kind]}",
+                                             *TARGETS, *RUN, f"quantization.bits={bits}", f"backend.name={KINDS[kind]}",
                                              "training.micro_batch_size=4", *extra]
 
 
-def _run(models, out, kind: str) -> None:
-    proc = subprocess.run(_cmd(models, out, kind, FAMILIES), cwd=REPO, env=env_for_tests(), capture_output=True,
+def _run(models, out, kind: str, bits: int = 8) -> None:
+    proc = subprocess.run(_cmd(models, out, kind, FAMILIES, bits=bits), cwd=REPO, env=env_for_tests(), capture_output=True,
                           text=True, errors="replace", timeout=600)
     assert proc.returncode == 0, f"{kind}: exit {proc.returncode}\n{proc.stderr[-5000:]}"
 
@@ -57,19 +59,19 @@ def _losses(out) -> list[float]:
     return [row["loss"] for row in metrics(out) if "loss" in row]
 
 
-def _check_trained_and_sharded(models, out, backend: str) -> None:
+def _check_trained_and_sharded(models, out, backend: str, bits: int = 8) -> None:
     """Loss down, every expert's B moved; per rank: half the expert int8 bytes and scales, and the
-    frozen bytes the estimator (dtrain/memory/shards.py) predicts for this 8-bit base, exactly."""
+    frozen bytes the estimator (dtrain/memory/shards.py) predicts for this 8-/4-bit base, exactly."""
     from dtrain.memory import model_spec, shards
 
     for family in FAMILIES:
         spec = model_spec.spec_from_config(json.loads((models / family / "config.json").read_text()), family)
-        predicted = shards.frozen_tensors(spec, 8, 4).local_bytes(2, backend)
+        predicted = shards.frozen_tensors(spec, bits, 4).local_bytes(2, backend)
         losses = _losses(out / family)
         assert len(losses) == runs.STEPS and losses[-1] < losses[0] - 0.05, (family, losses)
         for rank in range(2):
             s = json.loads((out / family / f"storage-rank{rank}.json").read_text())
-            assert (s["expert_storage_bytes"], s["expert_scale_bytes"]) == (EXPERT_INT8 // 2, EXPERT_SCALES // 2)
+            assert (s["expert_storage_bytes"], s["expert_scale_bytes"]) == tuple(b // 2 for b in EXPERT_BYTES[bits])
             assert s["all_trainable_are_lora"] and s["frozen_bytes"] == predicted
         for key, b in adapter(out / family).items():
             if ".experts." in key and key.endswith("lora_B.weight"):  # every expert's B_e moved
@@ -90,6 +92,16 @@ def test_8bit_moe_base_trains_sharded_zero3_like_fsdp2(models, fsdp_run, tmp_pat
         ref = adapter(fsdp_run / family)
         for k, t in adapter(tmp_path / "zero3" / family).items():
             torch.testing.assert_close(t, ref[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.ondemand  # an FSDP2 and a DeepSpeed launch (~100 s)
+def test_4bit_moe_base_trains_sharded_fsdp2_and_zero3_alike(models, tmp_path):
+    runs._needs("zero3")
+    for kind in KINDS:
+        _run(models, tmp_path / kind, kind, bits=4)
+        _check_trained_and_sharded(models, tmp_path / kind, KINDS[kind], bits=4)
+    for family in FAMILIES:
+        assert _losses(tmp_path / "zero3" / family) == pytest.approx(_losses(tmp_path / "fsdp" / family), rel=1e-5)
 
 
 @pytest.mark.ondemand  # two more FSDP2 launches (~60 s); the dense kill tests cover the mechanism by default
