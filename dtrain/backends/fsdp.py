@@ -20,7 +20,6 @@ from dtrain.backends import collectives, env as dist_env
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
 from dtrain.model import build as model_lib, layers
-from dtrain.training import assembly
 
 
 class FSDPBackend(ProcessGroupCollectives, Backend):
@@ -30,17 +29,6 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
             dist_env.ensure_rendezvous(env)
             collectives.init_process_group(env.dist_backend, env.rank, env.world_size, dist_env.pg_timeout(cfg),
                                            device_id=env.device if env.device.type == "cuda" else None)
-
-    def _build(self, config) -> nn.Module:
-        cfg = self.cfg
-        model = model_lib.build_empty(config, model_lib.DTYPES[cfg.model.dtype],
-                                      trust_remote_code=cfg.model.trust_remote_code)
-        assembly.prepare(model, self.cfg)
-        base = model_lib.base_source(cfg.model, model, cfg.training.seed)
-        source = model_lib.ModelSource(base, model)
-        self._shard(model)
-        self._materialize(model, source)
-        return model
 
     def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
         """Storage for this rank's shards, then its rows of the weights (a simulated backend on a

@@ -36,7 +36,7 @@ def _slice(full: torch.Tensor, n: int, rank: int, world: int) -> torch.Tensor:
     return flat[rank * n: (rank + 1) * n]
 
 
-def full_state(backend, subgroups) -> dict:
+def full_optimizer_state(backend, subgroups) -> dict:
     """`Backend.full_optimizer_state` for ZeRO-3 (every rank calls it: all-gathers)."""
     opt, names, world = backend.optimizer, backend._names, backend.world_size
     params = {}
@@ -54,7 +54,7 @@ def full_state(backend, subgroups) -> dict:
             "scheduler": backend.scheduler.state_dict(), "engine": {**engine, "world_size": world}}
 
 
-def load_full_state(backend, subgroups, state: dict) -> None:
+def load_full_optimizer_state(backend, subgroups, state: dict) -> None:
     """`Backend.load_full_optimizer_state` for ZeRO-3: this rank's slices into the flat partitions."""
     opt, names, rank, world = backend.optimizer, backend._names, backend.rank, backend.world_size
     for group, flat in subgroups:

@@ -11,7 +11,7 @@ from dtrain.lora import experts, layer as lora
 from dtrain.training import reference, step_options as step_opts
 
 
-def prepare(model: nn.Module, cfg: Config) -> None:
+def assemble(model: nn.Module, cfg: Config) -> None:
     """Quantize, add the adapter and freeze the base (mode lora), in place, before sharding; then
     the step options (checkpointing policy, compiled blocks, chunked-loss head)."""
     if cfg.quantization.bits in (8, 4):

@@ -131,11 +131,11 @@ def test_merge_base_bits_8_folds_into_the_int8_expert_weights(models, fsdp_run, 
     where W + s B_e A_e without the round trip differs in most elements (about 70% measured)."""
     from transformers import AutoModelForCausalLM
 
-    from dtrain.cli import merge as merge_cli
+    from dtrain.inference import merge as merge_lib
     from dtrain.lora import experts
 
     for family in FAMILIES:
-        merge_cli.merge(models / family, fsdp_run / family / "adapter", tmp_path / family, base_bits=8)
+        merge_lib.merge(models / family, fsdp_run / family / "adapter", tmp_path / family, base_bits=8)
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / family, dtype=torch.bfloat16)
         base = AutoModelForCausalLM.from_pretrained(models / family, dtype=torch.float32)
         ad = adapter(fsdp_run / family)

@@ -308,7 +308,7 @@ def test_merge_finds_the_layers_the_trainer_quantized(tmp_path, include_head: bo
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dtrain.cli.merge import _quantized_keys
+    from dtrain.inference.merge import _quantized_keys
     from dtrain.model.quant import QuantLinear, quantize_model, skip_rule
     from tests.helpers import TINY
 
