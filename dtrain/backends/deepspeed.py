@@ -190,9 +190,12 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
         def make_scheduler(optimizer):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+        # the engine builds AdamW from the config's "optimizer" section (torch's, see ds_config.py)
+        # over these groups only: the LoRA parameters, so only they get Adam state; the scheduler
+        # goes in as a factory because the optimizer it steps is created inside initialize
         engine, optimizer, _, scheduler = self.ds.initialize(
             model=self.model, model_parameters=optim.optimizer_groups(self.model, self.cfg), config=self.ds_config,
-            lr_scheduler=make_scheduler, dist_init_required=False)
+            lr_scheduler=make_scheduler, dist_init_required=False)  # the process group exists already
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
 
     # ---- per step ---------------------------------------------------------------------------
@@ -204,6 +207,7 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
             return self.engine(**batch, use_cache=False).logits
 
     def backward(self, loss: torch.Tensor) -> None:
+        # the loss is already scaled to the global batch's mean (training/step.py): no 1/grad_accum
         self.engine.backward(loss, scale_wrt_gas=False)
         for name, g in self.local_grads().items():  # a planted fault (dtrain/faults.py) only
             if faults.dropped_grad(name):

@@ -3,31 +3,9 @@
 ``estimate(spec, plan)`` is pure and never allocates the model; the ``ModelSpec`` it reads comes
 from ``dtrain.memory.model_spec``.
 
-Assumptions (derivations and references in docs/memory_estimate.md):
-
-* Sharding: FSDP full shard and DeepSpeed ZeRO-3 both shard every parameter, gradient and
-  optimizer tensor over all N = gpus * nodes ranks, so sharded bytes are divided by N
-  (padding to a multiple of N is ignored).
-* Full fine-tuning, mixed precision (bf16 / fp16) AdamW: 2 B 16-bit parameter + 2 B gradient
-  + 12 B optimizer state (fp32 master weight, fp32 m, fp32 v) = 16 B per parameter; in fp32:
-  4 + 4 + 8 = 16 B. ``fp32_grads`` keeps gradients in fp32 (4 B): 18 B, DeepSpeed's figure.
-* LoRA: frozen weights in the parameter dtype, or decoder-block linears quantized: int8 plus
-  one fp32 scale per output row, or NF4 (half a byte) plus one fp32 absmax per 64 weights;
-  embeddings, head, norms and biases stay in the parameter dtype. Adapters have r*(in+out)
-  parameters per target, in fp32, trained by fp32 AdamW: 4 + 4 + 8 = 16 B per parameter.
-* Gathered unit (transient, unsharded): FSDP gathers one unit at a time (a unit per decoder
-  block, the embeddings and the head each a unit when untied, a root unit holding the rest);
-  DeepSpeed gathers module by module (its own estimator's "largest layer") and, with dtrain's
-  generated limits on more than one rank, keeps up to one rank's share of the parameters
-  gathered for their reuse in backward (``ds_live_params``); the larger counts. Full FT holds
-  the gathered 16-bit parameters and one unit's gradients; LoRA holds the unit's frozen storage
-  (average bytes per parameter for the kept share), its adapters' fp32 parameters and gradients
-  and, when quantized, one dequantized weight of the largest linear.
-* Activations (per GPU, ``batch`` is the per-GPU micro-batch): Korthikanti et al. 2022 per
-  layer, generalised to GQA and gated MLPs; logits in fp32 (b*s*vocab*4); see
-  ``layer_activation_bytes``. LoRA adds its rank-r intermediate per target.
-* Not counted: CUDA context, allocator fragmentation, communication buckets, optimizer-step
-  transients, prefetch of a second unit.
+The assumptions are `ASSUMPTIONS` below (printed with every estimate); their derivations and
+references are docs/memory_estimate.md's. Not counted: CUDA context, allocator fragmentation,
+communication buckets, optimizer-step transients, prefetch of a second unit.
 """
 
 from __future__ import annotations
@@ -271,10 +249,9 @@ def quantized_weight_bytes(lin: LinearModule, bits: int, param_bytes: int) -> in
     """Bytes of one layer's frozen weight (not its bias) stored at ``bits``.
 
     8: int8 + one fp32 scale per output row; 4: packed NF4 (two per byte) + one fp32 absmax
-    per ``NF4_BLOCK`` weights; 16: the parameter dtype. A fused expert weight stays in the
-    parameter dtype (dtrain quantizes nn.Linear layers only).
+    per ``NF4_BLOCK`` weights; 16: the parameter dtype. A fused expert weight counts per expert, as
+    dtrain/model/expert_quant.py stores it (each expert quantized on its own [out, in]).
     """
-    bits = 16 if lin.fused else bits
     n = lin.weight_params
     if bits == 8:
         return n + 4 * lin.out_features

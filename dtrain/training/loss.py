@@ -168,6 +168,8 @@ def install(head: nn.Module, chunk: int = 0) -> None:
         return loss
 
     head._dtrain_chunk = int(chunk) or auto_chunk(head.out_features)
+    # an instance attribute, not a subclass: FSDP2 and ZeRO-3 hook the module object itself, so the
+    # head keeps its parameters, its hooks and its type (PEFT and checkpoints still see an nn.Linear)
     head.forward = types.MethodType(forward, head)
 
 

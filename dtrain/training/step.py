@@ -41,6 +41,15 @@ class SFT:
         return backend.loss(batch)[0], torch.zeros(0, dtype=torch.float64)
 
 
+def objective(cfg):
+    """The step's objective: next-token (sft) or preference pairs (dpo)."""
+    if cfg.objective == "dpo":
+        from dtrain.training import dpo
+
+        return dpo.DPO(cfg)
+    return SFT()
+
+
 def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int = 0,
                watch: StepWatch | None = None, objective=None, poison: bool = False) -> dict[str, float]:
     """Forward/backward over this rank's micro-batches, then the optimizer step.

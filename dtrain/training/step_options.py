@@ -1,5 +1,5 @@
 """Where a step spends memory and time, chosen in the config and applied to the model before
-sharding (Backend.prepare): the gradient checkpointing policy, compiled decoder blocks, and the
+sharding (by training/assembly.assemble): the gradient checkpointing policy, compiled decoder blocks, and the
 chunked loss in the output head (dtrain/training/loss.py). None of this depends on the backend.
 
 Checkpointing policy (`model.gradient_checkpointing`, `model.gradient_checkpointing_every: N`):

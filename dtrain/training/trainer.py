@@ -60,7 +60,7 @@ class Trainer:
         self._pending: dict | None = None  # the metrics row of a step whose evaluation a preemption cut
         self.loggers: loggers_lib.MultiLogger | None = None  # rank 0 only
         self._mfu: tuple[float, float] | None = None  # (flops per token, peak FLOP/s): CUDA only
-        self.objective = objective_of(cfg)
+        self.objective = step_lib.objective(cfg)
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -113,21 +113,9 @@ class Trainer:
         group, so it is complete): from its cache, shared across nodes (docs/hub.md). A rank that
         cannot find it ends every rank, not only itself."""
         cfg = self.cfg
-        named = [v for v in (cfg.model.path, cfg.data.tokenizer) if hub.is_hub_id(v) or hub.commit_of(v)]
-        if not named or self.env.world_size == 1:
-            return
-        error = None
-        if not self.env.is_main:
-            try:
-                sources.resolve_named_models(cfg, download=False)
-            except config_lib.ConfigError as e:
-                error, e.local = e, True
-        failed = int(self.backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
-        if error is not None:
-            raise error
-        if failed:
-            raise config_lib.ConfigError(f"{failed} rank(s) could not read the model rank 0 resolved from their "
-                                         "Hugging Face cache (see their error); the ranks need one shared HF_HUB_CACHE")
+        if self.env.world_size > 1 and any(hub.is_hub_id(v) or hub.commit_of(v) for v in (cfg.model.path, cfg.data.tokenizer)):
+            collectives.together(self.backend, lambda: sources.resolve_named_models(cfg, download=False), every_rank=True,
+                                 what="reading rank 0's Hub snapshot from this rank's HF cache (the ranks need one shared cache)")
 
     def _check_vocab(self) -> None:
         vocab = self.backend.model.config.vocab_size
@@ -348,15 +336,6 @@ class Trainer:
     def cleanup(self) -> None:
         self._close_loggers()  # a run that failed before train() still ends its logger runs
         self.backend.close()
-
-
-def objective_of(cfg: Config):
-    """The step's objective: next-token (sft) or preference pairs (dpo)."""
-    if cfg.objective == "dpo":
-        from dtrain.training import dpo
-
-        return dpo.DPO(cfg)
-    return step_lib.SFT()
 
 
 def setup_logging(is_main: bool) -> None:

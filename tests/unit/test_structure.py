@@ -175,7 +175,8 @@ ONE_HOME = {
     "together": "dtrain/backends/collectives.py", "DiskFull": "dtrain/errors.py",
     "assemble": "dtrain/training/assembly.py", "prepare": "dtrain/data/pipeline.py",  # was two `prepare`s
     "targeted_linears": "dtrain/memory/estimate.py", "full_optimizer_state": "dtrain/backends/zero3_state.py",
-    "labelled_tokens": "dtrain/training/loss.py",
+    "labelled_tokens": "dtrain/training/loss.py", "load_tokenizer": "dtrain/model/tokenizer.py",
+    "alpaca_turns": "dtrain/data/chat.py",
 }
 
 
