@@ -89,7 +89,7 @@ def load(model_dir: str | Path, adapters: list[str] = (), use: str | None = None
     or a .jinja file), else of the active adapter's run, else the model's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dtrain.lora import layer as lora
+    from dtrain.lora import ops as lora
     from dtrain.lora import peft_format as adapter_lib
     from dtrain.model.build import DTYPES
 

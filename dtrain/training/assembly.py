@@ -8,7 +8,8 @@ from torch import nn
 
 from dtrain.config.schema import Config
 from dtrain.lora import experts
-from dtrain.lora import layer as lora
+from dtrain.lora import ops as lora
+from dtrain.lora.layer import AdapterSpec
 from dtrain.training import reference
 from dtrain.training import step_options as step_opts
 
@@ -36,7 +37,7 @@ def prepare(model: nn.Module, cfg: Config) -> None:
     step_opts.apply(model, cfg)
 
 
-def adapter_spec(cfg: Config) -> lora.AdapterSpec:
+def adapter_spec(cfg: Config) -> AdapterSpec:
     c = cfg.lora
-    return lora.AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed,
+    return AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed,
                             use_rslora=c.use_rslora, use_dora=c.use_dora)

@@ -35,7 +35,7 @@ from dtrain.config import schema as config_lib
 from dtrain.config.schema import Config
 from dtrain.data.chat import run_template
 from dtrain.loggers import curve, flops
-from dtrain.lora import layer as lora
+from dtrain.lora import ops as lora
 from dtrain.lora import peft_format as adapter
 from dtrain.model import hub, templates
 from dtrain.model.tokenizer import corpus_file, has_tokenizer, load_tokenizer

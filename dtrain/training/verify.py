@@ -26,7 +26,8 @@ from dtrain import backends
 from dtrain.backends.env import DistEnv
 from dtrain.config.schema import Config
 from dtrain.data import BatchPlan
-from dtrain.lora import layer as lora
+from dtrain.lora import base_weight
+from dtrain.lora import ops as lora
 from dtrain.lora import peft_format as adapter
 from dtrain.model import build as model_lib
 from dtrain.model import layers
@@ -162,7 +163,7 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     for name, m in list(plain.named_modules()):
         if layers.is_quantized(m):
             parent, _, child = name.rpartition(".")
-            setattr(plain.get_submodule(parent) if parent else plain, child, lora._dequantized_linear(m))
+            setattr(plain.get_submodule(parent) if parent else plain, child, base_weight.dequantized_linear(m))
     return plain.eval()
 
 

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from dtrain.config import schema as config_lib
-from dtrain.lora.layer import is_lora_param
+from dtrain.lora.ops import is_lora_param
 from dtrain.model.shapes import logical_numel
 from dtrain.training import trainer as trainer_lib
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dtrain import lora
 from dtrain.errors import ConfigError
 from dtrain.lora import experts
-from dtrain.lora import layer as lora
 from tests.helpers import run_dtrain
 from tests.moe_models import FAMILIES, save_family
 

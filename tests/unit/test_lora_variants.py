@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dtrain import lora
 from dtrain.lora import dora
-from dtrain.lora import layer as lora
 from dtrain.lora.layer import AdapterSpec, LoRALinear
 from dtrain.model import quant
 

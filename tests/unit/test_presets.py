@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from dtrain import lora
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora
 from dtrain.lora import targets as presets
 from dtrain.model import build as model_lib
 

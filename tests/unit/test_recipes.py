@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
+from dtrain import lora
 from dtrain.config import schema as config_lib
 from dtrain.config.schema import ModelConfig
 from dtrain.lora import experts
-from dtrain.lora import layer as lora
 from dtrain.model import build as model_lib
 from dtrain.model import hub
 from tests.helpers import REPO, run_dtrain
