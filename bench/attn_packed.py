@@ -55,8 +55,7 @@ def timed(model, batch, reps: int) -> float:
 
 
 def profile(model, batch, top: int) -> str:
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as prof
+    from torch.profiler import ProfilerActivity, profile as prof
 
     with prof(activities=[ProfilerActivity.CPU]) as p:
         step(model, batch)

@@ -36,8 +36,10 @@ if __package__ in (None, ""):  # run as `python bench/gpu_check.py`: import `ben
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from bench.presets import LLAMA_1B  # noqa: E402
-from bench.presets import LLAMA_TINY as LLAMA_TINY_MHA  # noqa: E402
+from bench.presets import (
+    LLAMA_1B,  # noqa: E402
+    LLAMA_TINY as LLAMA_TINY_MHA,  # noqa: E402
+)
 
 REPO, PY = common.REPO, common.PY
 # bench/run.py's tiny Llama (presets.LLAMA_TINY) with grouped-query attention (2 kv heads), as the 1B shape has

@@ -105,14 +105,18 @@ def train_and_eval(name: str, out: Path, steps: int, lr: float) -> dict:
     proc = _dtrain(["eval", "--model", MODEL, "--adapter", str(out / "adapter"), "--data", EVAL_DATA,
                     "--max-new-tokens", "12", "--batch-size", "25", "--out", str(ev)])
     acc = json.loads(proc.stdout.strip().splitlines()[-1])
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [x for x in rows if "eval_loss" in x]
     return {"name": name, "table": table, "targets": targets, "r": r, "init_seed": init_seed, "seed": seed,
-            "params": budget(targets, r), "base_eval_loss": evals[0]["eval_loss"],
-            "eval_loss": evals[-1]["eval_loss"], "train_loss": [x["loss"] for x in rows if "loss" in x][-1],
-            "step_s": step_seconds(out),
+            "params": budget(targets, r), **losses(out), "step_s": step_seconds(out),
             "exact_match": acc["exact_match"], "correct": acc["correct"], "total": acc["total"],
             "train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)}
+
+
+def losses(out: Path) -> dict:
+    """The run's eval loss before training and at the end, and its last training loss (metrics.jsonl)."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in rows if "eval_loss" in x]
+    return {"base_eval_loss": evals[0]["eval_loss"], "eval_loss": evals[-1]["eval_loss"],
+            "train_loss": [x["loss"] for x in rows if "loss" in x][-1]}
 
 
 def step_seconds(out: Path) -> float:

@@ -230,12 +230,23 @@ def main(argv: list[str] | None = None) -> int:
             "step_times": timed, "warmup_times": times[: args.warmup],
             "median_step_time_s": common.median(timed) if timed else math.nan,
             "losses": losses, "trainable_params": n_trainable, "total_params": n_total,
-            "peak_bytes_per_rank": [int(v) for v in gathered[:, 0].tolist()],
-            "peak_rss_bytes_per_rank": [int(v) for v in gathered[:, 1].tolist()],
-            "rss_before_model_per_rank": [int(v) for v in gathered[:, 2].tolist()],
-            "memory_kind": "cuda_max_allocated" if use_cuda else "rss_peak",
+            **memory_fields(gathered, use_cuda),
         })
         say(f"result written to {args.out}")
+    finish(accelerator, rank)
+    return 0
+
+
+def memory_fields(gathered, use_cuda: bool) -> dict:
+    """The per-rank peaks of gather_memory, as the result file records them."""
+    return {"peak_bytes_per_rank": [int(v) for v in gathered[:, 0].tolist()],
+            "peak_rss_bytes_per_rank": [int(v) for v in gathered[:, 1].tolist()],
+            "rss_before_model_per_rank": [int(v) for v in gathered[:, 2].tolist()],
+            "memory_kind": "cuda_max_allocated" if use_cuda else "rss_peak"}
+
+
+def finish(accelerator, rank: int) -> None:
+    """Wait for every rank, end accelerate's run and destroy the process group."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
     import torch.distributed as dist
@@ -244,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
     if rank == 0:
         say("process group destroyed")
-    return 0
 
 
 if __name__ == "__main__":

@@ -64,8 +64,7 @@ def _peaks() -> dict:
 def worker(mode: str, data: Path, cache: Path, procs: int, limit: int) -> dict:
     """One measurement in this process: 'old' (per record), 'new' (cache.build), 'hit' (prepare on a hit)."""
     from dtrain import data as data_lib
-    from dtrain.data import cache as cache_lib
-    from dtrain.data import chat
+    from dtrain.data import cache as cache_lib, chat
 
     tok, cfg = _tokenizer(), _cfg(data, cache, procs)
     if mode == "old":

@@ -6,9 +6,15 @@ class DtrainError(Exception):
 
     exit_code = 2
     # Under a launcher every rank reads the same config and data and raises the same error, so
-    # only rank 0 prints it. An error that happened on this rank alone sets `local` (files.together).
+    # only rank 0 prints it. An error that happened on this rank alone sets `local` (backends/collectives.together).
     local = False
 
 
 class ConfigError(DtrainError):
     """A config file or override is invalid."""
+
+
+class DiskFull(DtrainError):
+    """No space left on the device a checkpoint is written to (exit 1: not a config error)."""
+
+    exit_code = 1

@@ -65,9 +65,9 @@ class BaseWeights:
         if expert and w.dim() == 3:
             w = w[int(expert[2])]
         if self.bits:
-            from dtrain.model import quant
+            from dtrain.model import layers, quant
 
-            if self.quantized_head or not quant.default_skip(module):
+            if self.quantized_head or not layers.is_head_name(module):
                 w = quant.round_trip(w, self.bits)
         return w
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dtrain.backends.base import Backend
-from dtrain.backends.env import DistEnv
+from typing import TYPE_CHECKING
+
 from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
+
+if TYPE_CHECKING:  # the package itself stays light: dtrain.backends.launcher is read before torch
+    from dtrain.backends.base import Backend
+    from dtrain.backends.env import DistEnv
 
 
 def create(cfg: Config, env: DistEnv) -> Backend:

@@ -1,6 +1,7 @@
 """The one interface the trainer talks to. What a backend must do:
 
-* place and shard: `_build` (build empty, `assembly.prepare`, shard, fill the weights);
+* place and shard: `_build`, one sequence for every backend (build empty, `assembly.assemble`,
+  `_shard`, `_materialize`: storage and weights), with hooks a backend overrides;
 * step: `forward` / `loss`, `backward`, `step` (the torch optimizer path is here; `optim` makes
   the optimizer and schedule);
 * gather LoRA tensors and save / load its state: `full_state`, `load_full_state`,
@@ -25,11 +26,8 @@ from torch import nn
 from dtrain.backends.env import DistEnv
 from dtrain.backends.memory_view import TorchMemoryView
 from dtrain.config.schema import Config
-from dtrain.model import build as model_lib
-from dtrain.training import logps as logps_lib
-from dtrain.training import loss as loss_lib
-from dtrain.training import optim, reference
-from dtrain.training import step_options as step_opts
+from dtrain.model import build as model_lib, layers
+from dtrain.training import assembly, logps as logps_lib, loss as loss_lib, optim, reference
 
 
 class Backend(TorchMemoryView, ABC):
@@ -88,18 +86,18 @@ class Backend(TorchMemoryView, ABC):
         """(summed next-token loss, labelled tokens) of a micro-batch. With the chunked loss
         installed in the head (dtrain/training/loss.py) the model's forward returns that sum itself and no
         logits of the whole micro-batch ever exist; otherwise it is computed from the logits."""
-        head = step_opts.output_head(self.model)
+        head = layers.output_head(self.model)
         if not loss_lib.installed(head):
             return loss_lib.token_loss(self.forward(batch), batch["labels"])
         shifted = loss_lib.shift(batch["labels"]).to(self.device)
         with loss_lib.labels(head, shifted):
             total = loss_lib.check_passed_through(head, self.forward(batch), self.model.config.model_type)
-        return total, int((shifted != loss_lib.IGNORE).sum())
+        return total, loss_lib.labelled_tokens(batch["labels"])
 
     def row_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log p of each row's labelled tokens [rows], labelled tokens per row [rows]),
         chunked in the head when the chunked loss is installed (no logits of the micro-batch)."""
-        head = step_opts.output_head(self.model)
+        head = layers.output_head(self.model)
         shifted = loss_lib.shift(batch["labels"]).to(self.device)
         if loss_lib.installed(head):
             with loss_lib.labels(head, shifted, per_token=True):
@@ -211,9 +209,28 @@ class Backend(TorchMemoryView, ABC):
     def close(self) -> None:
         """Tear down process groups; safe to call twice."""
 
-    # ---- subclass steps ---------------------------------------------------------------------
+    # ---- the build sequence, written once; the hooks below say what a backend does differently -
+    def _build(self, config) -> nn.Module:
+        cfg = self.cfg
+        model = self._build_empty(config)
+        assembly.assemble(model, cfg)  # quantize, add LoRA, freeze, step options: before any sharding
+        self._shard(model)
+        # after sharding: the source reads logical shapes (DTensor, ZeRO-3's ds_shape), not local ones
+        source = model_lib.ModelSource(model_lib.base_source(cfg.model, model, cfg.training.seed), model)
+        self._materialize(model, source)
+        return model
+
+    def _build_empty(self, config) -> nn.Module:
+        """The model without storage (meta device): nothing is allocated before sharding."""
+        return model_lib.build_empty(config, model_lib.DTYPES[self.cfg.model.dtype],
+                                     trust_remote_code=self.cfg.model.trust_remote_code)
+
+    def _shard(self, model: nn.Module) -> None:
+        """Cut the model's parameters over the ranks (one process: nothing to do)."""
+
     @abstractmethod
-    def _build(self, config) -> nn.Module: ...
+    def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
+        """Storage for this rank's part of every parameter and buffer, filled from `source`."""
 
     def _setup_optimizer(self, total_steps: int, schedule: Callable[[int], float]) -> None:
         """torch AdamW over the trainable parameters and a LambdaLR (DeepSpeed hands both to its engine)."""

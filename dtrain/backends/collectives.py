@@ -4,12 +4,15 @@ start after a torchrun restart."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from dtrain.errors import DiskFull, DtrainError
 
 
 def restarted() -> int:
@@ -67,3 +70,27 @@ class ProcessGroupCollectives:
         """Tear down the process group; safe to call twice."""
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def together(backend, fn, every_rank: bool = False, what: str = "checkpoint write") -> None:
+    """Run `fn` on rank 0 (or on every rank), then let all ranks learn whether it failed, so that a
+    write error on one rank (disk full, permissions) ends every rank instead of leaving the others
+    waiting at the next collective. Also a barrier. `what` names the work in the error line."""
+    error: BaseException | None = None
+    if every_rank or backend.rank == 0:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+    failed = int(backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
+    if error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            error = DiskFull(f"no space left on device writing {error.filename or 'a checkpoint'}")
+        elif isinstance(error, OSError):
+            error = DtrainError(f"{what} failed: {error}")
+        if isinstance(error, DtrainError):
+            error.local = backend.rank != 0  # this rank's own failure: printed here, not only on rank 0
+            raise error from None
+        raise error
+    if failed:
+        raise DtrainError(f"{what} failed on {failed} other rank(s); see their error")

@@ -63,15 +63,14 @@ import torch
 from torch import nn
 
 from dtrain import faults
-from dtrain.backends import collectives, ds_config, heap, zero3_state
-from dtrain.backends import env as dist_env
+from dtrain.backends import collectives, ds_config, env as dist_env, heap, zero3_state
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
 from dtrain.backends.env import DistEnv
 from dtrain.config.schema import Config
 from dtrain.model import build as model_lib
 from dtrain.model.shapes import logical_numel
-from dtrain.training import assembly, optim
+from dtrain.training import optim
 
 GATHER_BUDGET_BYTES = 256 * 2**20  # full_state gathers at most this much at a time
 TRIM_EVERY_BYTES = 64 * 2**20  # _fill hands freed heap back to the OS after this much gathered (see heap.py)
@@ -139,29 +138,32 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
         self._trimmer = heap.StepTrimmer()
 
     # ---- build ------------------------------------------------------------------------------
-    def _build(self, config) -> nn.Module:
+    def _build_empty(self, config) -> nn.Module:
+        """Built inside `zero.Init`: each module's parameters are partitioned as it is constructed,
+        so no rank ever holds the whole model."""
         cfg, ds = self.cfg, self.ds
-        dtype = model_lib.DTYPES[cfg.model.dtype]
         # no_init_weights: every weight is filled from the source below, so skip HF's random init
         # (transformers' own from_pretrained does the same under DeepSpeed).
         model_lib.import_model_code(config, cfg.model.trust_remote_code)  # nothing imports inside zero.Init
         with ds.zero.Init(config_dict_or_path=self.ds_config), _no_init_weights():
-            model = model_lib.build_empty(config, dtype, device="cpu",
+            model = model_lib.build_empty(config, model_lib.DTYPES[cfg.model.dtype], device="cpu",
                                           trust_remote_code=cfg.model.trust_remote_code)
         heap.trim()
         # gather limits sized from the model just built (zero.Init above does not read them)
         self.ds_config = ds_config.build(cfg, self.env.world_size, ds_config.ModelSize.of(model, config))
-        assembly.prepare(model, self.cfg)
-        # LoRA (and any other new) parameters: partition them too, from rank 0's values.
-        ds.zero.Init(module=model, config_dict_or_path=self.ds_config)
+        return model
+
+    def _shard(self, model: nn.Module) -> None:
+        # what assembly added after the build (LoRA, quantized storage): partitioned from rank 0's values
+        self.ds.zero.Init(module=model, config_dict_or_path=self.ds_config)
+
+    def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
         model_lib.restore_buffers(model, self.device)
         for module in model.modules():  # zero.Init moves parameters only; the engine leaves buffers
             for key, buf in module._buffers.items():
                 if buf is not None and buf.device != self.device:
                     module._buffers[key] = buf.to(self.device)
-        self._fill(model, model_lib.ModelSource(
-            model_lib.base_source(cfg.model, model, cfg.training.seed), model))
-        return model
+        self._fill(model, source)
 
     def _fill(self, model: nn.Module, source: model_lib.WeightSource) -> None:
         """Every parameter from `source`, one module at a time (rank 0 reads, all ranks keep a shard)."""
@@ -188,9 +190,12 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
         def make_scheduler(optimizer):
             return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+        # the engine builds AdamW from the config's "optimizer" section (torch's, see ds_config.py)
+        # over these groups only: the LoRA parameters, so only they get Adam state; the scheduler
+        # goes in as a factory because the optimizer it steps is created inside initialize
         engine, optimizer, _, scheduler = self.ds.initialize(
             model=self.model, model_parameters=optim.optimizer_groups(self.model, self.cfg), config=self.ds_config,
-            lr_scheduler=make_scheduler, dist_init_required=False)
+            lr_scheduler=make_scheduler, dist_init_required=False)  # the process group exists already
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
 
     # ---- per step ---------------------------------------------------------------------------
@@ -202,6 +207,7 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
             return self.engine(**batch, use_cache=False).logits
 
     def backward(self, loss: torch.Tensor) -> None:
+        # the loss is already scaled to the global batch's mean (training/step.py): no 1/grad_accum
         self.engine.backward(loss, scale_wrt_gas=False)
         for name, g in self.local_grads().items():  # a planted fault (dtrain/faults.py) only
             if faults.dropped_grad(name):
@@ -285,10 +291,10 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
         zero3_state.load_rank_state(self, _subgroups(self.optimizer), state)
 
     def full_optimizer_state(self) -> dict:
-        return zero3_state.full_state(self, _subgroups(self.optimizer))
+        return zero3_state.full_optimizer_state(self, _subgroups(self.optimizer))
 
     def load_full_optimizer_state(self, state: dict) -> None:
-        zero3_state.load_full_state(self, _subgroups(self.optimizer), state)
+        zero3_state.load_full_optimizer_state(self, _subgroups(self.optimizer), state)
 
     @property
     def _names(self) -> dict[int, str]:

@@ -16,13 +16,10 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from dtrain import faults
-from dtrain.backends import collectives
-from dtrain.backends import env as dist_env
+from dtrain.backends import collectives, env as dist_env
 from dtrain.backends.base import Backend
 from dtrain.backends.collectives import ProcessGroupCollectives
-from dtrain.model import build as model_lib
-from dtrain.model import layers
-from dtrain.training import assembly
+from dtrain.model import build as model_lib, layers
 
 
 class FSDPBackend(ProcessGroupCollectives, Backend):
@@ -32,17 +29,6 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
             dist_env.ensure_rendezvous(env)
             collectives.init_process_group(env.dist_backend, env.rank, env.world_size, dist_env.pg_timeout(cfg),
                                            device_id=env.device if env.device.type == "cuda" else None)
-
-    def _build(self, config) -> nn.Module:
-        cfg = self.cfg
-        model = model_lib.build_empty(config, model_lib.DTYPES[cfg.model.dtype],
-                                      trust_remote_code=cfg.model.trust_remote_code)
-        assembly.prepare(model, self.cfg)
-        base = model_lib.base_source(cfg.model, model, cfg.training.seed)
-        source = model_lib.ModelSource(base, model)
-        self._shard(model)
-        self._materialize(model, source)
-        return model
 
     def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
         """Storage for this rank's shards, then its rows of the weights (a simulated backend on a

@@ -2,7 +2,7 @@
 backend and ``FakeStore``, as torchtitan's dry runs use) and a meta-device model, so that 64 or 512
 ranks of a 405B plan cost a few seconds and allocate nothing.
 
-The real backend's build runs unchanged (``model.build_empty``, ``assembly.prepare``: quantized
+The real backend's build runs unchanged (``model.build_empty``, ``assembly.assemble``: quantized
 storage, LoRA injection, freezing, the step options; then ``_shard``: ``fully_shard`` per decoder
 block, embeddings, head, root) except ``_materialize``: the shards stay on the meta device, laid out
 by FSDP2 exactly as on a real rank. Then dtrain's AdamW (``optim.make_adamw``) takes one step on

@@ -9,20 +9,14 @@ from torch import nn
 
 from dtrain.backends.base import Backend
 from dtrain.model import build as model_lib
-from dtrain.training import assembly
 
 
 class SingleBackend(Backend):
-    def _build(self, config) -> nn.Module:
-        model = model_lib.build_empty(config, model_lib.DTYPES[self.cfg.model.dtype],
-                                      trust_remote_code=self.cfg.model.trust_remote_code)
-        assembly.prepare(model, self.cfg)
-        base = model_lib.base_source(self.cfg.model, model, self.cfg.training.seed)
+    def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
         model.to_empty(device=self.device)
         model_lib.restore_buffers(model, self.device)
-        model_lib.fill_full(model, model_lib.ModelSource(base, model))
+        model_lib.fill_full(model, source)
         model.tie_weights()
-        return model
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dtrain.training.optim import hyper as _hyper
-from dtrain.training.optim import set_hyper as _set_hyper
+from dtrain.training.optim import hyper as _hyper, set_hyper as _set_hyper
 
 KEYS = ("exp_avg", "exp_avg_sq")
 ENGINE_COUNTERS = ("global_steps", "global_samples", "micro_steps", "skipped_steps")
@@ -37,7 +36,7 @@ def _slice(full: torch.Tensor, n: int, rank: int, world: int) -> torch.Tensor:
     return flat[rank * n: (rank + 1) * n]
 
 
-def full_state(backend, subgroups) -> dict:
+def full_optimizer_state(backend, subgroups) -> dict:
     """`Backend.full_optimizer_state` for ZeRO-3 (every rank calls it: all-gathers)."""
     opt, names, world = backend.optimizer, backend._names, backend.world_size
     params = {}
@@ -55,7 +54,7 @@ def full_state(backend, subgroups) -> dict:
             "scheduler": backend.scheduler.state_dict(), "engine": {**engine, "world_size": world}}
 
 
-def load_full_state(backend, subgroups, state: dict) -> None:
+def load_full_optimizer_state(backend, subgroups, state: dict) -> None:
     """`Backend.load_full_optimizer_state` for ZeRO-3: this rank's slices into the flat partitions."""
     opt, names, rank, world = backend.optimizer, backend._names, backend.rank, backend.world_size
     for group, flat in subgroups:

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
+from dtrain.backends import launcher
 from dtrain.errors import DtrainError
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dtrain.training import preempt
+    from dtrain.model import sources  # the preemption handler is in place already (dtrain.cli.main)
 
-    preempt.install()  # before importing torch: a SIGUSR1 during start-up must not be lost
-    from dtrain.config import schema as config
-
-    cfg = config.load(args.config, args.overrides)  # light imports: config errors come back fast
+    cfg = sources.load_config(args.config, args.overrides)  # light imports: config errors come back fast
     from dtrain.storage import outdir
 
     outdir.check_run_dir(cfg)  # every rank, before any writes: an earlier run is never lost
@@ -29,9 +26,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _config(args: argparse.Namespace) -> int:
     from dtrain.config import schema as config
+    from dtrain.model import sources
 
     if args.config:
-        cfg = config.load(args.config, args.overrides)
+        cfg = sources.load_config(args.config, args.overrides)
         print(config.yaml.safe_dump(config.to_dict(cfg), sort_keys=False), end="")
         return 0
     for key, default, help_ in config.describe_schema():
@@ -61,17 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _optional_commands() -> list[Callable]:
     """Subcommands living in their own modules: each registers a sub-parser that sets `func`."""
-    from dtrain.cli import analyze as analyze_cli
-    from dtrain.cli import download as download_cli
-    from dtrain.cli import env as env_cli
-    from dtrain.cli import estimate as estimate_cli
-    from dtrain.cli import generate as generate_cli
-    from dtrain.cli import import_model as import_cli
-    from dtrain.cli import memory as measure_cli
-    from dtrain.cli import merge as merge_cli
-    from dtrain.cli import plan as plan_cli
-    from dtrain.cli import slurm
-    from dtrain.cli import verify as verify_cli
+    from dtrain.cli import (
+        analyze as analyze_cli,
+        download as download_cli,
+        env as env_cli,
+        estimate as estimate_cli,
+        generate as generate_cli,
+        import_model as import_cli,
+        memory as measure_cli,
+        merge as merge_cli,
+        plan as plan_cli,
+        slurm,
+        verify as verify_cli,
+    )
 
     return [measure_cli.add_parser, estimate_cli.add_estimate_parser, plan_cli.add_parser, merge_cli.add_parser,
             slurm.add_slurm_parser, import_cli.add_parser, generate_cli.add_parsers, env_cli.add_parser,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _run(args)
     finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_PROCID" in os.environ:
+        if launcher.is_multi_process():
             import traceback
 
             from dtrain.backends.env import exit_now
@@ -100,22 +100,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except DtrainError as e:
-        if _rank() == 0 or e.local:  # every rank raises the same error: one line, not one per rank
+        if launcher.rank() == 0 or e.local:  # every rank raises the same error: one line, not one per rank
             for line in str(e).splitlines() or [""]:  # several findings (resume checks): one line each
                 print(f"dtrain: error: {line}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
         print("dtrain: interrupted", file=sys.stderr)
         return 130
-
-
-def _rank() -> int:
-    """This process's rank under a launcher (torchrun, deepspeed, srun), 0 when alone."""
-    for var in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 if __name__ == "__main__":

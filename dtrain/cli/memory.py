@@ -17,9 +17,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dtrain.config import schema as config_lib
 from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
+from dtrain.model import sources
 
 log = logging.getLogger("dtrain")
 DEFAULT_STEPS = 3
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure each mode, then (rank 0) write the report; returns 0."""
     from dtrain.memory import report
 
-    cfg = config_lib.load(args.config, args.overrides)
+    cfg = sources.load_config(args.config, args.overrides)
     if args.steps < 2:
         raise ConfigError(f"--steps {args.steps}: needs >= 2 (Adam's state appears at the first step)")
     out = Path(args.out) if args.out else Path(cfg.output.dir) / "memory"

@@ -254,13 +254,13 @@ def add_slurm_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 def run_slurm(args: argparse.Namespace) -> int:
     """Validate the config as the job will run it, write the script (config made absolute,
     workdir = cwd) and print its path."""
-    from dtrain.config import schema as config_lib
+    from dtrain.model import sources
     from dtrain.storage.outdir import check_target
 
     overrides = list(args.overrides)
     if not any(o.split("=", 1)[0].strip() == "training.resume" for o in overrides if "=" in o):
         overrides.append("training.resume=auto")  # what the script passes
-    config_lib.load(args.config, overrides)  # the job would fail on it: fail now, with its line
+    sources.load_config(args.config, overrides)  # the job would fail on it: fail now, with its line
     config = Path(args.config)
     out = Path(args.out) if args.out else Path(f"dtrain-{args.job_name}.sbatch")
     if not _NAME.fullmatch(args.job_name):

@@ -22,13 +22,13 @@ def add_parser(sub) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from dtrain.config import schema as config
+    from dtrain.model import sources
     from dtrain.training import preempt
 
     preempt.install()
     if args.steps < 2:
         raise ConfigError(f"--steps {args.steps}: at least 2 (B starts at zero, so A's first gradient is zero)")
-    cfg = config.load(args.config, args.overrides)
+    cfg = sources.load_config(args.config, args.overrides)
     out = Path(args.out or f"{cfg.output.dir.rstrip('/')}-verify")
     from dtrain.training import trainer, verify
 

@@ -13,8 +13,9 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from dtrain.config import names
+from dtrain.config.types import parse_duration
 from dtrain.errors import ConfigError
-from dtrain.model import hub
 
 Where = Callable[[str], str]  # dotted key -> "<config file>" or "override 'key=value'"
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -27,7 +28,6 @@ _CORE_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 def validate(cfg, where: Where) -> None:
     """Every cross-field check, in the order a user would fix them."""
-    resolve_named_models(cfg)
     _check_model(cfg.model, where)
     _check_lora(cfg.lora, where)
     _check_variants(cfg, where)
@@ -35,9 +35,7 @@ def validate(cfg, where: Where) -> None:
     _check_objective(cfg, where)
     _check_logging(cfg.logging, where)
     if cfg.training.time_limit is not None:  # parsed now: a typo fails at once, not hours later
-        from dtrain.training import deadline
-
-        deadline.parse_duration(cfg.training.time_limit, f"{where('training.time_limit')}: training.time_limit")
+        parse_duration(cfg.training.time_limit, f"{where('training.time_limit')}: training.time_limit")
 
 
 def _check_logging(logging_cfg, where: Where) -> None:
@@ -53,10 +51,8 @@ def _check_model(model, where: Where) -> None:
                           "(a local model directory) or model.arch (an inline architecture, random weights)")
     if model.path is None and model.arch is None:
         raise ConfigError(f"{where('model')}: model: set model.path (local dir) or model.arch (inline)")
-    if model.path is not None and not Path(model.path).is_dir() and not hub.is_hub_id(model.path):
-        from dtrain.model.importer import gguf_hint
-
-        why = gguf_hint(model.path, "model.path") or f"model.path = '{model.path}': directory not found"
+    if model.path is not None and not Path(model.path).is_dir() and not names.is_named_model(model.path):
+        why = names.gguf_hint(model.path, "model.path") or f"model.path = '{model.path}': directory not found"
         raise ConfigError(f"{where('model.path')}: {why}")
     if model.arch is not None:
         check_arch(model.arch, where)
@@ -175,22 +171,6 @@ def _check_objective(cfg, where: Where) -> None:
                           f"the completions in data.seq_len = {cfg.data.seq_len}")
 
 
-def resolve_named_models(cfg, download: bool | None = None) -> None:
-    """model.path / data.tokenizer may name a built-in model (`dtrain import --list`): its local
-    directory, imported on first use; or a Hub ID (`org/name[@revision]`): its snapshot in the HF
-    cache. Only rank 0 downloads (`download` None: by the launcher's rank); the other ranks keep the
-    ID until the trainer resolves it from rank 0's cache after the process group is up."""
-    from dtrain.model import importer
-
-    download = hub.is_main_process() if download is None else download
-    for section, key in ((cfg.model, "path"), (cfg.data, "tokenizer")):
-        value = getattr(section, key)
-        if importer.is_builtin(value) and not Path(value).is_dir():
-            setattr(section, key, str(importer.resolve(value)))
-        elif hub.is_hub_id(value) and (download or hub.offline()):
-            setattr(section, key, str(hub.resolve(value, f"{'model' if section is cfg.model else 'data'}.{key}")))
-
-
 def _check_paths(cfg, where: Where) -> None:
     """The local files the config names exist."""
     if cfg.training.eval_generate and (cfg.data.eval_path is None or cfg.model.path is None):
@@ -198,7 +178,7 @@ def _check_paths(cfg, where: Where) -> None:
                           "prompts and expected answers) and model.path (the base the adapter is loaded on)")
     _check_data_files(cfg.data, where)
     tok = cfg.data.tokenizer
-    if tok is not None and not Path(tok).is_dir() and not hub.is_hub_id(tok):
+    if tok is not None and not Path(tok).is_dir() and not names.is_named_model(tok):
         raise ConfigError(f"{where('data.tokenizer')}: data.tokenizer = '{cfg.data.tokenizer}': directory not found")
     ds = cfg.backend.deepspeed_config
     if ds is not None and not Path(ds).is_file():

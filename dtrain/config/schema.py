@@ -10,15 +10,14 @@ import dataclasses
 import json
 import re
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from dtrain.config.types import OverrideValue as _OverrideValue
-from dtrain.config.types import check as _check
-from dtrain.config.types import closest as _closest
+from dtrain.config.types import OverrideValue as _OverrideValue, check as _check, closest as _closest
 from dtrain.errors import ConfigError
 
 
@@ -208,8 +207,10 @@ def from_dict(raw: dict, source: str) -> Config:
     return _build(Config, raw, "", _Where(source, {}))
 
 
-def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or defaults when path is None), apply overrides, validate."""
+def load(path: str | Path | None, overrides: list[str] = (), resolve: Callable[[Config], None] | None = None) -> Config:
+    """Read a YAML config (or defaults when path is None), apply overrides, validate. `resolve`
+    (dtrain/model/sources.py's, for the commands that run a model) turns named models into their
+    directories before the checks; config/ itself never downloads or imports a model."""
     source = str(path) if path else "<defaults>"
     raw: dict = read_yaml(Path(path)) if path is not None else {}
     cli: dict[str, str] = {}  # dotted key -> the override that set it: errors name the override
@@ -217,10 +218,11 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
         cli[_apply_override(raw, item)] = item
     where = _Where(source, cli)
     cfg = _build(Config, raw, "", where)
-    from dtrain.config import checks as config_checks
-    from dtrain.config import paths
+    from dtrain.config import checks as config_checks, paths
 
     paths.resolve_config(cfg, Path(path).resolve().parent if path is not None else None)
+    if resolve is not None:
+        resolve(cfg)
     config_checks.validate(cfg, where)
     return cfg
 
@@ -308,11 +310,11 @@ def to_dict(cfg: Config) -> dict:
     """The resolved config as plain data (written to the run directory). A model resolved from the
     Hugging Face cache is written as `org/name@commit`: the run records the exact revision, and the
     file loads again on any machine whose cache holds (or can download) it."""
-    from dtrain.model import hub
+    from dtrain.config.names import display
 
     out = dataclasses.asdict(cfg)
-    out["model"]["path"] = hub.display(cfg.model.path)
-    out["data"]["tokenizer"] = hub.display(cfg.data.tokenizer)
+    out["model"]["path"] = display(cfg.model.path)
+    out["data"]["tokenizer"] = display(cfg.data.tokenizer)
     return out
 
 

@@ -1,6 +1,6 @@
 """The config schema's type machinery: coercing YAML and command-line values to a field's type
 (`int | None`, `list[float]`, `Literal[...]`, ...), range checks from the field's metadata, the
-description of a type for error messages, and the closest valid key for a typo. No dtrain imports.
+description of a type for error messages, the closest valid key for a typo, and durations. No dtrain imports.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -145,3 +146,19 @@ def describe(t: Any) -> str:
         else:
             parts.append({"dict": "a mapping", "int": "an integer"}.get(o.__name__, f"a {o.__name__}"))
     return " or ".join(parts)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, key: str = "training.time_limit") -> float:
+    """Seconds of '90s', '45m', '2h', '1d', '3600', 'HH:MM:SS', 'MM:SS' or SLURM's 'D-HH:MM:SS'."""
+    s = str(text).strip().lower()
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", s)
+    if m:
+        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", s)
+    if m:
+        d, h, mi, sec = (int(g) if g else 0 for g in m.groups())
+        return float(((d * 24 + h) * 60 + mi) * 60 + sec)
+    raise ConfigError(f"{key} = '{text}': not a duration (e.g. 90m, 2h, 3600s, 01:30:00, 1-00:00:00)")

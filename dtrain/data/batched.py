@@ -41,8 +41,8 @@ class BatchEncoder:
     def _prompt_response(self, rec: dict) -> tuple[str, str]:
         c = self.cfg
         if c.format == "alpaca":
-            instr, inp, out = (rec.get(f) for f in c.alpaca_fields)
-            return (instr if not (isinstance(inp, str) and inp.strip()) else f"{instr}\n\n{inp}") + "\n\n", out
+            user, out = chat.alpaca_turns(rec, c)
+            return user + "\n\n", out
         return rec[c.prompt_field], rec[c.response_field]
 
     def _chat(self, records: list[dict]) -> list[Pair | str]:

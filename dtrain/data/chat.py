@@ -43,11 +43,18 @@ def run_template(cfg: DataConfig, tokenizer) -> str | None:
     return None
 
 
+def alpaca_turns(rec: dict, cfg: DataConfig) -> tuple[str, str]:
+    """An Alpaca record's (user text, answer): the instruction, then its input after a blank line
+    when there is one. The one home of this prompt: rendered through a chat template, or (a
+    tokenizer without one) as `instruction` records are, with a blank line before the answer."""
+    instr, inp, out = (rec.get(f) for f in cfg.alpaca_fields)
+    return (instr if not (isinstance(inp, str) and inp.strip()) else f"{instr}\n\n{inp}"), out
+
+
 def to_messages(rec: dict, cfg: DataConfig) -> list[dict] | str:
     """The record's conversation as [{role, content}], or why it cannot be one."""
     if cfg.format == "alpaca":
-        instr, inp, out = (rec.get(f) for f in cfg.alpaca_fields)
-        user = instr if not (isinstance(inp, str) and inp.strip()) else f"{instr}\n\n{inp}"
+        user, out = alpaca_turns(rec, cfg)
         return [{"role": "user", "content": user}, {"role": "assistant", "content": out}]
     field = cfg.messages_field or DEFAULT_FIELD[cfg.format]
     turns = rec.get(field)

@@ -10,8 +10,7 @@ from pathlib import Path
 import torch
 
 from dtrain.config.schema import DataConfig
-from dtrain.data import cache
-from dtrain.data import sources as sources_lib
+from dtrain.data import cache, sources as sources_lib
 from dtrain.data.encode import Encoded, describe, encode
 from dtrain.data.ragged import Ragged
 from dtrain.data.rows import Examples, PairRows, pack_rows, pad_rows, pair_rows, split_indices

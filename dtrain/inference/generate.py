@@ -87,19 +87,18 @@ def load(model_dir: str | Path, adapters: list[str] = (), use: str | None = None
     """(model, tokenizer) from an HF directory, with adapters loaded as `DIR` or `NAME=DIR`; the
     tokenizer's chat template and the model's stop tokens are those of `chat_template` (a template
     or a .jinja file), else of the active adapter's run, else the model's own."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from dtrain.lora import ops as lora
-    from dtrain.lora import peft_format as adapter_lib
+    from dtrain.config.names import gguf_hint
+    from dtrain.lora import ops as lora, peft_format as adapter_lib
     from dtrain.model.build import DTYPES
+    from dtrain.model.tokenizer import load_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        from dtrain.model.importer import gguf_hint
-
         raise DtrainError(gguf_hint(model_dir, "--model") or f"--model '{model_dir}': no config.json in that directory")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(device)
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir, corpus=None)  # the one loader: local files only, one-line errors
     names, dirs = [], []
     for spec in adapters:
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)

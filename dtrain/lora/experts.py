@@ -33,8 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora
-from dtrain.lora import variants
+from dtrain.lora import layer as lora, variants
 from dtrain.model.shapes import logical_shape
 
 

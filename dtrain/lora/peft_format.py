@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dtrain.backends import collectives
 from dtrain.config.schema import Config
 from dtrain.errors import DtrainError
 from dtrain.lora import experts, ops, variants
@@ -109,7 +110,7 @@ def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tenso
             templates.write_settings(tmp, *chat)
         files.publish(tmp, out, {"kind": "adapter"})
 
-    files.together(backend, write)
+    collectives.together(backend, write, what="adapter write")
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -3,31 +3,9 @@
 ``estimate(spec, plan)`` is pure and never allocates the model; the ``ModelSpec`` it reads comes
 from ``dtrain.memory.model_spec``.
 
-Assumptions (derivations and references in docs/memory_estimate.md):
-
-* Sharding: FSDP full shard and DeepSpeed ZeRO-3 both shard every parameter, gradient and
-  optimizer tensor over all N = gpus * nodes ranks, so sharded bytes are divided by N
-  (padding to a multiple of N is ignored).
-* Full fine-tuning, mixed precision (bf16 / fp16) AdamW: 2 B 16-bit parameter + 2 B gradient
-  + 12 B optimizer state (fp32 master weight, fp32 m, fp32 v) = 16 B per parameter; in fp32:
-  4 + 4 + 8 = 16 B. ``fp32_grads`` keeps gradients in fp32 (4 B): 18 B, DeepSpeed's figure.
-* LoRA: frozen weights in the parameter dtype, or decoder-block linears quantized: int8 plus
-  one fp32 scale per output row, or NF4 (half a byte) plus one fp32 absmax per 64 weights;
-  embeddings, head, norms and biases stay in the parameter dtype. Adapters have r*(in+out)
-  parameters per target, in fp32, trained by fp32 AdamW: 4 + 4 + 8 = 16 B per parameter.
-* Gathered unit (transient, unsharded): FSDP gathers one unit at a time (a unit per decoder
-  block, the embeddings and the head each a unit when untied, a root unit holding the rest);
-  DeepSpeed gathers module by module (its own estimator's "largest layer") and, with dtrain's
-  generated limits on more than one rank, keeps up to one rank's share of the parameters
-  gathered for their reuse in backward (``ds_live_params``); the larger counts. Full FT holds
-  the gathered 16-bit parameters and one unit's gradients; LoRA holds the unit's frozen storage
-  (average bytes per parameter for the kept share), its adapters' fp32 parameters and gradients
-  and, when quantized, one dequantized weight of the largest linear.
-* Activations (per GPU, ``batch`` is the per-GPU micro-batch): Korthikanti et al. 2022 per
-  layer, generalised to GQA and gated MLPs; logits in fp32 (b*s*vocab*4); see
-  ``layer_activation_bytes``. LoRA adds its rank-r intermediate per target.
-* Not counted: CUDA context, allocator fragmentation, communication buckets, optimizer-step
-  transients, prefetch of a second unit.
+The assumptions are `ASSUMPTIONS` below (printed with every estimate); their derivations and
+references are docs/memory_estimate.md's. Not counted: CUDA context, allocator fragmentation,
+communication buckets, optimizer-step transients, prefetch of a second unit.
 """
 
 from __future__ import annotations
@@ -243,7 +221,7 @@ def parse_targets(text: str) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- arithmetic
 
 
-def select_targets(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearModule, ...]:
+def targeted_linears(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearModule, ...]:
     """Block linears matched by ``targets`` (suffixes, ``all-linear``: every block linear, or a
     preset of dtrain.lora.targets: attention-qv, attention, mlp, resolved from the linears' names)."""
     dense = tuple(lin for lin in spec.linears if not lin.fused)
@@ -386,7 +364,7 @@ def lora_breakdown(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...
 
 def estimate(spec: ModelSpec, plan: Plan) -> Estimate:
     """Per-GPU memory by category for full fine-tuning and for LoRA (pure arithmetic)."""
-    targets = select_targets(spec, plan.targets)
+    targets = targeted_linears(spec, plan.targets)
     return Estimate(
         spec=spec, plan=plan, lora_targets=targets,
         lora_params=lora_param_count(targets, plan.rank),

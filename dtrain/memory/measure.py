@@ -265,10 +265,10 @@ def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
     """
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (Adam's state appears at the first step), got {steps}")
-    backend, accum = trainer.backend, trainer.cfg.training.grad_accum
+    backend = trainer.backend
     watch = _Probe(backend)
     for step in range(steps):
-        batches = [trainer.train_data.take(trainer.plan.indices(step, m, backend.rank)) for m in range(accum)]
+        batches, _ = trainer.step_batches(step)
         step_lib.train_step(backend, batches, watch=watch if step == steps - 1 else None,
                             objective=trainer.objective)
     row = {**watch.row, **process_memory(backend.device)}

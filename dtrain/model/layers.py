@@ -92,6 +92,15 @@ def input_embeddings(model: nn.Module) -> nn.Module | None:
     return _named_module(model, "get_input_embeddings")
 
 
+# Names taken for output heads in a module that names none (a model's head: output_head).
+HEAD_NAMES = frozenset({"lm_head", "embed_out", "output", "output_layer", "score", "classifier", "qa_outputs", "head"})
+
+
+def is_head_name(name: str) -> bool:
+    """True for output heads by name alone: the last component of ``name`` is in ``HEAD_NAMES``."""
+    return name.rsplit(".", 1)[-1] in HEAD_NAMES
+
+
 def head_names(model: nn.Module) -> set[str]:
     """Qualified names of the output head module (empty where the model names none)."""
     head = output_head(model)

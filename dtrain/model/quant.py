@@ -46,8 +46,6 @@ from dtrain.model.layers import NF4_BLOCKSIZE  # noqa: F401  (quant.NF4_BLOCKSIZ
 from dtrain.model.shapes import logical_numel
 
 SUPPORTED_BITS = (8, 4)
-# Names taken for output heads in a module that names none (a model's head: layers.output_head).
-HEAD_NAMES = frozenset({"lm_head", "embed_out", "output", "output_layer", "score", "classifier", "qa_outputs", "head"})
 _BNB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -294,11 +292,6 @@ class QuantLinear(nn.Module):
 # ----------------------------------------------------------------------------- model helpers
 
 
-def default_skip(name: str) -> bool:
-    """True for output heads: the last component of ``name`` is in ``HEAD_NAMES``."""
-    return name.rsplit(".", 1)[-1] in HEAD_NAMES
-
-
 def _never(name: str) -> bool:  # quantization.include_head: no layer is kept
     return False
 
@@ -308,7 +301,7 @@ def skip_rule(include_head: bool, model: nn.Module | None = None) -> Callable[[s
     if include_head:
         return _never
     heads = layers.head_names(model) if model is not None else set()
-    return heads.__contains__ if heads else default_skip
+    return heads.__contains__ if heads else layers.is_head_name
 
 
 def _is_float_linear(module: nn.Module) -> bool:
@@ -332,14 +325,14 @@ def _adapter_module_ids(model: nn.Module) -> set[int]:
 def quantize_model(model: nn.Module, bits: int, skip: Callable[[str], bool] | None = None) -> int:
     """Replace every float ``nn.Linear`` (and transformers' Conv1D) in ``model`` by a ``QuantLinear``, in place.
     ``skip(name)`` gets the layer's qualified name and keeps the layer when true; default
-    ``default_skip`` (output heads such as ``lm_head``). A LoRA wrapper (any module whose
+    ``layers.is_head_name`` (output heads such as ``lm_head``). A LoRA wrapper (any module whose
     ``base_layer`` is an ``nn.Linear``) keeps its place: its ``base_layer`` is replaced, the name
     given to ``skip`` is the wrapper's, and the wrapper's other Linears (adapters such as
     ``lora_A``/``lora_B``) are never quantized. A Linear shared by several parents becomes one
     shared QuantLinear. Returns the number of Linear layers quantized.
     """
     _check_bits(bits)
-    skip_fn = default_skip if skip is None else skip
+    skip_fn = layers.is_head_name if skip is None else skip
     adapters = _adapter_module_ids(model)
     done: dict[int, QuantLinear] = {}
     for parent_name, parent in list(model.named_modules()):

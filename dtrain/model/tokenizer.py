@@ -12,7 +12,7 @@ BUILTIN_VOCAB = 512
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
 
-def load_tokenizer(directory: str | Path | None, corpus: str | Path,
+def load_tokenizer(directory: str | Path | None, corpus: str | Path | None = None,
                    trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
     """A local tokenizer, or (directory None) one built at run time from `corpus`."""
     if directory is None:

@@ -26,10 +26,6 @@ if TYPE_CHECKING:
 MARKER = "COMPLETE"
 
 
-class DiskFull(DtrainError):
-    """No space left on the device a checkpoint is written to (exit 1: not a config error)."""
-
-    exit_code = 1
 MARKER_FORMAT = 1
 
 
@@ -129,8 +125,15 @@ def publish(tmp: Path, final: Path, info: dict) -> None:
         fsync_path(d)
     write_json(tmp / MARKER, {**info, "format": MARKER_FORMAT, "files": sums})
     fsync_path(tmp)
+    replace_dir(tmp, final)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished directory `tmp` to `final`. An existing `final` (a stale copy, or one the
+    user asked to overwrite) is moved aside first and removed only once the new one is in place:
+    a crash in between leaves one of the two whole."""
     old = None
-    if final.exists():  # a stale or corrupt copy of the same directory: replace it
+    if final.exists():
         old = final.parent / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -163,31 +166,3 @@ def verify(directory: Path, required: Callable[[dict], list[str]] = lambda info:
         if sha256_file(p) != digest:
             return f"{rel} does not match its checksum (truncated or corrupted)"
     return None
-
-
-# ---- writes on several ranks ----------------------------------------------------------------
-
-def together(backend, fn, every_rank: bool = False) -> None:
-    """Run `fn` on rank 0 (or on every rank), then let all ranks learn whether it failed, so that a
-    write error on one rank (disk full, permissions) ends every rank instead of leaving the others
-    waiting at the next collective. Also a barrier."""
-    error: BaseException | None = None
-    if every_rank or backend.rank == 0:
-        try:
-            fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
-            error = e
-    import torch
-
-    failed = int(backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
-    if error is not None:
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            error = DiskFull(f"no space left on device writing {error.filename or 'a checkpoint'}")
-        elif isinstance(error, OSError):
-            error = DtrainError(f"checkpoint write failed: {error}")
-        if isinstance(error, DtrainError):
-            error.local = backend.rank != 0  # this rank's own failure: printed here, not only on rank 0
-            raise error from None
-        raise error
-    if failed:
-        raise DtrainError(f"checkpoint write failed on {failed} other rank(s); see their error")

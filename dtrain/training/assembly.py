@@ -7,14 +7,12 @@ from __future__ import annotations
 from torch import nn
 
 from dtrain.config.schema import Config
-from dtrain.lora import experts
-from dtrain.lora import ops as lora
+from dtrain.lora import experts, ops as lora
 from dtrain.lora.layer import AdapterSpec
-from dtrain.training import reference
-from dtrain.training import step_options as step_opts
+from dtrain.training import reference, step_options as step_opts
 
 
-def prepare(model: nn.Module, cfg: Config) -> None:
+def assemble(model: nn.Module, cfg: Config) -> None:
     """Quantize, add the adapter and freeze the base (mode lora), in place, before sharding; then
     the step options (checkpointing policy, compiled blocks, chunked-loss head)."""
     if cfg.quantization.bits in (8, 4):

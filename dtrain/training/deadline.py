@@ -7,28 +7,13 @@ and at least MIN_MARGIN_S. Pure Python, no torch: the trainer asks `due()` at it
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from datetime import datetime
 
-from dtrain.errors import ConfigError
+from dtrain.config.types import parse_duration  # noqa: F401  (deadline.parse_duration for its users)
 
 MIN_MARGIN_S = 5.0
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str, key: str = "training.time_limit") -> float:
-    """Seconds of '90s', '45m', '2h', '1d', '3600', 'HH:MM:SS', 'MM:SS' or SLURM's 'D-HH:MM:SS'."""
-    s = str(text).strip().lower()
-    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd]?)", s)
-    if m:
-        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    m = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", s)
-    if m:
-        d, h, mi, sec = (int(g) if g else 0 for g in m.groups())
-        return float(((d * 24 + h) * 60 + mi) * 60 + sec)
-    raise ConfigError(f"{key} = '{text}': not a duration (e.g. 90m, 2h, 3600s, 01:30:00, 1-00:00:00)")
 
 
 def slurm_end_time(env: dict | None = None) -> float | None:

@@ -48,13 +48,19 @@ def auto_chunk(vocab: int, budget: int = CHUNK_BUDGET_BYTES) -> int:
     return max(1, budget // (4 * vocab))
 
 
+def labelled_tokens(labels: torch.Tensor) -> int:
+    """The positions that are a labelled next-token target: every label after a row's first (the
+    one home of this count: the step's mean, the loss and the metrics all divide by it)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(sum of next-token cross-entropy over labelled tokens, number of labelled tokens)."""
     # Shift the labels, not the logits: slicing the logits would copy the largest tensor of the step.
     shift_labels = shift(labels).reshape(-1).to(logits.device)
     flat = logits.reshape(-1, logits.shape[-1]).float()
     total = F.cross_entropy(flat, shift_labels, ignore_index=IGNORE, reduction="sum")
-    return total, int((shift_labels != IGNORE).sum())
+    return total, labelled_tokens(labels)
 
 
 def _compute_dtype(weight: torch.Tensor, device_type: str) -> torch.dtype:
@@ -162,6 +168,8 @@ def install(head: nn.Module, chunk: int = 0) -> None:
         return loss
 
     head._dtrain_chunk = int(chunk) or auto_chunk(head.out_features)
+    # an instance attribute, not a subclass: FSDP2 and ZeRO-3 hook the module object itself, so the
+    # head keeps its parameters, its hooks and its type (PEFT and checkpoints still see an nn.Linear)
     head.forward = types.MethodType(forward, head)
 
 

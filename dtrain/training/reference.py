@@ -22,8 +22,7 @@ from torch import nn
 
 from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
-from dtrain.lora import ops as lora
-from dtrain.lora import peft_format as adapter_lib
+from dtrain.lora import ops as lora, peft_format as adapter_lib
 from dtrain.lora.layer import AdapterSpec
 
 REFERENCE = "reference"  # the frozen reference adapter's name inside the model

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from dtrain.data.rows import IGNORE
+from dtrain.training import loss as loss_lib
 
 
 class StepWatch:
@@ -26,11 +26,6 @@ class StepWatch:
         pass
 
 
-def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that are a next-token target (labels shifted by one)."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-
 class SFT:
     """The next-token objective: the loss is the mean over labelled tokens. An objective says what
     the step's mean is over (`count`) and gives a micro-batch's summed loss plus metric sums
@@ -40,10 +35,19 @@ class SFT:
     metric_names: tuple[str, ...] = ()
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return labelled_tokens(batch)
+        return loss_lib.labelled_tokens(batch["labels"])
 
     def loss(self, backend, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return backend.loss(batch)[0], torch.zeros(0, dtype=torch.float64)
+
+
+def objective(cfg):
+    """The step's objective: next-token (sft) or preference pairs (dpo)."""
+    if cfg.objective == "dpo":
+        from dtrain.training import dpo
+
+        return dpo.DPO(cfg)
+    return SFT()
 
 
 def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int = 0,
@@ -60,7 +64,7 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
     objective = objective or SFT()
     units = sum(objective.count(b) for b in batches)
     positions = sum(b["input_ids"].numel() for b in batches)
-    local = torch.tensor([units, sum(labelled_tokens(b) for b in batches), real_tokens, positions],
+    local = torch.tensor([units, sum(loss_lib.labelled_tokens(b["labels"]) for b in batches), real_tokens, positions],
                          dtype=torch.float64)
     global_units, global_tokens, global_real, global_positions = (int(v) for v in backend.all_reduce_sum(local))
     scale = backend.world_size / max(global_units, 1)

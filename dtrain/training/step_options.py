@@ -1,5 +1,5 @@
 """Where a step spends memory and time, chosen in the config and applied to the model before
-sharding (Backend.prepare): the gradient checkpointing policy, compiled decoder blocks, and the
+sharding (by training/assembly.assemble): the gradient checkpointing policy, compiled decoder blocks, and the
 chunked loss in the output head (dtrain/training/loss.py). None of this depends on the backend.
 
 Checkpointing policy (`model.gradient_checkpointing`, `model.gradient_checkpointing_every: N`):
@@ -25,18 +25,13 @@ from dtrain.model import layers
 from dtrain.training import loss as loss_lib
 
 
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks, in order (layers.decoder_blocks: their one home)."""
-    return layers.decoder_blocks(model)
-
-
 def apply_checkpointing(model: nn.Module, policy: bool | str, every: int) -> list[int]:
     """Turn on the checkpointing policy; returns the indices of the blocks that recompute."""
     from dtrain.model import build as model_lib
 
     if not policy:
         return []
-    blocks = decoder_blocks(model)
+    blocks = layers.decoder_blocks(model)
     chosen = [i for i in range(len(blocks)) if i % every == 0]
     if policy == "attention":
         for i in chosen:
@@ -76,7 +71,7 @@ def checkpoint_attention(attn: nn.Module) -> None:
 
 def compile_blocks(model: nn.Module) -> int:
     """torch.compile each decoder block's forward; returns how many were compiled."""
-    blocks = decoder_blocks(model)
+    blocks = layers.decoder_blocks(model)
     for block in blocks:
         block.forward = torch.compile(block.forward)
     return len(blocks)
@@ -114,18 +109,13 @@ def chunked_loss_wanted(setting: bool | str, mode: str, head: nn.Module | None, 
     return bool(setting)
 
 
-def output_head(model: nn.Module) -> nn.Module | None:
-    """The output head (layers.output_head: its one home)."""
-    return layers.output_head(model)
-
-
 def apply(model: nn.Module, cfg) -> None:
     """Every choice of this module the config makes, in place (before sharding). Silent: what was
     chosen is logged once the run has started (`describe`), so a later setup error stays one line."""
     m, t = cfg.model, cfg.training
     model._dtrain_checkpointed = apply_checkpointing(model, m.gradient_checkpointing, m.gradient_checkpointing_every)
     model._dtrain_compiled = compile_blocks(model) if m.compile_blocks else 0
-    head = output_head(model)
+    head = layers.output_head(model)
     if chunked_loss_wanted(t.chunked_loss, cfg.mode, head, model.config):
         loss_lib.install(head, t.loss_chunk_tokens)
 
@@ -139,8 +129,8 @@ def describe(model: nn.Module, cfg) -> list[str]:
         lines.append(f"gradient checkpointing ({kind}): blocks {_ranges(chosen, m.gradient_checkpointing_every)}")
     if getattr(model, "_dtrain_compiled", 0):
         lines.append(f"torch.compile: {model._dtrain_compiled} decoder blocks")
-    if loss_lib.installed(output_head(model)):
-        head = output_head(model)
+    if loss_lib.installed(layers.output_head(model)):
+        head = layers.output_head(model)
         how = "" if cfg.training.loss_chunk_tokens else " (from the vocabulary)"
         lines.append(f"chunked loss: on, {head._dtrain_chunk} tokens per chunk{how}, labelled positions only")
     return lines

@@ -9,8 +9,7 @@ import torch
 
 from dtrain.config.schema import Config
 from dtrain.errors import DtrainError
-from dtrain.training import deadline as deadline_lib
-from dtrain.training import preempt
+from dtrain.training import deadline as deadline_lib, preempt
 
 log = logging.getLogger("dtrain")
 

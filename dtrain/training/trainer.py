@@ -26,23 +26,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dtrain import backends, faults
-from dtrain import data as data_lib
-from dtrain import loggers as loggers_lib
-from dtrain.backends import env as dist
-from dtrain.config import checks as config_checks
+from dtrain import backends, data as data_lib, faults, loggers as loggers_lib
+from dtrain.backends import collectives, env as dist
 from dtrain.config import schema as config_lib
 from dtrain.config.schema import Config
 from dtrain.data.chat import run_template
 from dtrain.loggers import curve, flops
-from dtrain.lora import ops as lora
-from dtrain.lora import peft_format as adapter
-from dtrain.model import hub, templates
+from dtrain.lora import ops as lora, peft_format as adapter
+from dtrain.model import hub, sources, templates
 from dtrain.model.tokenizer import corpus_file, has_tokenizer, load_tokenizer
 from dtrain.storage import files, outdir
-from dtrain.training import checkpoint, preempt, reference, stopping
-from dtrain.training import step as step_lib
-from dtrain.training import step_options as step_opts
+from dtrain.training import checkpoint, preempt, reference, step as step_lib, step_options as step_opts, stopping
 
 log = logging.getLogger("dtrain")
 PREEMPT_EXIT = preempt.EXIT_CODE
@@ -66,7 +60,7 @@ class Trainer:
         self._pending: dict | None = None  # the metrics row of a step whose evaluation a preemption cut
         self.loggers: loggers_lib.MultiLogger | None = None  # rank 0 only
         self._mfu: tuple[float, float] | None = None  # (flops per token, peak FLOP/s): CUDA only
-        self.objective = objective_of(cfg)
+        self.objective = step_lib.objective(cfg)
 
     # ---- setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -112,28 +106,16 @@ class Trainer:
         except OSError as e:
             raise config_lib.ConfigError(f"output.dir = '{self.out}': cannot create it ({e.strerror})") from None
         if self.cfg.output.overwrite:
-            files.together(self.backend, lambda: outdir.clear_run(self.out))
+            collectives.together(self.backend, lambda: outdir.clear_run(self.out), what="clearing the run directory")
 
     def _resolve_hub_ids(self) -> None:
         """The other ranks read the snapshot rank 0 resolved (it downloaded before joining the process
         group, so it is complete): from its cache, shared across nodes (docs/hub.md). A rank that
         cannot find it ends every rank, not only itself."""
         cfg = self.cfg
-        named = [v for v in (cfg.model.path, cfg.data.tokenizer) if hub.is_hub_id(v) or hub.commit_of(v)]
-        if not named or self.env.world_size == 1:
-            return
-        error = None
-        if not self.env.is_main:
-            try:
-                config_checks.resolve_named_models(cfg, download=False)
-            except config_lib.ConfigError as e:
-                error, e.local = e, True
-        failed = int(self.backend.all_reduce_sum(torch.tensor(1.0 if error else 0.0)).item())
-        if error is not None:
-            raise error
-        if failed:
-            raise config_lib.ConfigError(f"{failed} rank(s) could not read the model rank 0 resolved from their "
-                                         "Hugging Face cache (see their error); the ranks need one shared HF_HUB_CACHE")
+        if self.env.world_size > 1 and any(hub.is_hub_id(v) or hub.commit_of(v) for v in (cfg.model.path, cfg.data.tokenizer)):
+            collectives.together(self.backend, lambda: sources.resolve_named_models(cfg, download=False), every_rank=True,
+                                 what="reading rank 0's Hub snapshot from this rank's HF cache (the ranks need one shared cache)")
 
     def _check_vocab(self) -> None:
         vocab = self.backend.model.config.vocab_size
@@ -228,7 +210,7 @@ class Trainer:
                 except preempt.Preempted:
                     stopped.append(True)
 
-            files.together(self.backend, gen_eval)
+            collectives.together(self.backend, gen_eval, what="generation eval")
             if self.stops.check(local=bool(stopped) or preempt.requested()):
                 return self._preempt()
         return None
@@ -276,13 +258,17 @@ class Trainer:
             self.loggers.close()
             self.loggers = None
 
+    def step_batches(self, step: int) -> tuple[list[dict], int]:
+        """This rank's micro-batches of optimizer step `step` (the seeded plan's picks: training and
+        the memory profiler take the same ones) and their real tokens."""
+        picks = [self.plan.indices(step, m, self.env.rank) for m in range(self.cfg.training.grad_accum)]
+        return [self.train_data.take(idx) for idx in picks], sum(self.train_data.real_tokens(idx) for idx in picks)
+
     def _train_step(self) -> dict:
-        start, rank, accum = time.perf_counter(), self.env.rank, self.cfg.training.grad_accum
-        picks = [self.plan.indices(self.state.step, m, rank) for m in range(accum)]
-        real = sum(self.train_data.real_tokens(idx) for idx in picks)
-        poison = faults.nan_loss(self.state.step + 1, rank, self.env.world_size)
-        result = step_lib.train_step(self.backend, [self.train_data.take(idx) for idx in picks], real,
-                                     objective=self.objective, poison=poison)
+        start = time.perf_counter()
+        batches, real = self.step_batches(self.state.step)
+        poison = faults.nan_loss(self.state.step + 1, self.env.rank, self.env.world_size)
+        result = step_lib.train_step(self.backend, batches, real, objective=self.objective, poison=poison)
         time.sleep(faults.step_delay())  # 0 unless a test plants slow_step (dtrain/faults.py)
         elapsed = time.perf_counter() - start
         positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
@@ -350,15 +336,6 @@ class Trainer:
     def cleanup(self) -> None:
         self._close_loggers()  # a run that failed before train() still ends its logger runs
         self.backend.close()
-
-
-def objective_of(cfg: Config):
-    """The step's objective: next-token (sft) or preference pairs (dpo)."""
-    if cfg.objective == "dpo":
-        from dtrain.training import dpo
-
-        return dpo.DPO(cfg)
-    return step_lib.SFT()
 
 
 def setup_logging(is_main: bool) -> None:

@@ -23,17 +23,13 @@ from pathlib import Path
 import torch
 
 from dtrain import backends
+from dtrain.backends import collectives
 from dtrain.backends.env import DistEnv
 from dtrain.config.schema import Config
 from dtrain.data import BatchPlan
-from dtrain.lora import base_weight
-from dtrain.lora import ops as lora
-from dtrain.lora import peft_format as adapter
-from dtrain.model import build as model_lib
-from dtrain.model import layers
-from dtrain.storage import files
-from dtrain.training import checkpoint
-from dtrain.training import step as step_lib
+from dtrain.lora import base_weight, ops as lora, peft_format as adapter
+from dtrain.model import build as model_lib, layers
+from dtrain.training import checkpoint, step as step_lib
 
 TOL = {"fp32": 1e-4, "bf16": 3e-2}  # relative loss / absolute logit tolerance per dtype
 QUANT_TOL = {8: 0.02, 4: 0.15}  # largest relative Frobenius error of a quantized base layer
@@ -219,5 +215,5 @@ def save_adapter(backend, cfg: Config, out: Path) -> Path:
 def together_result(backend, fn) -> list[Check]:
     """Run `fn` on rank 0 (the others wait; a failure ends every rank) and return its checks there."""
     box: list[Check] = []
-    files.together(backend, lambda: box.extend(fn()))
+    collectives.together(backend, lambda: box.extend(fn()), what="verify check")
     return box

@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from dtrain.config import schema as config_lib
 from dtrain.lora.ops import is_lora_param
 from dtrain.model.shapes import logical_numel
+from dtrain.model.sources import load_config
 from dtrain.training import trainer as trainer_lib
 
 
@@ -41,7 +41,7 @@ def fsdp_units(model: torch.nn.Module) -> list[str]:
 
 
 def main() -> None:
-    cfg = config_lib.load(sys.argv[1], sys.argv[2:])
+    cfg = load_config(sys.argv[1], sys.argv[2:])
     t = trainer_lib.Trainer(cfg)
     t.setup()
     t._train_step()

@@ -12,11 +12,11 @@ import time
 
 from dtrain import backends
 from dtrain.backends import env as dist
-from dtrain.config import schema as config_lib
+from dtrain.model.sources import load_config
 
 
 def main() -> None:
-    sleep, cfg = float(sys.argv[1]), config_lib.load(sys.argv[2], sys.argv[3:])
+    sleep, cfg = float(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
     env = dist.detect(cfg.backend.device, cfg.backend.dist_backend)
     backend = backends.create(cfg, env)
     import torch

@@ -139,10 +139,10 @@ def test_family_frozen_bytes_halved(request, runs, models, kind: str, family: st
 def test_family_adapter_loads_in_peft_and_equals_merge(runs, models, family: str, tmp_path) -> None:
     from peft import PeftModel
 
-    from dtrain.cli import merge as merge_cli
+    from dtrain.inference import merge as merge_lib
 
     run = runs["single"] / family
-    merged = merge_cli.merge(models / family, run / "adapter", tmp_path / "merged")
+    merged = merge_lib.merge(models / family, run / "adapter", tmp_path / "merged")
     ids = torch.randint(3, families.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     peft = PeftModel.from_pretrained(_hf_model(models, family), run / "adapter").eval()
     with torch.no_grad():

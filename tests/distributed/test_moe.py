@@ -104,7 +104,7 @@ def test_peft_logits_equal_merge_and_dtrain(moe_models, moe_runs, family, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dtrain.cli import merge as merge_cli
+    from dtrain.inference import merge as merge_lib
     from dtrain.lora import peft_format as adapter_lib
 
     ad_dir, base_dir = moe_runs / "single" / family / "adapter", moe_models / family
@@ -112,7 +112,7 @@ def test_peft_logits_equal_merge_and_dtrain(moe_models, moe_runs, family, tmp_pa
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(base_dir)(ids).logits
         peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), ad_dir)(ids).logits
-        merge_cli.merge(base_dir, ad_dir, tmp_path / "merged")
+        merge_lib.merge(base_dir, ad_dir, tmp_path / "merged")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
         own = AutoModelForCausalLM.from_pretrained(base_dir)
         adapter_lib.load_adapter(own, ad_dir)

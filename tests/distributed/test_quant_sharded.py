@@ -85,7 +85,7 @@ def test_adapter_trained_on_8bit_base_merges_into_the_full_precision_base(tmp_pa
     adapter merged into the full-precision base (a plain HF model): within 1% — the merged model
     differs from what training saw only by the 8-bit rounding of W0 (<= absmax/254 per weight) —
     and clearly below the base's own loss. `--base-bits 8` (dequantize, merge, bf16) within 1% too."""
-    from dtrain.cli.merge import merge
+    from dtrain.inference.merge import merge
 
     base, run = tmp_path / "base", tmp_path / "run"
     save_tiny_base(base)

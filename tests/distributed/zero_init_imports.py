@@ -13,7 +13,7 @@ from deepspeed.runtime.zero import partition_parameters as zero_pp
 
 from dtrain.backends import env as dist
 from dtrain.backends.deepspeed import DeepSpeedBackend
-from dtrain.config import schema as config_lib
+from dtrain.model.sources import load_config
 
 inside: list[str] = []
 enter, leave = zero_pp.InsertPostInitMethodToModuleSubClasses.__enter__, zero_pp.InsertPostInitMethodToModuleSubClasses.__exit__
@@ -32,7 +32,7 @@ def recording_exit(self, *exc):
 def main() -> None:
     zero_pp.InsertPostInitMethodToModuleSubClasses.__enter__ = recording_enter
     zero_pp.InsertPostInitMethodToModuleSubClasses.__exit__ = recording_exit
-    cfg = config_lib.load(sys.argv[1], sys.argv[2:])
+    cfg = load_config(sys.argv[1], sys.argv[2:])
     backend = DeepSpeedBackend(cfg, dist.detect(cfg.backend.device, cfg.backend.dist_backend))
     model = backend.build()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight

@@ -33,10 +33,8 @@ def _files(tmp: Path) -> dict[str, Path]:
     return f
 
 
-def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
-    """name -> (overrides after FAST, parts the error line must hold)."""
-    f = _files(tmp)
-    no_arch = "model.arch=null"
+def _config_cases() -> dict[str, tuple[list[str], list[str]]]:
+    """Errors of the config alone: name -> (overrides after FAST, parts the error line must hold)."""
     return {
         "regex": (["lora.target_regex=(q|v"], ["override 'lora.target_regex=(q|v'", "lora.target_regex = '(q|v'",
                                                 "not a valid regular expression"]),
@@ -49,6 +47,26 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
         "model_type": (["model.arch.model_type=nosuch"], ["model.arch: Unrecognized model identifier: nosuch"]),
         "rope_theta": (["model.arch.rope_theta=abc"], ["model: transformers cannot build a llama model from this "
                                                        "config (TypeError: "]),
+        "rank": (["lora.r=40"], ["lora.r = 40 is larger than min(in, out) = 32 of model.layers.0.self_attn.v_proj "
+                                 "(64 -> 32)"]),
+        "unmatched": (["lora.targets=[q_proj,lm_head]"], ["lora.targets = ['q_proj', 'lm_head']: lm_head matches no",
+                                                          "the model has: "]),
+        "no_causal_lm": (["model.arch.model_type=t5"], ["model: t5 has no causal-LM head in transformers"]),
+        "syntax_empty": (["=5"], ["override '=5': '' is not a key"]),
+        "syntax_dots": (["lora..r=5"], ["override 'lora..r=5': 'lora..r' is not a key"]),
+        "syntax_section": (["lora=5"], ["override 'lora=5': lora = 5: lora is a section, not a value",
+                                        "keys: r, alpha"]),
+
+    }
+
+
+def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (overrides after FAST, parts the error line must hold): the config's errors and
+    those of the files it names."""
+    f = _files(tmp)
+    no_arch = "model.arch=null"
+    return {
+        **_config_cases(),
         "path_and_arch": ([f"model.path={tmp / 'base'}"], ["model.path and model.arch are both set"]),
         "binary_data": ([f"data.path={f['binary.txt']}"], [f"data.path = '{f['binary.txt']}'", "binary"]),
         "empty_data": ([f"data.path={f['empty.txt']}"], [f"data.path = '{f['empty.txt']}': the file is empty"]),
@@ -60,19 +78,10 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
                                                                  "not a valid JSON file"]),
         "truncated": ([no_arch, f"model.path={f['truncated']}"], [f"'{f['truncated'] / 'model.safetensors'}' is not "
                                                                   "a readable safetensors file"]),
-        "rank": (["lora.r=40"], ["lora.r = 40 is larger than min(in, out) = 32 of model.layers.0.self_attn.v_proj "
-                                 "(64 -> 32)"]),
-        "unmatched": (["lora.targets=[q_proj,lm_head]"], ["lora.targets = ['q_proj', 'lm_head']: lm_head matches no",
-                                                          "the model has: "]),
-        "no_causal_lm": (["model.arch.model_type=t5"], ["model: t5 has no causal-LM head in transformers"]),
         "custom_code": ([no_arch, f"model.path={f['custom']}"], [f"model.path = '{f['custom']}': tinycustom is custom "
                                                                  "code", "model.trust_remote_code=true"]),
         "head_not_named": ([no_arch, f"model.path={f['custom']}", "model.trust_remote_code=true"],
                            ["model: tinycustom: TinyForCausalLM names no output head"]),
-        "syntax_empty": (["=5"], ["override '=5': '' is not a key"]),
-        "syntax_dots": (["lora..r=5"], ["override 'lora..r=5': 'lora..r' is not a key"]),
-        "syntax_section": (["lora=5"], ["override 'lora=5': lora = 5: lora is a section, not a value",
-                                        "keys: r, alpha"]),
     }
 
 

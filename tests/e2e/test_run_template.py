@@ -15,10 +15,9 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from dtrain.cli import merge as merge_cli
 from dtrain.config import schema as config_lib
 from dtrain.errors import ConfigError
-from dtrain.inference import generate
+from dtrain.inference import generate, merge as merge_lib
 from dtrain.model import importer, templates
 from dtrain.model.tokenizer import build_tokenizer
 from tests.helpers import REPO, TINY, run_dtrain
@@ -91,7 +90,7 @@ def test_the_run_keeps_its_template_and_stop_tokens_and_is_evaluated_with_them(r
         == [{"step": 8, "eval_exact_match": 1.0}]
     # without <end_of_turn> as a stop token the answers run on past the learned end of the turn
     assert all(len(ids) > len(r) for ids, r in zip(peft_answers(model_dir, out / "adapter", evals, [eos]), ref))
-    merged = merge_cli.merge(model_dir, out / "adapter", out.parent / "merged")  # generates as the adapter did
+    merged = merge_lib.merge(model_dir, out / "adapter", out.parent / "merged")  # generates as the adapter did
     model, tok = generate.load(merged)
     assert tok.chat_template == templates.GEMMA3 and model.generation_config.eos_token_id == [eos, eot]
 

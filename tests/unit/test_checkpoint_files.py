@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain import data as data_lib
-from dtrain import lora
+from dtrain import data as data_lib, lora
 from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
 from dtrain.config import schema as config_lib
@@ -24,7 +23,7 @@ from dtrain.data import BatchPlan
 from dtrain.errors import ConfigError
 from dtrain.lora import peft_format as adapter
 from dtrain.storage import files
-from dtrain.training import checkpoint, resume_check
+from dtrain.training import checkpoint, resume_check, state_tree
 from dtrain.training.loss import token_loss
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,10 +121,10 @@ def test_state_round_trip_without_pickle(trained, tmp_path):
     state = {"optimizer": backend.optimizer.state_dict(), "scheduler": backend.scheduler.state_dict(),
              "odd": {3: (1, 2.5, None), "__x__": [torch.empty(0, 4), torch.tensor(7.0)], "dt": torch.bfloat16,
                      "inf": math.inf, "np": np.float32(1.5)}}
-    tree, tensors = checkpoint.flatten_state(state)
+    tree, tensors = state_tree.flatten_state(state)
     files.write_tensors(tmp_path / "s.safetensors", tensors)
     files.write_json(tmp_path / "s.json", tree)
-    back = checkpoint.unflatten_state(json.loads((tmp_path / "s.json").read_text()),
+    back = state_tree.unflatten_state(json.loads((tmp_path / "s.json").read_text()),
                                       checkpoint.load_file(str(tmp_path / "s.safetensors")))
     assert back["odd"][3] == (1, 2.5, None) and back["odd"]["dt"] is torch.bfloat16 and back["odd"]["inf"] == math.inf
     assert back["odd"]["__x__"][0].shape == (0, 4) and torch.equal(back["odd"]["__x__"][1], torch.tensor(7.0))
@@ -135,14 +134,14 @@ def test_state_round_trip_without_pickle(trained, tmp_path):
             assert torch.equal(back["optimizer"]["state"][i][k], v)
     backend.optimizer.load_state_dict(back["optimizer"])  # loadable as it is
     with pytest.raises(TypeError, match="cannot store"):
-        checkpoint.flatten_state({"f": object()})
+        state_tree.flatten_state({"f": object()})
 
 
 def test_rng_state_round_trip():
-    plain, tensors = checkpoint.rng_state()
+    plain, tensors = state_tree.rng_state()
     plain = json.loads(json.dumps(plain))
     first = (torch.rand(3), random.random(), np.random.rand())
-    checkpoint.set_rng_state(plain, tensors)
+    state_tree.set_rng_state(plain, tensors)
     second = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
 

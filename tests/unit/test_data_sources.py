@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.config import paths
-from dtrain.config import schema as config_lib
+from dtrain.config import paths, schema as config_lib
 from dtrain.config.schema import DataConfig
 from dtrain.data import cache, encode, load_records
 from dtrain.errors import ConfigError

@@ -11,7 +11,7 @@ import pytest
 
 from dtrain.config import schema as config_lib
 from dtrain.errors import ConfigError
-from dtrain.model import hub
+from dtrain.model import hub, sources
 from tests.helpers import REPO, env_for_tests
 from tests.hub_cache import add_snapshot
 
@@ -75,6 +75,7 @@ def test_estimate_reads_a_hub_models_config(hf_cache):
 
 
 def test_config_records_the_commit(hf_cache, tmp_path):
-    cfg = config_lib.load(None, [f"model.path={ID}@v2"])
+    assert config_lib.load(None, [f"model.path={ID}@v2"]).model.path == f"{ID}@v2"  # config/ itself resolves nothing
+    cfg = sources.load_config(None, [f"model.path={ID}@v2"])
     assert hub.commit_of(cfg.model.path) == "b" * 40
     assert config_lib.to_dict(cfg)["model"]["path"] == f"{ID}@{'b' * 40}"

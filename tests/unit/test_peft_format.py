@@ -21,9 +21,9 @@ from dtrain import lora
 from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
 from dtrain.cli import app as cli
-from dtrain.cli import merge as merge_cli
 from dtrain.config import schema as config_lib
 from dtrain.errors import DtrainError
+from dtrain.inference import merge as merge_lib
 from dtrain.lora import peft_format as adapter
 from dtrain.model.tokenizer import build_tokenizer
 from dtrain.training.loss import token_loss
@@ -183,7 +183,7 @@ def test_task_switching_matches_each_merged_model(base_dir, dtrain_adapter, peft
     model = load_base(base_dir)
     for name, (adapter_dir, _) in {"mine": dtrain_adapter, "theirs": peft_adapter}.items():
         adapter.load_adapter(model, adapter_dir, name)
-        merge_cli.merge(base_dir, adapter_dir, tmp_path / name)
+        merge_lib.merge(base_dir, adapter_dir, tmp_path / name)
     torch.testing.assert_close(logits(model), dtrain_adapter[1], atol=ATOL, rtol=0)  # first stays active
     for name in ["theirs", "mine", "theirs"]:
         lora.set_adapter(model, name)
@@ -208,7 +208,7 @@ def test_variant_adapters_round_trip_with_peft(base_dir, tmp_path, variant):
     spec = adapter.load_adapter(mine, out, "back")
     assert getattr(spec, variant) is True
     torch.testing.assert_close(logits(mine), want, atol=ATOL, rtol=0)
-    merge_cli.merge(base_dir, out, tmp_path / "merged")
+    merge_lib.merge(base_dir, out, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     reference = theirs.merge_and_unload()
     for name, p in reference.named_parameters():
@@ -238,7 +238,7 @@ def test_dora_adapter_of_an_8bit_base_merges_into_the_dequantized_weights(base_d
 
     out = tmp_path / "adapter"
     train_dtrain(base_dir, out, "lora.use_dora=true", "quantization.bits=8", "lora.targets=[q_proj,v_proj]")
-    merge_cli.merge(base_dir, out, tmp_path / "merged", base_bits=8)
+    merge_lib.merge(base_dir, out, tmp_path / "merged", base_bits=8)
     model = load_base(base_dir)
     quant.quantize_model(model, 8)
     adapter.load_adapter(model, out)

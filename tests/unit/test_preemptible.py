@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtrain.errors import ConfigError
+from dtrain.errors import ConfigError, DiskFull
 from dtrain.model.tokenizer import load_tokenizer
-from dtrain.storage import files
 from dtrain.training import checkpoint, deadline, preempt, resume_check, stopping
 from tests.unit.test_checkpoint_files import PLAN, lora_state, make_backend, make_cfg, train_step
 
@@ -151,7 +150,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["mount", "-o", f"remount,size={used + size // 2}", str(out)], check=True)
         want = lora_state(backend)
         train_step(backend, 1)
-        with pytest.raises(files.DiskFull) as e:
+        with pytest.raises(DiskFull) as e:
             checkpoint.save_training(backend, cfg, out, 2, PLAN)
         need = sum(t.numel() * t.element_size() for t in want.values()) * 3  # adapter + AdamW's two moments
         free = shutil.disk_usage(out).free

@@ -64,12 +64,12 @@ def test_suffixes_and_all_linear_pass_through():
 
 
 def test_estimator_block_names_take_presets():
-    from dtrain.memory.estimate import select_targets
+    from dtrain.memory.estimate import targeted_linears
     from dtrain.memory.model_spec import spec_from_config
 
     spec = spec_from_config({"model_type": "llama", **DECODER}, "tiny")
-    assert sorted(lin.name for lin in select_targets(spec, ("mlp",))) == sorted(LLAMA["mlp"])
-    assert sorted(lin.name for lin in select_targets(spec, ("attention-qv",))) == sorted(LLAMA["attention-qv"])
+    assert sorted(lin.name for lin in targeted_linears(spec, ("mlp",))) == sorted(LLAMA["mlp"])
+    assert sorted(lin.name for lin in targeted_linears(spec, ("attention-qv",))) == sorted(LLAMA["attention-qv"])
 
 
 @pytest.mark.ondemand  # a training run; the presets' targets are resolved in process above

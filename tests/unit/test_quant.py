@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dtrain.model.layers import HEAD_NAMES, is_head_name
 from dtrain.model.quant import (
-    HEAD_NAMES,
     NF4_BLOCKSIZE,
     QuantLinear,
-    default_skip,
     nf4_code,
     quantize_model,
     quantized_bytes,
@@ -209,11 +208,11 @@ def test_bad_arguments() -> None:
         QuantLinear.from_linear(_linear(), 8)(torch.randn(2, IN + 1))
 
 
-def test_default_skip() -> None:
+def test_head_names_by_name() -> None:
     assert "lm_head" in HEAD_NAMES
-    assert default_skip("lm_head") and default_skip("model.score")
-    assert not default_skip("model.layers.0.self_attn.q_proj")
-    assert not default_skip("bert.encoder.layer.0.output.dense")
+    assert is_head_name("lm_head") and is_head_name("model.score")
+    assert not is_head_name("model.layers.0.self_attn.q_proj")
+    assert not is_head_name("bert.encoder.layer.0.output.dense")
 
 
 class _FakeLoRA(nn.Module):
@@ -309,7 +308,7 @@ def test_merge_finds_the_layers_the_trainer_quantized(tmp_path, include_head: bo
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dtrain.cli.merge import _quantized_keys
+    from dtrain.inference.merge import _quantized_keys
     from dtrain.model.quant import QuantLinear, quantize_model, skip_rule
     from tests.helpers import TINY
 

@@ -13,8 +13,7 @@ from dtrain import lora
 from dtrain.config import schema as config_lib
 from dtrain.config.schema import ModelConfig
 from dtrain.lora import experts
-from dtrain.model import build as model_lib
-from dtrain.model import hub
+from dtrain.model import build as model_lib, hub
 from tests.helpers import REPO, run_dtrain
 from tools import recipes_table
 
@@ -60,7 +59,7 @@ def test_recipe_builds_on_meta_and_targets_resolve(name, monkeypatch):
     model = model_lib.build_empty(hf, torch.bfloat16, "meta")
     assert lora.count_parameters(model)[1] == PUBLISHED[recipe.model]
     targets = recipe.get("lora", "targets")
-    names, params = experts.resolve(model, targets, None, None)  # what assembly.prepare adapts
+    names, params = experts.resolve(model, targets, None, None)  # what assembly.assemble adapts
     per_layer = PER_LAYER[targets] if isinstance(targets, str) else len(targets)
     assert len(names) + len(params) == per_layer * hf.num_hidden_layers
     lora.inject(model, names, lora.AdapterSpec(r=recipe.get("lora", "r")))

@@ -15,6 +15,7 @@ from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
 from dtrain.config import schema as config
 from dtrain.errors import ConfigError
+from dtrain.model import layers
 from dtrain.training import step_options as step_opts
 from tests.helpers import REPO, TINY
 
@@ -38,7 +39,7 @@ def batch(seed: int) -> dict[str, torch.Tensor]:
 def run_counting(backend: SingleBackend) -> tuple[float, dict, dict]:
     """One forward + backward; (loss, LoRA grads, forward calls of each block's q_proj and mlp)."""
     counts: dict[str, int] = {}
-    for i, block in enumerate(step_opts.decoder_blocks(backend.model)):
+    for i, block in enumerate(layers.decoder_blocks(backend.model)):
         for part in ("self_attn.q_proj", "mlp"):
             module = block.get_submodule(part)
             key = f"{i}.{part.split('.')[0]}"
@@ -90,5 +91,5 @@ def test_compiled_blocks_equal_eager() -> None:
     assert abs(l1 - l2) <= 1e-5 * l1
     for k in g1:
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-5)
-    block = step_opts.decoder_blocks(compiled.model)[0]
+    block = layers.decoder_blocks(compiled.model)[0]
     assert hasattr(block.forward, "_torchdynamo_orig_callable") or "compile" in type(block.forward).__name__.lower()

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from dtrain import lora
-from dtrain.cli import merge as merge_cli
 from dtrain.errors import ConfigError, DtrainError
+from dtrain.inference import merge as merge_lib
 from dtrain.lora import dora, peft_format, variants
 from dtrain.lora.layer import AdapterSpec
 
@@ -124,7 +124,7 @@ def test_a_toy_variant_runs_through_the_layer_and_the_model_operations(gated):
     lora.merge(model)
     torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(up.base_layer.weight, base.up.weight + g[:, None] * (b @ a) * 2.0, atol=1e-6, rtol=1e-6)
-    merged = merge_cli._merged(base.up.weight.detach(), {"lora_A": a, "lora_B": b, "lora_gate": g}, 2.0)
+    merged = merge_lib._merged(base.up.weight.detach(), {"lora_A": a, "lora_B": b, "lora_gate": g}, 2.0)
     torch.testing.assert_close(merged, up.base_layer.weight, atol=1e-6, rtol=1e-6)  # `dtrain merge`'s path
     lora.unmerge(model)
     torch.testing.assert_close(up.base_layer.weight, base.up.weight, atol=1e-6, rtol=1e-6)
