@@ -5,8 +5,9 @@ modules, for: frozen experts (LoRA on attention only; transformers' own experts 
 `grouped_mm` path and its `eager` per-expert loop), dtrain's expert LoRA (tokens sorted by expert,
 grouped matmuls for W and for A, B; W + BA never built), PEFT 0.21's expert LoRA (ParamWrapper,
 which materialises W + BA for the whole expert stack every forward) and full fine-tuning of the
-experts. Prints a markdown table and appends it, with the machine, versions and load, to
-bench/RESULTS.md (--no-write to skip).
+experts; and dtrain's expert LoRA on int8 expert weights (dtrain/model/expert_quant.py). Prints a
+markdown table and appends it, with the machine, versions and load, to bench/RESULTS.md (--no-write
+to skip).
 
     python bench/moe_experts.py [--steps 5] [--no-write]
 """
@@ -52,6 +53,8 @@ def build(variant: str):
     if variant.startswith("dtrain expert LoRA"):
         experts.inject(model, experts.select_parameters(model, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
                        spec)
+        if "int8" in variant:  # quantization.bits=8 on the experts: dequantized one expert at a time
+            experts.quantize(model, 8)
     lora.freeze_base(model)
     if variant.startswith("full FT"):
         for name, p in model.named_parameters():
@@ -90,6 +93,7 @@ def measure(variant: str, steps: int) -> dict:
 
 
 VARIANTS = ["frozen (HF grouped_mm)", "frozen (HF eager loop)", "dtrain expert LoRA (grouped)",
+            "dtrain expert LoRA, int8 experts (grouped)",
             "PEFT expert LoRA (W + BA per forward)", "full FT of the experts"]
 
 
@@ -120,7 +124,7 @@ def main() -> None:
             f"expert width {ARCH['moe_intermediate_size']}, {ARCH['num_hidden_layers']} layers, {BATCH} x {SEQ} "
             f"tokens per step, fp32, LoRA r={RANK} (attention in every variant, experts where named); "
             f"median of {args.steps} steps after 2 warm-up.\n")
-    text = head + "\n" + table(rows) + "\n"
+    text = head + "\n" + table(rows) + f"\n\nLoad at the end: {os.getloadavg()[0]:.2f}.\n"
     print(text)
     if not args.no_write:
         with open(Path(__file__).with_name("RESULTS.md"), "a", encoding="utf-8") as f:

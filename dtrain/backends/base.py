@@ -214,9 +214,10 @@ class Backend(TorchMemoryView, ABC):
         cfg = self.cfg
         model = self._build_empty(config)
         assembly.assemble(model, cfg)  # quantize, add LoRA, freeze, step options: before any sharding
-        self._shard(model)
-        # after sharding: the source reads logical shapes (DTensor, ZeRO-3's ds_shape), not local ones
+        # the source is matched against the whole model's names and ties before FSDP2 replaces its
+        # parameters by DTensors (ZeRO-3's build-time partitions keep theirs: ds_shape is read)
         source = model_lib.ModelSource(model_lib.base_source(cfg.model, model, cfg.training.seed), model)
+        self._shard(model)
         self._materialize(model, source)
         return model
 

@@ -219,8 +219,39 @@ def _quantized_keys(model, bits: int, include_head: bool = False) -> dict[str, i
 
     model = _empty_model(model) if isinstance(model, (str, Path)) else model
     skip = quant.skip_rule(include_head, model)
-    return {f"{n}.weight": bits for n, m in model.named_modules()
+    keys = {f"{n}.weight": bits for n, m in model.named_modules()
             if (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and not skip(n)}
+    return {**keys, **_quantized_expert_keys(model, bits)}
+
+
+def _quantized_expert_keys(model, bits: int) -> dict[str, int | tuple[int, bool]]:
+    """Fused expert weights, quantized per expert (dtrain/model/expert_quant.py): the fused key ->
+    (bits, transposed); the per-expert tensors a checkpoint may store instead -> bits (each expert's
+    rows quantize alone: int8 is per row; NF4's blocks of 64 match where a part's size is a multiple)."""
+    from dtrain.lora import experts
+    from dtrain.model.expert_weights import LEGACY, stored_names
+
+    out: dict[str, int | tuple[int, bool]] = {}
+    for n, m in model.named_modules():
+        if not experts.is_experts_module(m):
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() == 3:
+                out[f"{n}.{pname}"] = (bits, bool(m.is_transposed))
+                for part in (x for parts in LEGACY.get(pname, ()) for x in parts):
+                    for key in (f"{n}.{e}.{part}.weight" for e in range(p.shape[0])):
+                        out.update({k: bits for k in [key, *stored_names(key)]})
+    return out
+
+
+def _round_trip(t: torch.Tensor, bits: int | tuple[int, bool], conv1d: bool) -> torch.Tensor:
+    """deq(q(t)) as dtrain stored `t` while training: [out, in] rows, per expert for a fused weight."""
+    from dtrain.model import expert_quant
+    from dtrain.model.quant import round_trip
+
+    if isinstance(bits, tuple):
+        return expert_quant.round_trip(t.float(), *bits)
+    return round_trip(t.float().t(), bits).t() if conv1d else round_trip(t.float(), bits)
 
 
 def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,
@@ -244,10 +275,7 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
                 for key in h.keys():
                     t = h.get_tensor(key)
                     if key in (quantized or {}):
-                        from dtrain.model.quant import round_trip
-
-                        t = round_trip(t.float().t(), quantized[key]).t() if key in transposed else \
-                            round_trip(t.float(), quantized[key])  # as dtrain quantized it: [out, in]
+                        t = _round_trip(t, quantized[key], key in transposed)
                     cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
                     if key in deltas:
                         ab = deltas[key]

@@ -34,6 +34,7 @@ from torch.nn import functional as F
 
 from dtrain.errors import ConfigError
 from dtrain.lora import layer as lora, variants
+from dtrain.model import expert_quant
 from dtrain.model.shapes import logical_shape
 
 
@@ -77,7 +78,10 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], transpos
 def _project(experts: nn.Module, name: str, x: torch.Tensor, counts: list[int], ids: torch.Tensor,
              adapters: dict) -> torch.Tensor:
     """One expert projection of the sorted rows: frozen weight (+ bias), plus the LoRA update."""
-    y = grouped_linear(x, getattr(experts, name), counts, experts.is_transposed)
+    if name in expert_quant.quantized(experts):  # 8-/4-bit storage: dequantized one expert at a time
+        y = expert_quant.grouped_linear(experts, name, x, counts)
+    else:
+        y = grouped_linear(x, getattr(experts, name), counts, experts.is_transposed)
     if experts.has_bias:
         y = y + getattr(experts, f"{name}_bias")[ids]
     if name in adapters:
@@ -89,8 +93,9 @@ def _project(experts: nn.Module, name: str, x: torch.Tensor, counts: list[int], 
 def lora_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                          top_k_weights: torch.Tensor, _lora: dict | None = None) -> torch.Tensor:
     """The experts module's forward with the LoRA updates of `_lora` ({param: (A, B, s)})."""
-    if not _lora:
+    if not _lora and not expert_quant.quantized(self):  # the class forward reads float weights only
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    _lora = _lora or {}
     tokens, k = hidden_states.shape[0], top_k_index.shape[-1]
     ids, perm = torch.sort(top_k_index.reshape(-1))
     x = hidden_states[perm // k]
@@ -119,20 +124,18 @@ class ExpertLoRA(lora.LoRALinear):
     def __init__(self, base_layer: nn.Module, param_name: str, qualified_name: str = "") -> None:
         nn.Module.__init__(self)
         experts = innermost(base_layer)
-        for attr in ("has_gate", "has_bias", "is_transposed", "num_experts"):
-            if not hasattr(experts, attr):
-                raise ConfigError(f"lora.target_parameters: {qualified_name} belongs to a {type(experts).__name__}, "
-                                  "not a transformers experts module dtrain can adapt; target its linear layers "
-                                  "with lora.targets")
-        shape = logical_shape(getattr(experts, param_name))
+        if not is_experts_module(experts):
+            raise ConfigError(f"lora.target_parameters: {qualified_name} belongs to a {type(experts).__name__}, "
+                              "not a transformers experts module dtrain can adapt; target its linear layers "
+                              "with lora.targets")
+        shape = expert_quant.param_shape(experts, param_name)
         self.base_layer, self.param_name, self.qualified_name = base_layer, param_name, qualified_name
         self.num_experts = int(shape[0])
         # [E, out, in], or [E, in, out] for transposed experts (gpt-oss), as PEFT reads the shape
         self.transposed = bool(experts.is_transposed)
         self.in_features, self.out_features = (shape[1], shape[2]) if self.transposed else (shape[2], shape[1])
         self.init_adapters()
-        if "forward" not in experts.__dict__:
-            experts.forward = types.MethodType(lora_experts_forward, experts)
+        _use_grouped_forward(experts)
 
     def unwrapped(self) -> nn.Module:
         """The experts module, its own forward restored (after merge: the base model's module)."""
@@ -141,6 +144,9 @@ class ExpertLoRA(lora.LoRALinear):
         return inner
 
     def base_param(self) -> nn.Parameter:
+        if self.param_name in expert_quant.quantized(innermost(self)):
+            raise RuntimeError(f"{self.qualified_name}: its 8-/4-bit storage cannot take a merged update; "
+                               "dtrain merge folds the adapter into the float checkpoint")
         return getattr(innermost(self), self.param_name)
 
     def add_adapter(self, spec: lora.AdapterSpec) -> None:
@@ -148,7 +154,7 @@ class ExpertLoRA(lora.LoRALinear):
         if variant.flag or spec.dropout > 0:  # plain LoRA only
             raise ConfigError("lora.target_parameters: expert LoRA takes no lora.use_dora and no lora.dropout "
                               "(as PEFT's ParamWrapper: dropout cannot be factored out of a fused expert weight)")
-        device = self.base_param().device
+        device = next(innermost(self).parameters()).device
         rank = spec.r * self.num_experts
         self.lora_A[spec.name] = ExpertFactor(self.in_features, rank, "lora_A", self.num_experts, device)
         self.lora_B[spec.name] = ExpertFactor(rank, self.out_features, "lora_B", self.num_experts, device)
@@ -213,10 +219,36 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, str]]:
     for name, module in model.named_modules():
         if isinstance(module, (ExpertLoRA, ExpertFactor)):
             continue
+        metas = expert_quant.quantized(module)
+        storage = {p + s: p for p, m in metas.items() for s in expert_quant.SUFFIXES[m.bits]}
         for pname, p in module.named_parameters(recurse=False):
-            if len(logical_shape(p)) == 3:
+            if pname in storage and storage[pname] + expert_quant.SUFFIXES[metas[storage[pname]].bits][0] == pname:
+                out.append((unwrapped_name(name), storage[pname]))  # a quantized expert weight, once
+            elif pname not in storage and len(logical_shape(p)) == 3:
                 out.append((unwrapped_name(name), pname))
     return out
+
+
+def is_experts_module(module: nn.Module) -> bool:
+    """A transformers 5 experts module with fused 3-D weights that the grouped forward can run."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts"))
+
+
+def _use_grouped_forward(experts: nn.Module) -> None:
+    if "forward" not in experts.__dict__:
+        experts.forward = types.MethodType(lora_experts_forward, experts)
+
+
+def quantize(model: nn.Module, bits: int) -> int:
+    """Store every fused expert weight of `model` at `bits` (dtrain/model/expert_quant.py), in place;
+    those experts run the grouped forward from then on. Returns the experts modules quantized."""
+    done = 0
+    for module in list(model.modules()):
+        if not isinstance(module, ExpertLoRA) and is_experts_module(module) and \
+                expert_quant.quantize_module(module, bits):
+            _use_grouped_forward(module)
+            done += 1
+    return done
 
 
 def select_parameters(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
@@ -229,10 +261,23 @@ def select_parameters(model: nn.Module, targets: list[str]) -> list[tuple[str, s
     for t in targets:
         hits = [(m, p) for m, p in have if f"{m}.{p}" == t or f"{m}.{p}".endswith("." + t)]
         if not hits:
-            raise ConfigError(f"lora.target_parameters: {t!r} matches no 3-D parameter; the model has: {listing}")
+            raise ConfigError(_no_match(model, t, listing))
         chosen += [h for h in hits if h not in chosen]
     order = {h: i for i, h in enumerate(have)}
     return sorted(chosen, key=order.__getitem__)
+
+
+def _no_match(model: nn.Module, target: str, listing: str) -> str:
+    """The one line for a target_parameters entry that names no 3-D parameter: a 2-D one (a router's
+    weight) is said to be refused, as dtrain's LoRA on a parameter is per expert only."""
+    other = next(((unwrapped_name(n), p) for n, p in model.named_parameters()
+                  if unwrapped_name(n) == target or unwrapped_name(n).endswith("." + target)), None)
+    if other is None:
+        return f"lora.target_parameters: {target!r} matches no 3-D parameter; the model has: {listing}"
+    shape = list(logical_shape(other[1]))
+    return (f"lora.target_parameters: {target!r} is the {len(shape)}-D parameter {other[0]} {shape}, which dtrain "
+            f"does not adapt (only fused 3-D expert weights: {listing}; a router stays frozen, a linear layer "
+            "goes in lora.targets)")
 
 
 def inject(model: nn.Module, targets: list[tuple[str, str]], spec: lora.AdapterSpec) -> list[ExpertLoRA]:

@@ -249,10 +249,9 @@ def quantized_weight_bytes(lin: LinearModule, bits: int, param_bytes: int) -> in
     """Bytes of one layer's frozen weight (not its bias) stored at ``bits``.
 
     8: int8 + one fp32 scale per output row; 4: packed NF4 (two per byte) + one fp32 absmax
-    per ``NF4_BLOCK`` weights; 16: the parameter dtype. A fused expert weight stays in the
-    parameter dtype (dtrain quantizes nn.Linear layers only).
+    per ``NF4_BLOCK`` weights; 16: the parameter dtype. A fused expert weight counts per expert, as
+    dtrain/model/expert_quant.py stores it (each expert quantized on its own [out, in]).
     """
-    bits = 16 if lin.fused else bits
     n = lin.weight_params
     if bits == 8:
         return n + 4 * lin.out_features

@@ -60,7 +60,7 @@ class LinearModule:
     out_features: int
     count: int
     bias: bool = False
-    fused: bool = False  # one expert of a fused 3-D expert weight (count: layers x experts); never quantized
+    fused: bool = False  # one expert of a fused 3-D expert weight (count: layers x experts)
 
     @property
     def weight_params(self) -> int:
@@ -272,7 +272,7 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
     others = (_own_params(m) for m in model.modules() if id(m) not in linear_ids)
     in_linears = {id(p) for m in model.modules() if id(m) in linear_ids for p in m.parameters()}
     other_shapes = _shape_counts(p.shape for p in {id(p): p for p in model.parameters()}.values()
-                                 if id(p) not in in_linears)
+                                 if id(p) not in in_linears and p.dim() != 3)  # 3-D: fused experts, in `linears`
     return ModelSpec(
         name=name, total_params=total, embedding_params=sum(emb.values()),
         head_params=sum(n for i, n in head_own.items() if i not in emb), linears=linears,

@@ -22,7 +22,7 @@ from dtrain.config.schema import ModelConfig
 from dtrain.errors import ConfigError
 from dtrain.lora.layer import LoRALinear
 from dtrain.lora.ops import is_lora_param
-from dtrain.model import expert_weights as expert_checkpoint, layers
+from dtrain.model import expert_quant, expert_weights as expert_checkpoint, layers
 from dtrain.model.hf import (  # noqa: F401
     check_causal_lm,
     checkpoint_renamings,
@@ -283,9 +283,13 @@ class QuantSource:
         self.base = base
         self.bits = {n: m.bits for n, m in model.named_modules() if layers.is_quantized(m)}
         self.transposed = {n for n, m in model.named_modules() if getattr(m, "stored_transposed", False)}
+        self.experts = expert_quant.storage_map(model)
         self._cache: tuple[str, dict[str, torch.Tensor]] | None = None
+        self._expert_cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        if name in self.experts:
+            return self._read_experts(name, rows)
         module, _, leaf = name.rpartition(".")
         if module not in self.bits or leaf not in quant_storage_names():
             return self.base.read(name, rows)
@@ -297,6 +301,16 @@ class QuantSource:
             self._cache = (module, quantize_rows(w, self.bits[module]))
         full = self._cache[1][leaf]
         return full if rows is None else full[rows]
+
+
+    def _read_experts(self, name: str, rows: slice | None) -> torch.Tensor:
+        """Storage or scales of quantized expert weights: only the experts in `rows` are read and
+        quantized (each expert's storage depends on that expert's weight only)."""
+        float_name, which, meta = self.experts[name]
+        key = (float_name, None if rows is None else (rows.start, rows.stop))
+        if self._expert_cache is None or self._expert_cache[0] != key:
+            self._expert_cache = (key, expert_quant.quantize_stack(self.base.read(float_name, rows), meta))
+        return self._expert_cache[1][which]
 
 
 def quant_storage_names() -> tuple[str, ...]:
@@ -319,9 +333,10 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
                 stored = (m.in_features, m.out_features) if getattr(m, "stored_transposed", False) else \
                     (m.out_features, m.in_features)
                 shapes[f"{n}.weight"] = torch.Size(stored)
+        shapes.update({f: meta.shape for f, _, meta in expert_quant.storage_map(model).values()})
         std = float(getattr(model.config, "initializer_range", 0.02))
         source = RandomSource(seed, std, shapes)
-    quantized = any(layers.is_quantized(m) for m in model.modules())
+    quantized = any(layers.is_quantized(m) or expert_quant.quantized(m) for m in model.modules())
     return QuantSource(source, model) if quantized else source
 
 
@@ -329,6 +344,7 @@ def base_weight_names(model: nn.Module) -> list[str]:
     """The checkpoint tensors the frozen base needs: each parameter once (tied ones under their
     first name), a quantized layer's float `weight` instead of its storage, no LoRA tensors."""
     quantized = {n for n, m in model.named_modules() if layers.is_quantized(m)}
+    experts = expert_quant.storage_map(model)
     names: list[str] = []
     for name, _ in model.named_parameters():
         if is_lora_param(name):
@@ -336,6 +352,7 @@ def base_weight_names(model: nn.Module) -> list[str]:
         module, _, leaf = name.rpartition(".")
         if module in quantized and leaf in quant_storage_names():
             name = f"{module}.weight"
+        name = experts[name][0] if name in experts else name  # a quantized expert weight: its float tensor
         if name not in names:
             names.append(name)
     return names

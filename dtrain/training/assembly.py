@@ -20,6 +20,7 @@ def assemble(model: nn.Module, cfg: Config) -> None:
 
         skip = quant.skip_rule(cfg.quantization.include_head, model)
         quant.quantize_model(model, cfg.quantization.bits, skip=skip)
+        experts.quantize(model, cfg.quantization.bits)  # fused 3-D expert weights (no nn.Linear)
     if cfg.mode == "lora":
         c = cfg.lora
         names, params = experts.resolve(model, c.targets, c.target_regex, c.target_parameters)

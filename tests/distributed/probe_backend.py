@@ -29,6 +29,9 @@ def storage(backend) -> dict:
         "all_trainable_are_lora": all(is_lora_param(n) for n in trainable),
         "quant_storage_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_int8", "weight_nf4"))),
         "quant_scale_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_scale", "weight_absmax"))),
+        # fused expert weights (dtrain/expert_quant.py): `<param>_int8` / `_nf4` and `_scale` / `_absmax`
+        "expert_storage_bytes": sum(v for n, v in frozen.items() if ".experts." in n and n.endswith(("_int8", "_nf4"))),
+        "expert_scale_bytes": sum(v for n, v in frozen.items() if ".experts." in n and n.endswith(("_scale", "_absmax"))),
         "full_frozen_bytes": sum(logical_numel(p) * p.element_size() for p in params.values() if not p.requires_grad),
     }
 

@@ -92,6 +92,11 @@ def test_bad_input_is_one_line(models):
     with pytest.raises(ConfigError, match=r"'mlp.experts.w1' matches no 3-D parameter; the model has: "
                                           r"experts.down_proj, experts.gate_up_proj"):
         experts.select_parameters(model, ["mlp.experts.w1"])
+    with pytest.raises(ConfigError, match=r"^lora.target_parameters: 'mlp.gate.weight' is the 2-D parameter "
+                                          r"model.layers.0.mlp.gate.weight \[4, 32\], which dtrain does not adapt "
+                                          r"\(only fused 3-D expert weights: experts.down_proj, experts.gate_up_proj; "
+                                          r"a router stays frozen, a linear layer goes in lora.targets\)$"):
+        experts.select_parameters(model, ["mlp.gate.weight"])  # Mixtral's router (a TopKRouter, no nn.Linear)
     with pytest.raises(ConfigError, match="no lora.use_dora and no lora.dropout"):
         experts.inject(model, [("model.layers.0.mlp.experts", "down_proj")], lora.AdapterSpec(use_dora=True))
     proc = run_dtrain(["train", "configs/tiny.yaml", "lora.targets=experts", "training.max_steps=1"], check=False)
