@@ -74,20 +74,28 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout: int) -> tuple[in
     return proc.returncode, usage.ru_maxrss / 1024, log.read_text(errors="replace")
 
 
-def run_dtrain(a, msgs: Path, packing: bool, work: Path, tag: str) -> dict:
-    out = work / f"dtrain-{tag}"
+def dtrain_overrides(a, msgs: Path, packing: bool, out: Path, work: Path) -> list[str]:
+    return [f"data.path={msgs}", "data.format=messages", f"data.seq_len={a.seq_len}",
+            f"data.packing={str(packing).lower()}", "data.eval_fraction=0.0", f"data.cache_dir={work / 'cache'}",
+            f"lora.r={a.r}", f"lora.alpha={2 * a.r}", "lora.targets=all-linear", "lora.dropout=0.0",
+            f"training.micro_batch_size={a.micro_batch}", f"training.max_steps={a.warmup + a.steps}",
+            "training.warmup_steps=0", "training.min_lr_ratio=1.0", f"training.lr={a.lr}", "training.eval_every=0",
+            f"training.seed={a.seed}", "backend.name=none", "backend.device=cpu", f"output.dir={out}",
+            "output.overwrite=true", "logging.loss_curve=false", *a.set]
+
+
+def dtrain_config(a, work: Path) -> Path:
     cfg = work / "dtrain.yaml"
     cfg.write_text(f"model:\n  path: {a.model}\n")
-    overrides = [f"data.path={msgs}", "data.format=messages", f"data.seq_len={a.seq_len}",
-                 f"data.packing={str(packing).lower()}", "data.eval_fraction=0.0", f"data.cache_dir={work / 'cache'}",
-                 f"lora.r={a.r}", f"lora.alpha={2 * a.r}", "lora.targets=all-linear", "lora.dropout=0.0",
-                 f"training.micro_batch_size={a.micro_batch}", f"training.max_steps={a.warmup + a.steps}",
-                 "training.warmup_steps=0", "training.min_lr_ratio=1.0", f"training.lr={a.lr}", "training.eval_every=0",
-                 f"training.seed={a.seed}", "backend.name=none", "backend.device=cpu", f"output.dir={out}",
-                 "output.overwrite=true", "logging.loss_curve=false", *a.set]
+    return cfg
+
+
+def run_dtrain(a, msgs: Path, packing: bool, work: Path, tag: str) -> dict:
+    out = work / f"dtrain-{tag}"
+    overrides = dtrain_overrides(a, msgs, packing, out, work)
     env = common.child_env(False) | {"OMP_NUM_THREADS": str(a.threads)}
-    rc, rss, text = run_measured([common.PY, "-m", "dtrain", "train", str(cfg), *overrides], env, work / f"{tag}.log",
-                                 a.timeout)
+    cmd = [common.PY, "-m", "dtrain", "train", str(dtrain_config(a, work)), *overrides]
+    rc, rss, text = run_measured(cmd, env, work / f"{tag}.log", a.timeout)
     if rc != 0:
         return {"error": common.error_line(work / f"{tag}.log")}
     rows = [r for r in common.read_jsonl(out / "metrics.jsonl") if "loss" in r and "tokens_per_s" in r]
@@ -97,38 +105,89 @@ def run_dtrain(a, msgs: Path, packing: bool, work: Path, tag: str) -> dict:
             "steps": len(timed)}
 
 
-def run_trl(a, pc: Path, packing: bool, work: Path, tag: str) -> dict:
+def first_batch(a, msgs: Path, packing: bool, work: Path) -> tuple[Path, int]:
+    """dtrain's own first micro-batch (its tokens cache, its seeded plan, step 0, rank 0) as
+    pre-tokenized records for TRL: (the jsonl, how many examples it holds). Packed, that is every
+    example laid in the micro-batch's rows; TRL packs them padding-free again, and since a
+    padding-free batch is one flat sequence with positions restarting per example, how they are
+    grouped into rows does not change the maths as long as all of them are in TRL's first batch."""
+    from dtrain import config as config_lib, data as data_lib
+    from dtrain.model.tokenizer import corpus_file, load_tokenizer
+
+    cfg = config_lib.load(dtrain_config(a, work), dtrain_overrides(a, msgs, packing, work / "unused", work))
+    tok = load_tokenizer(cfg.model.path, corpus_file(cfg.data.path))
+    train = data_lib.prepare(cfg.data, tok, cfg.training.seed).train
+    plan = data_lib.BatchPlan(len(train), a.micro_batch, 1, 1, cfg.training.seed)
+    seqs = train.subset(plan.indices(0, 0, 0)).tokens.seqs()
+    path = work / f"first-batch-{'on' if packing else 'off'}.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": ids, "completion_mask": [int(v != data_lib.IGNORE) for v in labels]}) + "\n"
+                            for ids, labels in seqs))
+    return path, len(seqs)
+
+
+def trl_cmd(a, data: Path, packing: bool, out: Path, steps: int, micro_batch: int) -> list[str]:
+    return [common.PY, str(common.BENCH / "trl_worker.py"), "--model", a.model, "--data", str(data), "--out", str(out),
+            "--packing", str(int(packing)), "--steps", str(steps), "--seq-len", str(a.seq_len),
+            "--micro-batch", str(micro_batch), "--r", str(a.r), "--lr", str(a.lr), "--seed", str(a.seed)]
+
+
+def run_trl_worker(a, cmd: list[str], work: Path, tag: str) -> tuple[dict | None, float, str]:
+    """(the worker's VS_TRL record or None, its peak RSS MiB, an error line)."""
     env = common.child_env(False) | {"OMP_NUM_THREADS": str(a.threads)}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(a.trl_site).resolve()), env["PYTHONPATH"]])
-    cmd = [common.PY, str(common.BENCH / "trl_worker.py"), "--model", a.model, "--data", str(pc), "--out",
-           str(work / f"trl-{tag}"), "--packing", str(int(packing)), "--steps", str(a.warmup + a.steps),
-           "--seq-len", str(a.seq_len), "--micro-batch", str(a.micro_batch), "--r", str(a.r), "--lr", str(a.lr),
-           "--seed", str(a.seed)]
     rc, rss, text = run_measured(cmd, env, work / f"{tag}.log", a.timeout)
     line = next((ln for ln in text.splitlines() if ln.startswith("VS_TRL ")), None)
     if rc != 0 or line is None:
-        return {"error": text.strip().splitlines()[-1][:300] if text.strip() else f"exit {rc}"}
-    got = json.loads(line[len("VS_TRL "):])
+        return None, rss, text.strip().splitlines()[-1][:300] if text.strip() else f"exit {rc}"
+    return json.loads(line[len("VS_TRL "):]), rss, ""
+
+
+def run_trl(a, pc: Path, packing: bool, work: Path, tag: str) -> dict:
+    cmd = trl_cmd(a, pc, packing, work / f"trl-{tag}", a.warmup + a.steps, a.micro_batch)
+    got, rss, err = run_trl_worker(a, cmd, work, tag)
+    if got is None:
+        return {"error": err}
     rates = [t / s for t, s in zip(got["tokens"], got["step_s"])][a.warmup:]
-    share = [t / (a.micro_batch * a.seq_len) for t in got["tokens"]][a.warmup:] if packing else None
-    return {"tok_s": common.median(rates), "rss_mib": rss, "real_share": common.median(share) if share else None,
+    share = [t / p for t, p in zip(got["tokens"], got["positions"])][a.warmup:]
+    return {"tok_s": common.median(rates), "rss_mib": rss, "real_share": common.median(share),
             "first_loss": got["losses"][0], "steps": len(rates)}
+
+
+def trl_first_loss(a, msgs: Path, packing: bool, work: Path) -> dict:
+    """TRL's first-step loss on dtrain's first micro-batch (one step, all of it in one batch)."""
+    data, n = first_batch(a, msgs, packing, work)
+    key = "on" if packing else "off"
+    got, _, err = run_trl_worker(a, trl_cmd(a, data, packing, work / f"trl-first-{key}", 1, n), work, f"trl-first-{key}")
+    return {"error": err} if got is None else {"loss": got["losses"][0], "tokens": got["tokens"][0], "examples": n}
 
 
 def fmt(v, spec: str = ".1f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def same_batch(runs: dict) -> str:
+    """'dtrain / TRL (diff)' first-step losses on the identical first batch, or why not."""
+    first, d = runs.get("first"), [r for r in runs["dtrain"] if "first_loss" in r]
+    if not first or not d:
+        return "n/a"
+    if "error" in first:
+        return f"TRL failed: {first['error'][:80]}"
+    diff = abs(d[0]["first_loss"] - first["loss"])
+    return f"{d[0]['first_loss']:.6f} / {first['loss']:.6f} ({diff:.1e}{'' if diff <= 1e-4 else ', > 1e-4'})"
+
+
 def table(results: dict, a) -> str:
-    """Markdown: per packing setting, each repetition's rates, the medians' ratio, RSS, real share."""
+    """Markdown: per packing setting, each repetition's rates, the medians' ratio, RSS, real share,
+    the first-step losses of each tool's own first batch and of the identical first batch."""
     lines = ["| packing | dtrain real tok/s | TRL real tok/s | dtrain / TRL | peak RSS MiB dtrain / TRL | "
-             "real-token share dtrain / TRL | first-step loss dtrain / TRL |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "real-token share dtrain / TRL | first-step loss, own batch dtrain / TRL | "
+             "first-step loss, same batch dtrain / TRL (diff) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for packing, runs in results.items():
         d = [r for r in runs["dtrain"] if "tok_s" in r]
         t = [r for r in runs["trl"] if "tok_s" in r]
         if not d or not t:
             errs = [r["error"] for r in runs["dtrain"] + runs["trl"] if "error" in r]
-            lines.append(f"| {packing} | failed: {errs[:1]} | | | | | |")
+            lines.append(f"| {packing} | failed: {errs[:1]} | | | | | | |")
             continue
         dm, tm = common.median([r["tok_s"] for r in d]), common.median([r["tok_s"] for r in t])
         lines.append(
@@ -136,7 +195,7 @@ def table(results: dict, a) -> str:
             f"{dm / tm:.2f}x | {max(r['rss_mib'] for r in d):,.0f} / {max(r['rss_mib'] for r in t):,.0f} "
             f"({max(r['rss_mib'] for r in d) / max(r['rss_mib'] for r in t):.2f}x) | "
             f"{fmt(d[0]['real_share'], '.1%')} / {fmt(t[0]['real_share'], '.1%')} | "
-            f"{d[0]['first_loss']:.4f} / {t[0]['first_loss']:.4f} |")
+            f"{d[0]['first_loss']:.4f} / {t[0]['first_loss']:.4f} | {same_batch(runs)} |")
     return "\n".join(lines)
 
 
@@ -145,7 +204,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m-instruct", help="a built-in name or a model directory")
     p.add_argument("--packing", choices=["on", "off", "both"], default="both")
     p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--records", type=int, default=600)
     p.add_argument("--seq-len", type=int, default=512)
@@ -171,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     msgs, pc = write_data(work, a.records, a.seed)
     settings = {"on": [True], "off": [False], "both": [True, False]}[a.packing]
     results = {("on" if p else "off"): {"dtrain": [], "trl": []} for p in settings}
+    for packing in settings:  # first: it writes the token cache the dtrain runs then hit
+        results["on" if packing else "off"]["first"] = r = trl_first_loss(a, msgs, packing, work)
+        print(f"packing {'on' if packing else 'off'}: TRL on dtrain's first batch: {r}", flush=True)
     for rep in range(a.reps):
         for packing in settings:
             key = "on" if packing else "off"
@@ -189,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"## vs_trl: dtrain against TRL SFTTrainer + PEFT, {Path(a.model).name} "
             f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
             f"{common.device_info().text}; load average at start {load_start}, at end {common.loadavg()}; "
-            f"{a.threads} threads, one process, fp32; seq_len {a.seq_len}, micro-batch {a.micro_batch}, LoRA r {a.r} "
+            f"{a.threads} thread(s), one process, fp32 in both (TRL's SFTConfig bf16 default turned off); seq_len {a.seq_len}, micro-batch {a.micro_batch}, LoRA r {a.r} "
             f"all linear layers, {a.records} generated two-turn chats, medians of {a.steps} steps after {a.warmup}, "
-            f"{a.reps} repetition(s) alternating the tools; git {common.git_rev()}; "
+            f"{a.reps} repetition(s) alternating the tools; same-batch loss: TRL run 1 step on dtrain's first "
+            f"micro-batch as pre-tokenized input_ids + completion_mask; git {common.git_rev()}; "
             + ", ".join(f"{k} {val}" for k, val in v.items()) + "\n\n")
     print(head + text)
     if a.record:

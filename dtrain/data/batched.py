@@ -7,7 +7,7 @@ truncation or padding of its own (else the per-call path is taken)."""
 from __future__ import annotations
 
 from dtrain.config.schema import DataConfig
-from dtrain.data import chat
+from dtrain.data import chat, segments
 from dtrain.data.records import record_problem
 
 IGNORE = -100  # as rows.IGNORE (imported by value: workers need no torch)
@@ -22,6 +22,7 @@ class BatchEncoder:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         plain = backend is not None and backend.truncation is None and backend.padding is None
         self.backend = backend if plain else None
+        self.segmenter = segments.for_tokenizer(backend) if plain else None  # ids without offsets
         self.shapes: dict = {}  # conversation shape -> its placeholder rendering (chat.assistant_spans_batch)
         self.chat = cfg.format in ("messages", "sharegpt") or (cfg.format == "alpaca" and template is not None)
 
@@ -31,8 +32,7 @@ class BatchEncoder:
         out: list[Pair | str] = [record_problem(rec, self.cfg) or "" for rec in records]
         good = [i for i, p in enumerate(out) if not p]
         prompts, responses = zip(*(self._prompt_response(records[i]) for i in good)) if good else ((), ())
-        p_ids = [ids for ids, _ in self._tokenize(list(prompts))]
-        r_ids = [ids for ids, _ in self._tokenize(list(responses))]
+        p_ids, r_ids = self._ids(list(prompts)), self._ids(list(responses))
         eos = self.tokenizer.eos_token_id
         for i, p, r in zip(good, p_ids, r_ids):
             out[i] = (p + r + [eos], [IGNORE] * len(p) + r + [eos])
@@ -60,6 +60,11 @@ class BatchEncoder:
 
     def _label(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[Pair]:
         """(ids, labels) of each text: the ids of tokens overlapping its spans are learned."""
+        if self.segmenter is not None:
+            return self._label_segments(texts, spans)
+        return self._label_offsets(texts, spans)
+
+    def _label_offsets(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[Pair]:
         if self.backend is None:
             return [(ids, [t if m else IGNORE for t, m in zip(ids, chat.overlap_mask(offsets, s))])
                     for (ids, offsets), s in zip(self._tokenize(texts), spans)]
@@ -76,6 +81,22 @@ class BatchEncoder:
                 labels[i:j] = ids[i:j]
             out.append((ids, labels))
         return out
+
+    def _label_segments(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[Pair]:
+        """_label by segments.py (no offsets); a text whose token bytes do not add up takes the offsets path."""
+        out: list = []
+        for text, ids, s in zip(texts, self.segmenter.encode(texts), spans):
+            labels = self.segmenter.labels(text, ids, s, IGNORE)
+            out.append((ids, labels) if labels is not None else None)
+        rest = [k for k, o in enumerate(out) if o is None]
+        for k, got in zip(rest, self._label_offsets([texts[k] for k in rest], [spans[k] for k in rest])):
+            out[k] = got
+        return out
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if self.segmenter is not None:
+            return self.segmenter.encode(texts)
+        return [ids for ids, _ in self._tokenize(texts)]
 
     def _tokenize(self, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
         """(ids, character offsets) of each text, without special tokens."""

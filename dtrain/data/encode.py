@@ -164,7 +164,7 @@ def _keep(kept: RaggedBuilder, counts: Counter, pair: tuple[list[int], list[int]
             return
         ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]  # keep the end: the last answer
         counts["truncated"] += 1
-    if all(v == IGNORE for v in labels[1:]):  # the first token is never a target
+    if labels[1:].count(IGNORE) == len(labels[1:]):  # the first token is never a target (C-speed all())
         counts["no_labels"] += 1
         return
     kept.add(ids, labels)

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dtrain.config.schema import DataConfig
-from dtrain.data import records as records_lib
+from dtrain.data import records as records_lib, segments
 from dtrain.data.encode import PROGRESS_MIN, encode, encode_part, report, template_for
 from dtrain.data.shards import Shard, write_shard
 
@@ -39,6 +39,8 @@ def encode_to_shards(cfg: DataConfig, tokenizer, out: Path, progress: bool) -> t
     """Tokenize data.path into shards under `out`; (shards in record order, counts of the dataset)."""
     ds = records_lib.open_dataset(cfg)
     template_for(cfg, tokenizer)  # a missing chat template: one error, before any worker starts
+    if getattr(tokenizer, "backend_tokenizer", None) is not None:
+        segments.for_tokenizer(tokenizer.backend_tokenizer)  # its vocabulary checks once, inherited by the workers
     if cfg.format in ("text", "preference"):  # one stream of documents; pairs kept together
         return _serial_shards(cfg, ds, tokenizer, out)
     n, procs = len(ds), cfg.num_proc or default_num_proc()

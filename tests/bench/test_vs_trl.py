@@ -29,3 +29,13 @@ def test_table_ratios_from_medians() -> None:
     on = next(line for line in text.splitlines() if line.startswith("| on |"))
     assert "| 1.55x |" in on and "3,100 / 4,100 (0.76x)" in on and "98.0% / 98.5%" in on
     assert "failed: ['boom']" in text
+
+
+def test_same_batch_column_reports_the_difference_and_flags_over_1e4() -> None:
+    d = {"tok_s": 1.0, "rss_mib": 1, "real_share": 1.0, "first_loss": 6.8635204}
+    close = {"dtrain": [d], "trl": [d], "first": {"loss": 6.8635206}}
+    far = {"dtrain": [d], "trl": [d], "first": {"loss": 6.8659}}
+    assert vs_trl.same_batch(close) == "6.863520 / 6.863521 (2.0e-07)"
+    assert vs_trl.same_batch(far).endswith("(2.4e-03, > 1e-4)")
+    assert vs_trl.same_batch({"dtrain": [d], "trl": [d], "first": {"error": "boom"}}) == "TRL failed: boom"
+    assert vs_trl.same_batch({"dtrain": [d], "trl": [d]}) == "n/a"

@@ -106,7 +106,7 @@ def _odd_conversations(n: int, seed: int = 1) -> list[list[dict]]:
 
     rng = random.Random(seed)
     odd = ["héllo wörld ✨🦉", "  leading", "trailing   ", "tabs\tand\nnewlines\n\n", "日本語のテキスト", "x",
-           "🦉🦉🦉 ok", "The date is 2024-03-05."]
+           "🦉🦉🦉 ok", "The date is 2024-03-05.", "a <|im_end|> inside", "ends in <|im", "<|endoftext|>x"]
     convs = []
     for _ in range(n):
         m = [{"role": "system", "content": rng.choice(odd)}] if rng.random() < 0.3 else []
@@ -117,28 +117,78 @@ def _odd_conversations(n: int, seed: int = 1) -> list[list[dict]]:
     return convs
 
 
+def _chat_assets(tmp_path) -> list[list[dict]]:
+    """The repository's chat assets and 200 of bench/tokenize_scale.py's generated conversations."""
+    from bench.tokenize_scale import make_data
+
+    make_data(tmp_path / "bench.jsonl", 200)
+    files = [REPO / "dtrain" / "assets" / "tiny_messages.jsonl", DATES, tmp_path / "bench.jsonl"]
+    return [json.loads(line)["messages"] for f in files for line in f.read_text().splitlines()]
+
+
 @pytest.mark.parametrize("template", ["smollm2", "gemma3"])
-def test_placeholder_spans_give_the_prefix_spans_and_labels(tok, template):
+def test_placeholder_spans_give_the_prefix_spans_and_labels(tok, template, tmp_path, monkeypatch):
     """The batched path (one rendering per conversation, spans mapped from its shape's placeholder
-    rendering, token ranges from the span edges) gives per-record chat.encode_chat's ids and labels,
-    on SmolLM2's template (which writes contents as they are: every conversation takes the shape
+    rendering; ids by segments.py: template pieces from a cache, the others several to a Rust call,
+    labels from the tokens' byte lengths) gives per-record chat.encode_chat's ids and labels, on
+    SmolLM2's template (which writes contents as they are: every conversation takes the shape
     path) and on Gemma's (which trims them: the conversations whose contents have edge whitespace
-    take the prefix path)."""
+    take the prefix path); so does the offsets path that segments.py falls back to."""
     from dtrain.data.batched import BatchEncoder
     from dtrain.model import templates
 
     text = tok.chat_template if template == "smollm2" else templates.GEMMA3
-    convs = _odd_conversations(300)
-    enc = BatchEncoder(DataConfig(path="unused.jsonl", format="messages"), tok, text)
-    got = [x for i in range(0, len(convs), 64) for x in enc.encode([{"messages": m} for m in convs[i:i + 64]])]
+    convs = _odd_conversations(300) + _chat_assets(tmp_path)
     want = []
     for m in convs:
         ids, learn = chat.encode_chat(tok, text, m)
         want.append((ids, [t if k else IGNORE for t, k in zip(ids, learn)]))
-    assert got == want
+    offsets_path = []
+    counted = BatchEncoder._label_offsets
+    monkeypatch.setattr(BatchEncoder, "_label_offsets",
+                        lambda self, texts, spans: offsets_path.append(len(texts)) or counted(self, texts, spans))
+    for segments_path in (False, True):
+        enc = BatchEncoder(DataConfig(path="unused.jsonl", format="messages"), tok, text)
+        assert enc.segmenter is not None  # SmolLM2's tokenizer is a byte-level BPE segments.py serves
+        enc.segmenter = enc.segmenter if segments_path else None
+        got = [x for i in range(0, len(convs), 64) for x in enc.encode([{"messages": m} for m in convs[i:i + 64]])]
+        assert got == want, segments_path
+    assert sum(offsets_path) == len(convs)  # the segments path needed the offsets path for no text
+    if template == "smollm2":  # the template's own pieces are taken from the cache
+        system = "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        assert {"\n", system} <= set(enc.segmenter.cache)
     assert sum(1 for _, labels in got for t in labels if t != IGNORE) > 3000  # the spans are not empty
     shapes = list(enc.shapes.values())
     assert len(shapes) >= 6 and all(s is not None for s in shapes)  # both templates write a placeholder once
     filled = sum(chat.skeleton.fill(enc.shapes[chat.skeleton.shape_key(m)], [x["content"] for x in m])
                  == chat.render(tok, text, m) for m in convs)
-    assert filled == 300 if template == "smollm2" else 0 < filled < 300, filled
+    assert filled == len(convs) if template == "smollm2" else 0 < filled < len(convs), filled
+
+
+def test_segments_give_the_rust_ids_on_tricky_text(smollm2_dir):
+    """segments.py's ids equal the Rust tokenizer's on random strings of tricky pieces (whitespace
+    runs, contractions, digits, added tokens and parts of them, non-ASCII and control characters:
+    words.py's split where the text is safe ASCII, Rust elsewhere). With an added token that a
+    piece's end and the separator form ('Q<|endoftext|>'), which swallows the separator: those
+    pieces are tokenized one per text."""
+    import random
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from dtrain.data import segments
+
+    backend = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken("Q<|endoftext|>", special=True, normalized=False)])
+    seg = segments.for_tokenizer(backend)
+    assert seg is not None and seg.sep == "<|endoftext|>" and seg.words is not None
+    rng = random.Random(0)
+    bits = [" ", "  ", "\t", "\n", "\r\n", "\n\n", "'", "'s", "'re", "'S", "Hello", "x", "12", ".", "!?", "<",
+            "|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im", "Q", " Q", "\x0b", "\x0c", "é", "日", "🦉",
+            "\x1f", "don't", " ' ", "   x", "~"]
+    texts = ["".join(rng.choice(bits) for _ in range(rng.randint(1, 30))) for _ in range(3000)]
+    texts += [f"<|im_start|>user\nwhy Q<|im_end|>\n<|im_start|>assistant\nsay {k} Q<|im_end|>\n" for k in range(20)]
+    want = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    assert [ids for i in range(0, len(texts), 256) for ids in seg.encode(texts[i:i + 256])] == want
+    assert backend.token_to_id("Q<|endoftext|>") in {t for ids in want for t in ids}
+    backend.add_special_tokens([AddedToken("<zz>", special=True, normalized=False)])  # checked again, not stale
+    assert segments.for_tokenizer(backend).encode(["a<zz>b"]) == [backend.encode("a<zz>b", add_special_tokens=False).ids]
