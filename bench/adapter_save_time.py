@@ -34,10 +34,10 @@ ARCH = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8,
 
 def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
     """One cell, on every rank: build, then time the saves; rank 0 prints one JSON line."""
-    from dtrain import backends, data
+    from dtrain import backends, data, lora
     from dtrain.backends import env as dist
     from dtrain.config import schema as config
-    from dtrain.lora import layer as lora, peft_format as adapter
+    from dtrain.lora import peft_format as adapter
     from dtrain.training import checkpoint
 
     overrides = [f"model.arch.{k}={v}" for k, v in {**ARCH, "num_hidden_layers": layers}.items()]

@@ -73,7 +73,7 @@ def build(arch: dict, dtype: torch.dtype, device: torch.device, seed: int) -> to
 
 def lora_models(base: torch.nn.Module, args: argparse.Namespace, device: torch.device):
     """(unmerged, merged, names of the adapted layers): copies of `base` with a non-zero LoRA update."""
-    from dtrain.lora import layer as lora
+    from dtrain import lora
 
     unmerged = copy.deepcopy(base)
     names = lora.select_targets(unmerged, args.lora_targets.split(","), None)

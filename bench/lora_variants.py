@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as `python bench/lora_variants.py`: import 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from dtrain.lora import layer as lora  # noqa: E402
+from dtrain import lora  # noqa: E402
 
 
 def build(args, variant: str):

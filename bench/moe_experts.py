@@ -25,10 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dtrain.lora import (
-    experts,  # noqa: E402
-    layer as lora,
-)
+from dtrain import lora
+from dtrain.lora import experts  # noqa: E402
 
 ARCH = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=64, num_experts_per_tok=8,

@@ -47,7 +47,7 @@ def analyze_runs(work: Path, results: dict) -> dict:
 def a_drift(ad: run.Adapter, init_seed: int) -> float:
     """Mean over modules of ||A - A_0||_F / ||A_0||_F: how far training moved A from dtrain's
     name-seeded init A_0 (lora.init_lora_A), which it recomputes exactly."""
-    from dtrain.lora import layer as lora
+    from dtrain import lora
 
     spec = lora.AdapterSpec(name="default", r=ad.r, alpha=ad.alpha, init_seed=init_seed)
     out = []

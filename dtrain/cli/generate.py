@@ -135,7 +135,7 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from dtrain.lora import layer as lora
+    from dtrain.lora import ops as lora
 
     gen, sampling = _load(args)
     history: list[dict] = []

@@ -90,7 +90,7 @@ def load(model_dir: str | Path, adapters: list[str] = (), use: str | None = None
     from transformers import AutoModelForCausalLM
 
     from dtrain.config.names import gguf_hint
-    from dtrain.lora import layer as lora, peft_format as adapter_lib
+    from dtrain.lora import ops as lora, peft_format as adapter_lib
     from dtrain.model.build import DTYPES
     from dtrain.model.tokenizer import load_tokenizer
 

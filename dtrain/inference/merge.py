@@ -41,7 +41,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     """
     import torch
 
-    from dtrain.lora import peft_format as adapter_lib
+    from dtrain.lora import peft_format as adapter_lib, variants
     from dtrain.model import hub
     from dtrain.storage.files import fresh_dir, replace_dir, staging_dir
 
@@ -51,7 +51,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
     _check_not_quantized(config, base)
     adapter_config, tensors = adapter_lib.read_adapter(adapter)
     spec = adapter_lib.adapter_spec_from_peft(adapter_config, "merge", adapter)
-    modules = adapter_lib.adapter_modules(tensors, adapter, spec.use_dora)
+    modules = adapter_lib.adapter_modules(tensors, adapter, spec)
     expert_layout = _expert_layout(base, adapter_config.get("target_parameters"), adapter)
     adapter_lib.check_rank(modules, spec.r, adapter, {n: e for n, (_, e, _) in expert_layout.items()})
     deltas = {f"{m}.weight": ab for m, ab in modules.items() if m not in expert_layout}
@@ -60,7 +60,7 @@ def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | N
             deltas[key] = {**modules[m], "experts": (num_experts, transposed)}
     files, index = weight_files(base, "--base")
     empty = _layout_model(base)
-    transposed = _conv1d_keys(empty, deltas, spec.use_dora, adapter) if empty is not None else set()
+    transposed = _conv1d_keys(empty, deltas, variants.for_spec(spec), adapter) if empty is not None else set()
     _check_targets(base, files, deltas, transposed)
     if base_bits:
         dtype = "bf16"
@@ -134,15 +134,15 @@ def _layout_model(base: Path):
         return None
 
 
-def _conv1d_keys(model, deltas: dict[str, dict], dora: bool, adapter: Path) -> set[str]:
+def _conv1d_keys(model, deltas: dict[str, dict], variant, adapter: Path) -> set[str]:
     """Checkpoint keys of the adapted weights stored [in, out] (transformers' Conv1D): B A is added
     transposed there, as PEFT does with fan_in_fan_out."""
     from dtrain.model import layers
 
     keys = {f"{n}.weight" for n, m in model.named_modules() if layers.is_conv1d(m)}
-    if keys & set(deltas) and dora:
-        raise DtrainError(f"--adapter '{adapter}': a DoRA adapter on Conv1D layers ({sorted(keys)[0]}), which "
-                          "dtrain does not merge")
+    if keys & set(deltas) and not variant.conv1d:
+        raise DtrainError(f"--adapter '{adapter}': a {variant.name} adapter on Conv1D layers ({sorted(keys)[0]}), "
+                          "which dtrain does not merge")
     return keys
 
 
@@ -289,7 +289,7 @@ def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling:
 
 def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float, transposed: bool = False) -> torch.Tensor:
     """One adapted weight, merged in float32: W + s B A (transposed for a Conv1D's [in, out] W), or
-    DoRA's m / ||W + s B A||_row * (W + s B A)."""
+    as its variant merges it (DoRA: m / ||W + s B A||_row * (W + s B A))."""
     if "part_of" in ab:  # one expert's tensor of a fused weight stored per expert (never transposed)
         fused, e = ab["part_of"], ab["expert"]
         r = fused["lora_A"].shape[0] // fused["experts"][0]
@@ -303,11 +303,10 @@ def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float, transp
     delta = (ab["lora_B"].float() @ ab["lora_A"].float()) * scaling
     if transposed:
         return w.float() + delta.t()
-    if "lora_magnitude_vector" in ab:
-        from dtrain.lora import dora
+    from dtrain.lora import variants
 
-        return dora.merged_weight(w, delta, ab["lora_magnitude_vector"])[0]
-    return w.float() + delta
+    state = [kind for kind in ab if kind in variants.state_kinds()]  # DoRA's magnitude: its variant merges
+    return variants.owner(state[0])().merged_tensor(w, delta, ab) if state else w.float() + delta
 
 
 def _keep_run_template(adapter: Path, out: Path) -> None:

@@ -1,4 +1,5 @@
-r"""DoRA (Liu et al., 2024): weight-decomposed LoRA, as PEFT computes it.
+r"""DoRA (Liu et al., 2024): weight-decomposed LoRA, as PEFT computes it; the `DoRA` variant
+(dtrain.lora.variants), selected by `lora.use_dora`.
 
 The adapted weight is split into a direction and a learned magnitude per output row:
 
@@ -28,24 +29,80 @@ forward), never as an attribute of another module: FSDP2 gathers a unit (a decod
 its forward and ZeRO-3 gathers a module's parameters at its own call, so this works under both
 with no extra communication beyond one more use of the gathered base weight. The per-row vectors
 are sharded with the rows (FSDP2 shards dim 0): each rank fills its m and ||W0||_row from its own
-rows of W0 (model.ModelSource). A quantized base (dtrain.model.quant.QuantLinear) contributes through its
-forward (dequantized), and its norms are those of the dequantized weight. No distributed code here.
+rows of W0 (`DoRA.initial_state`, called by model.ModelSource). A quantized base
+(dtrain.model.quant.QuantLinear) contributes through its forward (dequantized), and its norms are
+those of the dequantized weight (dtrain.lora.base_weight). No distributed code here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from dtrain.errors import ConfigError
+from dtrain.lora import base_weight
+from dtrain.lora.variants import LoraVariant
 
-class AdapterLinear(nn.Linear):
-    """LoRA's A or B: an nn.Linear that, called without input, returns a detached copy of its weight
-    (read inside its own call, where sharding backends have gathered it)."""
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's name of the ModuleDict (saved as `<module>.lora_magnitude_vector`)
 
-    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        if x is None:
-            return self.weight.detach().clone()
-        return super().forward(x)
+
+class DoRA(LoraVariant):
+    """DoRA for one adapter of a LoRA layer: owns the magnitude m (and ||W0||_row) in
+    `layer.lora_magnitude_vector[name]`, and the row norm of the merge while merged."""
+
+    flag = "use_dora"
+    state = (MAGNITUDE,)
+    fast_state = (MAGNITUDE,)  # a 1-D adapter parameter, grouped with B as PEFT's create_loraplus_optimizer does
+    name, title = "DoRA", "DoRA magnitude"
+    conv1d = False  # the norms are over W0's rows; not written for the transposed layout
+
+    def __init__(self) -> None:
+        self.merged_norm: torch.Tensor | None = None  # ||W0 + s B A||_row of the merge, to unmerge
+
+    def init(self, layer: nn.Module, name: str, device: torch.device) -> None:
+        if layer.fan_in_fan_out and not self.conv1d:
+            raise ConfigError(f"lora.use_dora: {layer.qualified_name} is a Conv1D layer (weight stored in x out), "
+                              "which dtrain's DoRA does not adapt; use plain LoRA for this model")
+        getattr(layer, MAGNITUDE)[name] = Magnitude(layer.out_features, device=device)
+
+    def reset(self, layer: nn.Module, name: str) -> None:
+        """m = ||W0||_row; left to the loader (`initial_state`) where the base weight is not whole."""
+        w0 = base_weight.whole_float_weight(layer.base_layer)
+        if w0 is not None:
+            magnitude = getattr(layer, MAGNITUDE)[name]
+            magnitude.weight.copy_(row_norms(w0))
+            magnitude.base_norm.copy_(magnitude.weight)
+
+    def initial_state(self, layer: nn.Module, name: str, leaf: str,
+                      read: Callable[[slice | None], torch.Tensor], rows: slice | None) -> torch.Tensor:
+        """m (`weight`) and ||W0||_row (`base_norm`) both start at the row norms of the weight the
+        base computes with (as stored in the model's dtype, or dequantized), for `rows` only."""
+        w, rest = base_weight.rows_from_source(layer.base_layer, read, rows)
+        norms = row_norms(w)
+        return norms if rest is None else norms[rest]
+
+    def saved_shape(self, kind: str, fan_in: int, fan_out: int) -> tuple[int, ...]:
+        return (fan_out,)  # one magnitude per output row
+
+    def forward(self, layer: nn.Module, name: str, x: torch.Tensor, h: torch.Tensor,
+                out: torch.Tensor) -> torch.Tensor:
+        return forward(h, x, out, layer.base_layer, layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name],
+                       getattr(layer, MAGNITUDE)[name], layer.scaling[name])
+
+    def merge(self, layer: nn.Module, name: str, w: torch.Tensor) -> None:
+        """W' = m / ||W0 + s B A||_row * (W0 + s B A)."""
+        merged, self.merged_norm = merged_weight(w, layer.delta_weight(name), getattr(layer, MAGNITUDE)[name].weight)
+        w.copy_(merged.to(w.dtype))
+
+    def unmerge(self, layer: nn.Module, name: str, w: torch.Tensor) -> None:
+        g = getattr(layer, MAGNITUDE)[name].weight.float() / self.merged_norm
+        w.copy_((w.float() / g.unsqueeze(1) - layer.delta_weight(name)).to(w.dtype))
+        self.merged_norm = None
+
+    def merged_tensor(self, w: torch.Tensor, delta: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return merged_weight(w, delta, tensors[MAGNITUDE])[0]
 
 
 class Magnitude(nn.Module):
@@ -75,33 +132,14 @@ def adapted_norms(base_norm: torch.Tensor, w0_at: torch.Tensor, a: torch.Tensor,
     return sq.clamp_min(0).sqrt()
 
 
-def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The frozen weight the base layer computes with: its float weight, or a quantized layer's
-    dequantized weight (float32). For a whole, materialized layer (init, merge)."""
-    w = getattr(layer, "weight", None)
-    if isinstance(w, torch.Tensor) and w.is_floating_point():
-        return w
-    return layer.dequantized_weight()
-
-
-def whole_base_weight(layer: nn.Module) -> torch.Tensor | None:
-    """`base_weight(layer)` when the layer holds its whole weight, else None (a placeholder that a
-    sharding backend fills later: the norms are then filled from the weight source too)."""
-    w = getattr(layer, "weight", None)
-    if isinstance(w, torch.Tensor) and w.is_floating_point():
-        return w if tuple(w.shape) == (layer.out_features, layer.in_features) else None
-    n = layer.out_features * layer.in_features
-    return layer.dequantized_weight() if layer.qweight.numel() == (n if layer.bits == 8 else (n + 1) // 2) else None
-
-
 @torch.no_grad()
 def row_norms(w: torch.Tensor) -> torch.Tensor:
     """||w||_row in float32 (rows of a weight, or of a rank's shard of it)."""
     return torch.linalg.vector_norm(w.float(), dim=1)
 
 
-def forward(h: torch.Tensor, x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module, lora_a: AdapterLinear,
-            lora_b: AdapterLinear, dropout: nn.Module, magnitude: Magnitude, scaling: float) -> torch.Tensor:
+def forward(h: torch.Tensor, x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module, lora_a: nn.Linear,
+            lora_b: nn.Linear, dropout: nn.Module, magnitude: Magnitude, scaling: float) -> torch.Tensor:
     """The DoRA layer's output, given `out` = base_layer(x) (bias included), `x` the base layer's
     input and `h` the same input in the LoRA dtype."""
     with torch.no_grad():

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora
+from dtrain.lora import layer as lora, variants
 from dtrain.model import expert_quant
 from dtrain.model.shapes import logical_shape
 
@@ -134,11 +134,7 @@ class ExpertLoRA(lora.LoRALinear):
         # [E, out, in], or [E, in, out] for transposed experts (gpt-oss), as PEFT reads the shape
         self.transposed = bool(experts.is_transposed)
         self.in_features, self.out_features = (shape[1], shape[2]) if self.transposed else (shape[2], shape[1])
-        self.lora_A, self.lora_B = nn.ModuleDict(), nn.ModuleDict()
-        self.lora_dropout, self.lora_magnitude_vector = nn.ModuleDict(), nn.ModuleDict()
-        self._merged_norm = None
-        self.scaling, self.specs = {}, {}
-        self.active_adapter = self.merged_adapter = None
+        self.init_adapters()
         _use_grouped_forward(experts)
 
     def unwrapped(self) -> nn.Module:
@@ -154,7 +150,8 @@ class ExpertLoRA(lora.LoRALinear):
         return getattr(innermost(self), self.param_name)
 
     def add_adapter(self, spec: lora.AdapterSpec) -> None:
-        if spec.use_dora or spec.dropout > 0:
+        variant = variants.for_spec(spec)
+        if variant.flag or spec.dropout > 0:  # plain LoRA only
             raise ConfigError("lora.target_parameters: expert LoRA takes no lora.use_dora and no lora.dropout "
                               "(as PEFT's ParamWrapper: dropout cannot be factored out of a fused expert weight)")
         device = next(innermost(self).parameters()).device
@@ -162,6 +159,7 @@ class ExpertLoRA(lora.LoRALinear):
         self.lora_A[spec.name] = ExpertFactor(self.in_features, rank, "lora_A", self.num_experts, device)
         self.lora_B[spec.name] = ExpertFactor(rank, self.out_features, "lora_B", self.num_experts, device)
         self.specs[spec.name], self.scaling[spec.name] = spec, spec.scaling
+        self.lora_variant[spec.name] = variant
         self.lora_dropout[spec.name] = nn.Identity()
         if device.type != "meta":
             self.reset_adapter(spec.name)
@@ -330,19 +328,19 @@ def resolve(model: nn.Module, targets: list[str] | str, regex: str | None,
     params = select_parameters(model, list(target_parameters)) if target_parameters else []
     if regex or targets not in (EXPERTS, ALL):
         modules = [] if _only_parameters(targets, target_parameters) else \
-            lora.select_targets(model, targets if regex else presets.expand(model, targets), regex)
+            presets.select_targets(model, targets if regex else presets.expand(model, targets), regex)
         return modules, params
     fused = [(m, p) for m, p in expert_parameters(model) if m.rsplit(".", 1)[-1] == "experts"]
-    linear_experts = [n for n in lora.linear_names(model) if ".experts." in n]
+    linear_experts = [n for n in presets.linear_names(model) if ".experts." in n]
     if not fused and not linear_experts and targets == ALL:
-        return [n for n in lora.linear_names(model) if not _is_router(n)], params  # a dense model: all-linear
+        return [n for n in presets.linear_names(model) if not _is_router(n)], params  # a dense model: all-linear
     if not fused and not linear_experts:
         raise ConfigError(f"lora.targets = {targets}: the model has no experts (no fused expert weights and "
                           "no linear layer under '.experts.'); use all-linear or a list of module names")
     params += [f for f in fused if f not in params]
     modules = linear_experts if not fused else []
     if targets == ALL:
-        modules = [n for n in lora.linear_names(model) if not _is_router(n)]
+        modules = [n for n in presets.linear_names(model) if not _is_router(n)]
     return modules, params
 
 

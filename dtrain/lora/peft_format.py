@@ -28,7 +28,9 @@ from torch import nn
 from dtrain.backends import collectives
 from dtrain.config.schema import Config
 from dtrain.errors import DtrainError
-from dtrain.lora import experts, layer as lora
+from dtrain.lora import experts, ops, variants
+from dtrain.lora.layer import AdapterSpec, LoRALinear
+from dtrain.lora.targets import linear_names
 from dtrain.model import layers, templates
 from dtrain.storage import files
 
@@ -39,15 +41,16 @@ ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 
 
 def gather_adapter(backend, adapter: str) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of adapter `adapter`'s A and B (and DoRA magnitude) only, by dtrain name (collective)."""
-    return backend.full_state(lambda n: lora.is_adapter_param(n, adapter))
+    """Full CPU tensors of adapter `adapter`'s A and B (and its variant's state, DoRA's magnitude)
+    only, by dtrain name (collective)."""
+    return backend.full_state(lambda n: ops.is_adapter_param(n, adapter))
 
 
 def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
     """PEFT's `target_modules` for exactly `modules`: name suffixes when they select exactly these
     modules in `model`, else a regex that PEFT full-matches against module names."""
     suffixes = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    same_suffix = {n for n in lora.linear_names(model) if n.rsplit(".", 1)[-1] in suffixes}
+    same_suffix = {n for n in linear_names(model) if n.rsplit(".", 1)[-1] in suffixes}
     if same_suffix == set(modules):
         return suffixes
     return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
@@ -69,7 +72,7 @@ def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None, fa
         "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
         "target_modules": targets, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
         "init_lora_weights": True, "modules_to_save": None, "use_rslora": bool(cfg.lora.use_rslora),
-        "use_dora": bool(cfg.lora.use_dora),
+        **{cls.flag: bool(getattr(cfg.lora, cls.flag)) for cls in variants.classes()},  # use_dora
         "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
     }
 
@@ -77,7 +80,7 @@ def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None, fa
 def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor], out: Path) -> None:
     """Write gathered A/B tensors (dtrain names) into directory `out` in PEFT's format (one rank)."""
     name = cfg.lora.adapter_name
-    peft = {lora.to_peft_key(k, name): t for k, t in tensors.items()}
+    peft = {ops.to_peft_key(k, name): t for k, t in tensors.items()}
     files.write_tensors(out / ADAPTER_WEIGHTS, peft, {"format": "pt"})
     wrappers = experts.layer_names(model)
     modules = sorted({k.split(".lora_")[0] for k in tensors} - wrappers)
@@ -138,7 +141,7 @@ _UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save",
                 "lora_bias", "layer_replication", "trainable_token_indices")
 
 
-def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> lora.AdapterSpec:
+def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> AdapterSpec:
     """The AdapterSpec of a PEFT LoraConfig dict; a clear error for what dtrain does not support."""
     if config.get("peft_type", "LORA") != "LORA":
         raise DtrainError(f"{source}: peft_type {config.get('peft_type')!r} is not LoRA")
@@ -148,8 +151,9 @@ def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> lora.
     if used:
         raise DtrainError(f"{source}: PEFT option(s) {', '.join(used)} not supported by dtrain's LoRA layer")
     r, alpha = _number(config, "r", int, source), _number(config, "lora_alpha", float, source)
-    return lora.AdapterSpec(name=name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
-                            use_rslora=bool(config.get("use_rslora")), use_dora=bool(config.get("use_dora")))
+    flags = {cls.flag: bool(config.get(cls.flag)) for cls in variants.classes()}  # use_dora
+    return AdapterSpec(name=name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
+                       use_rslora=bool(config.get("use_rslora")), **flags)
 
 
 def _number(config: dict, key: str, kind: type, source: str | Path) -> int | float:
@@ -178,69 +182,72 @@ def check_rank(modules: dict[str, dict[str, torch.Tensor]], r: int, source: str 
 
 
 def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path,
-                    dora: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+                    spec: AdapterSpec | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """{module name: {"lora_A": A, "lora_B": B[, "lora_magnitude_vector": m]}} from PEFT-keyed
-    adapter tensors; `dora`: every module has its magnitude (else none has one)."""
+    adapter tensors; every module has the state of `spec`'s variant (DoRA: its magnitude), and no
+    other variant's (no spec: plain LoRA)."""
+    state = variants.state_kinds()  # saved without '.weight', as PEFT saves DoRA's magnitude
+    pattern = rf"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|{'|'.join(state)})(\.weight)?"
     out: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
-        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)(\.weight)?",
-                         key)
-        if m is None:
+        m = re.fullmatch(pattern, key)
+        if m is None or (m.group(3) and m.group(2) not in state):
             raise DtrainError(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
-        kind = m.group(2).removesuffix(".weight")
-        if m.group(3) and kind != "lora_magnitude_vector":
-            raise DtrainError(f"{source}: tensor '{key}' is not a LoRA A/B weight of a linear layer")
-        out.setdefault(m.group(1), {})[kind] = t
-    want = {"lora_A", "lora_B", "lora_magnitude_vector"} if dora else {"lora_A", "lora_B"}
+        out.setdefault(m.group(1), {})[m.group(2).removesuffix(".weight")] = t
+    want = {"lora_A", "lora_B", *(variants.for_spec(spec).state if spec is not None else ())}
     for module, ab in out.items():
         if set(ab) != want:
+            extra = sorted(set(ab) - want)
+            owner = variants.owner(extra[0]) if extra else None
             what = f"has only {', '.join(sorted(ab))}" if set(ab) < want else \
-                "has a DoRA magnitude but use_dora is not set in adapter_config.json"
+                f"has a {owner.title} but {owner.flag} is not set in adapter_config.json"
             raise DtrainError(f"{source}: module '{module}' {what}")
     return out
 
 
-def _check_shapes(model: nn.Module, modules: dict, spec: lora.AdapterSpec, source: str | Path) -> None:
+def _check_shapes(model: nn.Module, modules: dict, spec: AdapterSpec, source: str | Path) -> None:
+    variant = variants.for_spec(spec)
     for name, ab in modules.items():
         try:
             layer = model.get_submodule(name)
         except AttributeError:
             raise DtrainError(f"{source}: the model has no module '{name}' (adapter for another base?)") from None
-        if not (layers.is_linear(layer) or isinstance(layer, lora.LoRALinear)):
+        if not (layers.is_linear(layer) or isinstance(layer, LoRALinear)):
             raise DtrainError(f"{source}: module '{name}' is a {type(layer).__name__}, not a linear layer")
         fan_in, fan_out = layers.linear_dims(layer)
         r = spec.r * getattr(layer, "num_experts", 1)  # an expert parameter's A is [r * E, in]
-        want = {"lora_A": (r, fan_in), "lora_B": (fan_out, r), "lora_magnitude_vector": (fan_out,)}
+        want = {"lora_A": (r, fan_in), "lora_B": (fan_out, r)}
+        want.update({kind: variant.saved_shape(kind, fan_in, fan_out) for kind in variant.state})
         for kind, t in ab.items():
             if tuple(t.shape) != want[kind]:
                 raise DtrainError(f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "
                                   f"{list(want[kind])} (adapter for another base?)")
 
 
-def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> lora.AdapterSpec:
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> AdapterSpec:
     """Add the PEFT LoRA adapter in `directory` to `model` as adapter `name` (dtrain's or PEFT's).
 
     The model is a materialized plain (unsharded) model; the adapter's modules are wrapped in
     LoRALinear where not yet. The first adapter loaded becomes active; loading another keeps the
-    active one (everywhere); `lora.set_adapter` switches (task switching).
+    active one (everywhere); `ops.set_adapter` switches (task switching).
     """
     config, tensors = read_adapter(directory)
     spec = adapter_spec_from_peft(config, name, directory)
-    modules = adapter_modules(tensors, directory, spec.use_dora)
-    active = next((m.active_adapter for _, m in lora.lora_modules(model) if m.active_adapter), None)
+    modules = adapter_modules(tensors, directory, spec)
+    active = next((m.active_adapter for _, m in ops.lora_modules(model) if m.active_adapter), None)
     wrapped = _add_expert_layers(model, config, spec, directory)
     check_rank({n: ab for n, ab in modules.items() if n not in wrapped}, spec.r, directory)
     _check_shapes(model, modules, spec, directory)
     for layer_name in set(modules) - wrapped:
         layer = model.get_submodule(layer_name)
-        if isinstance(layer, lora.LoRALinear) and name in layer.lora_A:
+        if isinstance(layer, LoRALinear) and name in layer.lora_A:
             raise DtrainError(f"{directory}: the model already has an adapter named '{name}'")
     if wrapped - set(modules):
         raise DtrainError(f"{directory}: target_parameters name {sorted(wrapped - set(modules))[0]}, which "
                           f"{ADAPTER_WEIGHTS} has no LoRA tensors for")
-    lora.inject(model, sorted(set(modules) - wrapped), spec)
-    if active is not None and not any(m.merged_adapter for _, m in lora.lora_modules(model)):
-        lora.set_adapter(model, active)  # layers new to this adapter must not switch on their own
+    ops.inject(model, sorted(set(modules) - wrapped), spec)
+    if active is not None and not any(m.merged_adapter for _, m in ops.lora_modules(model)):
+        ops.set_adapter(model, active)  # layers new to this adapter must not switch on their own
     model.train(model.training)  # new LoRA modules (dropout) follow the model's train/eval mode
     with torch.no_grad():
         for layer_name, ab in modules.items():
@@ -250,7 +257,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     return spec
 
 
-def _add_expert_layers(model: nn.Module, config: dict, spec: lora.AdapterSpec, source: str | Path) -> set[str]:
+def _add_expert_layers(model: nn.Module, config: dict, spec: AdapterSpec, source: str | Path) -> set[str]:
     """Wrap the expert parameters named by adapter_config.json's `target_parameters` (PEFT 0.21)
     with adapter `spec`; returns the names of the wrappers holding it."""
     targets = config.get("target_parameters") or []

@@ -20,7 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from dtrain.config.schema import ModelConfig
 from dtrain.errors import ConfigError
-from dtrain.lora.layer import LoRALinear, is_lora_param
+from dtrain.lora.layer import LoRALinear
+from dtrain.lora.ops import is_lora_param
 from dtrain.model import expert_quant, expert_weights as expert_checkpoint, layers
 from dtrain.model.hf import (  # noqa: F401
     check_causal_lm,
@@ -248,35 +249,27 @@ class LoraInitSource:
 class ModelSource:
     """The base weights from `base`, the LoRA weights from their init, casting to the target dtype.
 
-    DoRA's magnitude `weight` and its frozen `base_norm` both start at the row norms of the base
-    weight the layer computes with (as stored in the model's dtype, or dequantized): computed here
-    from `base`, for the requested rows only where the storage is row-wise (a float weight, int8,
-    NF4 with whole blocks per row), so a rank reads only its own rows.
+    A variant's state that depends on the base weight (DoRA's magnitude `weight` and frozen
+    `base_norm`, both the row norms of the weight the layer computes with) is computed by the
+    variant from `base`, for the requested rows only where the storage is row-wise, so a rank
+    reads only its own rows (LoraVariant.initial_state).
     """
 
     def __init__(self, base: WeightSource, model: nn.Module) -> None:
         self.base, self.lora = base, LoraInitSource(model)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        if ".lora_magnitude_vector." in name:
-            return self._magnitude(name, rows)
-        return (self.lora if is_lora_param(name) else self.base).read(name, rows)
+        if not is_lora_param(name):
+            return self.base.read(name, rows)
+        layer_name, kind, adapter, leaf = name.rsplit(".", 3)
+        if kind in ("lora_A", "lora_B"):
+            return self.lora.read(name, rows)
+        layer = self.lora.layers[layer_name]
 
-    def _magnitude(self, name: str, rows: slice | None) -> torch.Tensor:
-        from dtrain.lora import dora
+        def weight(r: slice | None) -> torch.Tensor:
+            return self.base.read(f"{layer_name}.base_layer.weight", r)
 
-        layer_name = name.split(".lora_magnitude_vector.")[0]
-        base = self.lora.layers[layer_name].base_layer
-        bits = getattr(base, "bits", None)
-        if bits is None:  # a float weight, as the model stores it
-            w = self.base.read(f"{layer_name}.base_layer.weight", rows).to(base.weight.dtype)
-            return dora.row_norms(w)
-        from dtrain.model.quant import round_trip
-
-        row_wise = bits == 8 or base.in_features % layers.NF4_BLOCKSIZE == 0  # NF4 blocks of 64 may cross rows
-        w = self.base.read(f"{layer_name}.base_layer.weight", rows if row_wise else None).float()
-        norms = dora.row_norms(round_trip(w, bits))
-        return norms if row_wise or rows is None else norms[rows]
+        return layer.lora_variant[adapter].initial_state(layer, adapter, leaf, weight, rows)
 
 
 class QuantSource:

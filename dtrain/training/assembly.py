@@ -7,7 +7,8 @@ from __future__ import annotations
 from torch import nn
 
 from dtrain.config.schema import Config
-from dtrain.lora import experts, layer as lora
+from dtrain.lora import experts, ops as lora
+from dtrain.lora.layer import AdapterSpec
 from dtrain.training import reference, step_options as step_opts
 
 
@@ -35,7 +36,7 @@ def assemble(model: nn.Module, cfg: Config) -> None:
     step_opts.apply(model, cfg)
 
 
-def adapter_spec(cfg: Config) -> lora.AdapterSpec:
+def adapter_spec(cfg: Config) -> AdapterSpec:
     c = cfg.lora
-    return lora.AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed,
+    return AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed,
                             use_rslora=c.use_rslora, use_dora=c.use_dora)

@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from dtrain.backends import collectives
 from dtrain.config.schema import Config
 from dtrain.errors import DiskFull
-from dtrain.lora import layer as lora
+from dtrain.lora import ops as lora
 from dtrain.lora.peft_format import ADAPTER_FILES, ADAPTER_WEIGHTS, gather_adapter, write_adapter
 from dtrain.storage import files, outdir
 from dtrain.training import resume_check

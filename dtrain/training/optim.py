@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dtrain.config.schema import Config
-from dtrain.lora import layer as lora
+from dtrain.lora import ops as lora
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

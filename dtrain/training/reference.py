@@ -14,6 +14,7 @@ so every backend places them as it places a resumed adapter.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -21,7 +22,8 @@ from torch import nn
 
 from dtrain.config.schema import Config
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora, peft_format as adapter_lib
+from dtrain.lora import ops as lora, peft_format as adapter_lib
+from dtrain.lora.layer import AdapterSpec
 
 REFERENCE = "reference"  # the frozen reference adapter's name inside the model
 PREFIX = "adapter:"
@@ -54,11 +56,11 @@ def reference_pass(model: nn.Module, cfg: Config):
     return active(model, REFERENCE if reference_dir(cfg) else None)
 
 
-def _read(directory: str, what: str) -> tuple[lora.AdapterSpec, dict[str, dict[str, torch.Tensor]]]:
+def _read(directory: str, what: str) -> tuple[AdapterSpec, dict[str, dict[str, torch.Tensor]]]:
     try:
         config, tensors = adapter_lib.read_adapter(directory)
         spec = adapter_lib.adapter_spec_from_peft(config, "x", directory)
-        modules = adapter_lib.adapter_modules(tensors, directory, spec.use_dora)
+        modules = adapter_lib.adapter_modules(tensors, directory, spec)
         adapter_lib.check_rank(modules, spec.r, directory)
     except ConfigError:
         raise
@@ -77,8 +79,7 @@ def inject_reference(model: nn.Module, cfg: Config) -> None:
     if missing:
         raise ConfigError(f"dpo.reference = '{cfg.dpo.reference}': the model has no module '{missing[0]}' "
                           "(an adapter for another base?)")
-    spec = lora.AdapterSpec(name=REFERENCE, r=spec.r, alpha=spec.alpha, use_rslora=spec.use_rslora,
-                            use_dora=spec.use_dora)
+    spec = dataclasses.replace(spec, name=REFERENCE, dropout=0.0)  # the same variant; frozen: no dropout
     lora.inject(model, sorted(modules), spec)
     for _, m in lora.lora_modules(model):  # the trained adapter stays the active one
         if m.active_adapter == REFERENCE:
@@ -93,7 +94,7 @@ def _has_module(model: nn.Module, name: str) -> bool:
         return False
 
 
-def _check_init(cfg: Config, spec: lora.AdapterSpec, modules: dict, trained: list[str]) -> None:
+def _check_init(cfg: Config, spec: AdapterSpec, modules: dict, trained: list[str]) -> None:
     """lora.init_from must be an adapter of exactly the config's shape."""
     at = f"lora.init_from = '{cfg.lora.init_from}'"
     c = cfg.lora

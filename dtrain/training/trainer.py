@@ -32,7 +32,7 @@ from dtrain.config import schema as config_lib
 from dtrain.config.schema import Config
 from dtrain.data.chat import run_template
 from dtrain.loggers import curve, flops
-from dtrain.lora import layer as lora, peft_format as adapter
+from dtrain.lora import ops as lora, peft_format as adapter
 from dtrain.model import hub, sources, templates
 from dtrain.model.tokenizer import corpus_file, has_tokenizer, load_tokenizer
 from dtrain.storage import files, outdir

@@ -27,7 +27,7 @@ from dtrain.backends import collectives
 from dtrain.backends.env import DistEnv
 from dtrain.config.schema import Config
 from dtrain.data import BatchPlan
-from dtrain.lora import layer as lora, peft_format as adapter
+from dtrain.lora import base_weight, ops as lora, peft_format as adapter
 from dtrain.model import build as model_lib, layers
 from dtrain.training import checkpoint, step as step_lib
 
@@ -159,7 +159,7 @@ def plain_model(model: torch.nn.Module) -> torch.nn.Module:
     for name, m in list(plain.named_modules()):
         if layers.is_quantized(m):
             parent, _, child = name.rpartition(".")
-            setattr(plain.get_submodule(parent) if parent else plain, child, lora._dequantized_linear(m))
+            setattr(plain.get_submodule(parent) if parent else plain, child, base_weight.dequantized_linear(m))
     return plain.eval()
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from probe_backend import storage  # this folder is sys.path[0]: the file runs as a script
 
+from dtrain import lora
 from dtrain.backends import env as dist
 from dtrain.backends.deepspeed import DeepSpeedBackend
 from dtrain.config import schema as config_lib
-from dtrain.lora import layer as lora
 from dtrain.training.loss import token_loss
 
 REPO = Path(__file__).resolve().parents[2]

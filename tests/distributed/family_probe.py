@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from dtrain import lora
 from dtrain.config import schema as config_lib
-from dtrain.lora import layer as lora
 from dtrain.training import trainer as trainer_lib
 from tests.distributed.probe_backend import storage
 from tests.helpers import TINY

@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from dtrain.lora.layer import is_lora_param
+from dtrain.lora.ops import is_lora_param
 from dtrain.model.shapes import logical_numel
 from dtrain.model.sources import load_config
 from dtrain.training import trainer as trainer_lib

@@ -28,9 +28,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from dtrain import data
+from dtrain import data, lora
 from dtrain.config import schema as config
-from dtrain.lora import layer as lora
 from dtrain.model.tokenizer import build_tokenizer
 from dtrain.training import loss as loss_lib
 from tests.helpers import FAST, PY, REPO, TINY, env_for_tests, launch_cmd, metrics

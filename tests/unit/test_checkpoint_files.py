@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from dtrain import data as data_lib
+from dtrain import data as data_lib, lora
 from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
 from dtrain.config import schema as config_lib
 from dtrain.data import BatchPlan
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora, peft_format as adapter
+from dtrain.lora import peft_format as adapter
 from dtrain.storage import files
 from dtrain.training import checkpoint, resume_check, state_tree
 from dtrain.training.loss import token_loss

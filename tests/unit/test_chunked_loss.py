@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dtrain import lora
 from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
 from dtrain.config import schema as config
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora
 from dtrain.memory.measure import SavedTensorCounter
 from dtrain.training import loss as loss_lib
 from tests.helpers import REPO, TINY

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dtrain import lora
 from dtrain.errors import ConfigError
-from dtrain.lora import experts, layer as lora
+from dtrain.lora import experts
 from tests.helpers import run_dtrain
 from tests.moe_models import FAMILIES, save_family
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig
 
+from dtrain import lora
 from dtrain.loggers import flops
-from dtrain.lora import layer as lora
 from dtrain.model import build as model_lib
 
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dtrain import lora
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora
 from dtrain.lora.layer import AdapterSpec, LoRALinear
 
 ARCH = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

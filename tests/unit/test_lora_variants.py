@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dtrain.lora import dora, layer as lora
+from dtrain import lora
+from dtrain.lora import dora
 from dtrain.lora.layer import AdapterSpec, LoRALinear
 from dtrain.model import quant
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dtrain import lora
 from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
 from dtrain.config import schema as config
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora
 from dtrain.model import build as model_lib
 from dtrain.training import loss as loss_lib
 from tests.helpers import REPO, TINY

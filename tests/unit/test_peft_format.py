@@ -17,13 +17,14 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from dtrain import lora
 from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
 from dtrain.cli import app as cli
 from dtrain.config import schema as config_lib
 from dtrain.errors import DtrainError
 from dtrain.inference import merge as merge_lib
-from dtrain.lora import layer as lora, peft_format as adapter
+from dtrain.lora import peft_format as adapter
 from dtrain.model.tokenizer import build_tokenizer
 from dtrain.training.loss import token_loss
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from dtrain import lora
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora, targets as presets
+from dtrain.lora import targets as presets
 from dtrain.model import build as model_lib
 
 DECODER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -9,9 +9,10 @@ import json
 import pytest
 import torch
 
+from dtrain import lora
 from dtrain.config import schema as config_lib
 from dtrain.config.schema import ModelConfig
-from dtrain.lora import experts, layer as lora
+from dtrain.lora import experts
 from dtrain.model import build as model_lib, hub
 from tests.helpers import REPO, run_dtrain
 from tools import recipes_table

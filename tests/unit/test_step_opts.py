@@ -10,11 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from dtrain import lora
 from dtrain.backends import env as dist
 from dtrain.backends.single import SingleBackend
 from dtrain.config import schema as config
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora
 from dtrain.model import layers
 from dtrain.training import step_options as step_opts
 from tests.helpers import REPO, TINY
