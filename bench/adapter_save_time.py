@@ -22,14 +22,23 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/adapter_save_time.py`: import `bench` and `dtrain` from the repository
+if __package__ in (
+    None,
+    "",
+):  # run as `python bench/adapter_save_time.py`: import `bench` and `dtrain` from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
 
 REPO = common.REPO
-ARCH = {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8, "num_key_value_heads": 8,
-        "vocab_size": 512, "max_position_embeddings": 256}
+ARCH = {
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+}
 
 
 def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
@@ -41,9 +50,17 @@ def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
     from dtrain.training import checkpoint
 
     overrides = [f"model.arch.{k}={v}" for k, v in {**ARCH, "num_hidden_layers": layers}.items()]
-    cfg = config.load(REPO / "configs" / "tiny.yaml", [
-        *overrides, f"data.path={REPO / 'dtrain' / 'assets' / 'tiny_corpus.txt'}", f"backend.name={backend_name}",
-        r"lora.target_regex=layers\.0\.self_attn\.(q|v)_proj", "training.max_steps=10", f"output.dir={out}"])
+    cfg = config.load(
+        REPO / "configs" / "tiny.yaml",
+        [
+            *overrides,
+            f"data.path={REPO / 'dtrain' / 'assets' / 'tiny_corpus.txt'}",
+            f"backend.name={backend_name}",
+            r"lora.target_regex=layers\.0\.self_attn\.(q|v)_proj",
+            "training.max_steps=10",
+            f"output.dir={out}",
+        ],
+    )
     env = dist.detect(cfg.backend.device, cfg.backend.dist_backend)
     backend = backends.create(cfg, env)
     backend.build()
@@ -62,13 +79,14 @@ def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
 
     trainable, total = lora.count_parameters(backend.model)
     row = {
-        "base_params": total - trainable, "lora_params": trainable, "backend": backend_name,
+        "base_params": total - trainable,
+        "lora_params": trainable,
+        "backend": backend_name,
         "gather_s": timed(lambda: adapter.gather_adapter(backend, cfg.lora.adapter_name)),
         "adapter_s": timed(lambda: adapter.save_adapter(backend, cfg, out / "adapter")),
         "checkpoint_s": timed(lambda: checkpoint.save_training(backend, cfg, out, 1, plan)),
         "full_gather_s": timed(lambda: backend.full_state(lambda n: True)),
-        "adapter_file_bytes": (out / "adapter" / adapter.ADAPTER_WEIGHTS).stat().st_size
-        if env.rank == 0 else 0,
+        "adapter_file_bytes": (out / "adapter" / adapter.ADAPTER_WEIGHTS).stat().st_size if env.rank == 0 else 0,
     }
     if env.rank == 0:
         print("ROW " + json.dumps(row), flush=True)
@@ -78,8 +96,18 @@ def worker(layers: int, backend_name: str, repeats: int, out: Path) -> None:
 def run_cell(layers: int, backend: str, repeats: int) -> dict:
     env = dict(common.child_env(cuda=False), PYTHONWARNINGS="ignore")  # the same launch and environment as run.py
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = common.torchrun(2) + [__file__, "--worker", "--layers", str(layers), "--backends", backend,
-                             "--repeats", str(repeats), "--out", tmp]
+        cmd = common.torchrun(2) + [
+            __file__,
+            "--worker",
+            "--layers",
+            str(layers),
+            "--backends",
+            backend,
+            "--repeats",
+            str(repeats),
+            "--out",
+            tmp,
+        ]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, errors="replace")
     rows = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
     if proc.returncode != 0 or not rows:
@@ -101,18 +129,24 @@ def main() -> None:
 
         exit_now(0)  # a rank leaves without interpreter teardown (gloo can abort there)
     rows = [run_cell(n, b, a.repeats) for b in a.backends for n in a.layers]
-    print(f"{'base params':>12} {'lora params':>11} {'backend':>9} {'lora gather s':>13} {'adapter save s':>14} "
-          f"{'checkpoint s':>12} {'full gather s':>13} {'adapter file B':>14}")
+    print(
+        f"{'base params':>12} {'lora params':>11} {'backend':>9} {'lora gather s':>13} {'adapter save s':>14} "
+        f"{'checkpoint s':>12} {'full gather s':>13} {'adapter file B':>14}"
+    )
     for r in rows:
-        print(f"{r['base_params']:>12,} {r['lora_params']:>11,} {r['backend']:>9} {r['gather_s']:>13.4f} {r['adapter_s']:>14.4f} "
-              f"{r['checkpoint_s']:>12.4f} {r['full_gather_s']:>13.4f} {r['adapter_file_bytes']:>14,}")
+        print(
+            f"{r['base_params']:>12,} {r['lora_params']:>11,} {r['backend']:>9} {r['gather_s']:>13.4f} {r['adapter_s']:>14.4f} "
+            f"{r['checkpoint_s']:>12.4f} {r['full_gather_s']:>13.4f} {r['adapter_file_bytes']:>14,}"
+        )
     for b in a.backends:
         cells = [r for r in rows if r["backend"] == b]
         small, big = cells[0], cells[-1]
-        print(f"{b}: base x{big['base_params'] / small['base_params']:.2f} -> lora gather "
-              f"x{big['gather_s'] / small['gather_s']:.2f}, adapter save x"
-              f"{big['adapter_s'] / small['adapter_s']:.2f}, checkpoint x{big['checkpoint_s'] / small['checkpoint_s']:.2f}, "
-              f"full gather x{big['full_gather_s'] / small['full_gather_s']:.2f}")
+        print(
+            f"{b}: base x{big['base_params'] / small['base_params']:.2f} -> lora gather "
+            f"x{big['gather_s'] / small['gather_s']:.2f}, adapter save x"
+            f"{big['adapter_s'] / small['adapter_s']:.2f}, checkpoint x{big['checkpoint_s'] / small['checkpoint_s']:.2f}, "
+            f"full gather x{big['full_gather_s'] / small['full_gather_s']:.2f}"
+        )
 
 
 if __name__ == "__main__":

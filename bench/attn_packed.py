@@ -23,9 +23,17 @@ def model_of(layers: int, impl: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True, attn_implementation=impl)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        attn_implementation=impl,
+    )
     return LlamaForCausalLM(cfg).float().train()
 
 
@@ -78,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     for impl in a.impl.split(","):
         model = model_of(a.layers, impl)
         tp, tc = timed(model, packed, a.reps), timed(model, causal, a.reps)
-        print(f"{impl}: {a.rows} x {a.seq_len} positions, {a.layers} layers, {torch.get_num_threads()} threads: "
-              f"packed ({a.example}-token examples) {tp:.3f} s, causal {tc:.3f} s per step "
-              f"(packed / causal {tp / tc:.2f}x)")
+        print(
+            f"{impl}: {a.rows} x {a.seq_len} positions, {a.layers} layers, {torch.get_num_threads()} threads: "
+            f"packed ({a.example}-token examples) {tp:.3f} s, causal {tc:.3f} s per step "
+            f"(packed / causal {tp / tc:.2f}x)"
+        )
         for name, b in (("packed", packed), ("causal", causal)):
             print(f"--- {impl} {name}: top operators by self CPU time\n{profile(model, b, a.top)}")
     return 0

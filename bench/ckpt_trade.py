@@ -41,16 +41,18 @@ def main() -> None:
     model = [f"model.path={importer.resolve('smollm2-135m-instruct')}", "model.arch=null"]
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone()}
-    print(f"SmolLM2-135M-Instruct, {args.batch} x {args.seq} tokens, load "
-          f"{common.loadavg()}\n")
+    print(f"SmolLM2-135M-Instruct, {args.batch} x {args.seq} tokens, load {common.loadavg()}\n")
     print("| policy | activations MiB | vs none | fwd+loss+bwd s | vs none |")
     print("|---|---:|---:|---:|---:|")
     ref = None
     for name, extra in POLICIES.items():
         r = measure(build(model, True, 1024, extra), batch, args.iters)
         ref = ref or r
-        print(f"| {name} | {r['whole'] / 2**20:,.1f} | {r['whole'] / ref['whole']:.2f}x | {r['step_s']:.2f} | "
-              f"{r['step_s'] / ref['step_s']:.2f}x |", flush=True)
+        print(
+            f"| {name} | {r['whole'] / 2**20:,.1f} | {r['whole'] / ref['whole']:.2f}x | {r['step_s']:.2f} | "
+            f"{r['step_s'] / ref['step_s']:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

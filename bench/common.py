@@ -27,8 +27,8 @@ PY = sys.executable
 @dataclass(frozen=True)
 class Device:
     cuda: bool
-    name: str                 # the GPU's name, else the CPU model
-    text: str = ""            # one line for the results: count, name, RAM
+    name: str  # the GPU's name, else the CPU model
+    text: str = ""  # one line for the results: count, name, RAM
     gpus: int = 0
 
 
@@ -70,10 +70,22 @@ def versions() -> dict:
 
 def git_rev() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, errors="replace", timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, errors="replace", timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=10,
+        ).stdout.strip()
         return rev + (" + uncommitted changes" if dirty else "") if rev else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -101,8 +113,12 @@ def median(values: list[float]) -> float:
 def time_stats(times: list[float]) -> dict:
     """Median, min, p90 and count of a list of seconds."""
     s = sorted(times)
-    return {"median_s": statistics.median(s), "min_s": s[0], "p90_s": s[min(len(s) - 1, int(0.9 * len(s)))],
-            "n": len(s)}
+    return {
+        "median_s": statistics.median(s),
+        "min_s": s[0],
+        "p90_s": s[min(len(s) - 1, int(0.9 * len(s)))],
+        "n": len(s),
+    }
 
 
 # ---- results files -------------------------------------------------------------------------------
@@ -138,8 +154,13 @@ def child_env(cuda: bool) -> dict:
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore::FutureWarning")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        PYTHONWARNINGS="ignore::FutureWarning",
+    )
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if not cuda:
         env["DS_ACCELERATOR"] = "cpu"
@@ -148,8 +169,17 @@ def child_env(cuda: bool) -> dict:
 
 
 def torchrun(nproc: int, port: int | None = None) -> list[str]:
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
+    return [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port or free_port()),
+    ]
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
@@ -169,8 +199,7 @@ def run_logged(cmd: list[str], log: Path, env: dict, timeout: int) -> tuple[int,
     with log.open("w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -59,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     ys, yf = separate(x, As), fused(x, As)
     assert all(torch.allclose(s, f, rtol=1e-5, atol=1e-5) for s, f in zip(ys, yf))
     ts, tf = timed(separate, x, As, a.reps), timed(fused, x, As, a.reps)
-    print(f"tokens {a.tokens}, hidden {a.hidden}, r {a.r}, {a.shared} shared projections, "
-          f"{torch.get_num_threads()} threads: separate {ts * 1e3:.3f} ms, fused {tf * 1e3:.3f} ms "
-          f"(fused / separate {tf / ts:.2f}x)")
+    print(
+        f"tokens {a.tokens}, hidden {a.hidden}, r {a.r}, {a.shared} shared projections, "
+        f"{torch.get_num_threads()} threads: separate {ts * 1e3:.3f} ms, fused {tf * 1e3:.3f} ms "
+        f"(fused / separate {tf / ts:.2f}x)"
+    )
     return 0
 
 

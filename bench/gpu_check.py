@@ -87,30 +87,68 @@ def arch_overrides(arch: Mapping) -> list[str]:
 
 
 def train_args(plan: Plan, run: str, extra: list[str]) -> list[str]:
-    return ["train", str(REPO / "configs" / "tiny.yaml"), *arch_overrides(plan.arch),
-            f"backend.device={plan.device}", f"model.dtype={'fp32' if plan.dry_run else 'bf16'}",
-            "lora.targets=[q_proj,v_proj]", f"training.max_steps={plan.steps}", "training.warmup_steps=1",
-            f"training.micro_batch_size={plan.micro_batch}", f"data.seq_len={plan.seq_len}",
-            "training.eval_every=0", "training.memory_every=1", f"output.dir={plan.out / 'runs' / run}",
-            "output.overwrite=true", *extra]
+    return [
+        "train",
+        str(REPO / "configs" / "tiny.yaml"),
+        *arch_overrides(plan.arch),
+        f"backend.device={plan.device}",
+        f"model.dtype={'fp32' if plan.dry_run else 'bf16'}",
+        "lora.targets=[q_proj,v_proj]",
+        f"training.max_steps={plan.steps}",
+        "training.warmup_steps=1",
+        f"training.micro_batch_size={plan.micro_batch}",
+        f"data.seq_len={plan.seq_len}",
+        "training.eval_every=0",
+        "training.memory_every=1",
+        f"output.dir={plan.out / 'runs' / run}",
+        "output.overwrite=true",
+        *extra,
+    ]
 
 
 def launcher(nproc: int) -> list[str]:
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-            "--master_port", "29533", "-m", "dtrain"]
+    return [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        "29533",
+        "-m",
+        "dtrain",
+    ]
 
 
 def checks(plan: Plan) -> dict[str, list[str]]:
     """name -> command line, in run order."""
     dt = [PY, "-m", "dtrain"]
-    smol = ["train", str(REPO / "configs" / "smollm2_dates.yaml"), "backend.name=none",
-            f"backend.device={plan.device}", f"model.dtype={'fp32' if plan.dry_run else 'bf16'}",
-            f"training.max_steps={min(plan.steps, 12)}", "training.eval_every=0", "training.memory_every=1",
-            f"output.dir={plan.out / 'runs' / 'smollm2'}", "output.overwrite=true"]
+    smol = [
+        "train",
+        str(REPO / "configs" / "smollm2_dates.yaml"),
+        "backend.name=none",
+        f"backend.device={plan.device}",
+        f"model.dtype={'fp32' if plan.dry_run else 'bf16'}",
+        f"training.max_steps={min(plan.steps, 12)}",
+        "training.eval_every=0",
+        "training.memory_every=1",
+        f"output.dir={plan.out / 'runs' / 'smollm2'}",
+        "output.overwrite=true",
+    ]
     bench = [PY, str(REPO / "bench" / "run.py"), "--no-record", "--keep-workdir"]
     bench += ["--quick"] if plan.dry_run else ["--preset", "gpu", "--steps", "10", "--warmup", "3"]
-    memory = ["memory", *train_args(plan, "memory", [])[1:], "--with-8bit", "--steps", "2", "--overwrite",
-              "--out", str(plan.out / "memory")]
+    memory = [
+        "memory",
+        *train_args(plan, "memory", [])[1:],
+        "--with-8bit",
+        "--steps",
+        "2",
+        "--overwrite",
+        "--out",
+        str(plan.out / "memory"),
+    ]
     return {
         "smollm2_bf16": dt + smol,
         "llama1b_bf16": dt + train_args(plan, "llama1b", ["backend.name=none"]),
@@ -125,8 +163,14 @@ def checks(plan: Plan) -> dict[str, list[str]]:
 
 def numbers_of(name: str, plan: Plan) -> dict:
     """What a finished check measured: losses, step time, peak memory (from its run directory)."""
-    run = {"smollm2_bf16": "smollm2", "llama1b_bf16": "llama1b", "fsdp_ws1": "fsdp", "zero3_ws1": "zero3",
-           "int8": "int8", "nf4": "nf4"}.get(name)
+    run = {
+        "smollm2_bf16": "smollm2",
+        "llama1b_bf16": "llama1b",
+        "fsdp_ws1": "fsdp",
+        "zero3_ws1": "zero3",
+        "int8": "int8",
+        "nf4": "nf4",
+    }.get(name)
     if run is None:
         report = plan.out / "memory" / "memory_report.json"
         return {"memory_report": str(report)} if name == "memory" and report.is_file() else {}
@@ -136,22 +180,28 @@ def numbers_of(name: str, plan: Plan) -> dict:
     rows = common.read_jsonl(path)
     steps = [r for r in rows if "loss" in r]
     times = sorted(r["step_time_s"] for r in steps[1:] or steps)
-    return {"losses": [r["loss"] for r in steps], "median_step_s": times[len(times) // 2],
-            "tokens_per_s": sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2],
-            "memory_last": steps[-1].get("memory")}
+    return {
+        "losses": [r["loss"] for r in steps],
+        "median_step_s": times[len(times) // 2],
+        "tokens_per_s": sorted(r["tokens_per_s"] for r in steps)[len(steps) // 2],
+        "memory_last": steps[-1].get("memory"),
+    }
 
 
 def run_check(name: str, cmd: list[str], plan: Plan) -> Result:
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "4"),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     if plan.dry_run:
         env["DS_ACCELERATOR"] = "cpu"
     start = time.perf_counter()
     log = plan.out / f"{name}.log"
     try:
         with open(log, "w") as fh:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                  timeout=plan.timeout_s)
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=plan.timeout_s)
         ok, error = proc.returncode == 0, "" if proc.returncode == 0 else f"exit {proc.returncode}"
     except subprocess.TimeoutExpired:
         ok, error = False, f"timeout after {plan.timeout_s} s"
@@ -167,9 +217,14 @@ def run_check(name: str, cmd: list[str], plan: Plan) -> Result:
 
 
 def summary(results: list[Result], plan: Plan) -> str:
-    lines = [f"# GPU check ({'dry run on CPU' if plan.dry_run else 'CUDA'}), {time.strftime('%Y-%m-%d %H:%M')}",
-             "", f"machine: {platform.node()}, {common.cuda_device_name()}", "",
-             "| check | ok | s | median step s | tokens/s | first -> last loss |", "|---|---|---:|---:|---:|---|"]
+    lines = [
+        f"# GPU check ({'dry run on CPU' if plan.dry_run else 'CUDA'}), {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"machine: {platform.node()}, {common.cuda_device_name()}",
+        "",
+        "| check | ok | s | median step s | tokens/s | first -> last loss |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for r in results:
         n, status = r.numbers, "yes" if r.ok else "NO: " + r.error[:80].replace("|", "/")
         step = f"{n['median_step_s']:.4g}" if "median_step_s" in n else ""
@@ -193,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name, cmd in todo.items():
         results.append(run_check(name, cmd, plan))
-        print(f"{name}: {'ok' if results[-1].ok else 'FAILED ' + results[-1].error} ({results[-1].seconds} s)",
-              flush=True)
+        print(
+            f"{name}: {'ok' if results[-1].ok else 'FAILED ' + results[-1].error} ({results[-1].seconds} s)", flush=True
+        )
         common.write_json(plan.out / "results.json", [asdict(r) for r in results])
     (plan.out / "summary.md").write_text(summary(results, plan))
     print(summary(results, plan))

@@ -116,17 +116,23 @@ def measure(models: dict, ids: torch.Tensor, device: torch.device, args: argpars
         times: dict[str, list[float]] = {k: [] for k in models}
         order = list(models)
         for i in range(args.iters):
-            rot = order[i % len(order):] + order[: i % len(order)]
+            rot = order[i % len(order) :] + order[: i % len(order)]
             for key in rot:
                 times[key].append(timed(models[key]))
-    return {"merged_vs_unmerged_max_abs_diff": diff, "merged_vs_base_max_abs_diff": moved,
-            **{k: common.time_stats(v) for k, v in times.items()}}
+    return {
+        "merged_vs_unmerged_max_abs_diff": diff,
+        "merged_vs_base_max_abs_diff": moved,
+        **{k: common.time_stats(v) for k, v in times.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          (args.device if args.device != "auto" else "cpu"))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else (args.device if args.device != "auto" else "cpu")
+    )
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     arch = json.loads(Path(args.arch).read_text())
@@ -135,14 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     base_tree = module_tree(base)
     unmerged, merged, names = lora_models(base, args, device)
     same_tree = module_tree(merged) == base_tree
-    ids = torch.randint(3, int(arch["vocab_size"]), (args.batch, args.seq),
-                        generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
+    ids = torch.randint(
+        3, int(arch["vocab_size"]), (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed + 2)
+    ).to(device)
     measured = measure({"base": base, "merged": merged, "unmerged": unmerged}, ids, device, args)
     result = {
-        "device": str(device), "dtype": dtype_name, "batch": args.batch, "seq": args.seq,
-        "iters": args.iters, "warmup": args.warmup, "lora_layers": len(names), "r": args.lora_r,
+        "device": str(device),
+        "dtype": dtype_name,
+        "batch": args.batch,
+        "seq": args.seq,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "lora_layers": len(names),
+        "r": args.lora_r,
         "threads": torch.get_num_threads(),
-        "merged_tree_equals_base": same_tree, **measured,
+        "merged_tree_equals_base": same_tree,
+        **measured,
     }
     result["merged_over_base"] = result["merged"]["median_s"] / result["base"]["median_s"]
     result["unmerged_over_base"] = result["unmerged"]["median_s"] / result["base"]["median_s"]

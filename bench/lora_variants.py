@@ -42,8 +42,9 @@ def build(args, variant: str):
             def forward(self, x):
                 return self.proj(x)
 
-        model = peft.get_peft_model(Wrap(), peft.LoraConfig(r=args.r, lora_alpha=args.r, use_dora=True,
-                                                          target_modules=["proj"]))
+        model = peft.get_peft_model(
+            Wrap(), peft.LoraConfig(r=args.r, lora_alpha=args.r, use_dora=True, target_modules=["proj"])
+        )
         layer = model.base_model.model.proj
     else:
         layer = lora.LoRALinear(base, "proj")
@@ -87,17 +88,21 @@ def main() -> None:
     x = torch.randn(args.tokens, args.in_features, generator=torch.Generator().manual_seed(2), requires_grad=True)
     times = {v: [] for v in variants}
     for i in range(args.iters + 2):
-        for v in variants[i % 3:] + variants[:i % 3]:
+        for v in variants[i % 3 :] + variants[: i % 3]:
             t0 = time.perf_counter()
             layers[v](x).sum().backward()
             if i >= 2:
                 times[v].append(time.perf_counter() - t0)
     with torch.no_grad():
         diff = (layers["dora"](x) - layers["peft_dora"](x)).abs().max().item()
-    print(f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
-          f"threads={torch.get_num_threads()} torch {torch.__version__}")
-    print(f"# in={args.in_features} out={args.out_features} r={args.r} tokens={args.tokens} fp32, "
-          f"{args.iters} rounds; max |dtrain DoRA - PEFT DoRA| = {diff:.2e}")
+    print(
+        f"# {datetime.date.today()} {platform.node()} {platform.processor() or platform.machine()} "
+        f"threads={torch.get_num_threads()} torch {torch.__version__}"
+    )
+    print(
+        f"# in={args.in_features} out={args.out_features} r={args.r} tokens={args.tokens} fp32, "
+        f"{args.iters} rounds; max |dtrain DoRA - PEFT DoRA| = {diff:.2e}"
+    )
     print(f"{'variant':<10} {'fwd+bwd ms (median)':>20} {'saved for backward MiB':>24}")
     for v in variants:
         print(f"{v:<10} {1e3 * common.median(times[v]):>20.1f} {saved_bytes(layers[v], x) / 2**20:>24.2f}")

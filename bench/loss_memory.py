@@ -29,16 +29,31 @@ from dtrain.config import schema as config  # noqa: E402
 from dtrain.memory.measure import SavedTensorCounter  # noqa: E402
 from dtrain.model import importer
 
-ARCH_128K = ["model.arch.model_type=llama", "model.arch.vocab_size=128256", "model.arch.hidden_size=512",
-             "model.arch.intermediate_size=1376", "model.arch.num_hidden_layers=8",
-             "model.arch.num_attention_heads=8", "model.arch.num_key_value_heads=8",
-             "model.arch.max_position_embeddings=2048", "model.arch.tie_word_embeddings=false"]
+ARCH_128K = [
+    "model.arch.model_type=llama",
+    "model.arch.vocab_size=128256",
+    "model.arch.hidden_size=512",
+    "model.arch.intermediate_size=1376",
+    "model.arch.num_hidden_layers=8",
+    "model.arch.num_attention_heads=8",
+    "model.arch.num_key_value_heads=8",
+    "model.arch.max_position_embeddings=2048",
+    "model.arch.tie_word_embeddings=false",
+]
 
 
 def build(model: list[str], chunked: bool, chunk: int, extra: tuple[str, ...] = ()) -> SingleBackend:
-    cfg = config.load(common.REPO / "configs" / "tiny.yaml", [
-        "backend.device=cpu", "lora.targets=[q_proj,v_proj]", *model,
-        f"training.chunked_loss={str(chunked).lower()}", f"training.loss_chunk_tokens={chunk}", *extra])
+    cfg = config.load(
+        common.REPO / "configs" / "tiny.yaml",
+        [
+            "backend.device=cpu",
+            "lora.targets=[q_proj,v_proj]",
+            *model,
+            f"training.chunked_loss={str(chunked).lower()}",
+            f"training.loss_chunk_tokens={chunk}",
+            *extra,
+        ],
+    )
     backend = SingleBackend(cfg, dist.detect("cpu", "gloo"))
     backend.build()
     return backend
@@ -72,8 +87,10 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args()
     smol = [f"model.path={importer.resolve('smollm2-135m-instruct')}", "model.arch=null"]
-    print(f"batch {args.batch} x {args.seq} tokens, chunk {args.chunk}, torch {torch.__version__}, "
-          f"{os.cpu_count()} cores, load {common.loadavg()}\n")
+    print(
+        f"batch {args.batch} x {args.seq} tokens, chunk {args.chunk}, torch {torch.__version__}, "
+        f"{os.cpu_count()} cores, load {common.loadavg()}\n"
+    )
     print("| model | vocab | loss | step activations MiB | loss activations MiB | fwd+loss+bwd s |")
     print("|---|---:|---|---:|---:|---:|")
     for name, model, vocab in (("SmolLM2-135M-Instruct", smol, 49152), ("random Llama 512x8", ARCH_128K, 128256)):
@@ -83,12 +100,18 @@ def main() -> None:
         for chunked in (False, True):
             backend = build(model, chunked, args.chunk)
             rows[chunked] = r = measure(backend, batch, args.iters)
-            print(f"| {name} | {vocab:,} | {'chunked' if chunked else 'logits'} | {r['whole'] / 2**20:,.1f} | "
-                  f"{r['loss'] / 2**20:,.2f} | {r['step_s']:.2f} |", flush=True)
+            print(
+                f"| {name} | {vocab:,} | {'chunked' if chunked else 'logits'} | {r['whole'] / 2**20:,.1f} | "
+                f"{r['loss'] / 2**20:,.2f} | {r['step_s']:.2f} |",
+                flush=True,
+            )
             del backend
-        print(f"| | | ratio | {rows[False]['whole'] / rows[True]['whole']:.2f}x | "
-              f"{rows[False]['loss'] / max(rows[True]['loss'], 1):.1f}x | "
-              f"{rows[True]['step_s'] / rows[False]['step_s']:.2f}x time |", flush=True)
+        print(
+            f"| | | ratio | {rows[False]['whole'] / rows[True]['whole']:.2f}x | "
+            f"{rows[False]['loss'] / max(rows[True]['loss'], 1):.1f}x | "
+            f"{rows[True]['step_s'] / rows[False]['step_s']:.2f}x time |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

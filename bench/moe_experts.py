@@ -28,9 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dtrain import lora
 from dtrain.lora import experts  # noqa: E402
 
-ARCH = dict(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=64, num_experts_per_tok=8,
-            decoder_sparse_step=1, max_position_embeddings=256)
+ARCH = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=64,
+    num_experts_per_tok=8,
+    decoder_sparse_step=1,
+    max_position_embeddings=256,
+)
 BATCH, SEQ, RANK = 4, 128, 8
 
 
@@ -46,13 +57,20 @@ def build(variant: str):
     if variant.startswith("PEFT"):
         from peft import LoraConfig, get_peft_model
 
-        return get_peft_model(model, LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj", "k_proj",
-                              "v_proj", "o_proj"], target_parameters=["mlp.experts.gate_up_proj",
-                                                                      "mlp.experts.down_proj"]))
+        return get_peft_model(
+            model,
+            LoraConfig(
+                r=RANK,
+                lora_alpha=2 * RANK,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+            ),
+        )
     lora.inject(model, attention, spec)
     if variant.startswith("dtrain expert LoRA"):
-        experts.inject(model, experts.select_parameters(model, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
-                       spec)
+        experts.inject(
+            model, experts.select_parameters(model, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), spec
+        )
         if "int8" in variant:  # quantization.bits=8 on the experts: dequantized one expert at a time
             experts.quantize(model, 8)
     lora.freeze_base(model)
@@ -73,8 +91,9 @@ def measure(variant: str, steps: int) -> dict:
     for m in model.modules():
         if type(m).__name__ == "Qwen3MoeExperts":  # the experts' own call (dtrain's forward runs inside it)
             m.register_forward_pre_hook(lambda mod, *_: starts.__setitem__(id(mod), time.perf_counter()))
-            m.register_forward_hook(lambda mod, *_: spent.__setitem__(0, spent[0] + time.perf_counter()
-                                                                     - starts[id(mod)]))
+            m.register_forward_hook(
+                lambda mod, *_: spent.__setitem__(0, spent[0] + time.perf_counter() - starts[id(mod)])
+            )
     times = []
     for i in range(steps + 2):  # 2 warm-up steps
         spent[0] = 0.0
@@ -88,21 +107,35 @@ def measure(variant: str, steps: int) -> dict:
     times.sort()
     step, in_experts = times[len(times) // 2]
     trainable = sum(p.numel() for p in params)
-    return {"variant": variant, "tok_s": BATCH * SEQ / step, "step_s": step, "experts_fwd_s": in_experts,
-            "trainable": trainable, "loss": float(loss)}
+    return {
+        "variant": variant,
+        "tok_s": BATCH * SEQ / step,
+        "step_s": step,
+        "experts_fwd_s": in_experts,
+        "trainable": trainable,
+        "loss": float(loss),
+    }
 
 
-VARIANTS = ["frozen (HF grouped_mm)", "frozen (HF eager loop)", "dtrain expert LoRA (grouped)",
-            "dtrain expert LoRA, int8 experts (grouped)",
-            "PEFT expert LoRA (W + BA per forward)", "full FT of the experts"]
+VARIANTS = [
+    "frozen (HF grouped_mm)",
+    "frozen (HF eager loop)",
+    "dtrain expert LoRA (grouped)",
+    "dtrain expert LoRA, int8 experts (grouped)",
+    "PEFT expert LoRA (W + BA per forward)",
+    "full FT of the experts",
+]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | tok/s | median step s | forward in experts s | trainable params |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | tok/s | median step s | forward in experts s | trainable params |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['tok_s']:.0f} | {r['step_s']:.3f} | {r['experts_fwd_s']:.3f} | "
-                     f"{r['trainable']:,} |")
+        lines.append(
+            f"| {r['variant']} | {r['tok_s']:.0f} | {r['step_s']:.3f} | {r['experts_fwd_s']:.3f} | {r['trainable']:,} |"
+        )
     return "\n".join(lines)
 
 
@@ -117,13 +150,15 @@ def main() -> None:
     import peft
     import transformers
 
-    head = (f"## Expert compute, {ARCH['num_experts']} experts top-{ARCH['num_experts_per_tok']} "
-            f"(bench/moe_experts.py)\n\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, load {load:.2f} at start; torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, peft {peft.__version__}. Qwen3-MoE shape: hidden {ARCH['hidden_size']}, "
-            f"expert width {ARCH['moe_intermediate_size']}, {ARCH['num_hidden_layers']} layers, {BATCH} x {SEQ} "
-            f"tokens per step, fp32, LoRA r={RANK} (attention in every variant, experts where named); "
-            f"median of {args.steps} steps after 2 warm-up.\n")
+    head = (
+        f"## Expert compute, {ARCH['num_experts']} experts top-{ARCH['num_experts_per_tok']} "
+        f"(bench/moe_experts.py)\n\n{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, load {load:.2f} at start; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, peft {peft.__version__}. Qwen3-MoE shape: hidden {ARCH['hidden_size']}, "
+        f"expert width {ARCH['moe_intermediate_size']}, {ARCH['num_hidden_layers']} layers, {BATCH} x {SEQ} "
+        f"tokens per step, fp32, LoRA r={RANK} (attention in every variant, experts where named); "
+        f"median of {args.steps} steps after 2 warm-up.\n"
+    )
     text = head + "\n" + table(rows) + f"\n\nLoad at the end: {os.getloadavg()[0]:.2f}.\n"
     print(text)
     if not args.no_write:

@@ -95,28 +95,72 @@ def train_and_eval(name: str, out: Path, steps: int, lr: float) -> dict:
     """Train run `name` into `out`, evaluate it; its row of the results."""
     table, targets, r, init_seed, seed = RUNS[name]
     t0 = time.time()
-    _dtrain(["train", str(CONFIG), "backend.name=none", f"lora.targets=[{','.join(targets)}]", f"lora.r={r}",
-             f"lora.init_seed={init_seed}", f"training.seed={seed}", f"training.max_steps={steps}",
-             f"training.lr={lr}", "training.micro_batch_size=8", f"training.eval_every={steps}",
-             "training.eval_batches=4", f"output.dir={out}", "output.overwrite=true"])
+    _dtrain(
+        [
+            "train",
+            str(CONFIG),
+            "backend.name=none",
+            f"lora.targets=[{','.join(targets)}]",
+            f"lora.r={r}",
+            f"lora.init_seed={init_seed}",
+            f"training.seed={seed}",
+            f"training.max_steps={steps}",
+            f"training.lr={lr}",
+            "training.micro_batch_size=8",
+            f"training.eval_every={steps}",
+            "training.eval_batches=4",
+            f"output.dir={out}",
+            "output.overwrite=true",
+        ]
+    )
     t1 = time.time()
     ev = out / "eval.jsonl"
     ev.unlink(missing_ok=True)
-    proc = _dtrain(["eval", "--model", MODEL, "--adapter", str(out / "adapter"), "--data", EVAL_DATA,
-                    "--max-new-tokens", "12", "--batch-size", "25", "--out", str(ev)])
+    proc = _dtrain(
+        [
+            "eval",
+            "--model",
+            MODEL,
+            "--adapter",
+            str(out / "adapter"),
+            "--data",
+            EVAL_DATA,
+            "--max-new-tokens",
+            "12",
+            "--batch-size",
+            "25",
+            "--out",
+            str(ev),
+        ]
+    )
     acc = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"name": name, "table": table, "targets": targets, "r": r, "init_seed": init_seed, "seed": seed,
-            "params": budget(targets, r), **losses(out), "step_s": step_seconds(out),
-            "exact_match": acc["exact_match"], "correct": acc["correct"], "total": acc["total"],
-            "train_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)}
+    return {
+        "name": name,
+        "table": table,
+        "targets": targets,
+        "r": r,
+        "init_seed": init_seed,
+        "seed": seed,
+        "params": budget(targets, r),
+        **losses(out),
+        "step_s": step_seconds(out),
+        "exact_match": acc["exact_match"],
+        "correct": acc["correct"],
+        "total": acc["total"],
+        "train_s": round(t1 - t0, 1),
+        "eval_s": round(time.time() - t1, 1),
+    }
 
 
 def losses(out: Path) -> dict:
     """The run's eval loss before training and at the end, and its last training loss (metrics.jsonl)."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [x for x in rows if "eval_loss" in x]
-    return {"base_eval_loss": evals[0]["eval_loss"], "eval_loss": evals[-1]["eval_loss"],
-            "train_loss": [x["loss"] for x in rows if "loss" in x][-1]}
+    return {
+        "base_eval_loss": evals[0]["eval_loss"],
+        "eval_loss": evals[-1]["eval_loss"],
+        "train_loss": [x["loss"] for x in rows if "loss" in x][-1],
+    }
 
 
 def step_seconds(out: Path) -> float:
@@ -149,8 +193,11 @@ def run_all(args: argparse.Namespace, work: Path) -> dict:
         row = train_and_eval(name, work / name, args.steps, args.lr)
         results[name] = row
         (work / name / "result.json").write_text(json.dumps(row, indent=2) + "\n")
-        print(f"{name}: eval loss {row['eval_loss']:.4f}, exact match {row['exact_match']:.0%} "
-              f"(train {row['train_s']} s, eval {row['eval_s']} s)", flush=True)
+        print(
+            f"{name}: eval loss {row['eval_loss']:.4f}, exact match {row['exact_match']:.0%} "
+            f"(train {row['train_s']} s, eval {row['eval_s']} s)",
+            flush=True,
+        )
     return results
 
 
@@ -159,10 +206,12 @@ def machine() -> str:
     import transformers
 
     load = os.getloadavg()
-    return (f"{platform.node()}: {os.cpu_count()} CPU cores (shared with other jobs; load average "
-            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPU cores (shared with other jobs; load average "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end), Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,11 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     analyses = paper_report.analyze_runs(work, results)
     shown = list(argv if argv is not None else sys.argv[1:])
     if "--note" in shown:  # the note is printed on the page, not in its command
-        del shown[shown.index("--note"):shown.index("--note") + 2]
-    meta = {"command": " ".join(["python bench/paper_study.py", *shown]),
-            "steps": args.steps, "lr": args.lr, "missing": [n for n in RUNS if n not in results], "machine": machine(), "run_time_s": round(train_time, 0),
-            "wall_s": wall_seconds(work, results), "note": args.note,
-            "analysis_s": round(time.time() - t1, 1), "this_call_s": round(time.time() - t0, 0)}
+        del shown[shown.index("--note") : shown.index("--note") + 2]
+    meta = {
+        "command": " ".join(["python bench/paper_study.py", *shown]),
+        "steps": args.steps,
+        "lr": args.lr,
+        "missing": [n for n in RUNS if n not in results],
+        "machine": machine(),
+        "run_time_s": round(train_time, 0),
+        "wall_s": wall_seconds(work, results),
+        "note": args.note,
+        "analysis_s": round(time.time() - t1, 1),
+        "this_call_s": round(time.time() - t0, 0),
+    }
     out = paper_report.write_doc(REPO / args.docs, results, analyses, meta)
     print(f"written: {out}")
     return 0

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 
-NAMES = {"t5_q": "W_q", "t5_k": "W_k", "t5_v": "W_v", "t5_o": "W_o", "t5_qk": "W_q+W_k", "t5_qv": "W_q+W_v",
-         "t5_all": "all four"}
+NAMES = {
+    "t5_q": "W_q",
+    "t5_k": "W_k",
+    "t5_v": "W_v",
+    "t5_o": "W_o",
+    "t5_qk": "W_q+W_k",
+    "t5_qv": "W_q+W_v",
+    "t5_all": "all four",
+}
 
 
 def _rank_key(x: dict) -> tuple:
@@ -26,10 +33,12 @@ def seed_note(results: dict) -> str:
     if noise is None:
         return ""
     b = results["t6_r64_seed2"]
-    return (f"\n\n**Seed noise.** The same configuration (W_q+W_v, r=64) with other seeds (lora.init_seed=1, "
-            f"training.seed=4321) reaches {b['exact_match']:.0%} and eval loss {b['eval_loss']:.4f}: one run's "
-            f"result moves by {noise[0] * 100:.0f} points of exact match and {noise[1]:.4f} of eval loss with the "
-            "seeds alone. Differences between configurations smaller than that are not resolved by one run each.")
+    return (
+        f"\n\n**Seed noise.** The same configuration (W_q+W_v, r=64) with other seeds (lora.init_seed=1, "
+        f"training.seed=4321) reaches {b['exact_match']:.0%} and eval loss {b['eval_loss']:.4f}: one run's "
+        f"result moves by {noise[0] * 100:.0f} points of exact match and {noise[1]:.4f} of eval loss with the "
+        "seeds alone. Differences between configurations smaller than that are not resolved by one run each."
+    )
 
 
 def t5_verdict(results: dict) -> str:
@@ -40,29 +49,44 @@ def t5_verdict(results: dict) -> str:
     place = {x["name"]: i + 1 for i, x in enumerate(order)}
     n = len(runs)
     where = "; ".join(f"{NAMES[x['name']]} {place[x['name']]}" for x in runs)
-    text = (f"Ranked by exact match, then eval loss ({n} of 7 configurations run), the best is "
-            f"**{NAMES[order[0]['name']]}** ({order[0]['exact_match']:.0%}, loss {order[0]['eval_loss']:.4f}); "
-            f"places: {where}. The paper (GPT-3) finds W_q+W_v and all four at the top and W_q or W_k alone at the "
-            "bottom. ")
+    text = (
+        f"Ranked by exact match, then eval loss ({n} of 7 configurations run), the best is "
+        f"**{NAMES[order[0]['name']]}** ({order[0]['exact_match']:.0%}, loss {order[0]['eval_loss']:.4f}); "
+        f"places: {where}. The paper (GPT-3) finds W_q+W_v and all four at the top and W_q or W_k alone at the "
+        "bottom. "
+    )
     multi = [results[k]["eval_loss"] for k in ("t5_qk", "t5_qv", "t5_all") if k in results]
     single = [results[k]["eval_loss"] for k in ("t5_q", "t5_k", "t5_v", "t5_o") if k in results]
     if multi and single:
-        text += (f"Mean eval loss of the multi-type choices run: {np.mean(multi):.4f}, of the single types run: "
-                 f"{np.mean(single):.4f}: " + ("**agrees** that spreading the budget over several types helps"
-                                                if np.mean(multi) < np.mean(single) else
-                                                "**disagrees**: single types do as well or better on average"))
+        text += (
+            f"Mean eval loss of the multi-type choices run: {np.mean(multi):.4f}, of the single types run: "
+            f"{np.mean(single):.4f}: "
+            + (
+                "**agrees** that spreading the budget over several types helps"
+                if np.mean(multi) < np.mean(single)
+                else "**disagrees**: single types do as well or better on average"
+            )
+        )
     if "t5_qv" in place:
-        text += ("; W_q+W_v among the top two (**agrees**)" if place["t5_qv"] <= 2 else
-                 f"; W_q+W_v is not at the top here but {place['t5_qv']} of {n} (**disagrees**)")
+        text += (
+            "; W_q+W_v among the top two (**agrees**)"
+            if place["t5_qv"] <= 2
+            else f"; W_q+W_v is not at the top here but {place['t5_qv']} of {n} (**disagrees**)"
+        )
     qk = [place[k] for k in ("t5_q", "t5_k") if k in place]
     if qk:
         low = max(qk) > n / 2
-        text += ("; W_q/W_k alone in the lower half (**agrees**)." if low
-                 else "; W_q/W_k alone in the upper half (**disagrees**).")
+        text += (
+            "; W_q/W_k alone in the lower half (**agrees**)."
+            if low
+            else "; W_q/W_k alone in the upper half (**disagrees**)."
+        )
     noise = seed_noise(results)
     if noise is not None:
-        text += (f" Two seeds of one configuration differ by {noise[0] * 100:.0f} points of exact match and "
-                 f"{noise[1]:.4f} of eval loss (below): read these rankings with that margin.")
+        text += (
+            f" Two seeds of one configuration differ by {noise[0] * 100:.0f} points of exact match and "
+            f"{noise[1]:.4f} of eval loss (below): read these rankings with that margin."
+        )
     return text
 
 
@@ -80,16 +104,22 @@ def t6_verdict(results: dict) -> str:
         f"{r1['exact_match']:.0%} (loss {r1['eval_loss']:.4f}) with {r1['params']:,} trainable parameters against "
         f"{rows[top]['params']:,} for r={top} ({rows[top]['exact_match']:.0%}, loss {rows[top]['eval_loss']:.4f}). "
         "The paper finds r=1 on W_q+W_v within 0.5 points of the best rank (a very small r suffices): "
-        + (f"**agrees** (r=1 within {tol * 100:.0f} points of exact match of the best rank, the larger of 10 "
-           "points and the seed noise)." if close else
-           f"**disagrees**: with this short training r=1 trails the best rank by more than {tol * 100:.0f} points "
-           "of exact match (the larger of 10 points and the seed noise).")
+        + (
+            f"**agrees** (r=1 within {tol * 100:.0f} points of exact match of the best rank, the larger of 10 "
+            "points and the seed noise)."
+            if close
+            else f"**disagrees**: with this short training r=1 trails the best rank by more than {tol * 100:.0f} points "
+            "of exact match (the larger of 10 points and the seed noise)."
+        )
     )
 
 
 def _phi_parts(p: dict, upto: str) -> str:
-    return "; ".join(f"{t}: phi(1,1) = {s['phi_11']:.2f}, mean phi(i,i) over i <= {upto} = {s['phi_diag_mean']:.2f}, "
-                     f"phi(r_a, r_b) = {s['phi_full']:.2f} (chance {s['chance_full']:.2f})" for t, s in p["by_type"].items())
+    return "; ".join(
+        f"{t}: phi(1,1) = {s['phi_11']:.2f}, mean phi(i,i) over i <= {upto} = {s['phi_diag_mean']:.2f}, "
+        f"phi(r_a, r_b) = {s['phi_full']:.2f} (chance {s['chance_full']:.2f})"
+        for t, s in p["by_type"].items()
+    )
 
 
 def subspace_verdict(pairs: dict) -> str:
@@ -98,40 +128,58 @@ def subspace_verdict(pairs: dict) -> str:
     if p:
         top = min(s["phi_11"] for s in p["by_type"].values())
         hi = max(s["phi_11"] for s in p["by_type"].values())
-        out.append("**r=8 vs r=64, independent inits** (the analogue of Fig. 3): " + _phi_parts(p, "8")
-                   + ". The paper finds the top direction shared (phi(1,1) > 0.5) and the others mostly not: "
-                   + ("**agrees** on the top direction." if top > 0.5 else
-                      f"**disagrees**: phi(1,1) is {top:.2f} to {hi:.2f} here, below the paper's 0.5 "
-                      "(though above chance)."))
+        out.append(
+            "**r=8 vs r=64, independent inits** (the analogue of Fig. 3): "
+            + _phi_parts(p, "8")
+            + ". The paper finds the top direction shared (phi(1,1) > 0.5) and the others mostly not: "
+            + (
+                "**agrees** on the top direction."
+                if top > 0.5
+                else f"**disagrees**: phi(1,1) is {top:.2f} to {hi:.2f} here, below the paper's 0.5 "
+                "(though above chance)."
+            )
+        )
     p = pairs.get("t6_r8_vs_t6_r64")
     if p:
-        out.append("**r=8 vs r=64, same lora.init_seed**: " + _phi_parts(p, "8") + ". dtrain draws A row by row "
-                   "from a generator seeded by (init_seed, module name), so the r=8 A starts as the first 8 rows "
-                   "of the r=64 A, and after this short training the whole r=8 row space still lies in the r=64 "
-                   "one (phi(8, 64) near 1): a shared-init effect, not something learned. Compare adapters from "
-                   "different init seeds (as above) to ask the paper's question.")
+        out.append(
+            "**r=8 vs r=64, same lora.init_seed**: " + _phi_parts(p, "8") + ". dtrain draws A row by row "
+            "from a generator seeded by (init_seed, module name), so the r=8 A starts as the first 8 rows "
+            "of the r=64 A, and after this short training the whole r=8 row space still lies in the r=64 "
+            "one (phi(8, 64) near 1): a shared-init effect, not something learned. Compare adapters from "
+            "different init seeds (as above) to ask the paper's question."
+        )
     p = pairs.get("t6_r64_vs_t6_r64_seed2")
     if p:
         bt = p["by_type"]
         q_more = "q_proj" in bt and "v_proj" in bt and bt["q_proj"]["phi_diag_mean"] > bt["v_proj"]["phi_diag_mean"]
-        out.append("**two seeds of r=64** (Fig. 4): " + _phi_parts(p, "64") + ". The paper finds a few top "
-                   "directions shared across seeds, more for ΔW_q than for ΔW_v (a higher 'intrinsic rank' of "
-                   "ΔW_q): " + ("**agrees** that ΔW_q shares more directions than ΔW_v."
-                                if q_more else "**disagrees**: here ΔW_v shares as many or more directions than ΔW_q."))
+        out.append(
+            "**two seeds of r=64** (Fig. 4): " + _phi_parts(p, "64") + ". The paper finds a few top "
+            "directions shared across seeds, more for ΔW_q than for ΔW_v (a higher 'intrinsic rank' of "
+            "ΔW_q): "
+            + (
+                "**agrees** that ΔW_q shares more directions than ΔW_v."
+                if q_more
+                else "**disagrees**: here ΔW_v shares as many or more directions than ΔW_q."
+            )
+        )
     return "\n\n".join(out)
 
 
 def drift_note(results: dict) -> str:
-    drift = {x["r"]: x["a_drift"] for n, x in results.items() if n.startswith("t6_") and "seed" not in n and "a_drift" in x}
+    drift = {
+        x["r"]: x["a_drift"] for n, x in results.items() if n.startswith("t6_") and "seed" not in n and "a_drift" in x
+    }
     if not drift:
         return ""
     parts = ", ".join(f"{d:.2f} at r={r}" for r, d in sorted(drift.items()))
     if max(drift.values()) >= 0.5:
         return f"\n\nHow far A moved from its random init A₀: ‖A−A₀‖/‖A₀‖ = {parts}."
-    return (f"\n\nA is still dominated by its random init: ‖A−A₀‖/‖A₀‖ = {parts}. So ΔW = (alpha/r) B A reads the input "
-            "through directions that are still mostly A₀'s random ones, and W's part on them is near what random "
-            "directions give: with this short training, ΔW cannot yet pick out W's directions as the paper's "
-            "adapters (trained far longer on GPT-3) did.")
+    return (
+        f"\n\nA is still dominated by its random init: ‖A−A₀‖/‖A₀‖ = {parts}. So ΔW = (alpha/r) B A reads the input "
+        "through directions that are still mostly A₀'s random ones, and W's part on them is near what random "
+        "directions give: with this short training, ΔW cannot yet pick out W's directions as the paper's "
+        "adapters (trained far longer on GPT-3) did."
+    )
 
 
 def amp_verdict(single: dict) -> str:
@@ -141,33 +189,49 @@ def amp_verdict(single: dict) -> str:
     lines = []
     for t in a4:
         s4, s64 = a4[t], a64[t]
-        lines.append(f"{t}: amplification {s4['amplification']:.2f} at r=4 and {s64['amplification']:.2f} at r=64; "
-                     f"‖UᵀWV‖_F is {s4['proj_delta'] / s4['proj_random']:.2f}x the random directions' at r=4 "
-                     f"and {s64['proj_delta'] / s64['proj_random']:.2f}x at r=64, and "
-                     f"{s4['proj_w'] / s4['proj_delta']:.0f}x below W's own top-4 directions")
+        lines.append(
+            f"{t}: amplification {s4['amplification']:.2f} at r=4 and {s64['amplification']:.2f} at r=64; "
+            f"‖UᵀWV‖_F is {s4['proj_delta'] / s4['proj_random']:.2f}x the random directions' at r=4 "
+            f"and {s64['proj_delta'] / s64['proj_random']:.2f}x at r=64, and "
+            f"{s4['proj_w'] / s4['proj_delta']:.0f}x below W's own top-4 directions"
+        )
     bigger = all(a4[t]["amplification"] > a64[t]["amplification"] for t in a4)
     large = all(a4[t]["amplification"] > 1 for t in a4)
     correlated = all(a4[t]["proj_delta"] > 1.2 * a4[t]["proj_random"] for t in a4)
-    return ("; ".join(lines) + ". The paper (ΔW_q of GPT-3, layer 48) finds ΔW amplifying directions W does not "
-            "emphasize, by about 21.5 at r=4 and 1.9 at r=64, with ‖UᵀWV‖_F well above random (ΔW correlates with "
-            "W) and far below W's top directions. Here: "
-            + ("**agrees** that the amplification is larger at r=4 than at r=64" if bigger
-               else "**disagrees** on the amplification growing as r shrinks")
-            + ("; amplification above 1 at r=4 for every type, though far from 21.5" if large else
-               "; **disagrees** on its size: at r=4 it is "
-               + ", ".join(f"{a4[t]['amplification']:.2f} ({t})" for t in a4) + ", far from 21.5, and below 1 "
-               "means ΔW is smaller than W's own part on ΔW's directions")
-            + ("; ΔW's directions correlate with W more than random ones (**agrees**)." if correlated else
-               "; ΔW's directions carry no more of W than random ones do (**disagrees**: no correlation measured)."))
+    return (
+        "; ".join(lines) + ". The paper (ΔW_q of GPT-3, layer 48) finds ΔW amplifying directions W does not "
+        "emphasize, by about 21.5 at r=4 and 1.9 at r=64, with ‖UᵀWV‖_F well above random (ΔW correlates with "
+        "W) and far below W's top directions. Here: "
+        + (
+            "**agrees** that the amplification is larger at r=4 than at r=64"
+            if bigger
+            else "**disagrees** on the amplification growing as r shrinks"
+        )
+        + (
+            "; amplification above 1 at r=4 for every type, though far from 21.5"
+            if large
+            else "; **disagrees** on its size: at r=4 it is "
+            + ", ".join(f"{a4[t]['amplification']:.2f} ({t})" for t in a4)
+            + ", far from 21.5, and below 1 "
+            "means ΔW is smaller than W's own part on ΔW's directions"
+        )
+        + (
+            "; ΔW's directions correlate with W more than random ones (**agrees**)."
+            if correlated
+            else "; ΔW's directions carry no more of W than random ones do (**disagrees**: no correlation measured)."
+        )
+    )
 
 
 def missing_note(meta: dict) -> str:
     if not meta.get("missing"):
         return ""
-    return ("\n**Not run**: " + ", ".join(f"`{n}`" for n in meta["missing"]) + ". The shared machine ran each "
-            "training step several times slower than when quiet (mean seconds per step of each run: "
-            "results.json, `step_s`), and the study was cut at its time limit; `python bench/paper_study.py` "
-            "runs what is missing and rewrites this page.\n")
+    return (
+        "\n**Not run**: " + ", ".join(f"`{n}`" for n in meta["missing"]) + ". The shared machine ran each "
+        "training step several times slower than when quiet (mean seconds per step of each run: "
+        "results.json, `step_s`), and the study was cut at its time limit; `python bench/paper_study.py` "
+        "runs what is missing and rewrites this page.\n"
+    )
 
 
 def document(results: dict, single: dict, pairs: dict, meta: dict, tables: dict) -> str:
@@ -191,23 +255,23 @@ finding about this setting, not a refutation.
 Made by:
 
 ```bash
-{meta['command']}
+{meta["command"]}
 ```
 
 Run time on this machine: {secs:.0f} s ({secs / 60:.1f} min) summed over the {len(results)} trainings and
-evaluations ({meta['wall_s'] / 60:.0f} min from the first run's start to the last one's end{meta.get('note', '')}), {meta['analysis_s']} s for the analyses (every adapted layer of {len(single)} adapters, with the base's
-singular values), the figures and this page. Machine: {meta['machine']}. The machine was shared
-with other jobs while this ran (a training step took {np.mean([x.get('step_s', 0) for x in results.values()]):.0f} s
-on average, {min(x.get('step_s', 0) for x in results.values()):.0f} s in the quietest run): the run times are upper bounds, not benchmarks.
+evaluations ({meta["wall_s"] / 60:.0f} min from the first run's start to the last one's end{meta.get("note", "")}), {meta["analysis_s"]} s for the analyses (every adapted layer of {len(single)} adapters, with the base's
+singular values), the figures and this page. Machine: {meta["machine"]}. The machine was shared
+with other jobs while this ran (a training step took {np.mean([x.get("step_s", 0) for x in results.values()]):.0f} s
+on average, {min(x.get("step_s", 0) for x in results.values()):.0f} s in the quietest run): the run times are upper bounds, not benchmarks.
 {missing_note(meta)}
 **Setup.** Each configuration: `dtrain train configs/smollm2_dates.yaml` with `backend.name=none`
-(one process), {meta['steps']} steps of 8 conversations (training.micro_batch_size=8), lr
-{meta['lr']:g} (3 warm-up steps, cosine), alpha = 16 for every r (as the paper: alpha fixed while r
+(one process), {meta["steps"]} steps of 8 conversations (training.micro_batch_size=8), lr
+{meta["lr"]:g} (3 warm-up steps, cosine), alpha = 16 for every r (as the paper: alpha fixed while r
 varies), dropout 0, seeds lora.init_seed = 0 and training.seed = 1234 unless stated. Eval loss: the
 mean over the first 32 of the 50 held-out conversations (4 batches of 8; metrics.jsonl, after the
-last step; the base's own loss there is {next(iter(results.values()))['base_eval_loss']:.4f}). Exact match: `dtrain eval --model
+last step; the base's own loss there is {next(iter(results.values()))["base_eval_loss"]:.4f}). Exact match: `dtrain eval --model
 smollm2-135m-instruct --adapter RUN/adapter --data dtrain/assets/dates_eval.jsonl
---max-new-tokens 12` (greedy; the base model scores 0%). {meta['steps']} steps rather than the Quickstart's 16
+--max-new-tokens 12` (greedy; the base model scores 0%). {meta["steps"]} steps rather than the Quickstart's 16
 so the task is not solved by every configuration and the comparison can say something. The paper's
 GPT-3 numbers are validation accuracies on WikiSQL and MultiNLI-matched, quoted for the pattern,
 not for the values.
@@ -230,13 +294,13 @@ layer) but W_k and W_v are 576 -> 192 (768 r). The budget here is 11,520 paramet
 (345,600 over the 30 layers), the smallest that every choice meets exactly: W_q r=10, W_k r=15,
 W_v r=15, W_o r=10, W_q+W_k r=6 (1,920 r), W_q+W_v r=6, all four r=3 (3,840 r).
 
-{tables['t5']}
+{tables["t5"]}
 
 {t5_verdict(results)}
 
 ## Rank (Table 6, W_q+W_v)
 
-{tables['t6']}
+{tables["t6"]}
 
 {t6_verdict(results)}{seed_note(results)}
 
@@ -256,7 +320,7 @@ phi(i, j) = ‖U_a[:, :i]ᵀ U_b[:, :j]‖²_F / min(i, j), with U the right-sin
 adapter's A (the input directions it reads), averaged over the 30 layers; the chance level for two
 random subspaces is max(i, j) / 576.
 
-{tables['sub']}
+{tables["sub"]}
 
 {subspace_verdict(pairs)}
 
@@ -278,7 +342,7 @@ in expectation (squared: k² / (out·in)), a far larger share of a 576-wide laye
 12,288-wide one, so the same ΔW has a smaller amplification here; compare ΔW's column with the
 random one and with W's own, as the paper does.
 
-{tables['t7']}
+{tables["t7"]}
 
 {amp_verdict(single)}{drift_note(results)}
 

@@ -63,8 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-targets", default="q_proj,v_proj")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--force-fsdp-on-cpu", action="store_true",
-                   help="on CPU, make accelerate take its FSDP2 path instead of falling back to DDP")
+    p.add_argument(
+        "--force-fsdp-on-cpu",
+        action="store_true",
+        help="on CPU, make accelerate take its FSDP2 path instead of falling back to DDP",
+    )
     p.add_argument("--out", required=True, help="result JSON (written by rank 0)")
     return p.parse_args(argv)
 
@@ -107,11 +110,12 @@ def make_accelerator(args: argparse.Namespace, use_cuda: bool):
             accelerator.state.distributed_type = DistributedType.FSDP
             accelerator.state.fsdp_plugin = plugin
             if accelerator.is_main_process:
-                say(f"accelerate chose {chosen} on CPU (FSDP plugin ignored); forcing "
-                    "DistributedType.FSDP so that prepare() runs fsdp2_prepare_model")
+                say(
+                    f"accelerate chose {chosen} on CPU (FSDP plugin ignored); forcing "
+                    "DistributedType.FSDP so that prepare() runs fsdp2_prepare_model"
+                )
         return accelerator, chosen
-    plugin = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1, gradient_clipping=1.0,
-                             zero3_init_flag=True)
+    plugin = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1, gradient_clipping=1.0, zero3_init_flag=True)
     # No dataloader goes through prepare(): the micro batch must be in the DeepSpeed config.
     plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.micro_batch
     handlers = []
@@ -140,8 +144,14 @@ def build_model(args: argparse.Namespace, dtype):
     if args.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lcfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, bias="none",
-                          target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
+        lcfg = LoraConfig(
+            r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=args.lora_targets.split(","),
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lcfg)
     n_trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters() if p.requires_grad)
     n_total = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
@@ -221,17 +231,30 @@ def main(argv: list[str] | None = None) -> int:
     times, losses = train(args, accelerator, model, optimizer, scheduler, ids)
     gathered = gather_memory(accelerator, use_cuda, rss_before_model)
     if accelerator.is_main_process:
-        timed, mb, seq_len = times[args.warmup:], args.micro_batch, ids.shape[1]
-        common.write_json(args.out, {
-            "plugin": args.plugin, "mode": args.mode, "distributed_type": distributed_type,
-            "accelerate_chose": chosen, "forced_fsdp": chosen != distributed_type,
-            "world_size": world, "device": str(accelerator.device), "dtype": args.dtype,
-            "tokens_per_step": mb * seq_len * world, "micro_batch": mb, "seq_len": seq_len,
-            "step_times": timed, "warmup_times": times[: args.warmup],
-            "median_step_time_s": common.median(timed) if timed else math.nan,
-            "losses": losses, "trainable_params": n_trainable, "total_params": n_total,
-            **memory_fields(gathered, use_cuda),
-        })
+        timed, mb, seq_len = times[args.warmup :], args.micro_batch, ids.shape[1]
+        common.write_json(
+            args.out,
+            {
+                "plugin": args.plugin,
+                "mode": args.mode,
+                "distributed_type": distributed_type,
+                "accelerate_chose": chosen,
+                "forced_fsdp": chosen != distributed_type,
+                "world_size": world,
+                "device": str(accelerator.device),
+                "dtype": args.dtype,
+                "tokens_per_step": mb * seq_len * world,
+                "micro_batch": mb,
+                "seq_len": seq_len,
+                "step_times": timed,
+                "warmup_times": times[: args.warmup],
+                "median_step_time_s": common.median(timed) if timed else math.nan,
+                "losses": losses,
+                "trainable_params": n_trainable,
+                "total_params": n_total,
+                **memory_fields(gathered, use_cuda),
+            },
+        )
         say(f"result written to {args.out}")
     finish(accelerator, rank)
     return 0
@@ -239,10 +262,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def memory_fields(gathered, use_cuda: bool) -> dict:
     """The per-rank peaks of gather_memory, as the result file records them."""
-    return {"peak_bytes_per_rank": [int(v) for v in gathered[:, 0].tolist()],
-            "peak_rss_bytes_per_rank": [int(v) for v in gathered[:, 1].tolist()],
-            "rss_before_model_per_rank": [int(v) for v in gathered[:, 2].tolist()],
-            "memory_kind": "cuda_max_allocated" if use_cuda else "rss_peak"}
+    return {
+        "peak_bytes_per_rank": [int(v) for v in gathered[:, 0].tolist()],
+        "peak_rss_bytes_per_rank": [int(v) for v in gathered[:, 1].tolist()],
+        "rss_before_model_per_rank": [int(v) for v in gathered[:, 2].tolist()],
+        "memory_kind": "cuda_max_allocated" if use_cuda else "rss_peak",
+    }
 
 
 def finish(accelerator, rank: int) -> None:

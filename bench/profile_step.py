@@ -49,12 +49,16 @@ def main() -> None:
         step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     whole = sum(e.self_cpu_time_total for e in events)
-    print(f"{args.model}, {args.batch} x {args.seq} tokens, chunked loss {args.chunked}: "
-          f"profiled step {whole / 1e6:.2f} s of self CPU time\n")
+    print(
+        f"{args.model}, {args.batch} x {args.seq} tokens, chunked loss {args.chunked}: "
+        f"profiled step {whole / 1e6:.2f} s of self CPU time\n"
+    )
     print("| operator | calls | self CPU s | share |")
     print("|---|---:|---:|---:|")
     for e in events[: args.top]:
-        print(f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e6:.3f} | {100 * e.self_cpu_time_total / whole:.1f}% |")
+        print(
+            f"| `{e.key}` | {e.count} | {e.self_cpu_time_total / 1e6:.3f} | {100 * e.self_cpu_time_total / whole:.1f}% |"
+        )
 
 
 if __name__ == "__main__":

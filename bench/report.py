@@ -17,7 +17,7 @@ class RunContext:
 
     preset: Preset
     device: Device
-    params: dict              # count_params: total, linear
+    params: dict  # count_params: total, linear
     versions: dict
     date: str
     load_start: str
@@ -95,8 +95,10 @@ def _backend_goals(r: _Results, b: str, cuda: bool) -> list[Goal]:
     else:
         out.append(Goal(f"[{b}] LoRA >= 1.25x full-FT tokens/s", "", r.missing(lo, full)))
     # 2./3. memory vs full
-    for name, limit, label in ((lo, 1 / 3, "LoRA peak memory <= 1/3 of full FT"),
-                               (q8, 1 / 6, "8-bit LoRA peak memory <= 1/6 of full FT")):
+    for name, limit, label in (
+        (lo, 1 / 3, "LoRA peak memory <= 1/3 of full FT"),
+        (q8, 1 / 6, "8-bit LoRA peak memory <= 1/6 of full FT"),
+    ):
         if r.peaks(name, full):
             x = r.get(name).peak_bytes / r.get(full).peak_bytes
             st = "met" if x <= limit else "missed"
@@ -128,8 +130,13 @@ def goals(res: dict[str, Outcome], dev: Device) -> list[Goal]:
     if lat:
         x = lat.extra["merged_over_base"]
         # zero added latency: merged no more than 2% slower than base (faster is noise, not a miss)
-        out.append(Goal("merged latency within 2% of base",
-                        f"{x:.3f}x (unmerged {lat.extra['unmerged_over_base']:.3f}x)", "met" if x <= 1.02 else "missed"))
+        out.append(
+            Goal(
+                "merged latency within 2% of base",
+                f"{x:.3f}x (unmerged {lat.extra['unmerged_over_base']:.3f}x)",
+                "met" if x <= 1.02 else "missed",
+            )
+        )
     else:
         out.append(Goal("merged latency within 2% of base", "", r.missing("latency")))
     out.append(Goal("MFU reported", "", "CUDA only" if not dev.cuda else "see table"))
@@ -144,7 +151,8 @@ def _header(ctx: RunContext) -> list[str]:
         title += " (plumbing check: tiny model, not a measurement)"
     a = p.arch
     return [
-        title, "",
+        title,
+        "",
         f"- device: {dev.text}",
         f"- load average at start: {ctx.load_start} (at end: {ctx.load_end}); this machine may be shared",
         "- versions: " + ", ".join(f"{k} {val}" for k, val in ctx.versions.items()) + f"; dtrain at {ctx.git}",
@@ -162,9 +170,11 @@ def _header(ctx: RunContext) -> list[str]:
 
 
 def _training_table(ctx: RunContext, res: dict[str, Outcome]) -> list[str]:
-    lines = ["| variant | status | median step s | step spread | tok/s/rank | tok/s total | peak mem/rank MiB | "
-             "model states MiB | MFU | trainable / total params | loss first -> last |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | status | median step s | step spread | tok/s/rank | tok/s total | peak mem/rank MiB | "
+        "model states MiB | MFU | trainable / total params | loss first -> last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, o in res.items():
         if o.variant.kind == "latency":
             continue
@@ -174,7 +184,8 @@ def _training_table(ctx: RunContext, res: dict[str, Outcome]) -> list[str]:
         lines.append(
             f"| {name} | {status} | {num(o.median_step_s, '{:.3f}')} | {spread(o)} | {num(o.tok_s_rank)} | {num(o.tok_s)} | "
             f"{mib(o.peak_bytes)} | {mib(o.model_states_bytes)} | {num(m * 100, '{:.1f}%') if math.isfinite(m) else 'n/a'} | "
-            f"{tp} | {num(o.loss_first, '{:.3f}')} -> {num(o.loss_last, '{:.3f}')} |")
+            f"{tp} | {num(o.loss_first, '{:.3f}')} -> {num(o.loss_last, '{:.3f}')} |"
+        )
     return lines
 
 
@@ -192,37 +203,52 @@ def _latency_table(lat: Outcome) -> list[str]:
     ]
     for key in ("base", "merged", "unmerged"):
         s = e[key]
-        lines.append(f"| {key} | {s['median_s'] * 1e3:.2f} | {s['min_s'] * 1e3:.2f} | {s['p90_s'] * 1e3:.2f} | "
-                     f"{s['median_s'] / e['base']['median_s']:.3f} |")
+        lines.append(
+            f"| {key} | {s['median_s'] * 1e3:.2f} | {s['min_s'] * 1e3:.2f} | {s['p90_s'] * 1e3:.2f} | "
+            f"{s['median_s'] / e['base']['median_s']:.3f} |"
+        )
     lines.append("")
-    lines.append(f"Merged module tree equals the base's: {e['merged_tree_equals_base']}; max |merged - "
-                 f"unmerged| logits {e['merged_vs_unmerged_max_abs_diff']:.2e} (merged vs base "
-                 f"{e['merged_vs_base_max_abs_diff']:.2e}: the update is non-zero).")
+    lines.append(
+        f"Merged module tree equals the base's: {e['merged_tree_equals_base']}; max |merged - "
+        f"unmerged| logits {e['merged_vs_unmerged_max_abs_diff']:.2e} (merged vs base "
+        f"{e['merged_vs_base_max_abs_diff']:.2e}: the update is non-zero)."
+    )
     return lines
 
 
 def _notes(ctx: RunContext, res: dict[str, Outcome]) -> list[str]:
     cuda, notes = ctx.device.cuda, []
     if overloaded(ctx.load_start):
-        notes.append(f"The load average at start ({ctx.load_start}) exceeded the {os.cpu_count()} cores: other "
-                     "jobs shared the CPU, so every time here is inflated and comparisons between variants (run "
-                     "one after the other) are noisy; see the step spread column.")
+        notes.append(
+            f"The load average at start ({ctx.load_start}) exceeded the {os.cpu_count()} cores: other "
+            "jobs shared the CPU, so every time here is inflated and comparisons between variants (run "
+            "one after the other) are noisy; see the step spread column."
+        )
     for name, o in res.items():
         if o.variant.kind == "peft" and o.ok and o.extra.get("forced_fsdp"):
-            notes.append(f"{name}: accelerate {ctx.versions['accelerate']} chose `{o.extra['accelerate_chose']}` on CPU "
-                         "(its FSDP plugin is only honoured for GPU-like devices; prepare() would wrap the model in "
-                         "DDP); the worker set `DistributedType.FSDP` so that prepare() ran accelerate's "
-                         "fsdp2_prepare_model (FSDP2 per decoder layer, then the root).")
-    peft_rss = [o.extra["rss_before_model"] for o in res.values()
-                if o.variant.kind == "peft" and o.ok and o.extra.get("rss_before_model")]
+            notes.append(
+                f"{name}: accelerate {ctx.versions['accelerate']} chose `{o.extra['accelerate_chose']}` on CPU "
+                "(its FSDP plugin is only honoured for GPU-like devices; prepare() would wrap the model in "
+                "DDP); the worker set `DistributedType.FSDP` so that prepare() ran accelerate's "
+                "fsdp2_prepare_model (FSDP2 per decoder layer, then the root)."
+            )
+    peft_rss = [
+        o.extra["rss_before_model"]
+        for o in res.values()
+        if o.variant.kind == "peft" and o.ok and o.extra.get("rss_before_model")
+    ]
     if not cuda and peft_rss:
-        notes.append(f"Fixed runtime per rank on CPU: the baseline worker's RSS just before it builds the model "
-                     f"(torch, transformers, accelerate, peft, the process group) is {mib(max(peft_rss))} MiB: every "
-                     "peak RSS above includes such a floor, which no training mode can remove.")
+        notes.append(
+            f"Fixed runtime per rank on CPU: the baseline worker's RSS just before it builds the model "
+            f"(torch, transformers, accelerate, peft, the process group) is {mib(max(peft_rss))} MiB: every "
+            "peak RSS above includes such a floor, which no training mode can remove."
+        )
     if not cuda:
-        notes.append("Model states = frozen + trainable + gradients + optimizer state of the largest rank, from "
-                     "dtrain's memory snapshot in the last step's metrics row (taken after step(): FSDP gradients "
-                     "already freed, ZeRO-3's flat gradient buffer still there).")
+        notes.append(
+            "Model states = frozen + trainable + gradients + optimizer state of the largest rank, from "
+            "dtrain's memory snapshot in the last step's metrics row (taken after step(): FSDP gradients "
+            "already freed, ZeRO-3's flat gradient buffer still there)."
+        )
     for name, o in res.items():
         if o.extra.get("exit_note"):
             notes.append(f"{name}: {o.extra['exit_note']}")

@@ -71,21 +71,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model, 3 steps: checks the plumbing")
     p.add_argument("--nproc", type=int, help="ranks (default: GPUs with CUDA, else 2)")
     p.add_argument("--timeout", type=int, help="seconds per variant")
-    p.add_argument("--record", dest="record", action="store_true", default=None,
-                   help="append to bench/RESULTS.md (default: yes, except with --quick)")
+    p.add_argument(
+        "--record",
+        dest="record",
+        action="store_true",
+        default=None,
+        help="append to bench/RESULTS.md (default: yes, except with --quick)",
+    )
     p.add_argument("--no-record", dest="record", action="store_false")
     p.add_argument("--results", type=Path, default=common.RESULTS, help="results file (default bench/RESULTS.md)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a dtrain config override for every dtrain variant (repeatable), e.g. "
-                        "backend.deepspeed_config=ds.json")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dtrain config override for every dtrain variant (repeatable), e.g. backend.deepspeed_config=ds.json",
+    )
     p.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (configs, logs, metrics)")
     return p.parse_args(argv)
 
 
 def choose_preset(args: argparse.Namespace, dev: common.Device) -> Preset:
     name = "quick" if args.quick else (args.preset or ("gpu" if dev.cuda else "cpu"))
-    p = PRESETS[name].with_overrides(steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch,
-                                     seq_len=args.seq_len)
+    p = PRESETS[name].with_overrides(
+        steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch, seq_len=args.seq_len
+    )
     if not p.valid():
         raise BadArgs("need --steps >= 1, --warmup >= 0, --micro-batch >= 1, --seq-len >= 2")
     return p
@@ -104,11 +115,17 @@ def choose_variants(only: str | None) -> list[Variant]:
 def say(o: Outcome, work: Path) -> None:
     name = o.variant.name
     if o.variant.kind == "latency" and o.ok:
-        print(f"bench: latency: base {o.extra['base']['median_s'] * 1e3:.2f} ms, merged x{o.extra['merged_over_base']:.3f}, "
-              f"unmerged x{o.extra['unmerged_over_base']:.3f} ({o.wall_s:.0f}s)", flush=True)
+        print(
+            f"bench: latency: base {o.extra['base']['median_s'] * 1e3:.2f} ms, merged x{o.extra['merged_over_base']:.3f}, "
+            f"unmerged x{o.extra['unmerged_over_base']:.3f} ({o.wall_s:.0f}s)",
+            flush=True,
+        )
     elif o.ok:
-        print(f"bench: {name}: median step {o.median_step_s:.3f}s, {o.tok_s_rank:.1f} tok/s/rank, "
-              f"peak {mib(o.peak_bytes)} MiB/rank ({o.wall_s:.0f}s)", flush=True)
+        print(
+            f"bench: {name}: median step {o.median_step_s:.3f}s, {o.tok_s_rank:.1f} tok/s/rank, "
+            f"peak {mib(o.peak_bytes)} MiB/rank ({o.wall_s:.0f}s)",
+            flush=True,
+        )
     else:
         print(f"bench: {name}: {o.status}: {o.reason} (log: {work / name / 'log.txt'})", flush=True)
 
@@ -133,8 +150,16 @@ def prepare(args: argparse.Namespace, p: Preset, dev: common.Device, nproc: int,
     arch_file = work / "arch.json"
     arch_file.write_text(json.dumps(dict(p.arch)))
     data = make_data(work, p.arch["vocab_size"], p.seq_len, p.n_sequences)
-    return Launch(work=work, data=data, arch_file=arch_file, nproc=nproc, dtype=dtype, cuda=dev.cuda,
-                  timeout_s=args.timeout or p.timeout_s, overrides=tuple(args.overrides))
+    return Launch(
+        work=work,
+        data=data,
+        arch_file=arch_file,
+        nproc=nproc,
+        dtype=dtype,
+        cuda=dev.cuda,
+        timeout_s=args.timeout or p.timeout_s,
+        overrides=tuple(args.overrides),
+    )
 
 
 def finish(args: argparse.Namespace, text: str, res: dict[str, Outcome], work: Path) -> int:
@@ -164,16 +189,28 @@ def main(argv: list[str] | None = None) -> int:
     dtype, nproc = "bf16" if dev.cuda else "fp32", args.nproc or (dev.gpus if dev.cuda else 2)
     print(f"bench: {dev.text}; preset {p.name}; {nproc} rank(s); {dtype}; load average {load_start}", flush=True)
     if common.overloaded(load_start):
-        print(f"bench: warning: load average {load_start} is above the {os.cpu_count()} cores: the machine is "
-              "busy, timings will be slow and noisy", flush=True)
+        print(
+            f"bench: warning: load average {load_start} is above the {os.cpu_count()} cores: the machine is "
+            "busy, timings will be slow and noisy",
+            flush=True,
+        )
     params = count_params(p.arch)
     launch = prepare(args, p, dev, nproc, dtype)
     print(f"bench: work dir {launch.work}; model {params['total'] / 1e6:.1f}M parameters", flush=True)
     res = run_all(chosen, p, launch)
-    ctx = RunContext(preset=p, device=dev, params=params, versions=common.versions(), date=date,
-                     load_start=load_start, load_end=common.loadavg(), git=common.git_rev(),
-                     command="python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                     nproc=launch.nproc, dtype=launch.dtype)
+    ctx = RunContext(
+        preset=p,
+        device=dev,
+        params=params,
+        versions=common.versions(),
+        date=date,
+        load_start=load_start,
+        load_end=common.loadavg(),
+        git=common.git_rev(),
+        command="python bench/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        nproc=launch.nproc,
+        dtype=launch.dtype,
+    )
     return finish(args, render(ctx, res, goals(res, dev)), res, launch.work)
 
 

@@ -18,12 +18,12 @@ from bench.presets import LORA, DataFiles, Launch, Preset, Variant
 @dataclass
 class Outcome:
     variant: Variant
-    status: str = "not run"   # ok | failed | skipped
+    status: str = "not run"  # ok | failed | skipped
     reason: str = ""
     median_step_s: float = math.nan
     tokens_per_step: int = 0
     world: int = 0
-    peak_bytes: float = math.nan       # the largest rank's peak
+    peak_bytes: float = math.nan  # the largest rank's peak
     peak_kind: str = ""
     model_states_bytes: float = math.nan  # dtrain: frozen + trainable + grads + optimizer (largest rank)
     trainable: int | None = None
@@ -79,8 +79,9 @@ def make_data(work: Path, vocab: int, seq_len: int, n: int, seed: int = 1234) ->
     vocab_map.update({f"w{i}": i for i in range(len(specials), vocab)})
     tok = Tokenizer(models.WordLevel(vocab=vocab_map, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tok_dir = work / "tokenizer"
     fast.save_pretrained(tok_dir)
     g = torch.Generator().manual_seed(seed)
@@ -104,12 +105,26 @@ def dtrain_config(v: Variant, p: Preset, data: DataFiles, out: Path, dtype: str)
     return {
         "model": {"arch": dict(p.arch), "dtype": dtype},
         "lora": {"r": LORA.r, "alpha": LORA.alpha, "dropout": 0.0, "targets": list(LORA.targets)},
-        "data": {"path": str(data.text), "tokenizer": str(data.tokenizer), "format": "text",
-                 "seq_len": p.seq_len, "eval_fraction": 0.0},
-        "training": {"lr": LORA.lr, "warmup_steps": 1, "max_steps": total, "micro_batch_size": p.micro_batch,
-                     "grad_accum": 1, "max_grad_norm": 1.0, "eval_every": 0, "log_every": 1,
-                     # the memory snapshot (peak RSS / CUDA of every rank) in the last step's row
-                     "memory_every": total, "save_every": 0},
+        "data": {
+            "path": str(data.text),
+            "tokenizer": str(data.tokenizer),
+            "format": "text",
+            "seq_len": p.seq_len,
+            "eval_fraction": 0.0,
+        },
+        "training": {
+            "lr": LORA.lr,
+            "warmup_steps": 1,
+            "max_steps": total,
+            "micro_batch_size": p.micro_batch,
+            "grad_accum": 1,
+            "max_grad_norm": 1.0,
+            "eval_every": 0,
+            "log_every": 1,
+            # the memory snapshot (peak RSS / CUDA of every rank) in the last step's row
+            "memory_every": total,
+            "save_every": 0,
+        },
         "backend": {"name": v.backend},
         "quantization": {"bits": v.bits},
         "mode": v.mode,
@@ -153,8 +168,10 @@ def run_dtrain(v: Variant, p: Preset, launch: Launch) -> Outcome:
     rows = common.read_jsonl(vdir / "run" / "metrics.jsonl")
     if rc != 0 and rows and common.finished(log):
         # every step ran and the run logged its end; the exit code came at process teardown
-        o.extra["exit_note"] = (f"all steps ran and dtrain logged 'done', but the launcher exited {rc} at "
-                                f"teardown: {common.error_line(log)}")
+        o.extra["exit_note"] = (
+            f"all steps ran and dtrain logged 'done', but the launcher exited {rc} at "
+            f"teardown: {common.error_line(log)}"
+        )
     elif rc != 0 or not rows:
         o.status, o.reason = "failed", (f"exit {rc}: " if rc else "no metrics: ") + common.error_line(log)
         return o
@@ -172,9 +189,13 @@ def read_peft_result(o: Outcome, r: dict) -> None:
     o.peak_kind = "cuda_max_allocated" if r["memory_kind"] == "cuda_max_allocated" else "rss_peak_bytes"
     o.trainable, o.total = r["trainable_params"], r["total_params"]
     o.loss_first, o.loss_last = r["losses"][0], r["losses"][-1]
-    o.extra.update(distributed_type=r["distributed_type"], accelerate_chose=r.get("accelerate_chose"),
-                   forced_fsdp=r.get("forced_fsdp"), rss_before_model=max(r["rss_before_model_per_rank"]),
-                   rss_peak_per_rank=r["peak_rss_bytes_per_rank"])
+    o.extra.update(
+        distributed_type=r["distributed_type"],
+        accelerate_chose=r.get("accelerate_chose"),
+        forced_fsdp=r.get("forced_fsdp"),
+        rss_before_model=max(r["rss_before_model_per_rank"]),
+        rss_peak_per_rank=r["peak_rss_bytes_per_rank"],
+    )
     o.status = "ok"
 
 
@@ -185,11 +206,33 @@ def run_peft(v: Variant, p: Preset, launch: Launch, model: list[str] | None = No
     log, result = vdir / "log.txt", vdir / "result.json"
     model = model or ["--arch", str(launch.arch_file)]
     cmd = common.torchrun(launch.nproc) + [
-        str(common.BENCH / "peft_baseline.py"), "--plugin", v.backend, "--mode", v.mode, *model,
-        "--data", str(launch.data.ids), "--micro-batch", str(p.micro_batch), "--steps", str(p.steps),
-        "--warmup", str(p.warmup), "--dtype", launch.dtype, "--lora-r", str(LORA.r),
-        "--lora-alpha", str(LORA.alpha), "--lora-targets", ",".join(LORA.targets),
-        "--lr", str(LORA.lr), "--out", str(result)]
+        str(common.BENCH / "peft_baseline.py"),
+        "--plugin",
+        v.backend,
+        "--mode",
+        v.mode,
+        *model,
+        "--data",
+        str(launch.data.ids),
+        "--micro-batch",
+        str(p.micro_batch),
+        "--steps",
+        str(p.steps),
+        "--warmup",
+        str(p.warmup),
+        "--dtype",
+        launch.dtype,
+        "--lora-r",
+        str(LORA.r),
+        "--lora-alpha",
+        str(LORA.alpha),
+        "--lora-targets",
+        ",".join(LORA.targets),
+        "--lr",
+        str(LORA.lr),
+        "--out",
+        str(result),
+    ]
     if v.backend == "fsdp" and not launch.cuda:
         cmd.append("--force-fsdp-on-cpu")
     rc, o.wall_s = common.run_logged(cmd, log, common.child_env(launch.cuda), launch.timeout_s)
@@ -197,8 +240,10 @@ def run_peft(v: Variant, p: Preset, launch: Launch, model: list[str] | None = No
         o.status, o.reason = "failed", (f"exit {rc}: " if rc else "no result: ") + common.error_line(log)
         return o
     if rc != 0:  # the result is written after the last step: the exit code came at teardown
-        o.extra["exit_note"] = (f"all steps ran and the baseline wrote its result, but the launcher exited "
-                                f"{rc} at teardown: {common.error_line(log)}")
+        o.extra["exit_note"] = (
+            f"all steps ran and the baseline wrote its result, but the launcher exited "
+            f"{rc} at teardown: {common.error_line(log)}"
+        )
     read_peft_result(o, json.loads(result.read_text()))
     return o
 
@@ -209,10 +254,30 @@ def run_latency(v: Variant, p: Preset, launch: Launch) -> Outcome:
     vdir = variant_dir(v, launch)
     log, result = vdir / "log.txt", vdir / "result.json"
     lat = p.latency
-    cmd = [common.PY, str(common.BENCH / "latency.py"), "--arch", str(launch.arch_file), "--batch", str(lat.batch),
-           "--seq", str(lat.seq), "--iters", str(lat.iters), "--warmup", str(lat.warmup),
-           "--dtype", launch.dtype, "--lora-r", str(LORA.r), "--lora-alpha", str(LORA.alpha),
-           "--lora-targets", ",".join(LORA.targets), "--out", str(result)]
+    cmd = [
+        common.PY,
+        str(common.BENCH / "latency.py"),
+        "--arch",
+        str(launch.arch_file),
+        "--batch",
+        str(lat.batch),
+        "--seq",
+        str(lat.seq),
+        "--iters",
+        str(lat.iters),
+        "--warmup",
+        str(lat.warmup),
+        "--dtype",
+        launch.dtype,
+        "--lora-r",
+        str(LORA.r),
+        "--lora-alpha",
+        str(LORA.alpha),
+        "--lora-targets",
+        ",".join(LORA.targets),
+        "--out",
+        str(result),
+    ]
     rc, o.wall_s = common.run_logged(cmd, log, common.child_env(launch.cuda), launch.timeout_s)
     if rc != 0 or not result.is_file():
         o.status, o.reason = "failed", f"exit {rc}: " + common.error_line(log)

@@ -40,7 +40,7 @@ LLAMA_128K = {**LLAMA_58M, "vocab_size": 128256}
 @dataclass(frozen=True)
 class SpeedVariant:
     name: str
-    kind: str                    # dtrain | peft
+    kind: str  # dtrain | peft
     mode: str = "lora"
     overrides: tuple[str, ...] = ()
     default: bool = True
@@ -53,10 +53,13 @@ VARIANTS = [
     SpeedVariant("peft", "peft"),
     SpeedVariant("dtrain-compile", "dtrain", overrides=("model.compile_blocks=true",), default=False),
     SpeedVariant("dtrain-ckpt", "dtrain", overrides=("model.gradient_checkpointing=true",), default=False),
-    SpeedVariant("dtrain-ckpt-every4", "dtrain", default=False,
-                 overrides=("model.gradient_checkpointing=true", "model.gradient_checkpointing_every=4")),
-    SpeedVariant("dtrain-ckpt-attn", "dtrain", overrides=("model.gradient_checkpointing=attention",),
-                 default=False),
+    SpeedVariant(
+        "dtrain-ckpt-every4",
+        "dtrain",
+        default=False,
+        overrides=("model.gradient_checkpointing=true", "model.gradient_checkpointing_every=4"),
+    ),
+    SpeedVariant("dtrain-ckpt-attn", "dtrain", overrides=("model.gradient_checkpointing=attention",), default=False),
 ]
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -64,7 +67,7 @@ BY_NAME = {v.name: v for v in VARIANTS}
 @dataclass(frozen=True)
 class SpeedPreset:
     name: str
-    arch: Mapping | None         # None: the real model at `model_path`
+    arch: Mapping | None  # None: the real model at `model_path`
     vocab: int
     model_path: str | None = None
     seq_len: int = 128
@@ -73,21 +76,32 @@ class SpeedPreset:
     warmup: int = 1
 
     def as_run_preset(self) -> Preset:
-        return Preset(self.name, self.arch or {}, seq_len=self.seq_len, micro_batch=self.micro_batch,
-                      steps=self.steps, warmup=self.warmup, n_sequences=0,
-                      latency=LatencyShape(batch=1, seq=1, iters=1, warmup=0), timeout_s=1800)
+        return Preset(
+            self.name,
+            self.arch or {},
+            seq_len=self.seq_len,
+            micro_batch=self.micro_batch,
+            steps=self.steps,
+            warmup=self.warmup,
+            n_sequences=0,
+            latency=LatencyShape(batch=1, seq=1, iters=1, warmup=0),
+            timeout_s=1800,
+        )
 
     def launch(self, work: Path, data: DataFiles, nproc: int) -> Launch:
         """fp32 on CPU, 30 minutes per variant."""
-        return Launch(work=work, data=data, arch_file=work / "arch.json", nproc=nproc, dtype="fp32", cuda=False,
-                      timeout_s=1800)
+        return Launch(
+            work=work, data=data, arch_file=work / "arch.json", nproc=nproc, dtype="fp32", cuda=False, timeout_s=1800
+        )
 
 
 def presets() -> dict[str, SpeedPreset]:
     from dtrain.model import importer
 
-    return {"smollm2": SpeedPreset("smollm2", None, 49152, model_path=str(importer.resolve("smollm2-135m-instruct"))),
-            "llama128k": SpeedPreset("llama128k", LLAMA_128K, 128256)}
+    return {
+        "smollm2": SpeedPreset("smollm2", None, 49152, model_path=str(importer.resolve("smollm2-135m-instruct"))),
+        "llama128k": SpeedPreset("llama128k", LLAMA_128K, 128256),
+    }
 
 
 def run_dtrain(v: SpeedVariant, p: SpeedPreset, data: DataFiles, work: Path, nproc: int) -> Outcome:
@@ -99,8 +113,9 @@ def run_dtrain(v: SpeedVariant, p: SpeedPreset, data: DataFiles, work: Path, npr
 
 def run_peft(v: SpeedVariant, p: SpeedPreset, data: DataFiles, work: Path, nproc: int) -> Outcome:
     model = ["--model-path", p.model_path] if p.model_path else ["--arch", str(work / "arch.json")]
-    return runners.run_peft(Variant(v.name, "peft", "fsdp", mode=v.mode), p.as_run_preset(),
-                            p.launch(work, data, nproc), model=model)
+    return runners.run_peft(
+        Variant(v.name, "peft", "fsdp", mode=v.mode), p.as_run_preset(), p.launch(work, data, nproc), model=model
+    )
 
 
 def run_preset(p: SpeedPreset, names: list[str], nproc: int, work: Path) -> dict[str, Outcome]:
@@ -115,8 +130,11 @@ def run_preset(p: SpeedPreset, names: list[str], nproc: int, work: Path) -> dict
         print(f"[speed] {p.name}: {name} ...", flush=True)
         out[name] = (run_peft if v.kind == "peft" else run_dtrain)(v, p, data, work, nproc)
         o = out[name]
-        print(f"[speed] {p.name}: {name} {o.status} {o.reason} median {o.median_step_s:.3f}s "
-              f"peak {mib(o.peak_bytes)} MiB", flush=True)
+        print(
+            f"[speed] {p.name}: {name} {o.status} {o.reason} median {o.median_step_s:.3f}s "
+            f"peak {mib(o.peak_bytes)} MiB",
+            flush=True,
+        )
     return out
 
 
@@ -126,31 +144,40 @@ def ratio(a: float, b: float) -> str:
 
 def table(p: SpeedPreset, res: dict[str, Outcome]) -> str:
     peft = res.get("peft")
-    rows = [f"**{p.name}** ({'SmolLM2-135M-Instruct, real weights' if p.model_path else 'random Llama'}, "
-            f"vocab {p.vocab:,}, {p.micro_batch} x {p.seq_len} tokens per rank, 2 ranks, "
-            f"{p.warmup} warm-up + {p.steps} timed steps)", "",
-            "| variant | median step s | tokens/s | vs PEFT | peak RSS/rank MiB | vs PEFT | loss first -> last |",
-            "|---|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        f"**{p.name}** ({'SmolLM2-135M-Instruct, real weights' if p.model_path else 'random Llama'}, "
+        f"vocab {p.vocab:,}, {p.micro_batch} x {p.seq_len} tokens per rank, 2 ranks, "
+        f"{p.warmup} warm-up + {p.steps} timed steps)",
+        "",
+        "| variant | median step s | tokens/s | vs PEFT | peak RSS/rank MiB | vs PEFT | loss first -> last |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name, o in res.items():
         if not o.ok:
             rows.append(f"| {name} | {o.status}: {o.reason[:80]} | | | | | |")
             continue
-        rows.append(f"| {name} | {o.median_step_s:.3f} | {o.tok_s:,.0f} | "
-                    f"{ratio(o.tok_s, peft.tok_s) if peft and peft.ok else 'n/a'} | {mib(o.peak_bytes)} | "
-                    f"{ratio(o.peak_bytes, peft.peak_bytes) if peft and peft.ok else 'n/a'} | "
-                    f"{o.loss_first:.3f} -> {o.loss_last:.3f} |")
+        rows.append(
+            f"| {name} | {o.median_step_s:.3f} | {o.tok_s:,.0f} | "
+            f"{ratio(o.tok_s, peft.tok_s) if peft and peft.ok else 'n/a'} | {mib(o.peak_bytes)} | "
+            f"{ratio(o.peak_bytes, peft.peak_bytes) if peft and peft.ok else 'n/a'} | "
+            f"{o.loss_first:.3f} -> {o.loss_last:.3f} |"
+        )
     lora, full = res.get("dtrain"), res.get("dtrain-full")
     if lora and full and lora.ok and full.ok:
-        rows += ["", f"LoRA vs full fine-tuning (dtrain): tokens/s {ratio(lora.tok_s, full.tok_s)}, "
-                     f"peak RSS {ratio(lora.peak_bytes, full.peak_bytes)}."]
+        rows += [
+            "",
+            f"LoRA vs full fine-tuning (dtrain): tokens/s {ratio(lora.tok_s, full.tok_s)}, "
+            f"peak RSS {ratio(lora.peak_bytes, full.peak_bytes)}.",
+        ]
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=["smollm2", "llama128k", "both"], default="both")
-    ap.add_argument("--only", help="comma-separated variants (default: " +
-                    ",".join(v.name for v in VARIANTS if v.default) + ")")
+    ap.add_argument(
+        "--only", help="comma-separated variants (default: " + ",".join(v.name for v in VARIANTS if v.default) + ")"
+    )
     ap.add_argument("--steps", type=int)
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
@@ -161,14 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown variant(s) {unknown}; known: {sorted(BY_NAME)}")
     chosen = presets()
     chosen = chosen if args.preset == "both" else {args.preset: chosen[args.preset]}
-    header = (f"### bench/speed.py, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
-              f"Machine: {common.device_info().text}; load average at start {common.loadavg()} (shared, "
-              f"contended machine: noisy). Versions: {json.dumps(common.versions())}. dtrain {common.git_rev()}.\n")
+    header = (
+        f"### bench/speed.py, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n\n"
+        f"Machine: {common.device_info().text}; load average at start {common.loadavg()} (shared, "
+        f"contended machine: noisy). Versions: {json.dumps(common.versions())}. dtrain {common.git_rev()}.\n"
+    )
     parts = [header]
     with tempfile.TemporaryDirectory(prefix="dtrain-speed-") as tmp:
         for key, p in chosen.items():
-            p = dataclasses.replace(p, steps=args.steps or p.steps, warmup=args.warmup if args.warmup is not None
-                                    else p.warmup)
+            p = dataclasses.replace(
+                p, steps=args.steps or p.steps, warmup=args.warmup if args.warmup is not None else p.warmup
+            )
             parts.append(table(p, run_preset(p, names, 2, Path(tmp) / key)))
             print(parts[-1], flush=True)
     text = "\n\n".join(parts) + "\n"

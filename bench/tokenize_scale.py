@@ -27,8 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import append_results, device_info, loadavg, versions  # noqa: E402
 
-WORDS = ("the a owl hen fox river stone light quick blue red green seven nine tree house why when "
-         "which number answer question small large first last morning evening garden window").split()
+WORDS = (
+    "the a owl hen fox river stone light quick blue red green seven nine tree house why when "
+    "which number answer question small large first last morning evening garden window"
+).split()
 
 
 def make_data(path: Path, n: int, seed: int = 0) -> None:
@@ -38,15 +40,17 @@ def make_data(path: Path, n: int, seed: int = 0) -> None:
         for _ in range(n):
             q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 30))) + "?"
             a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(15, 60))) + "."
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
+            f.write(
+                json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            )
 
 
 def _cfg(data: Path, cache: Path, procs: int):
     from dtrain.config.schema import DataConfig
 
-    return DataConfig(path=str(data), format="messages", seq_len=256, num_proc=procs, cache_dir=str(cache),
-                      eval_fraction=0.0)
+    return DataConfig(
+        path=str(data), format="messages", seq_len=256, num_proc=procs, cache_dir=str(cache), eval_fraction=0.0
+    )
 
 
 def _tokenizer():
@@ -58,8 +62,10 @@ def _tokenizer():
 
 def _peaks() -> dict:
     self_kib = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
-    return {"peak_rss_mib": round(self_kib / 1024, 1),
-            "worker_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+    return {
+        "peak_rss_mib": round(self_kib / 1024, 1),
+        "worker_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+    }
 
 
 def worker(mode: str, data: Path, cache: Path, procs: int, limit: int) -> dict:
@@ -82,9 +88,16 @@ def worker(mode: str, data: Path, cache: Path, procs: int, limit: int) -> dict:
         assert prep.cache_hit
         n = len(prep.train)
     dt, cpu = time.perf_counter() - t0, _cpu() - c0
-    return {"mode": mode, "num_proc": procs, "records": n, "seconds": round(dt, 2),
-            "records_per_s": round(n / dt, 1), "cpu_s": round(cpu, 2), "records_per_cpu_s": round(n / cpu),
-            **_peaks()}
+    return {
+        "mode": mode,
+        "num_proc": procs,
+        "records": n,
+        "seconds": round(dt, 2),
+        "records_per_s": round(n / dt, 1),
+        "cpu_s": round(cpu, 2),
+        "records_per_cpu_s": round(n / cpu),
+        **_peaks(),
+    }
 
 
 def _cpu() -> float:
@@ -103,24 +116,51 @@ def per_core(data: Path, n: int, rounds: int = 3) -> list[dict]:
     tok, cfg = _tokenizer(), _cfg(data, data.parent / "unused", 1)
     with open(data) as f:
         recs = [json.loads(line) for _, line in zip(range(n), f)]
-    paths = {"per record": lambda: [chat.encode_chat(tok, tok.chat_template, r["messages"]) for r in recs],
-             "batched": lambda: encode_part(cfg, recs, tok, 0)}
+    paths = {
+        "per record": lambda: [chat.encode_chat(tok, tok.chat_template, r["messages"]) for r in recs],
+        "batched": lambda: encode_part(cfg, recs, tok, 0),
+    }
     best = dict.fromkeys(paths, float("inf"))
     for _ in range(rounds):
         for name, f in paths.items():
             t0 = time.process_time()
             f()
             best[name] = min(best[name], time.process_time() - t0)
-    return [{"path": name, "records": n, "cpu_s": round(s, 3), "records_per_cpu_s": round(n / s),
-             "vs_per_record": round(best["per record"] / s, 2)} for name, s in best.items()]
+    return [
+        {
+            "path": name,
+            "records": n,
+            "cpu_s": round(s, 3),
+            "records_per_cpu_s": round(n / s),
+            "vs_per_record": round(best["per record"] / s, 2),
+        }
+        for name, s in best.items()
+    ]
 
 
 def run(mode: str, data: Path, cache: Path, procs: int, limit: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--data", str(data), "--cache", str(cache),
-           "--procs", str(procs), "--baseline", str(limit)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--data",
+        str(data),
+        "--cache",
+        str(cache),
+        "--procs",
+        str(procs),
+        "--baseline",
+        str(limit),
+    ]
     # a fresh datasets cache per run: every first run pays the jsonl -> Arrow conversion, as a user's does
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "HF_DATASETS_CACHE": str(cache) + "-datasets", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(cache) + "-datasets",
+        "HF_HUB_OFFLINE": "1",
+    }
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
@@ -130,18 +170,24 @@ def run(mode: str, data: Path, cache: Path, procs: int, limit: int) -> dict:
 
 
 def table(rows: list[dict], n: int, load: str) -> str:
-    lines = [f"## Tokenization at scale: {n:,} two-turn conversations, SmolLM2 tokenizer + chat template",
-             "", f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {device_info().name}; "
-             f"load average at start {load}; `python bench/tokenize_scale.py --records {n}`; "
-             f"versions {json.dumps(versions())}", "",
-             "| path | num_proc | records | seconds | records/s | CPU s | records per CPU s | peak RSS MiB (main) "
-             "| peak RSS MiB (worker) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"## Tokenization at scale: {n:,} two-turn conversations, SmolLM2 tokenizer + chat template",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {device_info().name}; "
+        f"load average at start {load}; `python bench/tokenize_scale.py --records {n}`; "
+        f"versions {json.dumps(versions())}",
+        "",
+        "| path | num_proc | records | seconds | records/s | CPU s | records per CPU s | peak RSS MiB (main) "
+        "| peak RSS MiB (worker) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     names = {"old": "per record (before)", "new": "batched, sharded", "hit": "second run: token cache hit"}
     for r in rows:
-        lines.append(f"| {names[r['mode']]} | {r['num_proc']} | {r['records']:,} | {r['seconds']} | "
-                     f"{r['records_per_s']:,} | {r['cpu_s']} | {r['records_per_cpu_s']:,} | {r['peak_rss_mib']} | "
-                     f"{r['worker_peak_rss_mib']} |")
+        lines.append(
+            f"| {names[r['mode']]} | {r['num_proc']} | {r['records']:,} | {r['seconds']} | "
+            f"{r['records_per_s']:,} | {r['cpu_s']} | {r['records_per_cpu_s']:,} | {r['peak_rss_mib']} | "
+            f"{r['worker_peak_rss_mib']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -30,13 +30,15 @@ if __package__ in (None, ""):  # run as `python bench/vs_trl.py`
 
 from bench import common  # noqa: E402
 
-WORDS = ("time year people way day man thing woman life child world school state family student group "
-         "country problem hand part place case week company system program question work government number "
-         "night point home water room mother area money story fact month lot right study book eye job word "
-         "business issue side kind head house service friend father power hour game line end member law car "
-         "city community name president team minute idea kid body information back parent face others level "
-         "office door health person art war history party result change morning reason research girl guy "
-         "moment air teacher force education").split()
+WORDS = (
+    "time year people way day man thing woman life child world school state family student group "
+    "country problem hand part place case week company system program question work government number "
+    "night point home water room mother area money story fact month lot right study book eye job word "
+    "business issue side kind head house service friend father power hour game line end member law car "
+    "city community name president team minute idea kid body information back parent face others level "
+    "office door health person art war history party result change morning reason research girl guy "
+    "moment air teacher force education"
+).split()
 
 
 def chats(n: int, seed: int) -> list[tuple[str, str]]:
@@ -49,10 +51,21 @@ def write_data(work: Path, n: int, seed: int) -> tuple[Path, Path]:
     """(messages jsonl for dtrain, prompt-completion jsonl for TRL) of the same chats."""
     msgs, pc = work / "messages.jsonl", work / "prompt_completion.jsonl"
     pairs = chats(n, seed)
-    msgs.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p},
-                                                     {"role": "assistant", "content": c}]}) + "\n" for p, c in pairs))
-    pc.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": p}],
-                                      "completion": [{"role": "assistant", "content": c}]}) + "\n" for p, c in pairs))
+    msgs.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]}) + "\n"
+            for p, c in pairs
+        )
+    )
+    pc.write_text(
+        "".join(
+            json.dumps(
+                {"prompt": [{"role": "user", "content": p}], "completion": [{"role": "assistant", "content": c}]}
+            )
+            + "\n"
+            for p, c in pairs
+        )
+    )
     return msgs, pc
 
 
@@ -75,13 +88,31 @@ def run_measured(cmd: list[str], env: dict, log: Path, timeout: int) -> tuple[in
 
 
 def dtrain_overrides(a, msgs: Path, packing: bool, out: Path, work: Path) -> list[str]:
-    return [f"data.path={msgs}", "data.format=messages", f"data.seq_len={a.seq_len}",
-            f"data.packing={str(packing).lower()}", "data.eval_fraction=0.0", f"data.cache_dir={work / 'cache'}",
-            f"lora.r={a.r}", f"lora.alpha={2 * a.r}", "lora.targets=all-linear", "lora.dropout=0.0",
-            f"training.micro_batch_size={a.micro_batch}", f"training.max_steps={a.warmup + a.steps}",
-            "training.warmup_steps=0", "training.min_lr_ratio=1.0", f"training.lr={a.lr}", "training.eval_every=0",
-            f"training.seed={a.seed}", "backend.name=none", "backend.device=cpu", f"output.dir={out}",
-            "output.overwrite=true", "logging.loss_curve=false", *a.set]
+    return [
+        f"data.path={msgs}",
+        "data.format=messages",
+        f"data.seq_len={a.seq_len}",
+        f"data.packing={str(packing).lower()}",
+        "data.eval_fraction=0.0",
+        f"data.cache_dir={work / 'cache'}",
+        f"lora.r={a.r}",
+        f"lora.alpha={2 * a.r}",
+        "lora.targets=all-linear",
+        "lora.dropout=0.0",
+        f"training.micro_batch_size={a.micro_batch}",
+        f"training.max_steps={a.warmup + a.steps}",
+        "training.warmup_steps=0",
+        "training.min_lr_ratio=1.0",
+        f"training.lr={a.lr}",
+        "training.eval_every=0",
+        f"training.seed={a.seed}",
+        "backend.name=none",
+        "backend.device=cpu",
+        f"output.dir={out}",
+        "output.overwrite=true",
+        "logging.loss_curve=false",
+        *a.set,
+    ]
 
 
 def dtrain_config(a, work: Path) -> Path:
@@ -99,10 +130,14 @@ def run_dtrain(a, msgs: Path, packing: bool, work: Path, tag: str) -> dict:
     if rc != 0:
         return {"error": common.error_line(work / f"{tag}.log")}
     rows = [r for r in common.read_jsonl(out / "metrics.jsonl") if "loss" in r and "tokens_per_s" in r]
-    timed = rows[a.warmup:]
-    return {"tok_s": common.median([r["tokens_per_s"] for r in timed]), "rss_mib": rss,
-            "real_share": common.median([1 - r["padding_fraction"] for r in timed]), "first_loss": rows[0]["loss"],
-            "steps": len(timed)}
+    timed = rows[a.warmup :]
+    return {
+        "tok_s": common.median([r["tokens_per_s"] for r in timed]),
+        "rss_mib": rss,
+        "real_share": common.median([1 - r["padding_fraction"] for r in timed]),
+        "first_loss": rows[0]["loss"],
+        "steps": len(timed),
+    }
 
 
 def first_batch(a, msgs: Path, packing: bool, work: Path) -> tuple[Path, int]:
@@ -120,15 +155,40 @@ def first_batch(a, msgs: Path, packing: bool, work: Path) -> tuple[Path, int]:
     plan = data_lib.BatchPlan(len(train), a.micro_batch, 1, 1, cfg.training.seed)
     seqs = train.subset(plan.indices(0, 0, 0)).tokens.seqs()
     path = work / f"first-batch-{'on' if packing else 'off'}.jsonl"
-    path.write_text("".join(json.dumps({"input_ids": ids, "completion_mask": [int(v != data_lib.IGNORE) for v in labels]}) + "\n"
-                            for ids, labels in seqs))
+    path.write_text(
+        "".join(
+            json.dumps({"input_ids": ids, "completion_mask": [int(v != data_lib.IGNORE) for v in labels]}) + "\n"
+            for ids, labels in seqs
+        )
+    )
     return path, len(seqs)
 
 
 def trl_cmd(a, data: Path, packing: bool, out: Path, steps: int, micro_batch: int) -> list[str]:
-    return [common.PY, str(common.BENCH / "trl_worker.py"), "--model", a.model, "--data", str(data), "--out", str(out),
-            "--packing", str(int(packing)), "--steps", str(steps), "--seq-len", str(a.seq_len),
-            "--micro-batch", str(micro_batch), "--r", str(a.r), "--lr", str(a.lr), "--seed", str(a.seed)]
+    return [
+        common.PY,
+        str(common.BENCH / "trl_worker.py"),
+        "--model",
+        a.model,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--packing",
+        str(int(packing)),
+        "--steps",
+        str(steps),
+        "--seq-len",
+        str(a.seq_len),
+        "--micro-batch",
+        str(micro_batch),
+        "--r",
+        str(a.r),
+        "--lr",
+        str(a.lr),
+        "--seed",
+        str(a.seed),
+    ]
 
 
 def run_trl_worker(a, cmd: list[str], work: Path, tag: str) -> tuple[dict | None, float, str]:
@@ -139,7 +199,7 @@ def run_trl_worker(a, cmd: list[str], work: Path, tag: str) -> tuple[dict | None
     line = next((ln for ln in text.splitlines() if ln.startswith("VS_TRL ")), None)
     if rc != 0 or line is None:
         return None, rss, text.strip().splitlines()[-1][:300] if text.strip() else f"exit {rc}"
-    return json.loads(line[len("VS_TRL "):]), rss, ""
+    return json.loads(line[len("VS_TRL ") :]), rss, ""
 
 
 def run_trl(a, pc: Path, packing: bool, work: Path, tag: str) -> dict:
@@ -147,17 +207,24 @@ def run_trl(a, pc: Path, packing: bool, work: Path, tag: str) -> dict:
     got, rss, err = run_trl_worker(a, cmd, work, tag)
     if got is None:
         return {"error": err}
-    rates = [t / s for t, s in zip(got["tokens"], got["step_s"])][a.warmup:]
-    share = [t / p for t, p in zip(got["tokens"], got["positions"])][a.warmup:]
-    return {"tok_s": common.median(rates), "rss_mib": rss, "real_share": common.median(share),
-            "first_loss": got["losses"][0], "steps": len(rates)}
+    rates = [t / s for t, s in zip(got["tokens"], got["step_s"])][a.warmup :]
+    share = [t / p for t, p in zip(got["tokens"], got["positions"])][a.warmup :]
+    return {
+        "tok_s": common.median(rates),
+        "rss_mib": rss,
+        "real_share": common.median(share),
+        "first_loss": got["losses"][0],
+        "steps": len(rates),
+    }
 
 
 def trl_first_loss(a, msgs: Path, packing: bool, work: Path) -> dict:
     """TRL's first-step loss on dtrain's first micro-batch (one step, all of it in one batch)."""
     data, n = first_batch(a, msgs, packing, work)
     key = "on" if packing else "off"
-    got, _, err = run_trl_worker(a, trl_cmd(a, data, packing, work / f"trl-first-{key}", 1, n), work, f"trl-first-{key}")
+    got, _, err = run_trl_worker(
+        a, trl_cmd(a, data, packing, work / f"trl-first-{key}", 1, n), work, f"trl-first-{key}"
+    )
     return {"error": err} if got is None else {"loss": got["losses"][0], "tokens": got["tokens"][0], "examples": n}
 
 
@@ -179,9 +246,12 @@ def same_batch(runs: dict) -> str:
 def table(results: dict, a) -> str:
     """Markdown: per packing setting, each repetition's rates, the medians' ratio, RSS, real share,
     the first-step losses of each tool's own first batch and of the identical first batch."""
-    lines = ["| packing | dtrain real tok/s | TRL real tok/s | dtrain / TRL | peak RSS MiB dtrain / TRL | "
-             "real-token share dtrain / TRL | first-step loss, own batch dtrain / TRL | "
-             "first-step loss, same batch dtrain / TRL (diff) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| packing | dtrain real tok/s | TRL real tok/s | dtrain / TRL | peak RSS MiB dtrain / TRL | "
+        "real-token share dtrain / TRL | first-step loss, own batch dtrain / TRL | "
+        "first-step loss, same batch dtrain / TRL (diff) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for packing, runs in results.items():
         d = [r for r in runs["dtrain"] if "tok_s" in r]
         t = [r for r in runs["trl"] if "tok_s" in r]
@@ -195,7 +265,8 @@ def table(results: dict, a) -> str:
             f"{dm / tm:.2f}x | {max(r['rss_mib'] for r in d):,.0f} / {max(r['rss_mib'] for r in t):,.0f} "
             f"({max(r['rss_mib'] for r in d) / max(r['rss_mib'] for r in t):.2f}x) | "
             f"{fmt(d[0]['real_share'], '.1%')} / {fmt(t[0]['real_share'], '.1%')} | "
-            f"{d[0]['first_loss']:.4f} / {t[0]['first_loss']:.4f} | {same_batch(runs)} |")
+            f"{d[0]['first_loss']:.4f} / {t[0]['first_loss']:.4f} | {same_batch(runs)} |"
+        )
     return "\n".join(lines)
 
 
@@ -244,18 +315,22 @@ def main(argv: list[str] | None = None) -> int:
     v = common.versions()
     try:
         import importlib.metadata as md
+
         sys.path.insert(0, a.trl_site)
         v["trl"] = md.version("trl")
     except Exception:  # noqa: BLE001 - reported, not needed
         v["trl"] = "not found"
-    head = (f"## vs_trl: dtrain against TRL SFTTrainer + PEFT, {Path(a.model).name} "
-            f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
-            f"{common.device_info().text}; load average at start {load_start}, at end {common.loadavg()}; "
-            f"{a.threads} thread(s), one process, fp32 in both (TRL's SFTConfig bf16 default turned off); seq_len {a.seq_len}, micro-batch {a.micro_batch}, LoRA r {a.r} "
-            f"all linear layers, {a.records} generated two-turn chats, medians of {a.steps} steps after {a.warmup}, "
-            f"{a.reps} repetition(s) alternating the tools; same-batch loss: TRL run 1 step on dtrain's first "
-            f"micro-batch as pre-tokenized input_ids + completion_mask; git {common.git_rev()}; "
-            + ", ".join(f"{k} {val}" for k, val in v.items()) + "\n\n")
+    head = (
+        f"## vs_trl: dtrain against TRL SFTTrainer + PEFT, {Path(a.model).name} "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+        f"{common.device_info().text}; load average at start {load_start}, at end {common.loadavg()}; "
+        f"{a.threads} thread(s), one process, fp32 in both (TRL's SFTConfig bf16 default turned off); seq_len {a.seq_len}, micro-batch {a.micro_batch}, LoRA r {a.r} "
+        f"all linear layers, {a.records} generated two-turn chats, medians of {a.steps} steps after {a.warmup}, "
+        f"{a.reps} repetition(s) alternating the tools; same-batch loss: TRL run 1 step on dtrain's first "
+        f"micro-batch as pre-tokenized input_ids + completion_mask; git {common.git_rev()}; "
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + "\n\n"
+    )
     print(head + text)
     if a.record:
         common.append_results(head + text)

@@ -29,9 +29,17 @@ TRAIN, EVAL = REPO / "dtrain/assets/dates_train.jsonl", REPO / "dtrain/assets/da
 N_TRAIN, N_EVAL = 64, 40
 MAX_NEW = 12  # the right answer is 7 tokens + end of turn; the base's answer is cut to its first 12
 THREADS = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-COMMON = ["lora.r=8", "lora.alpha=16", "lora.targets=[q_proj,k_proj,v_proj,o_proj]", "data.seq_len=64",
-          "training.micro_batch_size=4", "training.warmup_steps=2", "training.eval_every=0",
-          "logging.loss_curve=false", "output.overwrite=true"]  # eval_every 0: held-out numbers are measured here
+COMMON = [
+    "lora.r=8",
+    "lora.alpha=16",
+    "lora.targets=[q_proj,k_proj,v_proj,o_proj]",
+    "data.seq_len=64",
+    "training.micro_batch_size=4",
+    "training.warmup_steps=2",
+    "training.eval_every=0",
+    "logging.loss_curve=false",
+    "output.overwrite=true",
+]  # eval_every 0: held-out numbers are measured here
 
 
 def records(path: Path, n: int | None = None) -> list[dict]:
@@ -64,10 +72,15 @@ def first_word(answer: str) -> str:
 
 def pairs_file(recs: list[dict], rejected: list[str], path: Path) -> int:
     rejected = [first_word(a) for a in rejected]
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
-             "chosen": [{"role": "assistant", "content": r["response"]}],
-             "rejected": [{"role": "assistant", "content": bad}]}
-            for r, bad in zip(recs, rejected) if bad.strip() and bad.strip() != r["response"]]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["response"]}],
+            "rejected": [{"role": "assistant", "content": bad}],
+        }
+        for r, bad in zip(recs, rejected)
+        if bad.strip() and bad.strip() != r["response"]
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in rows))
     return len(rows)
 
@@ -75,7 +88,7 @@ def pairs_file(recs: list[dict], rejected: list[str], path: Path) -> int:
 def _tokens(tok, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int]]:
     """Prompt ids (assistant turn opened) and the completion's ids: content + end of turn."""
     p_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    c_text = tok.apply_chat_template(prompt + completion, tokenize=False)[len(p_text):].rstrip()
+    c_text = tok.apply_chat_template(prompt + completion, tokenize=False)[len(p_text) :].rstrip()
     return tuple(tok(t, add_special_tokens=False)["input_ids"] for t in (p_text, c_text))
 
 
@@ -85,7 +98,7 @@ def completion_logps(model, tok, seqs: list[tuple[list[int], list[int]]], chunk:
     each row's positions see only its own tokens (causal attention)."""
     out = []
     for i in range(0, len(seqs), chunk):
-        part = seqs[i: i + chunk]
+        part = seqs[i : i + chunk]
         width = max(len(p) + len(c) for p, c in part)
         ids = torch.zeros(len(part), width, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -93,7 +106,7 @@ def completion_logps(model, tok, seqs: list[tuple[list[int], list[int]]], chunk:
             ids[j, : len(p) + len(c)], mask[j, : len(p) + len(c)] = torch.tensor(p + c), 1
         logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
         tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]
-        out += [float(tok_logp[j, len(p) - 1: len(p) + len(c) - 1].sum()) for j, (p, c) in enumerate(part)]
+        out += [float(tok_logp[j, len(p) - 1 : len(p) + len(c) - 1].sum()) for j, (p, c) in enumerate(part)]
     return out
 
 
@@ -102,19 +115,33 @@ def evaluate(model_dir: Path, adapter: Path | None, pairs: Path) -> dict:
     rows = records(pairs)
     seqs = [_tokens(tok, r["prompt"], r[side]) for side in ("chosen", "rejected") for r in rows]
     logps = completion_logps(model, tok, seqs)
-    chosen, rejected = logps[: len(rows)], logps[len(rows):]
+    chosen, rejected = logps[: len(rows)], logps[len(rows) :]
     held = records(EVAL, N_EVAL)
     got = answers(model, tok, [r["prompt"] for r in held])
     correct = [g.strip() == r["response"].strip() for g, r in zip(got, held)]
-    return {"preference_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(rows), "pairs": len(rows),
-            "mean_logp_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(rows),
-            "exact_match": sum(correct) / len(held), "exact_correct": sum(correct), "exact_total": len(held),
-            "examples": [{"prompt": r["prompt"], "expected": r["response"], "got": g} for r, g in zip(held, got)][:3]}
+    return {
+        "preference_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(rows),
+        "pairs": len(rows),
+        "mean_logp_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(rows),
+        "exact_match": sum(correct) / len(held),
+        "exact_correct": sum(correct),
+        "exact_total": len(held),
+        "examples": [{"prompt": r["prompt"], "expected": r["response"], "got": g} for r, g in zip(held, got)][:3],
+    }
 
 
 def train(out: Path, *overrides: str) -> dict:
-    cmd = [sys.executable, "-m", "dtrain", "train", str(REPO / "configs/smollm2_dates.yaml"), "backend.name=none",
-           *COMMON, *overrides, f"output.dir={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtrain",
+        "train",
+        str(REPO / "configs/smollm2_dates.yaml"),
+        "backend.name=none",
+        *COMMON,
+        *overrides,
+        f"output.dir={out}",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"first": rows[0], "last": rows[-1]}
@@ -129,8 +156,11 @@ class Clock:
     def run(self, name: str, fn, *args):
         start, load0 = time.monotonic(), os.getloadavg()[0]
         value = fn(*args)
-        self.phases[name] = {"s": round(time.monotonic() - start, 1), "load_start": load0,
-                             "load_end": os.getloadavg()[0]}
+        self.phases[name] = {
+            "s": round(time.monotonic() - start, 1),
+            "load_start": load0,
+            "load_end": os.getloadavg()[0],
+        }
         print(f"[{name}] {self.phases[name]}", flush=True)
         return value
 
@@ -139,13 +169,22 @@ def build_pairs(base: Path, out: Path) -> tuple[int, int]:
     model, tok = load(base, None)
     train_recs, eval_recs = records(TRAIN, N_TRAIN), records(EVAL, N_EVAL)
     got = answers(model, tok, [r["prompt"] for r in train_recs + eval_recs])
-    return (pairs_file(train_recs, got[:N_TRAIN], out / "train_pairs.jsonl"),
-            pairs_file(eval_recs, got[N_TRAIN:], out / "eval_pairs.jsonl"))
+    return (
+        pairs_file(train_recs, got[:N_TRAIN], out / "train_pairs.jsonl"),
+        pairs_file(eval_recs, got[N_TRAIN:], out / "eval_pairs.jsonl"),
+    )
 
 
 def dpo_args(out: Path) -> list[str]:
-    return ["objective=dpo", "data.format=preference", f"data.path={out / 'train_pairs.jsonl'}", "data.eval_path=null",
-            "dpo.beta=0.1", "training.lr=1e-3", "training.max_steps=16"]
+    return [
+        "objective=dpo",
+        "data.format=preference",
+        f"data.path={out / 'train_pairs.jsonl'}",
+        "data.eval_path=null",
+        "dpo.beta=0.1",
+        "training.lr=1e-3",
+        "training.max_steps=16",
+    ]
 
 
 def from_sft(sft: Path) -> list[str]:
@@ -164,10 +203,12 @@ def main(out: Path) -> dict:
     n_train, n_eval = clock.run("base answers (pairs)", build_pairs, base, out)
     dpo, sft = dpo_args(out), out / "sft/adapter"
     result = {"train_pairs": n_train, "eval_pairs": n_eval, "threads": THREADS}
-    steps = [("base", None, None),
-             ("dpo_from_base", out / "dpo_base", dpo),
-             ("sft", out / "sft", ["training.max_steps=12", "training.lr=2e-3", "training.micro_batch_size=8"]),
-             ("dpo_from_sft", out / "dpo_sft", [*dpo, *from_sft(sft)])]
+    steps = [
+        ("base", None, None),
+        ("dpo_from_base", out / "dpo_base", dpo),
+        ("sft", out / "sft", ["training.max_steps=12", "training.lr=2e-3", "training.micro_batch_size=8"]),
+        ("dpo_from_sft", out / "dpo_sft", [*dpo, *from_sft(sft)]),
+    ]
     for name, run_dir, overrides in steps:
         if run_dir is not None:
             result[name + "_run"] = clock.run(f"train {name}", train, run_dir, *overrides)

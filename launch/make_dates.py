@@ -17,8 +17,11 @@ from pathlib import Path
 def record(d: datetime.date) -> dict:
     prompt = f"Convert the date {d.isoformat()}."
     answer = d.strftime("%d.%m.%Y")
-    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-            "prompt": prompt, "response": answer}
+    return {
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        "prompt": prompt,
+        "response": answer,
+    }
 
 
 def main(out: Path, n_train: int = 400, n_eval: int = 50, seed: int = 0) -> None:

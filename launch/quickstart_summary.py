@@ -14,8 +14,10 @@ def main(out: Path) -> None:
     step_s = sorted(r["step_time_s"] for r in steps)[len(steps) // 2]
     print("\n== dtrain Quickstart: SmolLM2-135M-Instruct + LoRA on the date task")
     print(f"eval loss        {evals[0][1]:.4f} (step 0)  ->  {evals[-1][1]:.4f} (step {evals[-1][0]})")
-    print(f"exact match      {before['correct']}/{before['total']} ({100 * before['exact_match']:.0f}%)  ->  "
-          f"{after['correct']}/{after['total']} ({100 * after['exact_match']:.0f}%) on held-out dates")
+    print(
+        f"exact match      {before['correct']}/{before['total']} ({100 * before['exact_match']:.0f}%)  ->  "
+        f"{after['correct']}/{after['total']} ({100 * after['exact_match']:.0f}%) on held-out dates"
+    )
     print(f"steps            {len(steps)}, median {step_s:.1f} s per step")
     b = [json.loads(line) for line in (out / "eval_before.jsonl").read_text().splitlines()]
     a = [json.loads(line) for line in (out / "eval_after.jsonl").read_text().splitlines()]
@@ -27,8 +29,10 @@ def main(out: Path) -> None:
         print(f"\nmemory ({report}):")
         print(report.read_text())
     print(f"adapter (PEFT format): {out / 'adapter'}   metrics: {out / 'metrics.jsonl'}")
-    print(f"try it: .venv/bin/python -m dtrain generate --model smollm2-135m-instruct --adapter {out / 'adapter'} "
-          "--prompt 'Convert the date 1999-12-31.'")
+    print(
+        f"try it: .venv/bin/python -m dtrain generate --model smollm2-135m-instruct --adapter {out / 'adapter'} "
+        "--prompt 'Convert the date 1999-12-31.'"
+    )
 
 
 if __name__ == "__main__":

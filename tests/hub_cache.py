@@ -9,8 +9,15 @@ import os
 from pathlib import Path
 
 
-def add_snapshot(hub: Path, repo_id: str, src: Path, commit: str, refs: tuple[str, ...] = ("main",),
-                 repo_type: str = "model", skip: tuple[str, ...] = ()) -> Path:
+def add_snapshot(
+    hub: Path,
+    repo_id: str,
+    src: Path,
+    commit: str,
+    refs: tuple[str, ...] = ("main",),
+    repo_type: str = "model",
+    skip: tuple[str, ...] = (),
+) -> Path:
     """Put the files of directory `src` into `hub` as revision `commit` of `repo_id`; returns the
     snapshot directory."""
     repo = hub / f"{repo_type}s--{repo_id.replace('/', '--')}"

@@ -10,15 +10,34 @@ import torch
 from tests.helpers import REPO
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"
-COMMON = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              head_dim=8, max_position_embeddings=128, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=512,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 # family -> its config's MoE keys (4 experts, top-2: a 4 x 32-token batch routes to every expert)
 FAMILIES = {
-    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                      decoder_sparse_step=1, norm_topk_prob=True),
+    "qwen3_moe": dict(
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+    ),
     "mixtral": dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2),
-    "gpt_oss": dict(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16,
-                    layer_types=["sliding_attention", "full_attention"]),
+    "gpt_oss": dict(
+        intermediate_size=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
 }
 EXPERT_TARGETS = "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"
 

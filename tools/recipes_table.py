@@ -76,12 +76,28 @@ def estimate_argv(recipe: Recipe) -> list[str]:
     gpus, nodes = launch_shape(recipe.command)
     backend = recipe.get("backend", "name")
     targets = recipe.get("lora", "targets")
-    argv = ["--model", f"configs/models/{recipe.model}", "--gpus", str(gpus), "--nodes", str(nodes),
-            "--backend", backend if backend in ("fsdp", "deepspeed") else "fsdp",
-            "--bits", str(recipe.get("quantization", "bits")), "--rank", str(recipe.get("lora", "r")),
-            "--targets", targets if isinstance(targets, str) else ",".join(targets),
-            "--batch", str(recipe.get("training", "micro_batch_size")),
-            "--seq-len", str(recipe.get("data", "seq_len")), "--dtype", recipe.get("model", "dtype")]
+    argv = [
+        "--model",
+        f"configs/models/{recipe.model}",
+        "--gpus",
+        str(gpus),
+        "--nodes",
+        str(nodes),
+        "--backend",
+        backend if backend in ("fsdp", "deepspeed") else "fsdp",
+        "--bits",
+        str(recipe.get("quantization", "bits")),
+        "--rank",
+        str(recipe.get("lora", "r")),
+        "--targets",
+        targets if isinstance(targets, str) else ",".join(targets),
+        "--batch",
+        str(recipe.get("training", "micro_batch_size")),
+        "--seq-len",
+        str(recipe.get("data", "seq_len")),
+        "--dtype",
+        recipe.get("model", "dtype"),
+    ]
     if recipe.get("model", "gradient_checkpointing"):
         argv.append("--grad-checkpointing")
     return argv
@@ -113,25 +129,53 @@ def rows(root: Path = ROOT) -> list[dict[str, Any]]:
     for recipe in find_recipes(root):
         gpus, nodes = launch_shape(recipe.command)
         est = run_estimate(estimate_argv(recipe))
-        out.append({"recipe": recipe, "gpus": gpus, "nodes": nodes, "lora": est.lora.total,
-                    "full": est.full.total, "trainable": est.lora_params})
+        out.append(
+            {
+                "recipe": recipe,
+                "gpus": gpus,
+                "nodes": nodes,
+                "lora": est.lora.total,
+                "full": est.full.total,
+                "trainable": est.lora_params,
+            }
+        )
     return out
 
 
 def render(root: Path = ROOT) -> str:
-    head = ["recipe", "model", "method", "GPUs", "LoRA r, targets", "batch x seq", "LoRA GiB/GPU",
-            *(f"fits {g} GB" for g in GPUS_GIB), "full FT GiB/GPU"]
+    head = [
+        "recipe",
+        "model",
+        "method",
+        "GPUs",
+        "LoRA r, targets",
+        "batch x seq",
+        "LoRA GiB/GPU",
+        *(f"fits {g} GB" for g in GPUS_GIB),
+        "full FT GiB/GPU",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows(root):
         r = row["recipe"]
         targets = r.get("lora", "targets")
         fits = ["yes" if row["lora"] <= HEADROOM * g * GIB else "no" for g in GPUS_GIB]
-        lines.append("| " + " | ".join([
-            f"[{r.path.name}]({r.path.name})", r.model, _method(r),
-            f"{row['nodes']} x {row['gpus']}" if row["nodes"] > 1 else str(row["gpus"]),
-            f"{r.get('lora', 'r')}, {targets if isinstance(targets, str) else ', '.join(targets)}",
-            f"{r.get('training', 'micro_batch_size')} x {r.get('data', 'seq_len')}",
-            f"{row['lora'] / GIB:.1f}", *fits, f"{row['full'] / GIB:.1f}"]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"[{r.path.name}]({r.path.name})",
+                    r.model,
+                    _method(r),
+                    f"{row['nodes']} x {row['gpus']}" if row["nodes"] > 1 else str(row["gpus"]),
+                    f"{r.get('lora', 'r')}, {targets if isinstance(targets, str) else ', '.join(targets)}",
+                    f"{r.get('training', 'micro_batch_size')} x {r.get('data', 'seq_len')}",
+                    f"{row['lora'] / GIB:.1f}",
+                    *fits,
+                    f"{row['full'] / GIB:.1f}",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -156,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         readme_path.write_text(text.replace(BEGIN + "\n" + old, BEGIN + "\n" + table, 1))
     elif args.check:
         if section(readme_path.read_text()) != table:
-            print("configs/README.md: the recipes table is out of date; run python -m tools.recipes_table --write",
-                  file=sys.stderr)
+            print(
+                "configs/README.md: the recipes table is out of date; run python -m tools.recipes_table --write",
+                file=sys.stderr,
+            )
             return 1
     else:
         print(table, end="")

@@ -20,8 +20,9 @@ import torch
 EFFECTIVE_RANK_TOL = 0.01  # singular values above 1% of the top one are counted
 
 
-def low_rank_svd(b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def low_rank_svd(
+    b: torch.Tensor, a: torch.Tensor, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U out x r, S r, V in x r) of scaling * B A in float64, S descending."""
     b, a = b.detach().to(torch.float64), a.detach().to(torch.float64)
     qb, rb = torch.linalg.qr(b)
@@ -48,8 +49,15 @@ def random_orthonormal(rows: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))  # sign fix: Haar-distributed
 
 
-def relate_to_base(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: float,
-                   k: int | None = None, seed: int = 0, sw: torch.Tensor | None = None) -> dict[str, float]:
+def relate_to_base(
+    w: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    scaling: float,
+    k: int | None = None,
+    seed: int = 0,
+    sw: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Table 7's numbers for one layer: W (out x in), ΔW = scaling * B A, k = r by default
     (`sw`: W's singular values, when already known)."""
     w = w.detach().to(torch.float64)
@@ -61,10 +69,15 @@ def relate_to_base(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scaling: f
     ur, vr = random_orthonormal(w.shape[0], k, gen), random_orthonormal(w.shape[1], k, gen)
     proj_delta = float(torch.linalg.norm(u.T @ w @ v))
     delta_norm = float(torch.linalg.norm(s))
-    return {"k": k, "delta_norm": delta_norm, "w_norm": float(torch.linalg.norm(sw)),
-            "proj_delta": proj_delta, "proj_w": float(torch.linalg.norm(sw[:k])),
-            "proj_random": float(torch.linalg.norm(ur.T @ w @ vr)),
-            "amplification": delta_norm / proj_delta if proj_delta > 0 else math.inf}
+    return {
+        "k": k,
+        "delta_norm": delta_norm,
+        "w_norm": float(torch.linalg.norm(sw)),
+        "proj_delta": proj_delta,
+        "proj_w": float(torch.linalg.norm(sw[:k])),
+        "proj_random": float(torch.linalg.norm(ur.T @ w @ vr)),
+        "amplification": delta_norm / proj_delta if proj_delta > 0 else math.inf,
+    }
 
 
 def spectrum(b: torch.Tensor, a: torch.Tensor, scaling: float) -> dict:

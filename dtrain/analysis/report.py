@@ -38,26 +38,41 @@ def _fmt(x, digits: int = 3) -> str:
 def markdown(result: dict) -> str:
     """The summary tables (per layer type: means over the layers, or the chosen --layer)."""
     where = "all adapted layers (means)" if result["layer"] is None else f"layer {result['layer']}"
-    lines = [f"# LoRA adapter analysis ({where})", "",
-             f"Base: `{result['base']}`" + (f" dequantized from {result['base_bits']} bits" if result["base_bits"] else ""),
-             "", "## ΔW = (alpha/r) B A: size, effective rank, relation to W (Sec. 7.3)", "",
-             "| adapter | r | type | layers | ‖ΔW‖_F | ‖UᵀWV‖_F (ΔW's top r) | ‖U_WᵀWV_W‖_F (W's top r) "
-             "| random | amplification | effective rank | σ > 1% σ₁ |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# LoRA adapter analysis ({where})",
+        "",
+        f"Base: `{result['base']}`" + (f" dequantized from {result['base_bits']} bits" if result["base_bits"] else ""),
+        "",
+        "## ΔW = (alpha/r) B A: size, effective rank, relation to W (Sec. 7.3)",
+        "",
+        "| adapter | r | type | layers | ‖ΔW‖_F | ‖UᵀWV‖_F (ΔW's top r) | ‖U_WᵀWV_W‖_F (W's top r) "
+        "| random | amplification | effective rank | σ > 1% σ₁ |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for ad in result["adapters"]:
         for t, s in ad["by_type"].items():
-            lines.append(f"| {ad['label']} | {ad['r']} | {t} | {s['layers']} | {_fmt(s.get('delta_norm'))} "
-                         f"| {_fmt(s.get('proj_delta'))} | {_fmt(s.get('proj_w'))} | {_fmt(s.get('proj_random'))} "
-                         f"| {_fmt(s.get('amplification'))} | {_fmt(s['effective_rank'])} | {_fmt(s['rank_1pct'])} |")
+            lines.append(
+                f"| {ad['label']} | {ad['r']} | {t} | {s['layers']} | {_fmt(s.get('delta_norm'))} "
+                f"| {_fmt(s.get('proj_delta'))} | {_fmt(s.get('proj_w'))} | {_fmt(s.get('proj_random'))} "
+                f"| {_fmt(s.get('amplification'))} | {_fmt(s['effective_rank'])} | {_fmt(s['rank_1pct'])} |"
+            )
     if result["pairs"]:
-        lines += ["", "## Subspace similarity of the A matrices (Sec. 7.2)", "",
-                  "phi(i, j) = ‖U_a[:, :i]ᵀ U_b[:, :j]‖²_F / min(i, j); chance: max(r_a, r_b) / d_in for random subspaces.",
-                  "", "| a | b | type | phi(1,1) | mean phi(i,i) | phi(r_a, r_b) | chance | heatmap |",
-                  "|---|---|---|---:|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "## Subspace similarity of the A matrices (Sec. 7.2)",
+            "",
+            "phi(i, j) = ‖U_a[:, :i]ᵀ U_b[:, :j]‖²_F / min(i, j); chance: max(r_a, r_b) / d_in for random subspaces.",
+            "",
+            "| a | b | type | phi(1,1) | mean phi(i,i) | phi(r_a, r_b) | chance | heatmap |",
+            "|---|---|---|---:|---:|---:|---:|---|",
+        ]
         for p in result["pairs"]:
             for t, s in p["by_type"].items():
-                lines.append(f"| {p['a']} (r={p['r_a']}) | {p['b']} (r={p['r_b']}) | {t} | {s['phi_11']:.3f} "
-                             f"| {s['phi_diag_mean']:.3f} | {s['phi_full']:.3f} | {s['chance_full']:.3f} "
-                             f"| {heatmap_name(p, t)} |")
+                lines.append(
+                    f"| {p['a']} (r={p['r_a']}) | {p['b']} (r={p['r_b']}) | {t} | {s['phi_11']:.3f} "
+                    f"| {s['phi_diag_mean']:.3f} | {s['phi_full']:.3f} | {s['chance_full']:.3f} "
+                    f"| {heatmap_name(p, t)} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -82,8 +97,15 @@ def plot_heatmap(pair: dict, layer_type: str, path: Path, where: str) -> None:
     fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(9 if zoom else 4.8, 4), squeeze=False)
     panels = [(p, "all directions")] + ([(p[:ZOOM, :ZOOM], f"top {ZOOM}")] if zoom else [])
     for ax, (m, title) in zip(axes[0], panels):
-        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", origin="upper", aspect="auto",
-                       extent=(0.5, m.shape[1] + 0.5, m.shape[0] + 0.5, 0.5))
+        im = ax.imshow(
+            m,
+            vmin=0,
+            vmax=1,
+            cmap="viridis",
+            origin="upper",
+            aspect="auto",
+            extent=(0.5, m.shape[1] + 0.5, m.shape[0] + 0.5, 0.5),
+        )
         ax.set_xlabel(f"j ({pair['b']}, r={pair['r_b']})")
         ax.set_ylabel(f"i ({pair['a']}, r={pair['r_a']})")
         ax.set_title(f"{layer_type}: phi(i, j), {title}", fontsize=9)

@@ -59,8 +59,10 @@ _EXPERT_ORDER = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 def _per_expert(modules: dict, target_parameters: list[str], r: int) -> tuple[dict, dict]:
     """Fused expert adapters (PEFT's ParamWrapper: A [r*E, in], B [out, r*E]) split into one
     module per expert, `<experts>.<e>.<param>` (A_e, B_e): each is a rank-r update of its own."""
-    params = sorted({t.rsplit(".", 1)[-1] for t in target_parameters},
-                    key=lambda p: (_EXPERT_ORDER.index(p) if p in _EXPERT_ORDER else len(_EXPERT_ORDER), p))
+    params = sorted(
+        {t.rsplit(".", 1)[-1] for t in target_parameters},
+        key=lambda p: (_EXPERT_ORDER.index(p) if p in _EXPERT_ORDER else len(_EXPERT_ORDER), p),
+    )
     out, counts = {}, {}
     for name, ab in modules.items():
         depth = len(re.findall(r"\.base_layer", name))
@@ -101,22 +103,38 @@ def analyze_one(ad: Adapter, base: BaseWeights | None, layer: int | None = None,
     modules = {}
     for name in sorted(ad.modules, key=_order):
         ab = ad.modules[name]
-        row = {"type": layer_type(name), "layer": layer_index(name), **delta.spectrum(ab["lora_B"], ab["lora_A"], ad.scaling)}
+        row = {
+            "type": layer_type(name),
+            "layer": layer_index(name),
+            **delta.spectrum(ab["lora_B"], ab["lora_A"], ad.scaling),
+        }
         if base is not None:
             w = base.weight(name)
             if w.dim() == 2 and w.shape != (ab["lora_B"].shape[0], ab["lora_A"].shape[1]):
                 w = w.T  # an expert of a transposed fused weight (gpt-oss: [in, out])
-            row.update(delta.relate_to_base(w, ab["lora_B"], ab["lora_A"], ad.scaling, seed=seed,
-                                            sw=base.singular_values(name, w)))
+            row.update(
+                delta.relate_to_base(
+                    w, ab["lora_B"], ab["lora_A"], ad.scaling, seed=seed, sw=base.singular_values(name, w)
+                )
+            )
         modules[name] = row
     by_type: dict[str, dict] = {}
     for name in _selected(modules, layer):
         by_type.setdefault(layer_type(name), []).append(modules[name])
     keys = _SPECTRUM_KEYS + (_RELATE_KEYS if base is not None else ())
-    summary = {t: {"layers": len(rows), **{k: float(np.mean([x[k] for x in rows])) for k in keys}}
-               for t, rows in by_type.items()}
-    return {"label": ad.label, "path": str(ad.path), "r": ad.r, "alpha": ad.alpha, "scaling": ad.scaling,
-            "modules": modules, "by_type": summary}
+    summary = {
+        t: {"layers": len(rows), **{k: float(np.mean([x[k] for x in rows])) for k in keys}}
+        for t, rows in by_type.items()
+    }
+    return {
+        "label": ad.label,
+        "path": str(ad.path),
+        "r": ad.r,
+        "alpha": ad.alpha,
+        "scaling": ad.scaling,
+        "modules": modules,
+        "by_type": summary,
+    }
 
 
 def compare(a: Adapter, b: Adapter, layer: int | None = None) -> dict:
@@ -134,8 +152,7 @@ def compare(a: Adapter, b: Adapter, layer: int | None = None) -> dict:
     by_type = {}
     for t, items in mats.items():
         mean = np.mean([p for _, p, _ in items], axis=0)
-        by_type[t] = {"layers": [i for i, _, _ in items], **subspace.summary(mean, items[0][2]),
-                      "phi": mean.tolist()}
+        by_type[t] = {"layers": [i for i, _, _ in items], **subspace.summary(mean, items[0][2]), "phi": mean.tolist()}
     if not by_type:
         raise DtrainError(f"--layer {layer}: no module of that layer is adapted by both adapters")
     return {"a": a.label, "b": b.label, "r_a": a.r, "r_b": b.r, "by_type": by_type, "modules": per_module}
@@ -147,7 +164,11 @@ def analyze(adapters: list[Adapter], base: BaseWeights | None, layer: int | None
         for ad in adapters:
             if not _selected(ad.modules, layer):
                 raise DtrainError(f"--layer {layer}: adapter '{ad.path}' adapts no module of that layer")
-    pairs = [compare(a, b, layer) for i, a in enumerate(adapters) for b in adapters[i + 1:]]
-    return {"layer": layer, "base": str(base.dir) if base is not None else None,
-            "base_bits": base.bits if base is not None else None,
-            "adapters": [analyze_one(ad, base, layer, seed) for ad in adapters], "pairs": pairs}
+    pairs = [compare(a, b, layer) for i, a in enumerate(adapters) for b in adapters[i + 1 :]]
+    return {
+        "layer": layer,
+        "base": str(base.dir) if base is not None else None,
+        "base_bits": base.bits if base is not None else None,
+        "adapters": [analyze_one(ad, base, layer, seed) for ad in adapters],
+        "pairs": pairs,
+    }

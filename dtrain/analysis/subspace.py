@@ -44,5 +44,9 @@ def summary(p: np.ndarray, dim: int) -> dict[str, float]:
     phi(r_1, r_2), the whole smaller subspace's overlap, with its chance level."""
     r1, r2 = p.shape
     k = min(r1, r2)
-    return {"phi_11": float(p[0, 0]), "phi_diag_mean": float(np.mean(np.diag(p)[:k])),
-            "phi_full": float(p[-1, -1]), "chance_full": chance(r1, r2, dim)}
+    return {
+        "phi_11": float(p[0, 0]),
+        "phi_diag_mean": float(np.mean(np.diag(p)[:k])),
+        "phi_full": float(p[-1, -1]),
+        "chance_full": chance(r1, r2, dim),
+    }

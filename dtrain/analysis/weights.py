@@ -43,7 +43,9 @@ class BaseWeights:
             with safe_open(self.dir / "model.safetensors", "pt") as h:
                 return {k: "model.safetensors" for k in h.keys()}
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated file
-            raise DtrainError(f"--base '{self.dir}/model.safetensors': not readable ({str(e).splitlines()[0]})") from None
+            raise DtrainError(
+                f"--base '{self.dir}/model.safetensors': not readable ({str(e).splitlines()[0]})"
+            ) from None
 
     def key_for(self, module: str) -> str:
         """The checkpoint key of `module`'s weight: `<module>.weight`, or without the module name's
@@ -51,15 +53,16 @@ class BaseWeights:
         for key in (f"{module}.weight", f"{module.split('.', 1)[-1]}.weight"):
             if key in self.files:
                 return key
-        raise DtrainError(f"--base '{self.dir}': no weight for adapted module '{module}' "
-                          "(adapter for another base?)")
+        raise DtrainError(f"--base '{self.dir}': no weight for adapted module '{module}' (adapter for another base?)")
 
     def weight(self, module: str) -> torch.Tensor:
         """`module`'s weight in float32 (dequantized from `bits` where dtrain would quantize it)."""
         from safetensors import safe_open
 
         expert = re.fullmatch(r"(.+\.experts)\.(\d+)\.(\w+)", module)  # one expert of a fused weight
-        key = f"{expert[1]}.{expert[3]}" if expert and f"{expert[1]}.{expert[3]}" in self.files else self.key_for(module)
+        key = (
+            f"{expert[1]}.{expert[3]}" if expert and f"{expert[1]}.{expert[3]}" in self.files else self.key_for(module)
+        )
         with safe_open(self.dir / self.files[key], "pt") as h:
             w = h.get_tensor(key).to(torch.float32)
         if expert and w.dim() == 3:

@@ -172,10 +172,15 @@ class Backend(TorchMemoryView, ABC):
         for p in self.trainable_parameters():  # same order on every rank: gathers match
             st = self.optimizer.state.get(p, {})
             if "exp_avg" in st:
-                params[names[id(p)]] = {"step": float(st["step"]), **{k: self._full_tensor(st[k]).detach().cpu().clone()
-                                                                      for k in ("exp_avg", "exp_avg_sq")}}
-        return {"params": params, "hyper": optim.hyper(self.optimizer.param_groups[0]),
-                "scheduler": self.scheduler.state_dict()}
+                params[names[id(p)]] = {
+                    "step": float(st["step"]),
+                    **{k: self._full_tensor(st[k]).detach().cpu().clone() for k in ("exp_avg", "exp_avg_sq")},
+                }
+        return {
+            "params": params,
+            "hyper": optim.hyper(self.optimizer.param_groups[0]),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_full_optimizer_state(self, state: dict) -> None:
         """Restore what `full_optimizer_state` returned, written by any backend on any world size
@@ -184,8 +189,10 @@ class Backend(TorchMemoryView, ABC):
         for p in self.trainable_parameters():
             saved = state["params"].get(names[id(p)])
             if saved is not None:
-                self.optimizer.state[p] = {"step": torch.tensor(float(saved["step"]), dtype=torch.float32),
-                                           **{k: self._local_like(p, saved[k].to(p.dtype)) for k in ("exp_avg", "exp_avg_sq")}}
+                self.optimizer.state[p] = {
+                    "step": torch.tensor(float(saved["step"]), dtype=torch.float32),
+                    **{k: self._local_like(p, saved[k].to(p.dtype)) for k in ("exp_avg", "exp_avg_sq")},
+                }
         for group in self.optimizer.param_groups:
             optim.set_hyper(group, state["hyper"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -223,8 +230,9 @@ class Backend(TorchMemoryView, ABC):
 
     def _build_empty(self, config) -> nn.Module:
         """The model without storage (meta device): nothing is allocated before sharding."""
-        return model_lib.build_empty(config, model_lib.DTYPES[self.cfg.model.dtype],
-                                     trust_remote_code=self.cfg.model.trust_remote_code)
+        return model_lib.build_empty(
+            config, model_lib.DTYPES[self.cfg.model.dtype], trust_remote_code=self.cfg.model.trust_remote_code
+        )
 
     def _shard(self, model: nn.Module) -> None:
         """Cut the model's parameters over the ranks (one process: nothing to do)."""
@@ -246,5 +254,3 @@ class Backend(TorchMemoryView, ABC):
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-

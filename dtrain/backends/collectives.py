@@ -31,8 +31,9 @@ def restart_store(world_size: int, timeout: timedelta):
     attempt = restarted()
     if not attempt:
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=False, timeout=timeout)
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
     return dist.PrefixStore(f"/dtrain/attempt_{attempt}", store)
 
 

@@ -132,8 +132,9 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
             timeout = dist_env.pg_timeout(cfg)
             if collectives.restarted():  # torchrun restarted the group: the store needs a fresh prefix
                 collectives.init_process_group(env.dist_backend, env.rank, env.world_size, timeout)
-            self.ds.init_distributed(dist_backend=env.dist_backend, auto_mpi_discovery=False,
-                                     timeout=timeout)  # wraps a group already started
+            self.ds.init_distributed(
+                dist_backend=env.dist_backend, auto_mpi_discovery=False, timeout=timeout
+            )  # wraps a group already started
         self.engine = None
         self._trimmer = heap.StepTrimmer()
 
@@ -146,8 +147,9 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
         # (transformers' own from_pretrained does the same under DeepSpeed).
         model_lib.import_model_code(config, cfg.model.trust_remote_code)  # nothing imports inside zero.Init
         with ds.zero.Init(config_dict_or_path=self.ds_config), _no_init_weights():
-            model = model_lib.build_empty(config, model_lib.DTYPES[cfg.model.dtype], device="cpu",
-                                          trust_remote_code=cfg.model.trust_remote_code)
+            model = model_lib.build_empty(
+                config, model_lib.DTYPES[cfg.model.dtype], device="cpu", trust_remote_code=cfg.model.trust_remote_code
+            )
         heap.trim()
         # gather limits sized from the model just built (zero.Init above does not read them)
         self.ds_config = ds_config.build(cfg, self.env.world_size, ds_config.ModelSize.of(model, config))
@@ -194,8 +196,12 @@ class DeepSpeedBackend(ProcessGroupCollectives, Backend):
         # over these groups only: the LoRA parameters, so only they get Adam state; the scheduler
         # goes in as a factory because the optimizer it steps is created inside initialize
         engine, optimizer, _, scheduler = self.ds.initialize(
-            model=self.model, model_parameters=optim.optimizer_groups(self.model, self.cfg), config=self.ds_config,
-            lr_scheduler=make_scheduler, dist_init_required=False)  # the process group exists already
+            model=self.model,
+            model_parameters=optim.optimizer_groups(self.model, self.cfg),
+            config=self.ds_config,
+            lr_scheduler=make_scheduler,
+            dist_init_required=False,
+        )  # the process group exists already
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
 
     # ---- per step ---------------------------------------------------------------------------

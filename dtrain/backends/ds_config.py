@@ -43,6 +43,8 @@ ZERO_DEFAULTS: dict[str, Any] = {
     # model, i.e. no saving at all over one process).
     "memory_efficient_linear": True,
 }
+
+
 def generate(cfg: Config, world_size: int | None = None, size: ModelSize | None = None) -> dict[str, Any]:
     """The DeepSpeed config equivalent to `cfg` (before any user JSON); `size` sizes the gathers."""
     t = cfg.training
@@ -66,7 +68,10 @@ def generate(cfg: Config, world_size: int | None = None, size: ModelSize | None 
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "eps": t.eps,
+                "weight_decay": t.weight_decay,
                 # torch.optim.AdamW: no fused-kernel compile, same update as the single backend.
                 "torch_adam": True,
             },
@@ -84,8 +89,7 @@ def _owners(cfg: Config) -> dict[tuple[str, ...], str]:
     return {
         ("train_micro_batch_size_per_gpu",): f"training.micro_batch_size = {cfg.training.micro_batch_size}",
         ("gradient_accumulation_steps",): f"training.grad_accum = {cfg.training.grad_accum}",
-        ("train_batch_size",): ("training.micro_batch_size x training.grad_accum x ranks = "
-                                "{value}"),
+        ("train_batch_size",): ("training.micro_batch_size x training.grad_accum x ranks = {value}"),
         ("gradient_clipping",): f"training.max_grad_norm = {cfg.training.max_grad_norm}",
         ("bf16", "enabled"): f"model.dtype = {cfg.model.dtype}",
         ("fp16", "enabled"): f"model.dtype = {cfg.model.dtype} (dtrain has no fp16 mode)",
@@ -107,7 +111,8 @@ def merge(generated: dict[str, Any], user: dict[str, Any], source: str, cfg: Con
     if "scheduler" in user:
         raise ConfigError(
             f"{source}: scheduler conflicts with training.warmup_steps / training.min_lr_ratio "
-            "(dtrain schedules the learning rate itself; remove 'scheduler' from the JSON)")
+            "(dtrain schedules the learning rate itself; remove 'scheduler' from the JSON)"
+        )
     if "optimizer" in user and not isinstance(user["optimizer"], dict):
         raise ConfigError(f"{source}: optimizer: expected a mapping")
     user = dict(user)
@@ -118,8 +123,7 @@ def merge(generated: dict[str, Any], user: dict[str, Any], source: str, cfg: Con
     return out
 
 
-def _merge_into(dst: dict, src: dict, path: tuple[str, ...], source: str,
-                owners: dict[tuple[str, ...], str]) -> None:
+def _merge_into(dst: dict, src: dict, path: tuple[str, ...], source: str, owners: dict[tuple[str, ...], str]) -> None:
     for key, value in src.items():
         here = (*path, key)
         if isinstance(value, dict) and isinstance(dst.get(key), dict):

@@ -74,14 +74,17 @@ def _first_slurm_host() -> str:
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if nodes:
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
-                                 text=True, timeout=30, check=True).stdout.split()
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.split()
             if out:
                 return out[0]
         except (OSError, subprocess.SubprocessError):
             pass
-    raise ConfigError("started by srun without MASTER_ADDR, and the first node of the allocation "
-                      "could not be found: export MASTER_ADDR (or use `dtrain slurm`)")
+    raise ConfigError(
+        "started by srun without MASTER_ADDR, and the first node of the allocation "
+        "could not be found: export MASTER_ADDR (or use `dtrain slurm`)"
+    )
 
 
 def pg_timeout(cfg) -> timedelta:

@@ -27,8 +27,13 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         super().__init__(cfg, env)
         if not dist.is_initialized():
             dist_env.ensure_rendezvous(env)
-            collectives.init_process_group(env.dist_backend, env.rank, env.world_size, dist_env.pg_timeout(cfg),
-                                           device_id=env.device if env.device.type == "cuda" else None)
+            collectives.init_process_group(
+                env.dist_backend,
+                env.rank,
+                env.world_size,
+                dist_env.pg_timeout(cfg),
+                device_id=env.device if env.device.type == "cuda" else None,
+            )
 
     def _materialize(self, model: nn.Module, source: model_lib.WeightSource) -> None:
         """Storage for this rank's shards, then its rows of the weights (a simulated backend on a
@@ -52,8 +57,11 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
         embeddings share one tensor and stay in the root unit; so does whatever a model does not
         name as its input / output embeddings.
         """
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.cfg.model.dtype == "bf16" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.cfg.model.dtype == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for block in layers.decoder_blocks(model):
             fully_shard(block, mp_policy=policy)
         embed, head = _with_parameters(layers.input_embeddings(model)), _with_parameters(layers.output_head(model))
@@ -115,10 +123,14 @@ class FSDPBackend(ProcessGroupCollectives, Backend):
 
     def optimizer_state(self) -> dict:
         sd = self.optimizer.state_dict()
-        state = {i: {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in s.items()}
-                 for i, s in sd["state"].items()}
-        return {"optimizer": {"state": state, "param_groups": sd["param_groups"]},
-                "scheduler": self.scheduler.state_dict()}
+        state = {
+            i: {k: (v.to_local() if isinstance(v, DTensor) else v) for k, v in s.items()}
+            for i, s in sd["state"].items()
+        }
+        return {
+            "optimizer": {"state": state, "param_groups": sd["param_groups"]},
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_optimizer_state(self, state: dict) -> None:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]  # state_dict's numbering
@@ -152,6 +164,7 @@ def _shares_parameters(a: nn.Module, b: nn.Module) -> bool:
 def _like(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """An optimizer-state tensor saved as a local shard, as a DTensor laid out like its parameter."""
     if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and v.dim() > 0:
-        return DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                  shape=p.shape, stride=p.stride())
+        return DTensor.from_local(
+            v.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
     return v

@@ -98,10 +98,12 @@ def simulate_zero3(cfg: Config, world: int, rank: int = 0) -> dict[str, int]:
         backend.step()
         params = dict(backend.model.named_parameters())
         local = backend.local_tensors()
-        out = {"frozen_weights": sum(_nbytes(t) for n, t in local.items() if not params[n].requires_grad),
-               "trainable_params": sum(_nbytes(t) for n, t in local.items() if params[n].requires_grad),
-               "gradients": grads,
-               "optimizer_state": sum(_nbytes(t) for t in backend.local_optimizer_tensors().values())}
+        out = {
+            "frozen_weights": sum(_nbytes(t) for n, t in local.items() if not params[n].requires_grad),
+            "trainable_params": sum(_nbytes(t) for n, t in local.items() if params[n].requires_grad),
+            "gradients": grads,
+            "optimizer_state": sum(_nbytes(t) for t in backend.local_optimizer_tensors().values()),
+        }
         out["model_states"] = sum(out.values())
         backend.release()
         return out
@@ -126,11 +128,14 @@ def _nbytes(t: torch.Tensor) -> int:
 
 def _state_bytes(backend: SimulatedFSDP) -> dict[str, int]:
     params = list(backend.model.named_parameters())
-    out = {"frozen_weights": sum(_nbytes(p) for _, p in params if not p.requires_grad),
-           "trainable_params": sum(_nbytes(p) for _, p in params if p.requires_grad),
-           "gradients": sum(_nbytes(p.grad) for _, p in params if p.grad is not None),
-           "optimizer_state": sum(_nbytes(v) for s in backend.optimizer.state.values()
-                                  for v in s.values() if isinstance(v, torch.Tensor))}
+    out = {
+        "frozen_weights": sum(_nbytes(p) for _, p in params if not p.requires_grad),
+        "trainable_params": sum(_nbytes(p) for _, p in params if p.requires_grad),
+        "gradients": sum(_nbytes(p.grad) for _, p in params if p.grad is not None),
+        "optimizer_state": sum(
+            _nbytes(v) for s in backend.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
+        ),
+    }
     out["model_states"] = sum(out.values())
     return out
 
@@ -149,7 +154,10 @@ def _largest_all_gather(model: nn.Module) -> int:
         for fp in group.fsdp_params:
             dtype = fp.sharded_param.dtype
             dtype = cast if cast is not None and dtype.is_floating_point else dtype
-            total += fp.padded_sharded_param_size.numel() * group.mesh_info.shard_mesh_size \
+            total += (
+                fp.padded_sharded_param_size.numel()
+                * group.mesh_info.shard_mesh_size
                 * torch.empty((), dtype=dtype).element_size()
+            )
         largest = max(largest, total)
     return largest

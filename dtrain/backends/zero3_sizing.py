@@ -23,8 +23,9 @@ class ModelSize:
         """From a built model (ZeRO-3 partitioned or not) and its transformers config."""
         from dtrain.model.shapes import logical_numel
 
-        return cls(hidden=int(getattr(config, "hidden_size", 0) or 0),
-                   params=sum(logical_numel(p) for p in model.parameters()))
+        return cls(
+            hidden=int(getattr(config, "hidden_size", 0) or 0), params=sum(logical_numel(p) for p in model.parameters())
+        )
 
 
 def gather_limits(size: ModelSize | None, world_size: int | None) -> dict[str, int]:
@@ -43,8 +44,10 @@ def gather_limits(size: ModelSize | None, world_size: int | None) -> dict[str, i
     and a kept copy would only double the memory.
     """
     if size is None or size.params <= 0 or not world_size or world_size <= 1:
-        return {"stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0,
-                "stage3_max_reuse_distance": 0}
+        return {"stage3_prefetch_bucket_size": 0, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
     live = min(DEEPSPEED_MAX_LIVE, math.ceil(size.params / world_size))
-    return {"stage3_prefetch_bucket_size": int(0.9 * size.hidden * size.hidden),
-            "stage3_max_live_parameters": live, "stage3_max_reuse_distance": live}
+    return {
+        "stage3_prefetch_bucket_size": int(0.9 * size.hidden * size.hidden),
+        "stage3_max_live_parameters": live,
+        "stage3_max_reuse_distance": live,
+    }

@@ -33,7 +33,7 @@ def _slice(full: torch.Tensor, n: int, rank: int, world: int) -> torch.Tensor:
     """Rank `rank`'s partition (n elements) of a full tensor, zero padding included."""
     flat = torch.zeros(n * world, dtype=full.dtype)
     flat[: full.numel()] = full.reshape(-1)
-    return flat[rank * n: (rank + 1) * n]
+    return flat[rank * n : (rank + 1) * n]
 
 
 def full_optimizer_state(backend, subgroups) -> dict:
@@ -46,12 +46,18 @@ def full_optimizer_state(backend, subgroups) -> dict:
         for p in group:
             n = p.ds_tensor.ds_numel
             if "exp_avg" in st:
-                params[names[id(p)]] = {"step": step, **{k: _gather(st[k].narrow(0, offset, n).detach(), p, world)
-                                                         for k in KEYS}}
+                params[names[id(p)]] = {
+                    "step": step,
+                    **{k: _gather(st[k].narrow(0, offset, n).detach(), p, world) for k in KEYS},
+                }
             offset += n
     engine = {k: getattr(backend.engine, k) for k in ENGINE_COUNTERS}
-    return {"params": params, "hyper": _hyper(opt.optimizer.param_groups[0]),
-            "scheduler": backend.scheduler.state_dict(), "engine": {**engine, "world_size": world}}
+    return {
+        "params": params,
+        "hyper": _hyper(opt.optimizer.param_groups[0]),
+        "scheduler": backend.scheduler.state_dict(),
+        "engine": {**engine, "world_size": world},
+    }
 
 
 def load_full_optimizer_state(backend, subgroups, state: dict) -> None:
@@ -120,8 +126,11 @@ def rank_state(backend, subgroups) -> dict:
         for p in group:
             name, n = names[id(p)], p.ds_tensor.ds_numel
             partitions[name] = [offset, n]
-            entry = {key: state[key].narrow(0, offset, n).detach().cpu().clone()
-                     for key in ("exp_avg", "exp_avg_sq") if key in state}
+            entry = {
+                key: state[key].narrow(0, offset, n).detach().cpu().clone()
+                for key in ("exp_avg", "exp_avg_sq")
+                if key in state
+            }
             if not master_is_param:
                 entry["master"] = flat.narrow(0, offset, n).detach().cpu().clone()
             state_out[name] = entry
@@ -129,8 +138,11 @@ def rank_state(backend, subgroups) -> dict:
     groups = [{k: _plain(v) for k, v in g.items() if k != "params"} for g in opt.optimizer.param_groups]
     zero3 = {"world_size": backend.world_size, "rank": backend.rank, "steps": steps, "partitions": partitions}
     engine = {k: getattr(backend.engine, k) for k in ENGINE_COUNTERS}
-    return {"optimizer": {"state": state_out, "param_groups": groups, "zero3": zero3},
-            "scheduler": _plain(backend.scheduler.state_dict()), "engine": engine}
+    return {
+        "optimizer": {"state": state_out, "param_groups": groups, "zero3": zero3},
+        "scheduler": _plain(backend.scheduler.state_dict()),
+        "engine": engine,
+    }
 
 
 def load_rank_state(backend, subgroups, state: dict) -> None:
@@ -147,8 +159,10 @@ def load_rank_state(backend, subgroups, state: dict) -> None:
         for p in group:
             name, n = names[id(p)], p.ds_tensor.ds_numel
             if zero3["partitions"].get(name) != [offset, n]:
-                raise ValueError(f"optimizer state: partition of {name!r} differs "
-                                 f"({zero3['partitions'].get(name)} saved, {[offset, n]} now)")
+                raise ValueError(
+                    f"optimizer state: partition of {name!r} differs "
+                    f"({zero3['partitions'].get(name)} saved, {[offset, n]} now)"
+                )
             entry = saved["state"].get(name, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in entry:

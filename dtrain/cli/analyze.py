@@ -23,18 +23,32 @@ from dtrain.errors import DtrainError
 
 def add_parser(subparsers) -> None:
     """Register `dtrain analyze`."""
-    p = subparsers.add_parser("analyze", help="subspace similarity, effective rank and amplification of "
-                              "LoRA adapters (the LoRA paper's Sec. 7)", description=__doc__.split("\n\n")[0])
-    p.add_argument("adapters", nargs="+", metavar="ADAPTER", help="adapter directories (dtrain's or PEFT's); "
-                   "NAME=DIR names one in the tables")
+    p = subparsers.add_parser(
+        "analyze",
+        help="subspace similarity, effective rank and amplification of LoRA adapters (the LoRA paper's Sec. 7)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "adapters",
+        nargs="+",
+        metavar="ADAPTER",
+        help="adapter directories (dtrain's or PEFT's); NAME=DIR names one in the tables",
+    )
     p.add_argument("--base", help="base model (HF directory or built-in name): needed for Sec. 7.3's numbers")
-    p.add_argument("--base-bits", type=int, choices=(8, 4), help="the adapters were trained on dtrain's "
-                   "8-/4-bit base: relate them to the dequantized weights")
+    p.add_argument(
+        "--base-bits",
+        type=int,
+        choices=(8, 4),
+        help="the adapters were trained on dtrain's 8-/4-bit base: relate them to the dequantized weights",
+    )
     p.add_argument("--quantized-head", action="store_true", help="with --base-bits: the head was quantized too")
     p.add_argument("--out", default="analysis", help="output directory (default: ./analysis)")
     p.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
-    p.add_argument("--layer", type=int, help="per-type numbers and heatmaps for this layer index only "
-                   "(default: the mean over all adapted layers)")
+    p.add_argument(
+        "--layer",
+        type=int,
+        help="per-type numbers and heatmaps for this layer index only (default: the mean over all adapted layers)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random directions (Sec. 7.3)")
     p.set_defaults(func=_run)
 

@@ -73,9 +73,19 @@ def _optional_commands() -> list[Callable]:
         verify as verify_cli,
     )
 
-    return [measure_cli.add_parser, estimate_cli.add_estimate_parser, plan_cli.add_parser, merge_cli.add_parser,
-            slurm.add_slurm_parser, import_cli.add_parser, generate_cli.add_parsers, env_cli.add_parser,
-            analyze_cli.add_parser, verify_cli.add_parser, download_cli.add_parser]
+    return [
+        measure_cli.add_parser,
+        estimate_cli.add_estimate_parser,
+        plan_cli.add_parser,
+        merge_cli.add_parser,
+        slurm.add_slurm_parser,
+        import_cli.add_parser,
+        generate_cli.add_parsers,
+        env_cli.add_parser,
+        analyze_cli.add_parser,
+        verify_cli.add_parser,
+        download_cli.add_parser,
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,9 @@ from dtrain.errors import DtrainError
 
 def add_parser(subparsers) -> None:
     """Register `dtrain download`."""
-    p = subparsers.add_parser("download", help="fetch a Hub model (or --dataset) into the HF cache",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "download", help="fetch a Hub model (or --dataset) into the HF cache", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("repo_id", help="org/name (or org/name@revision)")
     p.add_argument("--revision", help="branch, tag or commit hash (default: main, or the @revision)")
     p.add_argument("--dataset", action="store_true", help="a dataset repository (all its files)")

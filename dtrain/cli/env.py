@@ -22,26 +22,59 @@ import sys
 from pathlib import Path
 
 # (distribution name, shown as) in the order printed
-PACKAGES = ("torch", "deepspeed", "transformers", "accelerate", "peft", "datasets", "bitsandbytes",
-            "gguf", "safetensors", "tokenizers", "huggingface-hub", "numpy", "pyyaml", "pytest")
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT", "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR")
-SLURM_VARS = re.compile(r"SLURM_(JOB_\w+|JOBID|PROCID|LOCALID|NODEID|NTASKS\w*|NNODES|NODELIST|"
-                        r"STEP_\w+|CPUS_\w+|GPUS\w*|ARRAY_\w+|RESTART_COUNT|SUBMIT_DIR)$")
+PACKAGES = (
+    "torch",
+    "deepspeed",
+    "transformers",
+    "accelerate",
+    "peft",
+    "datasets",
+    "bitsandbytes",
+    "gguf",
+    "safetensors",
+    "tokenizers",
+    "huggingface-hub",
+    "numpy",
+    "pyyaml",
+    "pytest",
+)
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CUDA_VISIBLE_DEVICES",
+    "DS_ACCELERATOR",
+)
+SLURM_VARS = re.compile(
+    r"SLURM_(JOB_\w+|JOBID|PROCID|LOCALID|NODEID|NTASKS\w*|NNODES|NODELIST|"
+    r"STEP_\w+|CPUS_\w+|GPUS\w*|ARRAY_\w+|RESTART_COUNT|SUBMIT_DIR)$"
+)
 REPO = Path(__file__).resolve().parents[2]
 NOT_INSTALLED = "not installed"
 
 
 def add_parser(subparsers) -> None:
     """Register `dtrain env`."""
-    p = subparsers.add_parser("env", help="versions, devices and launcher environment (for bugs)",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "env", help="versions, devices and launcher environment (for bugs)", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    p.add_argument("--lock", action="append", default=None, metavar="FILE",
-                   help="compare with this lock file (repeatable; default: the repository's "
-                        "CPU or CUDA lock, by device)")
-    p.add_argument("--lock-kind", choices=("cpu", "cuda"), default=None,
-                   help="which of the repository's locks to compare with (default: by device)")
+    p.add_argument(
+        "--lock",
+        action="append",
+        default=None,
+        metavar="FILE",
+        help="compare with this lock file (repeatable; default: the repository's CPU or CUDA lock, by device)",
+    )
+    p.add_argument(
+        "--lock-kind",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="which of the repository's locks to compare with (default: by device)",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when versions differ from the lock")
     p.set_defaults(func=run)
 
@@ -115,9 +148,11 @@ def compare(lock_files: list[Path]) -> dict:
 
 def devices() -> dict:
     """CUDA devices as torch sees them, else the CPU count; torch is imported here only."""
-    info: dict = {"cpu_count": os.cpu_count(),
-                  "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                  else os.cpu_count(), "cuda": []}
+    info: dict = {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cuda": [],
+    }
     if installed_version("torch") is None:
         info["torch"] = NOT_INSTALLED
         return info
@@ -128,9 +163,14 @@ def devices() -> dict:
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 p = torch.cuda.get_device_properties(i)
-                info["cuda"].append({"index": i, "name": p.name,
-                                     "memory_gib": round(p.total_memory / 2**30, 1),
-                                     "capability": f"{p.major}.{p.minor}"})
+                info["cuda"].append(
+                    {
+                        "index": i,
+                        "name": p.name,
+                        "memory_gib": round(p.total_memory / 2**30, 1),
+                        "capability": f"{p.major}.{p.minor}",
+                    }
+                )
     except Exception as e:  # a broken torch install is worth reporting, not a traceback
         info["torch_error"] = f"{type(e).__name__}: {e}"
     return info
@@ -155,8 +195,7 @@ def collect(args: argparse.Namespace) -> dict:
         files = default_locks(kind)
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        lock = {"kind": kind, "files": [str(f) for f in files],
-                "error": f"lock file not found: {', '.join(missing)}"}
+        lock = {"kind": kind, "files": [str(f) for f in files], "error": f"lock file not found: {', '.join(missing)}"}
     else:
         try:
             lock = {"kind": kind, **compare(files)}
@@ -174,18 +213,23 @@ def collect(args: argparse.Namespace) -> dict:
 
 
 def format_text(info: dict) -> str:
-    lines = [f"dtrain        {info['dtrain']}",
-             f"python        {info['python']['version']} ({info['python']['executable']})",
-             f"platform      {info['platform']}", "packages:"]
+    lines = [
+        f"dtrain        {info['dtrain']}",
+        f"python        {info['python']['version']} ({info['python']['executable']})",
+        f"platform      {info['platform']}",
+        "packages:",
+    ]
     lines += [f"  {name:15} {version}" for name, version in info["packages"].items()]
     dev = info["devices"]
     lines.append("devices:")
     for d in dev["cuda"]:
-        lines.append(f"  cuda:{d['index']}  {d['name']} ({d['memory_gib']} GiB, "
-                     f"compute {d['capability']})")
+        lines.append(f"  cuda:{d['index']}  {d['name']} ({d['memory_gib']} GiB, compute {d['capability']})")
     if not dev["cuda"]:
-        why = ("torch not installed" if dev.get("torch") == NOT_INSTALLED
-               else dev.get("torch_error") or f"torch CUDA {dev.get('torch_cuda') or 'none (CPU build)'}")
+        why = (
+            "torch not installed"
+            if dev.get("torch") == NOT_INSTALLED
+            else dev.get("torch_error") or f"torch CUDA {dev.get('torch_cuda') or 'none (CPU build)'}"
+        )
         lines.append(f"  no CUDA device ({why})")
     lines.append(f"  CPUs: {dev['cpu_count']} ({dev['cpus_usable']} usable by this process)")
     lines.append("launcher:" + ("" if info["launcher"] else " no RANK/WORLD_SIZE/SLURM_* set"))
@@ -197,10 +241,8 @@ def format_text(info: dict) -> str:
     elif not lock["differences"]:
         lines.append(f"  matches lock ({lock['packages']} packages)")
     else:
-        lines.append(f"  differs from the lock in {len(lock['differences'])} of "
-                     f"{lock['packages']} packages:")
-        lines += [f"  {d['package']:24} installed {d['installed']}, lock {d['lock']}"
-                  for d in lock["differences"]]
+        lines.append(f"  differs from the lock in {len(lock['differences'])} of {lock['packages']} packages:")
+        lines += [f"  {d['package']:24} installed {d['installed']}, lock {d['lock']}" for d in lock["differences"]]
     return "\n".join(lines)
 
 

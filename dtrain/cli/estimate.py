@@ -49,65 +49,104 @@ _LABELS = {
 def add_estimate_parser(subparsers: Any) -> None:
     """Register ``estimate`` on an argparse sub-parsers object; sets ``func=run_estimate``."""
     p = subparsers.add_parser(
-        "estimate", help="per-GPU memory for full fine-tuning vs LoRA, without loading the model",
+        "estimate",
+        help="per-GPU memory for full fine-tuning vs LoRA, without loading the model",
         description="Per-GPU memory by category (frozen weights, trainable parameters, "
-                    "gradients, optimizer state, gathered unit, activations, loss logits) for full "
-                    "fine-tuning and for LoRA. Sizes in GiB (2^30 B); --json gives bytes. Given a "
-                    "YAML config, the whole plan is read from it (flags override) and the values "
-                    "it does not set are listed as assumed.")
+        "gradients, optimizer state, gathered unit, activations, loss logits) for full "
+        "fine-tuning and for LoRA. Sizes in GiB (2^30 B); --json gives bytes. Given a "
+        "YAML config, the whole plan is read from it (flags override) and the values "
+        "it does not set are listed as assumed.",
+    )
     p.add_argument("config", nargs="?", help="a dtrain YAML config (the plan and the model)")
     add_plan_flags(p)
-    p.add_argument("--objective", choices=("sft", "dpo"), default="sft",
-                   help="dpo: --batch counts preference pairs (2 rows each); full DPO adds its reference copy")
+    p.add_argument(
+        "--objective",
+        choices=("sft", "dpo"),
+        default="sft",
+        help="dpo: --batch counts preference pairs (2 rows each); full DPO adds its reference copy",
+    )
     p.add_argument("--json", action="store_true", help="print JSON (bytes) instead of a table")
-    p.add_argument("--paper", action="store_true",
-                   help="print the GPT-3 175B comparison with the LoRA paper and exit")
+    p.add_argument("--paper", action="store_true", help="print the GPT-3 175B comparison with the LoRA paper and exit")
     p.set_defaults(func=run_estimate)
 
 
 def add_plan_flags(p: argparse.ArgumentParser, model_required: bool = False) -> None:
     """The plan's flags (shared with `dtrain plan`); every default is None so that a flag given
     can be told from one left to the config (or to the Plan's defaults)."""
-    p.add_argument("--model", help=f"preset ({', '.join(PRESETS)}), a name under configs/models "
-                                   "(Llama-3.1-70B), a model directory with config.json, a "
-                                   "config.json, or a dtrain YAML config")
+    p.add_argument(
+        "--model",
+        help=f"preset ({', '.join(PRESETS)}), a name under configs/models "
+        "(Llama-3.1-70B), a model directory with config.json, a "
+        "config.json, or a dtrain YAML config",
+    )
     p.add_argument("--gpus", help="GPUs per node")
     p.add_argument("--nodes", help="nodes (default 1); N = gpus * nodes")
     p.add_argument("--backend", choices=BACKENDS, help="default fsdp")
     p.add_argument("--bits", help="LoRA frozen weights: 16 (param dtype), 8, 4")
     p.add_argument("--rank", help="LoRA rank r (default 8)")
-    p.add_argument("--targets", help="comma-separated module-name suffixes, all-linear, or a "
-                                     "preset: attention-qv, attention, mlp (default q_proj,v_proj)")
+    p.add_argument(
+        "--targets",
+        help="comma-separated module-name suffixes, all-linear, or a "
+        "preset: attention-qv, attention, mlp (default q_proj,v_proj)",
+    )
     p.add_argument("--batch", help="micro-batch per GPU (default 1)")
     p.add_argument("--seq-len", help="tokens per sequence (default 2048)")
-    p.add_argument("--grad-checkpointing", nargs="?", const="true", choices=("true", "false", "attention"),
-                   help="recompute activations: whole blocks (no value, or true) or attention only")
-    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES),
-                   help="parameter / compute dtype (default bf16; mixed precision unless fp32)")
-    p.add_argument("--fp32-grads", action="store_true", default=None,
-                   help="keep gradients in fp32 (DeepSpeed grad_accum_dtype fp32)")
+    p.add_argument(
+        "--grad-checkpointing",
+        nargs="?",
+        const="true",
+        choices=("true", "false", "attention"),
+        help="recompute activations: whole blocks (no value, or true) or attention only",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPE_BYTES),
+        help="parameter / compute dtype (default bf16; mixed precision unless fp32)",
+    )
+    p.add_argument(
+        "--fp32-grads",
+        action="store_true",
+        default=None,
+        help="keep gradients in fp32 (DeepSpeed grad_accum_dtype fp32)",
+    )
     p.add_argument("--attention", choices=ATTENTION, help="sdpa/flash (no s^2 scores saved, default) or eager")
-    p.add_argument("--chunked-loss", choices=("auto", "true", "false"),
-                   help="loss in chunks from the hidden states (default auto: on for LoRA)")
-    p.add_argument("--loss-chunk", help="tokens per loss chunk (default: training.loss_chunk_tokens's; "
-                                        "0: sized from the vocabulary)")
+    p.add_argument(
+        "--chunked-loss",
+        choices=("auto", "true", "false"),
+        help="loss in chunks from the hidden states (default auto: on for LoRA)",
+    )
+    p.add_argument(
+        "--loss-chunk",
+        help="tokens per loss chunk (default: training.loss_chunk_tokens's; 0: sized from the vocabulary)",
+    )
 
 
-_INT_FLAGS = {"gpus": "--gpus", "nodes": "--nodes", "bits": "--bits", "rank": "--rank",
-              "batch": "--batch", "seq_len": "--seq-len"}
+_INT_FLAGS = {
+    "gpus": "--gpus",
+    "nodes": "--nodes",
+    "bits": "--bits",
+    "rank": "--rank",
+    "batch": "--batch",
+    "seq_len": "--seq-len",
+}
 _WORDS = {"true": True, "false": False}
 
 
 def plan_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Plan fields set by flags (numbers parsed here, so bad ones are one-line errors)."""
-    out: dict[str, Any] = {f: _positive_int(flag, getattr(args, f)) for f, flag in _INT_FLAGS.items()
-                           if getattr(args, f, None) is not None}
+    out: dict[str, Any] = {
+        f: _positive_int(flag, getattr(args, f)) for f, flag in _INT_FLAGS.items() if getattr(args, f, None) is not None
+    }
     if args.loss_chunk is not None:
         out["loss_chunk"] = _positive_int("--loss-chunk", args.loss_chunk, minimum=0)
     if args.targets is not None:
         out["targets"] = parse_targets(args.targets)
-    for flag, name in (("backend", "backend"), ("dtype", "param_dtype"), ("attention", "attention"),
-                       ("fp32_grads", "fp32_grads")):
+    for flag, name in (
+        ("backend", "backend"),
+        ("dtype", "param_dtype"),
+        ("attention", "attention"),
+        ("fp32_grads", "fp32_grads"),
+    ):
         if getattr(args, flag) is not None:
             out[name] = getattr(args, flag)
     for flag, name in (("grad_checkpointing", "grad_checkpointing"), ("chunked_loss", "chunked_loss")):
@@ -132,8 +171,10 @@ def run_estimate(args: argparse.Namespace) -> int:
         return 0
     config = args.config or (args.model if args.model and Path(args.model).suffix in (".yaml", ".yml") else None)
     if config is None and not args.model:
-        raise ConfigError("estimate: --model is required (a preset, model directory or config.json) "
-                         "unless a YAML config is given; or use --paper")
+        raise ConfigError(
+            "estimate: --model is required (a preset, model directory or config.json) "
+            "unless a YAML config is given; or use --paper"
+        )
     assumed: list[str] = []
     if config is not None:
         from dtrain.memory.plan_config import read_plan
@@ -196,8 +237,14 @@ def format_table(est: Estimate) -> str:
     lines = [
         f"{s.name}: {s.total_params:,} parameters ({source}), {s.num_layers} layers, "
         f"hidden {s.hidden_size}, vocab {s.vocab_size}",
-        *([f"mixture of experts: {s.expert_params:,} parameters in expert weights, {s.active_params:,} "
-           f"active per token"] if s.expert_params else []),
+        *(
+            [
+                f"mixture of experts: {s.expert_params:,} parameters in expert weights, {s.active_params:,} "
+                f"active per token"
+            ]
+            if s.expert_params
+            else []
+        ),
         f"plan: {p.world_size} GPUs ({p.nodes} node(s) x {p.gpus}), {p.backend}, "
         f"{p.param_dtype}{' + fp32 grads' if p.fp32_grads else ''}, micro-batch {p.batch} x "
         f"{p.seq_len} tokens, grad checkpointing {_ckpt(p)}, attention {p.attention}, "
@@ -213,10 +260,14 @@ def format_table(est: Estimate) -> str:
         shown = f"{ratio:.1f}x" if ratio else "-"
         lines.append(f"{_LABELS[key]:<28}{full / GIB:>12.2f}{lora / GIB:>12.2f}{shown:>11}")
     n = p.world_size
-    lines.append(f"{f'cluster total (x {n})':<28}{est.cluster('full').total / GIB:>12.2f}"
-                 f"{est.cluster('lora').total / GIB:>12.2f}{est.ratio:>10.1f}x")
+    lines.append(
+        f"{f'cluster total (x {n})':<28}{est.cluster('full').total / GIB:>12.2f}"
+        f"{est.cluster('lora').total / GIB:>12.2f}{est.ratio:>10.1f}x"
+    )
     return "\n".join(lines)
 
 
-DPO_NOTE = ("objective dpo: {0} pair(s) per GPU = the micro-batch of rows above; LoRA's reference is the base "
-            "with the adapter off (0 B more), full DPO's frozen weights are its reference copy of the model")
+DPO_NOTE = (
+    "objective dpo: {0} pair(s) per GPU = the micro-batch of rows above; LoRA's reference is the base "
+    "with the adapter off (0 B more), full DPO's frozen weights are its reference copy of the model"
+)

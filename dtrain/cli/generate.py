@@ -18,16 +18,24 @@ from dtrain.errors import DtrainError
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="base or merged model: HF directory or built-in name")
-    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
-                   help="LoRA adapter to load (dtrain's or PEFT's); repeat for several")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="LoRA adapter to load (dtrain's or PEFT's); repeat for several",
+    )
     p.add_argument("--use", help="name of the adapter to activate (default: the first loaded)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--system", help="system prompt (default: the template's own)")
-    p.add_argument("--chat-template", metavar="TEMPLATE", help="Jinja chat template or .jinja file (default: the "
-                   "one the adapter was trained with, else the model's)")
+    p.add_argument(
+        "--chat-template",
+        metavar="TEMPLATE",
+        help="Jinja chat template or .jinja file (default: the one the adapter was trained with, else the model's)",
+    )
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
 
@@ -46,8 +54,11 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=_chat)
     p = subparsers.add_parser("eval", help="exact-match accuracy of a model (+ adapters) on held-out prompts")
     _common(p)
-    p.add_argument("--data", required=True, help="jsonl: 'messages' ending with the expected assistant "
-                                                 "turn, or 'prompt' + 'response'")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="jsonl: 'messages' ending with the expected assistant turn, or 'prompt' + 'response'",
+    )
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--out", help="jsonl written with prompt, expected, got, correct per record")
     p.add_argument("--batch-size", type=int, default=8)
@@ -61,7 +72,11 @@ def _check(args: argparse.Namespace) -> None:
         raise DtrainError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.chat_template is not None and args.no_chat_template:
         raise DtrainError("--chat-template and --no-chat-template: give one of them")
-    if args.chat_template is not None and args.chat_template.endswith(".jinja") and not Path(args.chat_template).is_file():
+    if (
+        args.chat_template is not None
+        and args.chat_template.endswith(".jinja")
+        and not Path(args.chat_template).is_file()
+    ):
         raise DtrainError(f"--chat-template '{args.chat_template}': file not found")
 
 
@@ -126,7 +141,9 @@ def read_prompts(path: Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DtrainError(f"--input '{path}': line {i}: not JSON ({e.msg})") from None
-        if not isinstance(rec, dict) or not (isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)):
+        if not isinstance(rec, dict) or not (
+            isinstance(rec.get("prompt"), str) or isinstance(rec.get("messages"), list)
+        ):
             raise DtrainError(f"--input '{path}': line {i}: needs a 'prompt' string or a 'messages' list")
         records.append(rec)
     if not records:

@@ -16,8 +16,11 @@ from dtrain.errors import DtrainError
 
 def add_parser(subparsers) -> None:
     """Register `dtrain import`."""
-    p = subparsers.add_parser("import", help="a GGUF file or a built-in model -> HF safetensors directory",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "import",
+        help="a GGUF file or a built-in model -> HF safetensors directory",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("source", nargs="?", help="a .gguf file, or a built-in model name (see --list)")
     p.add_argument("--out", help="output directory (default for a built-in model: the cache)")
     p.add_argument("--list", action="store_true", help="list the built-in models and where they are cached")

@@ -28,19 +28,21 @@ DEFAULT_STEPS = 3
 def add_parser(subparsers: Any) -> None:
     """Register `memory` on an argparse sub-parsers object; sets ``func=run``."""
     p = subparsers.add_parser(
-        "memory", help="measure memory by category: full fine-tuning vs LoRA, beside the estimate",
+        "memory",
+        help="measure memory by category: full fine-tuning vs LoRA, beside the estimate",
         description="Runs the config for a few steps as full fine-tuning and as LoRA (optionally "
-                    "with an 8-bit base) on the configured backend and world size, measures each "
-                    "rank's memory by category from the real tensors, and writes "
-                    "memory_report.md/.json/.png. Launch it like `dtrain train`.")
+        "with an 8-bit base) on the configured backend and world size, measures each "
+        "rank's memory by category from the real tensors, and writes "
+        "memory_report.md/.json/.png. Launch it like `dtrain train`.",
+    )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, typed by the schema")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                   help=f"optimizer steps per mode, >= 2 (default {DEFAULT_STEPS})")
+    p.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"optimizer steps per mode, >= 2 (default {DEFAULT_STEPS})"
+    )
     p.add_argument("--out", default=None, help="report directory (default: output.dir/memory)")
     p.add_argument("--overwrite", action="store_true", help="replace report files already in --out")
-    p.add_argument("--with-8bit", action="store_true",
-                   help="also measure LoRA on an int8 base")
+    p.add_argument("--with-8bit", action="store_true", help="also measure LoRA on an int8 base")
     p.set_defaults(func=run)
 
 
@@ -52,16 +54,21 @@ def mode_configs(cfg: Config, out: Path, steps: int, with_8bit: bool) -> dict[st
     """
     lora_bits = cfg.quantization.bits
     lora_name = "lora" if lora_bits == 16 else f"lora_{lora_bits}bit"
-    wanted = {"full": ("full", 16, "full FT"),
-              lora_name: ("lora", lora_bits, "LoRA" if lora_bits == 16 else f"LoRA {lora_bits}-bit")}
+    wanted = {
+        "full": ("full", 16, "full FT"),
+        lora_name: ("lora", lora_bits, "LoRA" if lora_bits == 16 else f"LoRA {lora_bits}-bit"),
+    }
     if with_8bit and lora_bits != 8:
         wanted["lora_8bit"] = ("lora", 8, "LoRA 8-bit")
     if cfg.objective == "dpo":  # the same modes of a preference step (dpo_reference_copy adds full DPO's copy)
-        wanted = {k: (m, b, label.replace("full FT", "full DPO").replace("LoRA", "LoRA DPO"))
-                  for k, (m, b, label) in wanted.items()}
-    return {name: (_derive(cfg, mode, bits, out / "runs" / name, steps),
-                   {"label": label, "mode": mode, "bits": bits})
-            for name, (mode, bits, label) in wanted.items()}
+        wanted = {
+            k: (m, b, label.replace("full FT", "full DPO").replace("LoRA", "LoRA DPO"))
+            for k, (m, b, label) in wanted.items()
+        }
+    return {
+        name: (_derive(cfg, mode, bits, out / "runs" / name, steps), {"label": label, "mode": mode, "bits": bits})
+        for name, (mode, bits, label) in wanted.items()
+    }
 
 
 def _derive(cfg: Config, mode: str, bits: int, run_dir: Path, steps: int) -> Config:
@@ -82,8 +89,10 @@ def check_report_dir(out: Path, overwrite: bool) -> None:
     check_target(out, "--out", overwrite=True, kind="dir")
     found = [name for name in REPORT_FILES if (out / name).exists()]
     if found and not overwrite:
-        raise ConfigError(f"--out '{out}': holds an earlier report ({', '.join(found)}); pass --overwrite "
-                          "to replace it, or another --out")
+        raise ConfigError(
+            f"--out '{out}': holds an earlier report ({', '.join(found)}); pass --overwrite "
+            "to replace it, or another --out"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,11 +118,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-DPO_NOTE = ("objective dpo: micro-batch = pairs (2 rows each), each step also runs the reference forward "
-            "under no_grad. LoRA DPO's reference is the base with the adapter off: nothing more is held. Full "
-            "DPO needs a frozen reference copy of the model; it is not built here (the reference forward ran "
-            "through the policy itself) and its frozen weights are counted as one more copy of the policy's "
-            "parameters on each rank, sharded alike")
+DPO_NOTE = (
+    "objective dpo: micro-batch = pairs (2 rows each), each step also runs the reference forward "
+    "under no_grad. LoRA DPO's reference is the base with the adapter off: nothing more is held. Full "
+    "DPO needs a frozen reference copy of the model; it is not built here (the reference forward ran "
+    "through the policy itself) and its frozen weights are counted as one more copy of the policy's "
+    "parameters on each rank, sharded alike"
+)
 
 
 def dpo_reference_copy(measured) -> None:

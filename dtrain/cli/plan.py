@@ -26,10 +26,12 @@ def add_parser(subparsers: Any) -> None:
     from dtrain.cli.estimate import add_plan_flags
 
     p = subparsers.add_parser(
-        "plan", help="the LoRA configurations that fit a model on a cluster, fastest first",
+        "plan",
+        help="the LoRA configurations that fit a model on a cluster, fastest first",
         description="Searches backend, frozen-weight bits, micro-batch, gradient checkpointing "
-                    "and the chunked loss with the memory estimator; lists those that fit "
-                    f"({planner.HEADROOM:.0%} of --gpu-memory) by estimated tokens/s per GPU.")
+        "and the chunked loss with the memory estimator; lists those that fit "
+        f"({planner.HEADROOM:.0%} of --gpu-memory) by estimated tokens/s per GPU.",
+    )
     p.add_argument("config", nargs="?", help="a dtrain YAML config: rank, targets, seq_len, dtype, model")
     add_plan_flags(p)
     p.add_argument("--gpu-memory", required=True, help="memory of one GPU, e.g. 80GB or 24GB (GiB)")
@@ -60,8 +62,9 @@ def base_plan(args: argparse.Namespace) -> tuple[Plan, str, dict, dict]:
         name, cfg = resolve_model(args.model or args.config)
         return read.plan, name, cfg, read.raw
     if not args.model:
-        raise ConfigError("plan: --model is required (a preset, model name, directory or config.json) "
-                          "unless a YAML config is given")
+        raise ConfigError(
+            "plan: --model is required (a preset, model name, directory or config.json) unless a YAML config is given"
+        )
     name, cfg = resolve_model(args.model)
     return Plan(**overrides), name, cfg, {}
 
@@ -77,9 +80,11 @@ def run(args: argparse.Namespace) -> int:
     where = f"{name} on {base.world_size} x {memory / GIB:g} GiB GPUs ({base.nodes} node(s) x {base.gpus})"
     if not options:
         raise ConfigError(f"plan: nothing fits {where}: {planner.way_out(spec, base, memory)}")
-    print(f"{where}, LoRA r={base.rank} on {','.join(base.targets)}, {base.seq_len} tokens, "
-          f"{base.param_dtype}: {len(options)} configurations fit (<= {planner.HEADROOM:.0%} of memory)")
-    print(table(options[:max(1, args.top)]))
+    print(
+        f"{where}, LoRA r={base.rank} on {','.join(base.targets)}, {base.seq_len} tokens, "
+        f"{base.param_dtype}: {len(options)} configurations fit (<= {planner.HEADROOM:.0%} of memory)"
+    )
+    print(table(options[: max(1, args.top)]))
     if args.write:
         path, line = write(options[0].plan, args, raw)
         print(f"\nwrote {path}\nlaunch: {line}")
@@ -87,15 +92,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def table(options: list[planner.Option]) -> str:
-    head = (f"{'#':>3} {'backend':<10}{'bits':>5}{'batch':>6} {'checkpointing':<14}{'loss':<8}"
-            f"{'GiB/GPU':>9}{'headroom':>10}{'tokens/s/GPU':>14}")
+    head = (
+        f"{'#':>3} {'backend':<10}{'bits':>5}{'batch':>6} {'checkpointing':<14}{'loss':<8}"
+        f"{'GiB/GPU':>9}{'headroom':>10}{'tokens/s/GPU':>14}"
+    )
     lines = [head]
     for i, o in enumerate(options, 1):
         p = o.plan
         ckpt = {False: "off", True: "blocks", "attention": "attention"}[p.grad_checkpointing]
-        lines.append(f"{i:>3} {p.backend:<10}{p.bits:>5}{p.batch:>6} {ckpt:<14}"
-                     f"{'chunked' if p.chunked_loss is True else 'logits':<8}{o.total / GIB:>9.2f}"
-                     f"{o.headroom / GIB:>9.2f}G{o.tokens_per_s:>14,.0f}")
+        lines.append(
+            f"{i:>3} {p.backend:<10}{p.bits:>5}{p.batch:>6} {ckpt:<14}"
+            f"{'chunked' if p.chunked_loss is True else 'logits':<8}{o.total / GIB:>9.2f}"
+            f"{o.headroom / GIB:>9.2f}G{o.tokens_per_s:>14,.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -107,8 +116,10 @@ def launch_line(plan: Plan, config: str) -> str:
         if plan.nodes > 1:
             cmd = f"deepspeed --hostfile hostfile --num_nodes {plan.nodes} --num_gpus {plan.gpus} --module dtrain train {config}"
     elif plan.nodes > 1:
-        cmd = (f"torchrun --nnodes {plan.nodes} --node_rank <0..{plan.nodes - 1}> --master_addr <node0> "
-               f"--master_port 29500 --nproc_per_node {plan.gpus} -m dtrain train {config}")
+        cmd = (
+            f"torchrun --nnodes {plan.nodes} --node_rank <0..{plan.nodes - 1}> --master_addr <node0> "
+            f"--master_port 29500 --nproc_per_node {plan.gpus} -m dtrain train {config}"
+        )
     else:
         cmd = f"torchrun --nproc_per_node {plan.gpus} -m dtrain train {config}"
     if plan.nodes > 1:
@@ -134,11 +145,17 @@ def write(plan: Plan, args: argparse.Namespace, raw: dict) -> tuple[Path, str]:
     if path.exists():
         raise ConfigError(f"plan: --write {out}: {path} exists; choose another directory")
     model = dict(raw.get("model") or {})
-    source = {"path": model["path"]} if "path" in model else {"arch": model["arch"]} if "arch" in model \
+    source = (
+        {"path": model["path"]}
+        if "path" in model
+        else {"arch": model["arch"]}
+        if "arch" in model
         else {"path": _model_path(str(args.model))}
+    )
     data = config_dict(plan, source, raw)
     line = launch_line(plan, str(path))
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# {line}\n# written by dtrain plan: {planner.describe(plan)}\n"
-                    + yaml.safe_dump(data, sort_keys=False))
+    path.write_text(
+        f"# {line}\n# written by dtrain plan: {planner.describe(plan)}\n" + yaml.safe_dump(data, sort_keys=False)
+    )
     return path, line

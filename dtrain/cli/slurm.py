@@ -146,8 +146,16 @@ def render_sbatch(
     extra: more sbatch options, e.g. ["--account=proj", "--qos=high"] (each becomes an #SBATCH line).
     """
     tasks = _check_numbers(nodes, gpus_per_node, cpus_per_task, signal_seconds, tasks_per_node)
-    _check_text(partition=partition, time=time, job_name=job_name, output=output, workdir=workdir,
-                config=config_path, overrides=overrides, extra=extra)
+    _check_text(
+        partition=partition,
+        time=time,
+        job_name=job_name,
+        output=output,
+        workdir=workdir,
+        config=config_path,
+        overrides=overrides,
+        extra=extra,
+    )
     ov = list(overrides)
     if not any(o.split("=", 1)[0] == "training.resume" for o in ov):
         ov.append("training.resume=auto")
@@ -172,8 +180,9 @@ def render_sbatch(
     )
 
 
-def _check_numbers(nodes: int, gpus_per_node: int, cpus_per_task: int, signal_seconds: int,
-                   tasks_per_node: int | None) -> int:
+def _check_numbers(
+    nodes: int, gpus_per_node: int, cpus_per_task: int, signal_seconds: int, tasks_per_node: int | None
+) -> int:
     """The numeric options in range; returns the training processes per node."""
     if nodes < 1:
         raise DtrainError(f"--nodes must be >= 1, got {nodes}")
@@ -198,24 +207,33 @@ _PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")  # one partition,
 _UNSAFE = re.compile(r"[\x00-\x20\x7f\"'\\]")  # in an #SBATCH line: controls, whitespace, quotes
 
 
-def _check_text(partition: str | None, time: str | None, job_name: str, output: str, workdir,
-                config, overrides: Sequence[str], extra: Sequence[str]) -> None:
+def _check_text(
+    partition: str | None,
+    time: str | None,
+    job_name: str,
+    output: str,
+    workdir,
+    config,
+    overrides: Sequence[str],
+    extra: Sequence[str],
+) -> None:
     """Values pasted into the script: refused when they could break or change it (one line)."""
     if time is not None and not _TIME.fullmatch(time):
-        raise DtrainError(f"--time {time!r}: not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
-                          "D-HH:MM:SS)")
+        raise DtrainError(f"--time {time!r}: not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)")
     if not _NAME.fullmatch(job_name):
         raise DtrainError(f"--job-name {job_name!r}: use letters, digits and _ . + @ % - only")
     if partition is not None and not _PARTITION.fullmatch(partition):
         raise DtrainError(f"--partition {partition!r}: use letters, digits, _ . - (a comma-separated list)")
     for flag, value in (("--log", output), ("working directory", workdir)):
         if value is not None and _UNSAFE.search(str(value)):
-            raise DtrainError(f"{flag} {str(value)!r}: no whitespace, quotes, backslashes or control "
-                              "characters in an #SBATCH line")
+            raise DtrainError(
+                f"{flag} {str(value)!r}: no whitespace, quotes, backslashes or control characters in an #SBATCH line"
+            )
     for e in extra:
         if not e.strip().startswith("-") or _UNSAFE.search(e.strip()):
-            raise DtrainError(f"--extra {e!r}: must look like --name=value (no whitespace, quotes or "
-                              "control characters)")
+            raise DtrainError(
+                f"--extra {e!r}: must look like --name=value (no whitespace, quotes or control characters)"
+            )
     for value in (str(config), *overrides):
         if re.search(r"[\x00-\x1f\x7f]", value):
             raise DtrainError(f"{value!r}: control characters (newlines) are not allowed in the script's command")
@@ -234,17 +252,30 @@ def add_slurm_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides passed to `dtrain train`")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU-only nodes")
-    p.add_argument("--tasks-per-node", type=int, default=None,
-                   help="training processes per node (default: gpus-per-node, or 1 on CPU)")
+    p.add_argument(
+        "--tasks-per-node",
+        type=int,
+        default=None,
+        help="training processes per node (default: gpus-per-node, or 1 on CPU)",
+    )
     p.add_argument("--cpus-per-task", type=int, default=4)
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default=None, help="time limit, e.g. 04:00:00")
-    p.add_argument("--signal-seconds", type=int, default=300,
-                   help="SIGUSR1 this many seconds before the time limit (checkpoint + requeue)")
+    p.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=300,
+        help="SIGUSR1 this many seconds before the time limit (checkpoint + requeue)",
+    )
     p.add_argument("--job-name", default="dtrain")
     p.add_argument("--log", default=None, help="SLURM output file (default: <out dir>/%%x-%%j.out)")
-    p.add_argument("--extra", action="append", default=[], metavar="OPT",
-                   help="extra sbatch option, e.g. --extra=--account=proj (repeatable)")
+    p.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="OPT",
+        help="extra sbatch option, e.g. --extra=--account=proj (repeatable)",
+    )
     p.add_argument("--out", default=None, help="script path (default: dtrain-<job name>.sbatch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out script")
     p.set_defaults(func=run_slurm)
@@ -269,9 +300,18 @@ def run_slurm(args: argparse.Namespace) -> int:
     out = out.resolve()
     log = args.log or str(out.parent / "%x-%j.out")
     text = render_sbatch(
-        config.resolve(), nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
-        partition=args.partition, time=args.time, output=log, signal_seconds=args.signal_seconds,
-        overrides=overrides, extra=args.extra, tasks_per_node=args.tasks_per_node, job_name=args.job_name,
+        config.resolve(),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        time=args.time,
+        output=log,
+        signal_seconds=args.signal_seconds,
+        overrides=overrides,
+        extra=args.extra,
+        tasks_per_node=args.tasks_per_node,
+        job_name=args.job_name,
         workdir=Path.cwd(),
     ).replace("sbatch <this file>", f"sbatch {shlex.quote(str(out))}", 1)
     try:

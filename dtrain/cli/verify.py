@@ -12,11 +12,12 @@ from dtrain.storage import files
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("verify", help="check sharded training of a config against one process "
-                                      "(run before a long job)")
+    p = sub.add_parser("verify", help="check sharded training of a config against one process (run before a long job)")
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, typed by the schema")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps compared (at least 2: A's first gradient is 0)")
+    p.add_argument(
+        "--steps", type=int, default=3, help="optimizer steps compared (at least 2: A's first gradient is 0)"
+    )
     p.add_argument("--out", help="working directory (default: <output.dir>-verify; replaced)")
     p.set_defaults(func=_verify)
 
@@ -40,8 +41,13 @@ def _verify(args: argparse.Namespace) -> int:
     finally:
         run.cleanup()
     if run.env.is_main:
-        print(table(checks, f"{args.config}, backend {cfg.backend.name}, {run.env.world_size} rank(s), "
-                            f"{args.steps} steps, {cfg.model.dtype}, {cfg.quantization.bits}-bit base"))
+        print(
+            table(
+                checks,
+                f"{args.config}, backend {cfg.backend.name}, {run.env.world_size} rank(s), "
+                f"{args.steps} steps, {cfg.model.dtype}, {cfg.quantization.bits}-bit base",
+            )
+        )
         files.write_text_atomic(out / "verify.json", json.dumps([c.__dict__ for c in checks], indent=1))
     return 0 if all(c.ok for c in checks) else 1
 
@@ -67,8 +73,10 @@ def _checks(run, cfg, steps: int, out: Path) -> list:
 
     def on_rank0() -> list:
         solo, ref = verify.reference(cfg, run.env, run.train_data, run.plan, run.total_steps, steps)
-        out_ = [verify.compare_losses(losses, ref, tol, b.world_size),
-                verify.compare_adapters(after, adapter.gather_adapter(solo, name), tol, bound)]
+        out_ = [
+            verify.compare_losses(losses, ref, tol, b.world_size),
+            verify.compare_adapters(after, adapter.gather_adapter(solo, name), tol, bound),
+        ]
         out_ += [*moved, optim, *verify.reload_checks(solo, cfg, adapter_dir, sharded, batch, tol)]
         q = verify.quantization_error(solo, cfg)
         return out_ + ([q] if q is not None else [])
@@ -82,6 +90,7 @@ def table(checks: list, title: str) -> str:
     lines = [f"dtrain verify: {title}", f"{'check':<{width}}  result  numbers"]
     lines += [f"{c.name:<{width}}  {'pass' if c.ok else 'FAIL':<6}  {c.detail}" for c in checks]
     failed = sum(not c.ok for c in checks)
-    lines.append(f"verify: all {len(checks)} checks passed" if not failed else
-                 f"verify: FAILED {failed} of {len(checks)} checks")
+    lines.append(
+        f"verify: all {len(checks)} checks passed" if not failed else f"verify: FAILED {failed} of {len(checks)} checks"
+    )
     return "\n".join(lines)

@@ -9,10 +9,26 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_PUBLIC = {name: "dtrain.config.schema" for name in (
-    "Config", "ModelConfig", "LoraConfig", "DataConfig", "TrainingConfig", "DpoConfig", "BackendConfig",
-    "QuantizationConfig", "OutputConfig", "LoggingConfig", "load", "from_dict", "to_dict", "save",
-    "describe_schema")}
+_PUBLIC = {
+    name: "dtrain.config.schema"
+    for name in (
+        "Config",
+        "ModelConfig",
+        "LoraConfig",
+        "DataConfig",
+        "TrainingConfig",
+        "DpoConfig",
+        "BackendConfig",
+        "QuantizationConfig",
+        "OutputConfig",
+        "LoggingConfig",
+        "load",
+        "from_dict",
+        "to_dict",
+        "save",
+        "describe_schema",
+    )
+}
 _PUBLIC["ConfigError"] = "dtrain.errors"
 
 

@@ -58,5 +58,7 @@ def gguf_hint(path: str | Path, what: str) -> str | None:
     p = Path(path)
     if p.suffix.lower() != ".gguf" or not p.is_file():
         return None
-    return (f"{what} = '{p}' is a GGUF file; dtrain needs a model directory: run `dtrain import {p} --out DIR` "
-            "once and use DIR")
+    return (
+        f"{what} = '{p}' is a GGUF file; dtrain needs a model directory: run `dtrain import {p} --out DIR` "
+        "once and use DIR"
+    )

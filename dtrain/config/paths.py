@@ -27,7 +27,7 @@ def resolve(value: str | None, config_dir: Path | None = None) -> str | None:
     if not value or os.path.isabs(value) or _exists(value):
         return value
     if value.replace(os.sep, "/").startswith(ASSETS_PREFIX):
-        shipped = str(ASSETS / value[len(ASSETS_PREFIX):])
+        shipped = str(ASSETS / value[len(ASSETS_PREFIX) :])
         if _exists(shipped):
             return shipped
     if config_dir is not None:

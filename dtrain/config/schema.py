@@ -29,18 +29,25 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    path: str | None = _f(None, "local directory of a Hugging Face causal LM (safetensors), a Hub ID "
-                                "org/name[@revision] (HF cache), or a built-in model's name (smollm2-135m-instruct)")
+    path: str | None = _f(
+        None,
+        "local directory of a Hugging Face causal LM (safetensors), a Hub ID "
+        "org/name[@revision] (HF cache), or a built-in model's name (smollm2-135m-instruct)",
+    )
     arch: dict | None = _f(None, "inline HF config (model_type, sizes) for a random-weight model")
     dtype: Literal["fp32", "bf16"] = _f("fp32", "dtype of the frozen base weights and compute")
     gradient_checkpointing: bool | Literal["attention"] = _f(
-        False, "recompute activations in backward to save memory: true (whole decoder blocks) or "
-               "attention (only each block's attention)")
+        False,
+        "recompute activations in backward to save memory: true (whole decoder blocks) or "
+        "attention (only each block's attention)",
+    )
     gradient_checkpointing_every: int = _f(1, "checkpoint every N-th decoder block (blocks 0, N, 2N, ...)", min=1)
     compile_blocks: bool = _f(False, "torch.compile each decoder block (needs a C++ compiler on CPU)")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = _f(
-        "sdpa", "attention kernel; flash_attention_2/3 (packed rows as varlen sequences) and flex_attention "
-                "need CUDA and their package")
+        "sdpa",
+        "attention kernel; flash_attention_2/3 (packed rows as varlen sequences) and flex_attention "
+        "need CUDA and their package",
+    )
     trust_remote_code: bool = _f(False, "allow custom model code from the model directory")
 
 
@@ -49,28 +56,39 @@ class LoraConfig:
     r: int = _f(8, "rank of the update B A", min=1)
     alpha: float = _f(16.0, "scaling numerator: the update is (alpha / r) B A", gt=0)
     dropout: float = _f(0.0, "dropout on the LoRA input path, in [0, 1)", lo=0.0, hi_open=1.0)
-    targets: list[str] | str = _f(["q_proj", "v_proj"], "suffixes; presets: attention-qv, attention, mlp, all-linear, "
-                                                           "experts, all (all-linear + experts)")
+    targets: list[str] | str = _f(
+        ["q_proj", "v_proj"],
+        "suffixes; presets: attention-qv, attention, mlp, all-linear, experts, all (all-linear + experts)",
+    )
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
-    target_parameters: list[str] | None = _f(None, "fused 3-D expert weights by name suffix, as PEFT's "
-                                                   "(e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]); "
-                                                   "added to the targets ([] for experts only)")
+    target_parameters: list[str] | None = _f(
+        None,
+        "fused 3-D expert weights by name suffix, as PEFT's "
+        "(e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]); "
+        "added to the targets ([] for experts only)",
+    )
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")
     use_rslora: bool = _f(False, "rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r")
     use_dora: bool = _f(False, "DoRA: learn a magnitude per output row (docs/lora_variants.md)")
-    loraplus_lr_ratio: float | None = _f(None, "LoRA+: B (and DoRA's magnitude) train at lr x this ratio; "
-                                               "null: one lr for all", gt=0)
+    loraplus_lr_ratio: float | None = _f(
+        None, "LoRA+: B (and DoRA's magnitude) train at lr x this ratio; null: one lr for all", gt=0
+    )
     init_from: str | None = _f(None, "start from this adapter directory (dtrain's or PEFT's; same r and targets)")
 
 
 @dataclass
 class DataConfig:
-    path: str = _f("dtrain/assets/tiny_corpus.txt", "a jsonl/json/csv/parquet/txt file, a glob or directory of "
-                                                   "such shards, a save_to_disk directory, or a Hub dataset org/name")
+    path: str = _f(
+        "dtrain/assets/tiny_corpus.txt",
+        "a jsonl/json/csv/parquet/txt file, a glob or directory of "
+        "such shards, a save_to_disk directory, or a Hub dataset org/name",
+    )
     format: Literal["text", "instruction", "messages", "sharegpt", "alpaca", "preference"] = _f(
-        "text", "text (packed stream), instruction (prompt/response), messages, sharegpt, alpaca, or "
-                "preference (prompt/chosen/rejected, objective: dpo)")
+        "text",
+        "text (packed stream), instruction (prompt/response), messages, sharegpt, alpaca, or "
+        "preference (prompt/chosen/rejected, objective: dpo)",
+    )
     text_field: str = _f("text", "field holding the text (format: text, non-txt files)")
     prompt_field: str = _f("prompt", "field holding the prompt (format: instruction, preference)")
     response_field: str = _f("response", "field holding the response (format: instruction)")
@@ -79,27 +97,34 @@ class DataConfig:
     messages_field: str | None = _f(None, "field holding the turns; null: messages / conversations")
     turn_keys: list[str] | None = _f(None, "[role key, text key] of a turn; null: [role, content] / [from, value]")
     role_map: dict | None = _f(None, "dataset role -> system/user/assistant, over the format's defaults")
-    alpaca_fields: list[str] = _f(["instruction", "input", "output"], "alpaca: instruction, input, output fields",
-                                  length=3)
+    alpaca_fields: list[str] = _f(
+        ["instruction", "input", "output"], "alpaca: instruction, input, output fields", length=3
+    )
     subset: str | None = _f(None, "Hub dataset: its configuration (subset) name; null: the default one")
     split: str = _f("train", "split of a Hub dataset or of a save_to_disk DatasetDict")
     chat_template: str | None = _f(None, "Jinja chat template (or a .jinja file); null: the tokenizer's")
     tokenizer: str | None = _f(None, "local tokenizer directory or Hub ID; default: model.path, else built-in")
     seq_len: int = _f(128, "tokens per training sequence", min=2)
     truncation: Literal["drop", "truncate", "error"] = _f(
-        "drop", "examples over seq_len: drop, keep their last seq_len tokens, or fail")
-    max_prompt_tokens: int | None = _f(None, "format preference: prompt tokens kept (its end); null: what "
-                                             "data.seq_len leaves", min=1)
+        "drop", "examples over seq_len: drop, keep their last seq_len tokens, or fail"
+    )
+    max_prompt_tokens: int | None = _f(
+        None, "format preference: prompt tokens kept (its end); null: what data.seq_len leaves", min=1
+    )
     packing: bool = _f(False, "several examples per row, best fit (attention never crosses examples)")
     group_by_length: bool = _f(False, "micro-batches of similar lengths (less padding), still seeded and resumable")
     mix: list[dict] | None = _f(None, "several datasets: [{path, format, weight, <data keys>}]; replaces path")
     eval_path: str | None = _f(None, "evaluation file (same format); eval_fraction is then unused")
     eval_fraction: float = _f(0.1, "fraction of examples held out for evaluation", lo=0.0, hi_open=1.0)
     bad_records: Literal["skip", "error"] = _f("skip", "missing/empty fields: skip and count, or fail")
-    num_proc: int | None = _f(None, "processes tokenizing on rank 0 (batched, in shards); null: the cores it may use",
-                              min=1)
-    prepare_timeout_s: int = _f(14400, "seconds the other ranks wait for rank 0 to tokenize (not "
-                                       "backend.timeout_s: a first tokenization may be long)", min=1)
+    num_proc: int | None = _f(
+        None, "processes tokenizing on rank 0 (batched, in shards); null: the cores it may use", min=1
+    )
+    prepare_timeout_s: int = _f(
+        14400,
+        "seconds the other ranks wait for rank 0 to tokenize (not backend.timeout_s: a first tokenization may be long)",
+        min=1,
+    )
     cache_dir: str | None = _f(None, "token cache directory; null: $DTRAIN_CACHE/tokens (~/.cache/dtrain)")
 
 
@@ -125,25 +150,33 @@ class TrainingConfig:
     save_every: int = _f(0, "training checkpoint every N steps; 0: only at the end", lo=0)
     keep_last: int = _f(2, "training checkpoints kept", min=1)
     resume: Literal["auto", "never"] = _f("never", "auto: continue from the newest checkpoint")
-    time_limit: str | int | None = _f(None, "wall time of this job (90m, 2h, 01:30:00; a number: seconds): "
-                                            "checkpoint and exit 75 before it ends, as under SLURM's own end "
-                                            "time; null: none")
-    nonfinite: Literal["skip", "stop"] = _f("skip", "a step with a non-finite loss or gradient norm: skip it "
-                                                    "(no update, counted) or stop the run")
+    time_limit: str | int | None = _f(
+        None,
+        "wall time of this job (90m, 2h, 01:30:00; a number: seconds): "
+        "checkpoint and exit 75 before it ends, as under SLURM's own end "
+        "time; null: none",
+    )
+    nonfinite: Literal["skip", "stop"] = _f(
+        "skip", "a step with a non-finite loss or gradient norm: skip it (no update, counted) or stop the run"
+    )
     nonfinite_max: int = _f(3, "stop after this many non-finite steps in a row (nonfinite: skip)", min=1)
     chunked_loss: bool | Literal["auto"] = _f(
-        "auto", "loss from the hidden states in chunks of tokens, never all logits at once; "
-                "auto: on for LoRA with a plain linear head")
-    loss_chunk_tokens: int = _f(0, "tokens per chunk of the chunked loss; 0: from the vocabulary "
-                                   "(one chunk's fp32 logits within 256 MiB)", lo=0)
+        "auto",
+        "loss from the hidden states in chunks of tokens, never all logits at once; "
+        "auto: on for LoRA with a plain linear head",
+    )
+    loss_chunk_tokens: int = _f(
+        0, "tokens per chunk of the chunked loss; 0: from the vocabulary (one chunk's fp32 logits within 256 MiB)", lo=0
+    )
 
 
 @dataclass
 class DpoConfig:
     beta: float = _f(0.1, "DPO's beta: how far the policy may move from the reference", gt=0)
     loss: Literal["sigmoid", "ipo", "hinge"] = _f("sigmoid", "sigmoid (DPO), ipo or hinge")
-    label_smoothing: float = _f(0.0, "conservative DPO: the probability that a label is flipped (sigmoid)",
-                                lo=0.0, hi_open=0.5)
+    label_smoothing: float = _f(
+        0.0, "conservative DPO: the probability that a label is flipped (sigmoid)", lo=0.0, hi_open=0.5
+    )
     reference: str = _f("base", "base (the adapter switched off) or adapter:DIR (a frozen earlier adapter)")
 
 
@@ -153,8 +186,12 @@ class BackendConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available, else cpu")
     dist_backend: Literal["auto", "gloo", "nccl"] = _f("auto", "auto: nccl on cuda, gloo on cpu")
     deepspeed_config: str | None = _f(None, "user DeepSpeed JSON merged over the generated one")
-    timeout_s: int = _f(1800, "seconds a collective may wait for the other ranks before the job fails "
-                              "(process-group timeout: raise it for long saves or evaluations)", min=1)
+    timeout_s: int = _f(
+        1800,
+        "seconds a collective may wait for the other ranks before the job fails "
+        "(process-group timeout: raise it for long saves or evaluations)",
+        min=1,
+    )
 
 
 @dataclass
@@ -197,7 +234,8 @@ class Config:
         default="lora", metadata={"help": "lora: train A and B only; full: train every weight"}
     )
     objective: Literal["sft", "dpo"] = field(
-        default="sft", metadata={"help": "sft: next-token loss; dpo: preference pairs (data.format: preference)"})
+        default="sft", metadata={"help": "sft: next-token loss; dpo: preference pairs (data.format: preference)"}
+    )
     dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
@@ -268,13 +306,15 @@ def _apply_override(raw: dict, item: str) -> str:
     key, value = item.split("=", 1)
     parts = key.strip().split(".")
     if not all(_KEY_PART.fullmatch(p) for p in parts):
-        raise ConfigError(f"override '{item}': '{key}' is not a key: expected dot-separated names "
-                          "before '=' (e.g. lora.r=16); `dtrain config` lists the keys")
+        raise ConfigError(
+            f"override '{item}': '{key}' is not a key: expected dot-separated names "
+            "before '=' (e.g. lora.r=16); `dtrain config` lists the keys"
+        )
     node = raw
     for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is not a section")
+            raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a section")
     node[parts[-1]] = _OverrideValue(value)
     return key.strip()
 
@@ -284,8 +324,10 @@ def _build(cls: type, raw: Any, prefix: str, where: _Where) -> Any:
     if not isinstance(raw, dict):
         keys = ", ".join(f.name for f in dataclasses.fields(cls))
         shown = str(raw) if isinstance(raw, _OverrideValue) else repr(raw)
-        raise ConfigError(f"{where(key)}: {key} = {shown}: {key} is a section, not a value; set its keys "
-                          f"({key}.<key>=...; keys: {keys})")
+        raise ConfigError(
+            f"{where(key)}: {key} = {shown}: {key} is a section, not a value; set its keys "
+            f"({key}.<key>=...; keys: {keys})"
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for k in raw:

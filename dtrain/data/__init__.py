@@ -16,5 +16,21 @@ from dtrain.data.ragged import Ragged
 from dtrain.data.records import BUILDERS, load_records
 from dtrain.data.rows import IGNORE, Examples, pack_rows, pad_rows
 
-__all__ = ["BUILDERS", "IGNORE", "BatchPlan", "Encoded", "Examples", "Prepared", "Ragged", "check_plan", "encode",
-           "load_records", "pack_rows", "pad_rows", "prepare", "to_rows", "tokenize", "total_steps"]
+__all__ = [
+    "BUILDERS",
+    "IGNORE",
+    "BatchPlan",
+    "Encoded",
+    "Examples",
+    "Prepared",
+    "Ragged",
+    "check_plan",
+    "encode",
+    "load_records",
+    "pack_rows",
+    "pad_rows",
+    "prepare",
+    "to_rows",
+    "tokenize",
+    "total_steps",
+]

@@ -66,8 +66,10 @@ class BatchEncoder:
 
     def _label_offsets(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[Pair]:
         if self.backend is None:
-            return [(ids, [t if m else IGNORE for t, m in zip(ids, chat.overlap_mask(offsets, s))])
-                    for (ids, offsets), s in zip(self._tokenize(texts), spans)]
+            return [
+                (ids, [t if m else IGNORE for t, m in zip(ids, chat.overlap_mask(offsets, s))])
+                for (ids, offsets), s in zip(self._tokenize(texts), spans)
+            ]
         out = []
         for enc, s in zip(self.backend.encode_batch(texts, add_special_tokens=False), spans):
             ids = enc.ids

@@ -29,8 +29,17 @@ from dtrain.storage import files
 
 log = logging.getLogger("dtrain.data")
 VERSION = "dtrain-tokens-1"
-NOT_IN_KEY = {"mix", "eval_path", "eval_fraction", "cache_dir", "packing", "tokenizer", "chat_template", "num_proc",
-              "prepare_timeout_s"}
+NOT_IN_KEY = {
+    "mix",
+    "eval_path",
+    "eval_fraction",
+    "cache_dir",
+    "packing",
+    "tokenizer",
+    "chat_template",
+    "num_proc",
+    "prepare_timeout_s",
+}
 
 
 def cache_dir(cfg: DataConfig) -> Path:

@@ -19,9 +19,10 @@ from dtrain.model import templates
 ROLES = ("system", "user", "assistant")
 DEFAULT_TURN_KEYS = {"messages": ["role", "content"], "sharegpt": ["from", "value"]}
 DEFAULT_FIELD = {"messages": "messages", "sharegpt": "conversations"}
-DEFAULT_ROLES = {"messages": {r: r for r in ROLES},
-                 "sharegpt": {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
-                              "assistant": "assistant"}}
+DEFAULT_ROLES = {
+    "messages": {r: r for r in ROLES},
+    "sharegpt": {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"},
+}
 
 
 def template_of(cfg: DataConfig, tokenizer) -> str | None:
@@ -81,8 +82,9 @@ def to_messages(rec: dict, cfg: DataConfig) -> list[dict] | str:
 
 
 def render(tokenizer, template: str, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+    )
 
 
 def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -95,9 +97,11 @@ def assistant_spans(tokenizer, template: str, messages: list[dict]) -> tuple[str
         before = render(tokenizer, template, messages[:k], generation_prompt=True)
         after = render(tokenizer, template, messages[: k + 1])
         if not (after.startswith(before) and full.startswith(after)):
-            raise ConfigError("data.chat_template: rendering a conversation's first turns is not a prefix of "
-                              "rendering all of them, so assistant turns cannot be located (a template that "
-                              "changes earlier turns depending on later ones is not supported)")
+            raise ConfigError(
+                "data.chat_template: rendering a conversation's first turns is not a prefix of "
+                "rendering all of them, so assistant turns cannot be located (a template that "
+                "changes earlier turns depending on later ones is not supported)"
+            )
         spans.append((len(before), len(after.rstrip())))
     return full, spans
 
@@ -112,13 +116,15 @@ def render_batch(tokenizer, template: str, convs: list[list[dict]], generation_p
     except ImportError:
         return [render(tokenizer, template, m, generation_prompt) for m in convs]
     kwargs = dict(tokenizer.special_tokens_map)
-    texts, _ = render_jinja_template(conversations=convs, chat_template=template,
-                                     add_generation_prompt=generation_prompt, **kwargs)
+    texts, _ = render_jinja_template(
+        conversations=convs, chat_template=template, add_generation_prompt=generation_prompt, **kwargs
+    )
     return texts
 
 
-def assistant_spans_batch(tokenizer, template: str, convs: list[list[dict]],
-                          shapes: dict | None = None) -> list[tuple[str, list[tuple[int, int]]]]:
+def assistant_spans_batch(
+    tokenizer, template: str, convs: list[list[dict]], shapes: dict | None = None
+) -> list[tuple[str, list[tuple[int, int]]]]:
     """assistant_spans() of many conversations: one full rendering each, the spans from the
     placeholder rendering of their shape (skeleton.py, cached in `shapes`), the prefix way where
     that does not apply."""
@@ -134,27 +140,31 @@ def assistant_spans_batch(tokenizer, template: str, convs: list[list[dict]],
         if shape is not None and skeleton.fill(shape, contents) == text:
             out[c] = (text, skeleton.spans_in(shape, contents, text))
     rest = [c for c, o in enumerate(out) if o is None]
-    for c, got in zip(rest, _prefix_spans_batch(tokenizer, template, [convs[c] for c in rest],
-                                                [full[c] for c in rest])):
+    for c, got in zip(
+        rest, _prefix_spans_batch(tokenizer, template, [convs[c] for c in rest], [full[c] for c in rest])
+    ):
         out[c] = got
     return out
 
 
-def _prefix_spans_batch(tokenizer, template: str, convs: list[list[dict]],
-                        full: list[str]) -> list[tuple[str, list[tuple[int, int]]]]:
+def _prefix_spans_batch(
+    tokenizer, template: str, convs: list[list[dict]], full: list[str]
+) -> list[tuple[str, list[tuple[int, int]]]]:
     """assistant_spans() of many conversations whose full renderings are `full`, every prefix
     rendering of the batch in two calls."""
     asks = [(c, k) for c, m in enumerate(convs) for k, turn in enumerate(m) if turn["role"] == "assistant"]
     befores = render_batch(tokenizer, template, [convs[c][:k] for c, k in asks], True)
     partial = [(c, k) for c, k in asks if k + 1 < len(convs[c])]  # a turn that ends the chat: `after` is `full`
-    afters = dict(zip(partial, render_batch(tokenizer, template, [convs[c][:k + 1] for c, k in partial], False)))
+    afters = dict(zip(partial, render_batch(tokenizer, template, [convs[c][: k + 1] for c, k in partial], False)))
     spans: list[list[tuple[int, int]]] = [[] for _ in convs]
     for (c, k), before in zip(asks, befores):
         after = afters.get((c, k), full[c])
         if not (after.startswith(before) and full[c].startswith(after)):
-            raise ConfigError("data.chat_template: rendering a conversation's first turns is not a prefix of "
-                              "rendering all of them, so assistant turns cannot be located (a template that "
-                              "changes earlier turns depending on later ones is not supported)")
+            raise ConfigError(
+                "data.chat_template: rendering a conversation's first turns is not a prefix of "
+                "rendering all of them, so assistant turns cannot be located (a template that "
+                "changes earlier turns depending on later ones is not supported)"
+            )
         spans[c].append((len(before), len(after.rstrip())))
     return list(zip(full, spans))
 

@@ -61,15 +61,22 @@ class Part:
 def template_for(cfg: DataConfig, tokenizer) -> str | None:
     template = chat.template_of(cfg, tokenizer) if cfg.format != "instruction" else None
     if cfg.format in ("messages", "sharegpt") and template is None:
-        raise ConfigError(f"data.path = '{cfg.path}': data.format = {cfg.format} needs a chat template; the "
-                          "tokenizer has none: set data.chat_template or data.tokenizer")
+        raise ConfigError(
+            f"data.path = '{cfg.path}': data.format = {cfg.format} needs a chat template; the "
+            "tokenizer has none: set data.chat_template or data.tokenizer"
+        )
     return template
 
 
 def encode(cfg: DataConfig, records: list[dict], tokenizer, progress: bool = False) -> Encoded:
     """Tokenize records in the configured format; skip (or reject) bad records; apply truncation."""
-    bar = tqdm(total=len(records), desc=f"tokenize {Path(cfg.path).name}", leave=False, dynamic_ncols=True,
-               disable=not progress or len(records) < PROGRESS_MIN)
+    bar = tqdm(
+        total=len(records),
+        desc=f"tokenize {Path(cfg.path).name}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not progress or len(records) < PROGRESS_MIN,
+    )
     if cfg.format == "preference":  # pairs: dtrain/data/preference.py, one record at a time
         part = Part(counts=Counter(records=len(records)))
         part.first_bad = _encode_pairs(part.kept, part.counts, records, cfg, tokenizer, template_for(cfg, tokenizer))
@@ -85,7 +92,7 @@ def encode_part(cfg: DataConfig, records: list[dict], tokenizer, start: int, adv
     txt, part = locate.is_text(cfg.path), Part(counts=Counter(records=len(records)))
     encoder = BatchEncoder(cfg, tokenizer, template_for(cfg, tokenizer))
     for b in range(0, len(records), BATCH):
-        batch = records[b:b + BATCH]
+        batch = records[b : b + BATCH]
         if txt:
             batch = [rec if cfg.text_field in rec else {cfg.text_field: rec.get("text")} for rec in batch]
         if cfg.format == "text":  # documents are tokenized as one stream, after all records
@@ -122,15 +129,19 @@ def finish(cfg: DataConfig, part: Part, tokenizer) -> Encoded:
 def report(cfg: DataConfig, counts: Counter, first_bad: int | None, n_examples: int) -> None:
     """The skipped-records warning; nothing to learn is an error; counts["examples"] set."""
     if counts["bad_record"] and cfg.format != "preference":  # pairs: _encode_pairs says why
-        log.warning("data: skipped %d record(s) with a missing or empty field (first: record %d)",
-                    counts["bad_record"], first_bad)
+        log.warning(
+            "data: skipped %d record(s) with a missing or empty field (first: record %d)",
+            counts["bad_record"],
+            first_bad,
+        )
     if not n_examples:
         raise ConfigError(_nothing_to_learn(cfg, counts))
     counts["examples"] = n_examples // (2 if cfg.format == "preference" else 1)  # a pair is two examples
 
 
-def _encode_pairs(kept: RaggedBuilder, counts: Counter, records, cfg: DataConfig, tokenizer,
-                  template: str | None) -> int | None:
+def _encode_pairs(
+    kept: RaggedBuilder, counts: Counter, records, cfg: DataConfig, tokenizer, template: str | None
+) -> int | None:
     """Preference records -> (chosen, rejected) examples, consecutive in `kept`; the first bad record."""
     first_bad = None
     for i, rec in enumerate(records):
@@ -157,12 +168,14 @@ def _keep(kept: RaggedBuilder, counts: Counter, pair: tuple[list[int], list[int]
     ids, labels = pair
     if len(ids) > cfg.seq_len:
         if cfg.truncation == "error":
-            raise ConfigError(f"data.path = '{cfg.path}': record {i} has {len(ids)} tokens, more than "
-                              f"data.seq_len = {cfg.seq_len} (data.truncation: error)")
+            raise ConfigError(
+                f"data.path = '{cfg.path}': record {i} has {len(ids)} tokens, more than "
+                f"data.seq_len = {cfg.seq_len} (data.truncation: error)"
+            )
         if cfg.truncation == "drop":
             counts["too_long"] += 1
             return
-        ids, labels = ids[-cfg.seq_len:], labels[-cfg.seq_len:]  # keep the end: the last answer
+        ids, labels = ids[-cfg.seq_len :], labels[-cfg.seq_len :]  # keep the end: the last answer
         counts["truncated"] += 1
     if labels[1:].count(IGNORE) == len(labels[1:]):  # the first token is never a target (C-speed all())
         counts["no_labels"] += 1
@@ -178,25 +191,36 @@ def _text_rows(docs: list[str], cfg: DataConfig, tokenizer) -> list[tuple[list[i
     n, L = len(stream) // cfg.seq_len, cfg.seq_len
     if n == 0 and docs:
         raise ConfigError(f"data.path = '{cfg.path}': {len(stream)} tokens, fewer than data.seq_len = {L}")
-    return [(stream[k * L:(k + 1) * L], stream[k * L:(k + 1) * L]) for k in range(n)]
+    return [(stream[k * L : (k + 1) * L], stream[k * L : (k + 1) * L]) for k in range(n)]
 
 
 def _nothing_to_learn(cfg: DataConfig, counts: Counter) -> str:
     if counts["bad_record"] == counts["records"]:
-        fields = required_fields(cfg) or ([cfg.prompt_field, cfg.chosen_field, cfg.rejected_field]
-                                          if cfg.format == "preference" else
-                                          [cfg.messages_field or chat.DEFAULT_FIELD.get(cfg.format, "?")])
+        fields = required_fields(cfg) or (
+            [cfg.prompt_field, cfg.chosen_field, cfg.rejected_field]
+            if cfg.format == "preference"
+            else [cfg.messages_field or chat.DEFAULT_FIELD.get(cfg.format, "?")]
+        )
         return f"data.path = '{cfg.path}': no usable records (fields: {', '.join(fields)})"
-    return (f"data.path = '{cfg.path}': no example has a labelled token within data.seq_len = {cfg.seq_len} "
-            f"({describe(counts)}; data.truncation = {cfg.truncation})")
+    return (
+        f"data.path = '{cfg.path}': no example has a labelled token within data.seq_len = {cfg.seq_len} "
+        f"({describe(counts)}; data.truncation = {cfg.truncation})"
+    )
 
 
 def describe(counts: Counter) -> str:
     """'270 records: 12 examples; dropped 250 over seq_len, 8 with no labelled token; ...'"""
     parts = [f"{counts['records']} records -> {counts['examples']} examples"]
-    dropped = [f"{counts[k]} {what}" for k, what in (("too_long", "over seq_len"), ("no_labels", "with no labelled "
-               "token"), ("bad_record", "bad record(s)"), ("no_room", "whose completions leave no room for "
-               "the prompt")) if counts[k]]
+    dropped = [
+        f"{counts[k]} {what}"
+        for k, what in (
+            ("too_long", "over seq_len"),
+            ("no_labels", "with no labelled token"),
+            ("bad_record", "bad record(s)"),
+            ("no_room", "whose completions leave no room for the prompt"),
+        )
+        if counts[k]
+    ]
     if dropped:
         parts.append("dropped " + ", ".join(dropped))
     if counts["truncated"]:

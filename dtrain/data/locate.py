@@ -40,11 +40,17 @@ def locate(where: str, key: str = "data.path") -> Located:
     if p.is_dir():
         if any((p / m).is_file() for m in DISK_MARKERS):
             return Located("disk", where)
-        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS
-                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        found = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in BUILDERS
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
         if not found:
-            raise ConfigError(f"{key} = '{where}': the directory holds no {'/'.join(BUILDERS)} file and is not "
-                              "a save_to_disk dataset")
+            raise ConfigError(
+                f"{key} = '{where}': the directory holds no {'/'.join(BUILDERS)} file and is not a save_to_disk dataset"
+            )
         return _shards(where, found, key)
     if hub.is_hub_id(where) and p.suffix.lower() not in BUILDERS:  # `data/x.jsonl` is a missing file
         return Located("hub", where)
@@ -68,9 +74,11 @@ def check(where: str, key: str) -> None:
     dataset must be in one of the caches `datasets` reads."""
     loc = locate(where, key)
     if loc.kind == "hub" and hub.offline() and not (hub.cache_dir() / f"datasets--{where.replace('/', '--')}").is_dir():
-        raise ConfigError(f"{key} = '{where}': no such local path, and the Hub dataset is not in the Hugging Face "
-                          f"cache {hub.cache_dir()} (HF_HUB_OFFLINE=1); run `dtrain download {where} --dataset` "
-                          "where the Hub is reachable")
+        raise ConfigError(
+            f"{key} = '{where}': no such local path, and the Hub dataset is not in the Hugging Face "
+            f"cache {hub.cache_dir()} (HF_HUB_OFFLINE=1); run `dtrain download {where} --dataset` "
+            "where the Hub is reachable"
+        )
 
 
 def is_text(where: str) -> bool:

@@ -47,8 +47,13 @@ def encode_to_shards(cfg: DataConfig, tokenizer, out: Path, progress: bool) -> t
     chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
     procs = max(1, min(procs, len(chunks)))
     _JOB.update(cfg=cfg, ds=ds, tokenizer=tokenizer, out=out)
-    bar = tqdm(total=n, desc=f"tokenize {Path(cfg.path).name} ({procs} proc)", leave=False, dynamic_ncols=True,
-               disable=not progress or n < PROGRESS_MIN)
+    bar = tqdm(
+        total=n,
+        desc=f"tokenize {Path(cfg.path).name} ({procs} proc)",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not progress or n < PROGRESS_MIN,
+    )
     shards, counts, first_bad = [], Counter(records=n), None
     pool = _pool(procs) if procs > 1 else None
     try:

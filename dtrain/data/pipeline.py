@@ -49,8 +49,9 @@ def encode_all(cfgs: list[DataConfig], tokenizer, progress: bool, root: Path, k:
     return cache.build(root, k, cfgs, tokenizer, progress)
 
 
-def prepare(cfg: DataConfig, tokenizer, seed: int, is_main: bool = True,
-            barrier: Callable[[], None] = lambda: None) -> Prepared:
+def prepare(
+    cfg: DataConfig, tokenizer, seed: int, is_main: bool = True, barrier: Callable[[], None] = lambda: None
+) -> Prepared:
     """Train and eval rows of the run. Rank 0 reads the token cache or tokenizes and writes it;
     `barrier` (every rank calls it) then lets the other ranks read the entry rank 0 wrote."""
     srcs = sources_lib.sources(cfg)

@@ -48,20 +48,20 @@ class BatchPlan:
         if self.lengths is not None:
             block = self._grouped_batch(perm, epoch, within)
         else:
-            block = perm[within * self.global_batch: (within + 1) * self.global_batch]
+            block = perm[within * self.global_batch : (within + 1) * self.global_batch]
         start = (micro * self.world + rank) * self.micro_batch
-        return block[start: start + self.micro_batch]
+        return block[start : start + self.micro_batch]
 
     def _grouped_batch(self, perm: torch.Tensor, epoch: int, within: int) -> torch.Tensor:
         """Global batch `within` of the epoch under length grouping."""
         gb = self.global_batch
         first = within // GROUP * GROUP
         count = min(GROUP, self.steps_per_epoch - first)  # the epoch's last group may be shorter
-        members = perm[first * gb: (first + count) * gb]
+        members = perm[first * gb : (first + count) * gb]
         ranked = members[torch.sort(self.lengths[members], descending=True, stable=True).indices]
         g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{epoch}:{first}:group".encode()))
         which = int(torch.randperm(count, generator=g)[within - first])
-        return ranked[which * gb: (which + 1) * gb]
+        return ranked[which * gb : (which + 1) * gb]
 
     def position(self, step: int) -> dict:
         """Where step `step` lies in the data: epoch and step within the epoch."""

@@ -64,7 +64,7 @@ def _turns(value, field: str, cfg: DataConfig, default_role: str) -> list[dict] 
 def _side_chat(tokenizer, template: str, prompt: list[dict], completion: list[dict]) -> Seq:
     """(ids, labels) of prompt + completion rendered; only the completion's assistant turns labelled."""
     text, spans = chat.assistant_spans(tokenizer, template, prompt + completion)
-    scored = spans[len(spans) - sum(m["role"] == "assistant" for m in completion):]
+    scored = spans[len(spans) - sum(m["role"] == "assistant" for m in completion) :]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     mask = chat.overlap_mask(enc["offset_mapping"], scored)
     ids = enc["input_ids"]
@@ -115,12 +115,13 @@ def fit(pair_: tuple[Seq, Seq], cfg: DataConfig, i: int) -> tuple[tuple[Seq, Seq
     longest = max(len(ic), len(ir)) - cut
     if longest > cfg.seq_len:
         if cfg.truncation == "error":
-            raise ConfigError(f"data.path = '{cfg.path}': record {i} has a pair of {longest} tokens, more than "
-                              f"data.seq_len = {cfg.seq_len} (data.truncation: error)")
+            raise ConfigError(
+                f"data.path = '{cfg.path}': record {i} has a pair of {longest} tokens, more than "
+                f"data.seq_len = {cfg.seq_len} (data.truncation: error)"
+            )
         if cfg.truncation == "drop":
             return None, "too_long"
         cut, what = cut + longest - cfg.seq_len, "truncated"
     if cut > room - 1:  # the completions alone fill seq_len: not one prompt token would be left
         return None, "no_room"
     return ((ic[cut:], lc[cut:]), (ir[cut:], lr[cut:])), what
-

@@ -91,5 +91,6 @@ class RaggedBuilder:
         def tensor(buf: array, dtype: torch.dtype) -> torch.Tensor:
             return torch.frombuffer(buf, dtype=dtype).clone() if len(buf) else torch.zeros(0, dtype=dtype)
 
-        return Ragged(tensor(self._ids, torch.int32), tensor(self._labels, torch.int32),
-                      tensor(self._offsets, torch.int64))
+        return Ragged(
+            tensor(self._ids, torch.int32), tensor(self._labels, torch.int32), tensor(self._offsets, torch.int64)
+        )

@@ -68,8 +68,9 @@ def _from_disk(loc: Located, cfg: DataConfig):
     ds = datasets.load_from_disk(loc.where)
     if isinstance(ds, datasets.DatasetDict):
         if cfg.split not in ds:
-            raise ConfigError(f"data.path = '{loc.where}': no split '{cfg.split}' (splits: {', '.join(ds)}); "
-                              "set data.split")
+            raise ConfigError(
+                f"data.path = '{loc.where}': no split '{cfg.split}' (splits: {', '.join(ds)}); set data.split"
+            )
         ds = ds[cfg.split]
     return ds
 
@@ -82,8 +83,10 @@ def _same_columns(loc: Located) -> None:
     for f in loc.shards[1:]:
         cols = _columns(f, loc.builder)
         if cols != first:
-            raise ConfigError(f"data.path = '{loc.where}': shards have different columns: {loc.shards[0].name} has "
-                              f"[{', '.join(first)}], {f.name} has [{', '.join(cols)}]")
+            raise ConfigError(
+                f"data.path = '{loc.where}': shards have different columns: {loc.shards[0].name} has "
+                f"[{', '.join(first)}], {f.name} has [{', '.join(cols)}]"
+            )
 
 
 def _columns(f: Path, builder: str) -> list[str]:
@@ -126,8 +129,11 @@ def _quiet():
 
 def required_fields(cfg: DataConfig) -> list[str]:
     """Fields that must hold non-empty text (the conversation formats are checked in chat.py)."""
-    return {"text": [cfg.text_field], "instruction": [cfg.prompt_field, cfg.response_field],
-            "alpaca": [cfg.alpaca_fields[0], cfg.alpaca_fields[2]]}.get(cfg.format, [])
+    return {
+        "text": [cfg.text_field],
+        "instruction": [cfg.prompt_field, cfg.response_field],
+        "alpaca": [cfg.alpaca_fields[0], cfg.alpaca_fields[2]],
+    }.get(cfg.format, [])
 
 
 def record_problem(rec: dict, cfg: DataConfig) -> str | None:

@@ -76,7 +76,7 @@ class Examples:
         pos = torch.zeros((n, width), dtype=torch.long)
         for k, r in enumerate(idx.tolist()):
             first, last = int(self.rows[r]), int(self.rows[r + 1])
-            bounds = t.offsets[first:last + 1]
+            bounds = t.offsets[first : last + 1]
             a, b = int(bounds[0]), int(bounds[-1])
             ids[k, : b - a] = t.ids[a:b]
             labels[k, : b - a] = t.labels[a:b]
@@ -85,7 +85,7 @@ class Examples:
             pos[k, : b - a] = torch.arange(b - a) - torch.repeat_interleave(starts, lengths)
             if self.packed:
                 labels[k, starts] = IGNORE  # an example's first token is no target of the one before
-                pos[k, b - a:] = torch.arange(width - (b - a))  # the padding tail: one more (unlabelled) segment
+                pos[k, b - a :] = torch.arange(width - (b - a))  # the padding tail: one more (unlabelled) segment
         return ids, labels, mask, pos
 
     # dense views of every row at seq_len: for tests and reports (built on each access), never the training path
@@ -109,12 +109,22 @@ class Examples:
         """Rows `idx` (with their examples) as a new Examples."""
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
         counts = self.rows[1:][idx] - self.rows[:-1][idx]
-        members = torch.cat([torch.arange(int(self.rows[r]), int(self.rows[r + 1])) for r in idx.tolist()]) \
-            if idx.numel() else torch.zeros(0, dtype=torch.long)
+        members = (
+            torch.cat([torch.arange(int(self.rows[r]), int(self.rows[r + 1])) for r in idx.tolist()])
+            if idx.numel()
+            else torch.zeros(0, dtype=torch.long)
+        )
         rows = torch.zeros(idx.numel() + 1, dtype=torch.long)
         torch.cumsum(counts, 0, out=rows[1:])
-        return Examples(self.tokens.select(members), rows, self.seq_len, self.pad_id, self.packed,
-                        source=None if self.source is None else self.source[idx], pad_multiple=self.pad_multiple)
+        return Examples(
+            self.tokens.select(members),
+            rows,
+            self.seq_len,
+            self.pad_id,
+            self.packed,
+            source=None if self.source is None else self.source[idx],
+            pad_multiple=self.pad_multiple,
+        )
 
     def split(self, eval_fraction: float, seed: int) -> tuple[Examples, Examples]:
         """(train, eval): a seeded shuffle, the last `eval_fraction` held out."""
@@ -126,7 +136,7 @@ def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[torch.Tensor
     """(train, eval) indices of n items: a seeded shuffle, the last `eval_fraction` held out, each sorted."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_eval = int(n * eval_fraction)
-    return perm[: n - n_eval].sort().values, perm[n - n_eval:].sort().values
+    return perm[: n - n_eval].sort().values, perm[n - n_eval :].sort().values
 
 
 def pad_rows(seqs, seq_len: int, pad_id: int, source: list[int] | None = None) -> Examples:

@@ -32,8 +32,8 @@ from itertools import accumulate, pairwise
 
 from dtrain.data import words
 
-_CACHE_MAX = 4096   # pieces remembered per encoder: those seen twice in a batch (the template's)
-_JOIN_CHARS = 256   # characters per tokenizer text: fewer texts, but long texts cost more per byte
+_CACHE_MAX = 4096  # pieces remembered per encoder: those seen twice in a batch (the template's)
+_JOIN_CHARS = 256  # characters per tokenizer text: fewer texts, but long texts cost more per byte
 _PRE_OK = {"ByteLevel", "Digits"}  # pre-tokenizers that keep every byte of the text, in order
 _POST_OK = {None, "TemplateProcessing"}  # post-processors that do not trim offsets
 
@@ -61,12 +61,20 @@ def _plan(backend) -> tuple | None:
     pres = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     post = (spec.get("post_processor") or {}).get("type")
     model = spec.get("model") or {}
-    if spec.get("normalizer") is not None or post not in _POST_OK or model.get("type") != "BPE" \
-            or model.get("dropout") is not None or model.get("byte_fallback"):
+    if (
+        spec.get("normalizer") is not None
+        or post not in _POST_OK
+        or model.get("type") != "BPE"
+        or model.get("dropout") is not None
+        or model.get("byte_fallback")
+    ):
         return None
-    if not pres or any(p.get("type") not in _PRE_OK for p in pres) \
-            or not any(p.get("type") == "ByteLevel" for p in pres) \
-            or any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in pres):
+    if (
+        not pres
+        or any(p.get("type") not in _PRE_OK for p in pres)
+        or not any(p.get("type") == "ByteLevel" for p in pres)
+        or any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in pres)
+    ):
         return None
     added = spec.get("added_tokens") or []
     if not added or any(a["normalized"] or a["lstrip"] or a["rstrip"] or a["single_word"] for a in added):
@@ -170,7 +178,7 @@ class Segmenter:
                 out += [e.ids for e in self.backend.encode_batch_fast(g, add_special_tokens=False)]
                 continue
             bounds = [-1] + cuts + [len(ids)]
-            out += [ids[a + 1:b] for a, b in pairwise(bounds)]
+            out += [ids[a + 1 : b] for a, b in pairwise(bounds)]
         return out
 
     def labels(self, text: str, ids: list[int], spans: list[tuple[int, int]], ignore: int) -> list[int] | None:

@@ -46,8 +46,11 @@ def stream_safetensors(path: Path, datasets: list[list[Shard]], metadata: dict[s
     header, at = {"__metadata__": metadata}, 0
     for i, shards in enumerate(datasets):
         n_ex, n_tok = sum(s.n_examples for s in shards), sum(s.n_tokens for s in shards)
-        for name, dtype, n, width in ((f"{i}.offsets", "I64", n_ex + 1, 8), (f"{i}.ids", "I32", n_tok, 4),
-                                      (f"{i}.labels", "I32", n_tok, 4)):
+        for name, dtype, n, width in (
+            (f"{i}.offsets", "I64", n_ex + 1, 8),
+            (f"{i}.ids", "I32", n_tok, 4),
+            (f"{i}.labels", "I32", n_tok, 4),
+        ):
             header[name] = {"dtype": dtype, "shape": [n], "data_offsets": [at, at + n * width]}
             at += n * width
     text = json.dumps(header, separators=(",", ":"))

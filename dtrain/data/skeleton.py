@@ -20,8 +20,8 @@ OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters: no tokenizer or temp
 class Shape(NamedTuple):
     """The placeholder rendering cut at its placeholders, and the spans in its coordinates."""
 
-    pieces: list[str]                 # literal text around the placeholders: len(contents) + 1 pieces
-    spans: list[tuple[int, int]]      # (end of the prefix before the turn, end of the turn), unstripped
+    pieces: list[str]  # literal text around the placeholders: len(contents) + 1 pieces
+    spans: list[tuple[int, int]]  # (end of the prefix before the turn, end of the turn), unstripped
 
 
 def shape_key(messages: list[dict]) -> tuple[str, ...] | None:
@@ -29,8 +29,13 @@ def shape_key(messages: list[dict]) -> tuple[str, ...] | None:
     roles = []
     for m in messages:
         content, role = m.get("content"), m.get("role")
-        if len(m) != 2 or not isinstance(content, str) or not isinstance(role, str) or OPEN in content \
-                or CLOSE in content:
+        if (
+            len(m) != 2
+            or not isinstance(content, str)
+            or not isinstance(role, str)
+            or OPEN in content
+            or CLOSE in content
+        ):
             return None
         roles.append(role)
     return tuple(roles)
@@ -56,11 +61,11 @@ def build_shape(render, roles: tuple[str, ...]) -> Shape | None:
     for k, role in enumerate(roles):
         if role != "assistant":
             continue
-        before, after = render(convo[:k], True), render(convo[:k + 1], False)
+        before, after = render(convo[:k], True), render(convo[: k + 1], False)
         if not (after.startswith(before) and full.startswith(after)):
             return None
         spans.append((len(before), len(after)))
-    starts = [sum(len(p) for p in pieces[:k + 1]) + sum(len(m) for m in marks[:k]) for k in range(len(marks))]
+    starts = [sum(len(p) for p in pieces[: k + 1]) + sum(len(m) for m in marks[:k]) for k in range(len(marks))]
     inside = [(s, s + len(m)) for s, m in zip(starts, marks)]
     if any(lo < edge < hi for edge in (e for span in spans for e in span) for lo, hi in inside):
         return None

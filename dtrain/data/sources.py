@@ -20,8 +20,11 @@ def sources(cfg: DataConfig) -> list[tuple[DataConfig, float]]:
     fields = {f.name: f for f in dataclasses.fields(DataConfig)}
     out = []
     for i, entry in enumerate(cfg.mix):
-        values = {k: config_types.check(v, hints[k], fields[k], f"data.mix[{i}].{k}", "data")
-                  for k, v in entry.items() if k != "weight"}
+        values = {
+            k: config_types.check(v, hints[k], fields[k], f"data.mix[{i}].{k}", "data")
+            for k, v in entry.items()
+            if k != "weight"
+        }
         out.append((dataclasses.replace(cfg, mix=None, **values), float(entry.get("weight", 1.0))))
     return out
 

@@ -32,8 +32,9 @@ def expected_pairs(records: list[dict], source: str) -> list[tuple[list[dict] | 
         elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
             pairs.append((rec["prompt"], rec["response"]))
         else:
-            raise DtrainError(f"{source}: record {i}: needs 'messages' ending with an assistant turn, "
-                              "or 'prompt' and 'response'")
+            raise DtrainError(
+                f"{source}: record {i}: needs 'messages' ending with an assistant turn, or 'prompt' and 'response'"
+            )
     return pairs
 
 

@@ -35,8 +35,9 @@ class Generator:
         self.model, self.tok, self.system = model.eval(), tokenizer, system
         self.use_template = chat_template and getattr(tokenizer, "chat_template", None) is not None
         gen = getattr(model, "generation_config", None)
-        self.stop = templates.stop_ids(tokenizer, tokenizer.chat_template if self.use_template else None,
-                                       getattr(gen, "eos_token_id", None))
+        self.stop = templates.stop_ids(
+            tokenizer, tokenizer.chat_template if self.use_template else None, getattr(gen, "eos_token_id", None)
+        )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"  # batched decoding continues every row from its last token
@@ -52,8 +53,9 @@ class Generator:
         return self.tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[dict] | str], sampling: Sampling = Sampling(),
-                 batch_size: int = 8, stop=None) -> list[str]:
+    def generate(
+        self, prompts: list[list[dict] | str], sampling: Sampling = Sampling(), batch_size: int = 8, stop=None
+    ) -> list[str]:
         """One completion per prompt (text only, special tokens dropped). `stop()`, asked before
         each batch, raises preempt.Preempted when true (a preemption inside a long generation)."""
         from dtrain.training import preempt
@@ -62,7 +64,7 @@ class Generator:
         for i in range(0, len(prompts), batch_size):
             if stop is not None and stop():
                 raise preempt.Preempted()
-            out += self._batch([self.render(p) for p in prompts[i: i + batch_size]], sampling)
+            out += self._batch([self.render(p) for p in prompts[i : i + batch_size]], sampling)
         return out
 
     def _batch(self, texts: list[str], s: Sampling) -> list[str]:
@@ -72,9 +74,15 @@ class Generator:
         if s.temperature > 0:
             torch.manual_seed(s.seed)
             kwargs = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p}
-        ids = self.model.generate(**enc, max_new_tokens=s.max_new_tokens, pad_token_id=self.tok.pad_token_id,
-                                  eos_token_id=self.stop, top_k=None, **kwargs)
-        new = ids[:, enc["input_ids"].shape[1]:]
+        ids = self.model.generate(
+            **enc,
+            max_new_tokens=s.max_new_tokens,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.stop,
+            top_k=None,
+            **kwargs,
+        )
+        new = ids[:, enc["input_ids"].shape[1] :]
         return [t.strip() for t in self.tok.batch_decode(new, skip_special_tokens=True)]
 
 
@@ -82,8 +90,14 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def load(model_dir: str | Path, adapters: list[str] = (), use: str | None = None,
-         dtype: str = "fp32", device: str = "cpu", chat_template: str | None = None) -> tuple[nn.Module, object]:
+def load(
+    model_dir: str | Path,
+    adapters: list[str] = (),
+    use: str | None = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    chat_template: str | None = None,
+) -> tuple[nn.Module, object]:
     """(model, tokenizer) from an HF directory, with adapters loaded as `DIR` or `NAME=DIR`; the
     tokenizer's chat template and the model's stop tokens are those of `chat_template` (a template
     or a .jinja file), else of the active adapter's run, else the model's own."""

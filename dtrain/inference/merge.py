@@ -30,8 +30,15 @@ _HF_DTYPES = ("float32", "bfloat16", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 
 
-def merge(base: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None,
-          base_bits: int | None = None, quantized_head: bool = False, overwrite: bool = False) -> Path:
+def merge(
+    base: str | Path,
+    adapter: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    base_bits: int | None = None,
+    quantized_head: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write base + adapter as a plain HF model into `out`; returns `out`.
 
     `base_bits` (8 or 4): the adapter was trained on dtrain's quantized base, so it is merged into
@@ -108,9 +115,11 @@ def _check_not_quantized(config: dict, base: Path) -> None:
     checkpoints) is refused with the way out for each case."""
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
-        raise DtrainError(f"--base '{base}': config.json has a quantization_config ({method}); merge reads float "
-                          "bases: import a GGUF file first (dtrain import FILE --out DIR) and merge into DIR; for an "
-                          "adapter trained on dtrain's 8-/4-bit base, give the float base and --base-bits 8|4")
+        raise DtrainError(
+            f"--base '{base}': config.json has a quantization_config ({method}); merge reads float "
+            "bases: import a GGUF file first (dtrain import FILE --out DIR) and merge into DIR; for an "
+            "adapter trained on dtrain's 8-/4-bit base, give the float base and --base-bits 8|4"
+        )
 
 
 def _empty_model(base: Path):
@@ -141,8 +150,10 @@ def _conv1d_keys(model, deltas: dict[str, dict], variant, adapter: Path) -> set[
 
     keys = {f"{n}.weight" for n, m in model.named_modules() if layers.is_conv1d(m)}
     if keys & set(deltas) and not variant.conv1d:
-        raise DtrainError(f"--adapter '{adapter}': a {variant.name} adapter on Conv1D layers ({sorted(keys)[0]}), "
-                          "which dtrain does not merge")
+        raise DtrainError(
+            f"--adapter '{adapter}': a {variant.name} adapter on Conv1D layers ({sorted(keys)[0]}), "
+            "which dtrain does not merge"
+        )
     return keys
 
 
@@ -157,8 +168,10 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transp
                 for key in h.keys():
                     shapes[key] = tuple(h.get_slice(key).get_shape())
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a truncated or missing shard
-            raise DtrainError(f"--base '{base / f}': not a readable safetensors file (truncated or "
-                              f"corrupted?): {str(e).splitlines()[0]}") from None
+            raise DtrainError(
+                f"--base '{base / f}': not a readable safetensors file (truncated or "
+                f"corrupted?): {str(e).splitlines()[0]}"
+            ) from None
     _split_experts(deltas, shapes)
     for key, ab in deltas.items():
         if "part_of" in ab:
@@ -171,8 +184,10 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transp
         if key not in shapes:
             raise DtrainError(f"--base '{base}': no tensor '{key}' for the adapter (adapter for another base?)")
         if shapes[key] != want:
-            raise DtrainError(f"--base '{base}': '{key}' has shape {list(shapes[key])}, the adapter's "
-                              f"B A is {list(want)} (adapter for another base?)")
+            raise DtrainError(
+                f"--base '{base}': '{key}' has shape {list(shapes[key])}, the adapter's "
+                f"B A is {list(want)} (adapter for another base?)"
+            )
 
 
 def _split_experts(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:
@@ -219,8 +234,11 @@ def _quantized_keys(model, bits: int, include_head: bool = False) -> dict[str, i
 
     model = _empty_model(model) if isinstance(model, (str, Path)) else model
     skip = quant.skip_rule(include_head, model)
-    keys = {f"{n}.weight": bits for n, m in model.named_modules()
-            if (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and not skip(n)}
+    keys = {
+        f"{n}.weight": bits
+        for n, m in model.named_modules()
+        if (isinstance(m, nn.Linear) or layers.is_conv1d(m)) and not skip(n)
+    }
     return {**keys, **_quantized_expert_keys(model, bits)}
 
 
@@ -254,9 +272,16 @@ def _round_trip(t: torch.Tensor, bits: int | tuple[int, bool], conv1d: bool) -> 
     return round_trip(t.float().t(), bits).t() if conv1d else round_trip(t.float(), bits)
 
 
-def _merge_files(base: Path, files: list[str], out: Path, deltas: dict, scaling: float,
-                 dtype: torch.dtype | None, quantized: dict[str, int] | None = None,
-                 transposed: set[str] = frozenset()) -> int:
+def _merge_files(
+    base: Path,
+    files: list[str],
+    out: Path,
+    deltas: dict,
+    scaling: float,
+    dtype: torch.dtype | None,
+    quantized: dict[str, int] | None = None,
+    transposed: set[str] = frozenset(),
+) -> int:
     """Stream every tensor of every file: W + scaling * B A for adapted weights (DoRA's when the
     adapter has a magnitude), cast floats. Returns the bytes of all tensors written."""
     from safetensors import safe_open
@@ -293,8 +318,8 @@ def _merged(w: torch.Tensor, ab: dict[str, torch.Tensor], scaling: float, transp
     if "part_of" in ab:  # one expert's tensor of a fused weight stored per expert (never transposed)
         fused, e = ab["part_of"], ab["expert"]
         r = fused["lora_A"].shape[0] // fused["experts"][0]
-        a = fused["lora_A"].float()[e * r:(e + 1) * r]
-        b = fused["lora_B"].float()[:, e::fused["experts"][0]]  # PEFT's B: column k*E + e is expert e's k
+        a = fused["lora_A"].float()[e * r : (e + 1) * r]
+        b = fused["lora_B"].float()[:, e :: fused["experts"][0]]  # PEFT's B: column k*E + e is expert e's k
         return w.float() + (b @ a)[ab["rows"]] * scaling
     if "experts" in ab:
         from dtrain.lora import experts
@@ -320,15 +345,15 @@ def _keep_run_template(adapter: Path, out: Path) -> None:
     if eos and gen_file.is_file():
         gen = _read_json(gen_file, "--base")
         old = gen.get("eos_token_id")
-        gen["eos_token_id"] = list(dict.fromkeys([*(old if isinstance(old, list) else [old] if old is not None else []),
-                                                   *eos]))
+        gen["eos_token_id"] = list(
+            dict.fromkeys([*(old if isinstance(old, list) else [old] if old is not None else []), *eos])
+        )
         gen_file.write_text(json.dumps(gen, indent=2) + "\n")
     elif eos:
         gen_file.write_text(json.dumps({"eos_token_id": eos}, indent=2) + "\n")
 
 
-def _copy_rest(base: Path, out: Path, config: dict, dtype: torch.dtype | None, index: dict | None,
-               nbytes: int) -> None:
+def _copy_rest(base: Path, out: Path, config: dict, dtype: torch.dtype | None, index: dict | None, nbytes: int) -> None:
     """config.json (dtype updated), the index (sizes updated), tokenizer and other non-weight files."""
     if dtype is not None:
         name = str(dtype).removeprefix("torch.")

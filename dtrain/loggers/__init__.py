@@ -18,8 +18,11 @@ from dtrain.loggers.base import MetricLogger, MultiLogger, scalars
 from dtrain.storage import outdir
 
 # backend -> (module it imports, pip package that provides it)
-REQUIRES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow-skinny"),
-            "wandb": ("wandb", "wandb")}
+REQUIRES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+    "wandb": ("wandb", "wandb"),
+}
 
 __all__ = ["MetricLogger", "MultiLogger", "scalars", "REQUIRES", "chosen", "check_installed", "create"]
 
@@ -36,8 +39,10 @@ def check_installed(backends: list[str] | str, where: str = "logging.backends") 
         if name in REQUIRES:
             module, package = REQUIRES[name]
             if importlib.util.find_spec(module) is None:
-                raise ConfigError(f"{where}: {name} needs the '{package}' package: pip install {package} "
-                                  "(or pip install 'dtrain[loggers]')")
+                raise ConfigError(
+                    f"{where}: {name} needs the '{package}' package: pip install {package} "
+                    "(or pip install 'dtrain[loggers]')"
+                )
 
 
 def create(cfg: Any, out: Path, start_step: int = 0) -> MultiLogger:
@@ -60,8 +65,9 @@ def create(cfg: Any, out: Path, start_step: int = 0) -> MultiLogger:
             elif name == "mlflow":
                 from dtrain.loggers.mlflow_logger import MlflowLogger
 
-                loggers.append(MlflowLogger(lc.mlflow_uri, out / "mlruns", lc.project, run_name,
-                                            dataclasses.asdict(cfg)))
+                loggers.append(
+                    MlflowLogger(lc.mlflow_uri, out / "mlruns", lc.project, run_name, dataclasses.asdict(cfg))
+                )
             elif name == "wandb":
                 from dtrain.loggers.wandb_logger import WandbLogger
 

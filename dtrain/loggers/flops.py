@@ -34,8 +34,17 @@ from dtrain.model import layers
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the
 # first substring of the device name that matches wins.
-PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0),
-               ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0))
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+)
 
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:

@@ -19,8 +19,9 @@ PARAM_MAX = 500
 
 
 class MlflowLogger:
-    def __init__(self, uri: str | None, default_dir: Path, experiment: str, run_name: str,
-                 params: dict[str, Any]) -> None:
+    def __init__(
+        self, uri: str | None, default_dir: Path, experiment: str, run_name: str, params: dict[str, Any]
+    ) -> None:
         if uri is None:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = default_dir.resolve().as_uri()
@@ -35,7 +36,7 @@ class MlflowLogger:
         flat = _flatten_params(params)
         items = [Param(k, v) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._client.log_batch(self.run_id, params=items[i:i + 100])
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log(self, row: dict[str, Any], step: int) -> None:
         from mlflow.entities import Metric

@@ -14,8 +14,9 @@ class WandbLogger:
         import wandb
 
         settings = wandb.Settings(console="off", x_disable_stats=True, disable_git=True, silent=True)
-        self._run = wandb.init(mode=mode, dir=str(out), project=project, name=run_name, config=config,
-                               settings=settings)
+        self._run = wandb.init(
+            mode=mode, dir=str(out), project=project, name=run_name, config=config, settings=settings
+        )
         self.run_dir = Path(self._run.dir).parent  # <out>/wandb/offline-run-<time>-<id>
 
     def log(self, row: dict[str, Any], step: int) -> None:

@@ -13,10 +13,28 @@ from typing import Any
 
 _PUBLIC = {name: "dtrain.lora.layer" for name in ("AdapterSpec", "LoRALinear", "init_lora_A")}
 _PUBLIC.update({name: "dtrain.lora.targets" for name in ("linear_names", "select_targets")})
-_PUBLIC.update({name: "dtrain.lora.ops" for name in (
-    "check_rank", "inject", "lora_modules", "is_lora_param", "is_loraplus_fast", "is_adapter_param", "freeze_base",
-    "set_adapter", "merge", "unmerge", "unwrap", "adapter_state_dict", "to_peft_key", "from_peft_key",
-    "count_parameters")})
+_PUBLIC.update(
+    {
+        name: "dtrain.lora.ops"
+        for name in (
+            "check_rank",
+            "inject",
+            "lora_modules",
+            "is_lora_param",
+            "is_loraplus_fast",
+            "is_adapter_param",
+            "freeze_base",
+            "set_adapter",
+            "merge",
+            "unmerge",
+            "unwrap",
+            "adapter_state_dict",
+            "to_peft_key",
+            "from_peft_key",
+            "count_parameters",
+        )
+    }
+)
 _PUBLIC.update({name: "dtrain.lora.peft_format" for name in ("save_adapter", "read_adapter", "load_adapter")})
 
 

@@ -53,8 +53,9 @@ def float_linear(layer: nn.Module) -> nn.Module:
     return layer if has_float_weight(layer) else dequantized_linear(layer)
 
 
-def rows_from_source(layer: nn.Module, read: Callable[[slice | None], torch.Tensor],
-                     rows: slice | None) -> tuple[torch.Tensor, slice | None]:
+def rows_from_source(
+    layer: nn.Module, read: Callable[[slice | None], torch.Tensor], rows: slice | None
+) -> tuple[torch.Tensor, slice | None]:
     """The weight `layer` computes with, from the float checkpoint weight `read(rows)` returns: cast
     to the layer's dtype, or quantized and dequantized as the layer stores it. Only `rows` are read
     where the storage is row-wise (a float weight, int8, NF4 with whole blocks per row); else the

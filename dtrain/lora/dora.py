@@ -63,8 +63,10 @@ class DoRA(LoraVariant):
 
     def init(self, layer: nn.Module, name: str, device: torch.device) -> None:
         if layer.fan_in_fan_out and not self.conv1d:
-            raise ConfigError(f"lora.use_dora: {layer.qualified_name} is a Conv1D layer (weight stored in x out), "
-                              "which dtrain's DoRA does not adapt; use plain LoRA for this model")
+            raise ConfigError(
+                f"lora.use_dora: {layer.qualified_name} is a Conv1D layer (weight stored in x out), "
+                "which dtrain's DoRA does not adapt; use plain LoRA for this model"
+            )
         getattr(layer, MAGNITUDE)[name] = Magnitude(layer.out_features, device=device)
 
     def reset(self, layer: nn.Module, name: str) -> None:
@@ -75,8 +77,9 @@ class DoRA(LoraVariant):
             magnitude.weight.copy_(row_norms(w0))
             magnitude.base_norm.copy_(magnitude.weight)
 
-    def initial_state(self, layer: nn.Module, name: str, leaf: str,
-                      read: Callable[[slice | None], torch.Tensor], rows: slice | None) -> torch.Tensor:
+    def initial_state(
+        self, layer: nn.Module, name: str, leaf: str, read: Callable[[slice | None], torch.Tensor], rows: slice | None
+    ) -> torch.Tensor:
         """m (`weight`) and ||W0||_row (`base_norm`) both start at the row norms of the weight the
         base computes with (as stored in the model's dtype, or dequantized), for `rows` only."""
         w, rest = base_weight.rows_from_source(layer.base_layer, read, rows)
@@ -86,10 +89,18 @@ class DoRA(LoraVariant):
     def saved_shape(self, kind: str, fan_in: int, fan_out: int) -> tuple[int, ...]:
         return (fan_out,)  # one magnitude per output row
 
-    def forward(self, layer: nn.Module, name: str, x: torch.Tensor, h: torch.Tensor,
-                out: torch.Tensor) -> torch.Tensor:
-        return forward(h, x, out, layer.base_layer, layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name],
-                       getattr(layer, MAGNITUDE)[name], layer.scaling[name])
+    def forward(self, layer: nn.Module, name: str, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return forward(
+            h,
+            x,
+            out,
+            layer.base_layer,
+            layer.lora_A[name],
+            layer.lora_B[name],
+            layer.lora_dropout[name],
+            getattr(layer, MAGNITUDE)[name],
+            layer.scaling[name],
+        )
 
     def merge(self, layer: nn.Module, name: str, w: torch.Tensor) -> None:
         """W' = m / ||W0 + s B A||_row * (W0 + s B A)."""
@@ -112,18 +123,21 @@ class Magnitude(nn.Module):
     def __init__(self, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device))
-        self.base_norm = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device),
-                                      requires_grad=False)
+        self.base_norm = nn.Parameter(
+            torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False
+        )
 
-    def forward(self, total: torch.Tensor, w0_at: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                scaling: float) -> torch.Tensor:
+    def forward(
+        self, total: torch.Tensor, w0_at: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
+    ) -> torch.Tensor:
         with torch.no_grad():
             norm = adapted_norms(self.base_norm, w0_at, a, b, scaling)
         return total * (self.weight / norm.to(self.weight.dtype))
 
 
-def adapted_norms(base_norm: torch.Tensor, w0_at: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                  scaling: float) -> torch.Tensor:
+def adapted_norms(
+    base_norm: torch.Tensor, w0_at: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """||W0 + s B A||_row (float32) from ||W0||_row, W0 A^T ([r, out] as the base layer gives it), A and B."""
     b, a = b.float(), a.float()
     cross = (b * w0_at.float().t()).sum(1)
@@ -138,8 +152,17 @@ def row_norms(w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(w.float(), dim=1)
 
 
-def forward(h: torch.Tensor, x: torch.Tensor, out: torch.Tensor, base_layer: nn.Module, lora_a: nn.Linear,
-            lora_b: nn.Linear, dropout: nn.Module, magnitude: Magnitude, scaling: float) -> torch.Tensor:
+def forward(
+    h: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    base_layer: nn.Module,
+    lora_a: nn.Linear,
+    lora_b: nn.Linear,
+    dropout: nn.Module,
+    magnitude: Magnitude,
+    scaling: float,
+) -> torch.Tensor:
     """The DoRA layer's output, given `out` = base_layer(x) (bias included), `x` the base layer's
     input and `h` the same input in the LoRA dtype."""
     with torch.no_grad():

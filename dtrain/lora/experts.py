@@ -42,8 +42,9 @@ class ExpertFactor(nn.Linear):
     """An expert parameter's A ([r*E, in]) or B ([out, r*E]); called on expert-sorted rows, it
     applies each expert's factor to that expert's rows (its weight is read in its own call)."""
 
-    def __init__(self, in_features: int, out_features: int, kind: str, experts: int,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, kind: str, experts: int, device: torch.device | str | None = None
+    ) -> None:
         super().__init__(in_features, out_features, bias=False, device=device)
         self.kind, self.experts = kind, experts
 
@@ -67,7 +68,7 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], transpos
     outs, start = [], 0
     for e, c in enumerate(counts):
         if c:
-            seg = x[start:start + c]
+            seg = x[start : start + c]
             outs.append(seg @ w[e] if transposed else F.linear(seg, w[e]))
             start += c
     if not outs:
@@ -75,8 +76,9 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], transpos
     return torch.cat(outs)
 
 
-def _project(experts: nn.Module, name: str, x: torch.Tensor, counts: list[int], ids: torch.Tensor,
-             adapters: dict) -> torch.Tensor:
+def _project(
+    experts: nn.Module, name: str, x: torch.Tensor, counts: list[int], ids: torch.Tensor, adapters: dict
+) -> torch.Tensor:
     """One expert projection of the sorted rows: frozen weight (+ bias), plus the LoRA update."""
     if name in expert_quant.quantized(experts):  # 8-/4-bit storage: dequantized one expert at a time
         y = expert_quant.grouped_linear(experts, name, x, counts)
@@ -90,8 +92,13 @@ def _project(experts: nn.Module, name: str, x: torch.Tensor, counts: list[int], 
     return y
 
 
-def lora_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                         top_k_weights: torch.Tensor, _lora: dict | None = None) -> torch.Tensor:
+def lora_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    _lora: dict | None = None,
+) -> torch.Tensor:
     """The experts module's forward with the LoRA updates of `_lora` ({param: (A, B, s)})."""
     if not _lora and not expert_quant.quantized(self):  # the class forward reads float weights only
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
@@ -125,9 +132,11 @@ class ExpertLoRA(lora.LoRALinear):
         nn.Module.__init__(self)
         experts = innermost(base_layer)
         if not is_experts_module(experts):
-            raise ConfigError(f"lora.target_parameters: {qualified_name} belongs to a {type(experts).__name__}, "
-                              "not a transformers experts module dtrain can adapt; target its linear layers "
-                              "with lora.targets")
+            raise ConfigError(
+                f"lora.target_parameters: {qualified_name} belongs to a {type(experts).__name__}, "
+                "not a transformers experts module dtrain can adapt; target its linear layers "
+                "with lora.targets"
+            )
         shape = expert_quant.param_shape(experts, param_name)
         self.base_layer, self.param_name, self.qualified_name = base_layer, param_name, qualified_name
         self.num_experts = int(shape[0])
@@ -145,15 +154,19 @@ class ExpertLoRA(lora.LoRALinear):
 
     def base_param(self) -> nn.Parameter:
         if self.param_name in expert_quant.quantized(innermost(self)):
-            raise RuntimeError(f"{self.qualified_name}: its 8-/4-bit storage cannot take a merged update; "
-                               "dtrain merge folds the adapter into the float checkpoint")
+            raise RuntimeError(
+                f"{self.qualified_name}: its 8-/4-bit storage cannot take a merged update; "
+                "dtrain merge folds the adapter into the float checkpoint"
+            )
         return getattr(innermost(self), self.param_name)
 
     def add_adapter(self, spec: lora.AdapterSpec) -> None:
         variant = variants.for_spec(spec)
         if variant.flag or spec.dropout > 0:  # plain LoRA only
-            raise ConfigError("lora.target_parameters: expert LoRA takes no lora.use_dora and no lora.dropout "
-                              "(as PEFT's ParamWrapper: dropout cannot be factored out of a fused expert weight)")
+            raise ConfigError(
+                "lora.target_parameters: expert LoRA takes no lora.use_dora and no lora.dropout "
+                "(as PEFT's ParamWrapper: dropout cannot be factored out of a fused expert weight)"
+            )
         device = next(innermost(self).parameters()).device
         rank = spec.r * self.num_experts
         self.lora_A[spec.name] = ExpertFactor(self.in_features, rank, "lora_A", self.num_experts, device)
@@ -182,8 +195,9 @@ class ExpertLoRA(lora.LoRALinear):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s B_e A_e for every expert, float32, in the parameter's layout ([E, out, in] or [E, in, out])."""
-        return delta(self.lora_A[name].weight, self.lora_B[name].weight, self.num_experts, self.transposed,
-                     self.scaling[name])
+        return delta(
+            self.lora_A[name].weight, self.lora_B[name].weight, self.num_experts, self.transposed, self.scaling[name]
+        )
 
     def merge(self) -> None:
         if self.merged_adapter is not None:
@@ -244,8 +258,11 @@ def quantize(model: nn.Module, bits: int) -> int:
     those experts run the grouped forward from then on. Returns the experts modules quantized."""
     done = 0
     for module in list(model.modules()):
-        if not isinstance(module, ExpertLoRA) and is_experts_module(module) and \
-                expert_quant.quantize_module(module, bits):
+        if (
+            not isinstance(module, ExpertLoRA)
+            and is_experts_module(module)
+            and expert_quant.quantize_module(module, bits)
+        ):
             _use_grouped_forward(module)
             done += 1
     return done
@@ -270,14 +287,22 @@ def select_parameters(model: nn.Module, targets: list[str]) -> list[tuple[str, s
 def _no_match(model: nn.Module, target: str, listing: str) -> str:
     """The one line for a target_parameters entry that names no 3-D parameter: a 2-D one (a router's
     weight) is said to be refused, as dtrain's LoRA on a parameter is per expert only."""
-    other = next(((unwrapped_name(n), p) for n, p in model.named_parameters()
-                  if unwrapped_name(n) == target or unwrapped_name(n).endswith("." + target)), None)
+    other = next(
+        (
+            (unwrapped_name(n), p)
+            for n, p in model.named_parameters()
+            if unwrapped_name(n) == target or unwrapped_name(n).endswith("." + target)
+        ),
+        None,
+    )
     if other is None:
         return f"lora.target_parameters: {target!r} matches no 3-D parameter; the model has: {listing}"
     shape = list(logical_shape(other[1]))
-    return (f"lora.target_parameters: {target!r} is the {len(shape)}-D parameter {other[0]} {shape}, which dtrain "
-            f"does not adapt (only fused 3-D expert weights: {listing}; a router stays frozen, a linear layer "
-            "goes in lora.targets)")
+    return (
+        f"lora.target_parameters: {target!r} is the {len(shape)}-D parameter {other[0]} {shape}, which dtrain "
+        f"does not adapt (only fused 3-D expert weights: {listing}; a router stays frozen, a linear layer "
+        "goes in lora.targets)"
+    )
 
 
 def inject(model: nn.Module, targets: list[tuple[str, str]], spec: lora.AdapterSpec) -> list[ExpertLoRA]:
@@ -293,8 +318,10 @@ def inject(model: nn.Module, targets: list[tuple[str, str]], spec: lora.AdapterS
         if spec.name in layer.lora_A:
             raise ConfigError(f"{module_name}.{pname}: adapter '{spec.name}' already exists")
         if spec.r > min(layer.in_features, layer.out_features):
-            raise ConfigError(f"lora.r = {spec.r} is larger than min(in, out) = "
-                              f"{min(layer.in_features, layer.out_features)} of {module_name}.{pname}")
+            raise ConfigError(
+                f"lora.r = {spec.r} is larger than min(in, out) = "
+                f"{min(layer.in_features, layer.out_features)} of {module_name}.{pname}"
+            )
         layer.add_adapter(spec)
         wrapped.append(layer)
     return wrapped
@@ -317,8 +344,9 @@ def _is_router(name: str) -> bool:
     return len(parts) > 1 and parts[-1] in ("gate", "router") and parts[-2] in ("mlp", "block_sparse_moe", "moe")
 
 
-def resolve(model: nn.Module, targets: list[str] | str, regex: str | None,
-            target_parameters: list[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
+def resolve(
+    model: nn.Module, targets: list[str] | str, regex: str | None, target_parameters: list[str] | None
+) -> tuple[list[str], list[tuple[str, str]]]:
     """(linear modules, (module, 3-D parameter) pairs) that lora.targets / target_regex /
     target_parameters choose. `experts` takes the fused expert weights (every 3-D parameter of a
     module named `experts`), or, where the experts are nn.Linear modules (older layouts), the linear
@@ -327,16 +355,21 @@ def resolve(model: nn.Module, targets: list[str] | str, regex: str | None,
 
     params = select_parameters(model, list(target_parameters)) if target_parameters else []
     if regex or targets not in (EXPERTS, ALL):
-        modules = [] if _only_parameters(targets, target_parameters) else \
-            presets.select_targets(model, targets if regex else presets.expand(model, targets), regex)
+        modules = (
+            []
+            if _only_parameters(targets, target_parameters)
+            else presets.select_targets(model, targets if regex else presets.expand(model, targets), regex)
+        )
         return modules, params
     fused = [(m, p) for m, p in expert_parameters(model) if m.rsplit(".", 1)[-1] == "experts"]
     linear_experts = [n for n in presets.linear_names(model) if ".experts." in n]
     if not fused and not linear_experts and targets == ALL:
         return [n for n in presets.linear_names(model) if not _is_router(n)], params  # a dense model: all-linear
     if not fused and not linear_experts:
-        raise ConfigError(f"lora.targets = {targets}: the model has no experts (no fused expert weights and "
-                          "no linear layer under '.experts.'); use all-linear or a list of module names")
+        raise ConfigError(
+            f"lora.targets = {targets}: the model has no experts (no fused expert weights and "
+            "no linear layer under '.experts.'); use all-linear or a list of module names"
+        )
     params += [f for f in fused if f not in params]
     modules = linear_experts if not fused else []
     if targets == ALL:
@@ -351,8 +384,11 @@ def _only_parameters(targets: list[str] | str, target_parameters: list[str] | No
 
 def adapted_parameters(model: nn.Module, adapter: str) -> list[tuple[str, str]]:
     """(experts module, parameter) pairs adapter `adapter` adapts, in registration order."""
-    pairs = {(unwrapped_name(n), m.param_name) for n, m in model.named_modules()
-             if isinstance(m, ExpertLoRA) and adapter in m.lora_A}
+    pairs = {
+        (unwrapped_name(n), m.param_name)
+        for n, m in model.named_modules()
+        if isinstance(m, ExpertLoRA) and adapter in m.lora_A
+    }
     return [p for p in expert_parameters(model) if p in pairs]
 
 
@@ -386,5 +422,8 @@ def layout(model: nn.Module, target_parameters: list[str]) -> dict[str, tuple[st
     on the meta device)."""
     pairs = select_parameters(model, list(target_parameters))
     inject(model, pairs, lora.AdapterSpec(name="layout", r=1))
-    return {n: (m.qualified_name, m.num_experts, m.transposed)
-            for n, m in model.named_modules() if isinstance(m, ExpertLoRA)}
+    return {
+        n: (m.qualified_name, m.num_experts, m.transposed)
+        for n, m in model.named_modules()
+        if isinstance(m, ExpertLoRA)
+    }

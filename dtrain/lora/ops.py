@@ -23,8 +23,10 @@ def check_rank(model: nn.Module, names: list[str], r: int) -> None:
     for name in names:
         fan_in, fan_out = layers.linear_dims(model.get_submodule(name))
         if r > min(fan_in, fan_out):
-            raise ConfigError(f"lora.r = {r} is larger than min(in, out) = {min(fan_in, fan_out)} of {name} "
-                              f"({fan_in} -> {fan_out}); use lora.r <= {min(fan_in, fan_out)} or other targets")
+            raise ConfigError(
+                f"lora.r = {r} is larger than min(in, out) = {min(fan_in, fan_out)} of {name} "
+                f"({fan_in} -> {fan_out}); use lora.r <= {min(fan_in, fan_out)} or other targets"
+            )
 
 
 def inject(model: nn.Module, names: list[str], spec: AdapterSpec) -> list[LoRALinear]:
@@ -76,7 +78,9 @@ def freeze_base(model: nn.Module, adapter: str | None = None) -> None:
     """requires_grad only for the adapter parameters (of `adapter`, or of every adapter; not a
     variant's frozen state such as DoRA's `base_norm`)."""
     for name, p in model.named_parameters():
-        trainable = is_lora_param(name) and name.endswith(".weight") and (adapter is None or is_adapter_param(name, adapter))
+        trainable = (
+            is_lora_param(name) and name.endswith(".weight") and (adapter is None or is_adapter_param(name, adapter))
+        )
         p.requires_grad_(trainable)
 
 
@@ -122,7 +126,11 @@ def adapter_state_dict(model: nn.Module, adapter: str, peft_keys: bool = True) -
             if adapter not in getattr(m, kind, {}):
                 continue
             t = getattr(m, kind)[adapter].weight
-            key = to_peft_key(f"{name}.{kind}.{adapter}.weight", adapter) if peft_keys else f"{name}.{kind}.{adapter}.weight"
+            key = (
+                to_peft_key(f"{name}.{kind}.{adapter}.weight", adapter)
+                if peft_keys
+                else f"{name}.{kind}.{adapter}.weight"
+            )
             out[key] = t
     return out
 

@@ -56,8 +56,13 @@ def target_modules(model: nn.Module, modules: list[str]) -> list[str] | str:
     return "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
 
 
-def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None, fan_in_fan_out: bool = False,
-                target_parameters: list[str] | None = None) -> dict:
+def peft_config(
+    cfg: Config,
+    targets: list[str] | str,
+    base_name: str | None,
+    fan_in_fan_out: bool = False,
+    target_parameters: list[str] | None = None,
+) -> dict:
     """adapter_config.json as PEFT writes it for a LoRA adapter (`fan_in_fan_out`: the targets are
     Conv1D layers, weights stored [in, out], as PEFT sets it for GPT-2; `target_parameters`: fused
     expert weights, PEFT 0.21's field, `targets` then [] when no linear layer is adapted). A Hub
@@ -67,13 +72,25 @@ def peft_config(cfg: Config, targets: list[str] | str, base_name: str | None, fa
     shown = hub.display(base_name)
     name, _, revision = shown.partition("@") if hub.commit_of(base_name) else (base_name, "", None)
     return {
-        "target_parameters": target_parameters or None, "revision": revision,
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": name,
-        "r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout,
-        "target_modules": targets, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None, "use_rslora": bool(cfg.lora.use_rslora),
+        "target_parameters": target_parameters or None,
+        "revision": revision,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": name,
+        "r": cfg.lora.r,
+        "lora_alpha": cfg.lora.alpha,
+        "lora_dropout": cfg.lora.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": bool(cfg.lora.use_rslora),
         **{cls.flag: bool(getattr(cfg.lora, cls.flag)) for cls in variants.classes()},  # use_dora
-        "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "lora_bias": False,
     }
 
 
@@ -87,21 +104,29 @@ def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor
     params = experts.peft_target_parameters(model, experts.adapted_parameters(model, name))
     targets = target_modules(model, modules) if modules else []
     fan_in_fan_out = any(getattr(model.get_submodule(m), "fan_in_fan_out", False) for m in modules)
-    files.write_json(out / ADAPTER_CONFIG, peft_config(cfg, targets, cfg.model.path, fan_in_fan_out,
-                                                       target_parameters=params))
+    files.write_json(
+        out / ADAPTER_CONFIG, peft_config(cfg, targets, cfg.model.path, fan_in_fan_out, target_parameters=params)
+    )
 
 
-def save_adapter(backend, cfg: Config, out: Path, tensors: dict[str, torch.Tensor] | None = None,
-                 chat: tuple[str | None, list[int]] | None = None) -> None:
+def save_adapter(
+    backend,
+    cfg: Config,
+    out: Path,
+    tensors: dict[str, torch.Tensor] | None = None,
+    chat: tuple[str | None, list[int]] | None = None,
+) -> None:
     """Gather only the LoRA tensors of the adapter being trained (unless `tensors` are the ones
     already gathered); rank 0 writes `out` atomically, with `chat` (template, stop ids) when given."""
     tensors = gather_adapter(backend, cfg.lora.adapter_name) if tensors is None else tensors
     if not tensors:
         if backend.rank == 0:
-            log.warning("no LoRA parameters for adapter '%s' (mode %s): no adapter written",
-                        cfg.lora.adapter_name, cfg.mode)
+            log.warning(
+                "no LoRA parameters for adapter '%s' (mode %s): no adapter written", cfg.lora.adapter_name, cfg.mode
+            )
         backend.barrier()
         return
+
     def write() -> None:
         tmp = files.staging_dir(out)
         files.fresh_dir(tmp)
@@ -120,8 +145,9 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise DtrainError(f"adapter directory '{d}' not found")
     for f in ADAPTER_FILES:
         if not (d / f).is_file():
-            raise DtrainError(f"adapter directory '{d}': no {f} (a PEFT LoRA adapter has "
-                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+            raise DtrainError(
+                f"adapter directory '{d}': no {f} (a PEFT LoRA adapter has {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})"
+            )
     if (d / files.MARKER).is_file():  # written by dtrain: its checksums must match
         reason = files.verify(d, lambda info: list(ADAPTER_FILES))
         if reason is not None:
@@ -137,8 +163,14 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 # fan_in_fan_out is not here: dtrain's layer reads each base layer's storage (Conv1D or Linear) as
 # PEFT's does, which corrects the flag per layer.
-_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save",
-                "lora_bias", "layer_replication", "trainable_token_indices")
+_UNSUPPORTED = (
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "lora_bias",
+    "layer_replication",
+    "trainable_token_indices",
+)
 
 
 def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> AdapterSpec:
@@ -152,8 +184,14 @@ def adapter_spec_from_peft(config: dict, name: str, source: str | Path) -> Adapt
         raise DtrainError(f"{source}: PEFT option(s) {', '.join(used)} not supported by dtrain's LoRA layer")
     r, alpha = _number(config, "r", int, source), _number(config, "lora_alpha", float, source)
     flags = {cls.flag: bool(config.get(cls.flag)) for cls in variants.classes()}  # use_dora
-    return AdapterSpec(name=name, r=r, alpha=alpha, dropout=float(config.get("lora_dropout") or 0.0),
-                       use_rslora=bool(config.get("use_rslora")), **flags)
+    return AdapterSpec(
+        name=name,
+        r=r,
+        alpha=alpha,
+        dropout=float(config.get("lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora")),
+        **flags,
+    )
 
 
 def _number(config: dict, key: str, kind: type, source: str | Path) -> int | float:
@@ -169,20 +207,24 @@ def _number(config: dict, key: str, kind: type, source: str | Path) -> int | flo
     return kind(value)
 
 
-def check_rank(modules: dict[str, dict[str, torch.Tensor]], r: int, source: str | Path,
-               num_experts: dict[str, int] | None = None) -> None:
+def check_rank(
+    modules: dict[str, dict[str, torch.Tensor]], r: int, source: str | Path, num_experts: dict[str, int] | None = None
+) -> None:
     """Every A is (r, in) and every B (out, r), with the config's r; an expert parameter's
     (modules in `num_experts`) are (r * E, in) and (out, r * E), PEFT's ParamWrapper layout."""
     for name, ab in sorted(modules.items()):
         a, b = ab["lora_A"].shape, ab["lora_B"].shape
         rank = r * (num_experts or {}).get(name, 1)
         if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
-            raise DtrainError(f"{Path(source) / ADAPTER_CONFIG}: 'r' = {r}, but {name}.lora_A has shape {list(a)} "
-                              f"and lora_B {list(b)} in {ADAPTER_WEIGHTS} (rank {a[0]})")
+            raise DtrainError(
+                f"{Path(source) / ADAPTER_CONFIG}: 'r' = {r}, but {name}.lora_A has shape {list(a)} "
+                f"and lora_B {list(b)} in {ADAPTER_WEIGHTS} (rank {a[0]})"
+            )
 
 
-def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path,
-                    spec: AdapterSpec | None = None) -> dict[str, dict[str, torch.Tensor]]:
+def adapter_modules(
+    tensors: dict[str, torch.Tensor], source: str | Path, spec: AdapterSpec | None = None
+) -> dict[str, dict[str, torch.Tensor]]:
     """{module name: {"lora_A": A, "lora_B": B[, "lora_magnitude_vector": m]}} from PEFT-keyed
     adapter tensors; every module has the state of `spec`'s variant (DoRA: its magnitude), and no
     other variant's (no spec: plain LoRA)."""
@@ -199,8 +241,11 @@ def adapter_modules(tensors: dict[str, torch.Tensor], source: str | Path,
         if set(ab) != want:
             extra = sorted(set(ab) - want)
             owner = variants.owner(extra[0]) if extra else None
-            what = f"has only {', '.join(sorted(ab))}" if set(ab) < want else \
-                f"has a {owner.title} but {owner.flag} is not set in adapter_config.json"
+            what = (
+                f"has only {', '.join(sorted(ab))}"
+                if set(ab) < want
+                else f"has a {owner.title} but {owner.flag} is not set in adapter_config.json"
+            )
             raise DtrainError(f"{source}: module '{module}' {what}")
     return out
 
@@ -220,8 +265,10 @@ def _check_shapes(model: nn.Module, modules: dict, spec: AdapterSpec, source: st
         want.update({kind: variant.saved_shape(kind, fan_in, fan_out) for kind in variant.state})
         for kind, t in ab.items():
             if tuple(t.shape) != want[kind]:
-                raise DtrainError(f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "
-                                  f"{list(want[kind])} (adapter for another base?)")
+                raise DtrainError(
+                    f"{source}: {name}.{kind} has shape {list(t.shape)}, the model needs "
+                    f"{list(want[kind])} (adapter for another base?)"
+                )
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> AdapterSpec:
@@ -243,8 +290,10 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         if isinstance(layer, LoRALinear) and name in layer.lora_A:
             raise DtrainError(f"{directory}: the model already has an adapter named '{name}'")
     if wrapped - set(modules):
-        raise DtrainError(f"{directory}: target_parameters name {sorted(wrapped - set(modules))[0]}, which "
-                          f"{ADAPTER_WEIGHTS} has no LoRA tensors for")
+        raise DtrainError(
+            f"{directory}: target_parameters name {sorted(wrapped - set(modules))[0]}, which "
+            f"{ADAPTER_WEIGHTS} has no LoRA tensors for"
+        )
     ops.inject(model, sorted(set(modules) - wrapped), spec)
     if active is not None and not any(m.merged_adapter for _, m in ops.lora_modules(model)):
         ops.set_adapter(model, active)  # layers new to this adapter must not switch on their own

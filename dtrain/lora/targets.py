@@ -35,21 +35,32 @@ PRESETS = ("attention-qv", "attention", "mlp", ALL_LINEAR)
 
 # family -> preset -> pattern on the end of a module name (preceded by '.' or the start)
 FAMILIES: dict[str, dict[str, str]] = {
-    "llama": {"attention-qv": r"self_attn\.(q_proj|v_proj)",
-              "attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",
-              "mlp": r"mlp\.(gate_proj|up_proj|down_proj)"},
-    "gpt2": {"attention-qv": r"attn\.c_attn",
-             "attention": r"attn\.(c_attn|c_proj)",
-             "mlp": r"mlp\.(c_fc|c_proj)"},
-    "bert": {"attention-qv": r"attention\.self\.(query|value)",
-             "attention": r"attention\.(self\.(query|key|value)|output\.dense)",
-             "mlp": r"(intermediate\.dense|(?<!attention\.)output\.dense)"},
+    "llama": {
+        "attention-qv": r"self_attn\.(q_proj|v_proj)",
+        "attention": r"self_attn\.(q_proj|k_proj|v_proj|o_proj)",
+        "mlp": r"mlp\.(gate_proj|up_proj|down_proj)",
+    },
+    "gpt2": {"attention-qv": r"attn\.c_attn", "attention": r"attn\.(c_attn|c_proj)", "mlp": r"mlp\.(c_fc|c_proj)"},
+    "bert": {
+        "attention-qv": r"attention\.self\.(query|value)",
+        "attention": r"attention\.(self\.(query|key|value)|output\.dense)",
+        "mlp": r"(intermediate\.dense|(?<!attention\.)output\.dense)",
+    },
 }
 # config.model_type -> family (same module names)
 MODEL_TYPES = {
-    "llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "gemma": "llama",
-    "gemma2": "llama", "gemma3_text": "llama", "olmo": "llama", "olmo2": "llama",
-    "gpt2": "gpt2", "bert": "bert", "roberta": "bert",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma": "llama",
+    "gemma2": "llama",
+    "gemma3_text": "llama",
+    "olmo": "llama",
+    "olmo2": "llama",
+    "gpt2": "gpt2",
+    "bert": "bert",
+    "roberta": "bert",
 }
 
 
@@ -67,8 +78,10 @@ def family_of(names: list[str], model_type: str | None = None) -> str:
         if any(_matches(n, patterns["attention"]) for n in names):
             return fam
     known = ", ".join(sorted(k for k, v in MODEL_TYPES.items() if v))
-    raise ConfigError(f"lora.targets: no target preset for model_type '{model_type}' (presets know: {known}); "
-                      "list module-name suffixes (e.g. [q_proj, v_proj]) or use all-linear")
+    raise ConfigError(
+        f"lora.targets: no target preset for model_type '{model_type}' (presets know: {known}); "
+        "list module-name suffixes (e.g. [q_proj, v_proj]) or use all-linear"
+    )
 
 
 def resolve_names(names: list[str], preset: str, model_type: str | None = None) -> list[str]:
@@ -79,8 +92,10 @@ def resolve_names(names: list[str], preset: str, model_type: str | None = None) 
     pattern = FAMILIES[family][preset]
     chosen = [n for n in names if _matches(n, pattern)]
     if not chosen:
-        raise ConfigError(f"lora.targets = {preset}: no module of this {family}-family model matches "
-                          f"{pattern!r}; list module-name suffixes or use all-linear")
+        raise ConfigError(
+            f"lora.targets = {preset}: no module of this {family}-family model matches "
+            f"{pattern!r}; list module-name suffixes or use all-linear"
+        )
     return chosen
 
 
@@ -99,7 +114,9 @@ def linear_names(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             names.append(name)
-        elif layers.is_linear(module) and name not in head and ".lora_" not in name and not name.endswith(".base_layer"):
+        elif (
+            layers.is_linear(module) and name not in head and ".lora_" not in name and not name.endswith(".base_layer")
+        ):
             names.append(name)
     return names
 
@@ -122,8 +139,10 @@ def select_targets(model: nn.Module, targets: list[str] | str, regex: str | None
     if not regex and targets != "all-linear":
         unmatched = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
         if unmatched:
-            raise ConfigError(f"{what}: {', '.join(unmatched)} matches no linear module a LoRA adapter can "
-                              f"target (never the output head); the model has: {kinds}")
+            raise ConfigError(
+                f"{what}: {', '.join(unmatched)} matches no linear module a LoRA adapter can "
+                f"target (never the output head); the model has: {kinds}"
+            )
     return chosen
 
 

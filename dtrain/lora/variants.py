@@ -45,8 +45,9 @@ class LoraVariant:
     def reset(self, layer: nn.Module, name: str) -> None:
         """Set the variant's state to its exact starting value (A and B are already reset)."""
 
-    def initial_state(self, layer: nn.Module, name: str, leaf: str,
-                      read: Callable[[slice | None], torch.Tensor], rows: slice | None) -> torch.Tensor:
+    def initial_state(
+        self, layer: nn.Module, name: str, leaf: str, read: Callable[[slice | None], torch.Tensor], rows: slice | None
+    ) -> torch.Tensor:
         """The starting value of `<kind>.<name>.<leaf>` (rows of it) from the base weight's source:
         `read(rows)` gives the float checkpoint weight (for a sharded or empty model)."""
         raise KeyError(f"{layer.qualified_name}: plain LoRA has no state '{leaf}'")
@@ -55,8 +56,7 @@ class LoraVariant:
         """The shape state `kind` is saved with in the adapter file, for a layer fan_in -> fan_out."""
         raise KeyError(f"plain LoRA has no state '{kind}'")
 
-    def forward(self, layer: nn.Module, name: str, x: torch.Tensor, h: torch.Tensor,
-                out: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: nn.Module, name: str, x: torch.Tensor, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The layer's output, given `out` = base_layer(x) (bias included) and `h` = x in the LoRA dtype."""
         a, b = layer.lora_A[name], layer.lora_B[name]
         return out + (b(a(layer.lora_dropout[name](h))) * layer.scaling[name]).to(out.dtype)

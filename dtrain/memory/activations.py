@@ -30,8 +30,11 @@ def layer_activation_bytes(spec: ModelSpec, plan: Any) -> float:
     ((2*act_bytes + 1)*a*s B per token); sdpa/flash saves a fp32 logsumexp (4*a B).
     For GPT-3 shapes (dq = dkv = h, f = 4h) this is exactly 34 s*b*h (+ 5 a s^2 b eager).
     """
-    return plan.seq_len * plan.batch * (plan.param_bytes * _layer_elements(spec) + 2 * spec.hidden_size
-                                        + _score_bytes(spec, plan))
+    return (
+        plan.seq_len
+        * plan.batch
+        * (plan.param_bytes * _layer_elements(spec) + 2 * spec.hidden_size + _score_bytes(spec, plan))
+    )
 
 
 def _layer_elements(spec: ModelSpec) -> int:
@@ -59,8 +62,15 @@ def lora_layer_bytes(spec: ModelSpec, plan: Any, lora: tuple[LinearModule, ...])
     attn_in = every or any(_in_attention(lin) and lin.in_features == h for lin in lora)
     mlp_in = every or any(not _in_attention(lin) and lin.in_features == h for lin in lora)
     down = every or any(not _in_attention(lin) and lin.in_features != h for lin in lora)
-    elements = 2 * h + (h if attn_in else 0) + (dq + 2 * dkv) + dq + (h if mlp_in else 0) \
-        + (3 if spec.gated_mlp else 1) * f + (f if down else 0)
+    elements = (
+        2 * h
+        + (h if attn_in else 0)
+        + (dq + 2 * dkv)
+        + dq
+        + (h if mlp_in else 0)
+        + (3 if spec.gated_mlp else 1) * f
+        + (f if down else 0)
+    )
     return plan.seq_len * plan.batch * (plan.param_bytes * elements + _score_bytes(spec, plan))
 
 
@@ -112,8 +122,10 @@ def layers_bytes(spec: ModelSpec, plan: Any, lora: tuple[LinearModule, ...] = ()
     if ckpt == 0:
         return layers * full_layer
     if plan.grad_checkpointing == "attention":
-        attention = tokens * (plan.param_bytes * _attention_elements(spec) + _score_bytes(spec, plan)) \
+        attention = (
+            tokens * (plan.param_bytes * _attention_elements(spec) + _score_bytes(spec, plan))
             + _lora_bytes(plan, lora, attention_only=True) / layers
+        )
         return layers * full_layer - ckpt * attention + attention
     inputs = ckpt * tokens * spec.hidden_size * plan.param_bytes
     return (layers - ckpt) * full_layer + inputs + full_layer
@@ -146,7 +158,6 @@ def loss_chunk_tokens(spec: ModelSpec, plan: Any) -> int:
     return plan.loss_chunk or max(1, LOSS_CHUNK_BUDGET // (4 * spec.vocab_size))
 
 
-def activation_bytes(spec: ModelSpec, plan: Any, lora: tuple[LinearModule, ...] = (),
-                     chunked: bool = False) -> float:
+def activation_bytes(spec: ModelSpec, plan: Any, lora: tuple[LinearModule, ...] = (), chunked: bool = False) -> float:
     """Saved activations on one GPU: the layers (``layers_bytes``) plus the loss's saved tensors."""
     return layers_bytes(spec, plan, lora) + loss_saved_bytes(spec, plan, chunked)

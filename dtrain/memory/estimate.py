@@ -33,8 +33,13 @@ ATTENTION = ("sdpa", "eager")
 ALL_LINEAR = "all-linear"
 NF4_BLOCK = 64
 CATEGORIES = (
-    "frozen_weights", "trainable_params", "gradients", "optimizer_state", "gathered_unit",
-    "activations", "loss_logits",
+    "frozen_weights",
+    "trainable_params",
+    "gradients",
+    "optimizer_state",
+    "gathered_unit",
+    "activations",
+    "loss_logits",
 )
 CHECKPOINTING = (False, True, "attention")
 
@@ -51,8 +56,7 @@ ASSUMPTIONS = (
     "b*s*V*4, or with the chunked loss (default for LoRA) the hidden-state gradient b*s*h",
     "LoRA model states per tensor as each backend cuts it: FSDP2 ceil(dim0/N) rows, ZeRO-3 "
     "ceil(numel/N) elements; plus AdamW's 4-byte step tensors",
-    "loss logits (transient): the micro-batch's logits, or one chunk's, in the compute dtype "
-    "plus an fp32 copy",
+    "loss logits (transient): the micro-batch's logits, or one chunk's, in the compute dtype plus an fp32 copy",
     "not counted: CUDA context, fragmentation, comm buckets, optimizer-step transients",
 )
 
@@ -96,8 +100,9 @@ class Plan:
         _check_choice("param_dtype", self.param_dtype, tuple(DTYPE_BYTES))
         _check_choice("attention", self.attention, ATTENTION)
         if self.grad_checkpointing not in CHECKPOINTING:
-            raise ConfigError("grad_checkpointing must be one of false, true, attention, got "
-                              f"{self.grad_checkpointing!r}")
+            raise ConfigError(
+                f"grad_checkpointing must be one of false, true, attention, got {self.grad_checkpointing!r}"
+            )
         if self.chunked_loss not in (True, False, "auto"):
             raise ConfigError(f"chunked_loss must be true, false or auto, got {self.chunked_loss!r}")
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
@@ -218,6 +223,7 @@ def parse_targets(text: str) -> tuple[str, ...]:
         raise ConfigError(f"targets must name at least one module, got {text!r}")
     return targets
 
+
 # ----------------------------------------------------------------------------- arithmetic
 
 
@@ -235,8 +241,9 @@ def targeted_linears(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearM
     missing = [t for t in targets if not any(lin.matches(t) for lin in spec.linears)]
     if missing:
         names = ", ".join(sorted({lin.name.rsplit(".", 1)[-1] for lin in spec.linears}))
-        raise ConfigError(f"LoRA targets {', '.join(missing)} match no linear layer of "
-                         f"{spec.name} (its linears: {names})")
+        raise ConfigError(
+            f"LoRA targets {', '.join(missing)} match no linear layer of {spec.name} (its linears: {names})"
+        )
     return tuple(lin for lin in spec.linears if any(lin.matches(t) for t in targets))
 
 
@@ -351,8 +358,9 @@ def _lora_unit_bytes(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, .
 def lora_breakdown(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...]) -> Breakdown:
     """LoRA: frozen (maybe quantized) base sharded over N; fp32 adapters with fp32 AdamW; each
     tensor cut as the backend cuts it (dtrain/memory/shards.py), rank 0's share."""
-    states = shards.lora_model_states(spec, targets, plan.rank, plan.bits, plan.param_bytes,
-                                      plan.world_size, plan.backend)
+    states = shards.lora_model_states(
+        spec, targets, plan.rank, plan.bits, plan.param_bytes, plan.world_size, plan.backend
+    )
     return Breakdown(
         **states,
         gathered_unit=_lora_unit_bytes(spec, plan, targets),
@@ -365,7 +373,10 @@ def estimate(spec: ModelSpec, plan: Plan) -> Estimate:
     """Per-GPU memory by category for full fine-tuning and for LoRA (pure arithmetic)."""
     targets = targeted_linears(spec, plan.targets)
     return Estimate(
-        spec=spec, plan=plan, lora_targets=targets,
+        spec=spec,
+        plan=plan,
+        lora_targets=targets,
         lora_params=lora_param_count(targets, plan.rank),
-        full=full_ft_breakdown(spec, plan), lora=lora_breakdown(spec, plan, targets),
+        full=full_ft_breakdown(spec, plan),
+        lora=lora_breakdown(spec, plan, targets),
     )

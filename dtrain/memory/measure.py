@@ -41,11 +41,9 @@ if TYPE_CHECKING:
 
 MODEL_STATES = ("frozen_weights", "trainable_params", "gradients", "optimizer_state")
 CATEGORIES = (*MODEL_STATES, "activations")
-PROCESS = ("rss_bytes", "rss_peak_bytes", "cuda_allocated", "cuda_max_allocated",
-           "cuda_max_reserved")
+PROCESS = ("rss_bytes", "rss_peak_bytes", "cuda_allocated", "cuda_max_allocated", "cuda_max_reserved")
 # Every numeric field of a per-rank row, in the order used by `gather_rows` (same on all ranks).
-ROW_FIELDS = (*CATEGORIES, "model_states", "frozen_numel", "trainable_numel",
-              "saved_param_bytes", *PROCESS)
+ROW_FIELDS = (*CATEGORIES, "model_states", "frozen_numel", "trainable_numel", "saved_param_bytes", *PROCESS)
 
 
 # ---- tensor accounting ---------------------------------------------------------------------
@@ -141,8 +139,9 @@ class SavedTensorCounter:
 
     def __enter__(self) -> SavedTensorCounter:
         """Install the pack hook and the checkpointed-layer input hooks."""
-        self._handles = [m.register_forward_pre_hook(self._layer_inputs, with_kwargs=True)
-                         for m in _checkpointed_layers(self.model)]
+        self._handles = [
+            m.register_forward_pre_hook(self._layer_inputs, with_kwargs=True) for m in _checkpointed_layers(self.model)
+        ]
         self._ctx.__enter__()
         return self
 
@@ -196,9 +195,12 @@ def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
         from transformers.modeling_layers import GradientCheckpointingLayer
     except ImportError:  # pragma: no cover - older transformers
         return []
-    return [m for m in model.modules()  # HF's layers, and attention modules dtrain checkpoints (step_opts.py)
-            if (isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False))
-            or getattr(m, "_dtrain_checkpointed", False)]
+    return [
+        m
+        for m in model.modules()  # HF's layers, and attention modules dtrain checkpoints (step_opts.py)
+        if (isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False))
+        or getattr(m, "_dtrain_checkpointed", False)
+    ]
 
 
 # ---- gathering -------------------------------------------------------------------------------
@@ -206,11 +208,9 @@ def gather_rows(backend: "Backend", row: dict[str, float]) -> list[dict[str, flo
     """Every rank's `row` (ROW_FIELDS), on every rank, with one all_reduce_sum. Collective."""
     world = backend.world_size
     table = torch.zeros(world, len(ROW_FIELDS), dtype=torch.float64)
-    table[backend.rank] = torch.tensor([float(row.get(k, math.nan)) for k in ROW_FIELDS],
-                                       dtype=torch.float64)
+    table[backend.rank] = torch.tensor([float(row.get(k, math.nan)) for k in ROW_FIELDS], dtype=torch.float64)
     table = backend.all_reduce_sum(table)
-    return [{k: (None if math.isnan(v) else int(v)) for k, v in zip(ROW_FIELDS, values.tolist())}
-            for values in table]
+    return [{k: (None if math.isnan(v) else int(v)) for k, v in zip(ROW_FIELDS, values.tolist())} for values in table]
 
 
 def snapshot(backend: "Backend") -> dict[str, Any]:
@@ -230,9 +230,11 @@ def summary_line(snap: dict[str, Any]) -> str:
     """One log line from a `snapshot`: per rank model states and peak RSS / CUDA, in MiB."""
     parts = []
     for i, r in enumerate(snap["ranks"]):
-        text = (f"rank {i}: frozen {_mib(r['frozen_weights'])}, trainable "
-                f"{_mib(r['trainable_params'])}, optimizer {_mib(r['optimizer_state'])}, "
-                f"peak RSS {_mib(r.get('rss_peak_bytes'))}")
+        text = (
+            f"rank {i}: frozen {_mib(r['frozen_weights'])}, trainable "
+            f"{_mib(r['trainable_params'])}, optimizer {_mib(r['optimizer_state'])}, "
+            f"peak RSS {_mib(r.get('rss_peak_bytes'))}"
+        )
         if r.get("cuda_max_allocated") is not None:
             text += f", peak CUDA {_mib(r['cuda_max_allocated'])}"
         parts.append(text)
@@ -269,8 +271,7 @@ def measured_steps(trainer: "Trainer", steps: int) -> dict[str, float]:
     watch = _Probe(backend)
     for step in range(steps):
         batches, _ = trainer.step_batches(step)
-        step_lib.train_step(backend, batches, watch=watch if step == steps - 1 else None,
-                            objective=trainer.objective)
+        step_lib.train_step(backend, batches, watch=watch if step == steps - 1 else None, objective=trainer.objective)
     row = {**watch.row, **process_memory(backend.device)}
     row["model_states"] = sum(row[k] for k in MODEL_STATES)
     return row
@@ -288,5 +289,8 @@ class _Probe(step_lib.StepWatch):
         return self.counter
 
     def before_optimizer_step(self) -> None:
-        self.row = {**model_state_bytes(self.backend), "activations": self.counter.activation_bytes,
-                    "saved_param_bytes": self.counter.param_bytes}
+        self.row = {
+            **model_state_bytes(self.backend),
+            "activations": self.counter.activation_bytes,
+            "saved_param_bytes": self.counter.param_bytes,
+        }

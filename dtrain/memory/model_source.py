@@ -34,8 +34,10 @@ def resolve_model(arg: str) -> tuple[str, dict[str, Any]]:
         return hub.parse(arg)[0].split("/")[1], read_config_json(snapshot)
     if not path.exists() and ("/" in arg or arg.startswith(".")):
         raise ConfigError(f"estimate: --model {arg!r}: no such directory or file")
-    raise ConfigError(f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "
-                     "model directory, a config.json or a YAML config")
+    raise ConfigError(
+        f"estimate: --model {arg!r} is not a preset ({', '.join(PRESETS)}), a "
+        "model directory, a config.json or a YAML config"
+    )
 
 
 SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -56,8 +58,9 @@ def read_config_json(path: Path) -> dict[str, Any]:
     """The HF config of a model directory (its config.json) or of a JSON file."""
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise ConfigError(f"estimate: {path} has no config.json" if path.is_dir()
-                         else f"estimate: file not found: {path}")
+        raise ConfigError(
+            f"estimate: {path} has no config.json" if path.is_dir() else f"estimate: file not found: {path}"
+        )
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -94,8 +97,7 @@ def load_yaml_model_config(path: Path) -> dict[str, Any]:
         if not target.is_dir() and (shipped / "config.json").is_file():
             target = shipped
         if not target.is_dir():
-            raise ConfigError(f"estimate: {path}: model.path = {model['path']!r}: directory "
-                             "not found")
+            raise ConfigError(f"estimate: {path}: model.path = {model['path']!r}: directory not found")
         return read_config_json(target)
     raise ConfigError(f"estimate: {path}: set model.arch (inline HF config) or model.path")
 

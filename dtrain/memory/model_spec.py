@@ -24,25 +24,44 @@ _IGNORED_KEYS = frozenset({"quantization_config", "auto_map"})
 PRESETS: dict[str, dict[str, Any]] = {
     # Llama-2-7B (LLaMA-1 7B has the same shapes): 6,738,415,616 parameters.
     "llama-7b": {
-        "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
     },
     # Llama-2-70B (grouped-query attention, 8 KV heads): 68,976,648,192 parameters.
     "llama-70b": {
-        "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
-        "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-        "vocab_size": 32000, "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "model_type": "llama",
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
     },
     # GPT-3 175B (Brown et al. 2020) as an OPT config: OPT is GPT-3's architecture (pre-LN,
     # learned positions, 4*d GeLU MLP, biases, tied embeddings) with separate q/k/v
     # projections, so LoRA can target q_proj,v_proj as the LoRA paper did. OPT keeps two
     # extra position rows (+24,576 parameters): 174,604,283,904 parameters.
     "gpt3-175b": {
-        "model_type": "opt", "hidden_size": 12288, "ffn_dim": 49152, "num_hidden_layers": 96,
-        "num_attention_heads": 96, "vocab_size": 50257, "max_position_embeddings": 2048,
-        "word_embed_proj_dim": 12288, "activation_function": "gelu",
-        "do_layer_norm_before": True, "tie_word_embeddings": True,
+        "model_type": "opt",
+        "hidden_size": 12288,
+        "ffn_dim": 49152,
+        "num_hidden_layers": 96,
+        "num_attention_heads": 96,
+        "vocab_size": 50257,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 12288,
+        "activation_function": "gelu",
+        "do_layer_norm_before": True,
+        "tie_word_embeddings": True,
     },
 }
 
@@ -113,7 +132,6 @@ class ModelSpec:
         if not self.active_params:
             object.__setattr__(self, "active_params", self.total_params)
 
-
     @property
     def largest_module_params(self) -> int:
         """Largest module by its own parameters: DeepSpeed's ``largest_layer_params``."""
@@ -143,9 +161,7 @@ def spec_from_config(cfg: Mapping[str, Any], name: str = "model") -> ModelSpec:
         if _is_llama_like(cfg):
             return spec_from_llama_arithmetic(cfg, name)
         reason = " ".join(str(err).split())[:200]
-        raise ConfigError(
-            f"{name}: transformers cannot build model_type {cfg['model_type']!r} ({reason})"
-        ) from err
+        raise ConfigError(f"{name}: transformers cannot build model_type {cfg['model_type']!r} ({reason})") from err
     dims = _dims(lambda key: getattr(hf_cfg, key, None), name)
     return _spec_from_model(model, dims, name)
 
@@ -183,8 +199,7 @@ def _dims(get: Callable[[str], Any], name: str) -> dict[str, Any]:
 
 
 def _is_llama_like(cfg: Mapping[str, Any]) -> bool:
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "vocab_size")
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     return all(isinstance(cfg.get(k), int) and cfg.get(k) > 0 for k in keys)
 
 
@@ -206,8 +221,10 @@ def _decoder_blocks(model: nn.Module, num_layers: int) -> list[nn.Module]:
 
     blocks = layers.decoder_blocks(model)
     if len(blocks) != num_layers:
-        raise ConfigError(f"cannot find the {num_layers} decoder blocks of {type(model).__name__} "
-                          f"(found {len(blocks)} modules of its _no_split_modules)")
+        raise ConfigError(
+            f"cannot find the {num_layers} decoder blocks of {type(model).__name__} "
+            f"(found {len(blocks)} modules of its _no_split_modules)"
+        )
     return blocks
 
 
@@ -261,8 +278,9 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
     linears, linear_ids = _block_linears(blocks)
     from torch import nn
 
-    emb = {id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
-           for p in m.parameters(recurse=False)}
+    emb = {
+        id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)
+    }
     from dtrain.model import layers
 
     head = layers.output_head(model)
@@ -271,17 +289,25 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
     total = sum(params.values())
     others = (_own_params(m) for m in model.modules() if id(m) not in linear_ids)
     in_linears = {id(p) for m in model.modules() if id(m) in linear_ids for p in m.parameters()}
-    other_shapes = _shape_counts(p.shape for p in {id(p): p for p in model.parameters()}.values()
-                                 if id(p) not in in_linears and p.dim() != 3)  # 3-D: fused experts, in `linears`
+    other_shapes = _shape_counts(
+        p.shape for p in {id(p): p for p in model.parameters()}.values() if id(p) not in in_linears and p.dim() != 3
+    )  # 3-D: fused experts, in `linears`
     return ModelSpec(
-        name=name, total_params=total, embedding_params=sum(emb.values()),
-        head_params=sum(n for i, n in head_own.items() if i not in emb), linears=linears,
+        name=name,
+        total_params=total,
+        embedding_params=sum(emb.values()),
+        head_params=sum(n for i, n in head_own.items() if i not in emb),
+        linears=linears,
         tied_embeddings=head is not None and id(head.weight) in emb,
         gated_mlp=any(lin.matches("gate_proj") for lin in linears),
-        block_params=max(block_sizes), non_block_params=total - sum(block_sizes),
-        largest_other_module_params=max(others, default=0), source="meta",
-        expert_params=_active_params(model, total)[0], active_params=_active_params(model, total)[1],
-        other_shapes=other_shapes, **dims,
+        block_params=max(block_sizes),
+        non_block_params=total - sum(block_sizes),
+        largest_other_module_params=max(others, default=0),
+        source="meta",
+        expert_params=_active_params(model, total)[0],
+        active_params=_active_params(model, total)[1],
+        other_shapes=other_shapes,
+        **dims,
     )
 
 
@@ -318,11 +344,19 @@ def spec_from_llama_arithmetic(cfg: Mapping[str, Any], name: str = "model") -> M
     tied = bool(cfg.get("tie_word_embeddings", False))
     non_block = vocab * h * (1 if tied else 2) + h
     return ModelSpec(
-        name=name, total_params=layers * block + non_block, embedding_params=vocab * h,
-        head_params=0 if tied else vocab * h, linears=linears, tied_embeddings=tied,
-        gated_mlp=True, block_params=block, non_block_params=non_block,
-        largest_other_module_params=vocab * h, source="arithmetic",
-        other_shapes=_shape_counts([(vocab, h)] * (1 if tied else 2) + [(h,)] * (2 * layers + 1)), **d,
+        name=name,
+        total_params=layers * block + non_block,
+        embedding_params=vocab * h,
+        head_params=0 if tied else vocab * h,
+        linears=linears,
+        tied_embeddings=tied,
+        gated_mlp=True,
+        block_params=block,
+        non_block_params=non_block,
+        largest_other_module_params=vocab * h,
+        source="arithmetic",
+        other_shapes=_shape_counts([(vocab, h)] * (1 if tied else 2) + [(h,)] * (2 * layers + 1)),
+        **d,
     )
 
 

@@ -29,8 +29,18 @@ PAPER_NOTE = (
 def paper_plan() -> Plan:
     """The LoRA paper's GPT-3 setting: fp16, r=4 on W_q and W_v; 64 GPUs (any N gives the
     same cluster model states; N only changes the per-GPU gathered unit and activations)."""
-    return Plan(gpus=8, nodes=8, backend="fsdp", bits=16, rank=4, targets=("q_proj", "v_proj"),
-                batch=1, seq_len=2048, param_dtype="fp16", grad_checkpointing=True)
+    return Plan(
+        gpus=8,
+        nodes=8,
+        backend="fsdp",
+        bits=16,
+        rank=4,
+        targets=("q_proj", "v_proj"),
+        batch=1,
+        seq_len=2048,
+        param_dtype="fp16",
+        grad_checkpointing=True,
+    )
 
 
 def paper_gpt3_comparison() -> dict[str, Any]:
@@ -54,15 +64,20 @@ def paper_gpt3_comparison() -> dict[str, Any]:
         "lora_trainable_params": est.lora_params,
         "adapter_fp16_bytes": 2 * est.lora_params,
         "paper": {
-            "full_bytes": PAPER_FULL_BYTES, "lora_bytes": PAPER_LORA_BYTES,
+            "full_bytes": PAPER_FULL_BYTES,
+            "lora_bytes": PAPER_LORA_BYTES,
             "ratio": PAPER_FULL_BYTES / PAPER_LORA_BYTES,
             "full_bytes_per_param": PAPER_FULL_BYTES / PAPER_PARAMS,
             "lora_bytes_per_param": PAPER_LORA_BYTES / PAPER_PARAMS,
         },
         "ours": {
-            "full_bytes": full, "lora_bytes": lora, "ratio": full / lora,
-            "full_bytes_per_param": full / p, "lora_bytes_per_param": lora / p,
-            "full_per_gpu_total": est.full.total, "lora_per_gpu_total": est.lora.total,
+            "full_bytes": full,
+            "lora_bytes": lora,
+            "ratio": full / lora,
+            "full_bytes_per_param": full / p,
+            "lora_bytes_per_param": lora / p,
+            "full_per_gpu_total": est.full.total,
+            "lora_per_gpu_total": est.lora.total,
         },
         "other_accountings": {
             "fp16 weights + fp16 Adam m, v (6 B/param)": 6 * p,
@@ -76,26 +91,43 @@ def paper_comparison_markdown(result: dict[str, Any] | None = None) -> str:
     r = result if result is not None else paper_gpt3_comparison()
     pa, us, n = r["paper"], r["ours"], r["world_size"]
     rows = [
-        ("LoRA paper, Sec. 4.2 (cluster total)", _tb(pa["full_bytes"]), _gb(pa["lora_bytes"]),
-         f"{pa['ratio']:.1f}x"),
-        ("paper, bytes per parameter (/ 175e9)", f"{pa['full_bytes_per_param']:.2f}",
-         f"{pa['lora_bytes_per_param']:.2f}", ""),
-        ("dtrain model states, summed over the GPUs", _tb(us["full_bytes"]), _gb(us["lora_bytes"]),
-         f"{us['ratio']:.1f}x"),
-        ("dtrain, bytes per parameter", f"{us['full_bytes_per_param']:.2f}",
-         f"{us['lora_bytes_per_param']:.3f}", ""),
-        (f"dtrain per-GPU total incl. gathered unit + activations (b=1, s=2048, ckpt), x {n}",
-         _tb(us["full_per_gpu_total"] * n), _gb(us["lora_per_gpu_total"] * n), ""),
+        ("LoRA paper, Sec. 4.2 (cluster total)", _tb(pa["full_bytes"]), _gb(pa["lora_bytes"]), f"{pa['ratio']:.1f}x"),
+        (
+            "paper, bytes per parameter (/ 175e9)",
+            f"{pa['full_bytes_per_param']:.2f}",
+            f"{pa['lora_bytes_per_param']:.2f}",
+            "",
+        ),
+        (
+            "dtrain model states, summed over the GPUs",
+            _tb(us["full_bytes"]),
+            _gb(us["lora_bytes"]),
+            f"{us['ratio']:.1f}x",
+        ),
+        ("dtrain, bytes per parameter", f"{us['full_bytes_per_param']:.2f}", f"{us['lora_bytes_per_param']:.3f}", ""),
+        (
+            f"dtrain per-GPU total incl. gathered unit + activations (b=1, s=2048, ckpt), x {n}",
+            _tb(us["full_per_gpu_total"] * n),
+            _gb(us["lora_per_gpu_total"] * n),
+            "",
+        ),
     ]
     rows += [(name, _tb(v), "", "") for name, v in r["other_accountings"].items()]
-    lines = ["| GPT-3 175B | full fine-tuning | LoRA r=4, W_q W_v | full / LoRA |",
-             "|---|---:|---:|---:|"]
+    lines = ["| GPT-3 175B | full fine-tuning | LoRA r=4, W_q W_v | full / LoRA |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    lines.append(f"\nParameters: {r['params']:,} (gpt3-175b preset); LoRA trainable: "
-                 f"{r['lora_trainable_params']:,} ({_mb(r['adapter_fp16_bytes'])} in fp16).")
-    lines.append(PAPER_NOTE.format(
-        adapter=_gb(us["lora_bytes"] - r["params"] * 2), full=_tb(us["full_bytes"]),
-        paper_bpp=pa["full_bytes_per_param"], ratio=us["ratio"], paper_ratio=pa["ratio"]))
+    lines.append(
+        f"\nParameters: {r['params']:,} (gpt3-175b preset); LoRA trainable: "
+        f"{r['lora_trainable_params']:,} ({_mb(r['adapter_fp16_bytes'])} in fp16)."
+    )
+    lines.append(
+        PAPER_NOTE.format(
+            adapter=_gb(us["lora_bytes"] - r["params"] * 2),
+            full=_tb(us["full_bytes"]),
+            paper_bpp=pa["full_bytes_per_param"],
+            ratio=us["ratio"],
+            paper_ratio=pa["ratio"],
+        )
+    )
     return "\n".join(lines)
 
 

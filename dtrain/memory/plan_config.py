@@ -22,11 +22,17 @@ from dtrain.memory.estimate import Plan
 
 # Plan field -> (config section, key) it is read from.
 KEYS = {
-    "backend": ("backend", "name"), "bits": ("quantization", "bits"), "rank": ("lora", "r"),
-    "targets": ("lora", "targets"), "batch": ("training", "micro_batch_size"),
-    "seq_len": ("data", "seq_len"), "grad_checkpointing": ("model", "gradient_checkpointing"),
-    "checkpoint_every": ("model", "gradient_checkpointing_every"), "param_dtype": ("model", "dtype"),
-    "chunked_loss": ("training", "chunked_loss"), "loss_chunk": ("training", "loss_chunk_tokens"),
+    "backend": ("backend", "name"),
+    "bits": ("quantization", "bits"),
+    "rank": ("lora", "r"),
+    "targets": ("lora", "targets"),
+    "batch": ("training", "micro_batch_size"),
+    "seq_len": ("data", "seq_len"),
+    "grad_checkpointing": ("model", "gradient_checkpointing"),
+    "checkpoint_every": ("model", "gradient_checkpointing_every"),
+    "param_dtype": ("model", "dtype"),
+    "chunked_loss": ("training", "chunked_loss"),
+    "loss_chunk": ("training", "loss_chunk_tokens"),
 }
 
 
@@ -86,8 +92,11 @@ def read_plan(path: Path, overrides: dict[str, Any]) -> ConfigPlan:
 
     raw = read_yaml(path)
     values = plan_fields(typed(raw, str(path)))
-    assumed = [f"{f} = {_show(values[f])} ({s}.{k} not set)" for f, (s, k) in KEYS.items()
-               if f not in overrides and k not in (raw.get(s) or {})]
+    assumed = [
+        f"{f} = {_show(values[f])} ({s}.{k} not set)"
+        for f, (s, k) in KEYS.items()
+        if f not in overrides and k not in (raw.get(s) or {})
+    ]
     text = path.read_text(encoding="utf-8").splitlines()
     first = text[0][1:].strip() if text and text[0].startswith("#") else ""
     gpus, nodes = launch_shape(first) if first.split()[:1] in (["torchrun"], ["deepspeed"]) else (None, None)

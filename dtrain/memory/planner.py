@@ -80,10 +80,19 @@ def candidates(base: Plan) -> list[Plan]:
     """Every searched variation of ``base`` (see the module docstring)."""
     out = []
     for backend, bits, batch, ckpt, chunked in itertools.product(
-            ("fsdp", "deepspeed"), (16, 8, 4), BATCHES, CHECKPOINTING, (True, False)):
-        out.append(dataclasses.replace(base, backend=backend, bits=bits, batch=batch,
-                                       grad_checkpointing=ckpt, chunked_loss=chunked,
-                                       fp32_grads=backend == "deepspeed"))
+        ("fsdp", "deepspeed"), (16, 8, 4), BATCHES, CHECKPOINTING, (True, False)
+    ):
+        out.append(
+            dataclasses.replace(
+                base,
+                backend=backend,
+                bits=bits,
+                batch=batch,
+                grad_checkpointing=ckpt,
+                chunked_loss=chunked,
+                fp32_grads=backend == "deepspeed",
+            )
+        )
     return out
 
 
@@ -110,8 +119,10 @@ def smallest(spec: ModelSpec, base: Plan) -> Option:
 def way_out(spec: ModelSpec, base: Plan, gpu_bytes: float) -> str:
     """What would fit when nothing does: more GPUs, a shorter sequence (4-bit is searched already)."""
     least = smallest(spec, base)
-    parts = [f"the smallest configuration ({describe(least.plan)}) needs "
-             f"{least.total / GIB:.1f} GiB per GPU against {HEADROOM * gpu_bytes / GIB:.1f} GiB usable"]
+    parts = [
+        f"the smallest configuration ({describe(least.plan)}) needs "
+        f"{least.total / GIB:.1f} GiB per GPU against {HEADROOM * gpu_bytes / GIB:.1f} GiB usable"
+    ]
     for factor in (2, 4, 8, 16, 32, 64, 128):
         more = dataclasses.replace(base, gpus=base.gpus * factor)
         if smallest(spec, more).total <= HEADROOM * gpu_bytes:
@@ -124,13 +135,17 @@ def way_out(spec: ModelSpec, base: Plan, gpu_bytes: float) -> str:
             break
         seq //= 2
     else:
-        parts.append("no sequence length fits these GPUs: the sharded model states alone need "
-                     f"{least.est.lora.model_states / GIB:.1f} GiB")
+        parts.append(
+            "no sequence length fits these GPUs: the sharded model states alone need "
+            f"{least.est.lora.model_states / GIB:.1f} GiB"
+        )
     return "; ".join(parts)
 
 
 def describe(plan: Plan) -> str:
     """``fsdp, 4-bit, micro-batch 1, checkpointing blocks, chunked loss`` and the like."""
     ckpt = {False: "no checkpointing", True: "checkpointing blocks", "attention": "checkpointing attention"}
-    return (f"{plan.backend}, {plan.bits}-bit, micro-batch {plan.batch}, {ckpt[plan.grad_checkpointing]}, "
-            f"{'chunked' if plan.chunked_loss is True else 'full-logits'} loss")
+    return (
+        f"{plan.backend}, {plan.bits}-bit, micro-batch {plan.batch}, {ckpt[plan.grad_checkpointing]}, "
+        f"{'chunked' if plan.chunked_loss is True else 'full-logits'} loss"
+    )

@@ -38,12 +38,19 @@ def process_memory(device: torch.device) -> dict[str, float]:
         except ImportError:
             rss = math.nan
     peak = status.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    out = {"rss_bytes": rss, "rss_peak_bytes": peak, "cuda_allocated": math.nan,
-           "cuda_max_allocated": math.nan, "cuda_max_reserved": math.nan}
+    out = {
+        "rss_bytes": rss,
+        "rss_peak_bytes": peak,
+        "cuda_allocated": math.nan,
+        "cuda_max_allocated": math.nan,
+        "cuda_max_reserved": math.nan,
+    }
     if device.type == "cuda":
-        out.update(cuda_allocated=torch.cuda.memory_allocated(device),
-                   cuda_max_allocated=torch.cuda.max_memory_allocated(device),
-                   cuda_max_reserved=torch.cuda.max_memory_reserved(device))
+        out.update(
+            cuda_allocated=torch.cuda.memory_allocated(device),
+            cuda_max_allocated=torch.cuda.max_memory_allocated(device),
+            cuda_max_reserved=torch.cuda.max_memory_reserved(device),
+        )
     return out
 
 

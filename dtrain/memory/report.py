@@ -22,16 +22,28 @@ if TYPE_CHECKING:
 REPORT_FILES = ("memory_report.md", "memory_report.json", "memory_report.png")
 TOLERANCE = 0.10  # relative difference above which a category is flagged
 LABELS = {
-    "frozen_weights": "frozen weights", "trainable_params": "trainable parameters",
-    "gradients": "gradients", "optimizer_state": "optimizer state", "activations": "activations",
-    "model_states": "model states", "gathered_unit": "gathered unit (transient)",
+    "frozen_weights": "frozen weights",
+    "trainable_params": "trainable parameters",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations",
+    "model_states": "model states",
+    "gathered_unit": "gathered unit (transient)",
     "total": "total (model states + activations)",
 }
-PROCESS_ROWS = (("rss_peak_bytes", "peak RSS (process)"), ("cuda_max_allocated", "peak CUDA allocated"),
-                ("cuda_max_reserved", "peak CUDA reserved"),
-                ("saved_param_bytes", "params saved for backward (not activations)"))
-COLORS = {"frozen_weights": "#8c8c8c", "trainable_params": "#1f77b4", "gradients": "#ff7f0e",
-          "optimizer_state": "#d62728", "activations": "#2ca02c"}
+PROCESS_ROWS = (
+    ("rss_peak_bytes", "peak RSS (process)"),
+    ("cuda_max_allocated", "peak CUDA allocated"),
+    ("cuda_max_reserved", "peak CUDA reserved"),
+    ("saved_param_bytes", "params saved for backward (not activations)"),
+)
+COLORS = {
+    "frozen_weights": "#8c8c8c",
+    "trainable_params": "#1f77b4",
+    "gradients": "#ff7f0e",
+    "optimizer_state": "#d62728",
+    "activations": "#2ca02c",
+}
 NOTES = (
     "Model states are measured in the last step after backward and before the optimizer step "
     "(gradients not yet zeroed, Adam state present); optimizer state includes Adam's 4-byte "
@@ -102,8 +114,7 @@ def _vs_estimate(row: dict, est: dict | None) -> dict[str, dict]:
         off = abs(d) > TOLERANCE if d is not None else bool(e) and row.get(cat) == 0
         out[cat] = {"measured": row.get(cat), "estimate": e, "rel_diff": d, "flag": off}
     if est is not None:
-        out["gathered_unit"] = {"measured": None, "estimate": est.get("gathered_unit"),
-                                "rel_diff": None, "flag": False}
+        out["gathered_unit"] = {"measured": None, "estimate": est.get("gathered_unit"), "rel_diff": None, "flag": False}
     return out
 
 
@@ -121,26 +132,44 @@ def build(cfg: Config, measured: Measured, modes: dict[str, dict], steps: int) -
         rows = {m: dict(measured.modes[m][r]) for m in modes}
         for row in rows.values():
             row["total"] = row["model_states"] + row["activations"]
-        entry = {"rank": r, "measured": rows,
-                 "vs_estimate": {m: _vs_estimate(rows[m], est and est.get(m)) for m in modes}}
+        entry = {
+            "rank": r,
+            "measured": rows,
+            "vs_estimate": {m: _vs_estimate(rows[m], est and est.get(m)) for m in modes},
+        }
         lora = next((m for m in modes if modes[m]["mode"] == "lora"), None)
         if "full" in rows and lora:
             entry["ratio_full_over_lora"] = _ratios(rows["full"], rows[lora])
         ranks.append(entry)
-    return {"units": "bytes", "setup": _setup(cfg, measured, steps), "modes": modes,
-            "ranks": ranks, "estimate": est, "estimate_error": why, "tolerance": TOLERANCE,
-            "notes": list(NOTES)}
+    return {
+        "units": "bytes",
+        "setup": _setup(cfg, measured, steps),
+        "modes": modes,
+        "ranks": ranks,
+        "estimate": est,
+        "estimate_error": why,
+        "tolerance": TOLERANCE,
+        "notes": list(NOTES),
+    }
 
 
 def _setup(cfg: Config, measured: Measured, steps: int) -> dict[str, Any]:
     """What was measured: backend, world, dtype, batch shape, LoRA, steps."""
     t = cfg.training
-    return {"backend": cfg.backend.name, "world_size": measured.world_size,
-            "device": measured.device, "dtype": cfg.model.dtype,
-            "micro_batch_size": t.micro_batch_size, "seq_len": cfg.data.seq_len,
-            "grad_accum": t.grad_accum, "gradient_checkpointing": cfg.model.gradient_checkpointing,
-            "lora_r": cfg.lora.r, "lora_targets": cfg.lora.target_regex or cfg.lora.targets,
-            "optimizer": "AdamW", "steps": steps}
+    return {
+        "backend": cfg.backend.name,
+        "world_size": measured.world_size,
+        "device": measured.device,
+        "dtype": cfg.model.dtype,
+        "micro_batch_size": t.micro_batch_size,
+        "seq_len": cfg.data.seq_len,
+        "grad_accum": t.grad_accum,
+        "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "lora_r": cfg.lora.r,
+        "lora_targets": cfg.lora.target_regex or cfg.lora.targets,
+        "optimizer": "AdamW",
+        "steps": steps,
+    }
 
 
 # ---- markdown --------------------------------------------------------------------------------
@@ -190,19 +219,26 @@ def _rank_table(entry: dict, modes: dict[str, dict]) -> list[str]:
 def markdown(report: dict) -> str:
     """The report as markdown: setup, one table per rank, the saving, notes."""
     s, modes = report["setup"], report["modes"]
-    lines = ["# Memory report: full fine-tuning vs LoRA", "",
-             f"Backend **{s['backend']}**, {s['world_size']} rank(s) on {s['device']}, {s['dtype']}, "
-             f"micro-batch {s['micro_batch_size']} x {s['seq_len']} tokens, grad_accum {s['grad_accum']}, "
-             f"gradient checkpointing {_ckpt_words(s['gradient_checkpointing'])}, AdamW; "
-             f"LoRA r={s['lora_r']} on {s['lora_targets']}. {s['steps']} steps per mode; bytes per rank.", ""]
+    lines = [
+        "# Memory report: full fine-tuning vs LoRA",
+        "",
+        f"Backend **{s['backend']}**, {s['world_size']} rank(s) on {s['device']}, {s['dtype']}, "
+        f"micro-batch {s['micro_batch_size']} x {s['seq_len']} tokens, grad_accum {s['grad_accum']}, "
+        f"gradient checkpointing {_ckpt_words(s['gradient_checkpointing'])}, AdamW; "
+        f"LoRA r={s['lora_r']} on {s['lora_targets']}. {s['steps']} steps per mode; bytes per rank.",
+        "",
+    ]
     if report["estimate_error"]:
         lines += [f"No estimate: {report['estimate_error']}", ""]
     for entry in report["ranks"]:
         lines += [f"## Rank {entry['rank']}", "", *_rank_table(entry, modes), ""]
         ratio = entry.get("ratio_full_over_lora", {}).get("model_states")
         if ratio:
-            lines += [f"Model-state saving on rank {entry['rank']}: full fine-tuning needs "
-                      f"**{ratio:.2f}x** the memory of LoRA.", ""]
+            lines += [
+                f"Model-state saving on rank {entry['rank']}: full fine-tuning needs "
+                f"**{ratio:.2f}x** the memory of LoRA.",
+                "",
+            ]
     lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     return "\n".join(lines)
 
@@ -219,19 +255,29 @@ def chart(report: dict, path: Path) -> None:
     ranks, modes = report["ranks"], list(report["modes"])
     cols = min(len(ranks), 2)
     rows = -(-len(ranks) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 + 2.4 * len(modes) * cols, 0.8 + 3.6 * rows),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.5 + 2.4 * len(modes) * cols, 0.8 + 3.6 * rows), squeeze=False, sharey=True
+    )
     for ax, entry in zip(axes.flat, ranks):
         _panel(ax, entry, report)
-    for ax in list(axes.flat)[len(ranks):]:
+    for ax in list(axes.flat)[len(ranks) :]:
         ax.set_visible(False)
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[c]) for c in CATEGORIES]
     handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", hatch="//"))
-    fig.legend(handles, [LABELS[c] for c in CATEGORIES] + ["estimate (hatched)"],
-               loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        [LABELS[c] for c in CATEGORIES] + ["estimate (hatched)"],
+        loc="lower center",
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+    )
     s = report["setup"]
-    fig.suptitle(f"Memory per rank: {s['backend']}, {s['world_size']} rank(s), {s['dtype']}, "
-                 f"batch {s['micro_batch_size']} x {s['seq_len']}", fontsize=10)
+    fig.suptitle(
+        f"Memory per rank: {s['backend']}, {s['world_size']} rank(s), {s['dtype']}, "
+        f"batch {s['micro_batch_size']} x {s['seq_len']}",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.6 / (0.8 + 3.6 * rows), 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -259,8 +305,17 @@ def _stack(ax: "Axes", x: float, values: dict, hatch: str | None) -> None:
     bottom = 0.0
     for cat in CATEGORIES:
         h = (values.get(cat) or 0) / 2**20
-        ax.bar(x, h, width=0.38, bottom=bottom, color=COLORS[cat], hatch=hatch,
-               edgecolor="black" if hatch else COLORS[cat], alpha=0.55 if hatch else 1.0, linewidth=0.5)
+        ax.bar(
+            x,
+            h,
+            width=0.38,
+            bottom=bottom,
+            color=COLORS[cat],
+            hatch=hatch,
+            edgecolor="black" if hatch else COLORS[cat],
+            alpha=0.55 if hatch else 1.0,
+            linewidth=0.5,
+        )
         bottom += h
     ax.text(x, bottom, f"{bottom:.2f}", ha="center", va="bottom", fontsize=7)
 

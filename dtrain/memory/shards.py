@@ -73,8 +73,7 @@ def linear_storage(lin: LinearModule, bits: int, param_bytes: int) -> list[tuple
 def frozen_tensors(spec: ModelSpec, bits: int, param_bytes: int) -> Tensors:
     """LoRA's frozen base: block linears (maybe quantized) plus every other parameter (embeddings,
     head, norms) in the parameter dtype."""
-    items = [(shape, size, lin.count) for lin in spec.linears
-             for shape, size in linear_storage(lin, bits, param_bytes)]
+    items = [(shape, size, lin.count) for lin in spec.linears for shape, size in linear_storage(lin, bits, param_bytes)]
     items += [(shape, param_bytes, count) for shape, count in spec.other_shapes]
     return Tensors(tuple(items))
 
@@ -87,8 +86,9 @@ def lora_tensors(targets: tuple[LinearModule, ...], rank: int) -> Tensors:
     return Tensors(tuple(items))
 
 
-def lora_model_states(spec: ModelSpec, targets: tuple[LinearModule, ...], rank: int, bits: int,
-                      param_bytes: int, world: int, backend: str) -> dict[str, int]:
+def lora_model_states(
+    spec: ModelSpec, targets: tuple[LinearModule, ...], rank: int, bits: int, param_bytes: int, world: int, backend: str
+) -> dict[str, int]:
     """Rank 0's frozen, trainable, gradient and optimizer bytes for LoRA (see the module docstring)."""
     frozen = frozen_tensors(spec, bits, param_bytes)
     lora = lora_tensors(targets, rank)
@@ -98,5 +98,9 @@ def lora_model_states(spec: ModelSpec, targets: tuple[LinearModule, ...], rank: 
         optimizer = 3 * trainable + STEP_BYTES * steps
     else:
         optimizer = 2 * trainable + STEP_BYTES * lora.count
-    return {"frozen_weights": frozen.local_bytes(world, backend), "trainable_params": trainable,
-            "gradients": trainable, "optimizer_state": optimizer}
+    return {
+        "frozen_weights": frozen.local_bytes(world, backend),
+        "trainable_params": trainable,
+        "gradients": trainable,
+        "optimizer_state": optimizer,
+    }

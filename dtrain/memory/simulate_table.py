@@ -32,8 +32,9 @@ def config_for(model: str):
     from dtrain.memory.plan_config import resolved_config
 
     cfg = resolved_config(RECIPE)
-    cfg.model.arch = {k: v for k, v in read_config_json(ROOT / "configs" / "models" / model).items()
-                      if k != "torch_dtype"}
+    cfg.model.arch = {
+        k: v for k, v in read_config_json(ROOT / "configs" / "models" / model).items() if k != "torch_dtype"
+    }
     return cfg
 
 
@@ -46,22 +47,40 @@ def row(model: str, world: int) -> dict:
 
     cfg = config_for(model)
     est = estimate(spec_from_config(cfg.model.arch, model), plan_from_config(cfg, world))
-    return {"model": model, "world": world, "sim": simulate(cfg, world), "est": est.lora.as_dict(),
-            "ideal_trainable": 4 * est.lora_params / world}
+    return {
+        "model": model,
+        "world": world,
+        "sim": simulate(cfg, world),
+        "est": est.lora.as_dict(),
+        "ideal_trainable": 4 * est.lora_params / world,
+    }
 
 
 def render(rows: list[dict]) -> str:
-    head = ["model", "ranks", *(f"{k.replace('_', ' ')} MiB (sim = est)" for k in STATES),
-            "all-gather of largest unit MiB (sim / est. gathered unit)", "trainable / (4 B x L / N)"]
+    head = [
+        "model",
+        "ranks",
+        *(f"{k.replace('_', ' ')} MiB (sim = est)" for k in STATES),
+        "all-gather of largest unit MiB (sim / est. gathered unit)",
+        "trainable / (4 B x L / N)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
     for r in rows:
         sim, est = r["sim"], r["est"]
-        cells = [f"{sim[k] / MIB:,.2f}" + ("" if sim[k] == est[k] else f" (est. {est[k] / MIB:,.2f})")
-                 for k in STATES]
-        lines.append("| " + " | ".join([
-            r["model"], str(r["world"]), *cells,
-            f"{sim['gathered_unit'] / MIB:,.1f} / {est['gathered_unit'] / MIB:,.1f}",
-            f"{sim['trainable_params'] / r['ideal_trainable']:.2f}x"]) + " |")
+        cells = [f"{sim[k] / MIB:,.2f}" + ("" if sim[k] == est[k] else f" (est. {est[k] / MIB:,.2f})") for k in STATES]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["model"],
+                    str(r["world"]),
+                    *cells,
+                    f"{sim['gathered_unit'] / MIB:,.1f} / {est['gathered_unit'] / MIB:,.1f}",
+                    f"{sim['trainable_params'] / r['ideal_trainable']:.2f}x",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -49,8 +49,10 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ... for a bad file
             custom = custom_model_type(Path(cfg.path))
             if custom and not cfg.trust_remote_code:
-                raise ConfigError(f"model.path = '{cfg.path}': {custom} is custom code (auto_map in its config.json), "
-                                  "which dtrain runs only with model.trust_remote_code=true") from None
+                raise ConfigError(
+                    f"model.path = '{cfg.path}': {custom} is custom code (auto_map in its config.json), "
+                    "which dtrain runs only with model.trust_remote_code=true"
+                ) from None
             raise ConfigError(f"model.path = '{cfg.path}': config.json: {_first_line(e)}") from None
     else:
         arch = dict(cfg.arch)
@@ -99,8 +101,9 @@ def import_model_code(config: PretrainedConfig, trust_remote_code: bool = False)
             AutoModelForCausalLM.from_config(config, trust_remote_code=True)
 
 
-def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "meta",
-                trust_remote_code: bool = False) -> nn.Module:
+def build_empty(
+    config: PretrainedConfig, dtype: torch.dtype, device: str | torch.device = "meta", trust_remote_code: bool = False
+) -> nn.Module:
     """The model's modules with uninitialized (meta by default) parameters, tied as the config says."""
     check_causal_lm(config, trust_remote_code)
     fit_attention(config, trust_remote_code)
@@ -108,12 +111,16 @@ def build_empty(config: PretrainedConfig, dtype: torch.dtype, device: str | torc
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     except (TypeError, ValueError, ZeroDivisionError) as e:  # a config value the architecture cannot use
-        raise ConfigError(f"model: transformers cannot build a {config.model_type} model from this config "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ConfigError(
+            f"model: transformers cannot build a {config.model_type} model from this config "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     if layers.output_head(model) is None:
-        raise ConfigError(f"model: {config.model_type}: {type(model).__name__} names no output head "
-                          "(get_output_embeddings() gives none); dtrain needs it to keep the head out of LoRA "
-                          "and quantization and to tie it")
+        raise ConfigError(
+            f"model: {config.model_type}: {type(model).__name__} names no output head "
+            "(get_output_embeddings() gives none); dtrain needs it to keep the head out of LoRA "
+            "and quantization and to tie it"
+        )
     tie_embeddings(model)
     return model
 
@@ -172,7 +179,7 @@ class SafetensorsSource:
         """The checkpoint key holding model parameter `name`: as stored, without the prefix, or
         stored under the name transformers renames to `name`."""
         key = checkpoint_key(name)
-        bare = key[len(self.prefix) + 1:] if self.prefix and key.startswith(self.prefix + ".") else None
+        bare = key[len(self.prefix) + 1 :] if self.prefix and key.startswith(self.prefix + ".") else None
         for candidate in (key, bare, *expert_checkpoint.stored_names(key)):
             if candidate in self.files:
                 return candidate
@@ -208,8 +215,9 @@ def _safe_open(f: Path):
     try:
         return safe_open(f, "pt")
     except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
-        raise ConfigError(f"model.path: '{f}' is not a readable safetensors file (truncated or corrupted?): "
-                          f"{_first_line(e)}") from None
+        raise ConfigError(
+            f"model.path: '{f}' is not a readable safetensors file (truncated or corrupted?): {_first_line(e)}"
+        ) from None
 
 
 class RandomSource:
@@ -302,7 +310,6 @@ class QuantSource:
         full = self._cache[1][leaf]
         return full if rows is None else full[rows]
 
-
     def _read_experts(self, name: str, rows: slice | None) -> torch.Tensor:
         """Storage or scales of quantized expert weights: only the experts in `rows` are read and
         quantized (each expert's storage depends on that expert's weight only)."""
@@ -323,15 +330,19 @@ def base_source(cfg: ModelConfig, model: nn.Module, seed: int) -> WeightSource:
     """Where the frozen base's weights come from: model.path's checkpoint, or a random init;
     quantized on the fly where the model has quantized layers."""
     if cfg.path is not None:
-        source: WeightSource = SafetensorsSource(cfg.path, getattr(model, "base_model_prefix", ""),
-                                                 checkpoint_renamings(model))
+        source: WeightSource = SafetensorsSource(
+            cfg.path, getattr(model, "base_model_prefix", ""), checkpoint_renamings(model)
+        )
         check_complete(source, model)
     else:
         shapes = {n: logical_shape(p) for n, p in model.named_parameters()}
         for n, m in model.named_modules():
             if layers.is_quantized(m):  # the float weight a quantized layer is made from, as stored
-                stored = (m.in_features, m.out_features) if getattr(m, "stored_transposed", False) else \
-                    (m.out_features, m.in_features)
+                stored = (
+                    (m.in_features, m.out_features)
+                    if getattr(m, "stored_transposed", False)
+                    else (m.out_features, m.in_features)
+                )
                 shapes[f"{n}.weight"] = torch.Size(stored)
         shapes.update({f: meta.shape for f, _, meta in expert_quant.storage_map(model).values()})
         std = float(getattr(model.config, "initializer_range", 0.02))
@@ -367,8 +378,10 @@ def check_complete(source: SafetensorsSource, model: nn.Module) -> None:
     where = f"model.path = '{source.path}': checkpoint has no tensor '{missing[0]}'{more}"
     archs = getattr(model.config, "architectures", None) or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        raise ConfigError(f"{where}: the checkpoint is a {'/'.join(archs)}, a model without a language-modeling "
-                          "head, which cannot be trained as a causal LM (dtrain needs a *ForCausalLM checkpoint)")
+        raise ConfigError(
+            f"{where}: the checkpoint is a {'/'.join(archs)}, a model without a language-modeling "
+            "head, which cannot be trained as a causal LM (dtrain needs a *ForCausalLM checkpoint)"
+        )
     raise ConfigError(where)
 
 

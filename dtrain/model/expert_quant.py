@@ -119,7 +119,7 @@ def grouped_linear(experts: nn.Module, name: str, x: Tensor, counts: list[int]) 
     outs, start = [], 0
     for e, c in enumerate(counts):
         if c:
-            outs.append(_ExpertFn.apply(x[start:start + c], q, s, e, meta))
+            outs.append(_ExpertFn.apply(x[start : start + c], q, s, e, meta))
             start += c
     return torch.cat(outs) if outs else x.new_zeros(0, meta.out_features)
 

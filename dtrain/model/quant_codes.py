@@ -65,8 +65,11 @@ def quantize_nf4(weight: Tensor) -> tuple[Tensor, Tensor]:
     if w.dtype not in _BNB_DTYPES:
         w = w.to(torch.float32)
     packed, state = bnbf.quantize_4bit(
-        w.contiguous(), blocksize=NF4_BLOCKSIZE, compress_statistics=False,
-        quant_type="nf4", quant_storage=torch.uint8,
+        w.contiguous(),
+        blocksize=NF4_BLOCKSIZE,
+        compress_statistics=False,
+        quant_type="nf4",
+        quant_storage=torch.uint8,
     )
     return packed.reshape(-1, 1), state.absmax.to(torch.float32)
 
@@ -77,8 +80,12 @@ def dequantize_nf4(
     """Inverse of ``quantize_nf4``: rebuilds the ``QuantState`` and calls ``dequantize_4bit``."""
     bnb_dtype = dtype if dtype in _BNB_DTYPES else torch.float32
     state = bnbf.QuantState(
-        absmax=absmax.to(torch.float32).contiguous(), shape=torch.Size(shape),
-        code=nf4_code(packed.device), blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=bnb_dtype,
+        absmax=absmax.to(torch.float32).contiguous(),
+        shape=torch.Size(shape),
+        code=nf4_code(packed.device),
+        blocksize=NF4_BLOCKSIZE,
+        quant_type="nf4",
+        dtype=bnb_dtype,
     )
     out = bnbf.dequantize_4bit(packed.contiguous(), state)
     # bnb transposes the result when the packed tensor has one row (n <= 2): undo by reshape.

@@ -48,11 +48,12 @@ def turn_end_token(tokenizer, template: str | None) -> int | None:
     if not template:
         return None
     render = lambda msgs, gen: tokenizer.apply_chat_template(  # noqa: E731
-        msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
+        msgs, chat_template=template, tokenize=False, add_generation_prompt=gen
+    )
     before, after = render(_PROBE[:1], True), render(_PROBE, False)
     if not after.startswith(before + "a"):
         return None
-    tail = after[len(before) + 1:].strip()
+    tail = after[len(before) + 1 :].strip()
     ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     return ids[0] if ids and ids[0] in special else None

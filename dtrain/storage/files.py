@@ -68,8 +68,10 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     """
     for key, t in tensors.items():
         if t.numel() == 0:
-            raise ValueError(f"refusing to write '{key}' of shape {list(t.shape)} to {path.name}: an empty "
-                             "(unmaterialized) tensor; gather the full parameter first")
+            raise ValueError(
+                f"refusing to write '{key}' of shape {list(t.shape)} to {path.name}: an empty "
+                "(unmaterialized) tensor; gather the full parameter first"
+            )
     try:
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path), metadata)
     except Exception as e:  # safetensors reports I/O errors as its own type: keep "disk full" an OSError
@@ -87,8 +89,9 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise DtrainError(f"{path}: not a readable safetensors file (truncated or corrupted?): "
-                          f"{str(e).splitlines()[0]}") from None
+        raise DtrainError(
+            f"{path}: not a readable safetensors file (truncated or corrupted?): {str(e).splitlines()[0]}"
+        ) from None
 
 
 def cache_home() -> Path:
@@ -105,6 +108,7 @@ def sha256_file(path: Path) -> str:
 
 
 # ---- directories published with a checksummed marker ----------------------------------------
+
 
 def staging_dir(final: Path) -> Path:
     """The temporary directory, next to `final`, that is renamed to `final` when complete."""

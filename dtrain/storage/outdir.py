@@ -18,8 +18,18 @@ from dtrain.errors import ConfigError, DtrainError
 
 METRICS = "metrics.jsonl"  # a run's metrics, one JSON row per logged step, in output.dir
 # What a run writes into output.dir (and its staging names: files.write_text_atomic, files.publish).
-RUN_FILES = ("checkpoints", "adapter", "config.yaml", METRICS, "tokenizer", "PREEMPTED",
-             "tensorboard", "mlruns", "wandb", "loss_curve.png")  # the last four: dtrain.loggers
+RUN_FILES = (
+    "checkpoints",
+    "adapter",
+    "config.yaml",
+    METRICS,
+    "tokenizer",
+    "PREEMPTED",
+    "tensorboard",
+    "mlruns",
+    "wandb",
+    "loss_curve.png",
+)  # the last four: dtrain.loggers
 _RUN_LEFTOVERS = (".tmp-adapter", ".old-adapter", ".config.yaml.tmp", ".metrics.jsonl.tmp", ".PREEMPTED.tmp")
 
 
@@ -49,13 +59,17 @@ def check_run_dir(cfg) -> None:
     check_writable_dir(out, "output.dir")
     overwrite, resume = cfg.output.overwrite, cfg.training.resume
     if overwrite and resume == "auto":
-        raise ConfigError("output.overwrite = true and training.resume = auto contradict each other: "
-                          "overwrite starts afresh, resume continues; choose one")
+        raise ConfigError(
+            "output.overwrite = true and training.resume = auto contradict each other: "
+            "overwrite starts afresh, resume continues; choose one"
+        )
     found = earlier_run(out)
     if found and not overwrite and resume != "auto":
-        raise ConfigError(f"output.dir = '{out}' holds an earlier run ({', '.join(found)}); use "
-                          "training.resume=auto to continue it, output.overwrite=true to replace it, "
-                          "or another output.dir")
+        raise ConfigError(
+            f"output.dir = '{out}' holds an earlier run ({', '.join(found)}); use "
+            "training.resume=auto to continue it, output.overwrite=true to replace it, "
+            "or another output.dir"
+        )
 
 
 def clear_run(out: Path) -> None:
@@ -85,5 +99,4 @@ def check_target(path: Path, flag: str, overwrite: bool, kind: str = "file") -> 
     if path.exists() and not path.is_dir():
         raise DtrainError(f"{flag} '{path}': exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise DtrainError(f"{flag} '{path}': directory is not empty; pass --overwrite to replace "
-                          "what it holds")
+        raise DtrainError(f"{flag} '{path}': directory is not empty; pass --overwrite to replace what it holds")

@@ -38,5 +38,12 @@ def assemble(model: nn.Module, cfg: Config) -> None:
 
 def adapter_spec(cfg: Config) -> AdapterSpec:
     c = cfg.lora
-    return AdapterSpec(name=c.adapter_name, r=c.r, alpha=c.alpha, dropout=c.dropout, init_seed=c.init_seed,
-                            use_rslora=c.use_rslora, use_dora=c.use_dora)
+    return AdapterSpec(
+        name=c.adapter_name,
+        r=c.r,
+        alpha=c.alpha,
+        dropout=c.dropout,
+        init_seed=c.init_seed,
+        use_rslora=c.use_rslora,
+        use_dora=c.use_dora,
+    )

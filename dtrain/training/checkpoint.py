@@ -57,6 +57,7 @@ _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 # ---- training checkpoints -------------------------------------------------------------------
 
+
 def checkpoint_dir(out: Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"step-{step:08d}"
 
@@ -73,13 +74,30 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 def trainer_state(cfg: Config, backend, step: int, plan, tokenizer=None) -> dict:
     """Step, data position and the facts a resume must agree with."""
     position = plan.position(step) if plan is not None else {}
-    data = {"n_examples": plan.n_examples, "global_batch": plan.global_batch, "seed": plan.seed,
-            "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world": plan.world,
-            "group_by_length": plan.lengths is not None} if plan else {}
-    return {"format": FORMAT_VERSION, "step": step, **position, "world_size": backend.world_size,
-            "backend": cfg.backend.name, "adapter_name": cfg.lora.adapter_name, "data": data,
-            "settings": resume_check.settings(cfg, backend.model, tokenizer),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    data = (
+        {
+            "n_examples": plan.n_examples,
+            "global_batch": plan.global_batch,
+            "seed": plan.seed,
+            "micro_batch": plan.micro_batch,
+            "grad_accum": plan.grad_accum,
+            "world": plan.world,
+            "group_by_length": plan.lengths is not None,
+        }
+        if plan
+        else {}
+    )
+    return {
+        "format": FORMAT_VERSION,
+        "step": step,
+        **position,
+        "world_size": backend.world_size,
+        "backend": cfg.backend.name,
+        "adapter_name": cfg.lora.adapter_name,
+        "data": data,
+        "settings": resume_check.settings(cfg, backend.model, tokenizer),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _rank_files(rank: int) -> tuple[str, str]:
@@ -112,9 +130,17 @@ def _write_rank_state(backend, tmp: Path) -> None:
     files.write_json(tmp / rng_js, rng_plain)
 
 
-def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: bool = False,
-                  tensors: dict[str, torch.Tensor] | None = None, tokenizer=None,
-                  extra: dict | None = None) -> Path | None:
+def save_training(
+    backend,
+    cfg: Config,
+    out: Path,
+    step: int,
+    plan,
+    preempted: bool = False,
+    tensors: dict[str, torch.Tensor] | None = None,
+    tokenizer=None,
+    extra: dict | None = None,
+) -> Path | None:
     """Training checkpoint of `step` (adapter, optimizer, scheduler, RNG, data position); every rank
     calls it. Returns its directory (None when there is no adapter to save: mode full). `tensors`:
     the adapter's, when the caller has already gathered them; `extra`: more trainer state (JSON).
@@ -137,8 +163,11 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
         files.write_json(tmp / TRAINER_STATE, {**trainer_state(cfg, backend, step, plan, tokenizer), **(extra or {})})
 
     def finish() -> None:
-        files.publish(tmp, final, {"kind": "training", "step": step, "world_size": backend.world_size,
-                                   "checkpoint_format": FORMAT_VERSION})
+        files.publish(
+            tmp,
+            final,
+            {"kind": "training", "step": step, "world_size": backend.world_size, "checkpoint_format": FORMAT_VERSION},
+        )
         log.info("checkpoint of step %d written: %s", step, final)
         prune(out, cfg.training.keep_last, step)
         if preempted:
@@ -161,10 +190,15 @@ def save_training(backend, cfg: Config, out: Path, step: int, plan, preempted: b
 def _disk_full_line(out: Path, step: int, final: Path, need: int) -> str:
     free = shutil.disk_usage(final.parent).free
     older = [(s, p) for s, p in list_checkpoints(out) if s < step and verify(p) is None]
-    keep = (f"the previous checkpoint {older[-1][1]} is intact (training.resume=auto continues from it)"
-            if older else "no earlier checkpoint exists")
-    return (f"checkpoint of step {step} not written: no space left on device in {final.parent} (it needs "
-            f"about {need / 2**20:.2f} MiB, {free / 2**20:.2f} MiB free); {keep}")
+    keep = (
+        f"the previous checkpoint {older[-1][1]} is intact (training.resume=auto continues from it)"
+        if older
+        else "no earlier checkpoint exists"
+    )
+    return (
+        f"checkpoint of step {step} not written: no space left on device in {final.parent} (it needs "
+        f"about {need / 2**20:.2f} MiB, {free / 2**20:.2f} MiB free); {keep}"
+    )
 
 
 def _write_preempted(out: Path, step: int, saved: bool = True) -> None:
@@ -225,9 +259,13 @@ def load_training_state(backend, cfg: Config, path: Path, state: dict) -> None:
         rng_st, rng_js = _rank_files(backend.rank)
         set_rng_state(json.loads((path / rng_js).read_text()), load_file(str(path / rng_st)))
     if saved_world != backend.world_size and backend.rank == 0:
-        log.warning("resume: %d rank(s) wrote %s, this run has %d: optimizer state resharded; ranks without "
-                    "a saved RNG state keep their seed (dropout masks differ from an uninterrupted run's)",
-                    saved_world, path.name, backend.world_size)
+        log.warning(
+            "resume: %d rank(s) wrote %s, this run has %d: optimizer state resharded; ranks without "
+            "a saved RNG state keep their seed (dropout masks differ from an uninterrupted run's)",
+            saved_world,
+            path.name,
+            backend.world_size,
+        )
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -268,7 +306,11 @@ def maybe_resume(backend, cfg: Config, out: Path, plan=None, tokenizer=None) -> 
     load_training_state(backend, cfg, path, state)
     if backend.rank == 0:
         trim_metrics(out / outdir.METRICS, step)
-        log.info("resumed from %s: step %d (epoch %s, step %s of the epoch)", path, step,
-                 state.get("epoch"), state.get("step_in_epoch"))
+        log.info(
+            "resumed from %s: step %d (epoch %s, step %s of the epoch)",
+            path,
+            step,
+            state.get("epoch"),
+            state.get("step_in_epoch"),
+        )
     return step
-

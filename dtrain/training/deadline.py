@@ -26,8 +26,9 @@ def slurm_end_time(env: dict | None = None) -> float | None:
     if not job:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job, "-o", "%e"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         return datetime.fromisoformat(out).timestamp()  # local time, as squeue prints it
     except (OSError, ValueError, subprocess.SubprocessError):
         return None  # no squeue, or no end time (UNLIMITED): no deadline from SLURM

@@ -24,12 +24,19 @@ import torch.nn.functional as F
 from dtrain.config.schema import Config
 from dtrain.training import reference
 
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
-def pair_losses(policy: torch.Tensor, ref: torch.Tensor, loss: str, beta: float,
-                label_smoothing: float = 0.0) -> torch.Tensor:
+def pair_losses(
+    policy: torch.Tensor, ref: torch.Tensor, loss: str, beta: float, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Per-pair losses from [P, 2] log-probabilities (column 0 chosen, 1 rejected)."""
     z = (policy[:, 0] - policy[:, 1]) - (ref[:, 0] - ref[:, 1])
     if loss == "sigmoid":

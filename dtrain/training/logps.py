@@ -45,18 +45,18 @@ class ChunkedTokenLogp(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if hidden.requires_grad else None
         w = weight.to(dtype)
         for s in range(0, hidden.shape[0], chunk):
-            h, y = hidden[s:s + chunk], targets[s:s + chunk].unsqueeze(1)
+            h, y = hidden[s : s + chunk], targets[s : s + chunk].unsqueeze(1)
             with torch.autocast(h.device.type, enabled=False):
                 logits = h.to(dtype) @ w.t()
                 if bias is not None:
                     logits = logits + bias.to(dtype)
             logits = logits.float()
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            out[s:s + chunk] = (logits.gather(1, y) - lse).squeeze(1)
+            out[s : s + chunk] = (logits.gather(1, y) - lse).squeeze(1)
             if grad_h is not None:
                 g = logits.sub_(lse).exp_().neg_()  # -softmax, in place of the logits
                 g.scatter_add_(1, y, torch.ones_like(g[:, :1]))  # + onehot: d log p / d logits
-                grad_h[s:s + chunk] = (g.to(dtype) @ w).to(hidden.dtype)
+                grad_h[s : s + chunk] = (g.to(dtype) @ w).to(hidden.dtype)
             del logits
         ctx.save_for_backward(grad_h)
         return out
@@ -68,15 +68,16 @@ class ChunkedTokenLogp(torch.autograd.Function):
         return g, None, None, None, None, None
 
 
-def chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shifted: torch.Tensor,
-            chunk: int) -> torch.Tensor:
+def chunked(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shifted: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """log p(target) at the labelled positions of `hidden` [B, L, H] (row-major order), chunked."""
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise RuntimeError("per-token log-probabilities in the head need a frozen head (mode: lora)")
     mask = labelled(shifted).to(hidden.device)
     picked = hidden[mask]  # [N, H]; its backward scatters into the positions picked
     targets = shifted.to(hidden.device)[mask]
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-        else weight.dtype
+    dtype = (
+        torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else weight.dtype
+    )
     return ChunkedTokenLogp.apply(picked, weight, bias, targets, max(1, int(chunk)), dtype)
-

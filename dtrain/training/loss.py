@@ -90,7 +90,7 @@ class ChunkedCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w = weight.to(dtype) if need_h else None
         for s in range(0, hidden.shape[0], chunk):
-            h, y = hidden[s:s + chunk], labels[s:s + chunk]
+            h, y = hidden[s : s + chunk], labels[s : s + chunk]
             logits = _logits(h, weight, bias, dtype)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             keep = (y != IGNORE).unsqueeze(1)
@@ -101,7 +101,7 @@ class ChunkedCE(torch.autograd.Function):
                 g.scatter_add_(1, index, torch.full_like(g[:, :1], -1.0)).mul_(keep)
                 gd = g.to(dtype)
                 if need_h:
-                    grad_h[s:s + chunk] = (gd @ w).to(hidden.dtype)
+                    grad_h[s : s + chunk] = (gd @ w).to(hidden.dtype)
                 if need_w:
                     grad_w.addmm_(gd.t().float(), h.to(dtype).float())
                 if need_b:
@@ -116,9 +116,14 @@ class ChunkedCE(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         scale = grad_total.float()
-        return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * scale).to(w_dtype) if grad_w is not None else None,
-                (grad_b * scale).to(b_dtype) if grad_b is not None else None, None, None, None)
+        return (
+            grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+            (grad_w * scale).to(w_dtype) if grad_w is not None else None,
+            (grad_b * scale).to(b_dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -129,8 +134,9 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dt
     return out.float()
 
 
-def chunked_token_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       shifted_labels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+def chunked_token_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, shifted_labels: torch.Tensor, chunk: int = 0
+) -> torch.Tensor:
     """Summed cross-entropy of `hidden` (..., H) against `shifted_labels` (...) through the head;
     `chunk` tokens at a time (0: `auto_chunk` of the vocabulary)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -202,8 +208,10 @@ def check_passed_through(head: nn.Module, total: torch.Tensor, model_type: str) 
     if returned is None or not torch.equal(total.detach(), returned.detach()):
         from dtrain.errors import ConfigError
 
-        raise ConfigError(f"training.chunked_loss: a {model_type} model changes its logits after the output head, "
-                          "which a loss computed in the head cannot follow: set training.chunked_loss=false")
+        raise ConfigError(
+            f"training.chunked_loss: a {model_type} model changes its logits after the output head, "
+            "which a loss computed in the head cannot follow: set training.chunked_loss=false"
+        )
     head._dtrain_checked = True
     return total
 

@@ -32,8 +32,10 @@ def optimizer_groups(model: nn.Module, cfg: Config) -> list[dict]:
     if cfg.mode != "lora" or ratio is None or ratio == 1:
         return [{"params": [p for _, p in named]}]
     lr = cfg.training.lr
-    return [{"params": [p for n, p in named if not lora.is_loraplus_fast(n)], "lr": lr},
-            {"params": [p for n, p in named if lora.is_loraplus_fast(n)], "lr": lr * ratio}]
+    return [
+        {"params": [p for n, p in named if not lora.is_loraplus_fast(n)], "lr": lr},
+        {"params": [p for n, p in named if lora.is_loraplus_fast(n)], "lr": lr * ratio},
+    ]
 
 
 def schedule(cfg: Config, total_steps: int) -> Callable[[int], float]:
@@ -44,8 +46,7 @@ def schedule(cfg: Config, total_steps: int) -> Callable[[int], float]:
 
 def make_adamw(params: list[nn.Parameter] | list[dict], cfg: Config) -> torch.optim.AdamW:
     t = cfg.training
-    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps,
-                             weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
 
 
 HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")

@@ -33,7 +33,7 @@ def reference_dir(cfg: Config) -> str | None:
     """The reference adapter's directory (dpo.reference = adapter:DIR), else None (the base)."""
     ref = cfg.dpo.reference
     wanted = cfg.objective == "dpo" and cfg.mode == "lora"  # `dtrain memory` measures full DPO without one
-    return ref[len(PREFIX):] if wanted and ref.startswith(PREFIX) else None
+    return ref[len(PREFIX) :] if wanted and ref.startswith(PREFIX) else None
 
 
 @contextlib.contextmanager
@@ -77,8 +77,10 @@ def inject_reference(model: nn.Module, cfg: Config) -> None:
     spec, modules = _read(directory, f"dpo.reference = '{cfg.dpo.reference}'")
     missing = [m for m in modules if not _has_module(model, m)]
     if missing:
-        raise ConfigError(f"dpo.reference = '{cfg.dpo.reference}': the model has no module '{missing[0]}' "
-                          "(an adapter for another base?)")
+        raise ConfigError(
+            f"dpo.reference = '{cfg.dpo.reference}': the model has no module '{missing[0]}' "
+            "(an adapter for another base?)"
+        )
     spec = dataclasses.replace(spec, name=REFERENCE, dropout=0.0)  # the same variant; frozen: no dropout
     lora.inject(model, sorted(modules), spec)
     for _, m in lora.lora_modules(model):  # the trained adapter stays the active one
@@ -98,14 +100,21 @@ def _check_init(cfg: Config, spec: AdapterSpec, modules: dict, trained: list[str
     """lora.init_from must be an adapter of exactly the config's shape."""
     at = f"lora.init_from = '{cfg.lora.init_from}'"
     c = cfg.lora
-    for key, theirs, ours in (("r", spec.r, c.r), ("alpha", spec.alpha, float(c.alpha)),
-                              ("use_rslora", spec.use_rslora, c.use_rslora), ("use_dora", spec.use_dora, c.use_dora)):
+    for key, theirs, ours in (
+        ("r", spec.r, c.r),
+        ("alpha", spec.alpha, float(c.alpha)),
+        ("use_rslora", spec.use_rslora, c.use_rslora),
+        ("use_dora", spec.use_dora, c.use_dora),
+    ):
         if theirs != ours:
             raise ConfigError(f"{at}: the adapter has {key} = {theirs}, the config lora.{key} = {ours}")
     if set(modules) != set(trained):
         extra, lacking = sorted(set(modules) - set(trained)), sorted(set(trained) - set(modules))
-        what = f"adapts '{extra[0]}', which lora.targets does not select" if extra else \
-            f"does not adapt '{lacking[0]}', which lora.targets selects"
+        what = (
+            f"adapts '{extra[0]}', which lora.targets does not select"
+            if extra
+            else f"does not adapt '{lacking[0]}', which lora.targets selects"
+        )
         raise ConfigError(f"{at}: the adapter {what} ({len(modules)} vs {len(trained)} modules)")
 
 
@@ -134,6 +143,8 @@ def describe(cfg: Config) -> list[str]:
         lines.append(f"adapter '{cfg.lora.adapter_name}' starts from {Path(cfg.lora.init_from)}")
     if cfg.objective == "dpo":
         ref = reference_dir(cfg)
-        lines.append(f"dpo: loss {cfg.dpo.loss}, beta {cfg.dpo.beta}; reference: "
-                     + (f"frozen adapter {ref}" if ref else "the base (adapter off), no second model"))
+        lines.append(
+            f"dpo: loss {cfg.dpo.loss}, beta {cfg.dpo.beta}; reference: "
+            + (f"frozen adapter {ref}" if ref else "the base (adapter off), no second model")
+        )
     return lines

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 
 # ---- nested state <-> (JSON tree, tensors) --------------------------------------------------
 
+
 def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """Split a nested state (dicts, lists, tuples, tensors, plain values) into a JSON-able tree and
     the tensors it references by key. Empty tensors are kept in the tree (shape, dtype), never
@@ -66,6 +67,7 @@ def unflatten_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # ---- RNG ------------------------------------------------------------------------------------
 
+
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     """This process's generator states: (python + numpy as plain data, torch CPU + CUDA tensors)."""
     import numpy as np
@@ -75,8 +77,10 @@ def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
         tensors["torch_cuda"] = torch.cuda.get_rng_state()  # never create contexts on the others
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {"python": [version, list(internal), gauss],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+    plain = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+    }
     return plain, tensors
 
 

@@ -50,8 +50,14 @@ def objective(cfg):
     return SFT()
 
 
-def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int = 0,
-               watch: StepWatch | None = None, objective=None, poison: bool = False) -> dict[str, float]:
+def train_step(
+    backend,
+    batches: list[dict[str, torch.Tensor]],
+    real_tokens: int = 0,
+    watch: StepWatch | None = None,
+    objective=None,
+    poison: bool = False,
+) -> dict[str, float]:
     """Forward/backward over this rank's micro-batches, then the optimizer step.
 
     Returns the global mean loss (over labelled tokens, or the objective's units: pairs), the
@@ -64,8 +70,10 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
     objective = objective or SFT()
     units = sum(objective.count(b) for b in batches)
     positions = sum(b["input_ids"].numel() for b in batches)
-    local = torch.tensor([units, sum(loss_lib.labelled_tokens(b["labels"]) for b in batches), real_tokens, positions],
-                         dtype=torch.float64)
+    local = torch.tensor(
+        [units, sum(loss_lib.labelled_tokens(b["labels"]) for b in batches), real_tokens, positions],
+        dtype=torch.float64,
+    )
     global_units, global_tokens, global_real, global_positions = (int(v) for v in backend.all_reduce_sum(local))
     scale = backend.world_size / max(global_units, 1)
     sums = torch.zeros(1 + len(objective.metric_names), dtype=torch.float64)  # loss, then the metrics
@@ -82,6 +90,13 @@ def train_step(backend, batches: list[dict[str, torch.Tensor]], real_tokens: int
     means = (backend.all_reduce_sum(sums) / max(global_units, 1)).tolist()  # before the step: it may skip
     norm = backend.step(skip=not math.isfinite(means[0]))
     bad = [name for name, v in (("loss", means[0]), ("grad_norm", norm)) if not math.isfinite(v)]
-    return {"loss": means[0], "lr": lr, "grad_norm": norm, "labelled_tokens": global_tokens,
-            "real_tokens": global_real, "positions": global_positions,
-            **dict(zip(objective.metric_names, means[1:])), "nonfinite": " and ".join(bad)}
+    return {
+        "loss": means[0],
+        "lr": lr,
+        "grad_norm": norm,
+        "labelled_tokens": global_tokens,
+        "real_tokens": global_real,
+        "positions": global_positions,
+        **dict(zip(objective.metric_names, means[1:])),
+        "nonfinite": " and ".join(bad),
+    }

@@ -52,8 +52,10 @@ def _attention(block: nn.Module) -> nn.Module:
             return module
     from dtrain.config.schema import ConfigError
 
-    raise ConfigError(f"model.gradient_checkpointing = attention: {type(block).__name__} has no "
-                      f"self_attn / attention / attn submodule")
+    raise ConfigError(
+        f"model.gradient_checkpointing = attention: {type(block).__name__} has no "
+        f"self_attn / attention / attn submodule"
+    )
 
 
 def checkpoint_attention(attn: nn.Module) -> None:
@@ -98,12 +100,16 @@ def chunked_loss_wanted(setting: bool | str, mode: str, head: nn.Module | None, 
     from dtrain.config.schema import ConfigError
 
     if setting is True and not loss_lib.supports(head):
-        raise ConfigError(f"training.chunked_loss = true needs a plain linear output head; this model's is "
-                          f"{type(head).__name__} (an adapted or quantized head): use auto or false")
+        raise ConfigError(
+            f"training.chunked_loss = true needs a plain linear output head; this model's is "
+            f"{type(head).__name__} (an adapted or quantized head): use auto or false"
+        )
     transform = logit_transform(config) if config is not None else None
     if setting is True and transform:
-        raise ConfigError(f"training.chunked_loss = true: a {config.model_type} model changes its logits after the "
-                          f"output head ({transform}), which a loss computed in the head would skip: use auto or false")
+        raise ConfigError(
+            f"training.chunked_loss = true: a {config.model_type} model changes its logits after the "
+            f"output head ({transform}), which a loss computed in the head would skip: use auto or false"
+        )
     if setting == "auto":
         return mode == "lora" and loss_lib.supports(head) and transform is None
     return bool(setting)

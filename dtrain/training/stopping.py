@@ -65,8 +65,10 @@ class NonFinite:
             return None
         self.total, self.in_row = self.total + 1, self.in_row + 1
         row.update(nonfinite=what, skipped=True, nonfinite_steps=self.total)
-        line = (f"step {row['step']}: non-finite {what} (loss {row['loss']}, grad norm {row['grad_norm']}) "
-                f"on every rank: step skipped, no update ({self.in_row} in a row, {self.total} in all)")
+        line = (
+            f"step {row['step']}: non-finite {what} (loss {row['loss']}, grad norm {row['grad_norm']}) "
+            f"on every rank: step skipped, no update ({self.in_row} in a row, {self.total} in all)"
+        )
         log.warning("%s", line)
         if self.mode == "stop":
             return f"{line}; stopping (training.nonfinite=stop)"

@@ -80,8 +80,9 @@ class Trainer:
         self.train_data, self.eval_data = data.train, data.eval
         t = cfg.training
         lengths = self.train_data.row_lengths() if cfg.data.group_by_length else None
-        self.plan = data_lib.BatchPlan(len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed,
-                                       lengths)
+        self.plan = data_lib.BatchPlan(
+            len(self.train_data), t.micro_batch_size, t.grad_accum, env.world_size, t.seed, lengths
+        )
         data_lib.check_plan(self.plan, "training")
         self.total_steps = data_lib.total_steps(t.max_steps, t.epochs, self.plan)
         self.backend.setup_optimizer(self.total_steps)
@@ -113,9 +114,15 @@ class Trainer:
         group, so it is complete): from its cache, shared across nodes (docs/hub.md). A rank that
         cannot find it ends every rank, not only itself."""
         cfg = self.cfg
-        if self.env.world_size > 1 and any(hub.is_hub_id(v) or hub.commit_of(v) for v in (cfg.model.path, cfg.data.tokenizer)):
-            collectives.together(self.backend, lambda: sources.resolve_named_models(cfg, download=False), every_rank=True,
-                                 what="reading rank 0's Hub snapshot from this rank's HF cache (the ranks need one shared cache)")
+        if self.env.world_size > 1 and any(
+            hub.is_hub_id(v) or hub.commit_of(v) for v in (cfg.model.path, cfg.data.tokenizer)
+        ):
+            collectives.together(
+                self.backend,
+                lambda: sources.resolve_named_models(cfg, download=False),
+                every_rank=True,
+                what="reading rank 0's Hub snapshot from this rank's HF cache (the ranks need one shared cache)",
+            )
 
     def _check_vocab(self) -> None:
         vocab = self.backend.model.config.vocab_size
@@ -131,15 +138,28 @@ class Trainer:
         log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
         lengths = self.train_data.row_lengths().float()
         mean = float(lengths.mean()) if len(self.train_data) else 0.0
-        log.info("data: %d train / %d eval rows of at most %d tokens (mean %.0f; a micro-batch is cut to its "
-                 "longest row), %d record(s) skipped; %d steps on %d rank(s)", len(self.train_data),
-                 len(self.eval_data), self.cfg.data.seq_len, mean, skipped, self.total_steps, self.env.world_size)
+        log.info(
+            "data: %d train / %d eval rows of at most %d tokens (mean %.0f; a micro-batch is cut to its "
+            "longest row), %d record(s) skipped; %d steps on %d rank(s)",
+            len(self.train_data),
+            len(self.eval_data),
+            self.cfg.data.seq_len,
+            mean,
+            skipped,
+            self.total_steps,
+            self.env.world_size,
+        )
 
     # ---- train ------------------------------------------------------------------------------
     def train(self) -> int:
         """Run to the last step; returns the process exit code (0, or PREEMPT_EXIT)."""
-        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not self.env.is_main,
-                   desc="train", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            disable=not self.env.is_main,
+            desc="train",
+            dynamic_ncols=True,
+        )
         try:
             code = self._steps(bar, self.loggers)
             if code is None:
@@ -155,8 +175,9 @@ class Trainer:
         if self.env.is_main:
             log.info("done: adapter in %s, metrics in %s", self.out / "adapter", self.out / outdir.METRICS)
             log.info("memory at end of run: %s", memory)
-            if self.cfg.logging.loss_curve and curve.write_loss_curve(self.out / outdir.METRICS,
-                                                                      self.out / "loss_curve.png"):
+            if self.cfg.logging.loss_curve and curve.write_loss_curve(
+                self.out / outdir.METRICS, self.out / "loss_curve.png"
+            ):
                 log.info("loss curve in %s", self.out / "loss_curve.png")
         return 0
 
@@ -217,8 +238,9 @@ class Trainer:
 
     def _save(self, **kw) -> Path | None:
         start = time.perf_counter()
-        path = checkpoint.save_training(self.backend, self.cfg, self.out, self.state.step, self.plan,
-                                        tokenizer=self.tokenizer, **kw)
+        path = checkpoint.save_training(
+            self.backend, self.cfg, self.out, self.state.step, self.plan, tokenizer=self.tokenizer, **kw
+        )
         self.stops.deadline.saw("save", time.perf_counter() - start)
         return path
 
@@ -233,9 +255,13 @@ class Trainer:
         else:
             self._save(preempted=True, extra={"pending_row": pending} if pending is not None else None)
         if self.env.is_main:  # "preempted: checkpoint at step N written" is what job scripts grep for
-            log.warning("preempted: %s (%s%s); exit %d to requeue",
-                        "nothing to save before the first step" if at_start else f"checkpoint at step {step} written",
-                        self.stops.reason, where, PREEMPT_EXIT)
+            log.warning(
+                "preempted: %s (%s%s); exit %d to requeue",
+                "nothing to save before the first step" if at_start else f"checkpoint at step {step} written",
+                self.stops.reason,
+                where,
+                PREEMPT_EXIT,
+            )
         return PREEMPT_EXIT
 
     def _generation_eval(self, metrics) -> None:
@@ -246,10 +272,17 @@ class Trainer:
         cfg = self.cfg
         records = evaluate.read_jsonl(Path(cfg.data.eval_path), cfg.training.eval_generate)
         model, tok = generate.load(cfg.model.path, [str(self.out / "adapter")], device=str(self.backend.device))
-        result = evaluate.exact_match(generate.Generator(model, tok), records, generate.Sampling(max_new_tokens=64),
-                                      f"data.eval_path = '{cfg.data.eval_path}'", stop=self.stops.local)
-        files.write_text_atomic(self.out / "eval_generations.jsonl",
-                                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records))
+        result = evaluate.exact_match(
+            generate.Generator(model, tok),
+            records,
+            generate.Sampling(max_new_tokens=64),
+            f"data.eval_path = '{cfg.data.eval_path}'",
+            stop=self.stops.local,
+        )
+        files.write_text_atomic(
+            self.out / "eval_generations.jsonl",
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records),
+        )
         self._write_metrics({"step": self.state.step, "eval_exact_match": result.accuracy}, metrics)
         log.info("exact match on %d held-out prompts: %d (%.1f%%)", result.total, result.correct, 100 * result.accuracy)
 
@@ -272,10 +305,17 @@ class Trainer:
         time.sleep(faults.step_delay())  # 0 unless a test plants slow_step (dtrain/faults.py)
         elapsed = time.perf_counter() - start
         positions = result["positions"]  # what was computed: rows cut to the micro-batch's longest
-        row = {"step": self.state.step + 1, "loss": result["loss"], "lr": result["lr"],
-               "grad_norm": result["grad_norm"], "tokens_per_s": result["real_tokens"] / elapsed,
-               "padding_fraction": 1 - result["real_tokens"] / max(positions, 1), "step_time_s": elapsed,
-               **{k: result[k] for k in self.objective.metric_names}, "nonfinite": result["nonfinite"]}
+        row = {
+            "step": self.state.step + 1,
+            "loss": result["loss"],
+            "lr": result["lr"],
+            "grad_norm": result["grad_norm"],
+            "tokens_per_s": result["real_tokens"] / elapsed,
+            "padding_fraction": 1 - result["real_tokens"] / max(positions, 1),
+            "step_time_s": elapsed,
+            **{k: result[k] for k in self.objective.metric_names},
+            "nonfinite": result["nonfinite"],
+        }
         if self._mfu is not None:
             row["mfu"] = flops.mfu(self._mfu[0], positions, elapsed, self.env.world_size, self._mfu[1])
         return row
@@ -339,8 +379,11 @@ class Trainer:
 
 
 def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 def run(cfg: Config) -> int:

@@ -53,17 +53,23 @@ class GradWatch(step_lib.StepWatch):
 
     def before_optimizer_step(self) -> None:
         local = self.backend.local_grads()
-        vec = torch.tensor([float(local[n].double().pow(2).sum()) if n in local else 0.0 for n in self.names],
-                           dtype=torch.float64)
+        vec = torch.tensor(
+            [float(local[n].double().pow(2).sum()) if n in local else 0.0 for n in self.names], dtype=torch.float64
+        )
         self.sq += self.backend.all_reduce_sum(vec)
 
 
 def verify_config(cfg: Config, steps: int, out: Path) -> Config:
-    t = dataclasses.replace(cfg.training, max_steps=steps, eval_every=0, save_every=0, eval_generate=0,
-                            resume="never", memory_every=0)
-    return dataclasses.replace(cfg, training=t, lora=dataclasses.replace(cfg.lora, dropout=0.0),
-                               output=dataclasses.replace(cfg.output, dir=str(out / "ranks"), overwrite=True),
-                               logging=dataclasses.replace(cfg.logging, backends=["jsonl"], loss_curve=False))
+    t = dataclasses.replace(
+        cfg.training, max_steps=steps, eval_every=0, save_every=0, eval_generate=0, resume="never", memory_every=0
+    )
+    return dataclasses.replace(
+        cfg,
+        training=t,
+        lora=dataclasses.replace(cfg.lora, dropout=0.0),
+        output=dataclasses.replace(cfg.output, dir=str(out / "ranks"), overwrite=True),
+        logging=dataclasses.replace(cfg.logging, backends=["jsonl"], loss_curve=False),
+    )
 
 
 def train_k(backend, data, plan: BatchPlan, steps: int, watch: GradWatch | None = None) -> list[float]:
@@ -88,9 +94,12 @@ def reference(cfg: Config, env: DistEnv, data, plan: BatchPlan, total: int, step
 def compare_losses(ours: list[float], theirs: list[float], tol: float, world: int) -> Check:
     rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(ours, theirs))
     ok = all(math.isfinite(x) for x in ours) and rel <= tol
-    return Check(f"losses, {world} rank(s) vs 1 process", ok,
-                 f"{len(ours)} steps, max relative difference {rel:.2e} (tolerance {tol:.0e}); "
-                 f"last loss {ours[-1]:.6f} vs {theirs[-1]:.6f}")
+    return Check(
+        f"losses, {world} rank(s) vs 1 process",
+        ok,
+        f"{len(ours)} steps, max relative difference {rel:.2e} (tolerance {tol:.0e}); "
+        f"last loss {ours[-1]:.6f} vs {theirs[-1]:.6f}",
+    )
 
 
 def compare_adapters(ours: dict, theirs: dict, tol: float, step_bound: float) -> Check:
@@ -101,15 +110,21 @@ def compare_adapters(ours: dict, theirs: dict, tol: float, step_bound: float) ->
     ZeRO-3: 1.1e-4 at lr 1e-2). A real fault (a dropped or wrongly reduced gradient) moves whole
     tensors, far more than 0.1% of the elements."""
     if ours.keys() != theirs.keys():
-        return Check("adapter after training, N ranks vs 1 process", False,
-                     f"tensor names differ: {sorted(ours.keys() ^ theirs.keys())[:3]}")
+        return Check(
+            "adapter after training, N ranks vs 1 process",
+            False,
+            f"tensor names differ: {sorted(ours.keys() ^ theirs.keys())[:3]}",
+        )
     diff = torch.cat([(ours[k].double() - theirs[k].double()).abs().flatten() for k in ours])
     top, over = float(diff.max()), int((diff > tol).sum())
     ok = over <= OUTLIER_SHARE * diff.numel() and top <= step_bound
-    return Check("adapter after training, N ranks vs 1 process", ok,
-                 f"{len(ours)} tensors, max absolute difference {top:.2e} (tolerance {tol:.0e}); {over} of "
-                 f"{diff.numel()} elements above it (allowed: {OUTLIER_SHARE:.1%}, each within K x lr = "
-                 f"{step_bound:.0e})")
+    return Check(
+        "adapter after training, N ranks vs 1 process",
+        ok,
+        f"{len(ours)} tensors, max absolute difference {top:.2e} (tolerance {tol:.0e}); {over} of "
+        f"{diff.numel()} elements above it (allowed: {OUTLIER_SHARE:.1%}, each within K x lr = "
+        f"{step_bound:.0e})",
+    )
 
 
 def gradients_and_moves(watch: GradWatch, before: dict, after: dict) -> list[Check]:
@@ -117,11 +132,20 @@ def gradients_and_moves(watch: GradWatch, before: dict, after: dict) -> list[Che
     no_grad = [n for n, v in zip(watch.names, watch.sq.tolist()) if n in lora_names and not v > 0]
     still = [n for n in lora_names if torch.equal(before[n], after[n])]
     norms = [math.sqrt(v) for n, v in zip(watch.names, watch.sq.tolist()) if n in lora_names]
-    return [Check("every LoRA tensor got a gradient", not no_grad,
-                  f"{len(lora_names) - len(no_grad)}/{len(lora_names)} non-zero (smallest norm {min(norms):.2e})"
-                  + (f"; none: {', '.join(no_grad[:3])}" + (" ..." if len(no_grad) > 3 else "") if no_grad else "")),
-            Check("every LoRA tensor moved", not still, f"{len(lora_names) - len(still)}/{len(lora_names)} changed"
-                  + (f"; unchanged: {', '.join(still[:3])}" + (" ..." if len(still) > 3 else "") if still else ""))]
+    return [
+        Check(
+            "every LoRA tensor got a gradient",
+            not no_grad,
+            f"{len(lora_names) - len(no_grad)}/{len(lora_names)} non-zero (smallest norm {min(norms):.2e})"
+            + (f"; none: {', '.join(no_grad[:3])}" + (" ..." if len(no_grad) > 3 else "") if no_grad else ""),
+        ),
+        Check(
+            "every LoRA tensor moved",
+            not still,
+            f"{len(lora_names) - len(still)}/{len(lora_names)} changed"
+            + (f"; unchanged: {', '.join(still[:3])}" + (" ..." if len(still) > 3 else "") if still else ""),
+        ),
+    ]
 
 
 def optimizer_round_trip(backend, cfg: Config, out: Path, step: int, plan) -> Check:
@@ -141,9 +165,12 @@ def optimizer_round_trip(backend, cfg: Config, out: Path, step: int, plan) -> Ch
     got_steps = {p: st["step"] for p, st in after["params"].items()}
     steps_ok = all(got_steps.get(p) == st["step"] for p, st in before["params"].items())
     ok = n > 0 and not bad and steps_ok and empty == 0 and after["scheduler"] == before["scheduler"]
-    return Check("optimizer state through a checkpoint", ok,
-                 f"{n - len(bad)}/{n} AdamW moments equal after reload, {empty} all-zero, steps "
-                 f"{'equal' if steps_ok else 'differ'}" + (f"; differ: {bad[0]}" if bad else ""))
+    return Check(
+        "optimizer state through a checkpoint",
+        ok,
+        f"{n - len(bad)}/{n} AdamW moments equal after reload, {empty} all-zero, steps "
+        f"{'equal' if steps_ok else 'differ'}" + (f"; differ: {bad[0]}" if bad else ""),
+    )
 
 
 @torch.no_grad()
@@ -170,8 +197,13 @@ def reload_checks(solo, cfg: Config, adapter_dir: Path, sharded: torch.Tensor, b
     solo.load_full_state({lora.from_peft_key(k, name): t for k, t in tensors.items()})
     mine = logits(solo, batch)
     d = float((mine - sharded).abs().max())
-    out = [Check("adapter reloaded by dtrain: logits", d <= tol, f"max |difference| {d:.2e} vs the N-rank model "
-                                                                 f"(tolerance {tol:.0e})")]
+    out = [
+        Check(
+            "adapter reloaded by dtrain: logits",
+            d <= tol,
+            f"max |difference| {d:.2e} vs the N-rank model (tolerance {tol:.0e})",
+        )
+    ]
     try:
         import peft
     except ImportError:
@@ -183,9 +215,13 @@ def reload_checks(solo, cfg: Config, adapter_dir: Path, sharded: torch.Tensor, b
         with theirs.disable_adapter():
             effect = float((theirs(**inputs).logits.float() - got).abs().max())  # not a vacuous comparison
     d = float((got - mine).abs().max())
-    return out + [Check("adapter reloaded by PEFT: logits", d <= tol and effect > 0,
-                        f"max |difference| {d:.2e} vs dtrain's (tolerance {tol:.0e}); the adapter moves "
-                        f"them by up to {effect:.2e}")]
+    return out + [
+        Check(
+            "adapter reloaded by PEFT: logits",
+            d <= tol and effect > 0,
+            f"max |difference| {d:.2e} vs dtrain's (tolerance {tol:.0e}); the adapter moves them by up to {effect:.2e}",
+        )
+    ]
 
 
 def quantization_error(solo, cfg: Config) -> Check | None:
@@ -201,9 +237,12 @@ def quantization_error(solo, cfg: Config) -> Check | None:
             w = src.read(f"{name}.weight").float()  # the source maps the wrapped name to its key
             errs.append(float((m.dequantized_weight() - w).norm() / w.norm().clamp_min(1e-12)))
     worst = max(errs)
-    return Check(f"quantization error of the {bits}-bit base", worst <= QUANT_TOL[bits],
-                 f"{len(errs)} layers, relative error mean {sum(errs) / len(errs):.4f}, max {worst:.4f} "
-                 f"(tolerance {QUANT_TOL[bits]})")
+    return Check(
+        f"quantization error of the {bits}-bit base",
+        worst <= QUANT_TOL[bits],
+        f"{len(errs)} layers, relative error mean {sum(errs) / len(errs):.4f}, max {worst:.4f} "
+        f"(tolerance {QUANT_TOL[bits]})",
+    )
 
 
 def save_adapter(backend, cfg: Config, out: Path) -> Path:

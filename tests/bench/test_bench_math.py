@@ -14,13 +14,20 @@ from bench.common import Device
 @pytest.fixture(scope="module")
 def run():
     """bench/run.py's pieces: presets and variants, the runners' Outcome, the report's arithmetic."""
-    return SimpleNamespace(Outcome=runners.Outcome, count_params=runners.count_params, BY_NAME=presets.BY_NAME,
-                           LLAMA_58M=presets.LLAMA_58M, mfu=report.mfu, goals=report.goals)
+    return SimpleNamespace(
+        Outcome=runners.Outcome,
+        count_params=runners.count_params,
+        BY_NAME=presets.BY_NAME,
+        LLAMA_58M=presets.LLAMA_58M,
+        mfu=report.mfu,
+        goals=report.goals,
+    )
 
 
 def outcome(run, name, step_s, peak, world=2, tokens=2048):
-    return run.Outcome(run.BY_NAME[name], status="ok", median_step_s=step_s, tokens_per_step=tokens,
-                       world=world, peak_bytes=peak)
+    return run.Outcome(
+        run.BY_NAME[name], status="ok", median_step_s=step_s, tokens_per_step=tokens, world=world, peak_bytes=peak
+    )
 
 
 def test_parameter_counts_of_the_presets(run):
@@ -50,12 +57,15 @@ def test_goal_verdicts(run):
         "dtrain-fsdp-full": outcome(run, "dtrain-fsdp-full", 1.3, 40 * gib),
         "dtrain-fsdp-8bit": outcome(run, "dtrain-fsdp-8bit", 1.0, 7 * gib),
         "peft-fsdp": outcome(run, "peft-fsdp", 1.25, 11 * gib),
-        "latency": run.Outcome(run.BY_NAME["latency"], status="ok",
-                               extra={"merged_over_base": 1.01, "unmerged_over_base": 1.2}),
+        "latency": run.Outcome(
+            run.BY_NAME["latency"], status="ok", extra={"merged_over_base": 1.01, "unmerged_over_base": 1.2}
+        ),
     }
     gl = {g.text: g for g in run.goals(res, Device(cuda=True, name="H100"))}
-    assert (gl["[fsdp] LoRA >= 1.25x full-FT tokens/s"].value, gl["[fsdp] LoRA >= 1.25x full-FT tokens/s"].status) \
-        == ("1.30x", "met")
+    assert (gl["[fsdp] LoRA >= 1.25x full-FT tokens/s"].value, gl["[fsdp] LoRA >= 1.25x full-FT tokens/s"].status) == (
+        "1.30x",
+        "met",
+    )
     assert gl["[fsdp] LoRA peak memory <= 1/3 of full FT"].status == "met"  # 0.25
     assert gl["[fsdp] 8-bit LoRA peak memory <= 1/6 of full FT"].status == "missed"  # 0.175
     assert gl["[fsdp] dtrain >= PEFT+accelerate tokens/s (goal 1.2x)"].status == "met"  # 1.25x

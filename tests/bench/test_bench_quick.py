@@ -14,10 +14,19 @@ from tests.helpers import REPO, env_for_tests
 @pytest.mark.ondemand  # a benchmark run (~2 min): on request, like the benchmarks themselves
 def test_quick_bench_runs_dtrain_peft_and_latency(tmp_path):
     results = tmp_path / "RESULTS.md"
-    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--only", "dtrain-ds,peft-ds,latency",
-           "--record", "--results", str(results)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace",
-                          timeout=900)
+    cmd = [
+        sys.executable,
+        str(REPO / "bench" / "run.py"),
+        "--quick",
+        "--only",
+        "dtrain-ds,peft-ds,latency",
+        "--record",
+        "--results",
+        str(results),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = results.read_text()
     for row in ("| dtrain-ds | ok |", "| peft-ds | ok |", "| merged |", "| unmerged |"):

@@ -27,8 +27,15 @@ def test_each_script_runs_without_pythonpath(tmp_path):
     failed = {}
     assert len(SCRIPTS) >= 10 and "common" not in SCRIPTS  # the command lines, not the library modules
     for name in SCRIPTS:
-        proc = subprocess.run([PY, str(REPO / "bench" / f"{name}.py"), "--help"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, errors="replace", timeout=300)
+        proc = subprocess.run(
+            [PY, str(REPO / "bench" / f"{name}.py"), "--help"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=300,
+        )
         if proc.returncode != 0 or "usage:" not in proc.stdout:
             failed[name] = proc.stderr[-500:]
     assert failed == {}

@@ -17,9 +17,15 @@ pytestmark = pytest.mark.slow
 @pytest.mark.ondemand  # before a GPU run (bench/gpu_check.py), not on every change
 def test_dry_run_of_the_training_checks(tmp_path):
     only = "llama1b_bf16,fsdp_ws1,zero3_ws1,int8,nf4"
-    proc = subprocess.run([PY, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path),
-                           "--only", only], cwd=REPO, env=env_for_tests(), capture_output=True, text=True,
-                          errors="replace", timeout=900)
+    proc = subprocess.run(
+        [PY, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path), "--only", only],
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())}
     assert sorted(results) == sorted(only.split(","))

@@ -36,8 +36,12 @@ def row(name, em, loss, params=1):
 
 def test_verdicts_follow_the_numbers(study):
     _, text = study
-    good = {"t5_q": row("t5_q", 0.1, 0.5), "t5_k": row("t5_k", 0.0, 0.6), "t5_qv": row("t5_qv", 0.5, 0.2),
-            "t5_all": row("t5_all", 0.6, 0.1)}
+    good = {
+        "t5_q": row("t5_q", 0.1, 0.5),
+        "t5_k": row("t5_k", 0.0, 0.6),
+        "t5_qv": row("t5_qv", 0.5, 0.2),
+        "t5_all": row("t5_all", 0.6, 0.1),
+    }
     v = text.t5_verdict(good)
     assert "best is **all four**" in v and "**agrees** that spreading" in v and "(**agrees**)." in v
     bad = {"t5_q": row("t5_q", 0.9, 0.1), "t5_qv": row("t5_qv", 0.1, 0.5)}

@@ -22,9 +22,13 @@ def test_chats_are_seeded_in_range_and_written_alike(tmp_path) -> None:
 
 def test_table_ratios_from_medians() -> None:
     run = lambda tok, rss, share: {"tok_s": tok, "rss_mib": rss, "real_share": share, "first_loss": 2.0}  # noqa: E731
-    results = {"on": {"dtrain": [run(300.0, 3000, 0.98), run(320.0, 3100, 0.98)],
-                      "trl": [run(200.0, 4000, 0.985), run(200.0, 4100, 0.985)]},
-               "off": {"dtrain": [{"error": "boom"}], "trl": [run(150.0, 4000, None)]}}
+    results = {
+        "on": {
+            "dtrain": [run(300.0, 3000, 0.98), run(320.0, 3100, 0.98)],
+            "trl": [run(200.0, 4000, 0.985), run(200.0, 4100, 0.985)],
+        },
+        "off": {"dtrain": [{"error": "boom"}], "trl": [run(150.0, 4000, None)]},
+    }
     text = vs_trl.table(results, SimpleNamespace())
     on = next(line for line in text.splitlines() if line.startswith("| on |"))
     assert "| 1.55x |" in on and "3,100 / 4,100 (0.76x)" in on and "98.0% / 98.5%" in on

@@ -29,9 +29,14 @@ from dtrain.training.loss import token_loss
 
 REPO = Path(__file__).resolve().parents[2]
 OVERRIDES = [
-    "backend.name=deepspeed", "backend.device=cpu", "lora.targets=[q_proj,v_proj]",
-    "training.micro_batch_size=2", "training.grad_accum=2", "training.warmup_steps=2",
-    "training.lr=1e-3", "data.seq_len=32",
+    "backend.name=deepspeed",
+    "backend.device=cpu",
+    "lora.targets=[q_proj,v_proj]",
+    "training.micro_batch_size=2",
+    "training.grad_accum=2",
+    "training.warmup_steps=2",
+    "training.lr=1e-3",
+    "data.seq_len=32",
 ]
 STEPS = 4
 
@@ -45,8 +50,9 @@ def batches(step: int, rank: int, cfg) -> list[dict]:
     out = []
     for m in range(cfg.training.grad_accum):
         g = torch.Generator().manual_seed(1000 * step + 10 * rank + m)
-        ids = torch.randint(0, cfg.model.arch["vocab_size"], (cfg.training.micro_batch_size, cfg.data.seq_len),
-                            generator=g)
+        ids = torch.randint(
+            0, cfg.model.arch["vocab_size"], (cfg.training.micro_batch_size, cfg.data.seq_len), generator=g
+        )
         out.append({"input_ids": ids, "labels": ids.clone()})
     return out
 
@@ -91,10 +97,13 @@ def probe_checkpointing(env, cfg) -> dict:
     ckpt_losses = [train_step(c, s) for s in range(2)]
     fresh = make_backend(env)
     plain_losses = [train_step(fresh, s) for s in range(2)]
-    return {"losses_ckpt": ckpt_losses, "losses_plain": plain_losses,
-            "lora_max_diff": max_diff(lora_state(c), lora_state(fresh)),
-            "layer0_forwards_2_steps": counts["layer0_forward"],
-            "micro_batches_2_steps": 2 * cfg.training.grad_accum}
+    return {
+        "losses_ckpt": ckpt_losses,
+        "losses_plain": plain_losses,
+        "lora_max_diff": max_diff(lora_state(c), lora_state(fresh)),
+        "layer0_forwards_2_steps": counts["layer0_forward"],
+        "micro_batches_2_steps": 2 * cfg.training.grad_accum,
+    }
 
 
 def main(out: Path) -> None:
@@ -111,8 +120,9 @@ def main(out: Path) -> None:
     losses = [train_step(a, s) for s in range(2)]
     saved_opt = a.optimizer_state()
     saved_lora = lora_state(a)
-    tensors = {f"{param}.{key}": t for param, entry in saved_opt["optimizer"]["state"].items()
-               for key, t in entry.items()}
+    tensors = {
+        f"{param}.{key}": t for param, entry in saved_opt["optimizer"]["state"].items() for key, t in entry.items()
+    }
     plain = {k: v for k, v in saved_opt.items() if k != "optimizer"}
     plain["optimizer"] = {k: v for k, v in saved_opt["optimizer"].items() if k != "state"}
     report["optimizer"] = {
@@ -131,8 +141,13 @@ def main(out: Path) -> None:
     b.setup_optimizer(STEPS)
     b.load_optimizer_state(saved_opt)
     resumed_loss = train_step(b, 2)
-    report["resume"] = {"loss_ref": losses[2], "loss_resumed": resumed_loss,
-                        "lora_max_diff": max_diff(ref_lora, lora_state(b)), "lr_ref": ref_lr, "lr_resumed": b.lr}
+    report["resume"] = {
+        "loss_ref": losses[2],
+        "loss_resumed": resumed_loss,
+        "lora_max_diff": max_diff(ref_lora, lora_state(b)),
+        "lr_ref": ref_lr,
+        "lr_resumed": b.lr,
+    }
 
     # load_full_state after the optimizer exists: the next step starts from the loaded values
     b.load_full_state(saved_lora)

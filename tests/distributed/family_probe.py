@@ -18,23 +18,44 @@ from dtrain.training import trainer as trainer_lib
 from tests.distributed.probe_backend import storage
 from tests.helpers import TINY
 
-STEPS = ["training.max_steps=2", "training.warmup_steps=1", "training.micro_batch_size=2",
-         "training.eval_every=2", "data.eval_fraction=0.2", "training.eval_batches=1", "data.seq_len=32",
-         "lora.targets=all", "lora.dropout=0", "training.lr=1e-3", "output.overwrite=true",
-         "logging.loss_curve=false", "model.arch=null"]
+STEPS = [
+    "training.max_steps=2",
+    "training.warmup_steps=1",
+    "training.micro_batch_size=2",
+    "training.eval_every=2",
+    "data.eval_fraction=0.2",
+    "training.eval_batches=1",
+    "data.seq_len=32",
+    "lora.targets=all",
+    "lora.dropout=0",
+    "training.lr=1e-3",
+    "output.overwrite=true",
+    "logging.loss_curve=false",
+    "model.arch=null",
+]
 
 
 def run_family(models: Path, out: Path, backend: str, family: str, extra: list[str], run: str = ""):
-    overrides = [*STEPS, f"model.path={models / family}", f"backend.name={backend}",
-                 f"output.dir={out / (run or family)}", *extra]
+    overrides = [
+        *STEPS,
+        f"model.path={models / family}",
+        f"backend.name={backend}",
+        f"output.dir={out / (run or family)}",
+        *extra,
+    ]
     t = trainer_lib.Trainer(config_lib.load(str(TINY), overrides))
     t.setup()
     before = storage(t.backend)["frozen_bytes"]
     t.train()  # evaluates after its last step, then saves the adapter
     after = storage(t.backend)
-    row = {"rank": t.backend.rank, "frozen_before": before, "frozen_after": after["frozen_bytes"],
-           "full_frozen_bytes": after["full_frozen_bytes"],
-           "base_params": _base_params(t.backend.model), "trainable_are_lora": after["all_trainable_are_lora"]}
+    row = {
+        "rank": t.backend.rank,
+        "frozen_before": before,
+        "frozen_after": after["frozen_bytes"],
+        "full_frozen_bytes": after["full_frozen_bytes"],
+        "base_params": _base_params(t.backend.model),
+        "trainable_are_lora": after["all_trainable_are_lora"],
+    }
     row["quant_storage_bytes"] = after["quant_storage_bytes"]
     (out / (run or family) / f"probe-rank{t.backend.rank}.json").write_text(json.dumps(row))
     return t
@@ -48,8 +69,8 @@ def _base_params(model) -> int:
 
 def main() -> None:
     args = sys.argv[1:]
-    extra = args[args.index("--") + 1:] if "--" in args else []
-    args = args[:args.index("--")] if "--" in args else args
+    extra = args[args.index("--") + 1 :] if "--" in args else []
+    args = args[: args.index("--")] if "--" in args else args
     models, out, backend, families = Path(args[0]), Path(args[1]), args[2], args[3:]
     last, with_8bit = None, backend.endswith("+8bit")
     backend = backend.removesuffix("+8bit")

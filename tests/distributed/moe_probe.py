@@ -17,9 +17,18 @@ from dtrain.training import trainer as trainer_lib  # noqa: E402
 from tests.distributed.probe_backend import storage  # noqa: E402
 from tests.moe_models import FAMILIES  # noqa: E402
 
-RUN = ["data.seq_len=32", "training.max_steps=4", "training.warmup_steps=1", "training.lr=1e-2",
-       "training.eval_every=0", "training.save_every=2", "training.keep_last=2", "logging.loss_curve=false",
-       "lora.r=2", "lora.alpha=4"]
+RUN = [
+    "data.seq_len=32",
+    "training.max_steps=4",
+    "training.warmup_steps=1",
+    "training.lr=1e-2",
+    "training.eval_every=0",
+    "training.save_every=2",
+    "training.keep_last=2",
+    "logging.loss_curve=false",
+    "lora.r=2",
+    "lora.alpha=4",
+]
 
 
 def main() -> None:
@@ -29,8 +38,7 @@ def main() -> None:
         families, overrides = overrides[0].split("=", 1)[1].split(","), overrides[1:]
     t = None
     for family in families:
-        cfg = config_lib.load(None, [*RUN, f"model.path={models / family}", *overrides,
-                                     f"output.dir={out / family}"])
+        cfg = config_lib.load(None, [*RUN, f"model.path={models / family}", *overrides, f"output.dir={out / family}"])
         t = trainer_lib.Trainer(cfg)
         t.setup()
         assert t.train() == 0

@@ -24,14 +24,17 @@ def storage(backend) -> dict:
     frozen = {n: v.numel() * v.element_size() for n, v in local.items() if not params[n].requires_grad}
     trainable = {n: v.numel() * v.element_size() for n, v in local.items() if params[n].requires_grad}
     return {
-        "frozen_bytes": sum(frozen.values()), "trainable_bytes": sum(trainable.values()),
+        "frozen_bytes": sum(frozen.values()),
+        "trainable_bytes": sum(trainable.values()),
         "trainable_names": sorted(trainable),
         "all_trainable_are_lora": all(is_lora_param(n) for n in trainable),
         "quant_storage_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_int8", "weight_nf4"))),
         "quant_scale_bytes": sum(v for n, v in frozen.items() if n.endswith(("weight_scale", "weight_absmax"))),
         # fused expert weights (dtrain/expert_quant.py): `<param>_int8` / `_nf4` and `_scale` / `_absmax`
         "expert_storage_bytes": sum(v for n, v in frozen.items() if ".experts." in n and n.endswith(("_int8", "_nf4"))),
-        "expert_scale_bytes": sum(v for n, v in frozen.items() if ".experts." in n and n.endswith(("_scale", "_absmax"))),
+        "expert_scale_bytes": sum(
+            v for n, v in frozen.items() if ".experts." in n and n.endswith(("_scale", "_absmax"))
+        ),
         "full_frozen_bytes": sum(logical_numel(p) * p.element_size() for p in params.values() if not p.requires_grad),
     }
 
@@ -50,11 +53,18 @@ def main() -> None:
     t._train_step()
     b = t.backend
     opt = b.optimizer_state()["optimizer"]["state"]
-    opt_bytes = sum(v.numel() * v.element_size() for s in opt.values() for v in s.values()
-                    if isinstance(v, torch.Tensor) and v.dim() > 0)
+    opt_bytes = sum(
+        v.numel() * v.element_size()
+        for s in opt.values()
+        for v in s.values()
+        if isinstance(v, torch.Tensor) and v.dim() > 0
+    )
     row = {
-        "rank": b.rank, "world": b.world_size, **storage(b),
-        "optimizer_state_entries": len(opt), "optimizer_state_bytes": opt_bytes,
+        "rank": b.rank,
+        "world": b.world_size,
+        **storage(b),
+        "optimizer_state_entries": len(opt),
+        "optimizer_state_bytes": opt_bytes,
         "fsdp_units": fsdp_units(b.model),
         "head_is_embedding": b.model.get_output_embeddings().weight is b.model.get_input_embeddings().weight,
     }

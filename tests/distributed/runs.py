@@ -18,8 +18,14 @@ from dtrain.training import checkpoint
 from tests.helpers import FAST, REPO, TINY, adapter, env_for_tests, launch_cmd, metrics
 
 STEPS = 6
-COMMON = [*FAST, f"training.max_steps={STEPS}", "training.save_every=1", "training.keep_last=3",
-          "lora.dropout=0.1", "data.eval_fraction=0.95"]
+COMMON = [
+    *FAST,
+    f"training.max_steps={STEPS}",
+    "training.save_every=1",
+    "training.keep_last=3",
+    "lora.dropout=0.1",
+    "data.eval_fraction=0.95",
+]
 BACKENDS = {"single": ("none", 1), "fsdp": ("fsdp", 2), "zero3": ("deepspeed", 2), "zero3_tied": ("deepspeed", 2)}
 
 
@@ -27,15 +33,30 @@ def command(kind: str, out: Path, extra: list[str] = ()) -> list[str]:
     name, nproc = BACKENDS[kind]
     launcher = "python" if nproc == 1 else "torchrun"
     tie = ["model.arch.tie_word_embeddings=true"] if kind.endswith("_tied") else []
-    return launch_cmd(nproc, launcher) + ["train", str(TINY), *COMMON, f"backend.name={name}", *tie,
-                                          *extra, f"output.dir={out}"]
+    return launch_cmd(nproc, launcher) + [
+        "train",
+        str(TINY),
+        *COMMON,
+        f"backend.name={name}",
+        *tie,
+        *extra,
+        f"output.dir={out}",
+    ]
 
 
 def start(kind: str, out: Path, extra: list[str] = ()) -> subprocess.Popen:
     """A run in its own session (process group): torchrun and its workers are killed together."""
     log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(command(kind, out, extra), cwd=REPO, env=env_for_tests(), stdout=log,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    return subprocess.Popen(
+        command(kind, out, extra),
+        cwd=REPO,
+        env=env_for_tests(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen, out: Path, timeout: float = 300) -> tuple[int, str]:
@@ -58,8 +79,10 @@ def wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int, timeout: f
     target, deadline = checkpoint.checkpoint_dir(out, step), time.monotonic() + timeout
     while not target.is_dir():
         if proc.poll() is not None:
-            raise AssertionError(f"run exited {proc.returncode} before checkpoint {step}\n"
-                                 f"{(out.parent / f'{out.name}.log').read_text(errors='replace')[-4000:]}")
+            raise AssertionError(
+                f"run exited {proc.returncode} before checkpoint {step}\n"
+                f"{(out.parent / f'{out.name}.log').read_text(errors='replace')[-4000:]}"
+            )
         if time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"no checkpoint {step} after {timeout} s")
@@ -115,9 +138,17 @@ def workers(pid: int) -> list[int]:
 
 def probe(tmp_path, backend: str, overrides: list[str] = ()) -> list[dict]:
     """Per-rank storage after one step (tests/distributed/probe_backend.py under torchrun)."""
-    cmd = launch_cmd(2, "torchrun")[:-2] + [str(REPO / "tests/distributed/probe_backend.py"), str(TINY), "lora.targets=[q_proj,v_proj]",
-                                             f"backend.name={backend}", "training.micro_batch_size=2",
-                                             f"output.dir={tmp_path}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300)
+    cmd = launch_cmd(2, "torchrun")[:-2] + [
+        str(REPO / "tests/distributed/probe_backend.py"),
+        str(TINY),
+        "lora.targets=[q_proj,v_proj]",
+        f"backend.name={backend}",
+        "training.micro_batch_size=2",
+        f"output.dir={tmp_path}",
+        *overrides,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((tmp_path / f"probe-rank{r}.json").read_text()) for r in range(2)]

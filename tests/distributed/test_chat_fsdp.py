@@ -15,10 +15,19 @@ MESSAGES = REPO / "dtrain" / "assets" / "tiny_messages.jsonl"
 @pytest.mark.parametrize("packing", [False, pytest.param(True, marks=pytest.mark.ondemand)])
 def test_messages_fsdp_two_ranks(smollm2_dir, tmp_path, packing: bool) -> None:
     out = tmp_path / "run"
-    args = [f"data.path={MESSAGES}", "data.format=messages", f"data.tokenizer={smollm2_dir}",
-            "model.arch.vocab_size=49152", "data.seq_len=96", f"data.packing={str(packing).lower()}",
-            f"data.cache_dir={tmp_path / 'cache'}", "backend.name=fsdp", "training.micro_batch_size=2",
-            "training.eval_every=2", "training.eval_batches=1"]
+    args = [
+        f"data.path={MESSAGES}",
+        "data.format=messages",
+        f"data.tokenizer={smollm2_dir}",
+        "model.arch.vocab_size=49152",
+        "data.seq_len=96",
+        f"data.packing={str(packing).lower()}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "backend.name=fsdp",
+        "training.micro_batch_size=2",
+        "training.eval_every=2",
+        "training.eval_batches=1",
+    ]
     proc = train(out, args, nproc=2, launcher="torchrun")
     assert "48 records -> 48 examples" in proc.stderr
     ls = losses(out)

@@ -51,9 +51,14 @@ def reference(tmp_path_factory):
 # FSDP2: in the SIGUSR1 test below (also a SIGKILL). These on request (ZeRO-3: two DeepSpeed
 # launches each); ZeRO-3's checkpoint loading stays in the default suite through test_resume_world
 # (an FSDP2 checkpoint resumed on ZeRO-3)
-@pytest.mark.parametrize("kind", [pytest.param("single", marks=pytest.mark.ondemand),
-                                  pytest.param("zero3", marks=pytest.mark.ondemand),
-                                  pytest.param("zero3_tied", marks=pytest.mark.ondemand)])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        pytest.param("single", marks=pytest.mark.ondemand),
+        pytest.param("zero3", marks=pytest.mark.ondemand),
+        pytest.param("zero3_tied", marks=pytest.mark.ondemand),
+    ],
+)
 def test_sigkill_at_a_random_step_then_resume_is_bit_exact(kind, reference, tmp_path):
     _needs(kind)
     ref = reference(kind)

@@ -55,8 +55,13 @@ def test_zero3_two_ranks_equals_single_process(single, tmp_path):
 def test_deepspeed_launcher_grad_accum_and_gradient_checkpointing(single, tmp_path):
     """The `deepspeed` launcher end to end; micro-batch 1 x accumulation 2 per rank and
     non-reentrant gradient checkpointing under ZeRO-3 still give the single-process run."""
-    overrides = [*ZERO3, "training.micro_batch_size=1", "training.grad_accum=2", "model.gradient_checkpointing=true",
-                 "training.eval_batches=4"]  # 4 x 1 x 2 ranks: the reference's 8 eval sequences (2 x 4 x 1)
+    overrides = [
+        *ZERO3,
+        "training.micro_batch_size=1",
+        "training.grad_accum=2",
+        "model.gradient_checkpointing=true",
+        "training.eval_batches=4",
+    ]  # 4 x 1 x 2 ranks: the reference's 8 eval sequences (2 x 4 x 1)
     proc = train(tmp_path, overrides, nproc=2, launcher="deepspeed")
     assert_same_run(single, tmp_path)
     assert "terminate called" not in proc.stderr  # the process group is destroyed at the end
@@ -67,7 +72,9 @@ def probe(tmp_path_factory) -> list[dict]:
     """tests/distributed/ds_probe.py on 2 ranks: one JSON report per rank."""
     out = tmp_path_factory.mktemp("ds_probe")
     cmd = launch_cmd(2, "torchrun")[:-2] + [str(REPO / "tests" / "distributed" / "ds_probe.py"), str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300)
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

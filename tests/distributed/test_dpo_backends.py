@@ -26,19 +26,44 @@ KINDS = {"single": ("none", 1, 4), "fsdp": ("fsdp", 2, 2), "zero3": ("deepspeed"
 def command(kind: str, out: Path, tok: Path, extra: list[str] = ()) -> list[str]:
     name, nproc, accum = KINDS[kind]
     return launch_cmd(nproc, "python" if nproc == 1 else "torchrun") + [
-        "train", str(TINY), "lora.targets=[q_proj,v_proj]", "objective=dpo",
-        "data.format=preference", f"data.path={PAIRS}", f"data.tokenizer={tok}", "model.arch.vocab_size=49152",
-        "data.seq_len=48", f"data.cache_dir={out.parent / 'cache'}", "training.micro_batch_size=2",
-        f"training.grad_accum={accum}", f"training.max_steps={STEPS}", "training.warmup_steps=1",
-        "training.lr=5e-3", "training.eval_every=2", "training.eval_batches=2", "training.save_every=1",
-        "dpo.beta=0.5", "logging.loss_curve=false", f"backend.name={name}", *extra, f"output.dir={out}"]
+        "train",
+        str(TINY),
+        "lora.targets=[q_proj,v_proj]",
+        "objective=dpo",
+        "data.format=preference",
+        f"data.path={PAIRS}",
+        f"data.tokenizer={tok}",
+        "model.arch.vocab_size=49152",
+        "data.seq_len=48",
+        f"data.cache_dir={out.parent / 'cache'}",
+        "training.micro_batch_size=2",
+        f"training.grad_accum={accum}",
+        f"training.max_steps={STEPS}",
+        "training.warmup_steps=1",
+        "training.lr=5e-3",
+        "training.eval_every=2",
+        "training.eval_batches=2",
+        "training.save_every=1",
+        "dpo.beta=0.5",
+        "logging.loss_curve=false",
+        f"backend.name={name}",
+        *extra,
+        f"output.dir={out}",
+    ]
 
 
 def run(kind: str, out: Path, tok: Path, extra: list[str] = ()) -> None:
     import subprocess
 
-    proc = subprocess.run(command(kind, out, tok, extra), cwd=REPO, env=env_for_tests(), capture_output=True,
-                          text=True, errors="replace", timeout=400)
+    proc = subprocess.run(
+        command(kind, out, tok, extra),
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=400,
+    )
     assert proc.returncode == 0, f"{kind} exited {proc.returncode}\n{proc.stderr[-5000:]}"
 
 
@@ -85,8 +110,14 @@ def test_dpo_sigkill_then_resume_is_bit_exact(runs, smollm2_dir, tmp_path):
     run("single", ref, smollm2_dir, drop)
     out = tmp_path / "run"
     log = open(tmp_path / "run.log", "w")
-    proc = subprocess.Popen(command("single", out, smollm2_dir, drop), cwd=REPO, env=env_for_tests(), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        command("single", out, smollm2_dir, drop),
+        cwd=REPO,
+        env=env_for_tests(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_for_checkpoint(proc, out, 2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -37,11 +37,19 @@ def _start_elastic(kind: str, out, rdzv: str):
     at = cmd.index("--master_addr")
     port = cmd[at + 3]
     if rdzv == "c10d":
-        cmd[at:at + 4] = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+        cmd[at : at + 4] = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
     cmd[at:at] = ["--max-restarts", "1"]
     log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=env_for_tests(), stdout=log, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env_for_tests(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
 
 
 @pytest.mark.ondemand

@@ -28,8 +28,11 @@ LR = 1e-3  # family_probe's lr: adapters agree within 1% of one step
 # and scaled embeddings and softcapped logits; gpt_neox: a renamed head; gpt2: Conv1D); Llama's own
 # build runs on ZeRO-3 in test_deepspeed; all families with DTRAIN_ONDEMAND=1.
 ZERO3_CORE = ("gemma2", "gpt_neox", "gpt2")
-BACKENDS = {"single": ("none+8bit", 1, ["training.grad_accum=2"]), "fsdp": ("fsdp", 2, []),
-            "zero3": ("deepspeed", 2, [])}
+BACKENDS = {
+    "single": ("none+8bit", 1, ["training.grad_accum=2"]),
+    "fsdp": ("fsdp", 2, []),
+    "zero3": ("deepspeed", 2, []),
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +46,23 @@ def models(tmp_path_factory):
 def _launch(kind: str, models, out, families_: list[str]) -> None:
     backend, nproc, extra = BACKENDS[kind]
     cmd = ([PY] if nproc == 1 else launch_cmd(nproc, "torchrun")[:-2]) + [
-        "tests/distributed/family_probe.py", str(models), str(out), backend, *families_, "--", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests({"PYTHONPATH": str(REPO)}), capture_output=True,
-                          text=True, errors="replace", timeout=900)
+        "tests/distributed/family_probe.py",
+        str(models),
+        str(out),
+        backend,
+        *families_,
+        "--",
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env_for_tests({"PYTHONPATH": str(REPO)}),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=900,
+    )
     assert proc.returncode == 0, f"{kind}: exit {proc.returncode}\n{proc.stderr[-6000:]}"
 
 
@@ -75,9 +92,13 @@ def _run_dir(request, runs, kind: str, family: str):
 def _sharded(families_: list[str]) -> list:
     """(backend, family) pairs: FSDP2 for every family; ZeRO-3 in the suite for ZERO3_CORE, on demand
     for the rest (a ZeRO-3 engine per family costs seconds: the suite's budget)."""
-    return [pytest.param(kind, f, id=f"{kind}-{f}",
-                         marks=[pytest.mark.ondemand] if kind == "zero3" and f not in ZERO3_CORE else [])
-            for kind in ("fsdp", "zero3") for f in families_]
+    return [
+        pytest.param(
+            kind, f, id=f"{kind}-{f}", marks=[pytest.mark.ondemand] if kind == "zero3" and f not in ZERO3_CORE else []
+        )
+        for kind in ("fsdp", "zero3")
+        for f in families_
+    ]
 
 
 def _probe(run_dir, rank: int = 0) -> dict:
@@ -146,7 +167,11 @@ def test_family_adapter_loads_in_peft_and_equals_merge(runs, models, family: str
     ids = torch.randint(3, families.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
     peft = PeftModel.from_pretrained(_hf_model(models, family), run / "adapter").eval()
     with torch.no_grad():
-        want, got, base = peft(ids).logits, _hf_model(merged.parent, merged.name)(ids).logits, _hf_model(models, family)(ids).logits
+        want, got, base = (
+            peft(ids).logits,
+            _hf_model(merged.parent, merged.name)(ids).logits,
+            _hf_model(models, family)(ids).logits,
+        )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert (want - base).abs().max() > 1e-3  # the adapter changed the model
 
@@ -159,4 +184,7 @@ def test_family_8bit_base_trains(runs, family: str) -> None:
     assert abs(got[0] - ref[0]) <= 0.02 * ref[0]  # the int8 base computes nearly the float one's loss
     assert any(t.abs().sum() > 0 for k, t in adapter(q8).items() if "lora_B" in k)
     row = _probe(q8)
-    assert row["quant_storage_bytes"] > 0 and row["full_frozen_bytes"] < _probe(runs["single"] / family)["full_frozen_bytes"]
+    assert (
+        row["quant_storage_bytes"] > 0
+        and row["full_frozen_bytes"] < _probe(runs["single"] / family)["full_frozen_bytes"]
+    )

@@ -38,8 +38,13 @@ def test_fsdp_two_ranks_equals_single_process(single, tmp_path):
 
 
 def test_fsdp_grad_accum_and_gradient_checkpointing_equal_single(single, tmp_path):
-    overrides = ["backend.name=fsdp", "training.micro_batch_size=1", "training.grad_accum=2",
-                 "model.gradient_checkpointing=true", LR]
+    overrides = [
+        "backend.name=fsdp",
+        "training.micro_batch_size=1",
+        "training.grad_accum=2",
+        "model.gradient_checkpointing=true",
+        LR,
+    ]
     train(tmp_path, overrides, nproc=2, launcher="torchrun")
     assert_same_run(single, tmp_path)
 
@@ -47,8 +52,9 @@ def test_fsdp_grad_accum_and_gradient_checkpointing_equal_single(single, tmp_pat
 def test_masked_instruction_loss_equal_across_rank_counts(tmp_path):
     data = ["data.path=dtrain/assets/tiny_instructions.jsonl", "data.format=instruction"]
     train(tmp_path / "one", [*data, "training.micro_batch_size=4", LR])
-    train(tmp_path / "two", [*data, "backend.name=fsdp", "training.micro_batch_size=2", LR], nproc=2,
-          launcher="torchrun")
+    train(
+        tmp_path / "two", [*data, "backend.name=fsdp", "training.micro_batch_size=2", LR], nproc=2, launcher="torchrun"
+    )
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
@@ -83,16 +89,30 @@ def test_units_are_blocks_embeddings_head_and_root(fsdp_rows, tmp_path):
 def test_tied_embeddings_two_ranks_equal_single_process(tmp_path):
     tie = "model.arch.tie_word_embeddings=true"
     train(tmp_path / "one", [tie, "backend.name=none", "training.micro_batch_size=4", LR])
-    train(tmp_path / "two", [tie, "backend.name=fsdp", "training.micro_batch_size=2", LR], nproc=2,
-          launcher="torchrun")
+    train(tmp_path / "two", [tie, "backend.name=fsdp", "training.micro_batch_size=2", LR], nproc=2, launcher="torchrun")
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
 def test_a_killed_rank_fails_the_job_quickly(tmp_path):
-    cmd = launch_cmd(2, "torchrun") + ["train", str(TINY), QV, "backend.name=fsdp", "training.max_steps=100000",
-                                       "training.eval_every=0", f"output.dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env_for_tests(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", start_new_session=True)
+    cmd = launch_cmd(2, "torchrun") + [
+        "train",
+        str(TINY),
+        QV,
+        "backend.name=fsdp",
+        "training.max_steps=100000",
+        "training.eval_every=0",
+        f"output.dir={tmp_path}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env_for_tests(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
@@ -112,15 +132,20 @@ def test_a_killed_rank_fails_the_job_quickly(tmp_path):
 
 def worker_pids(launcher_pid: int) -> list[int]:
     """The launcher's child processes (the ranks), oldest first."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher_pid), "--sort=start_time"],
-                         capture_output=True, text=True, errors="replace").stdout
+    out = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(launcher_pid), "--sort=start_time"],
+        capture_output=True,
+        text=True,
+        errors="replace",
+    ).stdout
     pids = [int(p) for p in out.split()]
     assert len(pids) == 2, out
     return pids
 
 
 def test_backend_none_refuses_several_ranks(tmp_path):
-    proc = run_dtrain(["train", str(TINY), "backend.name=none", f"output.dir={tmp_path}"], nproc=2,
-                      launcher="torchrun", check=False)
+    proc = run_dtrain(
+        ["train", str(TINY), "backend.name=none", f"output.dir={tmp_path}"], nproc=2, launcher="torchrun", check=False
+    )
     assert proc.returncode != 0
     assert "backend.name = none runs on one process" in proc.stderr

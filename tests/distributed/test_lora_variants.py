@@ -20,8 +20,7 @@ BACKENDS = {"fsdp": "fsdp", "zero3": "deepspeed"}
 def run(out, backend: str = "none", extra: list[str] = ()):
     if backend == "none":
         return train(out, ["training.micro_batch_size=4", *extra])
-    return train(out, [f"backend.name={backend}", "training.micro_batch_size=2", *extra], nproc=2,
-                 launcher="torchrun")
+    return train(out, [f"backend.name={backend}", "training.micro_batch_size=2", *extra], nproc=2, launcher="torchrun")
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +50,7 @@ def test_dora_on_a_quantized_base_on_two_ranks_equals_one_process(bits, kind, tm
 
 
 def test_dora_on_an_8bit_base_trains(tmp_path):
-    run(tmp_path, extra=["lora.use_dora=true", "quantization.bits=8", "training.max_steps=8",
-                         "training.lr=1e-2"])
+    run(tmp_path, extra=["lora.use_dora=true", "quantization.bits=8", "training.max_steps=8", "training.lr=1e-2"])
     got = losses(tmp_path)
     assert len(got) == 8 and all(math.isfinite(x) for x in got)
     assert got[-1] < got[0] - 0.05, got

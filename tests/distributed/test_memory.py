@@ -26,8 +26,15 @@ WORLD = 2
 R = 8
 TARGETS = ("q_proj", "v_proj")
 ARGS = ["lora.targets=[q_proj,v_proj]", "training.micro_batch_size=4", "data.seq_len=32"]
-BACKENDS = ["fsdp", pytest.param("deepspeed", marks=pytest.mark.skipif(
-    not (REPO / "dtrain/backends/deepspeed.py").exists(), reason="no DeepSpeed backend yet"))]
+BACKENDS = [
+    "fsdp",
+    pytest.param(
+        "deepspeed",
+        marks=pytest.mark.skipif(
+            not (REPO / "dtrain/backends/deepspeed.py").exists(), reason="no DeepSpeed backend yet"
+        ),
+    ),
+]
 MODEL_STATES = ("frozen_weights", "trainable_params", "gradients", "optimizer_state")
 
 
@@ -52,13 +59,16 @@ def expected(mode: str, rank: int, backend: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def measured(request: pytest.FixtureRequest,
-             tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
+def measured(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, dict]:
     """One `dtrain memory` run per backend on 2 ranks: (backend, report dir, report JSON)."""
     backend = request.param
     out = tmp_path_factory.mktemp(f"memory_{backend}")
-    run_dtrain(["memory", str(TINY), *ARGS, f"backend.name={backend}", "--steps", "2", "--out", str(out)],
-               nproc=WORLD, launcher="torchrun", timeout=240)
+    run_dtrain(
+        ["memory", str(TINY), *ARGS, f"backend.name={backend}", "--steps", "2", "--out", str(out)],
+        nproc=WORLD,
+        launcher="torchrun",
+        timeout=240,
+    )
     return backend, out, json.loads((out / "memory_report.json").read_text())
 
 
@@ -107,8 +117,7 @@ def test_estimate_within_10_percent_for_model_states(measured: tuple[str, Path, 
 
     backend, _, report = measured
     arch = yaml.safe_load(TINY.read_text())["model"]["arch"]
-    plan = est.Plan(gpus=WORLD, backend=backend, rank=R, targets=TARGETS, batch=4, seq_len=32,
-                    param_dtype="fp32")
+    plan = est.Plan(gpus=WORLD, backend=backend, rank=R, targets=TARGETS, batch=4, seq_len=32, param_dtype="fp32")
     e = est.estimate(spec_from_llama_arithmetic(arch), plan)
     for entry in report["ranks"]:
         for mode, breakdown in (("full", e.full), ("lora", e.lora)):

@@ -25,10 +25,18 @@ KINDS = {"single": ("none", 1, 8), "fsdp": ("fsdp", 2, 4), "zero3": ("deepspeed"
 def _probe(models, out, kind: str, extra: list[str] = ()) -> None:
     backend, nproc, micro = KINDS[kind]
     prefix = [launch_cmd(1, "python")[0]] if nproc == 1 else launch_cmd(nproc, "torchrun")[:-2]
-    cmd = prefix + [PROBE, str(models), str(out), *TARGETS, f"backend.name={backend}",
-                    f"training.micro_batch_size={micro}", *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace",
-                          timeout=600)
+    cmd = prefix + [
+        PROBE,
+        str(models),
+        str(out),
+        *TARGETS,
+        f"backend.name={backend}",
+        f"training.micro_batch_size={micro}",
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=600
+    )
     assert proc.returncode == 0, f"{kind}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
@@ -84,19 +92,26 @@ def test_adapter_is_what_peft_writes(moe_models, moe_runs, family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(moe_models / family)
-    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    cfg = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
     get_peft_model(base, cfg).save_pretrained(tmp_path)
-    theirs, ours = (json.loads((d / "adapter_config.json").read_text())
-                    for d in (tmp_path, moe_runs / "single" / family / "adapter"))
+    theirs, ours = (
+        json.loads((d / "adapter_config.json").read_text())
+        for d in (tmp_path, moe_runs / "single" / family / "adapter")
+    )
     # PEFT 0.21 turns the Qwen2-MoE / Mixtral families' target_parameters into a set (its v4 -> v5
     # config conversion) and writes it in set order, which varies with the hash seed; gpt-oss keeps the list
     same = sorted if family in ("qwen3_moe", "mixtral") else list
     assert same(ours["target_parameters"]) == same(theirs["target_parameters"])
     assert sorted(ours["target_modules"]) == sorted(theirs["target_modules"])
     peft_t = load_file(str(tmp_path / "adapter_model.safetensors"))
-    assert {k: tuple(v.shape) for k, v in _adapter(moe_runs / "single" / family).items()} == \
-        {k: tuple(v.shape) for k, v in peft_t.items()}
+    assert {k: tuple(v.shape) for k, v in _adapter(moe_runs / "single" / family).items()} == {
+        k: tuple(v.shape) for k, v in peft_t.items()
+    }
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

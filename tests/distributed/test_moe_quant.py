@@ -32,14 +32,30 @@ EXPERT_BYTES = {8: (WEIGHTS, 4 * 2 * 4 * (32 + 32)), 4: (WEIGHTS // 2, 4 * WEIGH
 
 
 def _cmd(models, out, kind: str, families: list[str], extra: list[str] = (), bits: int = 8) -> list[str]:
-    return launch_cmd(2, "torchrun")[:-2] + [PROBE, str(models), str(out), f"families={','.join(families)}",
-                                             *TARGETS, *RUN, f"quantization.bits={bits}", f"backend.name={KINDS[kind]}",
-                                             "training.micro_batch_size=4", *extra]
+    return launch_cmd(2, "torchrun")[:-2] + [
+        PROBE,
+        str(models),
+        str(out),
+        f"families={','.join(families)}",
+        *TARGETS,
+        *RUN,
+        f"quantization.bits={bits}",
+        f"backend.name={KINDS[kind]}",
+        "training.micro_batch_size=4",
+        *extra,
+    ]
 
 
 def _run(models, out, kind: str, bits: int = 8) -> None:
-    proc = subprocess.run(_cmd(models, out, kind, FAMILIES, bits=bits), cwd=REPO, env=env_for_tests(), capture_output=True,
-                          text=True, errors="replace", timeout=600)
+    proc = subprocess.run(
+        _cmd(models, out, kind, FAMILIES, bits=bits),
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{kind}: exit {proc.returncode}\n{proc.stderr[-5000:]}"
 
 
@@ -111,14 +127,27 @@ def test_sigkill_8bit_moe_fsdp2_run_then_resume_is_bit_exact(models, fsdp_run, t
     print(f"SIGKILL after the checkpoint of step {k}")
     out = tmp_path / family
     with open(tmp_path / f"{family}.log", "w") as log:  # runs.wait_for_checkpoint reads it on failure
-        proc = subprocess.Popen(_cmd(models, tmp_path, "fsdp", [family]), cwd=REPO, env=env_for_tests(),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            _cmd(models, tmp_path, "fsdp", [family]),
+            cwd=REPO,
+            env=env_for_tests(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         runs.wait_for_checkpoint(proc, out, k)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "adapter").exists(), "the run finished before the kill"
-    resumed = subprocess.run(_cmd(models, tmp_path, "fsdp", [family], ["training.resume=auto"]), cwd=REPO,
-                             env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=600)
+    resumed = subprocess.run(
+        _cmd(models, tmp_path, "fsdp", [family], ["training.resume=auto"]),
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-5000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     runs.assert_same_run(out, fsdp_run / family)

@@ -27,11 +27,31 @@ def test_a_collective_fails_after_backend_timeout_s(name):
 
     if name == "deepspeed":
         pytest.importorskip("deepspeed")
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(REPO / "tests" / "distributed" / "probe_timeout.py"),
-           str(AWAY_S), str(TINY), f"backend.name={name}", f"backend.timeout_s={TIMEOUT_S}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests({"PYTHONPATH": str(REPO)}), capture_output=True,
-                          text=True, errors="replace", timeout=180)
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "distributed" / "probe_timeout.py"),
+        str(AWAY_S),
+        str(TINY),
+        f"backend.name={name}",
+        f"backend.timeout_s={TIMEOUT_S}",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env_for_tests({"PYTHONPATH": str(REPO)}),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=180,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("PROBE ")]
     assert len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(lines[0].removeprefix("PROBE "))

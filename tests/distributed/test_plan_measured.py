@@ -34,10 +34,21 @@ CASES = [
     pytest.param(SMOLLM2, SHORT, 2, "fsdp", id="smollm2-2-fsdp"),
     pytest.param(SMOLLM2, SHORT, 1, "deepspeed", id="smollm2-1-deepspeed"),
     pytest.param(SMOLLM2, SHORT, 2, "deepspeed", id="smollm2-2-deepspeed"),
-    pytest.param(SMOLLM2, [*SHORT, f"model.path={GEMMA}", "data.tokenizer=null"], 1, "fsdp", id="gemma3-1-fsdp",
-                 marks=[pytest.mark.skipif(not GEMMA.is_dir(), reason="Gemma 3 270M not imported"),
-                        pytest.mark.xfail(strict=True, reason="model states equal, but activations +28%: "
-                                          "Gemma's 4 norms, q/k norms and head_dim 256 are not in the formula")]),
+    pytest.param(
+        SMOLLM2,
+        [*SHORT, f"model.path={GEMMA}", "data.tokenizer=null"],
+        1,
+        "fsdp",
+        id="gemma3-1-fsdp",
+        marks=[
+            pytest.mark.skipif(not GEMMA.is_dir(), reason="Gemma 3 270M not imported"),
+            pytest.mark.xfail(
+                strict=True,
+                reason="model states equal, but activations +28%: "
+                "Gemma's 4 norms, q/k norms and head_dim 256 are not in the formula",
+            ),
+        ],
+    ),
 ]
 
 
@@ -45,8 +56,12 @@ CASES = [
 @pytest.mark.parametrize("config,extra,nproc,backend", CASES)
 def test_plan_equals_measured(tmp_path: Path, config: Path, extra: list[str], nproc: int, backend: str) -> None:
     out = tmp_path / "memory"
-    run_dtrain(["memory", str(config), *extra, f"backend.name={backend}", "--steps", "2", "--out", str(out)],
-               nproc=nproc, launcher="torchrun", timeout=1500)
+    run_dtrain(
+        ["memory", str(config), *extra, f"backend.name={backend}", "--steps", "2", "--out", str(out)],
+        nproc=nproc,
+        launcher="torchrun",
+        timeout=1500,
+    )
     report = json.loads((out / "memory_report.json").read_text())
     assert report["estimate_error"] is None
     for entry in report["ranks"]:

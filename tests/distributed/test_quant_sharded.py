@@ -11,18 +11,24 @@ from tests.helpers import TINY, losses, metrics, train
 # Linear layers (out x in) per layer: q 64x64, k 32x64, v 32x64, o 64x64, gate/up 128x64, down 64x128.
 SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
 LAYERS = 2
-WEIGHTS = LAYERS * sum(o * i for o, i in SHAPES)       # 73,728 quantized weights (lm_head excluded)
-ROWS = LAYERS * sum(o for o, _ in SHAPES)              # 1,024 rows: one fp32 scale each at 8 bits
+WEIGHTS = LAYERS * sum(o * i for o, i in SHAPES)  # 73,728 quantized weights (lm_head excluded)
+ROWS = LAYERS * sum(o for o, _ in SHAPES)  # 1,024 rows: one fp32 scale each at 8 bits
 
 
 # one backend per width in the default suite, the other two pairs on request
-@pytest.mark.parametrize(("backend", "bits"), [("fsdp", 4), ("deepspeed", 8),
-                                              pytest.param("fsdp", 8, marks=pytest.mark.ondemand),
-                                              pytest.param("deepspeed", 4, marks=pytest.mark.ondemand)])
+@pytest.mark.parametrize(
+    ("backend", "bits"),
+    [
+        ("fsdp", 4),
+        ("deepspeed", 8),
+        pytest.param("fsdp", 8, marks=pytest.mark.ondemand),
+        pytest.param("deepspeed", 4, marks=pytest.mark.ondemand),
+    ],
+)
 def test_each_rank_holds_half_the_quantized_bytes(tmp_path, backend, bits):
     rows = probe(tmp_path, backend, [f"quantization.bits={bits}"])
     if bits == 8:
-        storage, scales = WEIGHTS, 4 * ROWS             # 1 byte per weight + fp32 row scales
+        storage, scales = WEIGHTS, 4 * ROWS  # 1 byte per weight + fp32 row scales
     else:
         storage, scales = WEIGHTS // 2, 4 * (WEIGHTS // 64)  # 0.5 byte per weight + fp32 absmax per 64
     for r in rows:
@@ -35,10 +41,18 @@ def test_8bit_base_trains_like_the_bf16_base(tmp_path):
     """Tolerance: the 8-bit row-wise error is <= scale/2 = absmax/254 per weight (0.4% of the row's
     largest weight); over 4 steps the loss stays within 0.5% of the bf16-base run's."""
     steps = ["training.max_steps=4"]
-    train(tmp_path / "bf16", [*steps, "model.dtype=bf16", "backend.name=fsdp", "training.micro_batch_size=2"],
-          nproc=2, launcher="torchrun")
-    train(tmp_path / "int8", [*steps, "quantization.bits=8", "backend.name=fsdp", "training.micro_batch_size=2"],
-          nproc=2, launcher="torchrun")
+    train(
+        tmp_path / "bf16",
+        [*steps, "model.dtype=bf16", "backend.name=fsdp", "training.micro_batch_size=2"],
+        nproc=2,
+        launcher="torchrun",
+    )
+    train(
+        tmp_path / "int8",
+        [*steps, "quantization.bits=8", "backend.name=fsdp", "training.micro_batch_size=2"],
+        nproc=2,
+        launcher="torchrun",
+    )
     a, b = losses(tmp_path / "bf16"), losses(tmp_path / "int8")
     for x, y in zip(a, b):
         assert abs(x - y) <= 5e-3 * x, (a, b)
@@ -71,7 +85,8 @@ def eval_loss(model_dir, run_dir, examples: int) -> float:
     cfg = config_lib.load(run_dir / "config.yaml")
     tok = load_tokenizer(run_dir / "tokenizer", cfg.data.path)
     _, held_out = data_lib.tokenize(cfg.data, data_lib.load_records(cfg.data), tok).split(
-        cfg.data.eval_fraction, cfg.training.seed)
+        cfg.data.eval_fraction, cfg.training.seed
+    )
     batch = held_out.take(torch.arange(min(examples, len(held_out))))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -90,16 +105,31 @@ def test_adapter_trained_on_8bit_base_merges_into_the_full_precision_base(tmp_pa
     base, run = tmp_path / "base", tmp_path / "run"
     save_tiny_base(base)
     steps, micro = 20, 2
-    train(run, ["model.arch=null", f"model.path={base}", "quantization.bits=8", "lora.targets=all-linear",
-                f"training.max_steps={steps}", f"training.eval_every={steps}", "training.eval_batches=8",
-                "backend.name=fsdp", f"training.micro_batch_size={micro}"], nproc=2, launcher="torchrun")
+    train(
+        run,
+        [
+            "model.arch=null",
+            f"model.path={base}",
+            "quantization.bits=8",
+            "lora.targets=all-linear",
+            f"training.max_steps={steps}",
+            f"training.eval_every={steps}",
+            "training.eval_batches=8",
+            "backend.name=fsdp",
+            f"training.micro_batch_size={micro}",
+        ],
+        nproc=2,
+        launcher="torchrun",
+    )
     trained = [row["eval_loss"] for row in metrics(run) if "eval_loss" in row][-1]
     examples = 8 * micro * 2  # eval_batches x micro-batch x ranks
     merge(base, run / "adapter", tmp_path / "merged")
     merge(base, run / "adapter", tmp_path / "merged8", base_bits=8)
     merged, merged8 = eval_loss(tmp_path / "merged", run, examples), eval_loss(tmp_path / "merged8", run, examples)
     plain = eval_loss(base, run, examples)
-    print(f"eval loss: 8-bit base + adapter {trained:.4f}, merged fp32 {merged:.4f}, merged 8-bit->bf16 {merged8:.4f}, base {plain:.4f}")
+    print(
+        f"eval loss: 8-bit base + adapter {trained:.4f}, merged fp32 {merged:.4f}, merged 8-bit->bf16 {merged8:.4f}, base {plain:.4f}"
+    )
     assert abs(merged - trained) <= 0.01 * trained, (merged, trained)
     assert abs(merged8 - trained) <= 0.01 * trained, (merged8, trained)
     assert merged < plain - 0.2, (merged, plain)

@@ -32,8 +32,11 @@ from tests.helpers import assert_same_losses_and_adapter, metrics
 
 # kill_after / start take a kind from test_checkpoint.BACKENDS: "single", "fsdp", "zero3"
 SAME = ["lora.dropout=0.0", "training.lr=1e-3"]
-MICRO = {"single": ["training.micro_batch_size=4"], "fsdp": ["training.micro_batch_size=2"],
-         "zero3": ["training.micro_batch_size=2"]}
+MICRO = {
+    "single": ["training.micro_batch_size=4"],
+    "fsdp": ["training.micro_batch_size=2"],
+    "zero3": ["training.micro_batch_size=2"],
+}
 
 
 def _run(kind: str, out, extra: list[str]) -> str:
@@ -63,8 +66,9 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.distributed
 # on request: the next test resumes on ZeRO-3 in the default suite, and test_moe crosses world sizes
-@pytest.mark.parametrize("kind", [pytest.param("fsdp", marks=pytest.mark.ondemand),
-                                  pytest.param("zero3", marks=pytest.mark.ondemand)])
+@pytest.mark.parametrize(
+    "kind", [pytest.param("fsdp", marks=pytest.mark.ondemand), pytest.param("zero3", marks=pytest.mark.ondemand)]
+)
 def test_resume_1_to_2_to_1_ranks_ends_with_the_uninterrupted_adapter(kind, uninterrupted, tmp_path):
     if kind == "zero3":
         pytest.importorskip("deepspeed")

@@ -26,11 +26,18 @@ def tiny_frozen_numel(tied: bool) -> int:
 
 
 def probe(out, backend: str) -> list[dict]:
-    cmd = launch_cmd(2, "torchrun")[:-2] + [str(REPO / "tests/distributed/probe_backend.py"), str(TINY), TIE,
-                                             "lora.targets=[q_proj,v_proj]", f"backend.name={backend}",
-                                             "training.micro_batch_size=2", f"output.dir={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace",
-                          timeout=300)
+    cmd = launch_cmd(2, "torchrun")[:-2] + [
+        str(REPO / "tests/distributed/probe_backend.py"),
+        str(TINY),
+        TIE,
+        "lora.targets=[q_proj,v_proj]",
+        f"backend.name={backend}",
+        "training.micro_batch_size=2",
+        f"output.dir={out}",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"probe-rank{r}.json").read_text()) for r in range(2)]
 
@@ -39,8 +46,12 @@ def probe(out, backend: str) -> list[dict]:
 def test_zero3_tied_two_ranks_equal_one_process_and_fsdp(tmp_path):
     train(tmp_path / "one", [TIE, "backend.name=none", "training.micro_batch_size=4", LR])
     for name in ("deepspeed", "fsdp"):
-        train(tmp_path / name, [TIE, f"backend.name={name}", "training.micro_batch_size=2", LR], nproc=2,
-              launcher="torchrun")
+        train(
+            tmp_path / name,
+            [TIE, f"backend.name={name}", "training.micro_batch_size=2", LR],
+            nproc=2,
+            launcher="torchrun",
+        )
         assert_same_losses_and_adapter(tmp_path / "one", tmp_path / name)
 
 
@@ -59,10 +70,17 @@ def test_tied_weight_is_one_tensor_and_each_rank_holds_half(backend, tmp_path):
 def test_zero3_build_imports_nothing_inside_zero_init():
     """Whatever transformers imports lazily is imported before `deepspeed.zero.Init` (which
     patches torch.Tensor.__new__; torch._dynamo refuses to import under it)."""
-    cmd = [PY, str(REPO / "tests/distributed/zero_init_imports.py"), str(TINY), TIE, "backend.name=deepspeed",
-           "backend.device=cpu"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace",
-                          timeout=300)
+    cmd = [
+        PY,
+        str(REPO / "tests/distributed/zero_init_imports.py"),
+        str(TINY),
+        TIE,
+        "backend.name=deepspeed",
+        "backend.device=cpu",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     assert row["imported_inside_zero_init"] == []

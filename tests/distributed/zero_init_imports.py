@@ -16,7 +16,10 @@ from dtrain.backends.deepspeed import DeepSpeedBackend
 from dtrain.model.sources import load_config
 
 inside: list[str] = []
-enter, leave = zero_pp.InsertPostInitMethodToModuleSubClasses.__enter__, zero_pp.InsertPostInitMethodToModuleSubClasses.__exit__
+enter, leave = (
+    zero_pp.InsertPostInitMethodToModuleSubClasses.__enter__,
+    zero_pp.InsertPostInitMethodToModuleSubClasses.__exit__,
+)
 
 
 def recording_enter(self):
@@ -36,8 +39,15 @@ def main() -> None:
     backend = DeepSpeedBackend(cfg, dist.detect(cfg.backend.device, cfg.backend.dist_backend))
     model = backend.build()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    print(json.dumps({"imported_inside_zero_init": inside, "head_is_embedding": tied,
-                      "parameters": len(list(model.parameters()))}))
+    print(
+        json.dumps(
+            {
+                "imported_inside_zero_init": inside,
+                "head_is_embedding": tied,
+                "parameters": len(list(model.parameters())),
+            }
+        )
+    )
     backend.close()
 
 

@@ -231,7 +231,12 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def _node_ready(self) -> bool:
         r = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%T"], env=self.env, capture_output=True, text=True, errors="replace", timeout=10
+            ["sinfo", "-h", "-N", "-o", "%T"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=10,
         )
         state = r.stdout.strip().lower()
         return r.returncode == 0 and state.startswith(("idle", "mixed", "allocated"))
@@ -308,7 +313,8 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             ["sbatch", "--parsable", *extra_args, str(script_path)],
             env=full_env,
             capture_output=True,
-            text=True, errors="replace",
+            text=True,
+            errors="replace",
             timeout=30,
         )
         if r.returncode != 0:

@@ -42,8 +42,15 @@ START = re.compile(r"trainable params: ([\d,]+) / ([\d,]+) \(([\d.]+)%\)")
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(launch_cmd(1, "python") + args, cwd=REPO, env=env_for_tests(), capture_output=True,
-                          text=True, errors="replace", timeout=300)
+    return subprocess.run(
+        launch_cmd(1, "python") + args,
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=300,
+    )
 
 
 FORK_RUNNER = r"""
@@ -81,11 +88,20 @@ def _run_forked(cases: dict[str, list[str]], tmp: Path) -> dict[str, subprocess.
     """Run `python -m dtrain <argv>` for each case in a child forked from one warm process."""
     (tmp / "cases.json").write_text(json.dumps(cases))
     (tmp / "forked").mkdir()
-    proc = subprocess.run([PY, "-c", FORK_RUNNER, str(tmp / "cases.json"), str(tmp / "forked")], cwd=REPO,
-                          env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300)
+    proc = subprocess.run(
+        [PY, "-c", FORK_RUNNER, str(tmp / "cases.json"), str(tmp / "forked")],
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return {name: subprocess.CompletedProcess(["dtrain", *cases[name]], r["rc"], r["stdout"], r["stderr"])
-            for name, r in json.loads(proc.stdout.splitlines()[-1]).items()}
+    return {
+        name: subprocess.CompletedProcess(["dtrain", *cases[name]], r["rc"], r["stdout"], r["stderr"])
+        for name, r in json.loads(proc.stdout.splitlines()[-1]).items()
+    }
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -102,8 +118,11 @@ def plain_llama(arch: dict, seed: int = 0) -> LlamaForCausalLM:
 
 def lora_count(model: torch.nn.Module, kinds: list[str], r: int) -> int:
     """r (in + out) for every targeted linear layer, from the plain model's shapes."""
-    return sum(r * (m.in_features + m.out_features) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in kinds and n != "lm_head")
+    return sum(
+        r * (m.in_features + m.out_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in kinds and n != "lm_head"
+    )
 
 
 def start_line(stderr: str) -> tuple[int, int, float]:
@@ -114,11 +133,20 @@ def start_line(stderr: str) -> tuple[int, int, float]:
 
 # ---- the runs: every subprocess of this module, started together -------------------------------
 
+
 def _error_cases(tmp: Path) -> dict[str, tuple[list[str], str, str]]:
     """name -> (dtrain args, file the error must name, expected text after 'dtrain: error: ')."""
     bad_records = tmp / "bad.jsonl"
-    bad_records.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"prompt": "a", "response": " b"}, {"prompt": "c", "response": ""}, {"prompt": "d", "response": " e"}]))
+    bad_records.write_text(
+        "".join(
+            json.dumps(r) + "\n"
+            for r in [
+                {"prompt": "a", "response": " b"},
+                {"prompt": "c", "response": ""},
+                {"prompt": "d", "response": " e"},
+            ]
+        )
+    )
 
     def ov(args: list[str], expected: str) -> tuple[list[str], str, str]:
         """A case whose error comes from the override args[-1]: the line names that override."""
@@ -129,8 +157,9 @@ def _error_cases(tmp: Path) -> dict[str, tuple[list[str], str, str]]:
         "unknown_key": ov(["lora.rnak=4"], "unknown key 'lora.rnak'; did you mean 'lora.r'? (allowed: "),
         "unknown_section": ov(["trainig.lr=1"], "unknown key 'trainig'; did you mean 'training'?"),
         "wrong_type": ov(["training.lr=fast"], "training.lr = 'fast': expected a float"),
-        "wrong_type_bool": ov(["model.gradient_checkpointing=maybe"],
-                              "model.gradient_checkpointing = 'maybe': expected a bool"),
+        "wrong_type_bool": ov(
+            ["model.gradient_checkpointing=maybe"], "model.gradient_checkpointing = 'maybe': expected a bool"
+        ),
         "r_zero": ov(["lora.r=0"], "lora.r = 0 is out of range: must be >= 1"),
         "alpha_zero": ov(["lora.alpha=0"], "lora.alpha = 0.0 is out of range: must be > 0"),
         "dropout_one": ov(["lora.dropout=1.0"], "lora.dropout = 1.0 is out of range: must be in [0.0, 1.0)"),
@@ -138,10 +167,14 @@ def _error_cases(tmp: Path) -> dict[str, tuple[list[str], str, str]]:
         "lr_zero": ov(["training.lr=0"], "training.lr = 0.0 is out of range: must be > 0"),
         "missing_config": ([], str(tmp / "none.yaml"), f"{tmp / 'none.yaml'}: config file not found"),
         "missing_data": ov([f"data.path={tmp / 'none.txt'}"], f"data.path = '{tmp / 'none.txt'}': file not found"),
-        "missing_model_dir": ov(["model.arch=null", f"model.path={tmp / 'nodir'}"],
-                                f"model.path = '{tmp / 'nodir'}': directory not found"),
-        "bad_record": ([f"data.path={bad_records}", "data.format=instruction", "data.bad_records=error"],
-                       str(bad_records), f"data.path = '{bad_records}': record 1 has a missing or empty 'response'"),
+        "missing_model_dir": ov(
+            ["model.arch=null", f"model.path={tmp / 'nodir'}"], f"model.path = '{tmp / 'nodir'}': directory not found"
+        ),
+        "bad_record": (
+            [f"data.path={bad_records}", "data.format=instruction", "data.bad_records=error"],
+            str(bad_records),
+            f"data.path = '{bad_records}': record 1 has a missing or empty 'response'",
+        ),
     }
 
 
@@ -180,9 +213,21 @@ def result(runs: dict, name: str) -> tuple[subprocess.CompletedProcess, Path | N
 
 # ---- config errors through the real CLI ---------------------------------------------------------
 
-ERROR_CASES = ["unknown_key", "unknown_section", "wrong_type", "wrong_type_bool", "r_zero", "alpha_zero",
-               "dropout_one", "dropout_neg", "lr_zero", "missing_config", "missing_data", "missing_model_dir",
-               "bad_record"]
+ERROR_CASES = [
+    "unknown_key",
+    "unknown_section",
+    "wrong_type",
+    "wrong_type_bool",
+    "r_zero",
+    "alpha_zero",
+    "dropout_one",
+    "dropout_neg",
+    "lr_zero",
+    "missing_config",
+    "missing_data",
+    "missing_model_dir",
+    "bad_record",
+]
 
 
 @pytest.mark.parametrize("name", ERROR_CASES)
@@ -208,6 +253,7 @@ def test_error_cases_all_listed(runs) -> None:
 
 
 # ---- the demo ----------------------------------------------------------------------------------
+
 
 def test_demo_loss_falls(runs) -> None:
     proc, out = result(runs, "demo")
@@ -277,6 +323,7 @@ def test_demo_prints_parameter_counts(runs) -> None:
 
 # ---- a model from a local directory ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 def test_train_from_local_dir(runs, layout: str) -> None:
     proc, out = result(runs, layout)
@@ -287,8 +334,9 @@ def test_train_from_local_dir(runs, layout: str) -> None:
     assert total == sum(p.numel() for p in hf.parameters()) + trainable
     tensors = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert len(tensors) == 2 * 2 * 2
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
-        str(runs["tmp"] / f"hf_{layout}")
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        runs["tmp"] / f"hf_{layout}"
+    )
     assert len(AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)) <= 512
     assert [r["step"] for r in metrics(out)] == [1, 2]
 
@@ -299,8 +347,16 @@ def test_local_dir_weights_are_the_saved_ones(runs) -> None:
     _ok(single), _ok(sharded)
     m1, m2 = metrics(out1), metrics(out2)
     assert [r["loss"] for r in m1] == [r["loss"] for r in m2]  # one file or shards: the same weights
-    cfg = config.load(TINY, [*FAST, f"data.path={CORPUS}", f"model.path={runs['tmp'] / 'hf_single'}",
-                             "model.arch=null", "training.max_steps=2"])
+    cfg = config.load(
+        TINY,
+        [
+            *FAST,
+            f"data.path={CORPUS}",
+            f"model.path={runs['tmp'] / 'hf_single'}",
+            "model.arch=null",
+            "training.max_steps=2",
+        ],
+    )
     tok = build_tokenizer(cfg.data.path)
     ex = data.tokenize(cfg.data, data.load_records(cfg.data), tok)
     train_ex, _ = ex.split(cfg.data.eval_fraction, cfg.training.seed)

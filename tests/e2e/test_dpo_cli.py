@@ -27,8 +27,9 @@ def _adapter(d: Path, r: int) -> Path:
             key = f"base_model.model.model.layers.{layer}.self_attn.{proj}"
             t[f"{key}.lora_A.weight"], t[f"{key}.lora_B.weight"] = torch.zeros(r, 64), torch.zeros(out, r)
     save_file(t, str(d / "adapter_model.safetensors"))
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
-                                                       "target_modules": ["q_proj", "v_proj"]}))
+    (d / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"]})
+    )
     return d
 
 
@@ -39,12 +40,18 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
     same.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Hello."}) + "\n")
     dpo = ["objective=dpo", "data.format=preference"]
     return {
-        "no_rejected": ([*dpo, f"data.path={bad}", "data.bad_records=error"],
-                        [f"data.path = '{bad}': record 0 has a missing or empty 'rejected'"]),
-        "identical": ([*dpo, f"data.path={same}", "data.bad_records=error"],
-                      [f"data.path = '{same}': record 0 has identical 'chosen' and 'rejected'"]),
-        "init_r": ([f"lora.init_from={_adapter(tmp / 'r4', 4)}"],
-                   [f"lora.init_from = '{tmp / 'r4'}': the adapter has r = 4, the config lora.r = 8"]),
+        "no_rejected": (
+            [*dpo, f"data.path={bad}", "data.bad_records=error"],
+            [f"data.path = '{bad}': record 0 has a missing or empty 'rejected'"],
+        ),
+        "identical": (
+            [*dpo, f"data.path={same}", "data.bad_records=error"],
+            [f"data.path = '{same}': record 0 has identical 'chosen' and 'rejected'"],
+        ),
+        "init_r": (
+            [f"lora.init_from={_adapter(tmp / 'r4', 4)}"],
+            [f"lora.init_from = '{tmp / 'r4'}': the adapter has r = 4, the config lora.r = 8"],
+        ),
     }
 
 
@@ -60,16 +67,24 @@ def test_dpo_error_is_one_line(results, name):
     assert_one_line(results["procs"][name], *results["cases"][name][1])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.max_prompt_tokens=32"], "data.max_prompt_tokens = 32 leaves no room for the completions in "
-                                    "data.seq_len = 32"),
-    (["mode=full"], "objective dpo with mode: full and dpo.reference = base: there is no frozen base"),
-    (["objective=sft"], "objective = sft with data.format = preference: objective dpo needs data.format: preference"),
-    (["data.format=messages"], "objective = dpo with data.format = messages: objective dpo needs"),
-    (["data.packing=true"], "data.packing = true with objective dpo: not supported"),
-    (["dpo.reference=adapter:/no/such"], "dpo.reference = 'adapter:/no/such': directory not found"),
-    (["dpo.reference=sft"], "dpo.reference = 'sft': use base or adapter:DIR"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.max_prompt_tokens=32"],
+            "data.max_prompt_tokens = 32 leaves no room for the completions in data.seq_len = 32",
+        ),
+        (["mode=full"], "objective dpo with mode: full and dpo.reference = base: there is no frozen base"),
+        (
+            ["objective=sft"],
+            "objective = sft with data.format = preference: objective dpo needs data.format: preference",
+        ),
+        (["data.format=messages"], "objective = dpo with data.format = messages: objective dpo needs"),
+        (["data.packing=true"], "data.packing = true with objective dpo: not supported"),
+        (["dpo.reference=adapter:/no/such"], "dpo.reference = 'adapter:/no/such': directory not found"),
+        (["dpo.reference=sft"], "dpo.reference = 'sft': use base or adapter:DIR"),
+    ],
+)
 def test_dpo_config_errors(overrides, message):
     """Cross-field checks, before any heavy import (the CLI prints them as one line, exit 2)."""
     from dtrain.config import schema as config_lib

@@ -29,9 +29,22 @@ def setup(smollm2_dir, tmp_path_factory):
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(smollm2_dir / f, tmp / "model" / f)
     for name, targets in (("a", "[q_proj,v_proj]"), ("b", "all-linear")):
-        run_dtrain(["train", str(TINY), "model.arch=null", f"model.path={tmp / 'model'}", f"lora.targets={targets}",
-                    f"data.path={DATES}", "data.format=messages", "data.seq_len=64", "training.max_steps=3",
-                    "training.lr=0.02", "training.eval_every=0", f"output.dir={tmp / name}"])
+        run_dtrain(
+            [
+                "train",
+                str(TINY),
+                "model.arch=null",
+                f"model.path={tmp / 'model'}",
+                f"lora.targets={targets}",
+                f"data.path={DATES}",
+                "data.format=messages",
+                "data.seq_len=64",
+                "training.max_steps=3",
+                "training.lr=0.02",
+                "training.eval_every=0",
+                f"output.dir={tmp / name}",
+            ]
+        )
     return tmp / "model", tmp / "a" / "adapter", tmp / "b" / "adapter"
 
 
@@ -44,10 +57,11 @@ def peft_answers(model_dir, adapter_dir) -> list[str]:
     tok = AutoTokenizer.from_pretrained(model_dir)
     out = []
     for p in PROMPTS:
-        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True).input_ids
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).input_ids
         with torch.no_grad():
-            new = model.eval().generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+            new = model.eval().generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
         out.append(tok.decode(new, skip_special_tokens=True).strip())
     return out
 
@@ -59,8 +73,25 @@ def test_generate_switches_adapters_by_name_and_equals_peft(setup, tmp_path):
     got = {}
     for use in ("a", "b"):
         out = tmp_path / f"out-{use}.jsonl"
-        run_dtrain(["generate", "--model", str(model_dir), "--adapter", f"a={a}", "--adapter", f"b={b}",
-                    "--use", use, "--input", str(prompts), "--output", str(out), "--max-new-tokens", "8"])
+        run_dtrain(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--adapter",
+                f"a={a}",
+                "--adapter",
+                f"b={b}",
+                "--use",
+                use,
+                "--input",
+                str(prompts),
+                "--output",
+                str(out),
+                "--max-new-tokens",
+                "8",
+            ]
+        )
         rows = [json.loads(x) for x in out.read_text().splitlines()]
         assert [r["id"] for r in rows] == [0, 1]  # each record kept, with its output added
         got[use] = [r["output"] for r in rows]
@@ -75,8 +106,10 @@ def test_generate_switches_adapters_by_name_and_equals_peft(setup, tmp_path):
 def test_chat_switches_adapters_and_keeps_history(setup):
     model_dir, a, b = setup
     script = f"{PROMPTS[0]}\n/adapter b\n/reset\n{PROMPTS[0]}\n/base\n/reset\n{PROMPTS[0]}\n/quit\n"
-    proc = run_dtrain(["chat", "--model", str(model_dir), "--adapter", f"a={a}", "--adapter", f"b={b}",
-                       "--max-new-tokens", "8"], input=script)
+    proc = run_dtrain(
+        ["chat", "--model", str(model_dir), "--adapter", f"a={a}", "--adapter", f"b={b}", "--max-new-tokens", "8"],
+        input=script,
+    )
     answers = proc.stdout.strip().splitlines()
     assert answers == [peft_answers(model_dir, a)[0], peft_answers(model_dir, b)[0], peft_answers(model_dir, None)[0]]
 
@@ -89,16 +122,28 @@ def test_generate_and_eval_refuse_bad_input_in_one_line(setup, tmp_path):
         ("--output", str(tmp_path / "exists.jsonl")): "file exists",
     }
     for extra, message in cases.items():
-        args = ["generate", "--model", str(model_dir), "--adapter", f"a={a}", "--input", str(tmp_path / "exists.jsonl"),
-                "--output", str(tmp_path / "new.jsonl"), *extra]
+        args = [
+            "generate",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            f"a={a}",
+            "--input",
+            str(tmp_path / "exists.jsonl"),
+            "--output",
+            str(tmp_path / "new.jsonl"),
+            *extra,
+        ]
         proc = run_dtrain(args, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     proc = run_dtrain(["eval", "--model", str(model_dir), "--data", str(bad)], check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (f"dtrain: error: --data '{bad}': record 0: needs 'messages' ending "
-                                                    "with an assistant turn, or 'prompt' and 'response'")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"dtrain: error: --data '{bad}': record 0: needs 'messages' ending "
+        "with an assistant turn, or 'prompt' and 'response'"
+    )
 
 
 def test_training_ends_with_exact_match_on_held_out_prompts(setup, tmp_path):
@@ -107,16 +152,45 @@ def test_training_ends_with_exact_match_on_held_out_prompts(setup, tmp_path):
     model_dir, _, _ = setup
     out = tmp_path / "run"
     evals = REPO / "dtrain" / "assets" / "dates_eval.jsonl"
-    run_dtrain(["train", str(TINY), "model.arch=null", f"model.path={model_dir}", f"data.path={DATES}",
-                f"data.eval_path={evals}", "data.format=messages", "data.seq_len=64", "training.max_steps=2",
-                "training.eval_every=0", "training.eval_generate=3", f"output.dir={out}"])
+    run_dtrain(
+        [
+            "train",
+            str(TINY),
+            "model.arch=null",
+            f"model.path={model_dir}",
+            f"data.path={DATES}",
+            f"data.eval_path={evals}",
+            "data.format=messages",
+            "data.seq_len=64",
+            "training.max_steps=2",
+            "training.eval_every=0",
+            "training.eval_generate=3",
+            f"output.dir={out}",
+        ]
+    )
     rows = [json.loads(x) for x in (out / "eval_generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["correct"] == (r["got"] == r["expected"]) for r in rows)
-    metric = [r for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines())
-              if "eval_exact_match" in r]
+    metric = [
+        r for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()) if "eval_exact_match" in r
+    ]
     assert metric == [{"step": 2, "eval_exact_match": sum(r["correct"] for r in rows) / 3}]
-    run_dtrain(["eval", "--model", str(model_dir), "--adapter", str(out / "adapter"), "--data", str(evals),
-                "--limit", "3", "--max-new-tokens", "64", "--out", str(tmp_path / "eval.jsonl")])
+    run_dtrain(
+        [
+            "eval",
+            "--model",
+            str(model_dir),
+            "--adapter",
+            str(out / "adapter"),
+            "--data",
+            str(evals),
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "64",
+            "--out",
+            str(tmp_path / "eval.jsonl"),
+        ]
+    )
     again = [json.loads(x) for x in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [r["got"] for r in again] == [r["got"] for r in rows]
     proc = run_dtrain(["train", str(TINY), "training.eval_generate=3", f"output.dir={tmp_path / 'bad'}"], check=False)

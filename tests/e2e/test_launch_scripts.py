@@ -9,14 +9,29 @@ import pytest
 from tests.helpers import FAST, PY, REPO, adapter, env_for_tests, free_port, losses
 
 
-@pytest.mark.parametrize("script,backend", [("launch/deepspeed_1node.sh", "deepspeed"),
-                                            ("launch/torchrun_1node.sh", "fsdp")])
+@pytest.mark.parametrize(
+    "script,backend", [("launch/deepspeed_1node.sh", "deepspeed"), ("launch/torchrun_1node.sh", "fsdp")]
+)
 def test_launch_script_trains_on_two_cpu_ranks(tmp_path, script, backend):
-    env = env_for_tests({"PYTHON": PY, "NPROC": "2", "MASTER_PORT": str(free_port()), "BACKEND": backend,
-                         "PATH": f"{REPO / '.venv' / 'bin'}:{env_for_tests()['PATH']}"})
+    env = env_for_tests(
+        {
+            "PYTHON": PY,
+            "NPROC": "2",
+            "MASTER_PORT": str(free_port()),
+            "BACKEND": backend,
+            "PATH": f"{REPO / '.venv' / 'bin'}:{env_for_tests()['PATH']}",
+        }
+    )
     env.pop("DS_ACCELERATOR")  # the script sets it on a node without nvidia-smi
-    proc = subprocess.run(["bash", script, *FAST, f"output.dir={tmp_path}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, errors="replace", timeout=300)
+    proc = subprocess.run(
+        ["bash", script, *FAST, f"output.dir={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert len(losses(tmp_path)) == 4
     assert len(adapter(tmp_path)) == 8

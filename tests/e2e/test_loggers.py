@@ -13,8 +13,12 @@ import pytest
 from dtrain.loggers import scalars
 from tests.helpers import metrics, train
 
-LOGGED = ["training.eval_every=2", "training.memory_every=2", "logging.backends=[tensorboard,mlflow,wandb]",
-          "logging.project=dtrain-test"]
+LOGGED = [
+    "training.eval_every=2",
+    "training.memory_every=2",
+    "logging.backends=[tensorboard,mlflow,wandb]",
+    "logging.project=dtrain-test",
+]
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +87,11 @@ def wandb_history(run_file: Path) -> list[dict]:
         if left < 7:
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += left
             continue
-        buf += data[pos + 7:pos + 7 + length]
+        buf += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             rec = pb.Record()
@@ -125,8 +129,9 @@ def test_missing_logger_package_is_one_line(tmp_path):
     (site / "sitecustomize.py").write_text("import sys\nsys.modules['mlflow'] = None\n")
     from tests.helpers import REPO
 
-    proc = train(tmp_path / "out", ["logging.backends=[tensorboard,mlflow]"], check=False,
-                 env={"PYTHONPATH": f"{site}:{REPO}"})
+    proc = train(
+        tmp_path / "out", ["logging.backends=[tensorboard,mlflow]"], check=False, env={"PYTHONPATH": f"{site}:{REPO}"}
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "mlflow-skinny" in lines[0] and "logging.backends" in lines[0], proc.stderr
@@ -137,8 +142,12 @@ def test_missing_logger_package_is_one_line(tmp_path):
 @pytest.mark.distributed
 def test_two_ranks_log_once_and_overwrite_clears_logger_files(tmp_path):
     out = tmp_path / "run"
-    train(out, ["backend.name=fsdp", "training.eval_every=2", "logging.backends=[tensorboard,mlflow]"], nproc=2,
-          launcher="torchrun")
+    train(
+        out,
+        ["backend.name=fsdp", "training.eval_every=2", "logging.backends=[tensorboard,mlflow]"],
+        nproc=2,
+        launcher="torchrun",
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert len(list((out / "tensorboard").iterdir())) == 1  # rank 0 only
@@ -165,8 +174,7 @@ def test_resume_purges_tensorboard_steps_after_the_checkpoint(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    args = ["training.save_every=2", "training.keep_last=3", "logging.backends=[tensorboard]",
-            "lora.dropout=0.1"]
+    args = ["training.save_every=2", "training.keep_last=3", "logging.backends=[tensorboard]", "lora.dropout=0.1"]
     train(out, args)
     first = {r["step"]: r["loss"] for r in metrics(out)}
     shutil.rmtree(out / "checkpoints" / "step-00000004")

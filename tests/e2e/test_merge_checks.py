@@ -31,9 +31,10 @@ def _published(tmp_path: Path, base: Path) -> Path:
 
 def test_merge_checks_in_one_process_each(base: Path, tmp_path: Path) -> None:
     cases = {}
-    cases["r"] = (make_adapter(tmp_path / "r", base, r=4, config_r=8),
-                  ["adapter_config.json: 'r' = 8, but model.layers.0.self_attn.q_proj.lora_A has shape [4, 16]",
-                   "(rank 4)"])
+    cases["r"] = (
+        make_adapter(tmp_path / "r", base, r=4, config_r=8),
+        ["adapter_config.json: 'r' = 8, but model.layers.0.self_attn.q_proj.lora_A has shape [4, 16]", "(rank 4)"],
+    )
     no_r = make_adapter(tmp_path / "no_r", base)
     config = json.loads((no_r / "adapter_config.json").read_text())
     del config["r"]
@@ -43,8 +44,10 @@ def test_merge_checks_in_one_process_each(base: Path, tmp_path: Path) -> None:
     data = bytearray((corrupt / "adapter_model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (corrupt / "adapter_model.safetensors").write_bytes(bytes(data))
-    cases["checksum"] = (corrupt, [f"adapter directory '{corrupt}': adapter_model.safetensors does not match "
-                                   "its checksum"])
+    cases["checksum"] = (
+        corrupt,
+        [f"adapter directory '{corrupt}': adapter_model.safetensors does not match its checksum"],
+    )
     truncated = make_adapter(tmp_path / "truncated", base)
     weights = truncated / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-40])

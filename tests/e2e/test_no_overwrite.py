@@ -31,8 +31,14 @@ def _earlier_run(out: Path) -> dict[str, bytes]:
 def test_train_refuses_an_earlier_run(tmp_path: Path) -> None:
     before = _earlier_run(tmp_path)
     proc = train(tmp_path, check=False)
-    assert_one_line(proc, f"output.dir = '{tmp_path}' holds an earlier run", "training.resume=auto",
-                    "output.overwrite=true", "checkpoints", "metrics.jsonl")
+    assert_one_line(
+        proc,
+        f"output.dir = '{tmp_path}' holds an earlier run",
+        "training.resume=auto",
+        "output.overwrite=true",
+        "checkpoints",
+        "metrics.jsonl",
+    )
     assert snapshot(tmp_path) == before
 
 
@@ -115,7 +121,8 @@ def test_slurm_refuses_an_existing_script(tmp_path: Path) -> None:
     args = ["slurm", str(TINY), "--out", str(out)]
     assert_one_line(run_dtrain(args, check=False), f"--out '{out}': file exists; pass --overwrite")
     assert out.read_text() == "#!/bin/bash\n# my edited script\n"
-    assert_one_line(run_dtrain(["slurm", str(TINY), "--out", str(tmp_path)], check=False),
-                    f"--out '{tmp_path}': is a directory")
+    assert_one_line(
+        run_dtrain(["slurm", str(TINY), "--out", str(tmp_path)], check=False), f"--out '{tmp_path}': is a directory"
+    )
     run_dtrain([*args, "--overwrite"])
     assert "srun" in out.read_text()

@@ -24,14 +24,27 @@ from tests.distributed.runs import assert_same_adapter
 from tests.helpers import FAST, REPO, TINY, env_for_tests, launch_cmd, metrics, train
 
 STEPS = 4
-RUN = [*FAST, "training.micro_batch_size=1", f"training.max_steps={STEPS}", "training.eval_every=2", "training.eval_batches=400",
-       "data.eval_fraction=0.5", "logging.loss_curve=false"]
+RUN = [
+    *FAST,
+    "training.micro_batch_size=1",
+    f"training.max_steps={STEPS}",
+    "training.eval_every=2",
+    "training.eval_batches=400",
+    "data.eval_fraction=0.5",
+    "logging.loss_curve=false",
+]
 
 
 def _start(out: Path, extra: list[str]) -> subprocess.Popen:
     cmd = launch_cmd(1, "python") + ["train", str(TINY), *RUN, *extra, f"output.dir={out}"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env_for_tests(), stdout=subprocess.DEVNULL,
-                            stderr=open(out.parent / f"{out.name}.log", "a"), text=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env_for_tests(),
+        stdout=subprocess.DEVNULL,
+        stderr=open(out.parent / f"{out.name}.log", "a"),
+        text=True,
+    )
 
 
 def _log(out: Path) -> str:
@@ -84,16 +97,32 @@ def test_time_limit_then_sigusr1_inside_an_evaluation_then_resume_is_exact(tmp_p
 
 
 TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-CHAT = [f"data.path={REPO / 'dtrain/assets/tiny_messages.jsonl'}", "data.format=messages", "data.seq_len=64",
-        "training.max_steps=1", "training.warmup_steps=1", "logging.loss_curve=false"]
+CHAT = [
+    f"data.path={REPO / 'dtrain/assets/tiny_messages.jsonl'}",
+    "data.format=messages",
+    "data.seq_len=64",
+    "training.max_steps=1",
+    "training.warmup_steps=1",
+    "logging.loss_curve=false",
+]
 
 
 def test_resume_with_rslora_dora_targets_and_template_changed_is_refused_one_line_each(tmp_path):
     out = tmp_path / "chat"
     train(out, [*CHAT, f"data.chat_template={TEMPLATE}"])
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    proc = train(out, [*CHAT, "data.chat_template={% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}", "lora.use_rslora=true", "lora.use_dora=true",
-                       "lora.targets=[q_proj]", "training.resume=auto"], check=False)
+    proc = train(
+        out,
+        [
+            *CHAT,
+            "data.chat_template={% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}",
+            "lora.use_rslora=true",
+            "lora.use_dora=true",
+            "lora.targets=[q_proj]",
+            "training.resume=auto",
+        ],
+        check=False,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if x.startswith("dtrain: error:")]
     path = checkpoint.checkpoint_dir(out, 1)
@@ -102,7 +131,8 @@ def test_resume_with_rslora_dora_targets_and_template_changed_is_refused_one_lin
         f"lora.use_rslora = false, this config has lora.use_rslora = true; resume with the same LoRA settings {tail}",
         f"lora.use_dora = false, this config has lora.use_dora = true; resume with the same LoRA settings {tail}",
         f"lora.targets = [q_proj, v_proj], this config has lora.targets = [q_proj]; resume with the same LoRA settings {tail}",
-        lines[3].split(" was trained with ")[1]]
+        lines[3].split(" was trained with ")[1],
+    ]
     assert all(x.startswith(f"dtrain: error: training.resume=auto: the checkpoint in {path} ") for x in lines)
     assert lines[3].split(" was trained with ")[1].startswith("data.chat_template_hash = '")
     assert lines[3].endswith(f"; resume with the same chat template {tail}")

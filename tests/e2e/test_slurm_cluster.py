@@ -148,8 +148,9 @@ def test_scancel_cancels_rather_than_requeues(slurm: SlurmCluster, tmp_path: Pat
     )
     trainer.chmod(0o755)
     script = tmp_path / "rendered.sbatch"
-    script.write_text(render_sbatch("configs/tiny.yaml", tasks_per_node=2, cpus_per_task=1,
-                                    output=f"{tmp_path}/slurm-%j.out"))
+    script.write_text(
+        render_sbatch("configs/tiny.yaml", tasks_per_node=2, cpus_per_task=1, output=f"{tmp_path}/slurm-%j.out")
+    )
     job = slurm.sbatch(script, env={"DTRAIN_PYTHON": str(trainer)})
     _wait_files([tmp_path / "ready.0", tmp_path / "ready.1"], 60, slurm, job)
     slurm.run(["scancel", job])
@@ -164,12 +165,28 @@ def test_render_sbatch_options(tmp_path: Path) -> None:
     """No cluster needed: the rendered script's options, quoting, and bash syntax."""
     import subprocess
 
-    gpu = render_sbatch("cfg dir/x.yaml", nodes=2, gpus_per_node=4, cpus_per_task=8, partition="gpu",
-                        time="04:00:00", signal_seconds=120, overrides=["lora.targets=[q_proj,v_proj]"],
-                        extra=["--account=proj"])
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gres=gpu:4",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=04:00:00", "#SBATCH --signal=B:USR1@120",
-                 "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --account=proj"):
+    gpu = render_sbatch(
+        "cfg dir/x.yaml",
+        nodes=2,
+        gpus_per_node=4,
+        cpus_per_task=8,
+        partition="gpu",
+        time="04:00:00",
+        signal_seconds=120,
+        overrides=["lora.targets=[q_proj,v_proj]"],
+        extra=["--account=proj"],
+    )
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gres=gpu:4",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --account=proj",
+    ):
         assert line in gpu.splitlines(), line
     assert "'cfg dir/x.yaml'" in gpu and "'lora.targets=[q_proj,v_proj]'" in gpu
     assert "training.resume=auto" in gpu and f"-eq {PREEMPT_EXIT} ]" in gpu
@@ -181,8 +198,12 @@ def test_render_sbatch_options(tmp_path: Path) -> None:
     for text in (gpu, cpu):
         (tmp_path / "s.sh").write_text(text)
         assert subprocess.run(["bash", "-n", str(tmp_path / "s.sh")]).returncode == 0
-    for bad in ({"nodes": 0}, {"gpus_per_node": 2, "tasks_per_node": 3}, {"overrides": ["noequals"]},
-                {"extra": ["account=x"]}):
+    for bad in (
+        {"nodes": 0},
+        {"gpus_per_node": 2, "tasks_per_node": 3},
+        {"overrides": ["noequals"]},
+        {"extra": ["account=x"]},
+    ):
         try:
             render_sbatch("c.yaml", **bad)  # type: ignore[arg-type]
         except DtrainError:

@@ -24,15 +24,31 @@ from tests.e2e.slurm_cluster import SlurmCluster
 from tests.e2e.test_slurm_train import JOB_ENV, PY, REPO, TINY, _adapter, _log, _metrics
 
 STEPS = 100
-OVERRIDES = ["backend.name=fsdp", "lora.targets=[q_proj,v_proj]", f"training.max_steps={STEPS}",
-             "training.warmup_steps=2", "training.micro_batch_size=4", "training.eval_every=0", "data.seq_len=32",
-             "training.save_every=0", "logging.loss_curve=false"]
+OVERRIDES = [
+    "backend.name=fsdp",
+    "lora.targets=[q_proj,v_proj]",
+    f"training.max_steps={STEPS}",
+    "training.warmup_steps=2",
+    "training.micro_batch_size=4",
+    "training.eval_every=0",
+    "data.seq_len=32",
+    "training.save_every=0",
+    "logging.loss_curve=false",
+]
 SLOW = {"DTRAIN_TEST_FAULT": "slow_step:1.0"}
 
 
 def _script(out: Path, script: Path, extra: list[str]) -> Path:
-    args = [str(TINY), *OVERRIDES, f"output.dir={out}", "--tasks-per-node=2", "--cpus-per-task=1",
-            f"--log={out.parent}/slurm-%j.out", f"--out={script}", *extra]
+    args = [
+        str(TINY),
+        *OVERRIDES,
+        f"output.dir={out}",
+        "--tasks-per-node=2",
+        "--cpus-per-task=1",
+        f"--log={out.parent}/slurm-%j.out",
+        f"--out={script}",
+        *extra,
+    ]
     r = subprocess.run([PY, "-m", "dtrain", "slurm", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return script
@@ -53,12 +69,15 @@ def test_job_hitting_its_time_limit_is_signalled_requeued_and_ends_exact(slurm: 
     t_ref = time.monotonic() - t0
     out = tmp_path / "timed" / "run"
     out.parent.mkdir()
-    job = slurm.sbatch(_script(out, tmp_path / "timed.sbatch", ["--time=2", "--signal-seconds=20"]),
-                       env={**JOB_ENV, **SLOW})
+    job = slurm.sbatch(
+        _script(out, tmp_path / "timed.sbatch", ["--time=2", "--signal-seconds=20"]), env={**JOB_ENV, **SLOW}
+    )
     state = slurm.wait(job, timeout=1200)
     info, log = slurm.job_info(job), _log(out, job)
-    print(f"reference {t_ref:.0f} s, timed job {time.monotonic() - t0 - t_ref:.0f} s; restarts {info['Restarts']}; "
-          f"stops: {[s[:100] for s in _stops(log)]}")
+    print(
+        f"reference {t_ref:.0f} s, timed job {time.monotonic() - t0 - t_ref:.0f} s; restarts {info['Restarts']}; "
+        f"stops: {[s[:100] for s in _stops(log)]}"
+    )
     assert state == "COMPLETED", f"{state}: {info}\n{log[-6000:]}"
     assert int(info["Restarts"]) >= 1 and "requeueing job" in log, f"{info}\n{log[-6000:]}"
     # SLURM's time-limit signal, at the batch shell and forwarded, stopped the first window

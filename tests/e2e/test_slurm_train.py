@@ -46,8 +46,16 @@ JOB_ENV = {
 
 def _write_script(out: Path, script: Path) -> Path:
     """`dtrain slurm` writes the script."""
-    args = [str(TINY), *OVERRIDES, f"output.dir={out}", "--tasks-per-node=2", "--cpus-per-task=1",
-            "--signal-seconds=60", f"--log={out.parent}/slurm-%j.out", f"--out={script}"]
+    args = [
+        str(TINY),
+        *OVERRIDES,
+        f"output.dir={out}",
+        "--tasks-per-node=2",
+        "--cpus-per-task=1",
+        "--signal-seconds=60",
+        f"--log={out.parent}/slurm-%j.out",
+        f"--out={script}",
+    ]
     cmd = [PY, "-m", "dtrain", "slurm", *args]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, errors="replace", timeout=60)
     assert r.returncode == 0, r.stderr
@@ -98,19 +106,22 @@ def test_slurm_train_two_tasks(slurm: SlurmCluster, reference_run: tuple[Path, s
     assert slurm.job_info(job)["Restarts"] == "0"
 
 
-def _wait_while_running(slurm: SlurmCluster, job: str, out: Path, timeout: float, what: str,
-                        done: Callable[[], bool]) -> None:
+def _wait_while_running(
+    slurm: SlurmCluster, job: str, out: Path, timeout: float, what: str, done: Callable[[], bool]
+) -> None:
     """Poll until `done()`; fail at once if the job left the queue, or after `timeout` s."""
     deadline = time.monotonic() + timeout
     while not done():
         assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), (
-            f"{slurm.job_info(job)}\n{_log(out, job)[-4000:]}")
+            f"{slurm.job_info(job)}\n{_log(out, job)[-4000:]}"
+        )
         assert time.monotonic() < deadline, f"{what}\n{_log(out, job)[-4000:]}"
         time.sleep(0.1)
 
 
-def _signalled_job(slurm: SlurmCluster, tmp_path: Path, timeout: float, what: str,
-                   ready: Callable[[Path], bool]) -> tuple[Path, str, dict, str]:
+def _signalled_job(
+    slurm: SlurmCluster, tmp_path: Path, timeout: float, what: str, ready: Callable[[Path], bool]
+) -> tuple[Path, str, dict, str]:
     """Submit the training job, send USR1 once `ready(out)`, wait for the end: (out, state, info, log)."""
     out = tmp_path / "run"
     job = slurm.sbatch(_write_script(out, tmp_path / "train.sbatch"), env=JOB_ENV)
@@ -125,12 +136,9 @@ def _trained_steps(out: Path, n: int) -> bool:
     return metrics.exists() and len(metrics.read_text().splitlines()) >= n
 
 
-def test_slurm_preemption_resumes_exactly(
-    slurm: SlurmCluster, reference_run: tuple[Path, str], tmp_path: Path
-) -> None:
+def test_slurm_preemption_resumes_exactly(slurm: SlurmCluster, reference_run: tuple[Path, str], tmp_path: Path) -> None:
     ref_out, _ = reference_run
-    out, state, info, log = _signalled_job(slurm, tmp_path, 180, "no training progress",
-                                           lambda o: _trained_steps(o, 3))
+    out, state, info, log = _signalled_job(slurm, tmp_path, 180, "no training progress", lambda o: _trained_steps(o, 3))
     assert state == "COMPLETED", f"{state}: {info}\n{log[-6000:]}"
     assert "preempted: checkpoint at step" in log, log[-6000:]
     assert "requeueing job" in log and info["Restarts"] == "1", f"{info}\n{log[-6000:]}"
@@ -148,8 +156,9 @@ def test_slurm_signal_during_setup_is_not_lost(
 ) -> None:
     ref_out, _ = reference_run
     # USR1 as soon as dtrain made its output dir: the ranks are still loading data / building the model
-    out, state, info, log = _signalled_job(slurm, tmp_path, 120, "the training step never started",
-                                           lambda o: o.is_dir())
+    out, state, info, log = _signalled_job(
+        slurm, tmp_path, 120, "the training step never started", lambda o: o.is_dir()
+    )
     assert state == "COMPLETED" and info["Restarts"] == "1", f"{state}: {info}\n{log[-6000:]}"
     assert "preempted: checkpoint at step 1 " in log, log[-6000:]  # taken during setup, acted on at step 1
     got, want = _adapter(out), _adapter(ref_out)

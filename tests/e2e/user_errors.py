@@ -37,8 +37,15 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-TINY_LLAMA = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+TINY_LLAMA = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+)
 
 
 def make_base(directory: Path) -> Path:
@@ -51,8 +58,13 @@ def make_base(directory: Path) -> Path:
     return directory
 
 
-def make_adapter(directory: Path, base: Path, r: int = 4, config_r: int | None = None,
-                 targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+def make_adapter(
+    directory: Path,
+    base: Path,
+    r: int = 4,
+    config_r: int | None = None,
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Path:
     """A PEFT-format LoRA adapter for `base` (random A and B) with rank `r` in its tensors and
     `config_r` (default r; None-able through the config) in adapter_config.json."""
     import torch
@@ -69,8 +81,13 @@ def make_adapter(directory: Path, base: Path, r: int = 4, config_r: int | None =
         tensors[f"{prefix}.lora_B.weight"] = torch.randn(outs[t], r)
     directory.mkdir(parents=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"), {"format": "pt"})
-    config = {"peft_type": "LORA", "r": r if config_r is None else config_r, "lora_alpha": 8,
-              "target_modules": list(targets), "bias": "none"}
+    config = {
+        "peft_type": "LORA",
+        "r": r if config_r is None else config_r,
+        "lora_alpha": 8,
+        "target_modules": list(targets),
+        "bias": "none",
+    }
     (directory / "adapter_config.json").write_text(json.dumps(config))
     return directory
 
@@ -111,8 +128,15 @@ def make_custom_code_model(directory: Path) -> Path:
     directory.mkdir(parents=True)
     (directory / "configuration_tiny.py").write_text(CUSTOM_CONFIG)
     (directory / "modeling_tiny.py").write_text(CUSTOM_MODEL)
-    config = {"model_type": "tinycustom", "architectures": ["TinyForCausalLM"], "vocab_size": 64, "hidden_size": 16,
-              "auto_map": {"AutoConfig": "configuration_tiny.TinyConfig",
-                           "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}}
+    config = {
+        "model_type": "tinycustom",
+        "architectures": ["TinyForCausalLM"],
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "auto_map": {
+            "AutoConfig": "configuration_tiny.TinyConfig",
+            "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM",
+        },
+    }
     (directory / "config.json").write_text(json.dumps(config))
     return directory

@@ -23,8 +23,13 @@ def test_dpo_demo_raises_preference_accuracy(smollm2_dir, tmp_path, monkeypatch)
     monkeypatch.chdir(REPO)
     result = demo.main(tmp_path / "demo")
     base, dpo, sft, dpo_sft = (result[k] for k in ("base", "dpo_from_base", "sft", "dpo_from_sft"))
-    print({k: (v["preference_accuracy"], v["mean_logp_margin"], v["exact_match"]) for k, v in result.items()
-           if isinstance(v, dict) and "preference_accuracy" in v})
+    print(
+        {
+            k: (v["preference_accuracy"], v["mean_logp_margin"], v["exact_match"])
+            for k, v in result.items()
+            if isinstance(v, dict) and "preference_accuracy" in v
+        }
+    )
     # Every base answer echoes the ISO date, so every held-out pair is a pair.
     assert result["eval_pairs"] == demo.N_EVAL and result["train_pairs"] == demo.N_TRAIN
     # Measured 0.0 (margin -7.05 nats): the base prefers its own echo in every pair. 0.2 leaves room

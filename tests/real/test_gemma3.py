@@ -32,9 +32,20 @@ def gemma_dir():
 def train_real(out, overrides=(), nproc=1, launcher="python"):
     """2 steps of 4 conversations on q/v at lr 1e-3, the eval loss before and after (2 batches)
     and the memory after the last evaluation."""
-    args = ["train", str(CONFIG), "model.path=gemma3-270m", "training.max_steps=2", "training.warmup_steps=1",
-            "training.lr=1e-3", "training.eval_every=2", "training.eval_batches=2", "training.memory_every=2",
-            "lora.targets=[q_proj,v_proj]", *overrides, f"output.dir={out}"]
+    args = [
+        "train",
+        str(CONFIG),
+        "model.path=gemma3-270m",
+        "training.max_steps=2",
+        "training.warmup_steps=1",
+        "training.lr=1e-3",
+        "training.eval_every=2",
+        "training.eval_batches=2",
+        "training.memory_every=2",
+        "lora.targets=[q_proj,v_proj]",
+        *overrides,
+        f"output.dir={out}",
+    ]
     return run_dtrain(args, nproc=nproc, launcher=launcher, timeout=1200)
 
 
@@ -67,8 +78,9 @@ def test_import_has_the_gguf_logits_turn_format_and_stop_tokens(gemma_dir):
     assert tok.chat_template == templates.GEMMA3 and templates.turn_end_token(tok, tok.chat_template) == 106
     gguf = importer.fetch_gguf("gemma3-270m")
     ref = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    chat = tok.apply_chat_template([{"role": "user", "content": "Convert the date 2003-11-29."}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Convert the date 2003-11-29."}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<bos><start_of_turn>user\nConvert the date 2003-11-29.<end_of_turn>\n<start_of_turn>model\n"
     ids = tok(chat, add_special_tokens=False, return_tensors="pt").input_ids
     assert ids[0, :2].tolist() == [2, 105] and 106 in ids[0].tolist()
@@ -77,7 +89,7 @@ def test_import_has_the_gguf_logits_turn_format_and_stop_tokens(gemma_dir):
     plain = tok("The capital of Germany is Berlin. The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=0, atol=0)
-        answer = ours.generate(plain, max_new_tokens=6, do_sample=False)[0, plain.shape[1]:]
+        answer = ours.generate(plain, max_new_tokens=6, do_sample=False)[0, plain.shape[1] :]
     assert tok.decode(answer, skip_special_tokens=True).startswith(" Paris")  # a base model completes text
 
 
@@ -90,8 +102,9 @@ def two_ranks(tmp_path_factory):
     def run(name):
         if name not in runs:
             runs[name] = tmp_path_factory.mktemp("gemma") / name
-            train_real(runs[name], [f"backend.name={name}", "training.micro_batch_size=2"], nproc=2,
-                       launcher="torchrun")
+            train_real(
+                runs[name], [f"backend.name={name}", "training.micro_batch_size=2"], nproc=2, launcher="torchrun"
+            )
         return runs[name]
 
     return run
@@ -128,12 +141,13 @@ def test_int8_and_nf4_bases_learn(gemma_dir, one_process, tmp_path):
     eval loss before and after 2 steps on those bases next to the float base's: every base learns."""
     errors = projection_round_trip_errors(gemma_dir)
     assert len(errors[8]) == 18 * 7
-    assert max(errors[8]) < 0.015 and sum(errors[8]) / len(errors[8]) < 0.01   # measured 0.0128 / 0.0089
-    assert max(errors[4]) < 0.12 and sum(errors[4]) / len(errors[4]) < 0.10    # measured 0.114 / 0.094
+    assert max(errors[8]) < 0.015 and sum(errors[8]) / len(errors[8]) < 0.01  # measured 0.0128 / 0.0089
+    assert max(errors[4]) < 0.12 and sum(errors[4]) / len(errors[4]) < 0.10  # measured 0.114 / 0.094
     runs = {32: eval_losses(one_process)}
     for bits in (8, 4):
-        train_real(tmp_path / f"b{bits}", ["backend.name=none", "training.micro_batch_size=4",
-                                           f"quantization.bits={bits}"])
+        train_real(
+            tmp_path / f"b{bits}", ["backend.name=none", "training.micro_batch_size=4", f"quantization.bits={bits}"]
+        )
         runs[bits] = eval_losses(tmp_path / f"b{bits}")
     assert all(len(r) == 2 and r[1] < r[0] for r in runs.values()), runs
     # measured: float 3.948 -> 2.686, int8 3.901 -> 2.630 (1.2% and 2.1% apart), NF4 3.980 -> 2.706.
@@ -147,15 +161,30 @@ def test_int8_and_nf4_bases_learn(gemma_dir, one_process, tmp_path):
 def test_merged_model_equals_peft_base_plus_adapter(gemma_dir, one_process, tmp_path):
     from peft import PeftModel
 
-    run_dtrain(["merge", "--base", str(gemma_dir), "--adapter", str(one_process / "adapter"),
-                "--out", str(tmp_path / "merged")], timeout=900)
+    run_dtrain(
+        [
+            "merge",
+            "--base",
+            str(gemma_dir),
+            "--adapter",
+            str(one_process / "adapter"),
+            "--out",
+            str(tmp_path / "merged"),
+        ],
+        timeout=900,
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32),
-                                     one_process / "adapter").eval()
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32), one_process / "adapter"
+    ).eval()
     tok = AutoTokenizer.from_pretrained(gemma_dir)
     for date in ("1999-12-31", "2024-02-29"):
-        ids = tok.apply_chat_template([{"role": "user", "content": f"Convert the date {date}."}],
-                                      add_generation_prompt=True, return_tensors="pt", return_dict=True).input_ids
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": f"Convert the date {date}."}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        ).input_ids
         with torch.no_grad():
             torch.testing.assert_close(merged(ids).logits, peft(ids).logits, rtol=0, atol=2e-4)
             a = merged.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[1, 106])

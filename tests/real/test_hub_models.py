@@ -31,9 +31,20 @@ def hf_home(smollm2_dir, tmp_path_factory):
 
 
 def _train(out, model, env, extra=(), check=True):
-    args = ["train", str(CONFIG), f"model.path={model}", "training.max_steps=2", "training.warmup_steps=1",
-            "training.eval_every=0", "data.seq_len=64", "lora.targets=[q_proj,v_proj]", "backend.name=none",
-            "training.micro_batch_size=2", *extra, f"output.dir={out}"]
+    args = [
+        "train",
+        str(CONFIG),
+        f"model.path={model}",
+        "training.max_steps=2",
+        "training.warmup_steps=1",
+        "training.eval_every=0",
+        "data.seq_len=64",
+        "lora.targets=[q_proj,v_proj]",
+        "backend.name=none",
+        "training.micro_batch_size=2",
+        *extra,
+        f"output.dir={out}",
+    ]
     return run_dtrain(args, env=env, check=check, timeout=600)
 
 
@@ -60,7 +71,8 @@ def test_train_by_hub_id_records_the_commit_and_resume_refuses_another(runs):
         f"dtrain: error: training.resume=auto: the checkpoint in {tmp_path / 'hub' / 'checkpoints' / 'step-00000002'} "
         "was trained with "
         f"model.path = '{ID}@{V2}', this config has model.path = '{ID}@{MAIN}'; resume with the same model or "
-        "start a new output.dir"], refused.stderr[-2000:]
+        "start a new output.dir"
+    ], refused.stderr[-2000:]
 
 
 @pytest.mark.ondemand  # five more loads of the real model (about 2 minutes idle); run for this issue: passed
@@ -73,10 +85,28 @@ def test_merge_generate_eval_by_hub_id(smollm2_dir, runs, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     prompt = json.loads(EVAL.read_text().splitlines()[0])["messages"][0]["content"]
-    said = [run_dtrain(["generate", "--model", m, "--adapter", ad, "--prompt", prompt, "--max-new-tokens", "12"],
-                       env=env).stdout for m in (str(smollm2_dir), f"{ID}@{MAIN}")]
+    said = [
+        run_dtrain(
+            ["generate", "--model", m, "--adapter", ad, "--prompt", prompt, "--max-new-tokens", "12"], env=env
+        ).stdout
+        for m in (str(smollm2_dir), f"{ID}@{MAIN}")
+    ]
     assert said[0] == said[1] and said[0].strip()
-    run_dtrain(["eval", "--model", f"{ID}@{V2}", "--adapter", ad, "--data", str(EVAL), "--limit", "1",
-                "--out", str(tmp_path / "eval.jsonl")], env=env)
+    run_dtrain(
+        [
+            "eval",
+            "--model",
+            f"{ID}@{V2}",
+            "--adapter",
+            ad,
+            "--data",
+            str(EVAL),
+            "--limit",
+            "1",
+            "--out",
+            str(tmp_path / "eval.jsonl"),
+        ],
+        env=env,
+    )
     got = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[0])["got"]
     assert got.strip() in said[0], (got, said[0])

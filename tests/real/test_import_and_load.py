@@ -39,7 +39,7 @@ def test_imported_smollm2_is_a_plain_float_model_with_the_gguf_logits(smollm2_di
     assert torch.equal(ids, ref_tok(text, return_tensors="pt").input_ids)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, ref(ids).logits, rtol=0, atol=0)
-        answer = ours.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+        answer = ours.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
     assert "Paris" in tok.decode(answer, skip_special_tokens=True)
 
 
@@ -58,8 +58,11 @@ def test_checkpoint_saved_without_prefix_and_head_trains_like_the_full_one(tmp_p
     model.save_pretrained(full)
     bare.mkdir()
     model.config.save_pretrained(bare)
-    save_file({k: v.contiguous() for k, v in model.model.state_dict().items()}, str(bare / "model.safetensors"),
-              {"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in model.model.state_dict().items()},
+        str(bare / "model.safetensors"),
+        {"format": "pt"},
+    )
     with safe_open(str(bare / "model.safetensors"), "pt") as f:
         assert "embed_tokens.weight" in f.keys() and not any(k.startswith("model.") for k in f.keys())
     runs = {}
@@ -75,7 +78,8 @@ def test_a_model_without_lm_head_or_eos_gets_one_line(minilm_dir, smollm2_dir, t
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"dtrain: error: tokenizer directory '{minilm_dir}' has no EOS token: dtrain ends every document and "
-        "response with one (a causal LM's tokenizer has it; set data.tokenizer to such a tokenizer)")
+        "response with one (a causal LM's tokenizer has it; set data.tokenizer to such a tokenizer)"
+    )
     proc = run_dtrain([*base, f"data.tokenizer={smollm2_dir}", f"output.dir={tmp_path / 'b'}"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = proc.stderr.strip().splitlines()[-1]

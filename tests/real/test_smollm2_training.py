@@ -18,8 +18,17 @@ EVAL = REPO / "dtrain" / "assets" / "dates_eval.jsonl"
 
 
 def train_real(out, overrides=(), nproc=1, launcher="python"):
-    args = ["train", str(CONFIG), "training.max_steps=2", "training.warmup_steps=1", "training.eval_every=0",
-            "data.seq_len=64", "lora.targets=[q_proj,v_proj]", *overrides, f"output.dir={out}"]
+    args = [
+        "train",
+        str(CONFIG),
+        "training.max_steps=2",
+        "training.warmup_steps=1",
+        "training.eval_every=0",
+        "data.seq_len=64",
+        "lora.targets=[q_proj,v_proj]",
+        *overrides,
+        f"output.dir={out}",
+    ]
     return run_dtrain(args, nproc=nproc, launcher=launcher, timeout=600)
 
 
@@ -38,8 +47,12 @@ def test_one_process_fsdp_and_zero3_agree_on_the_real_weights(smollm2_dir, tmp_p
     ref = adapter(tmp_path / "one")
     assert len(ref) == 2 * 2 * 30  # A and B of q_proj and v_proj in 30 layers
     for name in ("fsdp", "deepspeed"):
-        train_real(tmp_path / name, [*common, f"backend.name={name}", "training.micro_batch_size=2"], nproc=2,
-                   launcher="torchrun")
+        train_real(
+            tmp_path / name,
+            [*common, f"backend.name={name}", "training.micro_batch_size=2"],
+            nproc=2,
+            launcher="torchrun",
+        )
         for x, y in zip(losses(tmp_path / "one"), losses(tmp_path / name), strict=True):
             assert abs(x - y) <= 1e-5 * x, (name, x, y)
         got = adapter(tmp_path / name)
@@ -56,12 +69,14 @@ def test_quantized_bases_on_the_real_weight_distribution(smollm2_dir, tmp_path):
     trip, and the training losses of LoRA on those bases next to the float base's."""
     errors = projection_round_trip_errors(smollm2_dir)
     assert len(errors[8]) == 30 * 7
-    assert max(errors[8]) < 0.015 and sum(errors[8]) / len(errors[8]) < 0.01   # measured 0.0116 / 0.0085
-    assert max(errors[4]) < 0.12 and sum(errors[4]) / len(errors[4]) < 0.10    # measured 0.102 / 0.094
+    assert max(errors[8]) < 0.015 and sum(errors[8]) / len(errors[8]) < 0.01  # measured 0.0116 / 0.0085
+    assert max(errors[4]) < 0.12 and sum(errors[4]) / len(errors[4]) < 0.10  # measured 0.102 / 0.094
     runs = {}
     for bits in (16, 8, 4):
-        train_real(tmp_path / f"b{bits}", [f"model.path={smollm2_dir}", f"quantization.bits={bits}",
-                                           "training.micro_batch_size=4"])
+        train_real(
+            tmp_path / f"b{bits}",
+            [f"model.path={smollm2_dir}", f"quantization.bits={bits}", "training.micro_batch_size=4"],
+        )
         runs[bits] = losses(tmp_path / f"b{bits}")
     # measured: float 1.137 -> 0.785, int8 1.136 -> 0.777, NF4 1.352 -> 1.101: int8 is within 1%
     # of the float base; NF4's ~9% weight error costs a 135M model 19-40% of its loss here
@@ -76,14 +91,38 @@ def test_quantized_bases_on_the_real_weight_distribution(smollm2_dir, tmp_path):
 def trained(smollm2_dir, tmp_path_factory):
     """The Quickstart's training, in one process and 12 steps of 8 conversations."""
     out = tmp_path_factory.mktemp("dates") / "run"
-    run_dtrain(["train", str(CONFIG), f"model.path={smollm2_dir}", "backend.name=none", "training.max_steps=12",
-                "training.micro_batch_size=8", "training.eval_every=12", f"output.dir={out}"], timeout=900)
+    run_dtrain(
+        [
+            "train",
+            str(CONFIG),
+            f"model.path={smollm2_dir}",
+            "backend.name=none",
+            "training.max_steps=12",
+            "training.micro_batch_size=8",
+            "training.eval_every=12",
+            f"output.dir={out}",
+        ],
+        timeout=900,
+    )
     return out
 
 
 def exact_match(smollm2_dir, out, limit, adapter_dir=None):
-    args = ["eval", "--model", str(smollm2_dir), "--data", str(EVAL), "--limit", str(limit),
-            "--max-new-tokens", "16", "--batch-size", str(limit), "--out", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(smollm2_dir),
+        "--data",
+        str(EVAL),
+        "--limit",
+        str(limit),
+        "--max-new-tokens",
+        "16",
+        "--batch-size",
+        str(limit),
+        "--out",
+        str(out),
+    ]
     proc = run_dtrain([*args, *(["--adapter", str(adapter_dir)] if adapter_dir else [])], timeout=600)
     return json.loads(proc.stdout.strip().splitlines()[-1]), [json.loads(x) for x in out.read_text().splitlines()]
 
@@ -105,11 +144,13 @@ def test_merged_model_equals_peft_base_plus_adapter(smollm2_dir, trained, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dtrain(["merge", "--base", str(smollm2_dir), "--adapter", str(trained / "adapter"),
-                "--out", str(tmp_path / "merged")])
+    run_dtrain(
+        ["merge", "--base", str(smollm2_dir), "--adapter", str(trained / "adapter"), "--out", str(tmp_path / "merged")]
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32),
-                                     trained / "adapter").eval()
+    peft = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32), trained / "adapter"
+    ).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     prompts = [[{"role": "user", "content": f"Convert the date {d}."}] for d in ("1999-12-31", "2024-02-29")]
     for chat in prompts:
@@ -119,5 +160,5 @@ def test_merged_model_equals_peft_base_plus_adapter(smollm2_dir, trained, tmp_pa
             a = merged.generate(ids, max_new_tokens=12, do_sample=False)
             b = peft.generate(ids, max_new_tokens=12, do_sample=False)
         assert torch.equal(a, b)
-    answer = tok.decode(a[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    answer = tok.decode(a[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert re.fullmatch(r"\d\d\.\d\d\.2024", answer), answer  # the learned format (the leap day may be missed)

@@ -181,8 +181,14 @@ def test_analyze_cli_writes_tables_and_pictures(two_adapters, tiny_base, tmp_pat
     assert cli.main(["analyze", str(a8), str(a4), "--base", str(tiny_base), "--out", str(out)]) == 0
     assert "| r8 (r=8) | r4 (r=4) | q_proj |" in capsys.readouterr().out
     names = {p.name for p in out.iterdir()}
-    assert names == {"analysis.json", "analysis.md", "spectrum_r8.png", "spectrum_r4.png",
-                     "subspace_r8_vs_r4_q_proj.png", "subspace_r8_vs_r4_v_proj.png"}
+    assert names == {
+        "analysis.json",
+        "analysis.md",
+        "spectrum_r8.png",
+        "spectrum_r4.png",
+        "subspace_r8_vs_r4_q_proj.png",
+        "subspace_r8_vs_r4_v_proj.png",
+    }
     assert all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names if n.endswith(".png"))
     result = json.loads((out / "analysis.json").read_text())
     module = "model.layers.1.self_attn.q_proj"
@@ -192,8 +198,9 @@ def test_analyze_cli_writes_tables_and_pictures(two_adapters, tiny_base, tmp_pat
     direct = phi_direct(A8, A4)
     assert pair["modules"][module]["phi_11"] == pytest.approx(direct[0, 0], abs=1e-9)
     assert pair["modules"][module]["phi_full"] == pytest.approx(direct[-1, -1], abs=1e-9)
-    mean = np.mean([phi_direct(*(_ab(d, f"model.layers.{i}.self_attn.q_proj")[0] for d in (a8, a4)))
-                    for i in (0, 1)], axis=0)
+    mean = np.mean(
+        [phi_direct(*(_ab(d, f"model.layers.{i}.self_attn.q_proj")[0] for d in (a8, a4))) for i in (0, 1)], axis=0
+    )
     np.testing.assert_allclose(pair["by_type"]["q_proj"]["phi"], mean, atol=1e-9)  # averaged over the 2 layers
     w = load_file(str(tiny_base / "model.safetensors"))[f"{module}.weight"]
     ad8 = result["adapters"][0]
@@ -215,8 +222,12 @@ def test_analyze_cli_writes_tables_and_pictures(two_adapters, tiny_base, tmp_pat
 def test_analyze_on_a_quantized_base_and_one_layer(two_adapters, tiny_base, tmp_path):
     a8, _ = two_adapters
     out = tmp_path / "an"
-    assert cli.main(["analyze", f"mine={a8}", "--base", str(tiny_base), "--base-bits", "4",
-                     "--layer", "1", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["analyze", f"mine={a8}", "--base", str(tiny_base), "--base-bits", "4", "--layer", "1", "--out", str(out)]
+        )
+        == 0
+    )
     result = json.loads((out / "analysis.json").read_text())
     module = "model.layers.1.self_attn.v_proj"
     w = quant.round_trip(load_file(str(tiny_base / "model.safetensors"))[f"{module}.weight"], 4)
@@ -225,18 +236,21 @@ def test_analyze_on_a_quantized_base_and_one_layer(two_adapters, tiny_base, tmp_
     assert ad["label"] == "mine" and result["base_bits"] == 4 and result["layer"] == 1
     assert ad["by_type"]["v_proj"]["layers"] == 1  # --layer 1: the per-type numbers are layer 1's
     assert ad["by_type"]["v_proj"]["proj_delta"] == pytest.approx(
-        delta.relate_to_base(w, B, A, 2.0)["proj_delta"], rel=1e-9)
+        delta.relate_to_base(w, B, A, 2.0)["proj_delta"], rel=1e-9
+    )
     base = BaseWeights(tiny_base, bits=8)
-    torch.testing.assert_close(base.weight("model.layers.0.mlp.down_proj"),
-                               quant.round_trip(load_file(str(tiny_base / "model.safetensors"))
-                                                ["model.layers.0.mlp.down_proj.weight"], 8))
+    torch.testing.assert_close(
+        base.weight("model.layers.0.mlp.down_proj"),
+        quant.round_trip(load_file(str(tiny_base / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"], 8),
+    )
     assert torch.equal(base.weight("lm_head"), load_file(str(tiny_base / "model.safetensors"))["lm_head.weight"])
 
 
 def test_analyze_reads_a_peft_adapter(tiny_base, tmp_path):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
-                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"]))
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"])
+    )
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -250,11 +264,14 @@ def test_analyze_reads_a_peft_adapter(tiny_base, tmp_path):
     assert m["rank_1pct"] == 2 and 1 < m["effective_rank"] <= 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["/nonexistent/adapter"], "adapter directory '/nonexistent/adapter' not found"),
-    (["A", "--quantized-head", "--base", "B"], "--quantized-head needs --base-bits 8 or 4"),
-    (["A", "--base-bits", "8"], "--base-bits/--quantized-head need --base"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["/nonexistent/adapter"], "adapter directory '/nonexistent/adapter' not found"),
+        (["A", "--quantized-head", "--base", "B"], "--quantized-head needs --base-bits 8 or 4"),
+        (["A", "--base-bits", "8"], "--base-bits/--quantized-head need --base"),
+    ],
+)
 def test_analyze_bad_input_is_one_line(args, message, tmp_path, capsys):
     args = [str(tmp_path) if x == "A" else x for x in args]  # the flags are checked before any adapter is read
     assert cli.main(["analyze", *args, "--out", str(tmp_path / "o")]) == 2

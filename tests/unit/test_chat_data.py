@@ -22,8 +22,13 @@ from dtrain.errors import ConfigError
 
 SYSTEM = "You are terse."
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-TURNS = [("system", SYSTEM), ("user", "What is 2+2?"), ("assistant", "4."),
-         ("user", "And times three?"), ("assistant", "Twelve, since 4 x 3 = 12.")]
+TURNS = [
+    ("system", SYSTEM),
+    ("user", "What is 2+2?"),
+    ("assistant", "4."),
+    ("user", "And times three?"),
+    ("assistant", "Twelve, since 4 x 3 = 12."),
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,36 +81,52 @@ def test_sharegpt_equals_hand_rendering(tok, tmp_path) -> None:
     assert one(tok, tmp_path, rec, format="sharegpt") == hand(tok, TURNS)
     # configurable field, keys and role names
     rec = {"chat": [{"speaker": {"system": "sys", "user": "q", "assistant": "a"}[r], "text": c} for r, c in TURNS]}
-    got = one(tok, tmp_path, rec, format="sharegpt", messages_field="chat", turn_keys=["speaker", "text"],
-              role_map={"sys": "system", "q": "user", "a": "assistant"})
+    got = one(
+        tok,
+        tmp_path,
+        rec,
+        format="sharegpt",
+        messages_field="chat",
+        turn_keys=["speaker", "text"],
+        role_map={"sys": "system", "q": "user", "a": "assistant"},
+    )
     assert got == hand(tok, TURNS)
 
 
 def test_alpaca_equals_hand_rendering(tok, tmp_path) -> None:
     rec = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
-    want = hand(tok, [("system", DEFAULT_SYSTEM), ("user", "Translate to French.\n\nGood morning"),
-                      ("assistant", "Bonjour")])  # SmolLM2's template adds its default system turn
+    want = hand(
+        tok, [("system", DEFAULT_SYSTEM), ("user", "Translate to French.\n\nGood morning"), ("assistant", "Bonjour")]
+    )  # SmolLM2's template adds its default system turn
     assert one(tok, tmp_path, rec, format="alpaca") == want
     rec = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
     assert one(tok, tmp_path, rec, format="alpaca") == hand(
-        tok, [("system", DEFAULT_SYSTEM), ("user", "Say hi."), ("assistant", "Hi!")])
+        tok, [("system", DEFAULT_SYSTEM), ("user", "Say hi."), ("assistant", "Hi!")]
+    )
 
 
-MARKED = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
-          "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
-          "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MARKED = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
+    "{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def test_prefix_spans_agree_with_generation_markers(tok) -> None:
     convs = [
         [{"role": r, "content": c} for r, c in TURNS],
-        [{"role": "user", "content": " leading space"}, {"role": "assistant", "content": "\nnewline first "},
-         {"role": "user", "content": "x"}, {"role": "assistant", "content": "multi\nline\n\nanswer"}],
+        [
+            {"role": "user", "content": " leading space"},
+            {"role": "assistant", "content": "\nnewline first "},
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": "multi\nline\n\nanswer"},
+        ],
     ]
     for messages in convs:
-        ref = tok.apply_chat_template(messages, chat_template=MARKED, tokenize=True, return_dict=True,
-                                      return_assistant_tokens_mask=True)
+        ref = tok.apply_chat_template(
+            messages, chat_template=MARKED, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         ids, learn = chat.encode_chat(tok, MARKED, messages)
         assert ids == ref["input_ids"]
         assert [int(m) for m in learn] == ref["assistant_masks"]
@@ -127,9 +148,14 @@ def test_config_template_string_is_used(tok, tmp_path) -> None:
 
 # ---- truncation and nothing to learn ------------------------------------------------------------
 
+
 def conv(n_words: int) -> dict:
-    return {"messages": [{"role": "user", "content": " ".join(["word"] * n_words)},
-                         {"role": "assistant", "content": "Short answer."}]}
+    return {
+        "messages": [
+            {"role": "user", "content": " ".join(["word"] * n_words)},
+            {"role": "assistant", "content": "Short answer."},
+        ]
+    }
 
 
 def test_truncation_modes(tok, tmp_path, caplog) -> None:
@@ -147,8 +173,11 @@ def test_truncation_modes(tok, tmp_path, caplog) -> None:
     assert enc.seqs[1][0] == ids[-40:]  # the last 40 tokens: the conversation's end, the answer whole
     assert [t for t in enc.seqs[1][1] if t != IGNORE] == [t for t, m in zip(ids, learn) if m]
     cfg = DataConfig(**base, truncation="error")
-    with pytest.raises(ConfigError, match=r"record 1 has \d+ tokens, more than data.seq_len = 40 "
-                                          r"\(data.truncation: error\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"record 1 has \d+ tokens, more than data.seq_len = 40 "
+        r"\(data.truncation: error\)",
+    ):
         data.encode(cfg, data.load_records(cfg), tok)
 
 
@@ -158,17 +187,28 @@ def test_no_labelled_token_anywhere_is_an_error(tok, tmp_path) -> None:
     cfg = DataConfig(path=str(path), format="messages", seq_len=40)
     with pytest.raises(ConfigError) as e:
         data.encode(cfg, data.load_records(cfg), tok)
-    assert str(e.value) == (f"data.path = '{path}': no example has a labelled token within data.seq_len = 40 "
-                            "(5 records -> 0 examples; dropped 5 over seq_len; data.truncation = drop)")
+    assert str(e.value) == (
+        f"data.path = '{path}': no example has a labelled token within data.seq_len = 40 "
+        "(5 records -> 0 examples; dropped 5 over seq_len; data.truncation = drop)"
+    )
 
 
 def test_bad_conversations_are_skipped(tok, tmp_path) -> None:
     path = tmp_path / "c.jsonl"
-    write_jsonl(path, [conv(3), {"messages": []}, {"messages": [{"role": "user", "content": "no answer"}]},
-                       {"messages": [{"role": "robot", "content": "x"}]}, conv(2)])
+    write_jsonl(
+        path,
+        [
+            conv(3),
+            {"messages": []},
+            {"messages": [{"role": "user", "content": "no answer"}]},
+            {"messages": [{"role": "robot", "content": "x"}]},
+            conv(2),
+        ],
+    )
     cfg = DataConfig(path=str(path), format="messages", seq_len=64)
     enc = data.encode(cfg, data.load_records(cfg), tok)
     assert len(enc) == 2 and enc.counts["bad_record"] == 3
     with pytest.raises(ConfigError, match=r"record 1 has a missing or empty 'messages'$"):
-        data.encode(DataConfig(path=str(path), format="messages", seq_len=64, bad_records="error"),
-                    data.load_records(cfg), tok)
+        data.encode(
+            DataConfig(path=str(path), format="messages", seq_len=64, bad_records="error"), data.load_records(cfg), tok
+        )

@@ -20,8 +20,13 @@ from dtrain.training.loss import token_loss
 
 CONVS = [
     [("user", "What is 2+2?"), ("assistant", "4.")],
-    [("system", "Be kind."), ("user", "Name a colour."), ("assistant", "Blue, like the sea."),
-     ("user", "Another?"), ("assistant", "Green.")],
+    [
+        ("system", "Be kind."),
+        ("user", "Name a colour."),
+        ("assistant", "Blue, like the sea."),
+        ("user", "Another?"),
+        ("assistant", "Green."),
+    ],
     [("user", "Say hi."), ("assistant", "Hi there! How can I help you today?")],
 ]
 
@@ -49,7 +54,7 @@ def test_pack_rows_layout(seqs, tok) -> None:
     assert ex.position_ids[1].tolist() == [*range(lengths[1]), *range(lengths[2]), *range(5)]
     assert ex.input_ids[1, : lengths[1] + lengths[2]].tolist() == seqs[1][0] + seqs[2][0]
     assert ex.labels[1, lengths[1]] == IGNORE  # an example's first token is never a target
-    assert ex.labels[1, lengths[1] + 1: lengths[1] + lengths[2]].tolist() == seqs[2][1][1:]
+    assert ex.labels[1, lengths[1] + 1 : lengths[1] + lengths[2]].tolist() == seqs[2][1][1:]
     assert int(ex.attention_mask.sum()) == sum(lengths) and ex.real_tokens(torch.tensor([0])) == lengths[0]
     batch = ex.take(torch.tensor([0, 1]))
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no mask: the model sees the packing
@@ -68,9 +73,17 @@ def loss_and_grads(model, batch):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_equals_unpacked(seqs, tok, attn) -> None:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, attn_implementation=attn)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        attn_implementation=attn,
+    )
     model = LlamaForCausalLM(cfg).float()
     model.train()
     lengths = [len(s) for s, _ in seqs]

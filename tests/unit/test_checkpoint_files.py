@@ -32,8 +32,17 @@ CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"
 
 
 def make_cfg(out: Path, *overrides: str) -> config_lib.Config:
-    return config_lib.load(TINY, [f"data.path={CORPUS}", "lora.targets=[q_proj,v_proj]", "training.warmup_steps=2",
-                                  "training.max_steps=6", f"output.dir={out}", *overrides])
+    return config_lib.load(
+        TINY,
+        [
+            f"data.path={CORPUS}",
+            "lora.targets=[q_proj,v_proj]",
+            "training.warmup_steps=2",
+            "training.max_steps=6",
+            f"output.dir={out}",
+            *overrides,
+        ],
+    )
 
 
 def make_backend(cfg: config_lib.Config) -> SingleBackend:
@@ -74,7 +83,7 @@ def test_adapter_file_is_lora_tensors_plus_a_small_header(trained, tmp_path):
     f = out / adapter.ADAPTER_WEIGHTS
     raw = f.read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + header_len])
+    header = json.loads(raw[8 : 8 + header_len])
     params = {n: p for n, p in backend.model.named_parameters() if lora.is_lora_param(n)}
     tensor_bytes = sum(p.numel() * p.element_size() for p in params.values())
     assert f.stat().st_size == 8 + header_len + tensor_bytes
@@ -118,14 +127,23 @@ def test_an_empty_tensor_is_never_written(trained, tmp_path):
 
 def test_state_round_trip_without_pickle(trained, tmp_path):
     _, backend = trained
-    state = {"optimizer": backend.optimizer.state_dict(), "scheduler": backend.scheduler.state_dict(),
-             "odd": {3: (1, 2.5, None), "__x__": [torch.empty(0, 4), torch.tensor(7.0)], "dt": torch.bfloat16,
-                     "inf": math.inf, "np": np.float32(1.5)}}
+    state = {
+        "optimizer": backend.optimizer.state_dict(),
+        "scheduler": backend.scheduler.state_dict(),
+        "odd": {
+            3: (1, 2.5, None),
+            "__x__": [torch.empty(0, 4), torch.tensor(7.0)],
+            "dt": torch.bfloat16,
+            "inf": math.inf,
+            "np": np.float32(1.5),
+        },
+    }
     tree, tensors = state_tree.flatten_state(state)
     files.write_tensors(tmp_path / "s.safetensors", tensors)
     files.write_json(tmp_path / "s.json", tree)
-    back = state_tree.unflatten_state(json.loads((tmp_path / "s.json").read_text()),
-                                      checkpoint.load_file(str(tmp_path / "s.safetensors")))
+    back = state_tree.unflatten_state(
+        json.loads((tmp_path / "s.json").read_text()), checkpoint.load_file(str(tmp_path / "s.safetensors"))
+    )
     assert back["odd"][3] == (1, 2.5, None) and back["odd"]["dt"] is torch.bfloat16 and back["odd"]["inf"] == math.inf
     assert back["odd"]["__x__"][0].shape == (0, 4) and torch.equal(back["odd"]["__x__"][1], torch.tensor(7.0))
     assert back["scheduler"] == backend.scheduler.state_dict()
@@ -192,13 +210,20 @@ def test_layout_keep_last_and_leftovers(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000004"]
     ckpt = checkpoint.checkpoint_dir(out, 4)
     listed = json.loads((ckpt / files.MARKER).read_text())["files"]
-    assert sorted(listed) == ["adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                             "optimizer.json", "optimizer.safetensors", "rng-rank0.json",
-                             "rng-rank0.safetensors", "trainer_state.json"]
+    assert sorted(listed) == [
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng-rank0.json",
+        "rng-rank0.safetensors",
+        "trainer_state.json",
+    ]
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 4 and {k: state[k] for k in ("epoch", "step_in_epoch")} == PLAN.position(4)
-    base_bytes = sum(p.numel() * p.element_size() for n, p in backend.model.named_parameters()
-                     if not lora.is_lora_param(n))
+    base_bytes = sum(
+        p.numel() * p.element_size() for n, p in backend.model.named_parameters() if not lora.is_lora_param(n)
+    )
     assert sum(p.stat().st_size for p in ckpt.rglob("*")) < base_bytes / 4  # nothing of the base
     assert not any(ckpt.rglob("*.pt")) and not any(ckpt.rglob("*.bin"))
 
@@ -231,8 +256,9 @@ def test_resume_refuses_another_global_batch_but_not_another_world_size(trained,
     same = BatchPlan(PLAN.n_examples, PLAN.micro_batch // 2, PLAN.grad_accum, 2, PLAN.seed)
     resume_check.check(state, cfg, backend.model, same, tmp_path)
     other = BatchPlan(PLAN.n_examples, PLAN.micro_batch, PLAN.grad_accum, 2, PLAN.seed)
-    with pytest.raises(ConfigError, match=f"global batch of {PLAN.global_batch} sequences .* this run's is "
-                                          f"{2 * PLAN.global_batch}"):
+    with pytest.raises(
+        ConfigError, match=f"global batch of {PLAN.global_batch} sequences .* this run's is {2 * PLAN.global_batch}"
+    ):
         resume_check.check(state, cfg, backend.model, other, tmp_path)
 
 

@@ -24,8 +24,7 @@ CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"
 
 
 def build(*overrides: str) -> SingleBackend:
-    cfg = config.load(TINY, [f"data.path={CORPUS}", "backend.device=cpu", "lora.targets=[q_proj,v_proj]",
-                             *overrides])
+    cfg = config.load(TINY, [f"data.path={CORPUS}", "backend.device=cpu", "lora.targets=[q_proj,v_proj]", *overrides])
     backend = SingleBackend(cfg, dist.detect("cpu", "gloo"))
     backend.build()
     return backend
@@ -106,8 +105,12 @@ def loss_activation_bytes(backend: SingleBackend, b: dict) -> int:
 
 
 def test_activation_bytes_drop_by_the_logits_at_a_128k_vocabulary() -> None:
-    arch = ["model.arch.vocab_size=128256", "model.arch.num_hidden_layers=1", "model.arch.hidden_size=32",
-            "model.arch.intermediate_size=64"]
+    arch = [
+        "model.arch.vocab_size=128256",
+        "model.arch.num_hidden_layers=1",
+        "model.arch.hidden_size=32",
+        "model.arch.intermediate_size=64",
+    ]
     b = batch(0, 128256, n=2, seq=64)
     plain = loss_activation_bytes(build("training.chunked_loss=false", *arch), b)
     chunked = loss_activation_bytes(build("training.chunked_loss=true", "training.loss_chunk_tokens=32", *arch), b)

@@ -32,6 +32,7 @@ def error(*overrides: str, path=TINY) -> str:
 
 # ---- loading and typed overrides ---------------------------------------------------------
 
+
 def test_tiny_yaml_loads_with_schema_types() -> None:
     cfg = load()
     assert cfg.model.arch["hidden_size"] == 64 and cfg.model.arch["model_type"] == "llama"
@@ -47,9 +48,18 @@ def test_tiny_yaml_loads_with_schema_types() -> None:
 
 
 def test_overrides_are_typed_by_the_schema() -> None:
-    cfg = load("training.lr=1e-2", "lora.targets=[q_proj,k_proj]", "model.gradient_checkpointing=true",
-               "lora.r=4", "lora.alpha=32", "training.betas=[0,0.95]", "output.dir=2024",
-               "lora.adapter_name=true", "quantization.bits=8", "lora.target_regex=null")
+    cfg = load(
+        "training.lr=1e-2",
+        "lora.targets=[q_proj,k_proj]",
+        "model.gradient_checkpointing=true",
+        "lora.r=4",
+        "lora.alpha=32",
+        "training.betas=[0,0.95]",
+        "output.dir=2024",
+        "lora.adapter_name=true",
+        "quantization.bits=8",
+        "lora.target_regex=null",
+    )
     # YAML 1.1 reads '1e-2' as a string; the schema says float
     assert cfg.training.lr == 0.01 and type(cfg.training.lr) is float
     assert cfg.lora.targets == ["q_proj", "k_proj"]
@@ -77,8 +87,13 @@ def test_range_boundaries_accepted() -> None:
 
 
 def test_resolved_config_round_trip(tmp_path) -> None:
-    cfg = load("training.lr=5e-3", "lora.targets=[q_proj,v_proj]", "model.arch.hidden_size=32",
-               "model.gradient_checkpointing=true", f"output.dir={tmp_path / 'run'}")
+    cfg = load(
+        "training.lr=5e-3",
+        "lora.targets=[q_proj,v_proj]",
+        "model.arch.hidden_size=32",
+        "model.gradient_checkpointing=true",
+        f"output.dir={tmp_path / 'run'}",
+    )
     out = tmp_path / "config.yaml"
     config.save(cfg, out)
     back = config.load(out)
@@ -103,14 +118,18 @@ def test_schema_rows_cover_every_field() -> None:
 
 # ---- errors: one line, file + key path + what is allowed ---------------------------------
 
-@pytest.mark.parametrize("override, key, suggestion", [
-    ("lora.rnak=4", "lora.rnak", "lora.r"),
-    ("lora.rank=4", "lora.rank", "lora.r"),
-    ("lora.alpah=4", "lora.alpah", "lora.alpha"),
-    ("trainig.lr=1", "trainig", "training"),
-    ("data.seqlen=8", "data.seqlen", "data.seq_len"),
-    ("training.zzz=1", "training.zzz", None),
-])
+
+@pytest.mark.parametrize(
+    "override, key, suggestion",
+    [
+        ("lora.rnak=4", "lora.rnak", "lora.r"),
+        ("lora.rank=4", "lora.rank", "lora.r"),
+        ("lora.alpah=4", "lora.alpah", "lora.alpha"),
+        ("trainig.lr=1", "trainig", "training"),
+        ("data.seqlen=8", "data.seqlen", "data.seq_len"),
+        ("training.zzz=1", "training.zzz", None),
+    ],
+)
 def test_unknown_key_suggests_closest(override: str, key: str, suggestion: str | None) -> None:
     msg = error(override)
     assert msg.startswith(f"override '{override}': unknown key '{key}'"), msg
@@ -130,35 +149,41 @@ def test_unknown_key_in_yaml_file_names_the_file(tmp_path) -> None:
     assert msg.startswith(f"{p}: unknown key 'lora.rnak'; did you mean 'lora.r'?"), msg
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("lora.r=abc", "lora.r = 'abc': expected a"),
-    ("lora.r=2.5", "lora.r = 2.5: expected a"),
-    ("lora.r=true", "lora.r = True: expected a"),
-    ("training.lr=fast", "training.lr = 'fast': expected a float"),
-    ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing = 'maybe': expected a bool"),
-    ("data.format=csv", "data.format = 'csv': expected one of 'text', 'instruction'"),
-    ("training.betas=[0.9,x]", "training.betas = [0.9, 'x']: expected a list of float"),
-    ("model.arch=3", "model.arch = 3: expected a mapping or null"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("lora.r=abc", "lora.r = 'abc': expected a"),
+        ("lora.r=2.5", "lora.r = 2.5: expected a"),
+        ("lora.r=true", "lora.r = True: expected a"),
+        ("training.lr=fast", "training.lr = 'fast': expected a float"),
+        ("model.gradient_checkpointing=maybe", "model.gradient_checkpointing = 'maybe': expected a bool"),
+        ("data.format=csv", "data.format = 'csv': expected one of 'text', 'instruction'"),
+        ("training.betas=[0.9,x]", "training.betas = [0.9, 'x']: expected a list of float"),
+        ("model.arch=3", "model.arch = 3: expected a mapping or null"),
+    ],
+)
 def test_wrong_type(override: str, expected: str) -> None:
     msg = error(override)
     assert msg.startswith(f"override '{override}': {expected}"), msg
 
 
-@pytest.mark.parametrize("override, key, bound", [
-    ("lora.r=0", "lora.r", ">= 1"),
-    ("lora.r=-3", "lora.r", ">= 1"),
-    ("lora.alpha=0", "lora.alpha", "> 0"),
-    ("lora.alpha=-1", "lora.alpha", "> 0"),
-    ("lora.dropout=1", "lora.dropout", "in [0.0, 1.0)"),
-    ("lora.dropout=1.5", "lora.dropout", "in [0.0, 1.0)"),
-    ("lora.dropout=-0.1", "lora.dropout", ">= 0.0 and < 1.0"),
-    ("training.lr=0", "training.lr", "> 0"),
-    ("training.lr=-1e-3", "training.lr", "> 0"),
-    ("training.lr=nan", "training.lr", "a finite number"),
-    ("lora.dropout=.nan", "lora.dropout", "a finite number"),
-    ("training.micro_batch_size=0", "training.micro_batch_size", ">= 1"),
-])
+@pytest.mark.parametrize(
+    "override, key, bound",
+    [
+        ("lora.r=0", "lora.r", ">= 1"),
+        ("lora.r=-3", "lora.r", ">= 1"),
+        ("lora.alpha=0", "lora.alpha", "> 0"),
+        ("lora.alpha=-1", "lora.alpha", "> 0"),
+        ("lora.dropout=1", "lora.dropout", "in [0.0, 1.0)"),
+        ("lora.dropout=1.5", "lora.dropout", "in [0.0, 1.0)"),
+        ("lora.dropout=-0.1", "lora.dropout", ">= 0.0 and < 1.0"),
+        ("training.lr=0", "training.lr", "> 0"),
+        ("training.lr=-1e-3", "training.lr", "> 0"),
+        ("training.lr=nan", "training.lr", "a finite number"),
+        ("lora.dropout=.nan", "lora.dropout", "a finite number"),
+        ("training.micro_batch_size=0", "training.micro_batch_size", ">= 1"),
+    ],
+)
 def test_out_of_range(override: str, key: str, bound: str) -> None:
     msg = error(override)
     assert msg.startswith(f"override '{override}': {key} = "), msg
@@ -167,8 +192,10 @@ def test_out_of_range(override: str, key: str, bound: str) -> None:
 
 def test_betas_length_and_range() -> None:
     assert error("training.betas=[0.9]") == "override 'training.betas=[0.9]': training.betas = [0.9]: expected 2 values"
-    assert error("training.betas=[0.9,1.0]") == \
-        "override 'training.betas=[0.9,1.0]': training.betas = [0.9, 1.0] is out of range: must be in [0.0, 1.0)"
+    assert (
+        error("training.betas=[0.9,1.0]")
+        == "override 'training.betas=[0.9,1.0]': training.betas = [0.9, 1.0] is out of range: must be in [0.0, 1.0)"
+    )
 
 
 def test_missing_files_and_dirs(tmp_path) -> None:
@@ -176,11 +203,18 @@ def test_missing_files_and_dirs(tmp_path) -> None:
     with pytest.raises(ConfigError) as e:
         config.load(missing / "c.yaml")
     assert str(e.value) == f"{missing / 'c.yaml'}: config file not found"
-    assert error(f"data.path={missing}.txt") == f"override 'data.path={missing}.txt': data.path = '{missing}.txt': file not found"
-    assert error("model.arch=null", f"model.path={missing}") == \
-        f"override 'model.path={missing}': model.path = '{missing}': directory not found"
-    assert error(f"data.tokenizer={missing}") == \
-        f"override 'data.tokenizer={missing}': data.tokenizer = '{missing}': directory not found"
+    assert (
+        error(f"data.path={missing}.txt")
+        == f"override 'data.path={missing}.txt': data.path = '{missing}.txt': file not found"
+    )
+    assert (
+        error("model.arch=null", f"model.path={missing}")
+        == f"override 'model.path={missing}': model.path = '{missing}': directory not found"
+    )
+    assert (
+        error(f"data.tokenizer={missing}")
+        == f"override 'data.tokenizer={missing}': data.tokenizer = '{missing}': directory not found"
+    )
 
 
 def test_bad_yaml_and_bad_override_syntax(tmp_path) -> None:
@@ -192,9 +226,11 @@ def test_bad_yaml_and_bad_override_syntax(tmp_path) -> None:
     assert error(path=p) == f"{p}: top level must be a mapping of sections"
     assert error("lora.r") == "override 'lora.r': expected key.sub=value (e.g. lora.r=16)"
     assert error("lora.targets.x=1") == "override 'lora.targets.x=1': 'lora.targets' is not a section"
-    assert error("lora=3") == ("override 'lora=3': lora = 3: lora is a section, not a value; set its keys "
-                               "(lora.<key>=...; keys: r, alpha, dropout, targets, target_regex, target_parameters, adapter_name, "
-                               "init_seed, use_rslora, use_dora, loraplus_lr_ratio, init_from)")
+    assert error("lora=3") == (
+        "override 'lora=3': lora = 3: lora is a section, not a value; set its keys "
+        "(lora.<key>=...; keys: r, alpha, dropout, targets, target_regex, target_parameters, adapter_name, "
+        "init_seed, use_rslora, use_dora, loraplus_lr_ratio, init_from)"
+    )
 
 
 def test_readme_configuration_table_is_the_schema():
@@ -203,5 +239,5 @@ def test_readme_configuration_table_is_the_schema():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     head = "| key | default | description |\n|---|---|---|\n"
-    rows = readme[readme.index(head) + len(head):].split("\n\n", 1)[0].splitlines()
+    rows = readme[readme.index(head) + len(head) :].split("\n\n", 1)[0].splitlines()
     assert rows == [f"| `{k}` | `{d}` | {h.replace('|', '/')} |" for k, d, h in config.describe_schema()]

@@ -67,10 +67,11 @@ def check_mask(ex: data.Examples, records: list[dict], tok, seq_len: int) -> Non
             assert ids[n - 1] == tok.eos_token_id and labels[n - 1] == tok.eos_token_id
             assert sum(v != IGNORE for v in labels) == len(r)
             assert tok.decode(ids[: len(p)]) == rec["prompt"]
-            assert tok.decode(labels[len(p): n - 1]) == rec["response"]
+            assert tok.decode(labels[len(p) : n - 1]) == rec["response"]
 
 
 # ---- instruction format: the prompt mask -----------------------------------------------------
+
 
 def test_prompt_mask_on_shipped_instructions(tok) -> None:
     cfg = instruction_cfg(INSTRUCTIONS, seq_len=48)
@@ -118,8 +119,10 @@ def test_prompt_longer_than_seq_len_never_reaches_training(tmp_path, tok) -> Non
     assert len(encode(tok, rec["prompt"])) > 4
     with pytest.raises(ConfigError) as e:
         data.tokenize(cfg, data.load_records(cfg), tok)
-    assert str(e.value) == (f"data.path = '{path}': no example has a labelled token within data.seq_len = 4 "
-                            "(1 records -> 0 examples; dropped 1 over seq_len; data.truncation = drop)")
+    assert str(e.value) == (
+        f"data.path = '{path}': no example has a labelled token within data.seq_len = 4 "
+        "(1 records -> 0 examples; dropped 1 over seq_len; data.truncation = drop)"
+    )
     cfg = instruction_cfg(path, seq_len=4, truncation="truncate")
     ex = data.tokenize(cfg, data.load_records(cfg), tok)
     full = encode(tok, rec["prompt"]) + encode(tok, rec["response"]) + [tok.eos_token_id]
@@ -190,6 +193,7 @@ def test_text_format_skips_empty_text(tmp_path, tok) -> None:
 
 # ---- file formats ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
 def test_structured_formats_load(tmp_path, tok, suffix: str) -> None:
     path = tmp_path / f"pairs.{suffix}"
@@ -216,8 +220,9 @@ def test_csv_keeps_numeric_looking_fields_as_text(tmp_path, tok) -> None:
     assert [r["response"] for r in records[:2]] == ["4", "0.50"]  # not the int 4 and the float 0.5
     ex = data.tokenize(cfg, records, tok)
     assert ex.skipped == 1 and len(ex) == 2
-    check_mask(ex, [{"prompt": "What is 2+2?", "response": "4"}, {"prompt": "Half of one?", "response": "0.50"}],
-               tok, 16)
+    check_mask(
+        ex, [{"prompt": "What is 2+2?", "response": "4"}, {"prompt": "Half of one?", "response": "0.50"}], tok, 16
+    )
 
 
 def test_txt_loads_paragraphs_and_packs(tmp_path, tok) -> None:
@@ -231,7 +236,7 @@ def test_txt_loads_paragraphs_and_packs(tmp_path, tok) -> None:
     stream = [t for r in records for t in encode(tok, r["text"]) + [tok.eos_token_id]]
     n = len(stream) // 8
     assert len(ex) == n > 0
-    assert ex.input_ids.tolist() == [stream[i * 8:(i + 1) * 8] for i in range(n)]
+    assert ex.input_ids.tolist() == [stream[i * 8 : (i + 1) * 8] for i in range(n)]
     assert torch.equal(ex.labels, ex.input_ids)  # packed text: every token has a label
     assert torch.equal(ex.attention_mask, torch.ones_like(ex.input_ids))
 
@@ -249,7 +254,9 @@ def test_shipped_corpus_packs(tok) -> None:
 def test_unsupported_and_malformed_files(tmp_path, tok) -> None:
     path = tmp_path / "data.xml"
     path.write_text("<a/>")
-    with pytest.raises(ConfigError, match=r"data.xml': unsupported file type \(allowed: .jsonl, .json, .csv, .parquet, .txt\)"):
+    with pytest.raises(
+        ConfigError, match=r"data.xml': unsupported file type \(allowed: .jsonl, .json, .csv, .parquet, .txt\)"
+    ):
         data.load_records(instruction_cfg(path))
     path = tmp_path / "broken.parquet"
     path.write_text("not parquet at all")
@@ -266,6 +273,7 @@ def test_too_little_text_is_an_error(tmp_path, tok) -> None:
 
 
 # ---- split and batch plan -------------------------------------------------------------------
+
 
 def _examples(n: int) -> data.Examples:
     ids = torch.arange(n * 3).view(n, 3).tolist()
@@ -297,8 +305,13 @@ def test_batch_plan_one_epoch_two_ranks_grad_accum() -> None:
     n, mb, accum, world = 103, 3, 2, 2
     plan = BatchPlan(n, mb, accum, world, seed=11)
     assert plan.global_batch == 12 and plan.steps_per_epoch == 8
-    seen = [int(i) for s in range(plan.steps_per_epoch) for m in range(accum) for r in range(world)
-            for i in plan.indices(s, m, r)]
+    seen = [
+        int(i)
+        for s in range(plan.steps_per_epoch)
+        for m in range(accum)
+        for r in range(world)
+        for i in plan.indices(s, m, r)
+    ]
     assert len(seen) == len(set(seen)) == 8 * 12  # no example twice
     assert len(set(range(n)) - set(seen)) == n % 12  # all but the dropped remainder
     assert set(seen) <= set(range(n))
@@ -325,11 +338,20 @@ def test_batch_plan_grouped_by_length() -> None:
     lengths = torch.randint(10, 500, (n,), generator=gen)
     plain, grouped = BatchPlan(n, 4, 2, 2, seed=5), BatchPlan(n, 4, 2, 2, seed=5, lengths=lengths)
     steps = plain.steps_per_epoch
-    seen = lambda p: sorted(int(i) for s in range(steps) for m in range(2) for r in range(2)  # noqa: E731
-                            for i in p.indices(s, m, r))
+    seen = lambda p: sorted(
+        int(i)
+        for s in range(steps)
+        for m in range(2)
+        for r in range(2)  # noqa: E731
+        for i in p.indices(s, m, r)
+    )
     assert seen(grouped) == seen(plain)  # the epoch's examples are the ungrouped plan's
-    padded = lambda p: sum(4 * int(lengths[p.indices(s, m, r)].max()) for s in range(steps)  # noqa: E731
-                           for m in range(2) for r in range(2))
+    padded = lambda p: sum(
+        4 * int(lengths[p.indices(s, m, r)].max())
+        for s in range(steps)  # noqa: E731
+        for m in range(2)
+        for r in range(2)
+    )
     assert padded(grouped) < 0.8 * padded(plain)
     resplit = BatchPlan(n, 8, 2, 1, seed=5, lengths=lengths)  # global batch 16 again, on one rank
     for s in (0, 7, steps - 1):

@@ -41,15 +41,21 @@ def two_files(tmp_path):
 
 def test_weighted_mix_draws_in_proportion(tmp_path, tok, two_files) -> None:
     a, b = two_files
-    cfg = DataConfig(format="instruction", seq_len=32, eval_fraction=0.0, cache_dir=str(tmp_path / "c"),
-                     mix=[{"path": str(a), "weight": 1}, {"path": str(b), "format": "alpaca", "weight": 3}])
+    cfg = DataConfig(
+        format="instruction",
+        seq_len=32,
+        eval_fraction=0.0,
+        cache_dir=str(tmp_path / "c"),
+        mix=[{"path": str(a), "weight": 1}, {"path": str(b), "format": "alpaca", "weight": 3}],
+    )
     prep = data.prepare(cfg, tok, seed=5)
     assert len(prep.train) == 80  # as many as the two files hold, in the proportion 1 : 3
     assert Counter(prep.train.source.tolist()) == {0: 20, 1: 60}
     # the examples drawn over an epoch of the batch plan: 1 : 3
     plan = BatchPlan(len(prep.train), micro_batch=4, grad_accum=1, world=2, seed=5)
-    drawn = Counter(int(prep.train.source[i]) for s in range(plan.steps_per_epoch) for r in range(2)
-                    for i in plan.indices(s, 0, r))
+    drawn = Counter(
+        int(prep.train.source[i]) for s in range(plan.steps_per_epoch) for r in range(2) for i in plan.indices(s, 0, r)
+    )
     assert drawn == {0: 20, 1: 60}
     # every file-b example is used three times before any fourth time; file a's 20 of 60 are distinct
     b_rows = prep.train.input_ids[prep.train.source == 1]
@@ -98,8 +104,9 @@ def test_second_run_reads_the_token_cache(tmp_path, tok, two_files, monkeypatch,
 
 def test_packing_through_prepare(tmp_path, tok, two_files) -> None:
     a, _ = two_files
-    cfg = DataConfig(path=str(a), format="instruction", seq_len=64, packing=True, eval_fraction=0.0,
-                     cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        path=str(a), format="instruction", seq_len=64, packing=True, eval_fraction=0.0, cache_dir=str(tmp_path / "c")
+    )
     prep = data.prepare(cfg, tok, seed=0)
     unpacked = data.prepare(DataConfig(**{**cfg.__dict__, "packing": False}), tok, seed=0)
     assert len(prep.train) <= len(unpacked.train) // 3 and unpacked.cache_hit  # packing is not in the key

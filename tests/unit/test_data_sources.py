@@ -34,10 +34,11 @@ def layouts(tmp_path_factory):
     for k, part in enumerate((rows[:150], rows[150:290], rows[290:])):
         datasets.Dataset.from_list(part).to_parquet(str(parquet / f"part-{k:05d}.parquet"))
     for k in range(4):
-        (tmp / f"shard-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[k * 100:(k + 1) * 100]))
+        (tmp / f"shard-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[k * 100 : (k + 1) * 100]))
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "disk"))
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:10]),
-                          "test": datasets.Dataset.from_list(rows[10:20])}).save_to_disk(str(tmp / "dict"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:10]), "test": datasets.Dataset.from_list(rows[10:20])}
+    ).save_to_disk(str(tmp / "dict"))
     return tmp
 
 
@@ -85,14 +86,20 @@ def test_a_hub_dataset_from_the_hf_cache_offline(hub_dataset):
         _ids(hub_dataset, tok, subset="nope")
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda t: str(t / "none-*.jsonl"), "the glob matches no file"),
-    (lambda t: str(t / "dict"), "no split 'train' \\(splits: train, test\\)|no split 'validation'"),
-    (lambda t: str(t / "mixed"), "shards of different types"),
-    (lambda t: str(t / "cols"), "shards have different columns: a.parquet has \\[prompt, response\\], "
-                                "b.parquet has \\[question, response\\]"),
-    (lambda t: str(t / "empty"), "holds no .jsonl/.json/.csv/.parquet/.txt file"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda t: str(t / "none-*.jsonl"), "the glob matches no file"),
+        (lambda t: str(t / "dict"), "no split 'train' \\(splits: train, test\\)|no split 'validation'"),
+        (lambda t: str(t / "mixed"), "shards of different types"),
+        (
+            lambda t: str(t / "cols"),
+            "shards have different columns: a.parquet has \\[prompt, response\\], "
+            "b.parquet has \\[question, response\\]",
+        ),
+        (lambda t: str(t / "empty"), "holds no .jsonl/.json/.csv/.parquet/.txt file"),
+    ],
+)
 def test_bad_sources_are_one_line(layouts, make, match):
     import datasets
 
@@ -113,8 +120,9 @@ def test_config_paths_resolve_from_any_working_directory(tmp_path):
     """configs/tiny.yaml names dtrain/assets/...: found in the installed package from any directory;
     a path beside the config file is found too; a Hub ID stays one."""
     (tmp_path / "data.jsonl").write_text(SRC.read_text())
-    (tmp_path / "c.yaml").write_text("data: {path: data.jsonl, format: instruction}\n"
-                                     "model: {arch: {model_type: llama}}\n")
+    (tmp_path / "c.yaml").write_text(
+        "data: {path: data.jsonl, format: instruction}\nmodel: {arch: {model_type: llama}}\n"
+    )
     here = os.getcwd()
     try:
         os.chdir(tmp_path / "..")
@@ -131,13 +139,31 @@ def test_a_hub_dataset_offline_and_not_cached_is_one_line(tmp_path):
     """HF_HUB_OFFLINE=1 with an empty cache: the Hub dataset's miss is one line, exit 2, no run dir."""
     out = tmp_path / "run"
     env = env_for_tests({"HF_HOME": str(tmp_path / "hf")})
-    proc = subprocess.run([sys.executable, "-m", "dtrain", "train", str(REPO / "configs" / "tiny.yaml"),
-                           "data.path=someorg/some_dataset", "data.format=instruction", f"output.dir={out}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtrain",
+            "train",
+            str(REPO / "configs" / "tiny.yaml"),
+            "data.path=someorg/some_dataset",
+            "data.format=instruction",
+            f"output.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "data.path = 'someorg/some_dataset': no such local path, and the Hub dataset is " \
-        f"not in the Hugging Face cache {tmp_path / 'hf' / 'hub'} (HF_HUB_OFFLINE=1)" in lines[0], lines
+    assert (
+        len(lines) == 1
+        and "data.path = 'someorg/some_dataset': no such local path, and the Hub dataset is "
+        f"not in the Hugging Face cache {tmp_path / 'hf' / 'hub'} (HF_HUB_OFFLINE=1)"
+        in lines[0]
+    ), lines
     assert not out.exists()
 
 
@@ -146,13 +172,28 @@ def test_training_from_another_directory_on_a_glob_of_text_shards(tmp_path):
     tokenizer is trained on the first)."""
     paras = (REPO / "dtrain" / "assets" / "tiny_corpus.txt").read_text().split("\n\n")
     third = len(paras) // 3
-    for k, part in enumerate((paras[:third], paras[third:2 * third], paras[2 * third:])):
+    for k, part in enumerate((paras[:third], paras[third : 2 * third], paras[2 * third :])):
         (tmp_path / f"part{k}.txt").write_text("\n\n".join(part))
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "dtrain", "train", str(REPO / "configs" / "tiny.yaml"),
-                           f"data.path={tmp_path / 'part*.txt'}", "training.max_steps=2", "training.eval_every=0",
-                           "data.seq_len=32", f"output.dir={out}"], cwd=tmp_path, env=env_for_tests(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtrain",
+            "train",
+            str(REPO / "configs" / "tiny.yaml"),
+            f"data.path={tmp_path / 'part*.txt'}",
+            "training.max_steps=2",
+            "training.eval_every=0",
+            "data.seq_len=32",
+            f"output.dir={out}",
+        ],
+        cwd=tmp_path,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if "loss" in r]) == 2

@@ -32,9 +32,17 @@ def setup(smollm2_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("dpo")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                        tie_word_embeddings=False))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     base.save_pretrained(d / "base")
     tok.save_pretrained(d / "base")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -54,14 +62,14 @@ def completion_logp(model, tok, prompt, completion) -> tuple[float, int]:
     p_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(prompt + completion, tokenize=False)
     assert full.startswith(p_text)
-    c_text = full[len(p_text):].rstrip()  # the newline after <|im_end|> is the template's, not the answer's
+    c_text = full[len(p_text) :].rstrip()  # the newline after <|im_end|> is the template's, not the answer's
     p_ids = tok(p_text, add_special_tokens=False)["input_ids"]
     c_ids = tok(c_text, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([p_ids + c_ids])
     with torch.no_grad():
         logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
     targets = ids[0, 1:]
-    picked = logp[torch.arange(len(targets)), targets][len(p_ids) - 1:]
+    picked = logp[torch.arange(len(targets)), targets][len(p_ids) - 1 :]
     return float(picked.double().sum()), len(c_ids)
 
 
@@ -81,18 +89,39 @@ def independent_loss(model, tok, records, loss: str) -> tuple[float, dict]:
         acc.append(float(cs[-1] > rs[-1]))
     zt = torch.tensor(z, dtype=torch.float64)
     per = -F.logsigmoid(BETA * zt) if loss == "sigmoid" else (zt - 1 / (2 * BETA)) ** 2
-    metrics = {"rewards/chosen": sum(cs) / len(cs), "rewards/rejected": sum(rs) / len(rs),
-               "rewards/accuracies": sum(acc) / len(acc), "rewards/margins": (sum(cs) - sum(rs)) / len(cs)}
+    metrics = {
+        "rewards/chosen": sum(cs) / len(cs),
+        "rewards/rejected": sum(rs) / len(rs),
+        "rewards/accuracies": sum(acc) / len(acc),
+        "rewards/margins": (sum(cs) - sum(rs)) / len(cs),
+    }
     return float(per.mean()), metrics
 
 
 def dtrain_first_row(d: Path, out: Path, loss: str, *extra: str) -> dict:
-    cfg = config_lib.load(None, [f"model.path={d / 'base'}", "objective=dpo", "data.format=preference",
-                                 f"data.path={d / 'pairs.jsonl'}", f"data.eval_path={d / 'pairs.jsonl'}",
-                                 f"data.cache_dir={out / 'cache'}", "data.seq_len=64", f"dpo.loss={loss}",
-                                 f"dpo.beta={BETA}", f"lora.init_from={d / 'adapter'}", "lora.r=4", "lora.alpha=8",
-                                 "training.max_steps=1", f"training.micro_batch_size={N_PAIRS}",
-                                 "training.eval_every=0", "logging.loss_curve=false", f"output.dir={out}", *extra])
+    cfg = config_lib.load(
+        None,
+        [
+            f"model.path={d / 'base'}",
+            "objective=dpo",
+            "data.format=preference",
+            f"data.path={d / 'pairs.jsonl'}",
+            f"data.eval_path={d / 'pairs.jsonl'}",
+            f"data.cache_dir={out / 'cache'}",
+            "data.seq_len=64",
+            f"dpo.loss={loss}",
+            f"dpo.beta={BETA}",
+            f"lora.init_from={d / 'adapter'}",
+            "lora.r=4",
+            "lora.alpha=8",
+            "training.max_steps=1",
+            f"training.micro_batch_size={N_PAIRS}",
+            "training.eval_every=0",
+            "logging.loss_curve=false",
+            f"output.dir={out}",
+            *extra,
+        ],
+    )
     assert trainer.run(cfg) == 0
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 

@@ -23,9 +23,18 @@ def cfg_with(tmp_path, overrides=(), user: dict | None = None, name: str = "ds.j
 
 
 def test_generated_from_yaml(tmp_path):
-    cfg = cfg_with(tmp_path, ["training.micro_batch_size=3", "training.grad_accum=5", "training.max_grad_norm=0.5",
-                              "training.lr=2e-4", "training.betas=[0.8,0.95]", "training.eps=1e-6",
-                              "training.weight_decay=0.1"])
+    cfg = cfg_with(
+        tmp_path,
+        [
+            "training.micro_batch_size=3",
+            "training.grad_accum=5",
+            "training.max_grad_norm=0.5",
+            "training.lr=2e-4",
+            "training.betas=[0.8,0.95]",
+            "training.eps=1e-6",
+            "training.weight_decay=0.1",
+        ],
+    )
     c = ds_config.generate(cfg, world_size=4)
     assert c["train_micro_batch_size_per_gpu"] == 3
     assert c["gradient_accumulation_steps"] == 5
@@ -35,8 +44,10 @@ def test_generated_from_yaml(tmp_path):
     z = c["zero_optimization"]
     assert z["stage"] == 3
     assert z["stage3_param_persistence_threshold"] == 0  # small parameters are partitioned too
-    assert c["optimizer"] == {"type": "AdamW", "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-6,
-                                                          "weight_decay": 0.1, "torch_adam": True}}
+    assert c["optimizer"] == {
+        "type": "AdamW",
+        "params": {"lr": 2e-4, "betas": [0.8, 0.95], "eps": 1e-6, "weight_decay": 0.1, "torch_adam": True},
+    }
     assert "scheduler" not in c  # dtrain's own warmup + cosine is the client lr_scheduler
     assert c["managed_gradient_accumulation"] is False
     assert c["communication_data_type"] == "fp32"
@@ -55,10 +66,12 @@ def test_no_user_file_is_the_generated_config(tmp_path):
 
 
 def test_user_keys_we_do_not_set_pass_through_and_defaults_can_be_tuned(tmp_path):
-    user = {"zero_optimization": {"offload_param": {"device": "cpu"}, "stage3_prefetch_bucket_size": 123,
-                                  "stage": 3},
-            "wall_clock_breakdown": True, "flops_profiler": {"enabled": False},
-            "train_micro_batch_size_per_gpu": 8}
+    user = {
+        "zero_optimization": {"offload_param": {"device": "cpu"}, "stage3_prefetch_bucket_size": 123, "stage": 3},
+        "wall_clock_breakdown": True,
+        "flops_profiler": {"enabled": False},
+        "train_micro_batch_size_per_gpu": 8,
+    }
     cfg = cfg_with(tmp_path, ["training.micro_batch_size=8"], user)
     c = ds_config.build(cfg, 2)
     z = c["zero_optimization"]
@@ -80,7 +93,12 @@ def test_gather_limits_sized_from_the_model(tmp_path):
     arch = cfg.model.arch
     assert size.hidden == arch["hidden_size"]
     # the tiny Llama: embeddings, untied head, per layer q k v o (k/v by kv heads), MLP, 2 norms; final norm
-    h, inter, vocab, layers = arch["hidden_size"], arch["intermediate_size"], arch["vocab_size"], arch["num_hidden_layers"]
+    h, inter, vocab, layers = (
+        arch["hidden_size"],
+        arch["intermediate_size"],
+        arch["vocab_size"],
+        arch["num_hidden_layers"],
+    )
     kv = h * arch["num_key_value_heads"] // arch["num_attention_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
     assert size.params == 2 * vocab * h + layers * per_layer + h
@@ -88,11 +106,17 @@ def test_gather_limits_sized_from_the_model(tmp_path):
     assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == -(-size.params // 2)
     assert z["stage3_prefetch_bucket_size"] == int(0.9 * h * h)
     assert ds_config.gather_limits(ds_config.ModelSize(hidden=8192, params=70_000_000_000), 8) == {
-        "stage3_prefetch_bucket_size": int(0.9 * 8192 ** 2),
-        "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
+        "stage3_prefetch_bucket_size": int(0.9 * 8192**2),
+        "stage3_max_live_parameters": 1_000_000_000,
+        "stage3_max_reuse_distance": 1_000_000_000,
+    }
     assert set(ds_config.gather_limits(size, 1).values()) == {0}  # one rank: nothing to gather
     z0 = ds_config.generate(cfg, world_size=2)["zero_optimization"]
-    assert (z0["stage3_prefetch_bucket_size"], z0["stage3_max_live_parameters"], z0["stage3_max_reuse_distance"]) == (0, 0, 0)
+    assert (z0["stage3_prefetch_bucket_size"], z0["stage3_max_live_parameters"], z0["stage3_max_reuse_distance"]) == (
+        0,
+        0,
+        0,
+    )
     user = {"zero_optimization": {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}}
     z = ds_config.build(cfg_with(tmp_path, [], user), 2, size)["zero_optimization"]
     assert z["stage3_max_live_parameters"] == z["stage3_max_reuse_distance"] == 0  # the user's JSON wins
@@ -100,38 +124,76 @@ def test_gather_limits_sized_from_the_model(tmp_path):
 
 
 def test_equal_values_in_another_spelling_are_not_conflicts(tmp_path):
-    user = {"gradient_clipping": 1, "optimizer": {"type": "adamw", "params": {"lr": 0.01, "betas": [0.9, 0.999]}},
-            "bfloat16": {"enabled": False}}
+    user = {
+        "gradient_clipping": 1,
+        "optimizer": {"type": "adamw", "params": {"lr": 0.01, "betas": [0.9, 0.999]}},
+        "bfloat16": {"enabled": False},
+    }
     c = ds_config.build(cfg_with(tmp_path, [], user), 2)
     assert c["bf16"] == {"enabled": False} and "bfloat16" not in c
 
 
-@pytest.mark.parametrize("user, overrides, message", [
-    ({"train_micro_batch_size_per_gpu": 8}, ["training.micro_batch_size=4"],
-     "ds.json: train_micro_batch_size_per_gpu = 8 conflicts with training.micro_batch_size = 4"),
-    ({"gradient_accumulation_steps": 2}, [],
-     "ds.json: gradient_accumulation_steps = 2 conflicts with training.grad_accum = 1"),
-    ({"gradient_clipping": 0.3}, ["training.max_grad_norm=1.0"],
-     "ds.json: gradient_clipping = 0.3 conflicts with training.max_grad_norm = 1.0"),
-    ({"bf16": {"enabled": True}}, ["model.dtype=fp32"],
-     "ds.json: bf16.enabled = true conflicts with model.dtype = fp32"),
-    ({"fp16": {"enabled": True}}, [],
-     "ds.json: fp16.enabled = true conflicts with model.dtype = fp32"),
-    ({"optimizer": {"params": {"lr": 0.001}}}, ["training.lr=0.01"],
-     "ds.json: optimizer.params.lr = 0.001 conflicts with training.lr = 0.01"),
-    ({"optimizer": {"params": {"betas": [0.9, 0.95]}}}, [],
-     "ds.json: optimizer.params.betas = [0.9, 0.95] conflicts with training.betas = [0.9, 0.999]"),
-    ({"optimizer": {"params": {"weight_decay": 0.1}}}, [],
-     "ds.json: optimizer.params.weight_decay = 0.1 conflicts with training.weight_decay = 0.0"),
-    ({"optimizer": {"type": "Adam"}}, [],
-     "ds.json: optimizer.type = Adam conflicts with training (dtrain trains with AdamW)"),
-    ({"zero_optimization": {"stage": 2}}, [],
-     "ds.json: zero_optimization.stage = 2 conflicts with backend.name = deepspeed"),
-    ({"train_batch_size": 64}, ["training.micro_batch_size=4", "training.grad_accum=2"],
-     "ds.json: train_batch_size = 64 conflicts with training.micro_batch_size x training.grad_accum x ranks = 16"),
-    ({"scheduler": {"type": "WarmupCosineLR"}}, [],
-     "ds.json: scheduler conflicts with training.warmup_steps / training.min_lr_ratio"),
-])
+@pytest.mark.parametrize(
+    "user, overrides, message",
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 8},
+            ["training.micro_batch_size=4"],
+            "ds.json: train_micro_batch_size_per_gpu = 8 conflicts with training.micro_batch_size = 4",
+        ),
+        (
+            {"gradient_accumulation_steps": 2},
+            [],
+            "ds.json: gradient_accumulation_steps = 2 conflicts with training.grad_accum = 1",
+        ),
+        (
+            {"gradient_clipping": 0.3},
+            ["training.max_grad_norm=1.0"],
+            "ds.json: gradient_clipping = 0.3 conflicts with training.max_grad_norm = 1.0",
+        ),
+        (
+            {"bf16": {"enabled": True}},
+            ["model.dtype=fp32"],
+            "ds.json: bf16.enabled = true conflicts with model.dtype = fp32",
+        ),
+        ({"fp16": {"enabled": True}}, [], "ds.json: fp16.enabled = true conflicts with model.dtype = fp32"),
+        (
+            {"optimizer": {"params": {"lr": 0.001}}},
+            ["training.lr=0.01"],
+            "ds.json: optimizer.params.lr = 0.001 conflicts with training.lr = 0.01",
+        ),
+        (
+            {"optimizer": {"params": {"betas": [0.9, 0.95]}}},
+            [],
+            "ds.json: optimizer.params.betas = [0.9, 0.95] conflicts with training.betas = [0.9, 0.999]",
+        ),
+        (
+            {"optimizer": {"params": {"weight_decay": 0.1}}},
+            [],
+            "ds.json: optimizer.params.weight_decay = 0.1 conflicts with training.weight_decay = 0.0",
+        ),
+        (
+            {"optimizer": {"type": "Adam"}},
+            [],
+            "ds.json: optimizer.type = Adam conflicts with training (dtrain trains with AdamW)",
+        ),
+        (
+            {"zero_optimization": {"stage": 2}},
+            [],
+            "ds.json: zero_optimization.stage = 2 conflicts with backend.name = deepspeed",
+        ),
+        (
+            {"train_batch_size": 64},
+            ["training.micro_batch_size=4", "training.grad_accum=2"],
+            "ds.json: train_batch_size = 64 conflicts with training.micro_batch_size x training.grad_accum x ranks = 16",
+        ),
+        (
+            {"scheduler": {"type": "WarmupCosineLR"}},
+            [],
+            "ds.json: scheduler conflicts with training.warmup_steps / training.min_lr_ratio",
+        ),
+    ],
+)
 def test_conflicting_values_name_file_key_both_values_and_yaml_key(tmp_path, user, overrides, message):
     cfg = cfg_with(tmp_path, overrides, user)
     with pytest.raises(ConfigError) as e:

@@ -16,8 +16,19 @@ from tests.helpers import REPO, env_for_tests
 
 REQ = REPO / "requirements"
 LOCKS = {"cpu": [REQ / "torch-cpu.txt", REQ / "cpu.txt"], "cuda": [REQ / "cuda.txt"]}
-KEY = ("torch", "deepspeed", "transformers", "accelerate", "peft", "datasets", "bitsandbytes",
-       "safetensors", "tokenizers", "gguf", "pytest")
+KEY = (
+    "torch",
+    "deepspeed",
+    "transformers",
+    "accelerate",
+    "peft",
+    "datasets",
+    "bitsandbytes",
+    "safetensors",
+    "tokenizers",
+    "gguf",
+    "pytest",
+)
 
 
 def pins(kind: str) -> dict[str, str]:
@@ -28,8 +39,14 @@ def pins(kind: str) -> dict[str, str]:
 
 
 def dtrain_env(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dtrain", "env", *args], cwd=REPO,
-                          env=env_for_tests(env), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dtrain", "env", *args],
+        cwd=REPO,
+        env=env_for_tests(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def installed(name: str) -> str:
@@ -66,8 +83,9 @@ def test_cpu_and_cuda_locks_agree_and_fit_pyproject():
     reqs = project["dependencies"] + project["optional-dependencies"]["test"]
     for r in map(Requirement, reqs):
         for kind, locked in (("cpu", cpu), ("cuda", cuda)):
-            assert r.specifier.contains(locked[env_cli.normalize(r.name)], prereleases=True), \
+            assert r.specifier.contains(locked[env_cli.normalize(r.name)], prereleases=True), (
                 f"{kind} lock {r.name}=={locked[env_cli.normalize(r.name)]} outside {r}"
+            )
 
 
 def test_read_lock_rejects_a_range(tmp_path):
@@ -103,10 +121,18 @@ def test_env_prints_each_package_with_its_installed_version():
 
 
 def test_env_reports_launcher_variables():
-    info = json.loads(dtrain_env("--json", env={"WORLD_SIZE": "1", "MASTER_PORT": "29555",
-                                                "SLURM_JOB_ID": "77", "SLURM_PROCID": "0"}).stdout)
-    assert info["launcher"] == {"WORLD_SIZE": "1", "MASTER_PORT": "29555", "SLURM_JOB_ID": "77",
-                                "SLURM_PROCID": "0", "DS_ACCELERATOR": "cpu"}  # set by env_for_tests
+    info = json.loads(
+        dtrain_env(
+            "--json", env={"WORLD_SIZE": "1", "MASTER_PORT": "29555", "SLURM_JOB_ID": "77", "SLURM_PROCID": "0"}
+        ).stdout
+    )
+    assert info["launcher"] == {
+        "WORLD_SIZE": "1",
+        "MASTER_PORT": "29555",
+        "SLURM_JOB_ID": "77",
+        "SLURM_PROCID": "0",
+        "DS_ACCELERATOR": "cpu",
+    }  # set by env_for_tests
 
 
 def test_env_reports_differences_from_a_modified_lock(tmp_path):
@@ -118,7 +144,8 @@ def test_env_reports_differences_from_a_modified_lock(tmp_path):
             assert f"\ntransformers=={version} " in text
             text = "".join(
                 "transformers==0.0.1 \\\n" if ln.startswith("transformers==") else ln
-                for ln in text.splitlines(keepends=True))
+                for ln in text.splitlines(keepends=True)
+            )
             text += "dtrain-no-such-package==1.0\n"
         (tmp_path / f.name).write_text(text)
         files.append(tmp_path / f.name)
@@ -153,8 +180,9 @@ def test_env_without_a_lock_file_says_so(tmp_path):
 def print_lock(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if k not in ("DTRAIN_LOCK", "DTRAIN_UNLOCKED")}
     e.update(env or {})
-    return subprocess.run(["bash", "launch/setup.sh", "--print-lock", *args], cwd=REPO, env=e,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", "launch/setup.sh", "--print-lock", *args], cwd=REPO, env=e, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_setup_picks_the_lock_by_gpu_and_honours_overrides():
@@ -162,8 +190,10 @@ def test_setup_picks_the_lock_by_gpu_and_honours_overrides():
     files = " ".join(str(f.relative_to(REPO)) for f in LOCKS[kind])
     assert print_lock().stdout.strip() == f"locked {kind} {files}"
     assert print_lock(env={"DTRAIN_LOCK": "cuda"}).stdout.strip() == "locked cuda requirements/cuda.txt"
-    assert print_lock(env={"DTRAIN_LOCK": "cpu"}).stdout.strip() == \
-        "locked cpu requirements/torch-cpu.txt requirements/cpu.txt"
+    assert (
+        print_lock(env={"DTRAIN_LOCK": "cpu"}).stdout.strip()
+        == "locked cpu requirements/torch-cpu.txt requirements/cpu.txt"
+    )
     assert print_lock("--unlocked").stdout.strip() == f"unlocked {kind} pyproject.toml"
     assert print_lock(env={"DTRAIN_UNLOCKED": "1"}).stdout.strip() == f"unlocked {kind} pyproject.toml"
     assert print_lock(env={"DTRAIN_UNLOCKED": "0"}).stdout.startswith("locked ")

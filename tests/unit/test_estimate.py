@@ -24,23 +24,41 @@ from dtrain.memory.model_spec import PRESETS, spec_from_config, spec_from_llama_
 from dtrain.memory.paper import paper_comparison_markdown, paper_gpt3_comparison
 
 TINY_LLAMA = {
-    "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 176,
-    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 128, "tie_word_embeddings": False,
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 176,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
 }
 TINY = {
     "llama": TINY_LLAMA,
     "mistral": {**TINY_LLAMA, "model_type": "mistral", "head_dim": 32},
     "qwen2": {**TINY_LLAMA, "model_type": "qwen2"},
     "llama_tied": {**TINY_LLAMA, "tie_word_embeddings": True},
-    "opt": {"model_type": "opt", "vocab_size": 300, "hidden_size": 48, "ffn_dim": 192,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64,
-            "word_embed_proj_dim": 48},
-    "gpt2": {"model_type": "gpt2", "vocab_size": 300, "n_embd": 48, "n_layer": 2, "n_head": 4,
-             "n_positions": 64},
-    "gpt_neox": {"model_type": "gpt_neox", "vocab_size": 300, "hidden_size": 48,
-                 "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "max_position_embeddings": 64},
+    "opt": {
+        "model_type": "opt",
+        "vocab_size": 300,
+        "hidden_size": 48,
+        "ffn_dim": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+        "word_embed_proj_dim": 48,
+    },
+    "gpt2": {"model_type": "gpt2", "vocab_size": 300, "n_embd": 48, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    "gpt_neox": {
+        "model_type": "gpt_neox",
+        "vocab_size": 300,
+        "hidden_size": 48,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+    },
 }
 
 
@@ -93,23 +111,31 @@ def test_counts_match_real_model(kind: str) -> None:
     spec = spec_from_config(cfg, kind)
     assert spec.source == "meta"
     assert spec.total_params == _unique_params(model)
-    emb = {id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding)
-           for p in m.parameters()}
+    emb = {id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     assert spec.embedding_params == sum(emb.values())
     head = model.get_output_embeddings()
     assert spec.tied_embeddings == (id(head.weight) in emb)
     assert spec.head_params == (0 if spec.tied_embeddings else head.weight.numel())
     linear_sum = sum(lin.count * lin.params for lin in spec.linears)
-    real_linear = sum(sum(p.numel() for p in m.parameters()) for m in model.modules()
-                      if _linear_in_out(m) is not None and m is not head)
+    real_linear = sum(
+        sum(p.numel() for p in m.parameters())
+        for m in model.modules()
+        if _linear_in_out(m) is not None and m is not head
+    )
     assert linear_sum == real_linear
     assert spec.num_layers * spec.block_params + spec.non_block_params == spec.total_params
 
 
-@pytest.mark.parametrize("kind,targets", [
-    ("llama", ["q_proj", "v_proj"]), ("qwen2", ["q_proj", "v_proj"]),
-    ("opt", ["q_proj", "v_proj"]), ("gpt2", ["c_attn"]), ("llama", ["all-linear"]),
-])
+@pytest.mark.parametrize(
+    "kind,targets",
+    [
+        ("llama", ["q_proj", "v_proj"]),
+        ("qwen2", ["q_proj", "v_proj"]),
+        ("opt", ["q_proj", "v_proj"]),
+        ("gpt2", ["c_attn"]),
+        ("llama", ["all-linear"]),
+    ],
+)
 def test_lora_trainable_params(kind: str, targets: list[str]) -> None:
     peft = pytest.importorskip("peft")
     cfg, r = TINY[kind], 8
@@ -118,8 +144,9 @@ def test_lora_trainable_params(kind: str, targets: list[str]) -> None:
     model = _real_model(cfg)
     if targets != ["all-linear"]:
         assert est.lora_params == _independent_lora_count(model, targets, r)
-    lora_cfg = peft.LoraConfig(r=r, lora_alpha=16, target_modules=targets[0] if targets ==
-                               ["all-linear"] else targets, task_type="CAUSAL_LM")
+    lora_cfg = peft.LoraConfig(
+        r=r, lora_alpha=16, target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM"
+    )
     peft_model = peft.get_peft_model(model, lora_cfg)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     assert est.lora_params == trainable
@@ -161,8 +188,7 @@ def test_presets_full_ft_and_lora_numbers(preset_specs: dict) -> None:
         "llama-70b": _llama_params(8192, 28672, 80, 1024, 32000),
         # GPT-3 as OPT: 12 h^2 + 13 h per layer, tied token embedding, 2050 position rows,
         # final LayerNorm.
-        "gpt3-175b": 96 * (12 * 12288**2 + 13 * 12288) + 50257 * 12288 + 2050 * 12288
-        + 2 * 12288,
+        "gpt3-175b": 96 * (12 * 12288**2 + 13 * 12288) + 50257 * 12288 + 2050 * 12288 + 2 * 12288,
     }
     assert expected["llama-7b"] == 6_738_415_616 and expected["llama-70b"] == 68_976_648_192
     for name, p in expected.items():
@@ -203,8 +229,9 @@ def test_quantized_frozen_bytes_by_hand() -> None:
     weights = sum(lin.count * lin.weight_params for lin in spec.linears)
     rest = spec.total_params - weights
     int8 = sum(lin.count * (lin.weight_params + 4 * lin.out_features) for lin in spec.linears)
-    nf4 = sum(lin.count * ((lin.weight_params + 1) // 2 + 4 * math.ceil(lin.weight_params / 64))
-              for lin in spec.linears)
+    nf4 = sum(
+        lin.count * ((lin.weight_params + 1) // 2 + 4 * math.ceil(lin.weight_params / 64)) for lin in spec.linears
+    )
     assert frozen_bytes(spec, 16, 2) == 2 * spec.total_params
     assert frozen_bytes(spec, 8, 2) == int8 + 2 * rest
     assert frozen_bytes(spec, 4, 2) == nf4 + 2 * rest
@@ -274,13 +301,11 @@ def test_largest_layer_matches_deepspeed_on_real_models() -> None:
     stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
     for kind in ("llama", "opt", "gpt2"):
         spec = spec_from_config(TINY[kind], kind)
-        assert stage3.model_to_params(_real_model(TINY[kind])) == (
-            spec.total_params, spec.largest_module_params), kind
+        assert stage3.model_to_params(_real_model(TINY[kind])) == (spec.total_params, spec.largest_module_params), kind
 
 
 @pytest.mark.parametrize("gpus,nodes", [(8, 1), (4, 2)])
-def test_deepspeed_zero3_estimator_agreement(preset_specs: dict, capsys, gpus: int,
-                                             nodes: int) -> None:
+def test_deepspeed_zero3_estimator_agreement(preset_specs: dict, capsys, gpus: int, nodes: int) -> None:
     """DeepSpeed (offload none, zero_init=1): 4*largest_layer + 18*P/N. Ours with fp32
     gradients: (2 + 4 + 12)*P/N + gathered module (2 B param + 2 B grad) = the same, plus the
     share of parameters dtrain's generated config keeps gathered for backward (P/N, bf16)."""
@@ -289,8 +314,14 @@ def test_deepspeed_zero3_estimator_agreement(preset_specs: dict, capsys, gpus: i
     p, largest = spec.total_params, spec.largest_module_params
     assert largest == 32000 * 4096  # the embedding (and the head) is DeepSpeed's largest layer
     _, ds_gpu, ds_largest = stage3.estimate_zero3_model_states_mem_needs(
-        total_params=p, largest_layer_params=largest, num_gpus_per_node=gpus, num_nodes=nodes,
-        cpu_offload=False, cpu_offload_params=False, zero_init=True)
+        total_params=p,
+        largest_layer_params=largest,
+        num_gpus_per_node=gpus,
+        num_nodes=nodes,
+        cpu_offload=False,
+        cpu_offload_params=False,
+        zero_init=True,
+    )
     plan = Plan(gpus=gpus, nodes=nodes, backend="deepspeed", fp32_grads=True)
     ours = estimate(spec, plan).full
     kept = -(-p // (gpus * nodes))  # stage3_max_live_parameters = one rank's share
@@ -298,14 +329,19 @@ def test_deepspeed_zero3_estimator_agreement(preset_specs: dict, capsys, gpus: i
     assert ours.gathered_unit == ds_largest + 2 * (kept - largest)
     assert abs(ours.model_states + ds_largest - ds_gpu) <= 1  # DS truncates to int
     stage3.estimate_zero3_model_states_mem_needs_all_cold(
-        total_params=p, largest_layer_params=largest, num_gpus_per_node=gpus, num_nodes=nodes)
-    line = next(x for x in capsys.readouterr().out.splitlines()
-                if "offload_param=none, offload_optimizer=none, zero_init=1" in x)
+        total_params=p, largest_layer_params=largest, num_gpus_per_node=gpus, num_nodes=nodes
+    )
+    line = next(
+        x
+        for x in capsys.readouterr().out.splitlines()
+        if "offload_param=none, offload_optimizer=none, zero_init=1" in x
+    )
     printed_gb = float(re.findall(r"([\d.]+)GB", line)[1]) * 2**30
     assert abs(ours.model_states + ds_largest - printed_gb) / printed_gb < 0.01
     default = estimate(spec, dataclasses.replace(plan, fp32_grads=False)).full
-    assert abs(default.model_states + 2 * p / (gpus * nodes) + ds_largest
-               - ds_gpu) <= 1  # 16-bit gradients: exactly 2 B/param below DeepSpeed
+    assert (
+        abs(default.model_states + 2 * p / (gpus * nodes) + ds_largest - ds_gpu) <= 1
+    )  # 16-bit gradients: exactly 2 B/param below DeepSpeed
 
 
 # ----------------------------------------------------------------------------- LoRA paper

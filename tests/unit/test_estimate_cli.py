@@ -30,8 +30,7 @@ def test_cli_json(capsys) -> None:
     for mode in ("full_ft", "lora"):
         for key in (*CATEGORIES, "model_states", "total"):
             assert isinstance(data["per_gpu"][mode][key], int)
-            assert data["cluster"][mode][key] == pytest.approx(8 * data["per_gpu"][mode][key],
-                                                               abs=8)
+            assert data["cluster"][mode][key] == pytest.approx(8 * data["per_gpu"][mode][key], abs=8)
     assert data["per_gpu"]["full_ft"]["model_states"] == 2 * 6_738_415_616
     assert data["lora"]["trainable_params"] == 4_194_304
     assert data["ratio_full_over_lora"]["total"] > 1 and data["assumptions"]
@@ -39,8 +38,7 @@ def test_cli_json(capsys) -> None:
 
 def test_cli_table_yaml_and_dir(tmp_path, capsys) -> None:
     yaml_arch = tmp_path / "arch.yaml"
-    yaml_arch.write_text("model:\n  arch:\n" + "".join(
-        f"    {k}: {json.dumps(v)}\n" for k, v in TINY_LLAMA.items()))
+    yaml_arch.write_text("model:\n  arch:\n" + "".join(f"    {k}: {json.dumps(v)}\n" for k, v in TINY_LLAMA.items()))
     model_dir = tmp_path / "tiny-model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(TINY_LLAMA))
@@ -63,18 +61,21 @@ def test_cli_paper(capsys) -> None:
     assert "2.79 TB" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model", "/no/such/dir", "--gpus", "2"], "no such directory"),
-    (["--model", "{tmp}", "--gpus", "2"], "has no config.json"),
-    (["--model", "llama-7b", "--gpus", "abc"], "--gpus must be a positive integer"),
-    (["--model", "llama-7b", "--gpus", "0"], "--gpus must be a positive integer"),
-    (["--model", "llama-7b", "--gpus", "2", "--bits", "3"], "bits must be one of"),
-    (["--model", "llama-7b", "--gpus", "2", "--rank", "-4"], "--rank must be"),
-    (["--model", "llama-7b", "--gpus", "2", "--targets", "q_prj"], "match no linear layer"),
-    (["--model", "llama-7b"], "--gpus is required"),
-    (["--gpus", "2"], "--model is required"),
-    (["--model", "{tmp}/bad.yaml", "--gpus", "2"], "model.arch needs 'model_type'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "/no/such/dir", "--gpus", "2"], "no such directory"),
+        (["--model", "{tmp}", "--gpus", "2"], "has no config.json"),
+        (["--model", "llama-7b", "--gpus", "abc"], "--gpus must be a positive integer"),
+        (["--model", "llama-7b", "--gpus", "0"], "--gpus must be a positive integer"),
+        (["--model", "llama-7b", "--gpus", "2", "--bits", "3"], "bits must be one of"),
+        (["--model", "llama-7b", "--gpus", "2", "--rank", "-4"], "--rank must be"),
+        (["--model", "llama-7b", "--gpus", "2", "--targets", "q_prj"], "match no linear layer"),
+        (["--model", "llama-7b"], "--gpus is required"),
+        (["--gpus", "2"], "--model is required"),
+        (["--model", "{tmp}/bad.yaml", "--gpus", "2"], "model.arch needs 'model_type'"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, argv: list[str], message: str) -> None:
     (tmp_path / "bad.yaml").write_text("model:\n  arch:\n    hidden_size: 8\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -36,7 +36,9 @@ def _with_dequantized(model, q_model):
     for name, module in q_model.named_modules():
         for pname, meta in expert_quant.quantized(module).items():
             with torch.no_grad():
-                getattr(mods[name], pname).copy_(expert_quant.dequantize_stack(*expert_quant.storage(module, pname), meta))
+                getattr(mods[name], pname).copy_(
+                    expert_quant.dequantize_stack(*expert_quant.storage(module, pname), meta)
+                )
     return ref
 
 

@@ -50,9 +50,16 @@ def test_forward_equals_transformers_and_peft(models, family):
     logits = model(IDS).logits
     logits.pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
-    peft = get_peft_model(_load(models[family]), LoraConfig(
-        r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    peft = get_peft_model(
+        _load(models[family]),
+        LoraConfig(
+            r=2,
+            lora_alpha=4,
+            use_rslora=True,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        ),
+    )
     ours = lora.adapter_state_dict(model, "default")
     with torch.no_grad():
         for k, v in peft.state_dict().items():
@@ -89,18 +96,30 @@ def test_estimator_counts_expert_lora_as_the_built_model(models):
 
 def test_bad_input_is_one_line(models):
     model = _load(models["mixtral"])
-    with pytest.raises(ConfigError, match=r"'mlp.experts.w1' matches no 3-D parameter; the model has: "
-                                          r"experts.down_proj, experts.gate_up_proj"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'mlp.experts.w1' matches no 3-D parameter; the model has: "
+        r"experts.down_proj, experts.gate_up_proj",
+    ):
         experts.select_parameters(model, ["mlp.experts.w1"])
-    with pytest.raises(ConfigError, match=r"^lora.target_parameters: 'mlp.gate.weight' is the 2-D parameter "
-                                          r"model.layers.0.mlp.gate.weight \[4, 32\], which dtrain does not adapt "
-                                          r"\(only fused 3-D expert weights: experts.down_proj, experts.gate_up_proj; "
-                                          r"a router stays frozen, a linear layer goes in lora.targets\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^lora.target_parameters: 'mlp.gate.weight' is the 2-D parameter "
+        r"model.layers.0.mlp.gate.weight \[4, 32\], which dtrain does not adapt "
+        r"\(only fused 3-D expert weights: experts.down_proj, experts.gate_up_proj; "
+        r"a router stays frozen, a linear layer goes in lora.targets\)$",
+    ):
         experts.select_parameters(model, ["mlp.gate.weight"])  # Mixtral's router (a TopKRouter, no nn.Linear)
     with pytest.raises(ConfigError, match="no lora.use_dora and no lora.dropout"):
         experts.inject(model, [("model.layers.0.mlp.experts", "down_proj")], lora.AdapterSpec(use_dora=True))
     proc = run_dtrain(["train", "configs/tiny.yaml", "lora.targets=experts", "training.max_steps=1"], check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith("the model has no experts (no fused expert weights and no "
-                                                       "linear layer under '.experts.'); use all-linear or a list of "
-                                                       "module names")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "the model has no experts (no fused expert weights and no "
+            "linear layer under '.experts.'); use all-linear or a list of "
+            "module names"
+        )
+    )

@@ -11,9 +11,16 @@ from dtrain.model import build as model_lib
 
 
 def tiny_lora_model():
-    config = AutoConfig.for_model("llama", vocab_size=512, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  tie_word_embeddings=False)
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = model_lib.build_empty(config, torch.float32, "meta")
     names = lora.select_targets(model, ["q_proj", "v_proj"], None)
     lora.inject(model, names, lora.AdapterSpec(r=8))

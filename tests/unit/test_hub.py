@@ -43,8 +43,10 @@ def test_ids_revisions_and_the_recorded_form(hf_cache, tmp_path, monkeypatch):
     assert hub.display(snap / ("b" * 40)) == f"{ID}@{'b' * 40}" and hub.display("/x/y") == "/x/y"
     with pytest.raises(ConfigError) as e:
         hub.resolve(f"{ID}@v3", "model.path")
-    assert str(e.value) == (f"model.path = '{ID}@v3': revision 'v3' is not in the Hugging Face cache {hf_cache} "
-                            f"(HF_HUB_OFFLINE=1; cached: main, v2, {'a' * 40}, {'b' * 40})")
+    assert str(e.value) == (
+        f"model.path = '{ID}@v3': revision 'v3' is not in the Hugging Face cache {hf_cache} "
+        f"(HF_HUB_OFFLINE=1; cached: main, v2, {'a' * 40}, {'b' * 40})"
+    )
     (tmp_path / "someorg" / "tiny-llama").mkdir(parents=True)  # a local directory of that name wins
     monkeypatch.chdir(tmp_path)
     assert hub.parse(ID) is None
@@ -53,18 +55,30 @@ def test_ids_revisions_and_the_recorded_form(hf_cache, tmp_path, monkeypatch):
 def test_offline_with_an_empty_cache_is_one_line_and_writes_nothing(tmp_path):
     env = env_for_tests({"HF_HOME": str(tmp_path / "hf")})
     out = tmp_path / "run"
-    cmds = [["train", str(REPO / "configs" / "tiny.yaml"), "model.arch=null",
-             "model.path=HuggingFaceTB/SmolLM2-135M-Instruct", f"output.dir={out}"],
-            ["download", "HuggingFaceTB/SmolLM2-135M-Instruct", "--revision", "v1"]]
-    want = ["model.path = 'HuggingFaceTB/SmolLM2-135M-Instruct'", "dtrain download = 'HuggingFaceTB/SmolLM2-135M-"
-            "Instruct@v1'"]
+    cmds = [
+        [
+            "train",
+            str(REPO / "configs" / "tiny.yaml"),
+            "model.arch=null",
+            "model.path=HuggingFaceTB/SmolLM2-135M-Instruct",
+            f"output.dir={out}",
+        ],
+        ["download", "HuggingFaceTB/SmolLM2-135M-Instruct", "--revision", "v1"],
+    ]
+    want = [
+        "model.path = 'HuggingFaceTB/SmolLM2-135M-Instruct'",
+        "dtrain download = 'HuggingFaceTB/SmolLM2-135M-Instruct@v1'",
+    ]
     for cmd, start in zip(cmds, want):
-        proc = subprocess.run([sys.executable, "-m", "dtrain", *cmd], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dtrain", *cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
-        assert lines[0].startswith(f"dtrain: error: {start}: no such local path, and not in the Hugging Face cache "
-                                   f"{tmp_path / 'hf' / 'hub'} (HF_HUB_OFFLINE=1); run `dtrain download "), lines
+        assert lines[0].startswith(
+            f"dtrain: error: {start}: no such local path, and not in the Hugging Face cache "
+            f"{tmp_path / 'hf' / 'hub'} (HF_HUB_OFFLINE=1); run `dtrain download "
+        ), lines
     assert not out.exists() and not (tmp_path / "hf" / "hub").exists() or not any((tmp_path / "hf" / "hub").iterdir())
 
 

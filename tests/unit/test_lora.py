@@ -16,8 +16,16 @@ from dtrain import lora
 from dtrain.errors import ConfigError
 from dtrain.lora.layer import AdapterSpec, LoRALinear
 
-ARCH = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+ARCH = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 KINDS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -55,6 +63,7 @@ def all_linear(model: nn.Module) -> list[str]:
 
 
 # ---- one layer ------------------------------------------------------------------------------
+
 
 def _layer(dropout: float = 0.0, bias: bool = True) -> tuple[LoRALinear, AdapterSpec]:
     torch.manual_seed(3)
@@ -95,7 +104,9 @@ def test_A_init_is_kaiming_uniform_from_name_seed() -> None:
     assert a1.abs().max() <= 1 / math.sqrt(16)  # kaiming_uniform_(a=sqrt(5)) bound
     assert a1.abs().max() > 0.8 / math.sqrt(16)
     layer, _ = _layer()
-    assert torch.equal(layer.lora_A["default"].weight, lora.init_lora_A("blocks.0.proj", AdapterSpec(r=4, alpha=6.0, init_seed=7), 16))
+    assert torch.equal(
+        layer.lora_A["default"].weight, lora.init_lora_A("blocks.0.proj", AdapterSpec(r=4, alpha=6.0, init_seed=7), 16)
+    )
     layer.reset_adapter("default")
     assert torch.equal(layer.lora_B["default"].weight, torch.zeros(12, 4))
 
@@ -128,6 +139,7 @@ def test_dropout_only_on_lora_input() -> None:
 
 
 # ---- whole model ----------------------------------------------------------------------------
+
 
 def test_output_unchanged_at_init(plain, ids) -> None:
     ref = logits(plain, ids)
@@ -251,6 +263,7 @@ def test_set_adapter_without_lora_layers(plain) -> None:
 
 # ---- target selection ----------------------------------------------------------------------
 
+
 def test_targets_suffix_list(plain) -> None:
     got = lora.select_targets(plain, ["q_proj", "v_proj"], None)
     assert got == [f"model.layers.{i}.self_attn.{k}" for i in range(2) for k in ("q_proj", "v_proj")]
@@ -291,15 +304,19 @@ def test_targets_no_match_lists_the_models_modules(plain) -> None:
     msg = str(e.value)
     assert msg.startswith("lora.targets = ['query', 'value'] matches no linear module; the model has: ")
     assert msg.split("the model has: ")[1] == ", ".join(sorted(KINDS))
-    with pytest.raises(ConfigError, match=r"lora.target_regex = 'attn\\.qkv' matches no linear module; the model has: down_proj"):
+    with pytest.raises(
+        ConfigError, match=r"lora.target_regex = 'attn\\.qkv' matches no linear module; the model has: down_proj"
+    ):
         lora.select_targets(plain, "all-linear", r"attn\.qkv")
 
 
 def test_targets_partly_unmatched_are_refused(plain) -> None:
     with pytest.raises(ConfigError) as e:
         lora.select_targets(plain, ["q_proj", "lm_head", "qkv"], None)
-    assert str(e.value) == ("lora.targets = ['q_proj', 'lm_head', 'qkv']: lm_head, qkv matches no linear module a "
-                            "LoRA adapter can target (never the output head); the model has: " + ", ".join(sorted(KINDS)))
+    assert str(e.value) == (
+        "lora.targets = ['q_proj', 'lm_head', 'qkv']: lm_head, qkv matches no linear module a "
+        "LoRA adapter can target (never the output head); the model has: " + ", ".join(sorted(KINDS))
+    )
 
 
 def test_rank_above_a_layers_size_is_refused(plain) -> None:
@@ -307,6 +324,9 @@ def test_rank_above_a_layers_size_is_refused(plain) -> None:
     layer = plain.get_submodule(names[0])
     small = min(layer.in_features, layer.out_features)
     lora.check_rank(plain, names, small)  # full rank: allowed
-    with pytest.raises(ConfigError, match=rf"lora.r = {small + 1} is larger than min\(in, out\) = {small} of "
-                                          rf"{re.escape(names[0])} \({layer.in_features} -> {layer.out_features}\)"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"lora.r = {small + 1} is larger than min\(in, out\) = {small} of "
+        rf"{re.escape(names[0])} \({layer.in_features} -> {layer.out_features}\)",
+    ):
         lora.inject(copy.deepcopy(plain), names, AdapterSpec(r=small + 1))

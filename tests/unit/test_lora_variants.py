@@ -20,12 +20,23 @@ peft = pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[2]
 TINY, CORPUS = REPO / "configs" / "tiny.yaml", REPO / "dtrain" / "assets" / "tiny_corpus.txt"
-ARCH = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+ARCH = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-VARIANTS = {"rslora": dict(use_rslora=True), "dora": dict(use_dora=True),
-            "dora+rslora": dict(use_dora=True, use_rslora=True)}
+VARIANTS = {
+    "rslora": dict(use_rslora=True),
+    "dora": dict(use_dora=True),
+    "dora+rslora": dict(use_dora=True, use_rslora=True),
+}
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -62,8 +73,11 @@ def dtrain_copy(base: nn.Module, theirs: nn.Module, dropout: float = 0.0, **vari
 
 
 def lora_grads(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n.removeprefix("base_model.model."): p.grad for n, p in model.named_parameters()
-            if "lora_" in n and p.requires_grad}
+    return {
+        n.removeprefix("base_model.model."): p.grad
+        for n, p in model.named_parameters()
+        if "lora_" in n and p.requires_grad
+    }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -169,8 +183,10 @@ def saved_tensors(layer: nn.Module, x: torch.Tensor, autocast: bool = False) -> 
         saved.append(t)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+    ):
         out = layer(x)
     out.float().sum().backward()
     return saved
@@ -197,12 +213,14 @@ def test_lora_forward_keeps_one_copy_of_its_input(autocast):
     known = {x.numel(), tokens * R, N_IN * N_OUT, N_IN * R, R * N_OUT}  # activations, weights (views, casts)
     assert {t.numel() for t in saved} <= known
     # with dropout the dropped copy of x (and its mask) is kept as well: the count above is not vacuous
-    dropped = {t.untyped_storage().data_ptr() for t in saved_tensors(_layer(0.1), x, autocast)
-               if t.numel() == x.numel()}
+    dropped = {
+        t.untyped_storage().data_ptr() for t in saved_tensors(_layer(0.1), x, autocast) if t.numel() == x.numel()
+    }
     assert len(dropped) == 2
 
 
 # ---- LoRA+ and the config keys ----------------------------------------------------------------
+
 
 def test_loraplus_moves_B_by_lr_times_ratio():
     """LoRA+ (ratio 16): two parameter groups; after one step A moved by AdamW's first update at the
@@ -212,9 +230,18 @@ def test_loraplus_moves_B_by_lr_times_ratio():
     from dtrain.config import schema as config_lib
     from dtrain.training.loss import token_loss
 
-    cfg = config_lib.load(TINY, [f"data.path={CORPUS}", "lora.loraplus_lr_ratio=16", "lora.use_dora=true",
-                                 "lora.targets=[q_proj,v_proj]", "training.max_grad_norm=0",
-                                 "training.warmup_steps=2", "training.lr=1e-3"])
+    cfg = config_lib.load(
+        TINY,
+        [
+            f"data.path={CORPUS}",
+            "lora.loraplus_lr_ratio=16",
+            "lora.use_dora=true",
+            "lora.targets=[q_proj,v_proj]",
+            "training.max_grad_norm=0",
+            "training.warmup_steps=2",
+            "training.lr=1e-3",
+        ],
+    )
     backend = SingleBackend(cfg, dist.detect("cpu", "gloo"))
     backend.build()
     backend.setup_optimizer(4)

@@ -36,8 +36,8 @@ def test_saved_tensor_counter_excludes_parameters_and_dedups_views() -> None:
     lin = nn.Linear(8, 16, bias=False)
     x = torch.randn(4, 8, requires_grad=True)
     with measure.SavedTensorCounter(lin) as c:
-        z = torch.relu(lin(x))            # mm saves x (128 B) and weight.t() (a parameter view)
-        (z.view(-1) * z.view(-1)).sum()   # both operands are views of z's storage (256 B)
+        z = torch.relu(lin(x))  # mm saves x (128 B) and weight.t() (a parameter view)
+        (z.view(-1) * z.view(-1)).sum()  # both operands are views of z's storage (256 B)
     assert c.activation_bytes == 4 * 8 * 4 + 4 * 16 * 4
     assert c.param_bytes == 16 * 8 * 4
 
@@ -69,9 +69,14 @@ def test_model_state_bytes_before_the_optimizer_step() -> None:
         backend.model(torch.randn(3, 8)).sum().backward()
         backend.optimizer.step()
     got = measure.model_state_bytes(backend)
-    assert got == {"frozen_weights": 16 * 8 * 4, "trainable_params": 4 * trainable,
-                   "gradients": 4 * trainable, "optimizer_state": 2 * 4 * trainable + 2 * 4,
-                   "frozen_numel": 128, "trainable_numel": trainable}
+    assert got == {
+        "frozen_weights": 16 * 8 * 4,
+        "trainable_params": 4 * trainable,
+        "gradients": 4 * trainable,
+        "optimizer_state": 2 * 4 * trainable + 2 * 4,
+        "frozen_numel": 128,
+        "trainable_numel": trainable,
+    }
     backend.optimizer.zero_grad(set_to_none=True)
     assert measure.model_state_bytes(backend)["gradients"] == 0
     backend.release()
@@ -103,9 +108,16 @@ def test_mode_configs(tmp_path: Path) -> None:
 
 def _row(frozen: int, trainable: int, acts: int) -> dict:
     opt = 2 * trainable
-    return {"frozen_weights": frozen, "trainable_params": trainable, "gradients": trainable,
-            "optimizer_state": opt, "activations": acts, "model_states": frozen + 2 * trainable + opt,
-            "rss_peak_bytes": 400 << 20, "cuda_max_allocated": None}
+    return {
+        "frozen_weights": frozen,
+        "trainable_params": trainable,
+        "gradients": trainable,
+        "optimizer_state": opt,
+        "activations": acts,
+        "model_states": frozen + 2 * trainable + opt,
+        "rss_peak_bytes": 400 << 20,
+        "cuda_max_allocated": None,
+    }
 
 
 def test_report_files_and_flags(tmp_path: Path) -> None:
@@ -113,8 +125,10 @@ def test_report_files_and_flags(tmp_path: Path) -> None:
     full, lora = _row(0, 279168, 1 << 20), _row(279168, 7168, 1 << 20)
     lora["frozen_weights"] = 200000  # off by > 10% from the estimate: flagged
     measured = measure.Measured(0, 2, "cpu", {"full": [full, full], "lora": [lora, lora]})
-    modes = {"full": {"label": "full FT", "mode": "full", "bits": 16},
-             "lora": {"label": "LoRA", "mode": "lora", "bits": 16}}
+    modes = {
+        "full": {"label": "full FT", "mode": "full", "bits": 16},
+        "lora": {"label": "LoRA", "mode": "lora", "bits": 16},
+    }
     data = report.build(cfg, measured, modes, steps=2)
     paths = report.write(data, tmp_path)
     assert json.loads(paths["json"].read_text())["ranks"][1]["measured"]["lora"]["frozen_weights"] == 200000
@@ -130,9 +144,15 @@ def test_train_logs_memory_every_n_steps_and_at_the_end(tmp_path: Path) -> None:
     from dtrain.training.trainer import Trainer
     from tests.helpers import tiny_shapes
 
-    cfg = _cfg("lora.targets=[q_proj,v_proj]", "training.micro_batch_size=4", "data.seq_len=32",
-               "training.max_steps=2", "training.memory_every=2", "training.eval_every=0",
-               f"output.dir={tmp_path}")
+    cfg = _cfg(
+        "lora.targets=[q_proj,v_proj]",
+        "training.micro_batch_size=4",
+        "data.seq_len=32",
+        "training.max_steps=2",
+        "training.memory_every=2",
+        "training.eval_every=0",
+        f"output.dir={tmp_path}",
+    )
     trainer = Trainer(cfg)
     trainer.setup()
     records: list[logging.LogRecord] = []

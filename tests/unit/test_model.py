@@ -20,8 +20,16 @@ from dtrain.training import loss as loss_lib
 from tests.helpers import REPO, TINY
 
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"
-ARCH = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+ARCH = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 
 
 def make_cfg(*overrides: str) -> config.Config:
@@ -53,6 +61,7 @@ def saved(tmp_path_factory) -> dict:
 
 # ---- weight sources -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("layout", ["single", "sharded"])
 def test_safetensors_source_reads_the_state_dict(saved, layout: str) -> None:
     d = saved[layout]
@@ -80,8 +89,12 @@ def test_safetensors_source_needs_weights(tmp_path) -> None:
 
 
 def test_random_source_is_name_seeded() -> None:
-    shapes = {"a.weight": torch.Size([6, 4]), "a.base_layer.weight": torch.Size([6, 4]),
-              "n.norm.weight": torch.Size([4]), "a.bias": torch.Size([6])}
+    shapes = {
+        "a.weight": torch.Size([6, 4]),
+        "a.base_layer.weight": torch.Size([6, 4]),
+        "n.norm.weight": torch.Size([4]),
+        "a.bias": torch.Size([6]),
+    }
     s1, s2 = model_lib.RandomSource(5, 0.02, shapes), model_lib.RandomSource(5, 0.02, shapes)
     assert torch.equal(s1.read("a.weight"), s2.read("a.weight"))
     assert torch.equal(s1.read("a.weight"), s1.read("a.base_layer.weight"))  # LoRA wrapping: same tensor
@@ -93,6 +106,7 @@ def test_random_source_is_name_seeded() -> None:
 
 
 # ---- building -------------------------------------------------------------------------------
+
 
 def test_base_is_deterministic_and_matches_a_plain_build() -> None:
     b1, b2 = build("training.max_steps=4"), build("training.max_steps=4")
@@ -168,6 +182,7 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
 
 
 # ---- training touches only LoRA ---------------------------------------------------------------
+
 
 def test_training_changes_only_A_and_B() -> None:
     backend = build("lora.targets=all-linear", "lora.dropout=0.1", "training.max_steps=3", "training.warmup_steps=1")

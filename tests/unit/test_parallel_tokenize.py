@@ -31,10 +31,22 @@ def tok(smollm2_dir):
 def records(tmp_path):
     """The 400 date conversations, three bad records among them, and a two-turn-pair conversation."""
     rows = [json.loads(line) for line in DATES.read_text().splitlines()]
-    two = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-                        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye now."}]}
-    rows = rows[:50] + [{"messages": []}, two] + rows[50:300] + [{"messages": [{"role": "user", "content": "x"}]}] \
-        + rows[300:] + [{"messages": None}]
+    two = {
+        "messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye now."},
+        ]
+    }
+    rows = (
+        rows[:50]
+        + [{"messages": []}, two]
+        + rows[50:300]
+        + [{"messages": [{"role": "user", "content": "x"}]}]
+        + rows[300:]
+        + [{"messages": None}]
+    )
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -90,8 +102,9 @@ def test_training_rows_read_the_cache_memory_mapped(tok, records, tmp_path):
     """One dataset with data.eval_path: the training rows are views of the mapped cache file."""
     from dtrain import data
 
-    cfg = DataConfig(path=str(records), format="messages", seq_len=96, eval_path=str(DATES),
-                     cache_dir=str(tmp_path / "c"))
+    cfg = DataConfig(
+        path=str(records), format="messages", seq_len=96, eval_path=str(DATES), cache_dir=str(tmp_path / "c")
+    )
     first = data.prepare(cfg, tok, seed=0)
     second = data.prepare(cfg, tok, seed=0)
     (entry,) = (tmp_path / "c").iterdir()
@@ -105,14 +118,27 @@ def _odd_conversations(n: int, seed: int = 1) -> list[list[dict]]:
     import random
 
     rng = random.Random(seed)
-    odd = ["héllo wörld ✨🦉", "  leading", "trailing   ", "tabs\tand\nnewlines\n\n", "日本語のテキスト", "x",
-           "🦉🦉🦉 ok", "The date is 2024-03-05.", "a <|im_end|> inside", "ends in <|im", "<|endoftext|>x"]
+    odd = [
+        "héllo wörld ✨🦉",
+        "  leading",
+        "trailing   ",
+        "tabs\tand\nnewlines\n\n",
+        "日本語のテキスト",
+        "x",
+        "🦉🦉🦉 ok",
+        "The date is 2024-03-05.",
+        "a <|im_end|> inside",
+        "ends in <|im",
+        "<|endoftext|>x",
+    ]
     convs = []
     for _ in range(n):
         m = [{"role": "system", "content": rng.choice(odd)}] if rng.random() < 0.3 else []
         for _ in range(rng.randint(1, 3)):
-            m += [{"role": "user", "content": f"{rng.choice(odd)} {rng.choice(odd)}"},
-                  {"role": "assistant", "content": rng.choice(odd) + rng.choice(odd)}]
+            m += [
+                {"role": "user", "content": f"{rng.choice(odd)} {rng.choice(odd)}"},
+                {"role": "assistant", "content": rng.choice(odd) + rng.choice(odd)},
+            ]
         convs.append(m)
     return convs
 
@@ -145,13 +171,16 @@ def test_placeholder_spans_give_the_prefix_spans_and_labels(tok, template, tmp_p
         want.append((ids, [t if k else IGNORE for t, k in zip(ids, learn)]))
     offsets_path = []
     counted = BatchEncoder._label_offsets
-    monkeypatch.setattr(BatchEncoder, "_label_offsets",
-                        lambda self, texts, spans: offsets_path.append(len(texts)) or counted(self, texts, spans))
+    monkeypatch.setattr(
+        BatchEncoder,
+        "_label_offsets",
+        lambda self, texts, spans: offsets_path.append(len(texts)) or counted(self, texts, spans),
+    )
     for segments_path in (False, True):
         enc = BatchEncoder(DataConfig(path="unused.jsonl", format="messages"), tok, text)
         assert enc.segmenter is not None  # SmolLM2's tokenizer is a byte-level BPE segments.py serves
         enc.segmenter = enc.segmenter if segments_path else None
-        got = [x for i in range(0, len(convs), 64) for x in enc.encode([{"messages": m} for m in convs[i:i + 64]])]
+        got = [x for i in range(0, len(convs), 64) for x in enc.encode([{"messages": m} for m in convs[i : i + 64]])]
         assert got == want, segments_path
     assert sum(offsets_path) == len(convs)  # the segments path needed the offsets path for no text
     if template == "smollm2":  # the template's own pieces are taken from the cache
@@ -160,8 +189,11 @@ def test_placeholder_spans_give_the_prefix_spans_and_labels(tok, template, tmp_p
     assert sum(1 for _, labels in got for t in labels if t != IGNORE) > 3000  # the spans are not empty
     shapes = list(enc.shapes.values())
     assert len(shapes) >= 6 and all(s is not None for s in shapes)  # both templates write a placeholder once
-    filled = sum(chat.skeleton.fill(enc.shapes[chat.skeleton.shape_key(m)], [x["content"] for x in m])
-                 == chat.render(tok, text, m) for m in convs)
+    filled = sum(
+        chat.skeleton.fill(enc.shapes[chat.skeleton.shape_key(m)], [x["content"] for x in m])
+        == chat.render(tok, text, m)
+        for m in convs
+    )
     assert filled == len(convs) if template == "smollm2" else 0 < filled < len(convs), filled
 
 
@@ -182,13 +214,47 @@ def test_segments_give_the_rust_ids_on_tricky_text(smollm2_dir):
     seg = segments.for_tokenizer(backend)
     assert seg is not None and seg.sep == "<|endoftext|>" and seg.words is not None
     rng = random.Random(0)
-    bits = [" ", "  ", "\t", "\n", "\r\n", "\n\n", "'", "'s", "'re", "'S", "Hello", "x", "12", ".", "!?", "<",
-            "|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im", "Q", " Q", "\x0b", "\x0c", "é", "日", "🦉",
-            "\x1f", "don't", " ' ", "   x", "~"]
+    bits = [
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r\n",
+        "\n\n",
+        "'",
+        "'s",
+        "'re",
+        "'S",
+        "Hello",
+        "x",
+        "12",
+        ".",
+        "!?",
+        "<",
+        "|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im",
+        "Q",
+        " Q",
+        "\x0b",
+        "\x0c",
+        "é",
+        "日",
+        "🦉",
+        "\x1f",
+        "don't",
+        " ' ",
+        "   x",
+        "~",
+    ]
     texts = ["".join(rng.choice(bits) for _ in range(rng.randint(1, 30))) for _ in range(3000)]
     texts += [f"<|im_start|>user\nwhy Q<|im_end|>\n<|im_start|>assistant\nsay {k} Q<|im_end|>\n" for k in range(20)]
     want = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
-    assert [ids for i in range(0, len(texts), 256) for ids in seg.encode(texts[i:i + 256])] == want
+    assert [ids for i in range(0, len(texts), 256) for ids in seg.encode(texts[i : i + 256])] == want
     assert backend.token_to_id("Q<|endoftext|>") in {t for ids in want for t in ids}
     backend.add_special_tokens([AddedToken("<zz>", special=True, normalized=False)])  # checked again, not stale
-    assert segments.for_tokenizer(backend).encode(["a<zz>b"]) == [backend.encode("a<zz>b", add_special_tokens=False).ids]
+    assert segments.for_tokenizer(backend).encode(["a<zz>b"]) == [
+        backend.encode("a<zz>b", add_special_tokens=False).ids
+    ]

@@ -62,8 +62,17 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 def train_dtrain(base_dir: Path, out: Path, *overrides: str) -> torch.Tensor:
     """Train 2 steps with dtrain on the saved base, save the adapter to `out`; dtrain's logits."""
-    cfg = config_lib.load(TINY, ["model.arch=null", f"model.path={base_dir}", f"data.path={CORPUS}",
-                                 "training.warmup_steps=1", "training.max_steps=2", *overrides])
+    cfg = config_lib.load(
+        TINY,
+        [
+            "model.arch=null",
+            f"model.path={base_dir}",
+            f"data.path={CORPUS}",
+            "training.warmup_steps=1",
+            "training.max_steps=2",
+            *overrides,
+        ],
+    )
     backend = SingleBackend(cfg, dist.detect("cpu", "gloo"))
     backend.build()
     backend.setup_optimizer(2)
@@ -85,8 +94,9 @@ def dtrain_adapter(base_dir, tmp_path_factory) -> tuple[Path, torch.Tensor]:
 @pytest.fixture(scope="module")
 def peft_adapter(base_dir, tmp_path_factory) -> tuple[Path, torch.Tensor]:
     """A PEFT-saved adapter with non-zero B (and rsLoRA scaling), and PEFT's logits."""
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, use_rslora=True,
-                          target_modules=["q_proj", "k_proj", "down_proj"])
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.05, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"]
+    )
     model = peft.get_peft_model(load_base(base_dir), cfg)
     torch.manual_seed(3)
     with torch.no_grad():
@@ -157,8 +167,12 @@ def test_merge_writes_a_plain_hf_model(base_dir, dtrain_adapter, tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     bf16 = tmp_path / "merged-bf16"
-    assert cli.main(["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(bf16),
-                     "--dtype", "bf16"]) == 0
+    assert (
+        cli.main(
+            ["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(bf16), "--dtype", "bf16"]
+        )
+        == 0
+    )
     with safe_open(bf16 / "model.safetensors", "pt") as h:
         assert {h.get_tensor(k).dtype for k in h.keys()} == {torch.bfloat16}
     assert AutoModelForCausalLM.from_pretrained(bf16).dtype == torch.bfloat16

@@ -33,11 +33,15 @@ def _run(command: str, argv: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("model,gpus,nodes,memory", [
-    ("Llama-3.1-8B", 8, 1, 24), ("Llama-3.1-70B", 8, 2, 80), ("Llama-3.1-405B", 8, 8, 80)])
+@pytest.mark.parametrize(
+    "model,gpus,nodes,memory", [("Llama-3.1-8B", 8, 1, 24), ("Llama-3.1-70B", 8, 2, 80), ("Llama-3.1-405B", 8, 8, 80)]
+)
 def test_plans_that_fit(capsys, model: str, gpus: int, nodes: int, memory: int) -> None:
-    out = _run("plan", ["--model", model, "--gpus", str(gpus), "--nodes", str(nodes),
-                        "--gpu-memory", f"{memory}GB", "--top", "50"], capsys)
+    out = _run(
+        "plan",
+        ["--model", model, "--gpus", str(gpus), "--nodes", str(nodes), "--gpu-memory", f"{memory}GB", "--top", "50"],
+        capsys,
+    )
     rows = [ROW.match(line) for line in out.splitlines()[2:]]
     assert rows and all(rows), out
     for row in rows:
@@ -48,11 +52,30 @@ def test_plans_that_fit(capsys, model: str, gpus: int, nodes: int, memory: int) 
     # the listed estimate is `dtrain estimate`'s for the same plan
     best = rows[0]
     ckpt = {"off": "false", "blocks": "true", "attention": "attention"}[best.group(4)]
-    est = _run("estimate", ["--model", model, "--gpus", str(gpus), "--nodes", str(nodes), "--backend",
-                            best.group(1), "--bits", best.group(2), "--batch", best.group(3),
-                            "--grad-checkpointing", ckpt, "--chunked-loss",
-                            "true" if best.group(5) == "chunked" else "false", "--json"]
-               + (["--fp32-grads"] if best.group(1) == "deepspeed" else []), capsys)
+    est = _run(
+        "estimate",
+        [
+            "--model",
+            model,
+            "--gpus",
+            str(gpus),
+            "--nodes",
+            str(nodes),
+            "--backend",
+            best.group(1),
+            "--bits",
+            best.group(2),
+            "--batch",
+            best.group(3),
+            "--grad-checkpointing",
+            ckpt,
+            "--chunked-loss",
+            "true" if best.group(5) == "chunked" else "false",
+            "--json",
+        ]
+        + (["--fp32-grads"] if best.group(1) == "deepspeed" else []),
+        capsys,
+    )
     assert f"{yaml.safe_load(est)['per_gpu']['lora']['total'] / GIB:.2f}" == best.group(6)
 
 
@@ -66,8 +89,21 @@ def test_70b_on_two_24gb_gpus_is_refused_with_the_way_out(capsys) -> None:
 
 
 def test_write_emits_a_config_and_its_launch_line(tmp_path, capsys) -> None:
-    out = _run("plan", [str(REPO / "configs" / "llama3.1-70b_qlora_fsdp.yaml"), "--gpus", "8", "--nodes", "2",
-                        "--gpu-memory", "80GB", "--write", str(tmp_path)], capsys)
+    out = _run(
+        "plan",
+        [
+            str(REPO / "configs" / "llama3.1-70b_qlora_fsdp.yaml"),
+            "--gpus",
+            "8",
+            "--nodes",
+            "2",
+            "--gpu-memory",
+            "80GB",
+            "--write",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     text = (tmp_path / "plan.yaml").read_text()
     first = text.splitlines()[0]
     assert first.startswith("# torchrun --nnodes 2") or first.startswith("# deepspeed --hostfile")
@@ -79,8 +115,9 @@ def test_write_emits_a_config_and_its_launch_line(tmp_path, capsys) -> None:
     plan = read_plan(tmp_path / "plan.yaml", {}).plan  # the written config reads back as the plan
     assert (plan.gpus, plan.nodes, plan.targets) == (8, 2, ("all-linear",))
     with pytest.raises(ConfigError, match="exists"):
-        _run("plan", ["--model", "Llama-3.1-8B", "--gpus", "1", "--gpu-memory", "80GB", "--write", str(tmp_path)],
-             capsys)
+        _run(
+            "plan", ["--model", "Llama-3.1-8B", "--gpus", "1", "--gpu-memory", "80GB", "--write", str(tmp_path)], capsys
+        )
 
 
 def test_gpu_memory_and_launch_lines() -> None:
@@ -89,16 +126,26 @@ def test_gpu_memory_and_launch_lines() -> None:
         with pytest.raises(ConfigError, match="--gpu-memory"):
             plan_cli.gpu_memory(bad)
     assert plan_cli.launch_line(Plan(gpus=8), "p.yaml") == "torchrun --nproc_per_node 8 -m dtrain train p.yaml"
-    assert plan_cli.launch_line(Plan(gpus=4, backend="deepspeed"), "p.yaml") == \
-        "deepspeed --num_gpus 4 --module dtrain train p.yaml"
+    assert (
+        plan_cli.launch_line(Plan(gpus=4, backend="deepspeed"), "p.yaml")
+        == "deepspeed --num_gpus 4 --module dtrain train p.yaml"
+    )
 
 
 def test_estimate_config_reads_the_whole_plan(tmp_path, capsys) -> None:
     recipe = REPO / "configs" / "llama3.1-70b_qlora_zero3.yaml"
     read = read_plan(recipe, {})
     p = read.plan
-    assert (p.gpus, p.nodes, p.backend, p.bits, p.rank, p.targets, p.batch, p.seq_len) == \
-        (8, 2, "deepspeed", 4, 16, ("all-linear",), 2, 2048)
+    assert (p.gpus, p.nodes, p.backend, p.bits, p.rank, p.targets, p.batch, p.seq_len) == (
+        8,
+        2,
+        "deepspeed",
+        4,
+        16,
+        ("all-linear",),
+        2,
+        2048,
+    )
     assert (p.grad_checkpointing, p.param_dtype, p.fp32_grads) == (True, "bf16", True)
     assert "chunked_loss = auto (training.chunked_loss not set)" in read.assumed
     out = _run("estimate", [str(recipe), "--rank", "8"], capsys)  # a flag overrides the config
@@ -108,9 +155,21 @@ def test_estimate_config_reads_the_whole_plan(tmp_path, capsys) -> None:
 
 
 def test_config_dict_round_trip() -> None:
-    plan = Plan(gpus=1, backend="deepspeed", bits=8, rank=4, targets=("q_proj", "k_proj"), batch=3,
-                seq_len=512, grad_checkpointing="attention", checkpoint_every=2, param_dtype="bf16",
-                chunked_loss=False, loss_chunk=256, fp32_grads=True)
+    plan = Plan(
+        gpus=1,
+        backend="deepspeed",
+        bits=8,
+        rank=4,
+        targets=("q_proj", "k_proj"),
+        batch=3,
+        seq_len=512,
+        grad_checkpointing="attention",
+        checkpoint_every=2,
+        param_dtype="bf16",
+        chunked_loss=False,
+        loss_chunk=256,
+        fp32_grads=True,
+    )
     back = Plan(gpus=1, **plan_fields(typed(config_dict(plan, {"arch": {"model_type": "llama"}}), "x")))
     assert back == plan
 

@@ -22,8 +22,20 @@ REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "dtrain" / "assets" / "tiny_corpus.txt"
 
 
-@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("45m", 2700), ("2h", 7200), ("1d", 86400),
-                                          ("01:30:00", 5400), ("05:07", 307), ("1-02:00:00", 93600), ("1.5m", 90)])
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("90", 90),
+        ("90s", 90),
+        ("45m", 2700),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("01:30:00", 5400),
+        ("05:07", 307),
+        ("1-02:00:00", 93600),
+        ("1.5m", 90),
+    ],
+)
 def test_durations(text, seconds):
     assert deadline.parse_duration(text) == seconds
 
@@ -65,16 +77,34 @@ def test_every_changed_setting_is_one_line_and_dropout_may_change(tmp_path):
     tok = _tok()
     base = ["data.format=messages", f"data.chat_template={TEMPLATE}"]
     saved = {"format": 2, "settings": resume_check.settings(make_cfg(tmp_path, *base), None, tok)}
-    changed = make_cfg(tmp_path, "data.format=messages", "data.chat_template=x{{ messages }}", "lora.use_rslora=true",
-                       "lora.use_dora=true", "lora.loraplus_lr_ratio=16", "model.dtype=bf16", "data.seq_len=32",
-                       "lora.dropout=0.1", "training.seed=7")
+    changed = make_cfg(
+        tmp_path,
+        "data.format=messages",
+        "data.chat_template=x{{ messages }}",
+        "lora.use_rslora=true",
+        "lora.use_dora=true",
+        "lora.loraplus_lr_ratio=16",
+        "model.dtype=bf16",
+        "data.seq_len=32",
+        "lora.dropout=0.1",
+        "training.seed=7",
+    )
     lines = resume_check.mismatches(saved, resume_check.settings(changed, None, tok), tmp_path)
     keys = [line.split(" was trained with ")[1].split(" = ")[0] for line in lines]
-    assert keys == ["lora.use_rslora", "lora.use_dora", "lora.loraplus_lr_ratio", "model.dtype",
-                    "data.chat_template_hash", "data.seq_len", "training.seed"]
-    assert lines[0] == (f"training.resume=auto: the checkpoint in {tmp_path} was trained with lora.use_rslora = "
-                        "false, this config has lora.use_rslora = true; resume with the same LoRA settings or "
-                        "start a new output.dir")
+    assert keys == [
+        "lora.use_rslora",
+        "lora.use_dora",
+        "lora.loraplus_lr_ratio",
+        "model.dtype",
+        "data.chat_template_hash",
+        "data.seq_len",
+        "training.seed",
+    ]
+    assert lines[0] == (
+        f"training.resume=auto: the checkpoint in {tmp_path} was trained with lora.use_rslora = "
+        "false, this config has lora.use_rslora = true; resume with the same LoRA settings or "
+        "start a new output.dir"
+    )
     assert "lora.loraplus_lr_ratio = null, this config has lora.loraplus_lr_ratio = 16.0" in lines[2]
     with pytest.raises(ConfigError) as e:
         resume_check.check(saved, changed, None, None, tmp_path, tok)
@@ -107,10 +137,14 @@ def test_nonfinite_counts_and_stops_after_n_in_a_row(tmp_path):
     assert rows[1]["skipped"] and rows[1]["nonfinite_steps"] == 1 and "skipped" not in rows[2]
     assert nf.seen(rows[3], "loss") is None
     stop = nf.seen({"step": 5, "loss": float("nan"), "grad_norm": 0.5}, "loss")
-    assert stop == ("step 5: non-finite loss (loss nan, grad norm 0.5) on every rank: step skipped, no update "
-                    "(2 in a row, 3 in all); stopping after 2 in a row (training.nonfinite_max=2)")
+    assert stop == (
+        "step 5: non-finite loss (loss nan, grad norm 0.5) on every rank: step skipped, no update "
+        "(2 in a row, 3 in all); stopping after 2 in a row (training.nonfinite_max=2)"
+    )
     strict = stopping.NonFinite(make_cfg(tmp_path, "training.nonfinite=stop"))
-    assert strict.seen({"step": 1, "loss": float("nan"), "grad_norm": 1.0}, "loss").endswith("(training.nonfinite=stop)")
+    assert strict.seen({"step": 1, "loss": float("nan"), "grad_norm": 1.0}, "loss").endswith(
+        "(training.nonfinite=stop)"
+    )
 
 
 def test_skipped_step_updates_nothing(tmp_path):
@@ -154,9 +188,11 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path):
             checkpoint.save_training(backend, cfg, out, 2, PLAN)
         need = sum(t.numel() * t.element_size() for t in want.values()) * 3  # adapter + AdamW's two moments
         free = shutil.disk_usage(out).free
-        assert str(e.value) == (f"checkpoint of step 2 not written: no space left on device in {out / 'checkpoints'} "
-                                f"(it needs about {need / 2**20:.2f} MiB, {free / 2**20:.2f} MiB free); the previous "
-                                f"checkpoint {first} is intact (training.resume=auto continues from it)")
+        assert str(e.value) == (
+            f"checkpoint of step 2 not written: no space left on device in {out / 'checkpoints'} "
+            f"(it needs about {need / 2**20:.2f} MiB, {free / 2**20:.2f} MiB free); the previous "
+            f"checkpoint {first} is intact (training.resume=auto continues from it)"
+        )
         assert e.value.exit_code == 1 and sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
         assert checkpoint.verify(first) is None
         assert checkpoint.maybe_resume(backend, cfg, out, PLAN) == 1

@@ -18,8 +18,12 @@ from dtrain.errors import ConfigError
 from dtrain.model.tokenizer import build_tokenizer
 
 SYSTEM = {"role": "system", "content": "Answer briefly."}
-PROMPT = [SYSTEM, {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."},
-          {"role": "user", "content": "And times three?"}]
+PROMPT = [
+    SYSTEM,
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And times three?"},
+]
 CHOSEN, REJECTED = "Twelve.", "Seven, I believe."
 
 
@@ -37,14 +41,17 @@ def encode(tok, tmp_path, records, **kw):
 
 def sft_last_turn(tok, tmp_path, messages):
     """SFT's (ids, labels) of the conversation, labels kept on its last assistant turn only."""
-    (ids, labels), = encode(tok, tmp_path, [{"messages": messages}], format="messages").seqs
+    ((ids, labels),) = encode(tok, tmp_path, [{"messages": messages}], format="messages").seqs
     first_of_last = max(i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
     return ids, [IGNORE] * first_of_last + labels[first_of_last:]
 
 
 def test_scored_tokens_are_sfts_labels_of_that_turn(tok, tmp_path):
-    rec = {"prompt": PROMPT, "chosen": [{"role": "assistant", "content": CHOSEN}],
-           "rejected": [{"role": "assistant", "content": REJECTED}]}
+    rec = {
+        "prompt": PROMPT,
+        "chosen": [{"role": "assistant", "content": CHOSEN}],
+        "rejected": [{"role": "assistant", "content": REJECTED}],
+    }
     enc = encode(tok, tmp_path, [rec])
     assert len(enc.seqs) == 2 and enc.counts["examples"] == 1
     for got, text in zip(enc.seqs, (CHOSEN, REJECTED)):
@@ -56,8 +63,11 @@ def test_scored_tokens_are_sfts_labels_of_that_turn(tok, tmp_path):
 
 def test_trl_shapes_and_field_names(tok, tmp_path):
     """A string prompt is a user turn, string completions assistant turns; field names are configurable."""
-    conv = {"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "assistant", "content": "Hello."}],
-            "rejected": [{"role": "assistant", "content": "Go away."}]}
+    conv = {
+        "prompt": [{"role": "user", "content": "Hi?"}],
+        "chosen": [{"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "assistant", "content": "Go away."}],
+    }
     plain = {"q": "Hi?", "good": "Hello.", "bad": "Go away."}
     a = encode(tok, tmp_path, [conv]).seqs
     b = encode(tok, tmp_path, [plain], prompt_field="q", chosen_field="good", rejected_field="bad").seqs
@@ -70,8 +80,8 @@ def test_without_a_template_like_instruction(tmp_path):
     tok = build_tokenizer(corpus)
     (ic, lc), (ir, lr) = encode(tok, tmp_path, [{"prompt": "Q: colour? ", "chosen": "red", "rejected": "blue"}]).seqs
     p = tok("Q: colour? ", add_special_tokens=False)["input_ids"]
-    assert ic[:len(p)] == ir[:len(p)] == p and lc[:len(p)] == [IGNORE] * len(p)
-    assert lc[len(p):] == tok("red", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ic[: len(p)] == ir[: len(p)] == p and lc[: len(p)] == [IGNORE] * len(p)
+    assert lc[len(p) :] == tok("red", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
 def test_truncation_keeps_the_prompt_end_and_both_completions(tok, tmp_path):
@@ -89,7 +99,7 @@ def test_truncation_keeps_the_prompt_end_and_both_completions(tok, tmp_path):
     assert dropped["too_long"] == 2 and "dropped 2 over seq_len" in describe(dropped)
     kept = encode(tok, tmp_path, [rec], max_prompt_tokens=10)
     (mc, mlc), _ = kept.seqs
-    assert kept.counts["prompt_cut"] == 1 and mc[:10] == fc[len(fc) - len(mc):][:10]
+    assert kept.counts["prompt_cut"] == 1 and mc[:10] == fc[len(fc) - len(mc) :][:10]
     assert preference._prompt_len(mlc) == 10  # prompt tokens before the first scored one
     long_answer = {"prompt": "Hi?", "chosen": "yes " * 80, "rejected": "no"}
     counts = encode(tok, tmp_path, [short, long_answer], seq_len=60, truncation="truncate").counts
@@ -121,6 +131,6 @@ def test_pairs_are_grouped_and_rows_interleaved(tok, tmp_path):
 
     batch = rows.take(torch.tensor([2, 0]))
     assert batch["input_ids"].shape[0] == 4  # cut to the longest of the four rows
-    assert batch["input_ids"][0, :len(pairs[2][0][0])].tolist() == pairs[2][0][0]
-    assert batch["input_ids"][1, :len(pairs[2][1][0])].tolist() == pairs[2][1][0]
-    assert batch["input_ids"][2, :len(pairs[0][0][0])].tolist() == pairs[0][0][0]
+    assert batch["input_ids"][0, : len(pairs[2][0][0])].tolist() == pairs[2][0][0]
+    assert batch["input_ids"][1, : len(pairs[2][1][0])].tolist() == pairs[2][1][0]
+    assert batch["input_ids"][2, : len(pairs[0][0][0])].tolist() == pairs[0][0][0]

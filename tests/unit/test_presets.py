@@ -11,27 +11,57 @@ from dtrain.errors import ConfigError
 from dtrain.lora import targets as presets
 from dtrain.model import build as model_lib
 
-DECODER = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2)
+DECODER = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 CONFIGS = {
-    "llama": dict(DECODER), "mistral": dict(DECODER), "qwen2": dict(DECODER),
+    "llama": dict(DECODER),
+    "mistral": dict(DECODER),
+    "qwen2": dict(DECODER),
     "gemma": dict(DECODER, head_dim=8),
     "gpt2": dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-    "bert": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, is_decoder=True),
+    "bert": dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        is_decoder=True,
+    ),
 }
-LLAMA = {"attention-qv": ["self_attn.q_proj", "self_attn.v_proj"],
-         "attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
-         "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
+LLAMA = {
+    "attention-qv": ["self_attn.q_proj", "self_attn.v_proj"],
+    "attention": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+}
 EXPECTED = {
     **{t: ("model.layers.{i}.", LLAMA) for t in ("llama", "mistral", "qwen2", "gemma")},
-    "gpt2": ("transformer.h.{i}.", {"attention-qv": ["attn.c_attn"], "attention": ["attn.c_attn", "attn.c_proj"],
-                                    "mlp": ["mlp.c_fc", "mlp.c_proj"]}),
-    "bert": ("bert.encoder.layer.{i}.", {
-        "attention-qv": ["attention.self.query", "attention.self.value"],
-        "attention": ["attention.self.query", "attention.self.key", "attention.self.value",
-                      "attention.output.dense"],
-        "mlp": ["intermediate.dense", "output.dense"]}),
+    "gpt2": (
+        "transformer.h.{i}.",
+        {
+            "attention-qv": ["attn.c_attn"],
+            "attention": ["attn.c_attn", "attn.c_proj"],
+            "mlp": ["mlp.c_fc", "mlp.c_proj"],
+        },
+    ),
+    "bert": (
+        "bert.encoder.layer.{i}.",
+        {
+            "attention-qv": ["attention.self.query", "attention.self.value"],
+            "attention": [
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+            ],
+            "mlp": ["intermediate.dense", "output.dense"],
+        },
+    ),
 }
 
 
@@ -78,4 +108,6 @@ def test_training_with_a_preset(tmp_path):
 
     train(tmp_path / "run", ["lora.targets=attention", "training.max_steps=1"])
     layers = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in adapter(tmp_path / "run")}
-    assert layers == {f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert layers == {
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }

@@ -231,12 +231,15 @@ class _FakeLoRA(nn.Module):
 def test_quantize_model_replaces_lora_base_layer_only() -> None:
     torch.manual_seed(0)
     shared = nn.Linear(8, 8)
-    model = nn.ModuleDict({
-        "proj": _FakeLoRA(nn.Linear(8, 16)),
-        "plain": nn.Linear(16, 8),
-        "a": nn.Sequential(shared), "b": nn.Sequential(shared),
-        "lm_head": _FakeLoRA(nn.Linear(8, 32)),
-    })
+    model = nn.ModuleDict(
+        {
+            "proj": _FakeLoRA(nn.Linear(8, 16)),
+            "plain": nn.Linear(16, 8),
+            "a": nn.Sequential(shared),
+            "b": nn.Sequential(shared),
+            "lm_head": _FakeLoRA(nn.Linear(8, 32)),
+        }
+    )
     n = quantize_model(model, 8)
     # proj.base_layer, plain and shared (once); not lm_head's base, not any lora_A / lora_B.
     assert n == 3
@@ -254,8 +257,7 @@ def test_quantize_model_replaces_lora_base_layer_only() -> None:
 
 
 def test_quantize_model_custom_skip() -> None:
-    model = nn.ModuleDict({"proj": _FakeLoRA(nn.Linear(8, 16)), "head": nn.Linear(16, 4),
-                           "keep": nn.Linear(4, 4)})
+    model = nn.ModuleDict({"proj": _FakeLoRA(nn.Linear(8, 16)), "head": nn.Linear(16, 4), "keep": nn.Linear(4, 4)})
     n = quantize_model(model, 4, skip=lambda name: name == "keep")
     assert n == 2  # a custom skip replaces the default rule: "head" is quantized too
     assert isinstance(model["proj"].base_layer, QuantLinear)
@@ -267,8 +269,13 @@ def test_quantize_model_custom_skip() -> None:
 def _tiny_llama() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=64,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()

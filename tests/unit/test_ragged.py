@@ -33,8 +33,11 @@ def test_ragged_select_concat_and_cache_arrays() -> None:
     assert r.offsets.tolist() == [0, *torch.tensor([len(s) for s, _ in seqs]).cumsum(0).tolist()]
     assert r.seqs() == seqs
     assert r.select(torch.tensor([4, 0, 4])).seqs() == [seqs[4], seqs[0], seqs[4]]
-    assert Ragged.concat([r.select(torch.tensor([1])), r.select(torch.tensor([5, 2]))]).seqs() == \
-        [seqs[1], seqs[5], seqs[2]]
+    assert Ragged.concat([r.select(torch.tensor([1])), r.select(torch.tensor([5, 2]))]).seqs() == [
+        seqs[1],
+        seqs[5],
+        seqs[2],
+    ]
 
 
 def test_micro_batch_is_cut_to_its_longest_row() -> None:
@@ -52,8 +55,15 @@ def test_micro_batch_is_cut_to_its_longest_row() -> None:
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).float().train()
 
 
@@ -119,9 +129,13 @@ def test_attn_implementation_reaches_the_model_config() -> None:
     from tests.helpers import TINY
 
     for impl in ("sdpa", "eager"):
-        assert model.hf_config(config.load(TINY, [f"model.attn_implementation={impl}"]).model)._attn_implementation \
-            == impl
+        assert (
+            model.hf_config(config.load(TINY, [f"model.attn_implementation={impl}"]).model)._attn_implementation == impl
+        )
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match=r"model.attn_implementation = flash_attention_2 needs CUDA and the "
-                                              r"flash_attn package; use sdpa or eager here"):
+        with pytest.raises(
+            ConfigError,
+            match=r"model.attn_implementation = flash_attention_2 needs CUDA and the "
+            r"flash_attn package; use sdpa or eager here",
+        ):
             config.load(TINY, ["model.attn_implementation=flash_attention_2"])

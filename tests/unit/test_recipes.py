@@ -19,20 +19,38 @@ from tools import recipes_table
 
 RECIPES = {r.path.name: r for r in recipes_table.find_recipes()}
 # Parameter counts of the published checkpoints (embeddings and head counted once when tied).
-PUBLISHED = {"Llama-3.1-8B-Instruct": 8_030_261_248, "Llama-3.1-70B-Instruct": 70_553_706_496,
-             "Qwen2.5-7B-Instruct": 7_615_616_512, "Mistral-7B-Instruct-v0.3": 7_248_023_552,
-             "smollm2-135m-instruct": 134_515_008, "gemma3-270m": 268_098_176,
-             "Qwen3-30B-A3B-Instruct-2507": 30_532_122_624, "Mixtral-8x7B-Instruct-v0.1": 46_702_792_704}
-PER_LAYER = {"attention-qv": 2, "attention": 4, "mlp": 3, "all-linear": 7,
-             "all": 6}  # MoE: q, k, v, o and the fused gate_up_proj, down_proj (the router is no nn.Linear)
+PUBLISHED = {
+    "Llama-3.1-8B-Instruct": 8_030_261_248,
+    "Llama-3.1-70B-Instruct": 70_553_706_496,
+    "Qwen2.5-7B-Instruct": 7_615_616_512,
+    "Mistral-7B-Instruct-v0.3": 7_248_023_552,
+    "smollm2-135m-instruct": 134_515_008,
+    "gemma3-270m": 268_098_176,
+    "Qwen3-30B-A3B-Instruct-2507": 30_532_122_624,
+    "Mixtral-8x7B-Instruct-v0.1": 46_702_792_704,
+}
+PER_LAYER = {
+    "attention-qv": 2,
+    "attention": 4,
+    "mlp": 3,
+    "all-linear": 7,
+    "all": 6,
+}  # MoE: q, k, v, o and the fused gate_up_proj, down_proj (the router is no nn.Linear)
 
 
 def test_every_recipe_is_found():
     assert set(RECIPES) == {
-        "smollm2_dates.yaml", "llama3.1-8b_lora_fsdp.yaml", "llama3.1-8b_qlora_24gb.yaml",
-        "llama3.1-70b_qlora_fsdp.yaml", "llama3.1-70b_qlora_zero3.yaml", "qwen2.5-7b_lora_fsdp.yaml",
-        "mistral-7b_lora_zero3.yaml", "gemma3-270m_dates.yaml", "qwen3-30b-a3b_qlora_fsdp.yaml",
-        "mixtral-8x7b_qlora_zero3.yaml"}
+        "smollm2_dates.yaml",
+        "llama3.1-8b_lora_fsdp.yaml",
+        "llama3.1-8b_qlora_24gb.yaml",
+        "llama3.1-70b_qlora_fsdp.yaml",
+        "llama3.1-70b_qlora_zero3.yaml",
+        "qwen2.5-7b_lora_fsdp.yaml",
+        "mistral-7b_lora_zero3.yaml",
+        "gemma3-270m_dates.yaml",
+        "qwen3-30b-a3b_qlora_fsdp.yaml",
+        "mixtral-8x7b_qlora_zero3.yaml",
+    }
     for r in RECIPES.values():
         assert r.command.endswith(f"dtrain train configs/{r.path.name}")
 
@@ -71,8 +89,9 @@ def test_recipe_builds_on_meta_and_targets_resolve(name, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama3.1-8b_qlora_24gb.yaml",
-                                  pytest.param("llama3.1-70b_qlora_zero3.yaml", marks=pytest.mark.ondemand)])
+@pytest.mark.parametrize(
+    "name", ["llama3.1-8b_qlora_24gb.yaml", pytest.param("llama3.1-70b_qlora_zero3.yaml", marks=pytest.mark.ondemand)]
+)
 def test_dtrain_estimate_command_on_a_recipe(name):
     recipe = RECIPES[name]
     proc = run_dtrain(["estimate", *recipes_table.estimate_argv(recipe), "--json"], timeout=600)

@@ -88,11 +88,17 @@ print(json.dumps(simulate_zero3(cfg, 64)))
 def test_zero3_on_the_fake_group_equals_the_estimate() -> None:
     """DeepSpeed's own partitioning (zero.Init, its engine, one real step) at 64 fake ranks; in a
     child process, since zero.Init patches torch.nn.functional.linear for good."""
-    args = ["backend.name=deepspeed", "lora.targets=[q_proj,v_proj]", "training.micro_batch_size=2",
-            "data.seq_len=16"]
+    args = ["backend.name=deepspeed", "lora.targets=[q_proj,v_proj]", "training.micro_batch_size=2", "data.seq_len=16"]
     cfg = config_lib.load(TINY, args)
-    proc = subprocess.run([sys.executable, "-c", ZERO3, str(TINY), *args], cwd=REPO, env=env_for_tests(),
-                          capture_output=True, text=True, timeout=600, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", ZERO3, str(TINY), *args],
+        cwd=REPO,
+        env=env_for_tests(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
     sim = json.loads(proc.stdout.strip().splitlines()[-1])
     est = _estimate(cfg, 64).lora.as_dict()
     assert sim == {k: est[k] for k in STATES}

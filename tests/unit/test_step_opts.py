@@ -24,8 +24,9 @@ FOUR = "model.arch.num_hidden_layers=4"
 
 
 def build(*overrides: str) -> SingleBackend:
-    cfg = config.load(TINY, [f"data.path={CORPUS}", "backend.device=cpu", "lora.targets=[q_proj,v_proj]", FOUR,
-                             *overrides])
+    cfg = config.load(
+        TINY, [f"data.path={CORPUS}", "backend.device=cpu", "lora.targets=[q_proj,v_proj]", FOUR, *overrides]
+    )
     backend = SingleBackend(cfg, dist.detect("cpu", "gloo"))
     backend.build()
     return backend
@@ -55,19 +56,26 @@ def plain():
     return run_counting(build())
 
 
-@pytest.mark.parametrize("policy, every, attn_twice, mlp_twice", [
-    ("true", 1, [0, 1, 2, 3], [0, 1, 2, 3]),
-    ("true", 2, [0, 2], [0, 2]),
-    ("attention", 1, [0, 1, 2, 3], []),
-    ("attention", 3, [0, 3], []),
-])
+@pytest.mark.parametrize(
+    "policy, every, attn_twice, mlp_twice",
+    [
+        ("true", 1, [0, 1, 2, 3], [0, 1, 2, 3]),
+        ("true", 2, [0, 2], [0, 2]),
+        ("attention", 1, [0, 1, 2, 3], []),
+        ("attention", 3, [0, 3], []),
+    ],
+)
 def test_policy_recomputes_the_chosen_modules_with_equal_results(plain, policy, every, attn_twice, mlp_twice):
-    loss, grads, counts = run_counting(build(f"model.gradient_checkpointing={policy}",
-                                             f"model.gradient_checkpointing_every={every}"))
+    loss, grads, counts = run_counting(
+        build(f"model.gradient_checkpointing={policy}", f"model.gradient_checkpointing_every={every}")
+    )
     ref_loss, ref_grads, ref_counts = plain
     assert ref_counts == {f"{i}.{p}": 1 for i in range(4) for p in ("self_attn", "mlp")}
-    assert counts == {f"{i}.{p}": 1 + (i in (attn_twice if p == "self_attn" else mlp_twice))
-                      for i in range(4) for p in ("self_attn", "mlp")}
+    assert counts == {
+        f"{i}.{p}": 1 + (i in (attn_twice if p == "self_attn" else mlp_twice))
+        for i in range(4)
+        for p in ("self_attn", "mlp")
+    }
     assert abs(loss - ref_loss) <= 1e-6 * ref_loss
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-6, atol=1e-7)

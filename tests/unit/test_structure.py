@@ -17,8 +17,12 @@ def module_name(path: Path) -> str:
 
 
 def _is_type_checking(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING" or \
-        isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"
+    return (
+        isinstance(node.test, ast.Name)
+        and node.test.id == "TYPE_CHECKING"
+        or isinstance(node.test, ast.Attribute)
+        and node.test.attr == "TYPE_CHECKING"
+    )
 
 
 def imported_modules(path: Path, known: set[str]) -> set[str]:
@@ -115,8 +119,16 @@ def test_functions_have_at_most_60_lines():
 # ---- where each kind of code may live -------------------------------------------------------
 
 ENGINES = ("torch.distributed", "deepspeed")
-LIGHT_CONFIG = ("dtrain.model", "dtrain.backends", "dtrain.training", "dtrain.inference", "dtrain.lora",
-                "dtrain.cli", "dtrain.memory", "dtrain.analysis")
+LIGHT_CONFIG = (
+    "dtrain.model",
+    "dtrain.backends",
+    "dtrain.training",
+    "dtrain.inference",
+    "dtrain.lora",
+    "dtrain.cli",
+    "dtrain.memory",
+    "dtrain.analysis",
+)
 
 
 def all_imports(path: Path) -> set[str]:
@@ -129,8 +141,12 @@ def all_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             out.add(node.module)
             out.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Attribute) and node.attr == "distributed" and \
-                isinstance(node.value, ast.Name) and node.value.id == "torch":
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "distributed"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "torch"
+        ):
             out.add("torch.distributed")
     return out
 
@@ -140,8 +156,11 @@ def _named(modules: set[str], prefixes: tuple[str, ...]) -> set[str]:
 
 
 def test_only_backends_import_torch_distributed_and_deepspeed():
-    outside = {str(p.relative_to(REPO)): sorted(found) for p in PACKAGE.rglob("*.py")
-               if "backends" not in p.relative_to(PACKAGE).parts and (found := _named(all_imports(p), ENGINES))}
+    outside = {
+        str(p.relative_to(REPO)): sorted(found)
+        for p in PACKAGE.rglob("*.py")
+        if "backends" not in p.relative_to(PACKAGE).parts and (found := _named(all_imports(p), ENGINES))
+    }
     assert outside == {}
     assert _named(all_imports(PACKAGE / "backends" / "deepspeed.py"), ENGINES)  # the walk sees them
 
@@ -149,8 +168,11 @@ def test_only_backends_import_torch_distributed_and_deepspeed():
 def test_config_imports_no_model_backends_or_training():
     """dtrain/config/ is pure: loading a config downloads nothing and builds nothing (named models
     are resolved by dtrain/model/sources.py, for the commands that run one)."""
-    heavy = {str(p.relative_to(REPO)): sorted(found) for p in (PACKAGE / "config").rglob("*.py")
-             if (found := _named(all_imports(p), LIGHT_CONFIG))}
+    heavy = {
+        str(p.relative_to(REPO)): sorted(found)
+        for p in (PACKAGE / "config").rglob("*.py")
+        if (found := _named(all_imports(p), LIGHT_CONFIG))
+    }
     assert heavy == {}
     assert _named(all_imports(PACKAGE / "model" / "sources.py"), ("dtrain.config",))  # the walk sees dtrain imports
 
@@ -164,18 +186,30 @@ def test_the_engine_rule_catches_an_attribute_use(tmp_path):
 # ---- one home per concept: each of these is defined once, in the file named ---------------
 
 ONE_HOME = {
-    "output_head": "dtrain/model/layers.py", "head_names": "dtrain/model/layers.py",
-    "is_head_name": "dtrain/model/layers.py", "HEAD_NAMES": "dtrain/model/layers.py",
-    "decoder_blocks": "dtrain/model/layers.py", "input_embeddings": "dtrain/model/layers.py",
-    "resolve_named_models": "dtrain/model/sources.py", "load_config": "dtrain/model/sources.py",
-    "is_hub_id": "dtrain/config/names.py", "is_builtin": "dtrain/config/names.py",
-    "gguf_hint": "dtrain/config/names.py", "parse_duration": "dtrain/config/types.py",
-    "replace_dir": "dtrain/storage/files.py", "publish": "dtrain/storage/files.py",
-    "rank": "dtrain/backends/launcher.py", "is_multi_process": "dtrain/backends/launcher.py",
-    "together": "dtrain/backends/collectives.py", "DiskFull": "dtrain/errors.py",
-    "assemble": "dtrain/training/assembly.py", "prepare": "dtrain/data/pipeline.py",  # was two `prepare`s
-    "targeted_linears": "dtrain/memory/estimate.py", "full_optimizer_state": "dtrain/backends/zero3_state.py",
-    "labelled_tokens": "dtrain/training/loss.py", "load_tokenizer": "dtrain/model/tokenizer.py",
+    "output_head": "dtrain/model/layers.py",
+    "head_names": "dtrain/model/layers.py",
+    "is_head_name": "dtrain/model/layers.py",
+    "HEAD_NAMES": "dtrain/model/layers.py",
+    "decoder_blocks": "dtrain/model/layers.py",
+    "input_embeddings": "dtrain/model/layers.py",
+    "resolve_named_models": "dtrain/model/sources.py",
+    "load_config": "dtrain/model/sources.py",
+    "is_hub_id": "dtrain/config/names.py",
+    "is_builtin": "dtrain/config/names.py",
+    "gguf_hint": "dtrain/config/names.py",
+    "parse_duration": "dtrain/config/types.py",
+    "replace_dir": "dtrain/storage/files.py",
+    "publish": "dtrain/storage/files.py",
+    "rank": "dtrain/backends/launcher.py",
+    "is_multi_process": "dtrain/backends/launcher.py",
+    "together": "dtrain/backends/collectives.py",
+    "DiskFull": "dtrain/errors.py",
+    "assemble": "dtrain/training/assembly.py",
+    "prepare": "dtrain/data/pipeline.py",  # was two `prepare`s
+    "targeted_linears": "dtrain/memory/estimate.py",
+    "full_optimizer_state": "dtrain/backends/zero3_state.py",
+    "labelled_tokens": "dtrain/training/loss.py",
+    "load_tokenizer": "dtrain/model/tokenizer.py",
     "alpaca_turns": "dtrain/data/chat.py",
 }
 
@@ -185,8 +219,13 @@ def definitions() -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for p in PACKAGE.rglob("*.py"):
         for node in ast.parse(p.read_text()).body:
-            names = [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-                [t.id for t in node.targets if isinstance(t, ast.Name)] if isinstance(node, ast.Assign) else []
+            names = (
+                [node.name]
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                else [t.id for t in node.targets if isinstance(t, ast.Name)]
+                if isinstance(node, ast.Assign)
+                else []
+            )
             for n in names:
                 out.setdefault(n, set()).add(str(p.relative_to(REPO)))
     return out
@@ -210,4 +249,6 @@ def test_the_build_sequence_is_written_once():
                     if isinstance(f, ast.FunctionDef):
                         methods.setdefault(f.name, set()).add(f"{p.name}:{node.name}")
     assert methods["_build"] == {"base.py:Backend"}
-    assert {"fsdp.py:FSDPBackend", "deepspeed.py:DeepSpeedBackend", "single.py:SingleBackend"} <= methods["_materialize"]
+    assert {"fsdp.py:FSDPBackend", "deepspeed.py:DeepSpeedBackend", "single.py:SingleBackend"} <= methods[
+        "_materialize"
+    ]

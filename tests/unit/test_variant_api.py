@@ -117,8 +117,9 @@ def test_a_toy_variant_runs_through_the_layer_and_the_model_operations(gated):
     assert trainable == [f"{m}.{k}.default.weight" for m in ("down", "up") for k in ("lora_A", "lora_B", "lora_gate")]
     assert [lora.is_loraplus_fast(n) for n in trainable[:3]] == [False, True, True]
     state = lora.adapter_state_dict(model, "default")
-    assert sorted(state) == [f"base_model.model.{m}.{k}" for m in ("down", "up")
-                             for k in ("lora_A.weight", "lora_B.weight", "lora_gate")]  # PEFT's bare state key
+    assert sorted(state) == [
+        f"base_model.model.{m}.{k}" for m in ("down", "up") for k in ("lora_A.weight", "lora_B.weight", "lora_gate")
+    ]  # PEFT's bare state key
     assert all(lora.from_peft_key(k, "default") in dict(model.named_parameters()) for k in state)
     adapted = model(x)
     lora.merge(model)
@@ -144,8 +145,14 @@ def test_adapter_files_with_a_toy_variants_state_are_read_only_with_its_flag(gat
 def _code_names(path: Path) -> set[str]:
     """Identifiers and non-docstring string constants of a module's code."""
     tree = ast.parse(path.read_text())
-    docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))
-            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
     out = set()
     for n in ast.walk(tree):
         if isinstance(n, ast.Name):
@@ -157,8 +164,10 @@ def _code_names(path: Path) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("module", ["lora/layer.py", "lora/ops.py", "lora/targets.py", "lora/peft_format.py",
-                                    "lora/base_weight.py", "model/build.py"])
+@pytest.mark.parametrize(
+    "module",
+    ["lora/layer.py", "lora/ops.py", "lora/targets.py", "lora/peft_format.py", "lora/base_weight.py", "model/build.py"],
+)
 def test_the_layer_and_model_code_name_no_variant(module):
     """DoRA lives in its variant: no `dora`, `use_dora` or magnitude in the code (docstrings may cite
     it; the flag is a field of AdapterSpec, its one mention)."""
@@ -170,6 +179,10 @@ def test_one_home_for_targetable_linears_and_the_base_weight():
     """The old second homes are gone: presets' weight_module_names, DoRA's base_weight helpers, the
     layer's private float-weight helpers."""
     old = {"weight_module_names", "whole_base_weight", "_has_float_weight", "_dequantized_linear"}
-    defined = {n.name for p in DTRAIN.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
-               if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined = {
+        n.name
+        for p in DTRAIN.rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+    }
     assert old & defined == set()
