@@ -37,6 +37,32 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def sft_config(a: argparse.Namespace, SFTConfig):
+    """TRL's settings for the same run as dtrain's: LR, steps, micro-batch, packing, assistant-only loss."""
+    return SFTConfig(
+        output_dir=a.out,
+        max_length=a.seq_len,
+        per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=1,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        max_steps=a.steps,
+        logging_steps=1,
+        use_cpu=True,
+        packing=bool(a.packing),
+        completion_only_loss=True,
+        report_to=[],
+        save_strategy="no",
+        seed=a.seed,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+        warmup_steps=0,
+        weight_decay=0.0,
+        bf16=False,
+        fp16=False,
+    )  # SFTConfig defaults to bf16 autocast: fp32 like dtrain (2e-3 off else)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     import torch
@@ -70,28 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32, attn_implementation="sdpa")
-    cfg = SFTConfig(
-        output_dir=a.out,
-        max_length=a.seq_len,
-        per_device_train_batch_size=a.micro_batch,
-        gradient_accumulation_steps=1,
-        learning_rate=a.lr,
-        lr_scheduler_type="constant",
-        max_steps=a.steps,
-        logging_steps=1,
-        use_cpu=True,
-        packing=bool(a.packing),
-        completion_only_loss=True,
-        report_to=[],
-        save_strategy="no",
-        seed=a.seed,
-        dataloader_num_workers=0,
-        max_grad_norm=1.0,
-        warmup_steps=0,
-        weight_decay=0.0,
-        bf16=False,
-        fp16=False,
-    )  # SFTConfig defaults to bf16 autocast: fp32 like dtrain (2e-3 off else)
+    cfg = sft_config(a, SFTConfig)
     lora = LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = Recording(
         model=model,

@@ -392,13 +392,3 @@ def fill_full(model: nn.Module, source: WeightSource) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(source.read(name).to(p.dtype))
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing in every decoder layer (HF's switch)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.config.use_cache = False

@@ -13,7 +13,7 @@ does for a Conv1D) and quantized expert by expert:
 Dim 0 is the expert in every tensor, so FSDP2 (rows) and ZeRO-3 (flat partitions) shard them like
 the float parameter, and a rank loading its rows reads and quantizes only its own experts.
 
-The grouped expert forward (dtrain/lora/experts.py) calls `grouped_linear`: tokens sorted by expert, one
+The grouped expert forward (dtrain/lora/expert_forward.py) calls `grouped_linear`: tokens sorted by expert, one
 matmul per expert with its weight dequantized on the spot; a custom autograd function saves the
 quantized storage (not the float weight) and dequantizes again in backward, so the float [E, ...]
 tensor never exists, in forward or held for backward. No distributed code here.

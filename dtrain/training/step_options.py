@@ -27,7 +27,6 @@ from dtrain.training import loss as loss_lib
 
 def apply_checkpointing(model: nn.Module, policy: bool | str, every: int) -> list[int]:
     """Turn on the checkpointing policy; returns the indices of the blocks that recompute."""
-    from dtrain.model import build as model_lib
 
     if not policy:
         return []
@@ -38,7 +37,7 @@ def apply_checkpointing(model: nn.Module, policy: bool | str, every: int) -> lis
             checkpoint_attention(_attention(blocks[i]))
         model.config.use_cache = False
         return chosen
-    model_lib.enable_gradient_checkpointing(model)
+    enable_gradient_checkpointing(model)
     for i, block in enumerate(blocks):
         if i not in chosen and hasattr(block, "gradient_checkpointing"):
             block.gradient_checkpointing = False
@@ -144,3 +143,13 @@ def describe(model: nn.Module, cfg) -> list[str]:
 
 def _ranges(chosen: list[int], every: int) -> str:
     return f"{chosen[0]}..{chosen[-1]} every {every}" if every > 1 and len(chosen) > 2 else str(chosen)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing in every decoder layer (HF's switch)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False

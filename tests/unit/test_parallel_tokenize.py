@@ -197,6 +197,44 @@ def test_placeholder_spans_give_the_prefix_spans_and_labels(tok, template, tmp_p
     assert filled == len(convs) if template == "smollm2" else 0 < filled < len(convs), filled
 
 
+# whitespace runs, contractions, digits, added tokens and parts of them, non-ASCII and control characters
+TRICKY_PIECES = [
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\n\n",
+    "'",
+    "'s",
+    "'re",
+    "'S",
+    "Hello",
+    "x",
+    "12",
+    ".",
+    "!?",
+    "<",
+    "|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|im",
+    "Q",
+    " Q",
+    "\x0b",
+    "\x0c",
+    "é",
+    "日",
+    "🦉",
+    "\x1f",
+    "don't",
+    " ' ",
+    "   x",
+    "~",
+]
+
+
 def test_segments_give_the_rust_ids_on_tricky_text(smollm2_dir):
     """segments.py's ids equal the Rust tokenizer's on random strings of tricky pieces (whitespace
     runs, contractions, digits, added tokens and parts of them, non-ASCII and control characters:
@@ -214,42 +252,7 @@ def test_segments_give_the_rust_ids_on_tricky_text(smollm2_dir):
     seg = segments.for_tokenizer(backend)
     assert seg is not None and seg.sep == "<|endoftext|>" and seg.words is not None
     rng = random.Random(0)
-    bits = [
-        " ",
-        "  ",
-        "\t",
-        "\n",
-        "\r\n",
-        "\n\n",
-        "'",
-        "'s",
-        "'re",
-        "'S",
-        "Hello",
-        "x",
-        "12",
-        ".",
-        "!?",
-        "<",
-        "|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|endoftext|>",
-        "<|im",
-        "Q",
-        " Q",
-        "\x0b",
-        "\x0c",
-        "é",
-        "日",
-        "🦉",
-        "\x1f",
-        "don't",
-        " ' ",
-        "   x",
-        "~",
-    ]
-    texts = ["".join(rng.choice(bits) for _ in range(rng.randint(1, 30))) for _ in range(3000)]
+    texts = ["".join(rng.choice(TRICKY_PIECES) for _ in range(rng.randint(1, 30))) for _ in range(3000)]
     texts += [f"<|im_start|>user\nwhy Q<|im_end|>\n<|im_start|>assistant\nsay {k} Q<|im_end|>\n" for k in range(20)]
     want = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     assert [ids for i in range(0, len(texts), 256) for ids in seg.encode(texts[i : i + 256])] == want
