@@ -6,12 +6,19 @@ fused expert weights."""
 from __future__ import annotations
 
 import functools
+import importlib
 
-import bitsandbytes.functional as bnbf
 import torch
 from torch import Tensor
 
 from dtrain.model.layers import NF4_BLOCKSIZE
+
+
+def _bnb():
+    """bitsandbytes.functional, imported on first use: its import sets up torch.compile (seconds),
+    which a run without a quantized layer never needs (the trainer imports this module)."""
+    return importlib.import_module("bitsandbytes.functional")
+
 
 SUPPORTED_BITS = (8, 4)
 _BNB_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -24,7 +31,7 @@ def _check_bits(bits: int) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _nf4_code_cached(device: str) -> Tensor:
-    return bnbf.get_4bit_type("nf4", device=device, blocksize=NF4_BLOCKSIZE).float()
+    return _bnb().get_4bit_type("nf4", device=device, blocksize=NF4_BLOCKSIZE).float()
 
 
 def nf4_code(device: torch.device | str = "cpu") -> Tensor:
@@ -45,7 +52,7 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
     w = weight.detach()
     w = w.to(torch.float16) if w.is_cuda else w.to(torch.float32)
-    q, absmax, _ = bnbf.int8_vectorwise_quant(w.contiguous())
+    q, absmax, _ = _bnb().int8_vectorwise_quant(w.contiguous())
     absmax = absmax.to(torch.float32)
     q = q.masked_fill((absmax == 0).unsqueeze(1), 0)  # bnb divides by absmax: 0/0 for zero rows
     return q, absmax / 127.0
@@ -64,7 +71,7 @@ def quantize_nf4(weight: Tensor) -> tuple[Tensor, Tensor]:
     w = weight.detach()
     if w.dtype not in _BNB_DTYPES:
         w = w.to(torch.float32)
-    packed, state = bnbf.quantize_4bit(
+    packed, state = _bnb().quantize_4bit(
         w.contiguous(),
         blocksize=NF4_BLOCKSIZE,
         compress_statistics=False,
@@ -79,7 +86,7 @@ def dequantize_nf4(
 ) -> Tensor:
     """Inverse of ``quantize_nf4``: rebuilds the ``QuantState`` and calls ``dequantize_4bit``."""
     bnb_dtype = dtype if dtype in _BNB_DTYPES else torch.float32
-    state = bnbf.QuantState(
+    state = _bnb().QuantState(
         absmax=absmax.to(torch.float32).contiguous(),
         shape=torch.Size(shape),
         code=nf4_code(packed.device),
@@ -87,7 +94,7 @@ def dequantize_nf4(
         quant_type="nf4",
         dtype=bnb_dtype,
     )
-    out = bnbf.dequantize_4bit(packed.contiguous(), state)
+    out = _bnb().dequantize_4bit(packed.contiguous(), state)
     # bnb transposes the result when the packed tensor has one row (n <= 2): undo by reshape.
     return out.reshape(shape).to(dtype)
 
