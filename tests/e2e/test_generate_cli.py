@@ -66,6 +66,7 @@ def peft_answers(model_dir, adapter_dir) -> list[str]:
     return out
 
 
+@pytest.mark.ondemand  # ~40 s; switching stays in test_chat_switches_adapters..., PEFT equality in the merge tests
 def test_generate_switches_adapters_by_name_and_equals_peft(setup, tmp_path):
     model_dir, a, b = setup
     prompts = tmp_path / "prompts.jsonl"

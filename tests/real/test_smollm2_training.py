@@ -32,6 +32,7 @@ def train_real(out, overrides=(), nproc=1, launcher="python"):
     return run_dtrain(args, nproc=nproc, launcher=launcher, timeout=600)
 
 
+@pytest.mark.ondemand  # ~100 s; the backends' equality is asserted on tiny models by tests/distributed
 def test_one_process_fsdp_and_zero3_agree_on_the_real_weights(smollm2_dir, tmp_path):
     """Same global batch (4): 1 process x 4 vs 2 ranks x 2, lr 1e-3: equal losses (1e-5 relative)
     and adapters.
