@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from bench.common import free_port, torchrun  # the one torchrun command line, for tests and benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -26,12 +27,6 @@ FAST = [
     "training.eval_every=0",
     "data.seq_len=32",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for_tests(extra: dict | None = None) -> dict:
@@ -66,19 +61,7 @@ def launch_cmd(nproc: int, launcher: str = "torchrun") -> list[str]:
             "--module",
             "dtrain",
         ]
-    return [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        port,
-        "-m",
-        "dtrain",
-    ]
+    return [*torchrun(nproc, int(port)), "-m", "dtrain"]
 
 
 def run_dtrain(
