@@ -33,7 +33,7 @@ from torch import nn
 
 from dtrain.errors import ConfigError
 from dtrain.lora import layer as lora, variants
-from dtrain.lora.expert_forward import grouped_linear, lora_experts_forward
+from dtrain.lora.expert_forward import Groups, grouped_linear, lora_experts_forward
 from dtrain.model import expert_quant
 from dtrain.model.shapes import logical_shape
 
@@ -55,10 +55,10 @@ class ExpertFactor(nn.Linear):
             return w.reshape(e, -1, w.shape[-1])
         return w.reshape(w.shape[0], -1, e).permute(2, 0, 1)
 
-    def forward(self, x: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
-        if counts is None:
+    def forward(self, x: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
+        if groups is None:
             return self.weight.detach().clone()
-        return grouped_linear(x.to(self.weight.dtype), self.stacked(), counts)
+        return grouped_linear(x.to(self.weight.dtype), self.stacked(), groups)
 
 
 def innermost(module: nn.Module) -> nn.Module:
