@@ -26,6 +26,7 @@ class BaseWeights:
             raise DtrainError(f"--base '{self.dir}': directory not found")
         self.files = self._key_files()
         self._svdvals: dict[str, torch.Tensor] = {}
+        self._in_out: set[str] | None = None
 
     def _key_files(self) -> dict[str, str]:
         """{tensor key: file name} of every tensor the base stores."""
@@ -60,19 +61,42 @@ class BaseWeights:
         from safetensors import safe_open
 
         expert = re.fullmatch(r"(.+\.experts)\.(\d+)\.(\w+)", module)  # one expert of a fused weight
-        key = (
-            f"{expert[1]}.{expert[3]}" if expert and f"{expert[1]}.{expert[3]}" in self.files else self.key_for(module)
-        )
+        fused = f"{expert[1]}.{expert[3]}" if expert else None
+        key = fused if fused in self.files else self.key_for(module)
         with safe_open(self.dir / self.files[key], "pt") as h:
             w = h.get_tensor(key).to(torch.float32)
         if expert and w.dim() == 3:
             w = w[int(expert[2])]
+            if key in self._in_out_experts():
+                w = w.T  # [out, in]: the rows dtrain quantizes (model/expert_quant.py), B_e A_e's shape
         if self.bits:
             from dtrain.model import layers, quant
 
             if self.quantized_head or not layers.is_head_name(module):
                 w = quant.round_trip(w, self.bits)
         return w
+
+    def _in_out_experts(self) -> set[str]:
+        """Keys of the fused expert weights stored [E, in, out] (gpt-oss), from a meta-device build of
+        the base's config; none where transformers cannot build it (analysis then goes by shape)."""
+        if self._in_out is None:
+            from transformers import AutoConfig
+
+            from dtrain.lora import experts
+            from dtrain.model import build
+
+            try:
+                model = build.build_empty(AutoConfig.from_pretrained(self.dir, local_files_only=True), torch.float32)
+            except Exception:  # noqa: BLE001 - ValueError, KeyError, OSError, ConfigError from transformers' config code
+                model = None
+            self._in_out = {
+                f"{n}.{p}"
+                for n, m in (model.named_modules() if model is not None else ())
+                if experts.is_experts_module(m) and m.is_transposed
+                for p, t in m.named_parameters(recurse=False)
+                if t.dim() == 3
+            }
+        return self._in_out
 
     def singular_values(self, module: str, w: torch.Tensor) -> torch.Tensor:
         """W's singular values (float64, descending), computed once per module."""
