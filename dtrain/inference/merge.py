@@ -244,8 +244,9 @@ def _quantized_keys(model, bits: int, include_head: bool = False) -> dict[str, i
 
 def _quantized_expert_keys(model, bits: int) -> dict[str, int | tuple[int, bool]]:
     """Fused expert weights, quantized per expert (dtrain/model/expert_quant.py): the fused key ->
-    (bits, transposed); the per-expert tensors a checkpoint may store instead -> bits (each expert's
-    rows quantize alone: int8 is per row; NF4's blocks of 64 match where a part's size is a multiple)."""
+    (bits, transposed); the per-expert tensors a checkpoint may store instead -> bits (int8 is per
+    row, so a part alone is exact), or for NF4 -> (4, the expert's parts, this one's index): the
+    parts quantize together, as the fused expert did (a block of 64 may span gate and up)."""
     from dtrain.lora import experts
     from dtrain.model.expert_weights import LEGACY, stored_names
 
@@ -256,17 +257,26 @@ def _quantized_expert_keys(model, bits: int) -> dict[str, int | tuple[int, bool]
         for pname, p in m.named_parameters(recurse=False):
             if p.dim() == 3:
                 out[f"{n}.{pname}"] = (bits, bool(m.is_transposed))
-                for part in (x for parts in LEGACY.get(pname, ()) for x in parts):
-                    for key in (f"{n}.{e}.{part}.weight" for e in range(p.shape[0])):
-                        out.update({k: bits for k in [key, *stored_names(key)]})
+                for parts, e in ((parts, e) for parts in LEGACY.get(pname, ()) for e in range(p.shape[0])):
+                    keys = [f"{n}.{e}.{part}.weight" for part in parts]
+                    for names in (tuple(keys), *zip(*map(stored_names, keys))):  # Mixtral's names too
+                        joint = bits == 4 and len(names) > 1
+                        out.update({k: (bits, names, i) if joint else bits for i, k in enumerate(names)})
     return out
 
 
-def _round_trip(t: torch.Tensor, bits: int | tuple[int, bool], conv1d: bool) -> torch.Tensor:
-    """deq(q(t)) as dtrain stored `t` while training: [out, in] rows, per expert for a fused weight."""
+def _round_trip(t: torch.Tensor, bits: int | tuple, conv1d: bool, read=None) -> torch.Tensor:
+    """deq(q(t)) as dtrain stored `t` while training: [out, in] rows, per expert for a fused weight;
+    one part of an expert stored per part (bits, parts, i): quantized with its sibling parts (`read`)."""
+    import torch
+
     from dtrain.model import expert_quant
     from dtrain.model.quant import round_trip
 
+    if isinstance(bits, tuple) and len(bits) == 3:
+        parts = [t if j == bits[2] else read(k) for j, k in enumerate(bits[1])]
+        whole = round_trip(torch.cat(parts).float(), bits[0])  # the fused expert's [out, in] rows
+        return whole.split([x.shape[0] for x in parts])[bits[2]]
     if isinstance(bits, tuple):
         return expert_quant.round_trip(t.float(), *bits)
     return round_trip(t.float().t(), bits).t() if conv1d else round_trip(t.float(), bits)
@@ -288,10 +298,16 @@ def _merge_files(
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    total, nbytes = 0, 0
+    where = {}  # key -> its file, for the sibling parts of an expert
     for f in files:
         with safe_open(base / f, "pt") as h:
-            total += len(list(h.keys()))
+            where.update(dict.fromkeys(h.keys(), f))
+    total, nbytes = len(where), 0
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(base / where[key], "pt") as h:
+            return h.get_tensor(key)
+
     with tqdm(total=total, desc="merge", unit="tensor", disable=None) as bar:
         for f in files:
             merged = {}
@@ -300,7 +316,7 @@ def _merge_files(
                 for key in h.keys():
                     t = h.get_tensor(key)
                     if key in (quantized or {}):
-                        t = _round_trip(t, quantized[key], key in transposed)
+                        t = _round_trip(t, quantized[key], key in transposed, read)
                     cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
                     if key in deltas:
                         ab = deltas[key]
