@@ -5,7 +5,8 @@ modules, for: frozen experts (LoRA on attention only; transformers' own experts 
 `grouped_mm` path and its `eager` per-expert loop), dtrain's expert LoRA (tokens sorted by expert,
 grouped matmuls for W and for A, B; W + BA never built), PEFT 0.21's expert LoRA (ParamWrapper,
 which materialises W + BA for the whole expert stack every forward) and full fine-tuning of the
-experts; and dtrain's expert LoRA on int8 expert weights (dtrain/model/expert_quant.py). Prints a
+experts; dtrain's expert LoRA with torch's grouped_mm off (its per-expert loop, as before); and
+dtrain's expert LoRA on int8 expert weights (dtrain/model/expert_quant.py). Prints a
 markdown table and appends it, with the machine, versions and load, to bench/RESULTS.md (--no-write
 to skip).
 
@@ -81,6 +82,18 @@ def build(variant: str):
 
 
 def measure(variant: str, steps: int) -> dict:
+    from dtrain.lora import expert_forward
+
+    grouped_mm = expert_forward._GROUPED_MM
+    if "loop" in variant and variant.startswith("dtrain"):  # the per-expert loop grouped_mm replaced
+        expert_forward._GROUPED_MM = None
+    try:
+        return _measure(variant, steps)
+    finally:
+        expert_forward._GROUPED_MM = grouped_mm
+
+
+def _measure(variant: str, steps: int) -> dict:
     model = build(variant)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -121,6 +134,7 @@ VARIANTS = [
     "frozen (HF grouped_mm)",
     "frozen (HF eager loop)",
     "dtrain expert LoRA (grouped)",
+    "dtrain expert LoRA (per-expert loop, before grouped_mm)",
     "dtrain expert LoRA, int8 experts (grouped)",
     "PEFT expert LoRA (W + BA per forward)",
     "full FT of the experts",
