@@ -16,6 +16,7 @@ from dtrain.model import expert_quant
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # its CPU and CUDA kernels' dtypes
+_RECENT = torch.__version__ >= (2, 9)  # before 2.9 torch._grouped_mm had no CPU kernel, ran on SM90 only
 _ALIGNED_PTRS = torch.__version__ < (2, 11)  # its CPU kernel wants 16-byte aligned data before 2.11
 
 
@@ -50,7 +51,7 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _fits_grouped_mm(x: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether grouped_mm takes x [rows, in] and b [E, in, out] (same dtype, on its devices)."""
-    if _GROUPED_MM is None or x.dtype != b.dtype or x.dtype not in _GROUPED_DTYPES:
+    if _GROUPED_MM is None or not _RECENT or x.dtype != b.dtype or x.dtype not in _GROUPED_DTYPES:
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # inductor lowers bf16 only
         return False
