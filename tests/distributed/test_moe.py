@@ -185,6 +185,13 @@ def test_peft_logits_equal_merge_and_dtrain(moe_models, moe_runs, family, tmp_pa
         peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), ad_dir)(ids).logits
         merge_lib.merge(base_dir, ad_dir, tmp_path / "merged")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+    ad, router = _adapter(moe_runs / "single" / family), ROUTER[family].rsplit(".", 1)[0]
+    base_t, merged_t = (load_file(str(d / "model.safetensors")) for d in (base_dir, tmp_path / "merged"))
+    for i in range(2):  # the router: exactly W + s B A (Mixtral's checkpoint keeps block_sparse_moe.gate)
+        module = f"model.layers.{i}.{router}"
+        a, b = (ad[f"base_model.model.{module}.{k}.weight"] for k in ("lora_A", "lora_B"))
+        key = next(k for k in (f"{module}.weight", f"model.layers.{i}.block_sparse_moe.gate.weight") if k in base_t)
+        assert torch.equal(merged_t[key], base_t[key].float() + (b.float() @ a.float()) * 2.0)  # s = alpha / r
         own = AutoModelForCausalLM.from_pretrained(base_dir)
         adapter_lib.load_adapter(own, ad_dir)
         dtrain_logits = own(ids).logits
