@@ -26,6 +26,7 @@ FAST = [
     "training.micro_batch_size=4",
     "training.eval_every=0",
     "data.seq_len=32",
+    "logging.loss_curve=false",  # matplotlib's import and one render: ~2 s of every run; tests/e2e/test_loggers draws it
 ]
 
 

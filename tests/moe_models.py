@@ -40,6 +40,7 @@ FAMILIES = {
     ),
 }
 EXPERT_TARGETS = "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"
+ROUTER = {"qwen3_moe": "mlp.gate.weight", "mixtral": "mlp.gate.weight", "gpt_oss": "mlp.router.weight"}  # [E, H]
 
 
 def save_family(family: str, out: Path) -> Path:

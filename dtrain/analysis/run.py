@@ -60,7 +60,7 @@ def _per_expert(modules: dict, target_parameters: list[str], r: int) -> tuple[di
     """Fused expert adapters (PEFT's ParamWrapper: A [r*E, in], B [out, r*E]) split into one
     module per expert, `<experts>.<e>.<param>` (A_e, B_e): each is a rank-r update of its own."""
     params = sorted(
-        {t.rsplit(".", 1)[-1] for t in target_parameters},
+        {t.rsplit(".", 1)[-1] for t in target_parameters} - {"weight"},  # a router's weight: A [r, in], one module
         key=lambda p: (_EXPERT_ORDER.index(p) if p in _EXPERT_ORDER else len(_EXPERT_ORDER), p),
     )
     out, counts = {}, {}

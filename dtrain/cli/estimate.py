@@ -249,7 +249,7 @@ def format_table(est: Estimate) -> str:
         f"{p.param_dtype}{' + fp32 grads' if p.fp32_grads else ''}, micro-batch {p.batch} x "
         f"{p.seq_len} tokens, grad checkpointing {_ckpt(p)}, attention {p.attention}, "
         f"chunked loss {p.chunked_loss}",
-        f"LoRA: r={p.rank} on {','.join(p.targets)}: {est.lora_params:,} trainable "
+        f"LoRA: r={p.rank} on {','.join(p.targets + p.target_parameters)}: {est.lora_params:,} trainable "
         f"({est.lora_params / s.total_params:.3%}), frozen weights {p.bits}-bit",
         "",
         f"{'per GPU (GiB)':<28}{'full FT':>12}{'LoRA':>12}{'full/LoRA':>11}",

@@ -63,9 +63,9 @@ class LoraConfig:
     target_regex: str | None = _f(None, "regex on full module names; replaces `targets` when set")
     target_parameters: list[str] | None = _f(
         None,
-        "fused 3-D expert weights by name suffix, as PEFT's "
-        "(e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj]); "
-        "added to the targets ([] for experts only)",
+        "fused 3-D expert weights and MoE router weights by name suffix, as PEFT's "
+        "(e.g. [mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.gate.weight]); "
+        "added to the targets ([] for these only)",
     )
     adapter_name: str = _f("default", "name of the adapter being trained")
     init_seed: int = _f(0, "seed for the random init of A (B starts at zero)")

@@ -173,6 +173,7 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transp
                 f"corrupted?): {str(e).splitlines()[0]}"
             ) from None
     _split_experts(deltas, shapes)
+    _renamed_keys(deltas, shapes)
     for key, ab in deltas.items():
         if "part_of" in ab:
             continue  # checked against the per-expert tensors by _split_experts
@@ -188,6 +189,17 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transp
                 f"--base '{base}': '{key}' has shape {list(shapes[key])}, the adapter's "
                 f"B A is {list(want)} (adapter for another base?)"
             )
+
+
+def _renamed_keys(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:
+    """An adapted weight the base stores under an older name (Mixtral's router
+    `block_sparse_moe.gate.weight` for `mlp.gate.weight`) is merged into that tensor."""
+    from dtrain.model.expert_weights import stored_names
+
+    for key in [k for k in deltas if k not in shapes]:
+        stored = next((n for n in stored_names(key) if n in shapes), None)
+        if stored is not None and stored not in deltas:
+            deltas[stored] = deltas.pop(key)
 
 
 def _split_experts(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:

@@ -1,8 +1,8 @@
 """LoRA itself: `layer` (LoRALinear, AdapterSpec), `variants` (the variant interface and plain
 LoRA; rsLoRA is a scale), `dora` (the DoRA variant), `base_weight` (a base layer's float weight),
 `ops` (inject, freeze, merge, adapter state, PEFT keys), `targets` (which linears: presets and
-selection), `experts` (LoRA on fused 3-D expert weights) and `peft_format` (adapters read and
-written in PEFT's format). No rank, no backend here.
+selection), `experts` (LoRA on fused 3-D expert weights), `router` (LoRA on an MoE router's
+weight) and `peft_format` (adapters read and written in PEFT's format). No rank, no backend here.
 
 The public names are importable from here: `from dtrain.lora import LoRALinear, inject`."""
 

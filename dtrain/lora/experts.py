@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora, variants
+from dtrain.lora import layer as lora, router, variants
 from dtrain.lora.expert_forward import Groups, grouped_linear, lora_experts_forward
 from dtrain.model import expert_quant
 from dtrain.model.shapes import logical_shape
@@ -67,7 +67,7 @@ def innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-class ExpertLoRA(lora.LoRALinear):
+class ExpertLoRA(router.ParamMerge, lora.LoRALinear):
     """LoRA on one 3-D parameter of an experts module (PEFT's ParamWrapper layout and names)."""
 
     def __init__(self, base_layer: nn.Module, param_name: str, qualified_name: str = "") -> None:
@@ -111,15 +111,9 @@ class ExpertLoRA(lora.LoRALinear):
             )
         device = next(innermost(self).parameters()).device
         rank = spec.r * self.num_experts
-        self.lora_A[spec.name] = ExpertFactor(self.in_features, rank, "lora_A", self.num_experts, device)
-        self.lora_B[spec.name] = ExpertFactor(rank, self.out_features, "lora_B", self.num_experts, device)
-        self.specs[spec.name], self.scaling[spec.name] = spec, spec.scaling
-        self.lora_variant[spec.name] = variant
-        self.lora_dropout[spec.name] = nn.Identity()
-        if device.type != "meta":
-            self.reset_adapter(spec.name)
-        if self.active_adapter is None:
-            self.active_adapter = spec.name
+        a = ExpertFactor(self.in_features, rank, "lora_A", self.num_experts, device)
+        b = ExpertFactor(rank, self.out_features, "lora_B", self.num_experts, device)
+        router.add_factors(self, spec, variant, a, b)
 
     def initial_value(self, kind: str, name: str) -> torch.Tensor:
         spec = self.specs[name]
@@ -140,26 +134,6 @@ class ExpertLoRA(lora.LoRALinear):
         return delta(
             self.lora_A[name].weight, self.lora_B[name].weight, self.num_experts, self.transposed, self.scaling[name]
         )
-
-    def merge(self) -> None:
-        if self.merged_adapter is not None:
-            raise RuntimeError(f"{self.qualified_name}: adapter '{self.merged_adapter}' is already merged")
-        if self.active_adapter is None:
-            return
-        w = self.base_param().data
-        with torch.no_grad():
-            w.add_(self.delta_weight(self.active_adapter).to(w.dtype))
-        self.merged_adapter = self.active_adapter
-
-    def unmerge(self) -> None:
-        if self.merged_adapter is None:
-            if self.active_adapter is None:
-                return
-            raise RuntimeError(f"{self.qualified_name}: no adapter is merged")
-        w = self.base_param().data
-        with torch.no_grad():
-            w.sub_(self.delta_weight(self.merged_adapter).to(w.dtype))
-        self.merged_adapter = None
 
 
 def unwrapped_name(name: str) -> str:
@@ -210,12 +184,21 @@ def quantize(model: nn.Module, bits: int) -> int:
     return done
 
 
+def adaptable_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(module, parameter) pairs lora.target_parameters may name, in registration order: the fused
+    3-D expert weights and the routers' 2-D weights (dtrain/lora/router.py)."""
+    order: dict[str, int] = {}
+    for i, (n, _) in enumerate(model.named_modules()):
+        order.setdefault(unwrapped_name(n), i)
+    return sorted(expert_parameters(model) + router.router_weights(model), key=lambda mp: order[mp[0]])
+
+
 def select_parameters(model: nn.Module, targets: list[str]) -> list[tuple[str, str]]:
     """PEFT's matching: `module.param` equal to a target or ending in '.' + target; every target
-    must match, else one line listing the 3-D parameters the model has."""
-    have = expert_parameters(model)
+    must match, else one line listing the parameters the model has that dtrain adapts."""
+    have = adaptable_parameters(model)
     kinds = sorted({f"{m.rsplit('.', 2)[-1] if m.count('.') else m}.{p}" for m, p in have})
-    listing = ", ".join(kinds) if kinds else "none (no fused expert weights: use lora.targets)"
+    listing = ", ".join(kinds) if kinds else "none (no fused expert weights or routers: use lora.targets)"
     chosen = []
     for t in targets:
         hits = [(m, p) for m, p in have if f"{m}.{p}" == t or f"{m}.{p}".endswith("." + t)]
@@ -227,8 +210,8 @@ def select_parameters(model: nn.Module, targets: list[str]) -> list[tuple[str, s
 
 
 def _no_match(model: nn.Module, target: str, listing: str) -> str:
-    """The one line for a target_parameters entry that names no 3-D parameter: a 2-D one (a router's
-    weight) is said to be refused, as dtrain's LoRA on a parameter is per expert only."""
+    """The one line for a target_parameters entry that names no adaptable parameter: one that
+    exists (a linear layer's weight, a norm) is named with its shape and refused."""
     other = next(
         (
             (unwrapped_name(n), p)
@@ -238,12 +221,15 @@ def _no_match(model: nn.Module, target: str, listing: str) -> str:
         None,
     )
     if other is None:
-        return f"lora.target_parameters: {target!r} matches no 3-D parameter; the model has: {listing}"
+        return (
+            f"lora.target_parameters: {target!r} matches no fused expert weight or router weight; "
+            f"the model has: {listing}"
+        )
     shape = list(logical_shape(other[1]))
     return (
         f"lora.target_parameters: {target!r} is the {len(shape)}-D parameter {other[0]} {shape}, which dtrain "
-        f"does not adapt (only fused 3-D expert weights: {listing}; a router stays frozen, a linear layer "
-        "goes in lora.targets)"
+        f"does not adapt as a parameter (only fused 3-D expert weights and router weights: {listing}; "
+        "a linear layer goes in lora.targets)"
     )
 
 
@@ -252,10 +238,12 @@ def inject(model: nn.Module, targets: list[tuple[str, str]], spec: lora.AdapterS
     wrapped = []
     for module_name, pname in targets:
         outer = model.get_submodule(module_name)
-        layer = _wrapper_of(outer, pname)
+        layer = outer if isinstance(outer, router.RouterLoRA) else _wrapper_of(outer, pname)
         if layer is None:
             parent_name, _, child = module_name.rpartition(".")
-            layer = ExpertLoRA(outer, pname, qualified_name=f"{module_name}.{pname}")
+            qualified = f"{module_name}.{pname}"
+            is_router = router.is_router(outer)
+            layer = router.RouterLoRA(outer, qualified) if is_router else ExpertLoRA(outer, pname, qualified)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         if spec.name in layer.lora_A:
             raise ConfigError(f"{module_name}.{pname}: adapter '{spec.name}' already exists")
@@ -277,6 +265,7 @@ def _wrapper_of(module: nn.Module, pname: str) -> ExpertLoRA | None:
     return None
 
 
+WRAPPERS = (ExpertLoRA, router.RouterLoRA)  # LoRA on a parameter (PEFT's ParamWrapper), not a linear layer
 EXPERTS, ALL = "experts", "all"  # lora.targets presets: the experts; every linear layer plus the experts
 
 
@@ -325,18 +314,21 @@ def _only_parameters(targets: list[str] | str, target_parameters: list[str] | No
 
 
 def adapted_parameters(model: nn.Module, adapter: str) -> list[tuple[str, str]]:
-    """(experts module, parameter) pairs adapter `adapter` adapts, in registration order."""
+    """(module, parameter) pairs adapter `adapter` adapts (experts, routers), in registration order."""
     pairs = {
         (unwrapped_name(n), m.param_name)
         for n, m in model.named_modules()
-        if isinstance(m, ExpertLoRA) and adapter in m.lora_A
+        if isinstance(m, WRAPPERS) and adapter in m.lora_A
     }
-    return [p for p in expert_parameters(model) if p in pairs]
+    return [p for p in adaptable_parameters(model) if p in pairs]
 
 
-def peft_target_parameters(model: nn.Module, pairs: list[tuple[str, str]]) -> list[str]:
-    """PEFT's `target_parameters` for exactly `pairs`: `<parent>.<module>.<param>` suffixes
-    (mlp.experts.gate_up_proj) when they select exactly these, else the full names."""
+def peft_target_parameters(model: nn.Module, pairs: list[tuple[str, str]], given: list[str] | None = None) -> list[str]:
+    """PEFT's `target_parameters` for exactly `pairs`: the config's own list (`given`, what PEFT
+    writes) when it selects exactly these, else `<parent>.<module>.<param>` suffixes
+    (mlp.experts.gate_up_proj) when they do, else the full names."""
+    if given and set(select_parameters(model, list(given))) == set(pairs):
+        return list(given)
     suffixes = list(dict.fromkeys(".".join(f"{m}.{p}".split(".")[-3:]) for m, p in pairs))
     if set(select_parameters(model, suffixes)) == set(pairs):
         return suffixes
@@ -344,8 +336,8 @@ def peft_target_parameters(model: nn.Module, pairs: list[tuple[str, str]]) -> li
 
 
 def layer_names(model: nn.Module) -> set[str]:
-    """Names of the expert LoRA wrappers (nested ones included)."""
-    return {n for n, m in model.named_modules() if isinstance(m, ExpertLoRA)}
+    """Names of the parameter LoRA wrappers: experts (nested ones included) and routers."""
+    return {n for n, m in model.named_modules() if isinstance(m, WRAPPERS)}
 
 
 def delta(a: torch.Tensor, b: torch.Tensor, num_experts: int, transposed: bool, scaling: float) -> torch.Tensor:

@@ -101,7 +101,7 @@ def write_adapter(model: nn.Module, cfg: Config, tensors: dict[str, torch.Tensor
     files.write_tensors(out / ADAPTER_WEIGHTS, peft, {"format": "pt"})
     wrappers = experts.layer_names(model)
     modules = sorted({k.split(".lora_")[0] for k in tensors} - wrappers)
-    params = experts.peft_target_parameters(model, experts.adapted_parameters(model, name))
+    params = experts.peft_target_parameters(model, experts.adapted_parameters(model, name), cfg.lora.target_parameters)
     targets = target_modules(model, modules) if modules else []
     fan_in_fan_out = any(getattr(model.get_submodule(m), "fan_in_fan_out", False) for m in modules)
     files.write_json(

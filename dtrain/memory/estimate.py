@@ -77,6 +77,7 @@ class Plan:
     bits: int = 16
     rank: int = 8
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    target_parameters: tuple[str, ...] = ()  # lora.target_parameters: fused expert / router weights
     batch: int = 1
     seq_len: int = 2048
     grad_checkpointing: bool | str = False
@@ -91,6 +92,7 @@ class Plan:
         if isinstance(self.targets, str):
             object.__setattr__(self, "targets", parse_targets(self.targets))
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "target_parameters", tuple(self.target_parameters or ()))
         for name in ("gpus", "nodes", "rank", "batch", "seq_len", "checkpoint_every", "loss_chunk"):
             value = getattr(self, name)  # loss_chunk 0: the chunk sized from the vocabulary
             if isinstance(value, bool) or not isinstance(value, int) or value < (name != "loss_chunk"):
@@ -105,7 +107,7 @@ class Plan:
             )
         if self.chunked_loss not in (True, False, "auto"):
             raise ConfigError(f"chunked_loss must be true, false or auto, got {self.chunked_loss!r}")
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+        if (not self.targets and not self.target_parameters) or not all(isinstance(t, str) and t for t in self.targets):
             raise ConfigError(f"targets must name at least one module, got {self.targets!r}")
 
     @property
@@ -128,6 +130,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["targets"] = list(self.targets)
+        out["target_parameters"] = list(self.target_parameters)
         out["world_size"] = self.world_size
         return out
 
@@ -245,6 +248,20 @@ def targeted_linears(spec: ModelSpec, targets: tuple[str, ...]) -> tuple[LinearM
             f"LoRA targets {', '.join(missing)} match no linear layer of {spec.name} (its linears: {names})"
         )
     return tuple(lin for lin in spec.linears if any(lin.matches(t) for t in targets))
+
+
+def targeted_parameters(spec: ModelSpec, names: tuple[str, ...]) -> tuple[LinearModule, ...]:
+    """Fused expert weights and router weights matched by lora.target_parameters (suffixes of the
+    path inside a block: mlp.experts.gate_up_proj, mlp.gate.weight), as dtrain.lora.experts does."""
+    have = tuple(lin for lin in spec.linears if lin.fused) + spec.routers
+    missing = [t for t in names if not any(lin.matches(t) for lin in have)]
+    if missing:
+        kinds = ", ".join(sorted(lin.name for lin in have)) or "none"
+        raise ConfigError(
+            f"lora.target_parameters {', '.join(missing)} match no fused expert weight or router weight "
+            f"of {spec.name} (it has: {kinds})"
+        )
+    return tuple(lin for lin in have if any(lin.matches(t) for t in names))
 
 
 def lora_param_count(targets: tuple[LinearModule, ...], rank: int) -> int:
@@ -371,7 +388,8 @@ def lora_breakdown(spec: ModelSpec, plan: Plan, targets: tuple[LinearModule, ...
 
 def estimate(spec: ModelSpec, plan: Plan) -> Estimate:
     """Per-GPU memory by category for full fine-tuning and for LoRA (pure arithmetic)."""
-    targets = targeted_linears(spec, plan.targets)
+    targets = targeted_linears(spec, plan.targets) if plan.targets else ()
+    targets += tuple(lin for lin in targeted_parameters(spec, plan.target_parameters) if lin not in targets)
     return Estimate(
         spec=spec,
         plan=plan,

@@ -127,6 +127,9 @@ class ModelSpec:
     # (shape, how many) of every parameter outside the block linears (embeddings, head, norms):
     # the per-tensor sharding arithmetic of dtrain/memory/shards.py needs the shapes, not just sizes.
     other_shapes: tuple[tuple[tuple[int, ...], int], ...] = ()
+    # MoE routers (not linear layers: their [E, H] weights are in other_shapes), as LoRA targets
+    # of lora.target_parameters (`mlp.gate.weight`: A [r, H], B [E, r]; dtrain/lora/router.py)
+    routers: tuple[LinearModule, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.active_params:
@@ -257,6 +260,19 @@ def _fused_experts(blocks: list[nn.Module]) -> tuple[LinearModule, ...]:
     return tuple(LinearModule(n, i, o, c, fused=True) for (n, i, o), c in counts.items())
 
 
+def _routers(blocks: list[nn.Module]) -> tuple[LinearModule, ...]:
+    """The blocks' MoE router weights [E, H] as linears H -> E, named `<path>.weight`."""
+    from dtrain.lora.router import is_router
+
+    counts: dict[tuple[str, int, int], int] = {}
+    for block in blocks:
+        for path, module in block.named_modules():
+            if is_router(module):
+                e, h = module.weight.shape
+                counts[(f"{path}.weight", int(h), int(e))] = counts.get((f"{path}.weight", int(h), int(e)), 0) + 1
+    return tuple(LinearModule(n, i, o, c) for (n, i, o), c in counts.items())
+
+
 def _active_params(model: nn.Module, total: int) -> tuple[int, int]:
     """(parameters in fused expert weights, parameters a token uses: each MoE layer's top-k of E)."""
     k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
@@ -307,6 +323,7 @@ def _spec_from_model(model: nn.Module, dims: dict[str, Any], name: str) -> Model
         expert_params=_active_params(model, total)[0],
         active_params=_active_params(model, total)[1],
         other_shapes=other_shapes,
+        routers=_routers(blocks),
         **dims,
     )
 

@@ -74,6 +74,7 @@ def plan_fields(cfg: Config) -> dict[str, Any]:
         values["backend"] = "fsdp"  # one process: nothing is sharded, N = 1 cuts nothing
     targets = values["targets"]
     values["targets"] = (targets,) if isinstance(targets, str) else tuple(targets)
+    values["target_parameters"] = tuple(cfg.lora.target_parameters or ())  # not a flag: the config's only
     values["fp32_grads"] = cfg.backend.name == "deepspeed"  # ds_config: grad_accum_dtype fp32
     arch = cfg.model.arch or {}
     values["attention"] = "eager" if arch.get("attn_implementation") == "eager" else "sdpa"

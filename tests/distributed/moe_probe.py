@@ -1,7 +1,8 @@
 """Run under a launcher (or as one process): train each tiny MoE family of tests/moe_models.py in
 turn, in one process group, each into OUT/<family> (metrics, checkpoints, adapter, and this rank's
 parameter storage after training in storage-rank<r>.json, as tests/distributed/probe_backend.py
-measures it). A first argument `families=a,b` trains only those.
+measures it). A first argument `families=a,b` trains only those; `{router}` in an override is the
+family's router weight (tests/moe_models.ROUTER: mlp.gate.weight, gpt-oss's mlp.router.weight).
 
 Usage: torchrun --nproc_per_node 2 tests/distributed/moe_probe.py MODELS OUT [families=..] [overrides]
 """
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo: tests.
 from dtrain.config import schema as config_lib  # noqa: E402
 from dtrain.training import trainer as trainer_lib  # noqa: E402
 from tests.distributed.probe_backend import storage  # noqa: E402
-from tests.moe_models import FAMILIES  # noqa: E402
+from tests.moe_models import FAMILIES, ROUTER  # noqa: E402
 
 RUN = [
     "data.seq_len=32",
@@ -38,7 +39,8 @@ def main() -> None:
         families, overrides = overrides[0].split("=", 1)[1].split(","), overrides[1:]
     t = None
     for family in families:
-        cfg = config_lib.load(None, [*RUN, f"model.path={models / family}", *overrides, f"output.dir={out / family}"])
+        mine = [o.replace("{router}", ROUTER[family]) for o in overrides]
+        cfg = config_lib.load(None, [*RUN, f"model.path={models / family}", *mine, f"output.dir={out / family}"])
         t = trainer_lib.Trainer(cfg)
         t.setup()
         assert t.train() == 0

@@ -48,13 +48,13 @@ def reference(tmp_path_factory):
     return get
 
 
-# FSDP2: in the SIGUSR1 test below (also a SIGKILL). These on request (ZeRO-3: two DeepSpeed
-# launches each); ZeRO-3's checkpoint loading stays in the default suite through test_resume_world
-# (an FSDP2 checkpoint resumed on ZeRO-3)
+# One process in the default suite; FSDP2 in the SIGUSR1 test below (also a SIGKILL) and ZeRO-3
+# (two DeepSpeed launches each) on request. Sharded checkpoint loading stays in the default suite
+# through test_resume_world (an FSDP2 checkpoint resumed on ZeRO-3) and test_moe's resume.
 @pytest.mark.parametrize(
     "kind",
     [
-        pytest.param("single", marks=pytest.mark.ondemand),
+        "single",
         pytest.param("zero3", marks=pytest.mark.ondemand),
         pytest.param("zero3_tied", marks=pytest.mark.ondemand),
     ],
@@ -71,6 +71,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_exact(kind, reference, tmp_
     assert_same_run(out, ref)
 
 
+@pytest.mark.ondemand  # ~52 s; test_slurm_train's preemption resumes 2 ranks exactly by default
 def test_fsdp_sigusr1_then_sigkill_then_resume_is_bit_exact(reference, tmp_path):
     """FSDP, 2 ranks under torchrun. torchrun does not forward SIGUSR1 (it would die of it): the
     signal goes to the workers, as SLURM's --signal does. Each worker exits 75; torchrun itself

@@ -1,5 +1,7 @@
-"""Expert LoRA on tiny Qwen3-MoE, Mixtral and gpt-oss models (fused 3-D experts, saved by transformers):
-one process = FSDP2 (2 ranks) = ZeRO-3 (2 ranks); every routed expert's LoRA trains; the adapter is
+"""Expert LoRA on tiny Qwen3-MoE, Mixtral and gpt-oss models (fused 3-D experts, saved by transformers),
+with the router's weight named too (LoRA on its [E, H] weight, dtrain/lora/router.py):
+one process = FSDP2 (2 ranks) = ZeRO-3 (2 ranks); every routed expert's LoRA trains, the router's
+LoRA trains and changes the routing; the adapter is
 PEFT's (keys, shapes, adapter_config.json) and PEFT's logits on it equal dtrain merge's model and
 dtrain's own forward; resume is bit-exact. One launch per backend trains all three families
 (tests/distributed/moe_probe.py)."""
@@ -15,10 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import REPO, env_for_tests, launch_cmd, metrics
-from tests.moe_models import FAMILIES, save_all
+from tests.moe_models import FAMILIES, ROUTER, save_all
 
 PROBE = str(REPO / "tests" / "distributed" / "moe_probe.py")
-TARGETS = ["lora.targets=[q_proj,v_proj]", "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj]"]
+# {router}: each family's router weight (tests/distributed/moe_probe.py fills it in)
+TARGETS = [
+    "lora.targets=[q_proj,v_proj]",
+    "lora.target_parameters=[mlp.experts.gate_up_proj,mlp.experts.down_proj,{router}]",
+]
 KINDS = {"single": ("none", 1, 8), "fsdp": ("fsdp", 2, 4), "zero3": ("deepspeed", 2, 4)}  # same global batch
 
 
@@ -87,18 +93,68 @@ def test_every_routed_expert_trains(moe_runs, family):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
+def test_router_lora_trains_and_changes_the_routing(moe_models, moe_runs, family):
+    """The router's B starts at zero and moved, A moved from its seeded init; on the hidden states
+    the base feeds its routers, W + s B A picks other top-k experts for some tokens than W."""
+    from transformers import AutoModelForCausalLM
+
+    ad, name = _adapter(moe_runs / "fsdp" / family), ROUTER[family].rsplit(".", 1)[0]
+    base = AutoModelForCausalLM.from_pretrained(moe_models / family)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def keep(i: int):
+        def hook(module, args, out) -> None:
+            seen.setdefault(i, args[0].detach())
+
+        return hook
+
+    for i in range(2):
+        base.model.layers[i].get_submodule(name).register_forward_hook(keep(i))
+    with torch.no_grad():
+        base(ids)
+    changed = 0
+    for i, x in seen.items():
+        key = f"base_model.model.model.layers.{i}.{name}"
+        a, b = ad[f"{key}.lora_A.weight"], ad[f"{key}.lora_B.weight"]
+        assert (a.shape, b.shape) == ((2, 32), (4, 2)) and b.abs().min() > 0
+        router = base.model.layers[i].get_submodule(name)
+        w, bias = router.weight.detach(), getattr(router, "bias", None)  # gpt-oss's router has a bias
+        shift = 0 if bias is None else bias.detach()
+        top = (x @ w.t() + shift).topk(2).indices.sort().values
+        top_adapted = (x @ (w + 2.0 * b @ a).t() + shift).topk(2).indices.sort().values  # s = alpha / r
+        changed += int((top != top_adapted).any(dim=-1).sum())
+    assert changed > 0, family  # some of the 2 x 128 tokens are routed differently
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_adapter_is_what_peft_writes(moe_models, moe_runs, family, tmp_path):
+    """PEFT's own adapter for the same targets has dtrain's config and keys; dtrain loads PEFT's
+    adapter (random B everywhere, the router's too) to PEFT's logits."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from dtrain.lora import peft_format as adapter_lib
 
     base = AutoModelForCausalLM.from_pretrained(moe_models / family)
     cfg = LoraConfig(
         r=2,
         lora_alpha=4,
         target_modules=["q_proj", "v_proj"],
-        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", ROUTER[family]],
     )
-    get_peft_model(base, cfg).save_pretrained(tmp_path)
+    peft = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        ids = torch.randint(0, 512, (2, 16), generator=g)
+        want = peft(ids).logits
+        peft.save_pretrained(tmp_path)
+        own = AutoModelForCausalLM.from_pretrained(moe_models / family)
+        adapter_lib.load_adapter(own, tmp_path)
+        torch.testing.assert_close(own(ids).logits, want, rtol=1e-4, atol=1e-4)
     theirs, ours = (
         json.loads((d / "adapter_config.json").read_text())
         for d in (tmp_path, moe_runs / "single" / family / "adapter")
@@ -129,6 +185,13 @@ def test_peft_logits_equal_merge_and_dtrain(moe_models, moe_runs, family, tmp_pa
         peft_logits = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), ad_dir)(ids).logits
         merge_lib.merge(base_dir, ad_dir, tmp_path / "merged")
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(ids).logits
+    ad, router = _adapter(moe_runs / "single" / family), ROUTER[family].rsplit(".", 1)[0]
+    base_t, merged_t = (load_file(str(d / "model.safetensors")) for d in (base_dir, tmp_path / "merged"))
+    for i in range(2):  # the router: exactly W + s B A (Mixtral's checkpoint keeps block_sparse_moe.gate)
+        module = f"model.layers.{i}.{router}"
+        a, b = (ad[f"base_model.model.{module}.{k}.weight"] for k in ("lora_A", "lora_B"))
+        key = next(k for k in (f"{module}.weight", f"model.layers.{i}.block_sparse_moe.gate.weight") if k in base_t)
+        assert torch.equal(merged_t[key], base_t[key].float() + (b.float() @ a.float()) * 2.0)  # s = alpha / r
         own = AutoModelForCausalLM.from_pretrained(base_dir)
         adapter_lib.load_adapter(own, ad_dir)
         dtrain_logits = own(ids).logits

@@ -10,7 +10,12 @@ from tests.helpers import FAST, PY, REPO, adapter, env_for_tests, free_port, los
 
 
 @pytest.mark.parametrize(
-    "script,backend", [("launch/deepspeed_1node.sh", "deepspeed"), ("launch/torchrun_1node.sh", "fsdp")]
+    "script,backend",
+    [
+        # the deepspeed launcher itself stays in the default suite (test_deepspeed)
+        pytest.param("launch/deepspeed_1node.sh", "deepspeed", marks=pytest.mark.ondemand),
+        ("launch/torchrun_1node.sh", "fsdp"),
+    ],
 )
 def test_launch_script_trains_on_two_cpu_ranks(tmp_path, script, backend):
     env = env_for_tests(

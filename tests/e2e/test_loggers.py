@@ -18,6 +18,7 @@ LOGGED = [
     "training.memory_every=2",
     "logging.backends=[tensorboard,mlflow,wandb]",
     "logging.project=dtrain-test",
+    "logging.loss_curve=true",
 ]
 
 
@@ -144,7 +145,12 @@ def test_two_ranks_log_once_and_overwrite_clears_logger_files(tmp_path):
     out = tmp_path / "run"
     train(
         out,
-        ["backend.name=fsdp", "training.eval_every=2", "logging.backends=[tensorboard,mlflow]"],
+        [
+            "backend.name=fsdp",
+            "training.eval_every=2",
+            "logging.backends=[tensorboard,mlflow]",
+            "logging.loss_curve=true",
+        ],
         nproc=2,
         launcher="torchrun",
     )
@@ -157,7 +163,10 @@ def test_two_ranks_log_once_and_overwrite_clears_logger_files(tmp_path):
     table = expected(out)
     assert {e.step: e.value for e in acc.Scalars("loss")} == {s: float(np.float32(v)) for s, v in table["loss"].items()}
     first_png = (out / "loss_curve.png").read_bytes()
-    train(out, ["training.max_steps=2", "output.overwrite=true", "logging.backends=[tensorboard]"])
+    train(
+        out,
+        ["training.max_steps=2", "output.overwrite=true", "logging.backends=[tensorboard]", "logging.loss_curve=true"],
+    )
     assert not (out / "mlruns").exists() and len(list((out / "tensorboard").iterdir())) == 1
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()

@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from dtrain.training import checkpoint
 from dtrain.training.trainer import PREEMPT_EXIT
 from tests.distributed.runs import assert_same_adapter
@@ -63,6 +65,7 @@ def _eval_rows(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_loss"]) for r in metrics(out) if "eval_loss" in r]
 
 
+@pytest.mark.ondemand  # ~54 s, four runs; test_preemptible holds the time limit, test_slurm_train an exact resume
 def test_time_limit_then_sigusr1_inside_an_evaluation_then_resume_is_exact(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "run"
     ref.mkdir()

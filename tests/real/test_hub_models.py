@@ -57,6 +57,7 @@ def runs(smollm2_dir, hf_home, tmp_path_factory):
     return tmp, env
 
 
+@pytest.mark.ondemand  # ~57 s of real-model runs; tests/unit/test_hub.py resolves and records IDs by default
 def test_train_by_hub_id_records_the_commit_and_resume_refuses_another(runs):
     tmp_path, env = runs
     assert losses(tmp_path / "hub") == losses(tmp_path / "local") and len(losses(tmp_path / "local")) == 2

@@ -18,6 +18,7 @@ from tests.helpers import TINY, losses, run_dtrain, train
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.ondemand  # ~40 s; launch/demo.sh imports the same GGUF file on every Quickstart
 def test_imported_smollm2_is_a_plain_float_model_with_the_gguf_logits(smollm2_dir, tmp_path):
     config = json.loads((smollm2_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True

@@ -128,6 +128,7 @@ def exact_match(smollm2_dir, out, limit, adapter_dir=None):
     return json.loads(proc.stdout.strip().splitlines()[-1]), [json.loads(x) for x in out.read_text().splitlines()]
 
 
+@pytest.mark.ondemand  # ~176 s with the fixture; the Quickstart (launch/demo.sh) shows it at full size
 def test_the_adapter_learns_the_date_task_the_base_cannot_do(smollm2_dir, trained, tmp_path):
     rows = metrics(trained)
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
@@ -141,6 +142,7 @@ def test_the_adapter_learns_the_date_task_the_base_cannot_do(smollm2_dir, traine
     assert first["correct"] == (first["got"] == first["expected"])
 
 
+@pytest.mark.ondemand  # merged = PEFT stays in the default suite on tiny models (test_merge_checks, test_moe)
 def test_merged_model_equals_peft_base_plus_adapter(smollm2_dir, trained, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
