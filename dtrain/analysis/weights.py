@@ -51,30 +51,56 @@ class BaseWeights:
     def key_for(self, module: str) -> str:
         """The checkpoint key of `module`'s weight: `<module>.weight`, or without the module name's
         first component (checkpoints saved without their wrapper's prefix, e.g. 'bert.')."""
-        for key in (f"{module}.weight", f"{module.split('.', 1)[-1]}.weight"):
-            if key in self.files:
-                return key
+        key = self._stored(f"{module}.weight") or self._stored(f"{module.split('.', 1)[-1]}.weight")
+        if key is not None:
+            return key
         raise DtrainError(f"--base '{self.dir}': no weight for adapted module '{module}' (adapter for another base?)")
+
+    def _stored(self, key: str) -> str | None:
+        """`key`, or the older name the checkpoint stores it under (Mixtral's `block_sparse_moe`)."""
+        from dtrain.model.expert_weights import stored_names
+
+        return next((k for k in (key, *stored_names(key)) if k in self.files), None)
+
+    def _read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.dir / self.files[key], "pt") as h:
+            return h.get_tensor(key).to(torch.float32)
 
     def weight(self, module: str) -> torch.Tensor:
         """`module`'s weight in float32 (dequantized from `bits` where dtrain would quantize it)."""
-        from safetensors import safe_open
-
-        expert = re.fullmatch(r"(.+\.experts)\.(\d+)\.(\w+)", module)  # one expert of a fused weight
-        fused = f"{expert[1]}.{expert[3]}" if expert else None
-        key = fused if fused in self.files else self.key_for(module)
-        with safe_open(self.dir / self.files[key], "pt") as h:
-            w = h.get_tensor(key).to(torch.float32)
-        if expert and w.dim() == 3:
-            w = w[int(expert[2])]
-            if key in self._in_out_experts():
-                w = w.T  # [out, in]: the rows dtrain quantizes (model/expert_quant.py), B_e A_e's shape
+        w = self._expert(module)
+        if w is None:
+            w = self._read(self.key_for(module))
         if self.bits:
             from dtrain.model import layers, quant
 
             if self.quantized_head or not layers.is_head_name(module):
                 w = quant.round_trip(w, self.bits)
         return w
+
+    def _expert(self, module: str) -> torch.Tensor | None:
+        """Expert e of a fused weight (`<experts>.<e>.<param>`) as [out, in], the rows dtrain quantizes
+        (model/expert_quant.py) and B_e A_e's shape: from the fused tensor, or from the per-expert
+        tensors a checkpoint in the older layout holds (gate and up concatenated, as training fuses
+        them); None for any other module."""
+        from dtrain.model.expert_weights import per_expert_keys
+
+        m = re.fullmatch(r"(.+\.experts)\.(\d+)\.(\w+)", module)
+        if m is None:
+            return None
+        fused, e = f"{m[1]}.{m[3]}", int(m[2])
+        key = self._stored(fused)
+        if key is not None:
+            w = self._read(key)
+            if w.dim() != 3:
+                return None
+            return w[e].T if key in self._in_out_experts() else w[e]
+        parts = per_expert_keys(fused, lambda k: self._stored(k) is not None)
+        if parts is None or e >= len(parts):
+            return None  # a linear expert (module targets) or a missing weight: key_for says which
+        return torch.cat([self._read(self._stored(k)) for k in parts[e]])
 
     def _in_out_experts(self) -> set[str]:
         """Keys of the fused expert weights stored [E, in, out] (gpt-oss), from a meta-device build of

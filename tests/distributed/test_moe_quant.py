@@ -23,7 +23,12 @@ from tests.moe_models import save_all
 
 FAMILIES = ["qwen3_moe", "gpt_oss"]
 # 6 steps, a checkpoint each (tests/distributed/runs.py's STEPS, for its run comparison)
-RUN = [f"training.max_steps={runs.STEPS}", "training.save_every=1", "training.keep_last=3"]
+RUN = [
+    f"training.max_steps={runs.STEPS}",
+    "training.save_every=1",
+    "training.keep_last=3",
+    f"training.eval_every={runs.STEPS}",  # the same held-out rows at step 0 and at the end
+]
 KINDS = {"fsdp": "fsdp", "zero3": "deepspeed"}
 # tests/moe_models.py: 2 layers x 4 experts x (gate_up [32, 32] + down [32, 16]): whole bytes of the
 # expert storage and scales; 8 bits: 1 byte a weight, one fp32 per row; 4: half a byte, one fp32 per 64
@@ -83,8 +88,9 @@ def _check_trained_and_sharded(models, out, backend: str, bits: int = 8) -> None
     for family in FAMILIES:
         spec = model_spec.spec_from_config(json.loads((models / family / "config.json").read_text()), family)
         predicted = shards.frozen_tensors(spec, bits, 4).local_bytes(2, backend)
-        losses = _losses(out / family)
-        assert len(losses) == runs.STEPS and losses[-1] < losses[0] - 0.05, (family, losses)
+        losses, evals = _losses(out / family), [r["eval_loss"] for r in metrics(out / family) if "eval_loss" in r]
+        # the held-out loss, not a step's: each step's loss is of other rows (they move by ~0.05 here)
+        assert len(losses) == runs.STEPS and len(evals) == 2 and evals[1] < evals[0] - 0.05, (family, losses, evals)
         for rank in range(2):
             s = json.loads((out / family / f"storage-rank{rank}.json").read_text())
             assert (s["expert_storage_bytes"], s["expert_scale_bytes"]) == tuple(b // 2 for b in EXPERT_BYTES[bits])

@@ -61,3 +61,41 @@ def test_analysis_of_a_quantized_gpt_oss_base_equals_the_float_one_on_its_dequan
     got = BaseWeights(base, bits=bits).weight("model.layers.1.mlp.experts.2.gate_up_proj")
     assert torch.equal(got, quant.round_trip(w.T.contiguous(), bits))  # [out, in]: the rows dtrain quantized
     assert not torch.equal(quant.round_trip(w, bits).T, got)  # [in, out] rows / blocks: what analyze took before
+
+
+@pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])
+def per_expert(request, tmp_path_factory):
+    """(the base as save_pretrained writes it: one tensor per expert, Mixtral's `block_sparse_moe`
+    names; the same weights with transformers' fused in-memory names; a PEFT adapter on the experts
+    and the router with random B)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.moe_models import ROUTER
+
+    family = request.param
+    root = tmp_path_factory.mktemp(f"analysis_{family}")
+    base = save_family(family, root / "base")
+    assert any(".experts.0." in k for k in load_file(str(base / "model.safetensors")))  # the older layout on disk
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    fused = shutil.copytree(base, root / "fused")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused / "model.safetensors"))
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_parameters=[*TARGETS, ROUTER[family]]))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    peft.save_pretrained(root / "adapter")
+    return base, fused, root / "adapter"
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_analysis_reads_per_expert_checkpoints_as_the_fused_weights(per_expert, bits):
+    base, fused, adapter = per_expert
+    ad = run.load_adapter(adapter, "a")
+    got = run.analyze_one(ad, BaseWeights(base, bits=bits))["modules"]
+    want = run.analyze_one(ad, BaseWeights(fused, bits=bits))["modules"]
+    assert set(got) == set(want) and len([m for m in got if ".experts." in m]) == 2 * 2 * 4
+    assert len([m for m in got if m.endswith(".gate")]) == 2  # the router of each layer
+    for m in want:
+        assert got[m] == want[m], m
