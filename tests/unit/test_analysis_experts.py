@@ -18,6 +18,15 @@ from tests.moe_models import save_family
 TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
+def _save_with_random_b(peft_model, out) -> None:
+    """Save a PEFT model's adapter with every B random (seeded by name), so B A is not zero."""
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    peft_model.save_pretrained(out)
+
+
 @pytest.fixture(scope="module")
 def gpt_oss(tmp_path_factory):
     """(base dir, {bits: the same base with every fused expert weight replaced by training's
@@ -38,11 +47,7 @@ def gpt_oss(tmp_path_factory):
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
         LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=TARGETS),
     )
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
-    model.save_pretrained(root / "adapter")
+    _save_with_random_b(model, root / "adapter")
     return base, deq, root / "adapter"
 
 
@@ -81,11 +86,7 @@ def per_expert(request, tmp_path_factory):
     fused = shutil.copytree(base, root / "fused")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(fused / "model.safetensors"))
     peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_parameters=[*TARGETS, ROUTER[family]]))
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
-    peft.save_pretrained(root / "adapter")
+    _save_with_random_b(peft, root / "adapter")
     return base, fused, root / "adapter"
 
 
