@@ -14,6 +14,9 @@ from pathlib import Path
 from bench import common
 from bench.presets import LORA, DataFiles, Launch, Preset, Variant
 
+# the LoRA settings every worker takes (the same adapter for dtrain, PEFT and TRL)
+LORA_FLAGS = ["--lora-r", str(LORA.r), "--lora-alpha", str(LORA.alpha), "--lora-targets", ",".join(LORA.targets)]
+
 
 @dataclass
 class Outcome:
@@ -222,12 +225,7 @@ def run_peft(v: Variant, p: Preset, launch: Launch, model: list[str] | None = No
         str(p.warmup),
         "--dtype",
         launch.dtype,
-        "--lora-r",
-        str(LORA.r),
-        "--lora-alpha",
-        str(LORA.alpha),
-        "--lora-targets",
-        ",".join(LORA.targets),
+        *LORA_FLAGS,
         "--lr",
         str(LORA.lr),
         "--out",
@@ -269,12 +267,7 @@ def run_latency(v: Variant, p: Preset, launch: Launch) -> Outcome:
         str(lat.warmup),
         "--dtype",
         launch.dtype,
-        "--lora-r",
-        str(LORA.r),
-        "--lora-alpha",
-        str(LORA.alpha),
-        "--lora-targets",
-        ",".join(LORA.targets),
+        *LORA_FLAGS,
         "--out",
         str(result),
     ]

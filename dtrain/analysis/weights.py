@@ -58,9 +58,9 @@ class BaseWeights:
 
     def _stored(self, key: str) -> str | None:
         """`key`, or the older name the checkpoint stores it under (Mixtral's `block_sparse_moe`)."""
-        from dtrain.model.expert_weights import stored_names
+        from dtrain.model.expert_weights import stored_key
 
-        return next((k for k in (key, *stored_names(key)) if k in self.files), None)
+        return stored_key(key, self.files.__contains__)
 
     def _read(self, key: str) -> torch.Tensor:
         from safetensors import safe_open

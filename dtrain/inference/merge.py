@@ -194,10 +194,10 @@ def _check_targets(base: Path, files: list[str], deltas: dict[str, dict], transp
 def _renamed_keys(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:
     """An adapted weight the base stores under an older name (Mixtral's router
     `block_sparse_moe.gate.weight` for `mlp.gate.weight`) is merged into that tensor."""
-    from dtrain.model.expert_weights import stored_names
+    from dtrain.model.expert_weights import stored_key
 
     for key in [k for k in deltas if k not in shapes]:
-        stored = next((n for n in stored_names(key) if n in shapes), None)
+        stored = stored_key(key, shapes.__contains__)
         if stored is not None and stored not in deltas:
             deltas[stored] = deltas.pop(key)
 
@@ -205,10 +205,10 @@ def _renamed_keys(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:
 def _split_experts(deltas: dict[str, dict], shapes: dict[str, tuple]) -> None:
     """A fused expert weight the base stores per expert (expert_checkpoint.py): its delta is merged
     into each expert's tensors, `{"part_of": fused delta, "expert": e, "rows": rows of B_e A_e}`."""
-    from dtrain.model.expert_weights import per_expert_keys, stored_names
+    from dtrain.model.expert_weights import per_expert_keys, stored_key
 
     def stored(k: str) -> str | None:
-        return next((n for n in [k, *stored_names(k)] if n in shapes), None)
+        return stored_key(k, shapes.__contains__)
 
     for key in [k for k, ab in deltas.items() if "experts" in ab and k not in shapes]:
         experts = per_expert_keys(key, lambda k: stored(k) is not None)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from dtrain.errors import ConfigError
-from dtrain.lora import layer as lora, router, variants
+from dtrain.lora import layer as lora, router
 from dtrain.lora.expert_forward import Groups, grouped_linear, lora_experts_forward
 from dtrain.model import expert_quant
 from dtrain.model.shapes import logical_shape
@@ -103,12 +103,7 @@ class ExpertLoRA(router.ParamMerge, lora.LoRALinear):
         return getattr(innermost(self), self.param_name)
 
     def add_adapter(self, spec: lora.AdapterSpec) -> None:
-        variant = variants.for_spec(spec)
-        if variant.flag or spec.dropout > 0:  # plain LoRA only
-            raise ConfigError(
-                "lora.target_parameters: expert LoRA takes no lora.use_dora and no lora.dropout "
-                "(as PEFT's ParamWrapper: dropout cannot be factored out of a fused expert weight)"
-            )
+        variant = router.plain_lora(spec, "expert LoRA", "a fused expert weight")
         device = next(innermost(self).parameters()).device
         rank = spec.r * self.num_experts
         a = ExpertFactor(self.in_features, rank, "lora_A", self.num_experts, device)

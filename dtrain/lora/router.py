@@ -107,12 +107,7 @@ class RouterLoRA(ParamMerge, lora.LoRALinear):
         return self.base_layer
 
     def add_adapter(self, spec: lora.AdapterSpec) -> None:
-        variant = variants.for_spec(spec)
-        if variant.flag or spec.dropout > 0:  # plain LoRA only, as PEFT's ParamWrapper
-            raise ConfigError(
-                "lora.target_parameters: LoRA on a router weight takes no lora.use_dora and no "
-                "lora.dropout (as PEFT's ParamWrapper: dropout cannot be factored out of the router's weight)"
-            )
+        variant = plain_lora(spec, "LoRA on a router weight", "the router's weight")
         device = self.base_layer.weight.device
         a = RouterFactor(self.in_features, spec.r, bias=False, device=device)
         add_factors(self, spec, variant, a, RouterFactor(spec.r, self.out_features, bias=False, device=device))
@@ -126,6 +121,18 @@ class RouterLoRA(ParamMerge, lora.LoRALinear):
 
     def base_param(self) -> nn.Parameter:
         return self.base_layer.weight
+
+
+def plain_lora(spec: lora.AdapterSpec, what: str, weight: str):
+    """The variant of `spec` for LoRA on a parameter (router or experts), which is plain LoRA only,
+    as PEFT's ParamWrapper: no DoRA, no dropout (it cannot be factored out of a weight)."""
+    variant = variants.for_spec(spec)
+    if variant.flag or spec.dropout > 0:
+        raise ConfigError(
+            f"lora.target_parameters: {what} takes no lora.use_dora and no lora.dropout "
+            f"(as PEFT's ParamWrapper: dropout cannot be factored out of {weight})"
+        )
+    return variant
 
 
 def add_factors(layer: lora.LoRALinear, spec: lora.AdapterSpec, variant, a: nn.Module, b: nn.Module) -> None:

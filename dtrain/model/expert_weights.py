@@ -25,6 +25,11 @@ def stored_names(key: str) -> list[str]:
     return [key.replace(".mlp.", ".block_sparse_moe.", 1)] if ".mlp." in key else []
 
 
+def stored_key(key: str, has: Callable[[str], bool]) -> str | None:
+    """`key`, or the older name a checkpoint stores it under, whichever the checkpoint `has`."""
+    return next((k for k in (key, *stored_names(key)) if has(k)), None)
+
+
 def per_expert_keys(name: str, has: Callable[[str], bool]) -> list[list[str]] | None:
     """For fused parameter `name`, per expert the checkpoint keys whose tensors, concatenated along
     dim 0, are that expert's slice; None when the checkpoint does not hold that layout."""

@@ -45,10 +45,15 @@ def command(kind: str, out: Path, extra: list[str] = ()) -> list[str]:
 
 
 def start(kind: str, out: Path, extra: list[str] = ()) -> subprocess.Popen:
-    """A run in its own session (process group): torchrun and its workers are killed together."""
+    return spawn(command(kind, out, extra), out)
+
+
+def spawn(cmd: list[str], out: Path) -> subprocess.Popen:
+    """`cmd` in its own session (process group: torchrun and its workers are killed together),
+    its output in `<out>.log` beside the output dir (where wait_for_checkpoint reads it)."""
     log = open(out.parent / f"{out.name}.log", "w")
     return subprocess.Popen(
-        command(kind, out, extra),
+        cmd,
         cwd=REPO,
         env=env_for_tests(),
         stdout=log,

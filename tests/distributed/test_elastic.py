@@ -24,32 +24,20 @@ from tests.distributed.runs import (
     finish,
     kill_step,
     run,
+    spawn,
     wait_for_checkpoint,
     workers,
 )
-from tests.helpers import REPO, env_for_tests
 
 
 def _start_elastic(kind: str, out, rdzv: str):
-    import subprocess
-
     cmd = command(kind, out, ["training.resume=auto"])
     at = cmd.index("--master_addr")
     port = cmd[at + 3]
     if rdzv == "c10d":
         cmd[at : at + 4] = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
     cmd[at:at] = ["--max-restarts", "1"]
-    log = open(out.parent / f"{out.name}.log", "w")
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env_for_tests(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
+    return spawn(cmd, out)
 
 
 @pytest.mark.ondemand

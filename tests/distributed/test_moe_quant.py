@@ -51,9 +51,11 @@ def _cmd(models, out, kind: str, families: list[str], extra: list[str] = (), bit
     ]
 
 
-def _run(models, out, kind: str, bits: int = 8) -> None:
+def _run(
+    models, out, kind: str, bits: int = 8, families: list[str] = FAMILIES, extra: list[str] = ()
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        _cmd(models, out, kind, FAMILIES, bits=bits),
+        _cmd(models, out, kind, families, extra, bits=bits),
         cwd=REPO,
         env=env_for_tests(),
         capture_output=True,
@@ -62,6 +64,7 @@ def _run(models, out, kind: str, bits: int = 8) -> None:
         timeout=600,
     )
     assert proc.returncode == 0, f"{kind}: exit {proc.returncode}\n{proc.stderr[-5000:]}"
+    return proc
 
 
 @pytest.fixture(scope="module")
@@ -132,29 +135,12 @@ def test_sigkill_8bit_moe_fsdp2_run_then_resume_is_bit_exact(models, fsdp_run, t
     k = runs.kill_step(1, "moe-8bit-fsdp")
     print(f"SIGKILL after the checkpoint of step {k}")
     out = tmp_path / family
-    with open(tmp_path / f"{family}.log", "w") as log:  # runs.wait_for_checkpoint reads it on failure
-        proc = subprocess.Popen(
-            _cmd(models, tmp_path, "fsdp", [family]),
-            cwd=REPO,
-            env=env_for_tests(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        runs.wait_for_checkpoint(proc, out, k)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = runs.spawn(_cmd(models, tmp_path, "fsdp", [family]), out)
+    runs.wait_for_checkpoint(proc, out, k)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
     assert not (out / "adapter").exists(), "the run finished before the kill"
-    resumed = subprocess.run(
-        _cmd(models, tmp_path, "fsdp", [family], ["training.resume=auto"]),
-        cwd=REPO,
-        env=env_for_tests(),
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=600,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    resumed = _run(models, tmp_path, "fsdp", families=[family], extra=["training.resume=auto"])
     assert "resumed from" in resumed.stdout + resumed.stderr
     runs.assert_same_run(out, fsdp_run / family)
 

@@ -10,7 +10,8 @@ import subprocess
 import pytest
 import yaml
 
-from tests.helpers import PY, REPO, TINY, assert_same_losses_and_adapter, env_for_tests, launch_cmd, train
+from tests.distributed import runs
+from tests.helpers import PY, REPO, TINY, assert_same_losses_and_adapter, env_for_tests, train
 
 TIE = "model.arch.tie_word_embeddings=true"
 LR = "training.lr=1e-3"  # equality runs: see test_deepspeed.py's docstring
@@ -23,23 +24,6 @@ def tiny_frozen_numel(tied: bool) -> int:
     kv = h // a["num_attention_heads"] * a["num_key_value_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q o, k v, gate up down, 2 norms
     return v * h * (1 if tied else 2) + a["num_hidden_layers"] * per_layer + h
-
-
-def probe(out, backend: str) -> list[dict]:
-    cmd = launch_cmd(2, "torchrun")[:-2] + [
-        str(REPO / "tests/distributed/probe_backend.py"),
-        str(TINY),
-        TIE,
-        "lora.targets=[q_proj,v_proj]",
-        f"backend.name={backend}",
-        "training.micro_batch_size=2",
-        f"output.dir={out}",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env_for_tests(), capture_output=True, text=True, errors="replace", timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads((out / f"probe-rank{r}.json").read_text()) for r in range(2)]
 
 
 @pytest.mark.ondemand  # tied heads on both backends: the family matrix (gemma, gemma3_text) in the default suite
@@ -58,7 +42,7 @@ def test_zero3_tied_two_ranks_equal_one_process_and_fsdp(tmp_path):
 # ZeRO-3 on request: its tied head trains in the default suite in test_families (gemma2)
 @pytest.mark.parametrize("backend", [pytest.param("deepspeed", marks=pytest.mark.ondemand), "fsdp"])
 def test_tied_weight_is_one_tensor_and_each_rank_holds_half(backend, tmp_path):
-    rows = probe(tmp_path, backend)
+    rows = runs.probe(tmp_path, backend, [TIE])
     full = 4 * tiny_frozen_numel(tied=True)  # fp32
     for r in rows:
         assert r["head_is_embedding"], r
